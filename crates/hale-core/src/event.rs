@@ -1,0 +1,48 @@
+use crate::names::{AgentName, PointName, RoleName};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// A durable fact. The log is a sequence of these; the state is their fold.
+///
+/// The serde shape of this type is log format 1 (see `hale-store`): renaming a variant
+/// or a field changes the disk format and needs a new format number and a conversion.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// An agent was registered, or its role or labels changed.
+    AgentRegistered { agent: AgentName, role: RoleName, labels: BTreeMap<String, String> },
+    /// A new run of the agent began; writes from earlier incarnations are refused from now on.
+    IncarnationStarted { agent: AgentName, incarnation: u64 },
+    /// A merge patch was folded into the agent's state, making `version`.
+    Checkpointed { agent: AgentName, incarnation: u64, version: u64, patch: Value },
+    /// `version` was named `name`.
+    RecoveryPointMarked { agent: AgentName, incarnation: u64, name: PointName, version: u64 },
+    /// The state of `target_version` became the new `version`. The event carries that
+    /// state, so replaying it never depends on how much history was retained.
+    RolledBack { agent: AgentName, incarnation: u64, target_version: u64, version: u64, state: Value },
+}
+
+impl Event {
+    /// The agent this event concerns.
+    pub fn agent(&self) -> &AgentName {
+        match self {
+            Event::AgentRegistered { agent, .. }
+            | Event::IncarnationStarted { agent, .. }
+            | Event::Checkpointed { agent, .. }
+            | Event::RecoveryPointMarked { agent, .. }
+            | Event::RolledBack { agent, .. } => agent,
+        }
+    }
+
+    /// A short stable name of the kind of event, e.g. `checkpointed`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::AgentRegistered { .. } => "agent_registered",
+            Event::IncarnationStarted { .. } => "incarnation_started",
+            Event::Checkpointed { .. } => "checkpointed",
+            Event::RecoveryPointMarked { .. } => "recovery_point_marked",
+            Event::RolledBack { .. } => "rolled_back",
+        }
+    }
+}

@@ -1,0 +1,76 @@
+use crate::names::NameError;
+
+/// Why the core refused a command. Nothing was changed or logged.
+///
+/// Each variant has a stable [`code`](Rejection::code) that clients match on; the
+/// messages say what was wrong and what to do.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// A name or label was malformed.
+    #[error("{0}")]
+    InvalidName(#[from] NameError),
+    /// No agent by this name has said hello.
+    #[error("no agent named {agent:?}; an agent is registered by its first hello")]
+    UnknownAgent { agent: String },
+    /// The agent has never started a run, so no write can carry a valid incarnation.
+    #[error("agent {agent:?} has no running incarnation; send hello first")]
+    NotStarted { agent: String },
+    /// The write or hello carries an incarnation older than the agent's current one: a
+    /// newer run has started and this one is fenced off.
+    #[error(
+        "incarnation {given} of agent {agent:?} is stale: incarnation {current} has started since; this process must stop or say hello again without an incarnation"
+    )]
+    StaleIncarnation { agent: String, given: u64, current: u64 },
+    /// The hello names an incarnation that was never issued.
+    #[error(
+        "incarnation {given} of agent {agent:?} was never issued (the latest is {current}); say hello without an incarnation to start a new run"
+    )]
+    UnknownIncarnation { agent: String, given: u64, current: u64 },
+    /// A checkpoint patch that is not a JSON object.
+    #[error("a checkpoint patch must be a JSON object (an RFC 7396 merge patch); got {got}")]
+    PatchNotObject { got: &'static str },
+    /// A checkpoint patch over `patch_bytes_max`.
+    #[error("the patch is {size} bytes; the limit is {max} bytes (limits.patch_bytes_max): send smaller increments")]
+    PatchTooLarge { size: usize, max: usize },
+    /// The state after folding the patch would exceed `state_bytes_max`.
+    #[error(
+        "the state would grow to {size} bytes; the limit is {max} bytes (limits.state_bytes_max): delete members with null or keep bulk data elsewhere"
+    )]
+    StateTooLarge { size: usize, max: usize },
+    /// `expected_version` did not match the current version.
+    #[error("expected version {expected} but the state is at version {current}; fetch the state and reconcile")]
+    VersionConflict { expected: u64, current: u64 },
+    /// A rollback to a recovery point that does not exist.
+    #[error("agent {agent:?} has no recovery point named {name:?}")]
+    UnknownRecoveryPoint { agent: String, name: String },
+    /// A rollback or read of a version no longer (or not yet) retained.
+    #[error(
+        "version {version} of agent {agent:?} is not retained: the history holds versions {oldest}..={newest} and those named by recovery points"
+    )]
+    VersionNotRetained { agent: String, version: u64, oldest: u64, newest: u64 },
+    /// The agent already holds `recovery_points_max` recovery points.
+    #[error(
+        "agent {agent:?} already holds {max} recovery points (limits.recovery_points_max); reuse a name to replace one"
+    )]
+    TooManyRecoveryPoints { agent: String, max: usize },
+}
+
+impl Rejection {
+    /// The stable machine-readable code of this rejection, e.g. `stale_incarnation`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::InvalidName(_) => "invalid_name",
+            Rejection::UnknownAgent { .. } => "unknown_agent",
+            Rejection::NotStarted { .. } => "not_started",
+            Rejection::StaleIncarnation { .. } => "stale_incarnation",
+            Rejection::UnknownIncarnation { .. } => "unknown_incarnation",
+            Rejection::PatchNotObject { .. } => "patch_not_object",
+            Rejection::PatchTooLarge { .. } => "patch_too_large",
+            Rejection::StateTooLarge { .. } => "state_too_large",
+            Rejection::VersionConflict { .. } => "version_conflict",
+            Rejection::UnknownRecoveryPoint { .. } => "unknown_recovery_point",
+            Rejection::VersionNotRetained { .. } => "version_not_retained",
+            Rejection::TooManyRecoveryPoints { .. } => "too_many_recovery_points",
+        }
+    }
+}
