@@ -68,11 +68,9 @@ impl State {
             record.updated_at = at;
             return;
         }
-        // `decide` only emits events about registered agents, and the log is checked
-        // before replay, so a miss here means a log that was not produced by this core.
-        // `apply` cannot fail, so it leaves the state alone.
+        // `decide` only emits events about registered agents, so a miss here means the
+        // registration was set aside by `--repair`. `apply` cannot fail: it skips the event.
         let Some(record) = self.agents.get_mut(event.agent()) else {
-            debug_assert!(false, "event about an unregistered agent: {event:?}");
             return;
         };
         record.updated_at = at;
@@ -85,12 +83,9 @@ impl State {
                 record.push_version(limits, *version, Arc::new(next));
             }
             Event::RecoveryPointMarked { name, version, .. } => {
-                let state = match record.state_at(*version) {
-                    Some(state) => state.clone(),
-                    None => {
-                        debug_assert!(false, "recovery point on a version not retained: {event:?}");
-                        return;
-                    }
+                // Only missing after `--repair` set the version's event aside.
+                let Some(state) = record.state_at(*version).cloned() else {
+                    return;
                 };
                 let point = RecoveryPoint { version: *version, marked_at: at, state };
                 record.recovery_points.insert(name.clone(), point);
@@ -120,13 +115,9 @@ impl AgentRecord {
 
     /// The state at `version`, if the history or a recovery point still holds it.
     pub fn state_at(&self, version: u64) -> Option<&Arc<Value>> {
-        let oldest = self.oldest_retained();
-        if version >= oldest {
-            // Versions in the history are consecutive, so the index is the offset.
-            if let Some((found, state)) = self.history.get((version - oldest) as usize) {
-                debug_assert_eq!(*found, version);
-                return Some(state);
-            }
+        // Versions in the history are ascending (consecutive unless `--repair` set one aside).
+        if let Ok(index) = self.history.binary_search_by_key(&version, |(found, _)| *found) {
+            return Some(&self.history[index].1);
         }
         self.recovery_points.values().find(|point| point.version == version).map(|point| &point.state)
     }
@@ -137,7 +128,6 @@ impl AgentRecord {
     }
 
     fn push_version(&mut self, limits: &Limits, version: u64, state: Arc<Value>) {
-        debug_assert_eq!(version, self.version() + 1, "versions are consecutive");
         self.history.push_back((version, state));
         while self.history.len() > limits.history_len.max(1) {
             self.history.pop_front();

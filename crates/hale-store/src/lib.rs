@@ -1,1 +1,34 @@
+//! hale's durable log.
+//!
+//! * [`DataDir`]: the data directory, held by one process at a time (an exclusive lock on
+//!   `DIR/LOCK`); it holds `hale.db` (the log) and `snapshots/`.
+//! * [`Log`]: the `events` table of an embedded SQLite database in WAL mode with
+//!   `synchronous = FULL`, so a committed transaction has been fsync'd and survives power
+//!   loss. Every row is a [`Record`]: sequence number, time, format version, body and a
+//!   crc32c over all four.
+//! * [`Writer`]: the one thread that appends. It drains every pending append, commits them
+//!   in one transaction (one fsync), then acknowledges each; after a failed commit it
+//!   refuses every later append, because memory is now ahead of disk.
+//! * [`snapshot`]: whole-state snapshots in files, checksummed, written atomically.
+//! * [`recover`]: newest valid snapshot plus replay of the events after it.
+//! * [`verify`]: an offline check of every record and snapshot.
+//!
+//! Architecture invariant: nothing here decides anything. The store persists and reads
+//! back `hale_core::Event`s and `hale_core::State`s; what they mean is the core's business.
 
+mod data_dir;
+mod error;
+mod log;
+mod record;
+mod recovery;
+pub mod snapshot;
+mod verify;
+mod writer;
+
+pub use data_dir::DataDir;
+pub use error::StoreError;
+pub use log::{Log, RowRecord};
+pub use record::{FORMAT, Record, RecordError};
+pub use recovery::{Recovered, RecoveryOptions, RecoveryReport, SkippedSnapshot, recover};
+pub use verify::{SnapshotCheck, VerifyReport, verify};
+pub use writer::{AppendAck, Durability, WriteError, Writer, WriterOptions};

@@ -1,0 +1,42 @@
+use std::path::PathBuf;
+
+/// What can go wrong opening, reading or recovering a data directory.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file system operation failed.
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// SQLite refused an operation.
+    #[error("log database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// Another process holds the data directory.
+    #[error(
+        "data directory {dir} is in use by another hale process ({holder}); stop it first, or use another --data directory"
+    )]
+    Locked { dir: PathBuf, holder: String },
+    /// A log record failed its checksum or could not be decoded.
+    #[error(
+        "log record {seq} is corrupt: {reason}. hale will not start on a damaged log: run `hale verify --data DIR` to see the damage, restore a backup, or start with --repair to set the record aside (it is kept in the damaged_events table, never deleted)"
+    )]
+    CorruptRecord { seq: u64, reason: String },
+    /// A sequence number is missing from the log.
+    #[error(
+        "log record {seq} is missing (the log jumps from {prev} to {next}). Run `hale verify --data DIR`; start with --repair to accept the gap"
+    )]
+    MissingRecord { seq: u64, prev: u64, next: u64 },
+    /// The log was written by a newer hale.
+    #[error("the log was written in format {found}, newer than this hale understands ({supported}); upgrade hale")]
+    NewerFormat { found: u32, supported: u32 },
+}
+
+impl StoreError {
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> StoreError {
+        let path = path.into();
+        move |source| StoreError::Io { action, path, source }
+    }
+}

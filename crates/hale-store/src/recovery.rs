@@ -1,0 +1,116 @@
+//! Recovery: the newest snapshot that verifies, then every event after it.
+
+use crate::data_dir::DataDir;
+use crate::error::StoreError;
+use crate::log::Log;
+use crate::snapshot;
+use hale_core::{Core, Limits, State, Timestamp};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+/// How to recover.
+#[derive(Clone, Debug, Default)]
+pub struct RecoveryOptions {
+    pub limits: Limits,
+    /// Set damaged or missing records aside (into `damaged_events`, kept whole) instead of
+    /// refusing to start. Each one is reported.
+    pub repair: bool,
+    /// The time to record on records set aside.
+    pub now: Timestamp,
+}
+
+/// A snapshot that recovery could not use, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SkippedSnapshot {
+    pub seq: u64,
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// What recovery found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// The snapshot recovery started from, if any.
+    pub snapshot_seq: Option<u64>,
+    /// Newer snapshots that were damaged or unusable, newest first.
+    pub skipped_snapshots: Vec<SkippedSnapshot>,
+    /// Events replayed after the snapshot.
+    pub replayed: u64,
+    /// Records set aside by this recovery (`--repair`), with the reason for each.
+    pub set_aside: Vec<(u64, String)>,
+    /// Records set aside by an earlier `--repair`, still kept in `damaged_events`.
+    pub previously_set_aside: Vec<u64>,
+}
+
+/// The result of recovery: the core at the end of the log, and the log to append to.
+pub struct Recovered {
+    pub core: Core,
+    pub log: Log,
+    pub last_seq: u64,
+    pub report: RecoveryReport,
+}
+
+/// Rebuilds the core from `dir`.
+pub fn recover(dir: &DataDir, options: &RecoveryOptions) -> Result<Recovered, StoreError> {
+    let mut log = Log::open(&dir.log_path())?;
+    let log_last = log.last_seq()?;
+    let previously_set_aside = log.damaged_seqs()?;
+    let mut report = RecoveryReport { previously_set_aside: previously_set_aside.clone(), ..Default::default() };
+
+    let mut start = (0, State::default());
+    for file in snapshot::list(&dir.snapshot_dir())? {
+        if file.seq > log_last {
+            let reason = format!("it covers event {} but the log ends at {log_last}", file.seq);
+            report.skipped_snapshots.push(SkippedSnapshot { seq: file.seq, path: file.path, reason });
+            continue;
+        }
+        match snapshot::read(&file) {
+            Ok(found) => {
+                start = (found.seq, found.state);
+                report.snapshot_seq = Some(found.seq);
+                break;
+            }
+            Err(error) => {
+                let reason = error.to_string();
+                tracing::warn!(path = %file.path.display(), %reason, "skipping damaged snapshot");
+                report.skipped_snapshots.push(SkippedSnapshot { seq: file.seq, path: file.path, reason });
+            }
+        }
+    }
+
+    let (snapshot_seq, state) = start;
+    let mut core = Core::from_state(state, options.limits.clone());
+    let known_gaps: BTreeSet<u64> = previously_set_aside.into_iter().collect();
+    let mut problems: Vec<(u64, String)> = Vec::new();
+    let mut expected = snapshot_seq + 1;
+    let mut last_seq = snapshot_seq;
+    log.scan(snapshot_seq, |record| -> Result<(), StoreError> {
+        while expected < record.seq {
+            if !known_gaps.contains(&expected) {
+                if !options.repair {
+                    return Err(StoreError::MissingRecord { seq: expected, prev: expected - 1, next: record.seq });
+                }
+                problems.push((expected, "missing from the log".to_string()));
+            }
+            expected += 1;
+        }
+        match record.decode() {
+            Ok(event) => {
+                core.apply(record.at, &event);
+                report.replayed += 1;
+            }
+            Err(error) if options.repair => problems.push((record.seq, error.to_string())),
+            Err(error) => return Err(StoreError::CorruptRecord { seq: record.seq, reason: error.to_string() }),
+        }
+        last_seq = record.seq;
+        expected = record.seq + 1;
+        Ok(())
+    })?;
+
+    for (seq, reason) in problems {
+        tracing::error!(seq, %reason, "--repair: setting log record aside into damaged_events; its effect is missing from the state");
+        log.set_aside(seq, &reason, options.now)?;
+        report.set_aside.push((seq, reason));
+    }
+    Ok(Recovered { core, log, last_seq: last_seq.max(log_last), report })
+}
