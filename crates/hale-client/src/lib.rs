@@ -1,1 +1,25 @@
+//! Rust client for hale.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), hale_client::ClientError> {
+//! use hale_client::{Agent, AgentOptions};
+//! let agent = Agent::connect("ws://127.0.0.1:7700", AgentOptions::new("code-generator-1", "code-generator")).await?;
+//! let welcome = agent.resume().await?;          // state, version, recovery points
+//! let version = agent.checkpoint(serde_json::json!({"files_done": 12})).await?; // durable when it returns
+//! agent.recovery_point("after-tests").await?;
+//! # Ok(()) }
+//! ```
+//!
+//! An [`Agent`] is a cheap handle to one session; clones share it, and requests from
+//! several tasks are pipelined over the one socket. The session runs in a background task
+//! that owns the socket, so reconnection (a later issue) can live there without changing
+//! this API. [`Admin`] reads the HTTP API for tools such as the CLI.
 
+mod admin;
+mod agent;
+mod error;
+
+pub use admin::Admin;
+pub use agent::{Agent, AgentOptions};
+pub use error::ClientError;
+pub use hale_proto::{AgentState, AgentSummary, RecoveryPointInfo, RollbackTo, RolledBack, Welcome};

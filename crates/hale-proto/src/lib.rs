@@ -1,1 +1,265 @@
+//! The wire format of hale's session protocol, shared by the server and the clients.
+//!
+//! Frames are JSON objects with a `type` and, on requests, a client-chosen `id` that the
+//! response echoes. The same request and response bodies are used by the HTTP API. See
+//! docs/protocol.md for the full description with examples.
+//!
+//! Names travel as plain strings and are validated by the server, so a bad name gets the
+//! typed `invalid_name` error rather than a generic parse failure. These types are the
+//! wire format: the core's types may change without changing them.
 
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// The protocol version this crate speaks; sent in `welcome`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The path of the WebSocket endpoint.
+pub const SESSION_PATH: &str = "/v1/session";
+
+/// A request frame from an agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientFrame {
+    Hello {
+        id: u64,
+        agent: String,
+        #[serde(flatten)]
+        body: HelloBody,
+    },
+    Checkpoint {
+        id: u64,
+        #[serde(flatten)]
+        body: CheckpointBody,
+    },
+    RecoveryPoint {
+        id: u64,
+        name: String,
+    },
+    Rollback {
+        id: u64,
+        to: RollbackTo,
+    },
+}
+
+impl ClientFrame {
+    /// The request id.
+    pub fn id(&self) -> u64 {
+        match self {
+            ClientFrame::Hello { id, .. }
+            | ClientFrame::Checkpoint { id, .. }
+            | ClientFrame::RecoveryPoint { id, .. }
+            | ClientFrame::Rollback { id, .. } => *id,
+        }
+    }
+}
+
+/// The frame types a client may send, for error messages.
+pub const CLIENT_FRAME_TYPES: [&str; 4] = ["hello", "checkpoint", "recovery_point", "rollback"];
+
+/// `hello`: who the agent is and which run it believes it is.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HelloBody {
+    pub role: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// `null` (or absent) starts a new run; a number resumes that run if it is current.
+    #[serde(default)]
+    pub incarnation: Option<u64>,
+}
+
+/// `checkpoint`: a JSON merge patch (RFC 7396) to fold into the state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointBody {
+    pub patch: Value,
+    /// Refuse with `version_conflict` unless the state is at this version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_version: Option<u64>,
+}
+
+/// What a rollback returns to: `{"version": 3}` or `{"point": "before-refactor"}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum RollbackTo {
+    Version(u64),
+    Point(String),
+}
+
+/// A response or notice from the server.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    Welcome {
+        id: u64,
+        #[serde(flatten)]
+        welcome: Welcome,
+    },
+    Checkpointed {
+        id: u64,
+        version: u64,
+    },
+    RecoveryPointMarked {
+        id: u64,
+        #[serde(flatten)]
+        point: RecoveryPointInfo,
+    },
+    RolledBack {
+        id: u64,
+        #[serde(flatten)]
+        rolled_back: RolledBack,
+    },
+    Error {
+        /// The id of the request this answers, if one could be read from it.
+        id: Option<u64>,
+        #[serde(flatten)]
+        error: ErrorBody,
+    },
+}
+
+/// Everything an agent needs to resume.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub protocol: u32,
+    pub agent: String,
+    pub role: String,
+    pub labels: BTreeMap<String, String>,
+    /// The run this session belongs to; every write of the session carries it.
+    pub incarnation: u64,
+    /// True when the hello resumed the run it named; false when it started a new one.
+    pub resumed: bool,
+    pub version: u64,
+    pub state: Value,
+    pub recovery_points: Vec<RecoveryPointInfo>,
+    /// The versions still retained for rollback by number, oldest first.
+    pub history: Vec<u64>,
+}
+
+/// A named recovery point.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryPointInfo {
+    pub name: String,
+    pub version: u64,
+    pub marked_at_ms: u64,
+}
+
+/// The result of a rollback: the new version and its state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolledBack {
+    pub version: u64,
+    pub target_version: u64,
+    pub state: Value,
+}
+
+/// A typed error. `code` is stable and documented in docs/errors.md.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+    /// Whether the same request may succeed if sent again later, unchanged.
+    pub retryable: bool,
+}
+
+/// The body of every HTTP error response: `{"error": {...}}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpError {
+    pub error: ErrorBody,
+}
+
+// ---- HTTP-only bodies ---------------------------------------------------------------------
+
+/// `POST /v1/agents/{agent}/checkpoint`: the incarnation travels in the body since there
+/// is no session.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpCheckpoint {
+    pub incarnation: u64,
+    pub patch: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_version: Option<u64>,
+}
+
+/// `POST /v1/agents/{agent}/recovery-points`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpRecoveryPoint {
+    pub incarnation: u64,
+    pub name: String,
+}
+
+/// `POST /v1/agents/{agent}/rollback`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpRollback {
+    pub incarnation: u64,
+    pub to: RollbackTo,
+}
+
+/// The answer to an HTTP checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpointed {
+    pub version: u64,
+}
+
+/// One line of `GET /v1/agents`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentSummary {
+    pub agent: String,
+    pub role: String,
+    pub labels: BTreeMap<String, String>,
+    pub incarnation: u64,
+    pub version: u64,
+    /// Whether a WebSocket session of the current incarnation is open now.
+    pub attached: bool,
+    pub recovery_points: usize,
+    pub registered_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+/// `GET /v1/agents/{agent}/state[?version=N]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentState {
+    pub agent: String,
+    pub incarnation: u64,
+    pub version: u64,
+    /// The current version; differs from `version` when an older one was asked for.
+    pub current_version: u64,
+    pub state: Value,
+    pub recovery_points: Vec<RecoveryPointInfo>,
+    pub history: Vec<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn frames_have_the_documented_shape() {
+        let frame: ClientFrame = serde_json::from_value(json!({
+            "type": "hello", "id": 1, "agent": "a", "role": "r", "incarnation": null
+        }))
+        .unwrap();
+        assert_eq!(
+            frame,
+            ClientFrame::Hello {
+                id: 1,
+                agent: "a".into(),
+                body: HelloBody { role: "r".into(), labels: BTreeMap::new(), incarnation: None }
+            }
+        );
+        let frame: ClientFrame =
+            serde_json::from_value(json!({"type": "rollback", "id": 2, "to": {"point": "p"}})).unwrap();
+        assert_eq!(frame, ClientFrame::Rollback { id: 2, to: RollbackTo::Point("p".into()) });
+        let out = serde_json::to_value(ServerFrame::Checkpointed { id: 3, version: 4 }).unwrap();
+        assert_eq!(out, json!({"type": "checkpointed", "id": 3, "version": 4}));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let frame = serde_json::from_value::<ClientFrame>(json!({"type": "checkpoint", "id": 1, "patch": {}, "x": 1}));
+        assert!(frame.is_err());
+    }
+}

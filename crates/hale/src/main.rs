@@ -1,1 +1,28 @@
-fn main() {}
+//! `hale`: the server, the CLI and the benchmarks in one binary.
+
+mod bench;
+mod cli;
+
+use anyhow::Result;
+use clap::Parser;
+
+fn main() {
+    let cli = cli::Cli::parse();
+    cli::init_logging(&cli);
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: cli::Cli) -> Result<i32> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let code = runtime.block_on(cli::run(cli))?;
+    // Do not wait for detached blocking work (e.g. a stuck stdin reader) on the way out.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    Ok(code)
+}

@@ -1,0 +1,47 @@
+use crate::error::ClientError;
+use hale_proto::{AgentState, AgentSummary, HttpError};
+use serde::de::DeserializeOwned;
+
+/// The HTTP API, for tools.
+#[derive(Clone, Debug)]
+pub struct Admin {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Admin {
+    /// A client of the hale at `base` (e.g. `http://127.0.0.1:7700`).
+    pub fn new(base: &str) -> Admin {
+        Admin { base: base.trim_end_matches('/').to_string(), http: reqwest::Client::new() }
+    }
+
+    /// Every agent hale knows.
+    pub async fn agents(&self) -> Result<Vec<AgentSummary>, ClientError> {
+        self.get("/v1/agents").await
+    }
+
+    /// An agent's state, now or at a retained `version`.
+    pub async fn state(&self, agent: &str, version: Option<u64>) -> Result<AgentState, ClientError> {
+        let query = version.map(|version| format!("?version={version}")).unwrap_or_default();
+        self.get(&format!("/v1/agents/{agent}/state{query}")).await
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let response = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|error| ClientError::Connect { url: url.clone(), reason: error.to_string() })?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(|error| ClientError::Closed(error.to_string()))?;
+        if status.is_success() {
+            return serde_json::from_slice(&bytes).map_err(|error| ClientError::Protocol(error.to_string()));
+        }
+        match serde_json::from_slice::<HttpError>(&bytes) {
+            Ok(error) => Err(ClientError::Server(error.error)),
+            Err(_) => Err(ClientError::Protocol(format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)))),
+        }
+    }
+}

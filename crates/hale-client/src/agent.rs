@@ -1,0 +1,218 @@
+use crate::error::ClientError;
+use futures_util::{SinkExt, StreamExt};
+use hale_proto::{
+    CheckpointBody, ClientFrame, HelloBody, RecoveryPointInfo, RollbackTo, RolledBack, SESSION_PATH, ServerFrame,
+    Welcome,
+};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Who the agent is.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub agent: String,
+    pub role: String,
+    pub labels: BTreeMap<String, String>,
+    /// Resume this run instead of starting a new one (a managed agent is told its
+    /// incarnation by hale in `HALE_INCARNATION`).
+    pub incarnation: Option<u64>,
+}
+
+impl AgentOptions {
+    pub fn new(agent: impl Into<String>, role: impl Into<String>) -> Self {
+        AgentOptions { agent: agent.into(), role: role.into(), labels: BTreeMap::new(), incarnation: None }
+    }
+
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    pub fn incarnation(mut self, incarnation: u64) -> Self {
+        self.incarnation = Some(incarnation);
+        self
+    }
+}
+
+type Reply = oneshot::Sender<Result<ServerFrame, ClientError>>;
+
+struct Outgoing {
+    frame: ClientFrame,
+    reply: Reply,
+}
+
+struct Shared {
+    options: AgentOptions,
+    next_id: AtomicU64,
+    outgoing: mpsc::Sender<Outgoing>,
+    incarnation: Mutex<Option<u64>>,
+}
+
+/// A session of one agent with hale. Clones share the session.
+#[derive(Clone)]
+pub struct Agent {
+    shared: Arc<Shared>,
+}
+
+impl Agent {
+    /// Opens a session to the hale at `url` (e.g. `ws://127.0.0.1:7700`). Nothing is said
+    /// to hale until [`resume`](Agent::resume).
+    pub async fn connect(url: &str, options: AgentOptions) -> Result<Agent, ClientError> {
+        let endpoint = format!("{}{SESSION_PATH}", url.trim_end_matches('/'));
+        let (socket, _) = tokio_tungstenite::connect_async(&endpoint)
+            .await
+            .map_err(|error| ClientError::Connect { url: endpoint.clone(), reason: error.to_string() })?;
+        let (outgoing, queue) = mpsc::channel(1024);
+        tokio::spawn(run_session(socket, queue));
+        let incarnation = Mutex::new(options.incarnation);
+        Ok(Agent { shared: Arc::new(Shared { options, next_id: AtomicU64::new(1), outgoing, incarnation }) })
+    }
+
+    /// Says hello: registers the agent and starts a new run (or resumes the run named in
+    /// the options, or the one this session already has). Returns everything needed to
+    /// carry on: state, version, recovery points, incarnation.
+    pub async fn resume(&self) -> Result<Welcome, ClientError> {
+        let incarnation = *self.shared.incarnation.lock().expect("incarnation lock");
+        let options = &self.shared.options;
+        let body = HelloBody { role: options.role.clone(), labels: options.labels.clone(), incarnation };
+        let frame = ClientFrame::Hello { id: self.next_id(), agent: options.agent.clone(), body };
+        match self.request(frame).await? {
+            ServerFrame::Welcome { welcome, .. } => {
+                *self.shared.incarnation.lock().expect("incarnation lock") = Some(welcome.incarnation);
+                Ok(welcome)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Folds `patch` (an RFC 7396 merge patch) into the agent's state. Returns the new
+    /// version once it is durable.
+    pub async fn checkpoint(&self, patch: Value) -> Result<u64, ClientError> {
+        self.checkpoint_body(CheckpointBody { patch, expected_version: None }).await
+    }
+
+    /// Like [`checkpoint`](Agent::checkpoint), but refused with `version_conflict` unless
+    /// the state is at `expected_version`.
+    pub async fn checkpoint_expecting(&self, patch: Value, expected_version: u64) -> Result<u64, ClientError> {
+        self.checkpoint_body(CheckpointBody { patch, expected_version: Some(expected_version) }).await
+    }
+
+    async fn checkpoint_body(&self, body: CheckpointBody) -> Result<u64, ClientError> {
+        self.require_resumed("checkpoint")?;
+        match self.request(ClientFrame::Checkpoint { id: self.next_id(), body }).await? {
+            ServerFrame::Checkpointed { version, .. } => Ok(version),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Names the current version `name`, so it can be rolled back to later.
+    pub async fn recovery_point(&self, name: &str) -> Result<RecoveryPointInfo, ClientError> {
+        self.require_resumed("recovery_point")?;
+        match self.request(ClientFrame::RecoveryPoint { id: self.next_id(), name: name.to_string() }).await? {
+            ServerFrame::RecoveryPointMarked { point, .. } => Ok(point),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Makes a new version whose state is that of an earlier version or recovery point.
+    pub async fn rollback(&self, to: RollbackTo) -> Result<RolledBack, ClientError> {
+        self.require_resumed("rollback")?;
+        match self.request(ClientFrame::Rollback { id: self.next_id(), to }).await? {
+            ServerFrame::RolledBack { rolled_back, .. } => Ok(rolled_back),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The incarnation of this session's run, once resumed.
+    pub fn incarnation(&self) -> Option<u64> {
+        *self.shared.incarnation.lock().expect("incarnation lock")
+    }
+
+    fn require_resumed(&self, what: &'static str) -> Result<(), ClientError> {
+        self.incarnation().map(|_| ()).ok_or(ClientError::NotResumed(what))
+    }
+
+    fn next_id(&self) -> u64 {
+        self.shared.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    async fn request(&self, frame: ClientFrame) -> Result<ServerFrame, ClientError> {
+        let (reply, answer) = oneshot::channel();
+        self.shared
+            .outgoing
+            .send(Outgoing { frame, reply })
+            .await
+            .map_err(|_| ClientError::Closed("the session task has ended".into()))?;
+        let frame = answer.await.map_err(|_| ClientError::Closed("the session task has ended".into()))??;
+        match frame {
+            ServerFrame::Error { error, .. } => Err(ClientError::Server(error)),
+            frame => Ok(frame),
+        }
+    }
+}
+
+fn unexpected(frame: ServerFrame) -> ClientError {
+    ClientError::Protocol(format!("{frame:?}"))
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Owns the socket: writes requests, matches answers to them by id.
+async fn run_session(socket: Socket, mut queue: mpsc::Receiver<Outgoing>) {
+    let (mut sink, mut stream) = socket.split();
+    let mut waiting: HashMap<u64, Reply> = HashMap::new();
+    let reason = loop {
+        tokio::select! {
+            outgoing = queue.recv() => {
+                let Some(Outgoing { frame, reply }) = outgoing else {
+                    let _ = sink.send(Message::Close(None)).await;
+                    break "the agent handle was dropped".to_string();
+                };
+                let id = frame.id();
+                let text = serde_json::to_string(&frame).expect("client frames always serialize");
+                if let Err(error) = sink.send(Message::text(text)).await {
+                    let _ = reply.send(Err(ClientError::Closed(error.to_string())));
+                    break error.to_string();
+                }
+                waiting.insert(id, reply);
+            }
+            message = stream.next() => {
+                let text = match message {
+                    Some(Ok(Message::Text(text))) => text,
+                    Some(Ok(Message::Close(frame))) => {
+                        break frame.map_or("closed by hale".to_string(), |frame| format!("closed by hale: {}", frame.reason));
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(error)) => break error.to_string(),
+                    None => break "connection closed".to_string(),
+                };
+                let frame: ServerFrame = match serde_json::from_str(&text) {
+                    Ok(frame) => frame,
+                    Err(error) => break format!("undecodable frame from hale: {error}"),
+                };
+                let id = match &frame {
+                    ServerFrame::Welcome { id, .. }
+                    | ServerFrame::Checkpointed { id, .. }
+                    | ServerFrame::RecoveryPointMarked { id, .. }
+                    | ServerFrame::RolledBack { id, .. } => Some(*id),
+                    ServerFrame::Error { id, .. } => *id,
+                };
+                if let Some(reply) = id.and_then(|id| waiting.remove(&id)) {
+                    let _ = reply.send(Ok(frame));
+                }
+            }
+        }
+    };
+    for (_, reply) in waiting.drain() {
+        let _ = reply.send(Err(ClientError::Closed(reason.clone())));
+    }
+    // Requests queued after the end get the same answer.
+    queue.close();
+    while let Some(Outgoing { reply, .. }) = queue.recv().await {
+        let _ = reply.send(Err(ClientError::Closed(reason.clone())));
+    }
+}

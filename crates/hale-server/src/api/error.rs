@@ -1,0 +1,81 @@
+//! Every error a client can see: a stable code, a message saying what to do, and whether
+//! retrying the same request later can succeed.
+
+use crate::engine::EngineError;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use hale_core::{NameError, Rejection};
+use hale_proto::{ErrorBody, HttpError};
+use hale_store::WriteError;
+
+/// An error on its way to a client, over HTTP or a WebSocket session.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub body: ErrorBody,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>, retryable: bool) -> ApiError {
+        ApiError { status, body: ErrorBody { code: code.to_string(), message: message.into(), retryable } }
+    }
+
+    /// The request is not valid JSON of the expected shape.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message, false)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message, false)
+    }
+}
+
+impl From<NameError> for ApiError {
+    fn from(error: NameError) -> ApiError {
+        ApiError::from(Rejection::from(error))
+    }
+}
+
+impl From<Rejection> for ApiError {
+    fn from(rejection: Rejection) -> ApiError {
+        let status = match &rejection {
+            Rejection::InvalidName(_) | Rejection::PatchNotObject { .. } => StatusCode::BAD_REQUEST,
+            Rejection::UnknownAgent { .. } | Rejection::UnknownRecoveryPoint { .. } => StatusCode::NOT_FOUND,
+            Rejection::NotStarted { .. }
+            | Rejection::StaleIncarnation { .. }
+            | Rejection::UnknownIncarnation { .. }
+            | Rejection::VersionConflict { .. }
+            | Rejection::TooManyRecoveryPoints { .. } => StatusCode::CONFLICT,
+            Rejection::PatchTooLarge { .. } | Rejection::StateTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejection::VersionNotRetained { .. } => StatusCode::GONE,
+        };
+        ApiError::new(status, rejection.code(), rejection.to_string(), false)
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(error: EngineError) -> ApiError {
+        match error {
+            EngineError::Rejected(rejection) => rejection.into(),
+            EngineError::Log(WriteError::Failed(_)) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "log_unavailable", error.to_string(), true)
+            }
+            EngineError::Log(WriteError::Stopped) | EngineError::ShuttingDown => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "hale is shutting down; retry against the next instance",
+                true,
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, axum::Json(HttpError { error: self.body })).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

@@ -1,0 +1,187 @@
+//! The HTTP API: the session operations for clients that keep no socket, and the reads
+//! the CLI uses.
+
+use super::{ApiError, AppState, convert};
+use crate::engine::{self, Response as EngineResponse};
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hale_core::AgentName;
+use hale_proto::{AgentState, AgentSummary, Checkpointed, HelloBody, HttpCheckpoint, HttpRecoveryPoint, HttpRollback};
+use serde::de::DeserializeOwned;
+use std::collections::HashMap;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/agents", get(list_agents))
+        .route("/v1/agents/{agent}", get(agent_state))
+        .route("/v1/agents/{agent}/state", get(agent_state))
+        .route("/v1/agents/{agent}/hello", post(hello))
+        .route("/v1/agents/{agent}/checkpoint", post(checkpoint))
+        .route("/v1/agents/{agent}/recovery-points", post(recovery_point))
+        .route("/v1/agents/{agent}/rollback", post(rollback))
+        .fallback(|| async { ApiError::not_found("no such endpoint; see docs/protocol.md for the API") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method",
+                false,
+            )
+        })
+}
+
+/// A JSON request body, read with a size bound and parsed with typed errors.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
+        let limit = state.body_bytes_max;
+        let bytes = axum::body::to_bytes(request.into_body(), limit).await.map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the request body is larger than {limit} bytes (body_bytes_max)"),
+                false,
+            )
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|error| ApiError::bad_request(convert::describe_json_error(&error)))
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(app): State<AppState>) -> Response {
+    let durability = app.engine.durability();
+    if let Some(reason) = durability.failed {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "log_unavailable", reason.to_string(), true)
+            .into_response();
+    }
+    if *app.shutdown.borrow() {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "hale is shutting down", true)
+            .into_response();
+    }
+    "ready\n".into_response()
+}
+
+fn agent_name(agent: &str) -> Result<AgentName, ApiError> {
+    Ok(AgentName::new(agent)?)
+}
+
+async fn list_agents(State(app): State<AppState>) -> Result<Json<Vec<AgentSummary>>, ApiError> {
+    let sessions = app.sessions.clone();
+    let agents = app
+        .engine
+        .read(move |state| {
+            state
+                .agents()
+                .map(|record| AgentSummary {
+                    agent: record.name.to_string(),
+                    role: record.role.to_string(),
+                    labels: record.labels.clone(),
+                    incarnation: record.incarnation,
+                    version: record.version(),
+                    attached: sessions.is_attached(&record.name, record.incarnation),
+                    recovery_points: record.recovery_points.len(),
+                    registered_at_ms: record.registered_at.0,
+                    updated_at_ms: record.updated_at.0,
+                })
+                .collect()
+        })
+        .await?;
+    Ok(Json(agents))
+}
+
+async fn agent_state(
+    State(app): State<AppState>,
+    Path(agent): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<AgentState>, ApiError> {
+    let agent = agent_name(&agent)?;
+    let version = match query.get("version") {
+        None => None,
+        Some(text) => {
+            Some(text.parse::<u64>().map_err(|_| ApiError::bad_request(format!("version {text:?} is not a number")))?)
+        }
+    };
+    let found = app
+        .engine
+        .read(move |state| -> Result<AgentState, ApiError> {
+            let record = state
+                .agent(agent.as_str())
+                .ok_or_else(|| hale_core::Rejection::UnknownAgent { agent: agent.to_string() })?;
+            let version = version.unwrap_or(record.version());
+            let at_version = record.state_at(version).ok_or_else(|| hale_core::Rejection::VersionNotRetained {
+                agent: agent.to_string(),
+                version,
+                oldest: record.oldest_retained(),
+                newest: record.version(),
+            })?;
+            Ok(AgentState {
+                agent: record.name.to_string(),
+                incarnation: record.incarnation,
+                version,
+                current_version: record.version(),
+                state: serde_json::Value::clone(at_version),
+                recovery_points: engine::recovery_points(record),
+                history: record.history().map(|(version, _)| version).collect(),
+            })
+        })
+        .await??;
+    Ok(Json(found))
+}
+
+async fn hello(
+    State(app): State<AppState>,
+    Path(agent): Path<String>,
+    JsonBody(body): JsonBody<HelloBody>,
+) -> Result<Response, ApiError> {
+    let command = convert::hello(&agent, body)?;
+    respond(app.engine.execute(command).await?)
+}
+
+async fn checkpoint(
+    State(app): State<AppState>,
+    Path(agent): Path<String>,
+    JsonBody(body): JsonBody<HttpCheckpoint>,
+) -> Result<Response, ApiError> {
+    let command = convert::checkpoint(agent_name(&agent)?, body.incarnation, body.patch, body.expected_version);
+    respond(app.engine.execute(command).await?)
+}
+
+async fn recovery_point(
+    State(app): State<AppState>,
+    Path(agent): Path<String>,
+    JsonBody(body): JsonBody<HttpRecoveryPoint>,
+) -> Result<Response, ApiError> {
+    let command = convert::recovery_point(agent_name(&agent)?, body.incarnation, body.name)?;
+    respond(app.engine.execute(command).await?)
+}
+
+async fn rollback(
+    State(app): State<AppState>,
+    Path(agent): Path<String>,
+    JsonBody(body): JsonBody<HttpRollback>,
+) -> Result<Response, ApiError> {
+    let command = convert::rollback(agent_name(&agent)?, body.incarnation, body.to)?;
+    respond(app.engine.execute(command).await?)
+}
+
+fn respond(response: EngineResponse) -> Result<Response, ApiError> {
+    Ok(match response {
+        EngineResponse::Welcome(welcome) => Json(*welcome).into_response(),
+        EngineResponse::Checkpointed { version } => Json(Checkpointed { version }).into_response(),
+        EngineResponse::RecoveryPointMarked(point) => Json(point).into_response(),
+        EngineResponse::RolledBack(rolled_back) => Json(rolled_back).into_response(),
+    })
+}

@@ -1,0 +1,187 @@
+//! The WebSocket session: JSON frames with request ids, pipelined, answered in order, each
+//! answer sent only once what it reports is durable.
+
+use super::{ApiError, AppState, convert};
+use crate::engine::{Response as EngineResponse, Submitted};
+use crate::sessions::SessionGuard;
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
+use axum::response::Response;
+use futures_util::SinkExt;
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use hale_core::AgentName;
+use hale_proto::{CLIENT_FRAME_TYPES, ClientFrame, ServerFrame};
+use std::future::Future;
+use std::pin::Pin;
+
+pub async fn upgrade(ws: WebSocketUpgrade, State(app): State<AppState>) -> Response {
+    ws.max_message_size(app.frame_bytes_max)
+        .max_frame_size(app.frame_bytes_max)
+        .on_upgrade(move |socket| Session { app, bound: None }.run(socket))
+}
+
+type Answer = Pin<Box<dyn Future<Output = ServerFrame> + Send>>;
+
+/// The agent run a session speaks for, fixed by its hello.
+struct Bound {
+    agent: AgentName,
+    incarnation: u64,
+    _attached: SessionGuard,
+}
+
+struct Session {
+    app: AppState,
+    bound: Option<Bound>,
+}
+
+impl Session {
+    async fn run(mut self, socket: WebSocket) {
+        let (mut sink, mut stream) = socket.split();
+        let mut answers: FuturesOrdered<Answer> = FuturesOrdered::new();
+        let mut shutdown = self.app.shutdown.clone();
+        let in_flight_max = self.app.session_in_flight_max;
+        loop {
+            tokio::select! {
+                biased;
+                Some(frame) = answers.next(), if !answers.is_empty() => {
+                    if sink.send(encode(&frame)).await.is_err() {
+                        return;
+                    }
+                }
+                _ = async { let _ = shutdown.wait_for(|stopping| *stopping).await; } => {
+                    // Answer what was asked, then say goodbye: the client reconnects elsewhere.
+                    while let Some(frame) = answers.next().await {
+                        if sink.send(encode(&frame)).await.is_err() {
+                            return;
+                        }
+                    }
+                    let close = CloseFrame { code: close_code::RESTART, reason: Utf8Bytes::from_static("hale is shutting down") };
+                    let _ = sink.send(Message::Close(Some(close))).await;
+                    return;
+                }
+                message = stream.next(), if answers.len() < in_flight_max => {
+                    let bytes = match message {
+                        Some(Ok(Message::Text(text))) => text.as_bytes().to_vec(),
+                        Some(Ok(Message::Binary(bytes))) => bytes.to_vec(),
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                        // A close, a protocol violation (such as a text frame that is not
+                        // UTF-8) or a frame over the size limit ends the session; the
+                        // library answers with the matching close code where it can.
+                        Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+                    };
+                    let answer = self.handle(&bytes).await;
+                    answers.push_back(answer);
+                }
+            }
+        }
+        // The client left: answers still owed are dropped with the connection. What they
+        // report is durable or will be; the client learns it on resume.
+    }
+
+    async fn handle(&mut self, bytes: &[u8]) -> Answer {
+        let frame = match serde_json::from_slice::<ClientFrame>(bytes) {
+            Ok(frame) => frame,
+            Err(error) => return ready(frame_error(bytes, &error)),
+        };
+        let id = frame.id();
+        let command = match self.command(frame) {
+            Ok(command) => command,
+            Err(error) => return ready(ServerFrame::Error { id: Some(id), error: error.body }),
+        };
+        let submitted = self.app.engine.submit(command).await;
+        if let Ok(EngineResponse::Welcome(welcome)) = submitted.peek() {
+            let agent = AgentName::new(welcome.agent.clone()).expect("the core only welcomes valid names");
+            let attached = self.app.sessions.attach(agent.clone(), welcome.incarnation);
+            self.bound = Some(Bound { agent, incarnation: welcome.incarnation, _attached: attached });
+        }
+        Box::pin(answer(id, submitted))
+    }
+
+    fn command(&self, frame: ClientFrame) -> Result<hale_core::Command, ApiError> {
+        let bound = |kind: &str| {
+            self.bound.as_ref().map(|bound| (bound.agent.clone(), bound.incarnation)).ok_or_else(|| {
+                ApiError::new(
+                    axum::http::StatusCode::CONFLICT,
+                    "hello_required",
+                    format!("a {kind} frame must follow a hello on the same session"),
+                    false,
+                )
+            })
+        };
+        match frame {
+            ClientFrame::Hello { agent, body, .. } => {
+                if let Some(bound) = &self.bound {
+                    return Err(ApiError::new(
+                        axum::http::StatusCode::CONFLICT,
+                        "hello_repeated",
+                        format!(
+                            "this session already speaks for agent {:?}; open a new session to say hello again",
+                            bound.agent.as_str()
+                        ),
+                        false,
+                    ));
+                }
+                convert::hello(&agent, body)
+            }
+            ClientFrame::Checkpoint { body, .. } => {
+                let (agent, incarnation) = bound("checkpoint")?;
+                Ok(convert::checkpoint(agent, incarnation, body.patch, body.expected_version))
+            }
+            ClientFrame::RecoveryPoint { name, .. } => {
+                let (agent, incarnation) = bound("recovery_point")?;
+                convert::recovery_point(agent, incarnation, name)
+            }
+            ClientFrame::Rollback { to, .. } => {
+                let (agent, incarnation) = bound("rollback")?;
+                convert::rollback(agent, incarnation, to)
+            }
+        }
+    }
+}
+
+async fn answer(id: u64, submitted: Submitted) -> ServerFrame {
+    match submitted.durable().await {
+        Ok(EngineResponse::Welcome(welcome)) => ServerFrame::Welcome { id, welcome: *welcome },
+        Ok(EngineResponse::Checkpointed { version }) => ServerFrame::Checkpointed { id, version },
+        Ok(EngineResponse::RecoveryPointMarked(point)) => ServerFrame::RecoveryPointMarked { id, point },
+        Ok(EngineResponse::RolledBack(rolled_back)) => ServerFrame::RolledBack { id, rolled_back },
+        Err(error) => ServerFrame::Error { id: Some(id), error: ApiError::from(error).body },
+    }
+}
+
+fn ready(frame: ServerFrame) -> Answer {
+    Box::pin(std::future::ready(frame))
+}
+
+fn encode(frame: &ServerFrame) -> Message {
+    Message::Text(serde_json::to_string(frame).expect("server frames always serialize").into())
+}
+
+/// The error for a frame that did not parse, with its id if one can be read.
+fn frame_error(bytes: &[u8], error: &serde_json::Error) -> ServerFrame {
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        id: Option<u64>,
+        #[serde(rename = "type")]
+        kind: Option<String>,
+    }
+    let envelope = serde_json::from_slice::<Envelope>(bytes).ok();
+    let id = envelope.as_ref().and_then(|envelope| envelope.id);
+    let kind = envelope.and_then(|envelope| envelope.kind);
+    let error = match kind {
+        Some(kind) if !CLIENT_FRAME_TYPES.contains(&kind.as_str()) => ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "unknown_frame_type",
+            format!(
+                "unknown frame type {:?}; expected one of {}",
+                kind.chars().take(64).collect::<String>(),
+                CLIENT_FRAME_TYPES.join(", ")
+            ),
+            false,
+        ),
+        _ => {
+            ApiError::new(axum::http::StatusCode::BAD_REQUEST, "bad_frame", convert::describe_json_error(error), false)
+        }
+    };
+    ServerFrame::Error { id, error: error.body }
+}

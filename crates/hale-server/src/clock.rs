@@ -1,0 +1,8 @@
+use hale_core::Timestamp;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The wall clock, read in the shell and handed to the core as a value.
+pub fn now() -> Timestamp {
+    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    Timestamp(since_epoch.as_millis() as u64)
+}

@@ -1,0 +1,52 @@
+use hale_core::Limits;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything `hale serve` can be told.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// The data directory (log, snapshots, lock).
+    pub data_dir: PathBuf,
+    /// Where to listen for WebSocket and HTTP.
+    pub listen: SocketAddr,
+    /// Bounds the core enforces on agents' writes.
+    pub limits: Limits,
+    /// Take a snapshot after this many events since the last one.
+    pub snapshot_every_events: u64,
+    /// Take a snapshot after this long if any event was logged since the last one.
+    pub snapshot_every: Duration,
+    /// How many snapshot files to keep (older ones are deleted).
+    pub snapshots_kept: usize,
+    /// Set damaged log records aside instead of refusing to start.
+    pub repair: bool,
+    /// Largest WebSocket message (and frame) accepted, in bytes.
+    pub frame_bytes_max: usize,
+    /// Largest HTTP request body accepted, in bytes.
+    pub body_bytes_max: usize,
+    /// Requests one WebSocket session may have in flight before the server stops reading
+    /// from it until responses drain.
+    pub session_in_flight_max: usize,
+}
+
+impl ServerConfig {
+    /// The defaults, for a data directory and a listen address.
+    pub fn new(data_dir: impl Into<PathBuf>, listen: SocketAddr) -> Self {
+        let limits = Limits::default();
+        // A frame must hold the largest patch plus the frame around it, and no more: the
+        // WebSocket library's own default (64 MiB) would let one client pin that much memory.
+        let frame_bytes_max = limits.patch_bytes_max * 2 + 64 * 1024;
+        ServerConfig {
+            data_dir: data_dir.into(),
+            listen,
+            limits,
+            snapshot_every_events: 10_000,
+            snapshot_every: Duration::from_secs(60),
+            snapshots_kept: 3,
+            repair: false,
+            frame_bytes_max,
+            body_bytes_max: frame_bytes_max,
+            session_in_flight_max: 1024,
+        }
+    }
+}

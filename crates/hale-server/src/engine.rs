@@ -1,0 +1,351 @@
+//! The engine: one task that owns the core, numbers events, and hands them to the writer.
+//!
+//! Requests arrive over a bounded channel and are handled strictly in arrival order: a
+//! command is decided and applied at once (so the next command sees its effect), its events
+//! are numbered and queued for the writer in that same order, and the caller gets back the
+//! response together with the writer's acknowledgement. The caller sends the response only
+//! once the acknowledgement resolves, i.e. once everything the response depends on is
+//! durable. Reads and rejections wait the same way (an empty append is a barrier), so no
+//! client ever sees a fact that a crash could take back.
+
+use crate::clock;
+use hale_core::{AgentRecord, Command, Core, Event, Rejection, State};
+use hale_proto::{RecoveryPointInfo, RolledBack, Welcome};
+use hale_store::{AppendAck, Durability, Record, WriteError, Writer, snapshot};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// What a successful command answers.
+#[derive(Debug)]
+pub enum Response {
+    Welcome(Box<Welcome>),
+    Checkpointed { version: u64 },
+    RecoveryPointMarked(RecoveryPointInfo),
+    RolledBack(RolledBack),
+}
+
+/// Why the engine did not carry out a request.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    #[error(transparent)]
+    Log(#[from] WriteError),
+    #[error("hale is shutting down; reconnect to the next instance")]
+    ShuttingDown,
+}
+
+type Read = Box<dyn FnOnce(&State) + Send>;
+
+enum Request {
+    Execute { command: Command, reply: oneshot::Sender<(Result<Response, EngineError>, AppendAck)> },
+    Read { read: Read, reply: oneshot::Sender<AppendAck> },
+    Shutdown { reply: oneshot::Sender<Option<Writer>> },
+}
+
+/// Snapshot policy.
+#[derive(Clone, Debug)]
+pub struct SnapshotPolicy {
+    pub dir: PathBuf,
+    pub every_events: u64,
+    pub every: Duration,
+    pub kept: usize,
+}
+
+/// A cloneable handle to the engine task.
+#[derive(Clone)]
+pub struct Engine {
+    requests: mpsc::Sender<Request>,
+    durability: watch::Receiver<Durability>,
+}
+
+impl Engine {
+    /// Starts the engine task over a recovered core whose last event is `last_seq`.
+    pub fn start(core: Core, last_seq: u64, writer: Writer, policy: SnapshotPolicy) -> Engine {
+        let (requests, receiver) = mpsc::channel(4096);
+        let durability = writer.durability();
+        let task = EngineTask {
+            core,
+            next_seq: last_seq + 1,
+            writer: Some(Arc::new(writer)),
+            policy,
+            events_since_snapshot: 0,
+            last_snapshot: Instant::now(),
+            snapshot_in_flight: None,
+        };
+        tokio::spawn(task.run(receiver));
+        Engine { requests, durability }
+    }
+
+    /// Carries out `command`; resolves once the outcome is durable.
+    pub async fn execute(&self, command: Command) -> Result<Response, EngineError> {
+        self.submit(command).await.durable().await
+    }
+
+    /// Has `command` decided and applied, in the order `submit` is called, and returns
+    /// the outcome still held back until it is durable. Sessions use this to pipeline.
+    pub async fn submit(&self, command: Command) -> Submitted {
+        let (reply, answer) = oneshot::channel();
+        if self.requests.send(Request::Execute { command, reply }).await.is_err() {
+            return Submitted { outcome: Err(EngineError::ShuttingDown), ack: closed_ack() };
+        }
+        match answer.await {
+            Ok((outcome, ack)) => Submitted { outcome, ack },
+            Err(_) => Submitted { outcome: Err(EngineError::ShuttingDown), ack: closed_ack() },
+        }
+    }
+
+    /// Runs `read` against the state; resolves once everything it saw is durable.
+    pub async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&State) -> T + Send + 'static,
+    ) -> Result<T, EngineError> {
+        let (result_tx, result) = oneshot::channel();
+        let read: Read = Box::new(move |state| {
+            let _ = result_tx.send(read(state));
+        });
+        let (reply, ack) = oneshot::channel();
+        self.requests.send(Request::Read { read, reply }).await.map_err(|_| EngineError::ShuttingDown)?;
+        wait_durable(ack.await.map_err(|_| EngineError::ShuttingDown)?).await?;
+        result.await.map_err(|_| EngineError::ShuttingDown)
+    }
+
+    /// What the writer has made durable, and whether it has failed.
+    pub fn durability(&self) -> Durability {
+        self.durability.borrow().clone()
+    }
+
+    /// Stops the engine: refuses later requests, takes a final snapshot if the log is
+    /// healthy, then flushes and stops the writer.
+    pub async fn shutdown(&self) {
+        let (reply, writer) = oneshot::channel();
+        if self.requests.send(Request::Shutdown { reply }).await.is_err() {
+            return;
+        }
+        if let Ok(Some(writer)) = writer.await {
+            let _ = tokio::task::spawn_blocking(move || writer.shutdown()).await;
+        }
+    }
+}
+
+/// A decided command whose outcome may not be told until it is durable.
+pub struct Submitted {
+    outcome: Result<Response, EngineError>,
+    ack: AppendAck,
+}
+
+impl Submitted {
+    /// The outcome as decided, to look at (not to tell anyone) before it is durable.
+    pub fn peek(&self) -> &Result<Response, EngineError> {
+        &self.outcome
+    }
+
+    /// Waits until the outcome is durable, then returns it.
+    pub async fn durable(self) -> Result<Response, EngineError> {
+        wait_durable(self.ack).await?;
+        self.outcome
+    }
+}
+
+async fn wait_durable(ack: AppendAck) -> Result<(), EngineError> {
+    match ack.await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(EngineError::Log(WriteError::Stopped)),
+    }
+}
+
+struct EngineTask {
+    core: Core,
+    next_seq: u64,
+    writer: Option<Arc<Writer>>,
+    policy: SnapshotPolicy,
+    events_since_snapshot: u64,
+    last_snapshot: Instant,
+    snapshot_in_flight: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl EngineTask {
+    async fn run(mut self, mut receiver: mpsc::Receiver<Request>) {
+        let mut timer =
+            tokio::time::interval(self.policy.every.clamp(Duration::from_millis(10), Duration::from_secs(1)));
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let request = tokio::select! {
+                request = receiver.recv() => request,
+                _ = timer.tick() => {
+                    self.maybe_snapshot(false);
+                    continue;
+                }
+            };
+            let Some(request) = request else { break };
+            match request {
+                Request::Execute { command, reply } => {
+                    let Some(writer) = self.writer.clone() else {
+                        let _ = reply.send((Err(EngineError::ShuttingDown), closed_ack()));
+                        continue;
+                    };
+                    let (outcome, records) = self.execute(&writer, command);
+                    let ack = writer.append(records).await;
+                    let _ = reply.send((outcome, ack));
+                    self.maybe_snapshot(false);
+                }
+                Request::Read { read, reply } => {
+                    let Some(writer) = self.writer.clone() else {
+                        drop(read);
+                        let _ = reply.send(closed_ack());
+                        continue;
+                    };
+                    read(self.core.state());
+                    let _ = reply.send(writer.append(Vec::new()).await);
+                }
+                Request::Shutdown { reply } => {
+                    if let Some(in_flight) = self.snapshot_in_flight.take() {
+                        let _ = in_flight.await;
+                    }
+                    self.maybe_snapshot(true);
+                    if let Some(in_flight) = self.snapshot_in_flight.take() {
+                        let _ = in_flight.await;
+                    }
+                    let writer = self.writer.take().and_then(Arc::into_inner);
+                    let _ = reply.send(writer);
+                }
+            }
+        }
+    }
+
+    fn execute(&mut self, writer: &Writer, command: Command) -> (Result<Response, EngineError>, Vec<Record>) {
+        if let Some(reason) = writer.durability().borrow().failed.clone() {
+            return (Err(WriteError::Failed(reason).into()), Vec::new());
+        }
+        let now = clock::now();
+        let events = match self.core.execute(&command, now) {
+            Ok(events) => events,
+            Err(rejection) => return (Err(rejection.into()), Vec::new()),
+        };
+        let records: Vec<Record> = events
+            .iter()
+            .map(|event| {
+                let record = Record::encode(self.next_seq, now, event);
+                self.next_seq += 1;
+                record
+            })
+            .collect();
+        self.events_since_snapshot += records.len() as u64;
+        let record = self
+            .core
+            .state()
+            .agent(command.agent().as_str())
+            .expect("a successful command leaves its agent registered");
+        (Ok(respond(&command, &events, record)), records)
+    }
+
+    /// Starts a snapshot if the policy says so (or `force`) and none is being written.
+    fn maybe_snapshot(&mut self, force: bool) {
+        if self.events_since_snapshot == 0 {
+            return;
+        }
+        let due = force
+            || self.events_since_snapshot >= self.policy.every_events
+            || self.last_snapshot.elapsed() >= self.policy.every;
+        if !due || self.snapshot_in_flight.as_ref().is_some_and(|task| !task.is_finished()) {
+            return;
+        }
+        let Some(writer) = self.writer.clone() else { return };
+        if writer.durability().borrow().failed.is_some() {
+            // Memory is ahead of disk: a snapshot now could hold events the log lost.
+            return;
+        }
+        let seq = self.next_seq - 1;
+        let state = self.core.state().clone();
+        let policy = self.policy.clone();
+        self.events_since_snapshot = 0;
+        self.last_snapshot = Instant::now();
+        self.snapshot_in_flight = Some(tokio::spawn(async move {
+            // Only durable state may be snapshotted: wait for everything up to `seq`.
+            let barrier = writer.append(Vec::new()).await;
+            drop(writer);
+            if !matches!(barrier.await, Ok(Ok(()))) {
+                return;
+            }
+            let written = tokio::task::spawn_blocking(move || -> Result<(PathBuf, usize), hale_store::StoreError> {
+                let encoded = snapshot::encode(seq, clock::now(), &state);
+                let path = snapshot::write(&policy.dir, seq, &encoded)?;
+                snapshot::prune(&policy.dir, policy.kept)?;
+                Ok((path, encoded.len()))
+            })
+            .await;
+            match written {
+                Ok(Ok((path, bytes))) => tracing::info!(seq, bytes, path = %path.display(), "snapshot written"),
+                Ok(Err(error)) => tracing::error!(%error, "snapshot failed; the log still holds everything"),
+                Err(error) => tracing::error!(%error, "snapshot task failed"),
+            }
+        }));
+    }
+}
+
+fn closed_ack() -> AppendAck {
+    let (ack, done) = oneshot::channel();
+    let _ = ack.send(Err(WriteError::Stopped));
+    done
+}
+
+/// The answer to a command that succeeded, from the state after its events.
+fn respond(command: &Command, events: &[Event], record: &AgentRecord) -> Response {
+    match command {
+        Command::Hello(_) => {
+            let resumed = !events.iter().any(|event| matches!(event, Event::IncarnationStarted { .. }));
+            Response::Welcome(Box::new(welcome(record, resumed)))
+        }
+        Command::Checkpoint { .. } => Response::Checkpointed { version: record.version() },
+        Command::MarkRecoveryPoint { name, .. } => {
+            let point = &record.recovery_points[name];
+            Response::RecoveryPointMarked(RecoveryPointInfo {
+                name: name.to_string(),
+                version: point.version,
+                marked_at_ms: point.marked_at.0,
+            })
+        }
+        Command::Rollback { .. } => {
+            let target_version = match events.first() {
+                Some(Event::RolledBack { target_version, .. }) => *target_version,
+                _ => unreachable!("a rollback emits RolledBack"),
+            };
+            Response::RolledBack(RolledBack {
+                version: record.version(),
+                target_version,
+                state: serde_json::Value::clone(record.state()),
+            })
+        }
+    }
+}
+
+/// Everything an agent needs to resume, from its record.
+pub fn welcome(record: &AgentRecord, resumed: bool) -> Welcome {
+    Welcome {
+        protocol: hale_proto::PROTOCOL_VERSION,
+        agent: record.name.to_string(),
+        role: record.role.to_string(),
+        labels: record.labels.clone(),
+        incarnation: record.incarnation,
+        resumed,
+        version: record.version(),
+        state: serde_json::Value::clone(record.state()),
+        recovery_points: recovery_points(record),
+        history: record.history().map(|(version, _)| version).collect(),
+    }
+}
+
+/// The agent's recovery points, in name order.
+pub fn recovery_points(record: &AgentRecord) -> Vec<RecoveryPointInfo> {
+    record
+        .recovery_points
+        .iter()
+        .map(|(name, point)| RecoveryPointInfo {
+            name: name.to_string(),
+            version: point.version,
+            marked_at_ms: point.marked_at.0,
+        })
+        .collect()
+}

@@ -1,0 +1,277 @@
+use crate::bench;
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use hale_client::Admin;
+use hale_server::ServerConfig;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// hale keeps AI agents alive: durable agent state, checkpoints and recovery points over a
+/// session protocol, on one durable log.
+#[derive(Debug, Parser)]
+#[command(name = "hale", version, about)]
+pub struct Cli {
+    /// Log output format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "HALE_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Commands {
+    /// Run the server: recover the data directory, then serve WebSocket sessions and HTTP.
+    Serve(ServeArgs),
+    /// List the agents hale knows.
+    Agents {
+        #[command(flatten)]
+        server: ServerArg,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print an agent's state (the current version, or a retained one).
+    State {
+        /// The agent's name.
+        agent: String,
+        /// A version still in the agent's history or named by a recovery point.
+        #[arg(long)]
+        version: Option<u64>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Check every record and snapshot of a data directory and print what was found.
+    /// Reads only; exits 1 if anything is damaged.
+    Verify {
+        #[arg(long, default_value = "hale-data", env = "HALE_DATA")]
+        data: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure hale on this machine: durable-append, replay.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// The data directory: the log, snapshots and a lock.
+    #[arg(long, default_value = "hale-data", env = "HALE_DATA")]
+    data: PathBuf,
+    /// Address for WebSocket sessions and HTTP.
+    #[arg(long, default_value = "127.0.0.1:7700", env = "HALE_LISTEN")]
+    listen: SocketAddr,
+    /// Start even if log records are damaged: set each aside (kept in the damaged_events
+    /// table and reported), instead of refusing.
+    #[arg(long)]
+    repair: bool,
+    /// Snapshot after this many events.
+    #[arg(long, default_value_t = 10_000, env = "HALE_SNAPSHOT_EVERY_EVENTS")]
+    snapshot_every_events: u64,
+    /// Snapshot after this many seconds if anything was logged.
+    #[arg(long, default_value_t = 60, env = "HALE_SNAPSHOT_EVERY_SECS")]
+    snapshot_every_secs: u64,
+    /// Largest checkpoint patch, in bytes.
+    #[arg(long, env = "HALE_PATCH_BYTES_MAX")]
+    patch_bytes_max: Option<usize>,
+    /// Largest agent state, in bytes.
+    #[arg(long, env = "HALE_STATE_BYTES_MAX")]
+    state_bytes_max: Option<usize>,
+    /// Versions of each agent's state kept for rollback.
+    #[arg(long, env = "HALE_HISTORY_LEN")]
+    history_len: Option<usize>,
+}
+
+#[derive(Debug, clap::Args)]
+struct ServerArg {
+    /// The hale to ask.
+    #[arg(long, default_value = "http://127.0.0.1:7700", env = "HALE_URL")]
+    server: String,
+}
+
+pub fn init_logging(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HALE_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Runs the command; returns the process exit code.
+pub async fn run(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Commands::Serve(args) => serve(args).await,
+        Commands::Agents { server, json } => agents(&server.server, json).await,
+        Commands::State { agent, version, server } => {
+            let state = Admin::new(&http_base(&server.server)).state(&agent, version).await?;
+            println!("{}", serde_json::to_string_pretty(&state)?);
+            Ok(0)
+        }
+        Commands::Verify { data, json } => verify(&data, json),
+        Commands::Bench(args) => bench::run(args).await,
+    }
+}
+
+/// Accepts `ws://` or `http://` forms of the server address.
+fn http_base(server: &str) -> String {
+    if let Some(rest) = server.strip_prefix("ws://") {
+        format!("http://{rest}")
+    } else if let Some(rest) = server.strip_prefix("wss://") {
+        format!("https://{rest}")
+    } else {
+        server.to_string()
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<i32> {
+    let mut config = ServerConfig::new(&args.data, args.listen);
+    config.repair = args.repair;
+    config.snapshot_every_events = args.snapshot_every_events;
+    config.snapshot_every = Duration::from_secs(args.snapshot_every_secs.max(1));
+    if let Some(max) = args.patch_bytes_max {
+        config.limits.patch_bytes_max = max;
+        config.frame_bytes_max = config.frame_bytes_max.max(max * 2 + 64 * 1024);
+        config.body_bytes_max = config.frame_bytes_max;
+    }
+    if let Some(max) = args.state_bytes_max {
+        config.limits.state_bytes_max = max;
+    }
+    if let Some(len) = args.history_len {
+        if len == 0 {
+            bail!("--history-len must be at least 1 (the current version)");
+        }
+        config.limits.history_len = len;
+    }
+    let server =
+        hale_server::start(config).await.with_context(|| format!("hale could not start on {}", args.data.display()))?;
+    let report = server.recovery();
+    for skipped in &report.skipped_snapshots {
+        tracing::warn!(seq = skipped.seq, path = %skipped.path.display(), reason = %skipped.reason, "skipped a snapshot");
+    }
+    for (seq, reason) in &report.set_aside {
+        tracing::error!(seq, %reason, "--repair set a damaged log record aside (kept in damaged_events)");
+    }
+    if !report.previously_set_aside.is_empty() {
+        tracing::warn!(seqs = ?report.previously_set_aside, "log records set aside by an earlier --repair are still in damaged_events");
+    }
+    tracing::info!(
+        listen = %server.local_addr(),
+        data = %args.data.display(),
+        last_seq = server.recovered_seq(),
+        snapshot = ?report.snapshot_seq,
+        replayed = report.replayed,
+        "hale is ready"
+    );
+    shutdown_signal().await;
+    tracing::info!("shutting down: closing sessions, taking a snapshot, flushing the log");
+    match server.shutdown().await {
+        Ok(()) => {
+            tracing::info!("stopped cleanly");
+            Ok(0)
+        }
+        Err(error) => {
+            tracing::error!(%error, "stopped with an error");
+            Ok(1)
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut interrupt = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+}
+
+async fn agents(server: &str, json: bool) -> Result<i32> {
+    let agents = Admin::new(&http_base(server)).agents().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&agents)?);
+        return Ok(0);
+    }
+    println!("{:<24} {:<20} {:>11} {:>9} {:>8} {:>6}", "AGENT", "ROLE", "INCARNATION", "VERSION", "ATTACHED", "POINTS");
+    for agent in &agents {
+        println!(
+            "{:<24} {:<20} {:>11} {:>9} {:>8} {:>6}",
+            agent.agent,
+            agent.role,
+            agent.incarnation,
+            agent.version,
+            if agent.attached { "yes" } else { "no" },
+            agent.recovery_points
+        );
+    }
+    if agents.is_empty() {
+        println!("(no agents yet: an agent is registered by its first hello)");
+    }
+    Ok(0)
+}
+
+fn verify(data: &std::path::Path, json: bool) -> Result<i32> {
+    if !data.join("hale.db").exists() {
+        bail!("{} holds no hale log (no hale.db); pass the directory `hale serve --data` used", data.display());
+    }
+    let limits = hale_core::Limits::default();
+    let report = hale_store::verify(data, &limits, |done, total| {
+        if let Some(percent) = (done * 100).checked_div(total) {
+            eprint!("\rverifying: {done}/{total} records ({percent}%)");
+        }
+    })?;
+    eprintln!();
+    if json {
+        let snapshots: Vec<_> = report
+            .snapshots
+            .iter()
+            .map(|s| serde_json::json!({"seq": s.seq, "path": s.path, "problem": s.problem}))
+            .collect();
+        let value = serde_json::json!({
+            "clean": report.is_clean(),
+            "records": report.records,
+            "first_seq": report.first_seq,
+            "last_seq": report.last_seq,
+            "corrupt": report.corrupt.iter().map(|(seq, reason)| serde_json::json!({"seq": seq, "reason": reason})).collect::<Vec<_>>(),
+            "missing": report.missing,
+            "set_aside": report.set_aside,
+            "snapshots": snapshots,
+            "agents": report.agents,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!("data directory: {}", data.display());
+        match (report.first_seq, report.last_seq) {
+            (Some(first), Some(last)) => println!("log: {} records, seq {first}..={last}", report.records),
+            _ => println!("log: empty"),
+        }
+        for (seq, reason) in &report.corrupt {
+            println!("CORRUPT record {seq}: {reason}");
+        }
+        for seq in &report.missing {
+            println!("MISSING record {seq}");
+        }
+        for seq in &report.set_aside {
+            println!("set aside by --repair: record {seq} (kept in damaged_events)");
+        }
+        for snapshot in &report.snapshots {
+            match &snapshot.problem {
+                None => println!("snapshot at {}: ok ({})", snapshot.seq, snapshot.path.display()),
+                Some(problem) => {
+                    println!("DAMAGED snapshot at {}: {problem} ({})", snapshot.seq, snapshot.path.display())
+                }
+            }
+        }
+        println!("agents: {}", report.agents);
+        println!("{}", if report.is_clean() { "verdict: clean" } else { "verdict: DAMAGED" });
+    }
+    Ok(if report.is_clean() { 0 } else { 1 })
+}
