@@ -2,7 +2,7 @@ use crate::Timestamp;
 use crate::command::{Command, Hello, RollbackTarget};
 use crate::event::Event;
 use crate::limits::Limits;
-use crate::merge::{json_size, merge_patch};
+use crate::merge::{json_size, merged_size};
 use crate::names::{AgentName, validate_labels};
 use crate::rejection::Rejection;
 use crate::state::{AgentRecord, State};
@@ -30,9 +30,7 @@ pub(crate) fn decide(
             if patch_size > limits.patch_bytes_max {
                 return Err(Rejection::PatchTooLarge { size: patch_size, max: limits.patch_bytes_max });
             }
-            let mut next = Value::clone(record.state());
-            merge_patch(&mut next, patch);
-            let state_size = json_size(&next);
+            let state_size = merged_size(record.state(), patch);
             if state_size > limits.state_bytes_max {
                 return Err(Rejection::StateTooLarge { size: state_size, max: limits.state_bytes_max });
             }
@@ -67,7 +65,7 @@ pub(crate) fn decide(
                         agent: agent.to_string(),
                         name: name.to_string(),
                     })?;
-                    (point.version, &point.state)
+                    (point.version, point.state.clone())
                 }
                 RollbackTarget::Version(version) => {
                     let state = record.state_at(*version).ok_or_else(|| Rejection::VersionNotRetained {
@@ -84,7 +82,7 @@ pub(crate) fn decide(
                 incarnation: *incarnation,
                 target_version,
                 version: record.version() + 1,
-                state: Value::clone(target_state),
+                state: Value::clone(&target_state),
             }])
         }
     }

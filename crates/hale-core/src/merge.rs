@@ -22,18 +22,59 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
-/// The length of `value` serialized as compact JSON, computed without allocating it.
-pub fn json_size(value: &Value) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
+/// The length of `merge_patch(target, patch)` serialized as compact JSON, computed
+/// without building the merged value (the core checks state limits with it before
+/// anything is changed).
+pub fn merged_size(target: &Value, patch: &Value) -> usize {
+    let Value::Object(patch_members) = patch else {
+        return json_size(patch);
+    };
+    let empty = Map::new();
+    let target_members = target.as_object().unwrap_or(&empty);
+    let mut size = 2; // the braces
+    let mut members = 0usize;
+    let mut member = |key: &str, value_size: usize| {
+        size += string_size(key) + 1 + value_size;
+        members += 1;
+    };
+    for (key, value) in target_members {
+        if !patch_members.contains_key(key) {
+            member(key, json_size(value));
         }
     }
+    for (key, value) in patch_members {
+        if value.is_null() {
+            continue;
+        }
+        let merged = match target_members.get(key) {
+            Some(existing) => merged_size(existing, value),
+            None => merged_size(&Value::Null, value),
+        };
+        member(key, merged);
+    }
+    size + members.saturating_sub(1) // the commas
+}
+
+fn string_size(text: &str) -> usize {
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, text).expect("serializing a string to a counter");
+    count.0
+}
+
+struct Count(usize);
+
+impl std::io::Write for Count {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The length of `value` serialized as compact JSON, computed without allocating it.
+pub fn json_size(value: &Value) -> usize {
     let mut count = Count(0);
     // Writing a `Value` to a sink that never fails cannot fail.
     serde_json::to_writer(&mut count, value).expect("serializing a JSON value to a counter");
@@ -70,6 +111,32 @@ mod tests {
             merge_patch(&mut merged, &patch);
             assert_eq!(merged, expected, "{target} + {patch}");
         }
+    }
+
+    proptest::proptest! {
+        /// `merged_size` is exactly the size of the merged value, for any pair.
+        #[test]
+        fn merged_size_is_exact(target in value_strategy(), patch in value_strategy()) {
+            let mut merged = target.clone();
+            merge_patch(&mut merged, &patch);
+            proptest::prop_assert_eq!(merged_size(&target, &patch), json_size(&merged));
+        }
+    }
+
+    fn value_strategy() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<i64>().prop_map(Value::from),
+            "[a-c\"\\\\é]{0,4}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..3).prop_map(Value::from),
+                prop::collection::btree_map("[a-d\"]{1,2}", inner, 0..4)
+                    .prop_map(|map| Value::Object(map.into_iter().collect())),
+            ]
+        })
     }
 
     #[test]

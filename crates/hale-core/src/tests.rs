@@ -117,7 +117,7 @@ fn rollback_to_a_point_survives_the_history_bound() {
         core.execute(&checkpoint("a", 1, json!({"n": n})), T).unwrap();
     }
     let record = core.state().agent("a").unwrap();
-    assert_eq!(record.history().map(|(v, _)| v).collect::<Vec<_>>(), [8, 9, 10]);
+    assert_eq!(record.history().collect::<Vec<_>>(), [8, 9, 10]);
     let too_old = Command::Rollback { agent: agent("a"), incarnation: 1, target: RollbackTarget::Version(5) };
     let refused = core.execute(&too_old, T).unwrap_err();
     assert_eq!(refused, Rejection::VersionNotRetained { agent: "a".into(), version: 5, oldest: 8, newest: 10 });
@@ -283,4 +283,22 @@ proptest! {
         let from_snapshot = replay(restored, &limits, &log[*covered..]);
         prop_assert_eq!(&from_snapshot, live.state());
     }
+}
+
+#[test]
+fn every_retained_version_reads_back_as_it_was() {
+    let limits = Limits { history_len: 4, ..Limits::default() };
+    let mut core = Core::new(limits);
+    core.execute(&hello("a", None), T).unwrap();
+    for n in 1..=10 {
+        core.execute(&checkpoint("a", 1, json!({ "n": n, format!("k{n}"): n, format!("k{}", n - 1): null })), T)
+            .unwrap();
+    }
+    let record = core.state().agent("a").unwrap();
+    assert_eq!(record.history().collect::<Vec<_>>(), [7, 8, 9, 10]);
+    for n in 7..=10 {
+        assert_eq!(*record.state_at(n).unwrap(), json!({ "n": n, format!("k{n}"): n }), "version {n}");
+    }
+    assert!(record.state_at(6).is_none());
+    assert!(record.state_at(11).is_none());
 }

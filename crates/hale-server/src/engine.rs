@@ -333,7 +333,7 @@ pub fn welcome(record: &AgentRecord, resumed: bool) -> Welcome {
         version: record.version(),
         state: serde_json::Value::clone(record.state()),
         recovery_points: recovery_points(record),
-        history: record.history().map(|(version, _)| version).collect(),
+        history: record.history().collect(),
     }
 }
 

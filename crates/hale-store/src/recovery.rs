@@ -3,10 +3,13 @@
 use crate::data_dir::DataDir;
 use crate::error::StoreError;
 use crate::log::Log;
+use crate::record::RecordError;
 use crate::snapshot;
-use hale_core::{Core, Limits, State, Timestamp};
+use hale_core::{Core, Event, Limits, State, Timestamp};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, sync_channel};
+use std::thread::JoinHandle;
 
 /// How to recover.
 #[derive(Clone, Debug, Default)]
@@ -52,11 +55,12 @@ pub struct Recovered {
 
 /// Rebuilds the core from `dir`.
 pub fn recover(dir: &DataDir, options: &RecoveryOptions) -> Result<Recovered, StoreError> {
-    let mut log = Log::open(&dir.log_path())?;
+    let log = Log::open(&dir.log_path())?;
     let log_last = log.last_seq()?;
     let previously_set_aside = log.damaged_seqs()?;
     let mut report = RecoveryReport { previously_set_aside: previously_set_aside.clone(), ..Default::default() };
 
+    snapshot::remove_partial(&dir.snapshot_dir())?;
     let mut start = (0, State::default());
     for file in snapshot::list(&dir.snapshot_dir())? {
         if file.seq > log_last {
@@ -84,28 +88,43 @@ pub fn recover(dir: &DataDir, options: &RecoveryOptions) -> Result<Recovered, St
     let mut problems: Vec<(u64, String)> = Vec::new();
     let mut expected = snapshot_seq + 1;
     let mut last_seq = snapshot_seq;
-    log.scan(snapshot_seq, |record| -> Result<(), StoreError> {
-        while expected < record.seq {
-            if !known_gaps.contains(&expected) {
-                if !options.repair {
-                    return Err(StoreError::MissingRecord { seq: expected, prev: expected - 1, next: record.seq });
+    // Reading, checksumming and decoding run on a second thread while this one folds.
+    let (chunks, reader) = read_ahead(log, snapshot_seq);
+    let mut fatal = None;
+    'replay: for chunk in chunks.iter() {
+        for decoded in chunk {
+            while expected < decoded.seq {
+                if !known_gaps.contains(&expected) {
+                    if !options.repair {
+                        fatal =
+                            Some(StoreError::MissingRecord { seq: expected, prev: expected - 1, next: decoded.seq });
+                        break 'replay;
+                    }
+                    problems.push((expected, "missing from the log".to_string()));
                 }
-                problems.push((expected, "missing from the log".to_string()));
+                expected += 1;
             }
-            expected += 1;
-        }
-        match record.decode() {
-            Ok(event) => {
-                core.apply(record.at, &event);
-                report.replayed += 1;
+            match decoded.event {
+                Ok(event) => {
+                    core.apply(decoded.at, &event);
+                    report.replayed += 1;
+                }
+                Err(error) if options.repair => problems.push((decoded.seq, error.to_string())),
+                Err(error) => {
+                    fatal = Some(StoreError::CorruptRecord { seq: decoded.seq, reason: error.to_string() });
+                    break 'replay;
+                }
             }
-            Err(error) if options.repair => problems.push((record.seq, error.to_string())),
-            Err(error) => return Err(StoreError::CorruptRecord { seq: record.seq, reason: error.to_string() }),
+            last_seq = decoded.seq;
+            expected = decoded.seq + 1;
         }
-        last_seq = record.seq;
-        expected = record.seq + 1;
-        Ok(())
-    })?;
+    }
+    drop(chunks);
+    let (mut log, read) = reader.join().expect("the log reader does not panic");
+    if let Some(error) = fatal {
+        return Err(error);
+    }
+    read?;
 
     for (seq, reason) in problems {
         tracing::error!(seq, %reason, "--repair: setting log record aside into damaged_events; its effect is missing from the state");
@@ -113,4 +132,57 @@ pub fn recover(dir: &DataDir, options: &RecoveryOptions) -> Result<Recovered, St
         report.set_aside.push((seq, reason));
     }
     Ok(Recovered { core, log, last_seq: last_seq.max(log_last), report })
+}
+
+/// One record as the reader thread decoded it.
+struct Decoded {
+    seq: u64,
+    at: Timestamp,
+    event: Result<Event, RecordError>,
+}
+
+const CHUNK: usize = 4096;
+
+/// The reader thread; it gives the log back, and says whether reading failed.
+type Reader = JoinHandle<(Log, Result<(), StoreError>)>;
+
+/// Reads, checks and decodes every record after `after` on a thread of its own, handing
+/// them over in chunks through a bounded channel; the thread gives the log back when done
+/// (early, if the receiver is dropped).
+fn read_ahead(log: Log, after: u64) -> (Receiver<Vec<Decoded>>, Reader) {
+    let (sender, chunks) = sync_channel::<Vec<Decoded>>(8);
+    let reader = std::thread::Builder::new()
+        .name("hale-replay".into())
+        .spawn(move || {
+            enum Stop {
+                Store(StoreError),
+                Receiver,
+            }
+            impl From<StoreError> for Stop {
+                fn from(error: StoreError) -> Stop {
+                    Stop::Store(error)
+                }
+            }
+            let mut chunk = Vec::with_capacity(CHUNK);
+            let scanned = log.scan(after, |record| -> Result<(), Stop> {
+                chunk.push(Decoded { seq: record.seq, at: record.at, event: record.decode() });
+                if chunk.len() == CHUNK {
+                    sender
+                        .send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)))
+                        .map_err(|_| Stop::Receiver)?;
+                }
+                Ok(())
+            });
+            let result = match scanned {
+                Ok(()) => {
+                    let _ = sender.send(chunk);
+                    Ok(())
+                }
+                Err(Stop::Receiver) => Ok(()),
+                Err(Stop::Store(error)) => Err(error),
+            };
+            (log, result)
+        })
+        .expect("spawning the replay reader");
+    (chunks, reader)
 }

@@ -141,6 +141,18 @@ pub fn decode(bytes: &[u8]) -> Result<(u64, Timestamp, State), SnapshotError> {
     Ok((seq, created, state))
 }
 
+/// Deletes temporary files of snapshots whose writing was interrupted by a crash.
+pub fn remove_partial(dir: &Path) -> Result<(), StoreError> {
+    for entry in std::fs::read_dir(dir).map_err(StoreError::io("list", dir))? {
+        let entry = entry.map_err(StoreError::io("list", dir))?;
+        let name = entry.file_name();
+        if name.to_str().is_some_and(|name| name.starts_with(".snapshot-") && name.ends_with(".tmp")) {
+            std::fs::remove_file(entry.path()).map_err(StoreError::io("remove", entry.path()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Deletes all but the `keep` newest snapshots (never fewer than one).
 pub fn prune(dir: &Path, keep: usize) -> Result<(), StoreError> {
     for old in list(dir)?.into_iter().skip(keep.max(1)) {

@@ -162,6 +162,8 @@ async fn serve(args: ServeArgs) -> Result<i32> {
     if !report.previously_set_aside.is_empty() {
         tracing::warn!(seqs = ?report.previously_set_aside, "log records set aside by an earlier --repair are still in damaged_events");
     }
+    // One line on stdout, for scripts and tests that start hale on port 0.
+    println!("hale listening on {}", server.local_addr());
     tracing::info!(
         listen = %server.local_addr(),
         data = %args.data.display(),

@@ -132,9 +132,9 @@ async fn agent_state(
                 incarnation: record.incarnation,
                 version,
                 current_version: record.version(),
-                state: serde_json::Value::clone(at_version),
+                state: serde_json::Value::clone(&at_version),
                 recovery_points: engine::recovery_points(record),
-                history: record.history().map(|(version, _)| version).collect(),
+                history: record.history().collect(),
             })
         })
         .await??;

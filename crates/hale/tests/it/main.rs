@@ -1,0 +1,9 @@
+//! End-to-end tests of the real `hale` binary: sessions over real loopback sockets, real
+//! signals, real files.
+
+mod bad_input;
+mod corruption;
+mod crash;
+mod fsync;
+mod session;
+mod support;

@@ -1,0 +1,128 @@
+//! The session protocol through the Rust client and over HTTP, fencing, graceful shutdown.
+
+use crate::support::{self, serve};
+use hale_client::{Admin, Agent, AgentOptions, RollbackTo};
+use serde_json::json;
+
+#[tokio::test]
+async fn checkpoint_recovery_point_rollback_and_resume_after_restart() {
+    let temp = tempfile::tempdir().unwrap();
+    let hale = serve(temp.path(), &[]);
+    let agent =
+        Agent::connect(&hale.ws_url(), AgentOptions::new("writer-1", "writer").label("zone", "eu")).await.unwrap();
+    let welcome = agent.resume().await.unwrap();
+    assert_eq!((welcome.incarnation, welcome.version, welcome.resumed), (1, 0, false));
+    assert_eq!(welcome.state, json!({}));
+
+    assert_eq!(agent.checkpoint(json!({"plan": "outline", "files": {"a.rs": 1}})).await.unwrap(), 1);
+    let point = agent.recovery_point("planned").await.unwrap();
+    assert_eq!(point.version, 1);
+    assert_eq!(agent.checkpoint(json!({"plan": null, "files": {"b.rs": 2}})).await.unwrap(), 2);
+    let back = agent.rollback(RollbackTo::Point("planned".into())).await.unwrap();
+    assert_eq!((back.version, back.target_version), (3, 1));
+    assert_eq!(back.state, json!({"plan": "outline", "files": {"a.rs": 1}}));
+    let conflict = agent.checkpoint_expecting(json!({"x": 1}), 1).await.unwrap_err();
+    assert_eq!(conflict.code(), Some("version_conflict"));
+
+    let admin = Admin::new(&hale.http_url());
+    let agents = admin.agents().await.unwrap();
+    assert_eq!(agents.len(), 1);
+    assert!(agents[0].attached);
+    assert_eq!(admin.state("writer-1", Some(2)).await.unwrap().state, json!({"files": {"a.rs": 1, "b.rs": 2}}));
+
+    // Graceful stop: exit 0, final snapshot; a new run resumes the state.
+    drop(agent);
+    let status = hale.terminate();
+    assert!(status.success(), "{status:?}");
+    let snapshots = std::fs::read_dir(temp.path().join("snapshots")).unwrap().count();
+    assert!(snapshots >= 1, "SIGTERM must leave a snapshot");
+
+    let hale = serve(temp.path(), &[]);
+    let agent =
+        Agent::connect(&hale.ws_url(), AgentOptions::new("writer-1", "writer").label("zone", "eu")).await.unwrap();
+    let welcome = agent.resume().await.unwrap();
+    assert_eq!((welcome.incarnation, welcome.version, welcome.resumed), (2, 3, false));
+    assert_eq!(welcome.state, json!({"plan": "outline", "files": {"a.rs": 1}}));
+    assert_eq!(welcome.recovery_points.len(), 1);
+    assert_eq!(welcome.history, [0, 1, 2, 3]);
+    assert!(hale.stderr().contains("hale is ready"));
+}
+
+#[tokio::test]
+async fn a_new_incarnation_fences_the_old_one() {
+    let temp = tempfile::tempdir().unwrap();
+    let hale = serve(temp.path(), &[]);
+    let old = Agent::connect(&hale.ws_url(), AgentOptions::new("a", "r")).await.unwrap();
+    assert_eq!(old.resume().await.unwrap().incarnation, 1);
+    old.checkpoint(json!({"by": "old"})).await.unwrap();
+
+    let new = Agent::connect(&hale.ws_url(), AgentOptions::new("a", "r")).await.unwrap();
+    assert_eq!(new.resume().await.unwrap().incarnation, 2);
+    let refused = old.checkpoint(json!({"by": "zombie"})).await.unwrap_err();
+    assert_eq!(refused.code(), Some("stale_incarnation"));
+    assert_eq!(new.checkpoint(json!({"by": "new"})).await.unwrap(), 2);
+
+    // A session that names the current incarnation resumes it; an older one is refused.
+    let again = Agent::connect(&hale.ws_url(), AgentOptions::new("a", "r").incarnation(2)).await.unwrap();
+    let welcome = again.resume().await.unwrap();
+    assert!(welcome.resumed);
+    assert_eq!(welcome.state, json!({"by": "new"}));
+    let stale = Agent::connect(&hale.ws_url(), AgentOptions::new("a", "r").incarnation(1)).await.unwrap();
+    assert_eq!(stale.resume().await.unwrap_err().code(), Some("stale_incarnation"));
+}
+
+#[tokio::test]
+async fn pipelined_checkpoints_are_answered_in_order() {
+    let temp = tempfile::tempdir().unwrap();
+    let hale = serve(temp.path(), &[]);
+    let agent = Agent::connect(&hale.ws_url(), AgentOptions::new("p", "r")).await.unwrap();
+    agent.resume().await.unwrap();
+    let futures: Vec<_> = (0..200).map(|n| agent.checkpoint(json!({ "n": n }))).collect();
+    let versions: Vec<u64> = futures_util::future::join_all(futures).await.into_iter().map(Result::unwrap).collect();
+    let mut sorted = versions.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (1..=200).collect::<Vec<_>>());
+}
+
+#[test]
+fn the_same_operations_over_http() {
+    let temp = tempfile::tempdir().unwrap();
+    let hale = serve(temp.path(), &[]);
+    let post = |path: &str, body: serde_json::Value| {
+        let (status, body) = support::http(hale.addr, "POST", path, body.to_string().as_bytes());
+        (status, serde_json::from_str::<serde_json::Value>(&body).unwrap_or(json!(body)))
+    };
+    let (status, welcome) = post("/v1/agents/h1/hello", json!({"role": "r"}));
+    assert_eq!((status, &welcome["incarnation"]), (200, &json!(1)));
+    let (status, body) = post("/v1/agents/h1/checkpoint", json!({"incarnation": 1, "patch": {"a": 1}}));
+    assert_eq!((status, body), (200, json!({"version": 1})));
+    let (status, body) = post("/v1/agents/h1/recovery-points", json!({"incarnation": 1, "name": "one"}));
+    assert_eq!((status, &body["version"]), (200, &json!(1)));
+    post("/v1/agents/h1/checkpoint", json!({"incarnation": 1, "patch": {"a": 2}}));
+    let (status, body) = post("/v1/agents/h1/rollback", json!({"incarnation": 1, "to": {"version": 1}}));
+    assert_eq!((status, &body["state"]), (200, &json!({"a": 1})));
+    let (status, body) = post("/v1/agents/h1/checkpoint", json!({"incarnation": 0, "patch": {}}));
+    assert_eq!((status, &body["error"]["code"]), (409, &json!("stale_incarnation")));
+    let (status, body) = post("/v1/agents/nobody/checkpoint", json!({"incarnation": 1, "patch": {}}));
+    assert_eq!((status, &body["error"]["code"]), (404, &json!("unknown_agent")));
+    let (status, _) = hale.get("/readyz");
+    assert_eq!(status, 200);
+
+    let (code, out, _) = support::hale(&["agents", "--server", &hale.http_url()]);
+    assert_eq!(code, 0);
+    assert!(out.lines().any(|line| line.starts_with("h1 ") && line.contains(" r ")), "{out}");
+    let (code, out, _) = support::hale(&["state", "h1", "--version", "2", "--server", &hale.http_url()]);
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["state"], json!({"a": 2}));
+    let (code, _, err) = support::hale(&["state", "nobody", "--server", &hale.http_url()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown_agent"), "{err}");
+}
+
+#[test]
+fn a_second_server_on_the_same_data_is_refused() {
+    let temp = tempfile::tempdir().unwrap();
+    let _first = serve(temp.path(), &[]);
+    let refused = support::serve_with(std::process::Command::new(support::HALE), temp.path(), &[]).err().unwrap();
+    assert!(refused.contains("in use by another hale process"), "{refused}");
+}

@@ -1,0 +1,163 @@
+//! Starting and stopping the real `hale` binary on loopback.
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const HALE: &str = env!("CARGO_BIN_EXE_hale");
+
+/// A running `hale serve`.
+pub struct Hale {
+    pub child: Child,
+    pub addr: SocketAddr,
+    stderr: Arc<Mutex<String>>,
+}
+
+/// `hale serve --data DATA --listen 127.0.0.1:0 EXTRA…`, waiting until it listens.
+pub fn serve(data: &Path, extra: &[&str]) -> Hale {
+    serve_with(Command::new(HALE), data, extra).unwrap_or_else(|stderr| panic!("hale did not start:\n{stderr}"))
+}
+
+/// Like [`serve`] with a prepared command (e.g. under strace); `Err(stderr)` if it exits
+/// before listening.
+pub fn serve_with(mut command: Command, data: &Path, extra: &[&str]) -> Result<Hale, String> {
+    command
+        .args(["serve", "--data"])
+        .arg(data)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(extra)
+        .env("HALE_LOG", "info")
+        .env_remove("RUST_BACKTRACE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().expect("spawning hale");
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let mut pipe = child.stderr.take().unwrap();
+    let collected = stderr.clone();
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut buffer) {
+            if n == 0 {
+                break;
+            }
+            collected.lock().unwrap().push_str(&String::from_utf8_lossy(&buffer[..n]));
+        }
+    });
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("reading hale's stdout");
+    let Some(addr) = line.trim().strip_prefix("hale listening on ") else {
+        let _ = child.wait();
+        std::thread::sleep(Duration::from_millis(50));
+        return Err(stderr.lock().unwrap().clone());
+    };
+    let addr = addr.parse().expect("a socket address");
+    Ok(Hale { child, addr, stderr })
+}
+
+impl Hale {
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// What hale has written to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(mut self) {
+        kill(self.pid(), Signal::SIGKILL).expect("SIGKILL");
+        self.child.wait().expect("reaping hale");
+    }
+
+    /// SIGTERM, and wait for the exit status.
+    pub fn terminate(mut self) -> ExitStatus {
+        kill(self.pid(), Signal::SIGTERM).expect("SIGTERM");
+        wait_with_timeout(&mut self.child, Duration::from_secs(30)).expect("hale did not exit within 30 s of SIGTERM")
+    }
+
+    /// The HTTP status and body of `GET path`.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http(self.addr, "GET", path, b"")
+    }
+
+    /// The resident set size of the server process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|line| line.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Hale {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A minimal HTTP/1.1 request on a fresh connection: status and body.
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connecting to hale");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    // A server may answer (413) before reading the whole body; a failed write is fine then.
+    let _ = stream.write_all(body);
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response).to_string();
+    let status = response.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// Runs `hale ARGS…` to completion: exit code, stdout, stderr.
+pub fn hale(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(HALE).args(args).env_remove("RUST_BACKTRACE").output().expect("running hale");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).to_string(),
+        String::from_utf8_lossy(&output.stderr).to_string(),
+    )
+}
+
+/// A seed from `HALE_TEST_SEED` or the clock, printed so a failure can be replayed.
+pub fn seed(test: &str) -> u64 {
+    let seed = std::env::var("HALE_TEST_SEED").ok().and_then(|seed| seed.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    eprintln!("{test}: seed {seed} (rerun with HALE_TEST_SEED={seed})");
+    seed
+}
