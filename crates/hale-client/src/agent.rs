@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// Who the agent is.
 #[derive(Clone, Debug)]
@@ -63,7 +64,9 @@ impl Agent {
     /// to hale until [`resume`](Agent::resume).
     pub async fn connect(url: &str, options: AgentOptions) -> Result<Agent, ClientError> {
         let endpoint = format!("{}{SESSION_PATH}", url.trim_end_matches('/'));
-        let (socket, _) = tokio_tungstenite::connect_async(&endpoint)
+        // Small reads: tungstenite zero-fills its whole read buffer before each read.
+        let config = WebSocketConfig::default().read_buffer_size(16 * 1024);
+        let (socket, _) = tokio_tungstenite::connect_async_with_config(&endpoint, Some(config), true)
             .await
             .map_err(|error| ClientError::Connect { url: endpoint.clone(), reason: error.to_string() })?;
         let (outgoing, queue) = mpsc::channel(1024);
@@ -172,13 +175,36 @@ async fn run_session(socket: Socket, mut queue: mpsc::Receiver<Outgoing>) {
                     let _ = sink.send(Message::Close(None)).await;
                     break "the agent handle was dropped".to_string();
                 };
-                let id = frame.id();
-                let text = serde_json::to_string(&frame).expect("client frames always serialize");
-                if let Err(error) = sink.send(Message::text(text)).await {
-                    let _ = reply.send(Err(ClientError::Closed(error.to_string())));
-                    break error.to_string();
+                // Write every request already queued, then flush once.
+                let mut batch = vec![(frame, reply)];
+                while let Ok(Outgoing { frame, reply }) = queue.try_recv() {
+                    batch.push((frame, reply));
                 }
-                waiting.insert(id, reply);
+                let mut failed = None;
+                for (frame, reply) in batch {
+                    if failed.is_none() {
+                        let text = serde_json::to_string(&frame).expect("client frames always serialize");
+                        if let Err(error) = sink.feed(Message::text(text)).await {
+                            failed = Some(error.to_string());
+                        }
+                    }
+                    match &failed {
+                        None => {
+                            waiting.insert(frame.id(), reply);
+                        }
+                        Some(reason) => {
+                            let _ = reply.send(Err(ClientError::Closed(reason.clone())));
+                        }
+                    }
+                }
+                if failed.is_none()
+                    && let Err(error) = sink.flush().await
+                {
+                    failed = Some(error.to_string());
+                }
+                if let Some(reason) = failed {
+                    break reason;
+                }
             }
             message = stream.next() => {
                 let text = match message {

@@ -28,12 +28,23 @@ pub struct BenchArgs {
     /// durable-append: seconds of measured load (after one second of warm-up).
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
+    /// durable-append: `websocket` drives real sessions over loopback; `engine` calls the
+    /// server's engine in-process, to show what the core and the log sustain without the
+    /// network stack.
+    #[arg(long, value_enum, default_value_t = Transport::Websocket)]
+    transport: Transport,
     /// replay: events in the log to recover.
     #[arg(long, default_value_t = 1_000_000)]
     events: u64,
     /// Where to create the temporary data directory (default: the system's temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Transport {
+    Websocket,
+    Engine,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -107,9 +118,24 @@ async fn durable_append(args: &BenchArgs) -> Result<Value> {
 
     let mut agents = Vec::with_capacity(args.agents);
     for index in 0..args.agents {
-        let agent = Agent::connect(&url, AgentOptions::new(format!("bench-{index}"), "bench")).await?;
-        agent.resume().await?;
-        agents.push(agent);
+        agents.push(match args.transport {
+            Transport::Websocket => {
+                let agent = Agent::connect(&url, AgentOptions::new(format!("bench-{index}"), "bench")).await?;
+                agent.resume().await?;
+                Writer::Session(agent)
+            }
+            Transport::Engine => {
+                let name = AgentName::new(format!("bench-{index}"))?;
+                let hello = Hello {
+                    agent: name.clone(),
+                    role: RoleName::new("bench")?,
+                    labels: BTreeMap::new(),
+                    incarnation: None,
+                };
+                server.engine().execute(Command::Hello(hello)).await?;
+                Writer::Engine(server.engine().clone(), name)
+            }
+        });
     }
     let start = Instant::now();
     let measure_from = start + Duration::from_secs(1);
@@ -132,7 +158,7 @@ async fn durable_append(args: &BenchArgs) -> Result<Value> {
                         latencies_us.push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                     }
                 }
-                Ok::<_, hale_client::ClientError>(latencies_us)
+                Ok::<_, anyhow::Error>(latencies_us)
             });
         }
     }
@@ -146,7 +172,10 @@ async fn durable_append(args: &BenchArgs) -> Result<Value> {
     let ops = latencies_us.len() as u64;
     let seconds = args.seconds;
     Ok(json!({
-        "scenario": "durable-append",
+        "scenario": match args.transport {
+            Transport::Websocket => "durable-append",
+            Transport::Engine => "durable-append-engine",
+        },
         "ops": ops,
         "seconds": seconds,
         "throughput_per_s": (ops as f64 / seconds).round(),
@@ -157,7 +186,10 @@ async fn durable_append(args: &BenchArgs) -> Result<Value> {
             "agents": args.agents,
             "in_flight_per_agent": args.in_flight,
             "patch": "{\"lane\":L,\"n\":N,\"note\":\"step done\"} (~40 bytes)",
-            "transport": "WebSocket on loopback, client and server in one process",
+            "transport": match args.transport {
+                Transport::Websocket => "WebSocket on loopback, client and server in one process",
+                Transport::Engine => "none: the server's engine called in-process (no sockets, no JSON frames)",
+            },
             "durability": "SQLite WAL, synchronous=FULL: every ack after fsync",
             "warmup_s": 1,
         },
@@ -259,4 +291,27 @@ fn replay_blocking(path: &std::path::Path, events: u64) -> Result<Value> {
         },
         "machine": machine(),
     }))
+}
+
+/// One benchmark agent: a real session, or the engine called directly.
+#[derive(Clone)]
+enum Writer {
+    Session(Agent),
+    Engine(hale_server::engine::Engine, AgentName),
+}
+
+impl Writer {
+    async fn checkpoint(&self, patch: Value) -> Result<()> {
+        match self {
+            Writer::Session(agent) => {
+                agent.checkpoint(patch).await?;
+            }
+            Writer::Engine(engine, agent) => {
+                let command =
+                    Command::Checkpoint { agent: agent.clone(), incarnation: 1, patch, expected_version: None };
+                engine.execute(command).await?;
+            }
+        }
+        Ok(())
+    }
 }
