@@ -21,7 +21,8 @@ pub enum Rejection {
         "incarnation {given} of agent {agent:?} is stale: incarnation {current} has started since; this process must stop or say hello again without an incarnation"
     )]
     StaleIncarnation { agent: String, given: u64, current: u64 },
-    /// The hello names an incarnation that was never issued.
+    /// A hello or a write names an incarnation that was never issued (higher than the
+    /// agent's current one).
     #[error(
         "incarnation {given} of agent {agent:?} was never issued (the latest is {current}); say hello without an incarnation to start a new run"
     )]

@@ -1,7 +1,8 @@
 //! The wire format of hale's session protocol, shared by the server and the clients.
 //!
 //! Frames are JSON objects with a `type` and, on requests, a client-chosen `id` that the
-//! response echoes. The same request and response bodies are used by the HTTP API. See
+//! response echoes. The HTTP API carries the same operations with bodies of its own (no
+//! `type` or `id`; writes name their `incarnation`, since there is no session). See
 //! docs/protocol.md for the full description with examples.
 //!
 //! Names travel as plain strings and are validated by the server, so a bad name gets the

@@ -30,9 +30,13 @@ pub enum RecordError {
 impl Record {
     /// Encodes `event` as record `seq`.
     pub fn encode(seq: u64, at: Timestamp, event: &Event) -> Record {
-        let body = serde_json::to_vec(event).expect("events always serialize");
-        let crc = checksum(seq, at, FORMAT, &body);
-        Record { seq, at, format: FORMAT, body, crc }
+        Record::new(seq, at, FORMAT, serde_json::to_vec(event).expect("events always serialize"))
+    }
+
+    /// A checksummed record of any format (e.g. one converted from an older format).
+    pub fn new(seq: u64, at: Timestamp, format: u32, body: Vec<u8>) -> Record {
+        let crc = checksum(seq, at, format, &body);
+        Record { seq, at, format, body, crc }
     }
 
     /// Whether the stored checksum matches.

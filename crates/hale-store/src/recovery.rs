@@ -3,7 +3,7 @@
 use crate::data_dir::DataDir;
 use crate::error::StoreError;
 use crate::log::Log;
-use crate::record::RecordError;
+use crate::record::{FORMAT, RecordError};
 use crate::snapshot;
 use hale_core::{Core, Event, Limits, State, Timestamp};
 use std::collections::BTreeSet;
@@ -108,6 +108,12 @@ pub fn recover(dir: &DataDir, options: &RecoveryOptions) -> Result<Recovered, St
                 Ok(event) => {
                     core.apply(decoded.at, &event);
                     report.replayed += 1;
+                }
+                // A newer hale wrote this record: it is not damage, and --repair must
+                // never set it aside.
+                Err(RecordError::Format(found)) if found > FORMAT => {
+                    fatal = Some(StoreError::NewerFormat { found, supported: FORMAT });
+                    break 'replay;
                 }
                 Err(error) if options.repair => problems.push((decoded.seq, error.to_string())),
                 Err(error) => {

@@ -20,7 +20,8 @@ impl ApiError {
         ApiError { status, body: ErrorBody { code: code.to_string(), message: message.into(), retryable } }
     }
 
-    /// The request is not valid JSON of the expected shape.
+    /// The request is malformed: not JSON of the expected shape, or a query parameter
+    /// that does not parse.
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message, false)
     }

@@ -79,8 +79,9 @@ impl Session {
                         Some(Ok(Message::Binary(bytes))) => bytes.to_vec(),
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                         // A close, a protocol violation (such as a text frame that is not
-                        // UTF-8) or a frame over the size limit ends the session; the
-                        // library answers with the matching close code where it can.
+                        // UTF-8) or a message over the size limit ends the session: the
+                        // library reports an error and the connection is dropped without a
+                        // close frame. Nothing of the offending message was acted on.
                         Some(Ok(Message::Close(_)) | Err(_)) | None => break,
                     };
                     let answer = self.handle(&bytes).await;

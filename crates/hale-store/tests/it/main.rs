@@ -200,3 +200,19 @@ fn events_decode_as_written() {
     let kinds: Vec<&str> = records.iter().map(|r| r.decode().unwrap()).map(|e: Event| e.kind()).collect();
     assert_eq!(kinds[..3], ["agent_registered", "incarnation_started", "agent_registered"]);
 }
+
+#[test]
+fn a_record_from_a_newer_hale_is_refused_even_with_repair() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = DataDir::open(temp.path()).unwrap();
+    let (_, mut records) = workload(3);
+    let last = records.len() - 1;
+    let old = records[last].clone();
+    records[last] = Record::new(old.seq, old.at, hale_store::FORMAT + 1, old.body);
+    write_log(&dir, &records);
+    for repair in [false, true] {
+        let refused = recover(&dir, &RecoveryOptions { repair, ..options() }).err().expect("must refuse");
+        assert!(matches!(refused, StoreError::NewerFormat { .. }), "{refused}");
+        assert!(refused.to_string().contains("upgrade hale"), "{refused}");
+    }
+}
