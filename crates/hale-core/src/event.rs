@@ -7,8 +7,11 @@ use std::collections::BTreeMap;
 ///
 /// The serde shape of this type is log format 1 (see `hale-store`): renaming a variant
 /// or a field changes the disk format and needs a new format number and a conversion.
+///
+/// Externally tagged (`{"checkpointed": {...}}`) rather than internally: serde then
+/// decodes in one pass instead of buffering every record, which matters for replay.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Event {
     /// An agent was registered, or its role or labels changed.
     AgentRegistered { agent: AgentName, role: RoleName, labels: BTreeMap<String, String> },

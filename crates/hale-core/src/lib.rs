@@ -87,6 +87,12 @@ impl Core {
     /// Folds one event, logged at `at`, into the state. Never fails: an event that made it
     /// into the log is a fact.
     pub fn apply(&mut self, at: Timestamp, event: &Event) {
+        self.state.apply(&self.limits, at, event.clone());
+    }
+
+    /// Like [`apply`](Core::apply) for an event the caller no longer needs (replay): its
+    /// parts move into the state instead of being copied.
+    pub fn apply_owned(&mut self, at: Timestamp, event: Event) {
         self.state.apply(&self.limits, at, event);
     }
 

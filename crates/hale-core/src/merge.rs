@@ -17,7 +17,14 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
         if value.is_null() {
             target_members.remove(key);
         } else {
-            merge_patch(target_members.entry(key.clone()).or_insert(Value::Null), value);
+            match target_members.get_mut(key) {
+                Some(existing) => merge_patch(existing, value),
+                None => {
+                    let mut fresh = Value::Null;
+                    merge_patch(&mut fresh, value);
+                    target_members.insert(key.clone(), fresh);
+                }
+            }
         }
     }
 }

@@ -16,11 +16,11 @@ pub struct State {
 
 /// Everything the log says about one agent.
 ///
-/// The version history is kept as the state at the oldest retained version (`base`) plus
-/// the step (merge patch or wholesale replacement) that made each later version, and the
-/// current state folded. A checkpoint then costs two in-place merges of its small patch
-/// (into the current state, and into the base once the oldest step falls out of the
-/// bound), never a copy of the whole state: that keeps live checkpoints and replay cheap.
+/// The version history is the current state plus, for each earlier retained version, the
+/// undo patch that turns its successor back into it, newest last. A checkpoint moves its
+/// patch's values into the current state and the values they displace into the undo
+/// patch, so it copies nothing; reading an older version copies the current state once
+/// and applies undo patches backwards.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AgentRecord {
     pub name: AgentName,
@@ -35,27 +35,32 @@ pub struct AgentRecord {
     /// The current version and state.
     version: u64,
     current: Arc<Value>,
-    /// The oldest retained version and its state.
-    base: (u64, Arc<Value>),
-    /// The steps from `base` to `current`, oldest first, each with the version it made.
-    steps: VecDeque<(u64, Step)>,
+    /// `(v, undo)`: applying `undo` to the state at `v` gives the state at the retained
+    /// version before `v`. Oldest first; versions ascend.
+    undo: VecDeque<(u64, Undo)>,
+    /// The retained version before the oldest undo entry (the oldest retained version).
+    oldest: u64,
     /// Named versions, kept whatever the history bound drops.
     pub recovery_points: BTreeMap<PointName, RecoveryPoint>,
 }
 
-/// How one version was made from the one before.
+/// How to go back one version.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-enum Step {
+enum Undo {
+    /// A merge patch: the members a checkpoint changed, with their old values (`null`
+    /// for members that were absent; states never hold `null` members, so this is
+    /// unambiguous).
     Patch(Value),
+    /// The whole state before a rollback replaced it.
     Replace(Arc<Value>),
 }
 
-impl Step {
+impl Undo {
     fn apply_to(&self, state: &mut Value) {
         match self {
-            Step::Patch(patch) => merge_patch(state, patch),
-            Step::Replace(replacement) => *state = Value::clone(replacement),
+            Undo::Patch(patch) => merge_patch(state, patch),
+            Undo::Replace(previous) => *state = Value::clone(previous),
         }
     }
 }
@@ -79,23 +84,23 @@ impl State {
         self.agents.values()
     }
 
-    pub(crate) fn apply(&mut self, limits: &Limits, at: Timestamp, event: &Event) {
+    pub(crate) fn apply(&mut self, limits: &Limits, at: Timestamp, event: Event) {
         if let Event::AgentRegistered { agent, role, labels } = event {
             let record = self.agents.entry(agent.clone()).or_insert_with(|| AgentRecord {
                 name: agent.clone(),
                 role: role.clone(),
-                labels: BTreeMap::new(),
+                labels: labels.clone(),
                 incarnation: 0,
                 registered_at: at,
                 updated_at: at,
                 version: 0,
                 current: Arc::new(Value::Object(Map::new())),
-                base: (0, Arc::new(Value::Object(Map::new()))),
-                steps: VecDeque::new(),
+                undo: VecDeque::new(),
+                oldest: 0,
                 recovery_points: BTreeMap::new(),
             });
-            record.role = role.clone();
-            record.labels = labels.clone();
+            record.role = role;
+            record.labels = labels;
             record.updated_at = at;
             return;
         }
@@ -107,23 +112,22 @@ impl State {
         record.updated_at = at;
         match event {
             Event::AgentRegistered { .. } => unreachable!("handled above"),
-            Event::IncarnationStarted { incarnation, .. } => record.incarnation = *incarnation,
+            Event::IncarnationStarted { incarnation, .. } => record.incarnation = incarnation,
             Event::Checkpointed { version, patch, .. } => {
-                merge_patch(Arc::make_mut(&mut record.current), patch);
-                record.push_step(limits, *version, Step::Patch(patch.clone()));
+                let undo = merge_patch_undo(Arc::make_mut(&mut record.current), patch);
+                record.push_undo(limits, version, Undo::Patch(undo));
             }
             Event::RecoveryPointMarked { name, version, .. } => {
                 // Only missing after `--repair` set the version's event aside.
-                let Some(state) = record.state_at(*version) else {
+                let Some(state) = record.state_at(version) else {
                     return;
                 };
-                let point = RecoveryPoint { version: *version, marked_at: at, state };
-                record.recovery_points.insert(name.clone(), point);
+                let point = RecoveryPoint { version, marked_at: at, state };
+                record.recovery_points.insert(name, point);
             }
             Event::RolledBack { version, state, .. } => {
-                let state = Arc::new(state.clone());
-                record.current = state.clone();
-                record.push_step(limits, *version, Step::Replace(state));
+                let previous = std::mem::replace(&mut record.current, Arc::new(state));
+                record.push_undo(limits, version, Undo::Replace(previous));
             }
         }
     }
@@ -142,7 +146,7 @@ impl AgentRecord {
 
     /// The oldest version still in the history.
     pub fn oldest_retained(&self) -> u64 {
-        self.base.0
+        self.oldest
     }
 
     /// The state at `version`, if the history or a recovery point still holds it.
@@ -150,43 +154,84 @@ impl AgentRecord {
         if version == self.version {
             return Some(self.current.clone());
         }
-        if version == self.base.0 {
-            return Some(self.base.1.clone());
+        if let Some(point) = self.recovery_points.values().find(|point| point.version == version) {
+            return Some(point.state.clone());
         }
-        // Versions in the history ascend (consecutive unless `--repair` set one aside).
-        if version > self.base.0
-            && version < self.version
-            && let Ok(index) = self.steps.binary_search_by_key(&version, |(found, _)| *found)
-        {
-            let mut state = Value::clone(&self.base.1);
-            for (_, step) in self.steps.range(..=index) {
-                step.apply_to(&mut state);
+        if version < self.oldest || version > self.version {
+            return None;
+        }
+        // Walk back from the current state. Versions ascend (consecutive unless
+        // `--repair` set one aside), so `version` is retained if it is the oldest or
+        // names an undo entry's predecessor.
+        let mut state = Value::clone(&self.current);
+        for (index, (_, undo)) in self.undo.iter().enumerate().rev() {
+            undo.apply_to(&mut state);
+            let reached = if index == 0 { self.oldest } else { self.undo[index - 1].0 };
+            if reached == version {
+                return Some(Arc::new(state));
             }
-            return Some(Arc::new(state));
+            if reached < version {
+                return None;
+            }
         }
-        self.recovery_points.values().find(|point| point.version == version).map(|point| point.state.clone())
+        None
     }
 
     /// The retained version numbers, oldest first; the last is the current version.
     pub fn history(&self) -> impl Iterator<Item = u64> + '_ {
-        std::iter::once(self.base.0).chain(self.steps.iter().map(|(version, _)| *version))
+        std::iter::once(self.oldest).chain(self.undo.iter().map(|(version, _)| *version))
     }
 
-    fn push_step(&mut self, limits: &Limits, version: u64, step: Step) {
+    fn push_undo(&mut self, limits: &Limits, version: u64, undo: Undo) {
         self.version = version;
-        self.steps.push_back((version, step));
-        // `history_len` versions are retained: the base and `history_len - 1` steps.
-        while self.steps.len() >= limits.history_len.max(1) {
-            let (version, step) = self.steps.pop_front().expect("not empty");
-            match step {
-                Step::Patch(patch) => merge_patch(Arc::make_mut(&mut self.base.1), &patch),
-                Step::Replace(state) => self.base.1 = state,
-            }
-            self.base.0 = version;
-        }
-        if self.steps.is_empty() {
-            // With a history of one version, the base is the current state.
-            self.base = (self.version, self.current.clone());
+        self.undo.push_back((version, undo));
+        // `history_len` versions are retained: the current one and `history_len - 1` more.
+        while self.undo.len() >= limits.history_len.max(1) {
+            let (dropped, _) = self.undo.pop_front().expect("not empty");
+            self.oldest = dropped;
         }
     }
+}
+
+/// Applies `patch` to `target` as [`merge_patch`] does, moving the patch's values in, and
+/// returns the merge patch that undoes it, holding the values they displaced.
+fn merge_patch_undo(target: &mut Value, patch: Value) -> Value {
+    let Value::Object(patch_members) = patch else {
+        return std::mem::replace(target, patch);
+    };
+    if !target.is_object() {
+        // Only reached below the top level: the undo of turning a non-object into an
+        // object is the non-object itself, which replaces wholesale.
+        let previous = std::mem::replace(target, Value::Object(Map::new()));
+        merge_patch_undo(target, Value::Object(patch_members));
+        return previous;
+    }
+    let Value::Object(target_members) = target else { unreachable!("checked above") };
+    let mut undo = Map::new();
+    for (key, value) in patch_members {
+        if value.is_null() {
+            if let Some(previous) = target_members.remove(&key) {
+                undo.insert(key, previous);
+            }
+            continue;
+        }
+        match target_members.get_mut(&key) {
+            Some(existing) if value.is_object() && existing.is_object() => {
+                let inner = merge_patch_undo(existing, value);
+                undo.insert(key, inner);
+            }
+            Some(existing) => {
+                let mut replacement = Value::Null;
+                merge_patch_undo(&mut replacement, value);
+                undo.insert(key, std::mem::replace(existing, replacement));
+            }
+            None => {
+                let mut fresh = Value::Null;
+                merge_patch_undo(&mut fresh, value);
+                target_members.insert(key.clone(), fresh);
+                undo.insert(key, Value::Null);
+            }
+        }
+    }
+    Value::Object(undo)
 }

@@ -302,3 +302,48 @@ fn every_retained_version_reads_back_as_it_was() {
     assert!(record.state_at(6).is_none());
     assert!(record.state_at(11).is_none());
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Every retained version reads back exactly as a plain fold of the patches made it,
+    /// whatever the patches (nested objects, deletions, type changes) and rollbacks.
+    #[test]
+    fn retained_versions_match_a_plain_fold(
+        steps in prop::collection::vec(prop_oneof![
+            4 => patch_strategy().prop_map(Ok),
+            1 => (0u64..40).prop_map(Err),
+        ], 1..40),
+        history_len in 1usize..8,
+    ) {
+        let limits = Limits { history_len, ..Limits::default() };
+        let mut core = Core::new(limits);
+        core.execute(&hello("a", None), T).unwrap();
+        let mut expected = vec![json!({})];
+        for step in steps {
+            let command = match step {
+                Ok(patch) => checkpoint("a", 1, patch),
+                Err(version) => Command::Rollback { agent: agent("a"), incarnation: 1, target: RollbackTarget::Version(version) },
+            };
+            let Ok(events) = core.execute(&command, T) else { continue };
+            match &events[0] {
+                Event::Checkpointed { patch, .. } => {
+                    let mut next = expected.last().unwrap().clone();
+                    merge_patch(&mut next, patch);
+                    expected.push(next);
+                }
+                Event::RolledBack { target_version, .. } => {
+                    expected.push(expected[*target_version as usize].clone());
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let record = core.state().agent("a").unwrap();
+        let history: Vec<u64> = record.history().collect();
+        prop_assert_eq!(history.len(), history_len.min(expected.len()));
+        prop_assert_eq!(*history.last().unwrap(), expected.len() as u64 - 1);
+        for version in history {
+            prop_assert_eq!(&*record.state_at(version).unwrap(), &expected[version as usize], "version {}", version);
+        }
+    }
+}

@@ -106,7 +106,7 @@ pub fn recover(dir: &DataDir, options: &RecoveryOptions) -> Result<Recovered, St
             }
             match decoded.event {
                 Ok(event) => {
-                    core.apply(decoded.at, &event);
+                    core.apply_owned(decoded.at, event);
                     report.replayed += 1;
                 }
                 // A newer hale wrote this record: it is not damage, and --repair must

@@ -4,6 +4,9 @@ mod bench;
 mod cli;
 
 use anyhow::Result;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 
 fn main() {
