@@ -2,7 +2,8 @@ use crate::Timestamp;
 use crate::command::{Command, Hello, RollbackTarget};
 use crate::event::Event;
 use crate::limits::Limits;
-use crate::merge::{json_size, merged_size};
+use crate::limits::PATCH_DEPTH_MAX;
+use crate::merge::{json_depth, json_size, merged_size};
 use crate::names::{AgentName, validate_labels};
 use crate::rejection::Rejection;
 use crate::state::{AgentRecord, State};
@@ -25,6 +26,11 @@ pub(crate) fn decide(
             }
             if !patch.is_object() {
                 return Err(Rejection::PatchNotObject { got: json_kind(patch) });
+            }
+            let depth = json_depth(patch);
+            let depth_max = limits.patch_depth_max.min(PATCH_DEPTH_MAX);
+            if depth > depth_max {
+                return Err(Rejection::PatchTooDeep { depth, max: depth_max });
             }
             let patch_size = json_size(patch);
             if patch_size > limits.patch_bytes_max {

@@ -26,8 +26,8 @@ mod state;
 
 pub use command::{Command, Hello, RollbackTarget};
 pub use event::Event;
-pub use limits::Limits;
-pub use merge::{json_size, merge_patch, merged_size};
+pub use limits::{Limits, PATCH_DEPTH_MAX};
+pub use merge::{json_depth, json_size, merge_patch, merged_size};
 pub use names::{AgentName, NameError, PointName, RoleName, validate_labels};
 pub use rejection::Rejection;
 pub use state::{AgentRecord, RecoveryPoint, State};

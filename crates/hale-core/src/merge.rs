@@ -80,6 +80,15 @@ impl std::io::Write for Count {
     }
 }
 
+/// How deeply `value` nests: 0 for a scalar, 1 for an empty or flat array or object.
+pub fn json_depth(value: &Value) -> usize {
+    match value {
+        Value::Array(items) => 1 + items.iter().map(json_depth).max().unwrap_or(0),
+        Value::Object(members) => 1 + members.values().map(json_depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 /// The length of `value` serialized as compact JSON, computed without allocating it.
 pub fn json_size(value: &Value) -> usize {
     let mut count = Count(0);

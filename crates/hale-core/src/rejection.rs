@@ -33,6 +33,9 @@ pub enum Rejection {
     /// A checkpoint patch over `patch_bytes_max`.
     #[error("the patch is {size} bytes; the limit is {max} bytes (limits.patch_bytes_max): send smaller increments")]
     PatchTooLarge { size: usize, max: usize },
+    /// A checkpoint patch nested deeper than `patch_depth_max`.
+    #[error("the patch nests {depth} levels deep; the limit is {max} (limits.patch_depth_max): flatten it")]
+    PatchTooDeep { depth: usize, max: usize },
     /// The state after folding the patch would exceed `state_bytes_max`.
     #[error(
         "the state would grow to {size} bytes; the limit is {max} bytes (limits.state_bytes_max): delete members with null or keep bulk data elsewhere"
@@ -67,6 +70,7 @@ impl Rejection {
             Rejection::UnknownIncarnation { .. } => "unknown_incarnation",
             Rejection::PatchNotObject { .. } => "patch_not_object",
             Rejection::PatchTooLarge { .. } => "patch_too_large",
+            Rejection::PatchTooDeep { .. } => "patch_too_deep",
             Rejection::StateTooLarge { .. } => "state_too_large",
             Rejection::VersionConflict { .. } => "version_conflict",
             Rejection::UnknownRecoveryPoint { .. } => "unknown_recovery_point",

@@ -98,6 +98,23 @@ fn size_limits_refuse_and_change_nothing() {
 }
 
 #[test]
+fn deep_patches_are_refused_before_they_reach_the_log() {
+    let mut core = started("a");
+    let mut deep = json!(1);
+    for _ in 0..PATCH_DEPTH_MAX {
+        deep = json!({ "d": deep });
+    }
+    assert_eq!(json_depth(&deep), PATCH_DEPTH_MAX);
+    core.execute(&checkpoint("a", 1, deep.clone()), T).unwrap();
+    let refused = core.execute(&checkpoint("a", 1, json!({ "d": deep })), T).unwrap_err();
+    assert_eq!(refused, Rejection::PatchTooDeep { depth: PATCH_DEPTH_MAX + 1, max: PATCH_DEPTH_MAX });
+    // The deepest state still round-trips through JSON inside a snapshot's envelope.
+    let bytes = serde_json::to_vec(core.state()).unwrap();
+    let back: State = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(&back, core.state());
+}
+
+#[test]
 fn expected_version_detects_conflicts() {
     let mut core = started("a");
     let command =

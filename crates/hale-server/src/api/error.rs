@@ -40,7 +40,9 @@ impl From<NameError> for ApiError {
 impl From<Rejection> for ApiError {
     fn from(rejection: Rejection) -> ApiError {
         let status = match &rejection {
-            Rejection::InvalidName(_) | Rejection::PatchNotObject { .. } => StatusCode::BAD_REQUEST,
+            Rejection::InvalidName(_) | Rejection::PatchNotObject { .. } | Rejection::PatchTooDeep { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             Rejection::UnknownAgent { .. } | Rejection::UnknownRecoveryPoint { .. } => StatusCode::NOT_FOUND,
             Rejection::NotStarted { .. }
             | Rejection::StaleIncarnation { .. }

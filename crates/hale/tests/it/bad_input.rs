@@ -29,6 +29,11 @@ async fn next_frame(socket: &mut Socket) -> Option<Value> {
     }
 }
 
+/// `{"d": {"d": … 1}}`, `depth` objects deep.
+pub fn nested(depth: usize) -> Value {
+    (0..depth).fold(json!(1), |inner, _| json!({ "d": inner }))
+}
+
 fn text(value: Value) -> Message {
     Message::text(value.to_string())
 }
@@ -60,6 +65,7 @@ async fn bad_frames_get_typed_errors_and_change_nothing() {
         (text(json!({"type": "teleport", "id": 4})), "unknown_frame_type"),
         (text(json!({"type": "checkpoint", "id": 5, "patch": {"x": "y".repeat(2_000)}})), "patch_too_large"),
         (text(json!({"type": "checkpoint", "id": 6, "patch": [1, 2]})), "patch_not_object"),
+        (text(json!({"type": "checkpoint", "id": 14, "patch": nested(100)})), "patch_too_deep"),
         (text(json!({"type": "checkpoint", "id": 7, "patch": {}, "extra": true})), "bad_frame"),
         (text(json!({"type": "recovery_point", "id": 8, "name": "../../etc"})), "invalid_name"),
         (text(json!({"type": "rollback", "id": 10, "to": {"version": 99}})), "version_not_retained"),

@@ -23,6 +23,10 @@ async fn checkpoint_recovery_point_rollback_and_resume_after_restart() {
     assert_eq!(back.state, json!({"plan": "outline", "files": {"a.rs": 1}}));
     let conflict = agent.checkpoint_expecting(json!({"x": 1}), 1).await.unwrap_err();
     assert_eq!(conflict.code(), Some("version_conflict"));
+    // The deepest patch accepted must still decode from the log and from snapshots.
+    let deepest = crate::bad_input::nested(hale_core::PATCH_DEPTH_MAX);
+    assert_eq!(agent.checkpoint(json!({"deep": deepest["d"].clone()})).await.unwrap(), 4);
+    agent.checkpoint(json!({"deep": null})).await.unwrap();
 
     let admin = Admin::new(&hale.http_url());
     let agents = admin.agents().await.unwrap();
@@ -41,10 +45,13 @@ async fn checkpoint_recovery_point_rollback_and_resume_after_restart() {
     let agent =
         Agent::connect(&hale.ws_url(), AgentOptions::new("writer-1", "writer").label("zone", "eu")).await.unwrap();
     let welcome = agent.resume().await.unwrap();
-    assert_eq!((welcome.incarnation, welcome.version, welcome.resumed), (2, 3, false));
+    assert_eq!((welcome.incarnation, welcome.version, welcome.resumed), (2, 5, false));
     assert_eq!(welcome.state, json!({"plan": "outline", "files": {"a.rs": 1}}));
     assert_eq!(welcome.recovery_points.len(), 1);
-    assert_eq!(welcome.history, [0, 1, 2, 3]);
+    assert_eq!(welcome.history, [0, 1, 2, 3, 4, 5]);
+    // verify replays the whole log, deep patch included.
+    let (code, out, _) = support::hale(&["verify", "--data", temp.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
     assert!(hale.stderr().contains("hale is ready"));
 }
 
