@@ -65,7 +65,7 @@ impl Agent {
     pub async fn connect(url: &str, options: AgentOptions) -> Result<Agent, ClientError> {
         let endpoint = format!("{}{SESSION_PATH}", url.trim_end_matches('/'));
         // Small reads: tungstenite zero-fills its whole read buffer before each read.
-        let config = WebSocketConfig::default().read_buffer_size(16 * 1024);
+        let config = WebSocketConfig::default().read_buffer_size(4 * 1024);
         let (socket, _) = tokio_tungstenite::connect_async_with_config(&endpoint, Some(config), true)
             .await
             .map_err(|error| ClientError::Connect { url: endpoint.clone(), reason: error.to_string() })?;

@@ -220,7 +220,7 @@ impl EngineTask {
             return (Err(WriteError::Failed(reason).into()), Vec::new());
         }
         let now = clock::now();
-        let events = match self.core.execute(&command, now) {
+        let events = match self.core.decide(&command, now) {
             Ok(events) => events,
             Err(rejection) => return (Err(rejection.into()), Vec::new()),
         };
@@ -233,12 +233,17 @@ impl EngineTask {
             })
             .collect();
         self.events_since_snapshot += records.len() as u64;
+        let facts = Facts::of(&events);
+        // Encoded already: the events' parts can move into the state.
+        for event in events {
+            self.core.apply_owned(now, event);
+        }
         let record = self
             .core
             .state()
             .agent(command.agent().as_str())
             .expect("a successful command leaves its agent registered");
-        (Ok(respond(&command, &events, record)), records)
+        (Ok(respond(&command, facts, record)), records)
     }
 
     /// Starts a snapshot if the policy says so (or `force`) and none is being written.
@@ -291,13 +296,32 @@ fn closed_ack() -> AppendAck {
     done
 }
 
-/// The answer to a command that succeeded, from the state after its events.
-fn respond(command: &Command, events: &[Event], record: &AgentRecord) -> Response {
-    match command {
-        Command::Hello(_) => {
-            let resumed = !events.iter().any(|event| matches!(event, Event::IncarnationStarted { .. }));
-            Response::Welcome(Box::new(welcome(record, resumed)))
+/// What an answer needs from the events of a command, read before they are applied.
+struct Facts {
+    /// A hello resumed the run it named (it started no new incarnation).
+    resumed: bool,
+    /// The version a rollback returned to.
+    target_version: Option<u64>,
+}
+
+impl Facts {
+    fn of(events: &[Event]) -> Facts {
+        let mut facts = Facts { resumed: true, target_version: None };
+        for event in events {
+            match event {
+                Event::IncarnationStarted { .. } => facts.resumed = false,
+                Event::RolledBack { target_version, .. } => facts.target_version = Some(*target_version),
+                _ => {}
+            }
         }
+        facts
+    }
+}
+
+/// The answer to a command that succeeded, from the state after its events.
+fn respond(command: &Command, facts: Facts, record: &AgentRecord) -> Response {
+    match command {
+        Command::Hello(_) => Response::Welcome(Box::new(welcome(record, facts.resumed))),
         Command::Checkpoint { .. } => Response::Checkpointed { version: record.version() },
         Command::MarkRecoveryPoint { name, .. } => {
             let point = &record.recovery_points[name];
@@ -308,10 +332,7 @@ fn respond(command: &Command, events: &[Event], record: &AgentRecord) -> Respons
             })
         }
         Command::Rollback { .. } => {
-            let target_version = match events.first() {
-                Some(Event::RolledBack { target_version, .. }) => *target_version,
-                _ => unreachable!("a rollback emits RolledBack"),
-            };
+            let target_version = facts.target_version.expect("a rollback emits RolledBack");
             Response::RolledBack(RolledBack {
                 version: record.version(),
                 target_version,

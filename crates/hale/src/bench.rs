@@ -33,6 +33,10 @@ pub struct BenchArgs {
     /// network stack.
     #[arg(long, value_enum, default_value_t = Transport::Websocket)]
     transport: Transport,
+    /// durable-append: drive an already running hale at this WebSocket URL (e.g.
+    /// ws://127.0.0.1:7700) instead of starting one in this process.
+    #[arg(long)]
+    server: Option<String>,
     /// replay: events in the log to recover.
     #[arg(long, default_value_t = 1_000_000)]
     events: u64,
@@ -103,28 +107,42 @@ async fn durable_append(args: &BenchArgs) -> Result<Value> {
     if args.agents == 0 || args.in_flight == 0 || args.seconds <= 0.0 {
         bail!("--agents, --in-flight and --seconds must be positive");
     }
+    // Either a hale this process starts on a temporary directory, or one given by --server.
     let dir = temp_dir(args)?;
-    let mut config = ServerConfig::new(dir.path(), "127.0.0.1:0".parse()?);
-    config.snapshot_every_events = 1_000_000;
-    let server = hale_server::start(config).await?;
-    let url = format!("ws://{}", server.local_addr());
+    let server = match &args.server {
+        Some(_) if args.transport == Transport::Engine => {
+            bail!("--transport engine needs the in-process server; drop --server")
+        }
+        Some(_) => None,
+        None => {
+            let mut config = ServerConfig::new(dir.path(), "127.0.0.1:0".parse()?);
+            config.snapshot_every_events = 1_000_000;
+            Some(hale_server::start(config).await?)
+        }
+    };
+    let url = match (&args.server, &server) {
+        (Some(url), _) => url.clone(),
+        (None, Some(server)) => format!("ws://{}", server.local_addr()),
+        (None, None) => unreachable!("a server was started"),
+    };
+    let where_ =
+        if server.is_some() { format!("in this process, data in {}", dir.path().display()) } else { "external".into() };
     eprintln!(
-        "durable-append: {} agents x {} in flight, {} s measured after 1 s warm-up, server in this process on {url}, data in {}",
-        args.agents,
-        args.in_flight,
-        args.seconds,
-        dir.path().display()
+        "durable-append: {} agents x {} in flight, {} s measured after 1 s warm-up, server {where_} at {url}",
+        args.agents, args.in_flight, args.seconds,
     );
+    let run = format!("{}", std::process::id());
 
     let mut agents = Vec::with_capacity(args.agents);
     for index in 0..args.agents {
         agents.push(match args.transport {
             Transport::Websocket => {
-                let agent = Agent::connect(&url, AgentOptions::new(format!("bench-{index}"), "bench")).await?;
+                let agent = Agent::connect(&url, AgentOptions::new(format!("bench-{run}-{index}"), "bench")).await?;
                 agent.resume().await?;
                 Writer::Session(agent)
             }
             Transport::Engine => {
+                let server = server.as_ref().expect("checked above");
                 let name = AgentName::new(format!("bench-{index}"))?;
                 let hello = Hello {
                     agent: name.clone(),
@@ -167,7 +185,9 @@ async fn durable_append(args: &BenchArgs) -> Result<Value> {
         latencies_us.extend(joined.context("a bench worker panicked")??);
     }
     drop(agents);
-    server.shutdown().await?;
+    if let Some(server) = server {
+        server.shutdown().await?;
+    }
     latencies_us.sort_unstable();
     let ops = latencies_us.len() as u64;
     let seconds = args.seconds;
@@ -186,9 +206,10 @@ async fn durable_append(args: &BenchArgs) -> Result<Value> {
             "agents": args.agents,
             "in_flight_per_agent": args.in_flight,
             "patch": "{\"lane\":L,\"n\":N,\"note\":\"step done\"} (~40 bytes)",
-            "transport": match args.transport {
-                Transport::Websocket => "WebSocket on loopback, client and server in one process",
-                Transport::Engine => "none: the server's engine called in-process (no sockets, no JSON frames)",
+            "transport": match (args.transport, &args.server) {
+                (Transport::Websocket, Some(_)) => "WebSocket to an external hale (--server)",
+                (Transport::Websocket, None) => "WebSocket on loopback, client and server in one process",
+                (Transport::Engine, _) => "none: the server's engine called in-process (no sockets, no JSON frames)",
             },
             "durability": "SQLite WAL, synchronous=FULL: every ack after fsync",
             "warmup_s": 1,
