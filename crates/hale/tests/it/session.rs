@@ -133,3 +133,29 @@ fn a_second_server_on_the_same_data_is_refused() {
     let refused = support::serve_with(std::process::Command::new(support::HALE), temp.path(), &[]).err().unwrap();
     assert!(refused.contains("in use by another hale process"), "{refused}");
 }
+
+#[tokio::test]
+async fn snapshots_are_taken_by_time_while_running() {
+    let temp = tempfile::tempdir().unwrap();
+    let hale = serve(temp.path(), &["--snapshot-every-secs", "1", "--snapshot-every-events", "1000000"]);
+    let agent = Agent::connect(&hale.ws_url(), AgentOptions::new("t", "r")).await.unwrap();
+    agent.resume().await.unwrap();
+    agent.checkpoint(json!({"n": 1})).await.unwrap();
+    let snapshot_dir = temp.path().join("snapshots");
+    let snapshots = || -> Vec<String> {
+        let names = std::fs::read_dir(&snapshot_dir).unwrap().map(|entry| entry.unwrap().file_name());
+        let mut names: Vec<String> =
+            names.filter_map(|name| name.into_string().ok()).filter(|name| name.ends_with(".bin")).collect();
+        names.sort();
+        names
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while snapshots().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no snapshot within 20 s at --snapshot-every-secs 1");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Nothing new was logged since: no further snapshot is taken.
+    let taken = snapshots();
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    assert_eq!(taken, snapshots());
+}
