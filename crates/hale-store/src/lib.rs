@@ -27,7 +27,7 @@ mod writer;
 
 pub use data_dir::DataDir;
 pub use error::StoreError;
-pub use log::{Log, RowRecord};
+pub use log::Log;
 pub use record::{FORMAT, Record, RecordError};
 pub use recovery::{Recovered, RecoveryOptions, RecoveryReport, SkippedSnapshot, recover};
 pub use verify::{SnapshotCheck, VerifyReport, verify};

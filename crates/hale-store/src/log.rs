@@ -14,9 +14,6 @@ pub struct Log {
     conn: Connection,
 }
 
-/// A row as read back, before its checksum is checked.
-pub type RowRecord = Record;
-
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
     seq    INTEGER PRIMARY KEY,
