@@ -63,7 +63,7 @@ async fn after_a_failed_fsync_nothing_is_acknowledged_and_restart_recovers() {
     let (status, body) = hale.get("/readyz");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("log_unavailable"), "{body}");
-    assert!(hale.stderr().contains("log commit failed"), "{}", hale.stderr());
+    assert!(hale.stderr_shows("log commit failed"), "{}", hale.stderr());
     drop(agents);
     // SIGKILL hale itself (its pid is in the LOCK file), then strace.
     let lock = std::fs::read_to_string(temp.path().join("LOCK")).unwrap();

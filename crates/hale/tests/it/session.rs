@@ -52,7 +52,7 @@ async fn checkpoint_recovery_point_rollback_and_resume_after_restart() {
     // verify replays the whole log, deep patch included.
     let (code, out, _) = support::hale(&["verify", "--data", temp.path().to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
-    assert!(hale.stderr().contains("hale is ready"));
+    assert!(hale.stderr_shows("hale is ready"));
 }
 
 #[tokio::test]

@@ -40,7 +40,7 @@ pub fn serve_with(mut command: Command, data: &Path, extra: &[&str]) -> Result<H
     let stderr = Arc::new(Mutex::new(String::new()));
     let mut pipe = child.stderr.take().unwrap();
     let collected = stderr.clone();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         let mut buffer = [0u8; 4096];
         while let Ok(n) = pipe.read(&mut buffer) {
             if n == 0 {
@@ -53,8 +53,9 @@ pub fn serve_with(mut command: Command, data: &Path, extra: &[&str]) -> Result<H
     let mut line = String::new();
     stdout.read_line(&mut line).expect("reading hale's stdout");
     let Some(addr) = line.trim().strip_prefix("hale listening on ") else {
+        // hale exited: its stderr is closed, so the reader ends once it has read it all.
         let _ = child.wait();
-        std::thread::sleep(Duration::from_millis(50));
+        let _ = reader.join();
         return Err(stderr.lock().unwrap().clone());
     };
     let addr = addr.parse().expect("a socket address");
@@ -77,6 +78,19 @@ impl Hale {
     /// What hale has written to stderr so far.
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits (up to 10 s) until hale's stderr contains `text`: it is read by another
+    /// thread, so a line hale wrote a moment ago may not have arrived yet.
+    pub fn stderr_shows(&self, text: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.stderr().contains(text) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
     }
 
     /// SIGKILL, and reap.
