@@ -28,12 +28,10 @@ impl Admin {
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let url = format!("{}{path}", self.base);
-        let response = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|error| ClientError::Connect { url: url.clone(), reason: error.to_string() })?;
+        let response = self.http.get(&url).send().await.map_err(|error| ClientError::Connect {
+            url: url.clone(),
+            reason: format!("{error}; is `hale serve` running there? (set --server or HALE_URL)"),
+        })?;
         let status = response.status();
         let bytes = response.bytes().await.map_err(|error| ClientError::Closed(error.to_string()))?;
         if status.is_success() {

@@ -15,7 +15,7 @@ fn main() {
     let code = match run(cli) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", describe(&error));
             1
         }
     };
@@ -28,4 +28,18 @@ fn run(cli: cli::Cli) -> Result<i32> {
     // Do not wait for detached blocking work (e.g. a stuck stdin reader) on the way out.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(code)
+}
+
+/// The error and its causes on one line, skipping a cause whose text an outer message
+/// already includes (library errors often repeat their source in their own message).
+fn describe(error: &anyhow::Error) -> String {
+    let mut message = error.to_string();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+    }
+    message
 }
