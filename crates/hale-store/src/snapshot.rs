@@ -56,7 +56,11 @@ pub enum SnapshotError {
 /// The snapshot files in `dir`, newest (highest sequence number) first.
 pub fn list(dir: &Path) -> Result<Vec<SnapshotFile>, StoreError> {
     let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(StoreError::io("list", dir))? {
+    let entries = match std::fs::read_dir(dir) {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+        entries => entries.map_err(StoreError::io("list", dir))?,
+    };
+    for entry in entries {
         let entry = entry.map_err(StoreError::io("list", dir))?;
         let name = entry.file_name();
         let Some(seq) = name
@@ -179,6 +183,12 @@ mod tests {
             damaged[index] ^= 0x40;
             assert!(decode(&damaged).is_err(), "flipping byte {index} went unnoticed");
         }
+    }
+
+    #[test]
+    fn a_missing_directory_holds_no_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(list(&dir.path().join("absent")).unwrap(), vec![]);
     }
 
     #[test]
