@@ -21,7 +21,9 @@ mod event;
 mod limits;
 mod merge;
 mod names;
+pub mod policy;
 mod rejection;
+mod rng;
 mod state;
 
 pub use command::{Command, Hello, RollbackTarget};
@@ -30,6 +32,7 @@ pub use limits::{Limits, PATCH_DEPTH_MAX};
 pub use merge::{json_depth, json_size, merge_patch, merged_size};
 pub use names::{AgentName, NameError, PointName, RoleName, validate_labels};
 pub use rejection::Rejection;
+pub use rng::Rng;
 pub use state::{AgentRecord, RecoveryPoint, State};
 
 use serde::{Deserialize, Serialize};
