@@ -33,9 +33,7 @@ impl ServerConfig {
     /// The defaults, for a data directory and a listen address.
     pub fn new(data_dir: impl Into<PathBuf>, listen: SocketAddr) -> Self {
         let limits = Limits::default();
-        // A frame must hold the largest patch plus the frame around it, and no more: the
-        // WebSocket library's own default (64 MiB) would let one client pin that much memory.
-        let frame_bytes_max = limits.patch_bytes_max * 2 + 64 * 1024;
+        let frame_bytes_max = frame_bytes_max(&limits);
         ServerConfig {
             data_dir: data_dir.into(),
             listen,
@@ -49,4 +47,20 @@ impl ServerConfig {
             session_in_flight_max: 1024,
         }
     }
+}
+
+impl ServerConfig {
+    /// Sets the core's limits and the frame and body limits that follow from them.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.frame_bytes_max = frame_bytes_max(&limits);
+        self.body_bytes_max = self.frame_bytes_max;
+        self.limits = limits;
+    }
+}
+
+/// A message must hold the largest patch plus the frame around it (escaping can double
+/// a string's size), and no more: the WebSocket library's own default (64 MiB) would let
+/// one client pin that much memory.
+fn frame_bytes_max(limits: &Limits) -> usize {
+    limits.patch_bytes_max.saturating_mul(2).saturating_add(64 * 1024)
 }

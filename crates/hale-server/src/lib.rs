@@ -10,6 +10,7 @@ pub mod api;
 mod clock;
 mod config;
 pub mod engine;
+pub mod manifest;
 mod sessions;
 
 pub use config::ServerConfig;

@@ -3,6 +3,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use hale_client::Admin;
 use hale_server::ServerConfig;
+use hale_server::manifest::Manifest;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -56,35 +57,45 @@ enum Commands {
         #[arg(long)]
         json: bool,
     },
+    /// Validate a hale.toml: unknown keys, bad values and inconsistencies are reported
+    /// with their line. Exits 1 if the file is refused.
+    Check {
+        #[arg(long, short = 'c', default_value = "hale.toml", env = "HALE_CONFIG")]
+        config: PathBuf,
+    },
     /// Measure hale on this machine: durable-append, replay.
     Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
-    /// The data directory: the log, snapshots and a lock.
-    #[arg(long, default_value = "hale-data", env = "HALE_DATA")]
-    data: PathBuf,
-    /// Address for WebSocket sessions and HTTP.
-    #[arg(long, default_value = "127.0.0.1:7700", env = "HALE_LISTEN")]
-    listen: SocketAddr,
+    /// hale.toml to read [server], [limits] and [snapshots] from; flags and HALE_*
+    /// variables override it.
+    #[arg(long, short = 'c', env = "HALE_CONFIG")]
+    config: Option<PathBuf>,
+    /// The data directory: the log, snapshots and a lock [default: hale-data].
+    #[arg(long, env = "HALE_DATA")]
+    data: Option<PathBuf>,
+    /// Address for WebSocket sessions and HTTP [default: 127.0.0.1:7700].
+    #[arg(long, env = "HALE_LISTEN")]
+    listen: Option<SocketAddr>,
     /// Start even if log records are damaged: set each aside (kept in the damaged_events
     /// table and reported), instead of refusing.
     #[arg(long)]
     repair: bool,
-    /// Snapshot after this many events.
-    #[arg(long, default_value_t = 10_000, env = "HALE_SNAPSHOT_EVERY_EVENTS")]
-    snapshot_every_events: u64,
-    /// Snapshot after this many seconds if anything was logged.
-    #[arg(long, default_value_t = 60, env = "HALE_SNAPSHOT_EVERY_SECS")]
-    snapshot_every_secs: u64,
-    /// Largest checkpoint patch, in bytes.
+    /// Snapshot after this many events [default: 10000].
+    #[arg(long, env = "HALE_SNAPSHOT_EVERY_EVENTS")]
+    snapshot_every_events: Option<u64>,
+    /// Snapshot after this many seconds if anything was logged [default: 60].
+    #[arg(long, env = "HALE_SNAPSHOT_EVERY_SECS")]
+    snapshot_every_secs: Option<u64>,
+    /// Largest checkpoint patch, in bytes [default: 262144].
     #[arg(long, env = "HALE_PATCH_BYTES_MAX")]
     patch_bytes_max: Option<usize>,
-    /// Largest agent state, in bytes.
+    /// Largest agent state, in bytes [default: 4194304].
     #[arg(long, env = "HALE_STATE_BYTES_MAX")]
     state_bytes_max: Option<usize>,
-    /// Versions of each agent's state kept for rollback.
+    /// Versions of each agent's state kept for rollback [default: 16].
     #[arg(long, env = "HALE_HISTORY_LEN")]
     history_len: Option<usize>,
 }
@@ -116,6 +127,17 @@ pub async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Commands::Verify { data, json } => verify(&data, json),
+        Commands::Check { config } => {
+            let manifest = Manifest::load(&config)?;
+            println!(
+                "{}: ok ({} agents, {} groups, {} roles)",
+                config.display(),
+                manifest.agents.len(),
+                manifest.groups.len(),
+                manifest.roles.len()
+            );
+            Ok(0)
+        }
         Commands::Bench(args) => bench::run(args).await,
     }
 }
@@ -132,26 +154,29 @@ fn http_base(server: &str) -> String {
 }
 
 async fn serve(args: ServeArgs) -> Result<i32> {
-    let mut config = ServerConfig::new(&args.data, args.listen);
+    let manifest = match &args.config {
+        Some(path) => Manifest::load(path)?,
+        None => Manifest::default(),
+    };
+    let data = args.data.or(manifest.server.data).unwrap_or_else(|| PathBuf::from("hale-data"));
+    let listen =
+        args.listen.or(manifest.server.listen).unwrap_or_else(|| "127.0.0.1:7700".parse().expect("a valid address"));
+    let mut limits = manifest.limits;
+    limits.patch_bytes_max = args.patch_bytes_max.unwrap_or(limits.patch_bytes_max);
+    limits.state_bytes_max = args.state_bytes_max.unwrap_or(limits.state_bytes_max);
+    limits.history_len = args.history_len.unwrap_or(limits.history_len);
+    if limits.history_len == 0 {
+        bail!("--history-len must be at least 1 (the current version)");
+    }
+    let mut config = ServerConfig::new(&data, listen);
+    config.set_limits(limits);
     config.repair = args.repair;
-    config.snapshot_every_events = args.snapshot_every_events;
-    config.snapshot_every = Duration::from_secs(args.snapshot_every_secs.max(1));
-    if let Some(max) = args.patch_bytes_max {
-        config.limits.patch_bytes_max = max;
-        config.frame_bytes_max = config.frame_bytes_max.max(max * 2 + 64 * 1024);
-        config.body_bytes_max = config.frame_bytes_max;
-    }
-    if let Some(max) = args.state_bytes_max {
-        config.limits.state_bytes_max = max;
-    }
-    if let Some(len) = args.history_len {
-        if len == 0 {
-            bail!("--history-len must be at least 1 (the current version)");
-        }
-        config.limits.history_len = len;
-    }
+    config.snapshot_every_events = args.snapshot_every_events.unwrap_or(manifest.snapshots.every_events);
+    config.snapshot_every =
+        Duration::from_secs(args.snapshot_every_secs.unwrap_or(manifest.snapshots.every_secs).max(1));
+    config.snapshots_kept = manifest.snapshots.kept.max(1);
     let server =
-        hale_server::start(config).await.with_context(|| format!("hale could not start on {}", args.data.display()))?;
+        hale_server::start(config).await.with_context(|| format!("hale could not start on {}", data.display()))?;
     let report = server.recovery();
     for skipped in &report.skipped_snapshots {
         tracing::warn!(seq = skipped.seq, path = %skipped.path.display(), reason = %skipped.reason, "skipped a snapshot");
@@ -166,7 +191,7 @@ async fn serve(args: ServeArgs) -> Result<i32> {
     println!("hale listening on {}", server.local_addr());
     tracing::info!(
         listen = %server.local_addr(),
-        data = %args.data.display(),
+        data = %data.display(),
         last_seq = server.recovered_seq(),
         snapshot = ?report.snapshot_seq,
         replayed = report.replayed,

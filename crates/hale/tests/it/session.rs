@@ -159,3 +159,28 @@ async fn snapshots_are_taken_by_time_while_running() {
     tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
     assert_eq!(taken, snapshots());
 }
+
+#[tokio::test]
+async fn hale_toml_is_checked_and_applied_with_flags_on_top() {
+    let temp = tempfile::tempdir().unwrap();
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../hale.example.toml");
+    let (code, out, err) = support::hale(&["check", "-c", example]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok (1 agents, 1 groups, 1 roles)"), "{out}");
+
+    let bad = temp.path().join("bad.toml");
+    std::fs::write(&bad, "[limits]\npatch_bytes_max = 100\nhistory = 3\n").unwrap();
+    let (code, _, err) = support::hale(&["check", "-c", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("line 3") && err.contains("history"), "{err}");
+
+    let good = temp.path().join("hale.toml");
+    std::fs::write(&good, "[server]\nlisten = \"127.0.0.1:1\"\n[limits]\npatch_bytes_max = 100\n").unwrap();
+    // --listen (given by `serve`) overrides [server] listen; [limits] applies.
+    let hale = serve(&temp.path().join("data"), &["-c", good.to_str().unwrap()]);
+    let agent = Agent::connect(&hale.ws_url(), AgentOptions::new("small", "r")).await.unwrap();
+    agent.resume().await.unwrap();
+    agent.checkpoint(json!({"x": 1})).await.unwrap();
+    let refused = agent.checkpoint(json!({"x": "y".repeat(200)})).await.unwrap_err();
+    assert_eq!(refused.code(), Some("patch_too_large"));
+}

@@ -1,0 +1,352 @@
+//! `hale.toml`: the server's settings and the agents, groups and roles hale supervises.
+//!
+//! Every field has a default except an agent's `name` and `command`. Unknown keys are an
+//! error that names the key and its line; so is anything that parses but makes no sense
+//! (an agent in a group that does not exist, a pool whose minimum exceeds its maximum…).
+//! `hale check -c hale.toml` runs exactly this validation. `hale serve -c` applies the
+//! `[server]`, `[limits]` and `[snapshots]` sections; the agents are run by `hale up`
+//! (issue 3), which is not built yet.
+
+use hale_core::policy::{Backoff, Intensity, PhiConfig};
+use hale_core::{AgentName, Limits, RoleName, validate_labels};
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// A parsed and validated `hale.toml`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Manifest {
+    pub server: ServerSection,
+    pub limits: Limits,
+    pub snapshots: SnapshotSection,
+    pub supervision: SupervisionSection,
+    #[serde(rename = "agent")]
+    pub agents: Vec<AgentSpec>,
+    #[serde(rename = "group")]
+    pub groups: Vec<GroupSpec>,
+    #[serde(rename = "role")]
+    pub roles: Vec<RoleSpec>,
+}
+
+/// `[server]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSection {
+    /// Data directory (default `hale-data`, relative to the working directory).
+    pub data: Option<PathBuf>,
+    /// Listen address (default `127.0.0.1:7700`).
+    pub listen: Option<SocketAddr>,
+}
+
+/// `[snapshots]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SnapshotSection {
+    pub every_events: u64,
+    pub every_secs: u64,
+    pub kept: usize,
+}
+
+impl Default for SnapshotSection {
+    fn default() -> Self {
+        SnapshotSection { every_events: 10_000, every_secs: 60, kept: 3 }
+    }
+}
+
+/// `[supervision]`: defaults for every managed agent.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SupervisionSection {
+    pub backoff: Backoff,
+    pub intensity: Intensity,
+    /// Between SIGTERM and SIGKILL when stopping an agent.
+    pub stop_grace_ms: u64,
+    pub detector: PhiConfig,
+}
+
+impl Default for SupervisionSection {
+    fn default() -> Self {
+        SupervisionSection {
+            backoff: Backoff::default(),
+            intensity: Intensity::default(),
+            stop_grace_ms: 5_000,
+            detector: PhiConfig::default(),
+        }
+    }
+}
+
+/// `[[agent]]`, and the `template` of a `[[role]]` (which has no `name`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentSpec {
+    pub name: Option<Spanned<String>>,
+    /// Defaults to the agent's name.
+    pub role: Option<String>,
+    pub command: Option<Spanned<String>>,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Working directory; relative paths are relative to the directory of hale.toml.
+    pub workdir: Option<PathBuf>,
+    pub restart: RestartPolicy,
+    pub criticality: Criticality,
+    pub group: Option<Spanned<String>>,
+    pub labels: BTreeMap<String, String>,
+    pub resources: Resources,
+    pub health: Option<HealthProbe>,
+}
+
+/// When a managed agent is restarted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Whatever way it stopped.
+    Always,
+    /// Unless it exited with status 0.
+    #[default]
+    OnFailure,
+    Never,
+}
+
+/// How closely an agent is watched: sets its expected heartbeat interval.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Criticality {
+    Critical,
+    #[default]
+    Normal,
+    Background,
+}
+
+impl Criticality {
+    /// The heartbeat interval an agent of this criticality is expected to keep.
+    pub fn heartbeat_interval_ms(self) -> u64 {
+        match self {
+            Criticality::Critical => 500,
+            Criticality::Normal => 1_000,
+            Criticality::Background => 5_000,
+        }
+    }
+}
+
+/// Resource limits, applied at spawn where the kernel allows and watched from /proc.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Resources {
+    pub memory_mb: Option<u64>,
+    /// Percent of one core, averaged over the detector's window.
+    pub cpu_percent: Option<u32>,
+    pub open_files: Option<u64>,
+}
+
+/// An optional HTTP health endpoint of the agent.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthProbe {
+    pub url: String,
+    #[serde(default = "default_probe_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "default_probe_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_probe_interval_ms() -> u64 {
+    5_000
+}
+
+fn default_probe_timeout_ms() -> u64 {
+    1_000
+}
+
+/// `[[group]]`: agents restarted together as OTP's supervisors do.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSpec {
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub strategy: Strategy,
+}
+
+/// What happens to the siblings when one agent of a group fails.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Only the failed agent is restarted.
+    #[default]
+    OneForOne,
+    /// Every agent of the group is restarted.
+    OneForAll,
+    /// The failed agent and those declared after it are restarted.
+    RestForOne,
+}
+
+/// `[[role]]`: a pool of interchangeable agents.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleSpec {
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub min: u32,
+    #[serde(default = "default_pool_max")]
+    pub max: u32,
+    /// How to start a new instance when the pool is below `min`.
+    pub template: Option<AgentSpec>,
+}
+
+fn default_pool_max() -> u32 {
+    1
+}
+
+/// Why a hale.toml was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// A syntax error, a key that does not exist, or a value of the wrong type.
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// Parsed, but inconsistent.
+    #[error("{path}, line {line}: {message}")]
+    Invalid { path: PathBuf, line: usize, message: String },
+}
+
+impl Manifest {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ManifestError::Read { path: path.to_path_buf(), source })?;
+        Manifest::parse(&text, path)
+    }
+
+    /// Parses and validates `text`, read from `path` (named in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<Manifest, ManifestError> {
+        let manifest: Manifest = toml::from_str(text)
+            .map_err(|error| ManifestError::Parse { path: path.to_path_buf(), message: error.to_string() })?;
+        manifest.validate(text).map_err(|(line, message)| ManifestError::Invalid {
+            path: path.to_path_buf(),
+            line,
+            message,
+        })?;
+        Ok(manifest)
+    }
+
+    fn validate(&self, text: &str) -> Result<(), (usize, String)> {
+        let line_of = |span: std::ops::Range<usize>| text[..span.start.min(text.len())].matches('\n').count() + 1;
+        let mut groups = BTreeSet::new();
+        for group in &self.groups {
+            let line = line_of(group.name.span());
+            check_name(group.name.get_ref(), "group", line)?;
+            if !groups.insert(group.name.get_ref().as_str()) {
+                return Err((line, format!("group {:?} is declared twice", group.name.get_ref())));
+            }
+        }
+        let mut agents = BTreeSet::new();
+        for (index, agent) in self.agents.iter().enumerate() {
+            let Some(name) = &agent.name else {
+                return Err((
+                    1,
+                    format!("agent number {} has no name; every [[agent]] needs name = \"...\"", index + 1),
+                ));
+            };
+            let line = line_of(name.span());
+            AgentName::new(name.get_ref().as_str()).map_err(|error| (line, error.to_string()))?;
+            if !agents.insert(name.get_ref().as_str()) {
+                return Err((line, format!("agent {:?} is declared twice", name.get_ref())));
+            }
+            check_process(agent, line, &format!("agent {:?}", name.get_ref()))?;
+            if let Some(group) = &agent.group
+                && !groups.contains(group.get_ref().as_str())
+            {
+                return Err((
+                    line_of(group.span()),
+                    format!(
+                        "agent {:?} is in group {:?}, which no [[group]] declares",
+                        name.get_ref(),
+                        group.get_ref()
+                    ),
+                ));
+            }
+        }
+        let mut roles = BTreeSet::new();
+        for role in &self.roles {
+            let line = line_of(role.name.span());
+            RoleName::new(role.name.get_ref().as_str()).map_err(|error| (line, error.to_string()))?;
+            if !roles.insert(role.name.get_ref().as_str()) {
+                return Err((line, format!("role {:?} is declared twice", role.name.get_ref())));
+            }
+            if role.min > role.max {
+                return Err((
+                    line,
+                    format!("role {:?}: min {} is more than max {}", role.name.get_ref(), role.min, role.max),
+                ));
+            }
+            match &role.template {
+                None if role.min > 0 => {
+                    return Err((
+                        line,
+                        format!(
+                            "role {:?} has min {} but no template to start instances from",
+                            role.name.get_ref(),
+                            role.min
+                        ),
+                    ));
+                }
+                None => {}
+                Some(template) => {
+                    if let Some(name) = &template.name {
+                        return Err((
+                            line_of(name.span()),
+                            "a role's template takes no name: instances are named after the role".into(),
+                        ));
+                    }
+                    check_process(template, line, &format!("the template of role {:?}", role.name.get_ref()))?;
+                }
+            }
+        }
+        if self.supervision.detector.suspect_threshold > self.supervision.detector.threshold {
+            return Err((1, "supervision.detector.suspect_threshold must not exceed threshold".into()));
+        }
+        if self.limits.history_len == 0 {
+            return Err((1, "limits.history_len must be at least 1 (the current version)".into()));
+        }
+        Ok(())
+    }
+}
+
+fn check_name(name: &str, kind: &str, line: usize) -> Result<(), (usize, String)> {
+    AgentName::new(name).map(|_| ()).map_err(|error| (line, format!("{kind} name: {error}")))
+}
+
+fn check_process(spec: &AgentSpec, line: usize, what: &str) -> Result<(), (usize, String)> {
+    match &spec.command {
+        None => return Err((line, format!("{what} has no command; say what to run, e.g. command = \"python3\""))),
+        Some(command) if command.get_ref().trim().is_empty() => {
+            return Err((line, format!("{what} has an empty command")));
+        }
+        Some(_) => {}
+    }
+    if let Some(role) = &spec.role {
+        RoleName::new(role.as_str()).map_err(|error| (line, format!("{what}: {error}")))?;
+    }
+    validate_labels(&spec.labels).map_err(|error| (line, format!("{what}: {error}")))?;
+    if spec.resources.memory_mb == Some(0)
+        || spec.resources.cpu_percent == Some(0)
+        || spec.resources.open_files == Some(0)
+    {
+        return Err((
+            line,
+            format!("{what}: a resource limit of 0 would stop it from running; leave the key out for no limit"),
+        ));
+    }
+    if let Some(health) = &spec.health
+        && !health.url.starts_with("http://")
+    {
+        return Err((line, format!("{what}: health.url must be an http:// URL, got {:?}", health.url)));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,83 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Manifest, ManifestError> {
+    Manifest::parse(text, Path::new("hale.toml"))
+}
+
+fn error(text: &str) -> String {
+    parse(text).expect_err("must be refused").to_string()
+}
+
+#[test]
+fn the_shipped_example_is_valid_and_means_what_it_says() {
+    let manifest = Manifest::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../hale.example.toml")).unwrap();
+    assert_eq!(manifest.agents.len(), 1);
+    let agent = &manifest.agents[0];
+    assert_eq!(agent.name.as_ref().unwrap().get_ref(), "code-generator-1");
+    assert_eq!((agent.restart, agent.criticality), (RestartPolicy::OnFailure, Criticality::Normal));
+    assert_eq!(agent.resources.memory_mb, Some(1024));
+    assert_eq!(manifest.groups[0].strategy, Strategy::OneForOne);
+    assert_eq!((manifest.roles[0].min, manifest.roles[0].max), (1, 3));
+    assert_eq!(manifest.roles[0].template.as_ref().unwrap().criticality, Criticality::Critical);
+    assert_eq!(manifest.limits, Limits::default());
+    assert_eq!(manifest.supervision.detector, PhiConfig::default());
+    assert_eq!(manifest.supervision.intensity, Intensity::default());
+}
+
+#[test]
+fn an_empty_file_is_all_defaults() {
+    let manifest = parse("").unwrap();
+    assert!(manifest.agents.is_empty());
+    assert_eq!(manifest.snapshots.every_events, 10_000);
+    assert_eq!(manifest.supervision.stop_grace_ms, 5_000);
+}
+
+#[test]
+fn unknown_keys_are_named_with_their_line() {
+    let message = error("[server]\nlisten = \"127.0.0.1:7700\"\ncolour = \"red\"\n");
+    assert!(message.contains("line 3"), "{message}");
+    assert!(message.contains("colour"), "{message}");
+    let message = error("[[agent]]\nname = \"a\"\ncommand = \"x\"\nrestrat = \"always\"\n");
+    assert!(message.contains("line 4") && message.contains("restrat"), "{message}");
+    let message = error("[limits]\npatch_bytes = 1\n");
+    assert!(message.contains("line 2") && message.contains("patch_bytes"), "{message}");
+}
+
+#[test]
+fn bad_values_say_what_is_allowed() {
+    let message = error("[[agent]]\nname = \"a\"\ncommand = \"x\"\nrestart = \"sometimes\"\n");
+    assert!(message.contains("line 4") && message.contains("on-failure"), "{message}");
+    let message = error("[server]\nlisten = \"nowhere\"\n");
+    assert!(message.contains("line 2"), "{message}");
+}
+
+#[test]
+fn inconsistent_files_are_refused_with_the_line() {
+    let cases = [
+        ("[[agent]]\nname = \"a\"\n", "line 2", "no command"),
+        ("[[agent]]\ncommand = \"x\"\n", "line 1", "no name"),
+        ("[[agent]]\nname = \"a b\"\ncommand = \"x\"\n", "line 2", "may only contain"),
+        (
+            "[[agent]]\nname = \"a\"\ncommand = \"x\"\n[[agent]]\nname = \"a\"\ncommand = \"y\"\n",
+            "line 5",
+            "declared twice",
+        ),
+        ("[[agent]]\nname = \"a\"\ncommand = \"x\"\ngroup = \"ghost\"\n", "line 4", "no [[group]]"),
+        ("[[role]]\nname = \"r\"\nmin = 3\nmax = 2\n", "line 2", "min 3 is more than max 2"),
+        ("[[role]]\nname = \"r\"\nmin = 1\n", "line 2", "no template"),
+        ("[[role]]\nname = \"r\"\ntemplate = { name = \"x\", command = \"y\" }\n", "line 3", "takes no name"),
+        ("[[agent]]\nname = \"a\"\ncommand = \"x\"\nresources = { memory_mb = 0 }\n", "line 2", "limit of 0"),
+        ("[[agent]]\nname = \"a\"\ncommand = \"x\"\nhealth = { url = \"ftp://x\" }\n", "line 2", "http://"),
+    ];
+    for (text, line, words) in cases {
+        let message = error(text);
+        assert!(message.contains(line) && message.contains(words), "{text:?} gave: {message}");
+    }
+}
+
+#[test]
+fn criticality_sets_the_heartbeat_interval() {
+    assert_eq!(Criticality::Critical.heartbeat_interval_ms(), 500);
+    assert_eq!(Criticality::Normal.heartbeat_interval_ms(), 1_000);
+    assert_eq!(Criticality::Background.heartbeat_interval_ms(), 5_000);
+}
