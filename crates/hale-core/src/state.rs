@@ -36,8 +36,9 @@ pub struct AgentRecord {
     version: u64,
     current: Arc<Value>,
     /// `(v, undo)`: applying `undo` to the state at `v` gives the state at the retained
-    /// version before `v`. Oldest first; versions ascend.
-    undo: VecDeque<(u64, Undo)>,
+    /// version before `v`. Oldest first; versions ascend. Shared, so cloning the state for
+    /// a snapshot copies pointers, not patches.
+    undo: VecDeque<(u64, Arc<Undo>)>,
     /// The retained version before the oldest undo entry (the oldest retained version).
     oldest: u64,
     /// Named versions, kept whatever the history bound drops.
@@ -184,7 +185,7 @@ impl AgentRecord {
 
     fn push_undo(&mut self, limits: &Limits, version: u64, undo: Undo) {
         self.version = version;
-        self.undo.push_back((version, undo));
+        self.undo.push_back((version, Arc::new(undo)));
         // `history_len` versions are retained: the current one and `history_len - 1` more.
         while self.undo.len() >= limits.history_len.max(1) {
             let (dropped, _) = self.undo.pop_front().expect("not empty");
