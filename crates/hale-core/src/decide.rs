@@ -74,12 +74,7 @@ pub(crate) fn decide(
                     (point.version, point.state.clone())
                 }
                 RollbackTarget::Version(version) => {
-                    let state = record.state_at(*version).ok_or_else(|| Rejection::VersionNotRetained {
-                        agent: agent.to_string(),
-                        version: *version,
-                        oldest: record.oldest_retained(),
-                        newest: record.version(),
-                    })?;
+                    let state = record.retained_state(*version)?;
                     (*version, state)
                 }
             };

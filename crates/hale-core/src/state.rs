@@ -3,6 +3,7 @@ use crate::event::Event;
 use crate::limits::Limits;
 use crate::merge::merge_patch;
 use crate::names::{AgentName, PointName, RoleName};
+use crate::rejection::Rejection;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, VecDeque};
@@ -176,6 +177,17 @@ impl AgentRecord {
             }
         }
         None
+    }
+
+    /// Like [`state_at`](AgentRecord::state_at), with the rejection a client gets when the
+    /// version is not retained.
+    pub fn retained_state(&self, version: u64) -> Result<Arc<Value>, Rejection> {
+        self.state_at(version).ok_or_else(|| Rejection::VersionNotRetained {
+            agent: self.name.to_string(),
+            version,
+            oldest: self.oldest_retained(),
+            newest: self.version(),
+        })
     }
 
     /// The retained version numbers, oldest first; the last is the current version.

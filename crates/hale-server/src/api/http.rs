@@ -121,12 +121,7 @@ async fn agent_state(
                 .agent(agent.as_str())
                 .ok_or_else(|| hale_core::Rejection::UnknownAgent { agent: agent.to_string() })?;
             let version = version.unwrap_or(record.version());
-            let at_version = record.state_at(version).ok_or_else(|| hale_core::Rejection::VersionNotRetained {
-                agent: agent.to_string(),
-                version,
-                oldest: record.oldest_retained(),
-                newest: record.version(),
-            })?;
+            let at_version = record.retained_state(version)?;
             Ok(AgentState {
                 agent: record.name.to_string(),
                 incarnation: record.incarnation,
