@@ -175,6 +175,9 @@ async fn serve(args: ServeArgs) -> Result<i32> {
     config.snapshot_every =
         Duration::from_secs(args.snapshot_every_secs.unwrap_or(manifest.snapshots.every_secs).max(1));
     config.snapshots_kept = manifest.snapshots.kept.max(1);
+    // Handlers first: a SIGTERM that arrives the moment we are listening must mean a clean
+    // stop, not the default action (which kills the process and fails its exit status).
+    let stop = StopSignals::install()?;
     let server =
         hale_server::start(config).await.with_context(|| format!("hale could not start on {}", data.display()))?;
     let report = server.recovery();
@@ -197,7 +200,7 @@ async fn serve(args: ServeArgs) -> Result<i32> {
         replayed = report.replayed,
         "hale is ready"
     );
-    shutdown_signal().await;
+    stop.received().await;
     tracing::info!("shutting down: closing sessions, taking a snapshot, flushing the log");
     match server.shutdown().await {
         Ok(()) => {
@@ -211,13 +214,27 @@ async fn serve(args: ServeArgs) -> Result<i32> {
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    let mut interrupt = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
+/// SIGTERM and SIGINT, caught from the moment of `install` (a signal that arrives before
+/// anyone awaits `received` is kept, not lost).
+struct StopSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            terminate: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+        })
+    }
+
+    async fn received(mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
     }
 }
 

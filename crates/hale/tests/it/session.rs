@@ -184,3 +184,15 @@ async fn hale_toml_is_checked_and_applied_with_flags_on_top() {
     let refused = agent.checkpoint(json!({"x": "y".repeat(200)})).await.unwrap_err();
     assert_eq!(refused.code(), Some("patch_too_large"));
 }
+
+/// A SIGTERM that arrives the moment hale says it listens is a clean stop (exit 0), not the
+/// default action of a signal nobody handles yet.
+#[test]
+fn sigterm_right_after_listening_is_a_clean_stop() {
+    for _ in 0..20 {
+        let temp = tempfile::tempdir().unwrap();
+        let hale = serve(temp.path(), &[]);
+        let status = hale.terminate();
+        assert!(status.success(), "{status:?}");
+    }
+}
