@@ -1,4 +1,6 @@
+use crate::liveness::Progress;
 use crate::names::{AgentName, PointName, RoleName};
+use crate::supervision::{Cause, ProcessRef, Supervision};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -24,6 +26,19 @@ pub enum Command {
     MarkRecoveryPoint { agent: AgentName, incarnation: u64, name: PointName },
     /// Make a new version whose state is that of an earlier version or recovery point.
     Rollback { agent: AgentName, incarnation: u64, target: RollbackTarget },
+    /// The shell read hale.toml: this agent is managed, supervised so.
+    Declare { agent: AgentName, role: RoleName, labels: BTreeMap<String, String>, supervision: Supervision },
+    /// Start a managed agent that was never started, or whose backoff is over.
+    StartManaged { agent: AgentName },
+    /// The shell spawned the process of a managed incarnation.
+    ProcessStarted { agent: AgentName, incarnation: u64, process: ProcessRef },
+    /// A detector (in the shell, or the core's own `tick`) found the incarnation down.
+    ReportDown { agent: AgentName, incarnation: u64, cause: Cause },
+    /// The operator's `hale restart`: restart now, and forget the restart window (this is
+    /// how a `failed` agent is revived).
+    Restart { agent: AgentName },
+    /// Log the progress of an incarnation (from `tick`, at a bounded rate).
+    RecordProgress { agent: AgentName, incarnation: u64, progress: Progress },
 }
 
 /// The `hello` of a session.
@@ -55,7 +70,13 @@ impl Command {
             Command::Hello(hello) => &hello.agent,
             Command::Checkpoint { agent, .. }
             | Command::MarkRecoveryPoint { agent, .. }
-            | Command::Rollback { agent, .. } => agent,
+            | Command::Rollback { agent, .. }
+            | Command::Declare { agent, .. }
+            | Command::StartManaged { agent }
+            | Command::ProcessStarted { agent, .. }
+            | Command::ReportDown { agent, .. }
+            | Command::Restart { agent }
+            | Command::RecordProgress { agent, .. } => agent,
         }
     }
 }

@@ -3,19 +3,85 @@ use crate::command::{Command, Hello, RollbackTarget};
 use crate::event::Event;
 use crate::limits::Limits;
 use crate::limits::PATCH_DEPTH_MAX;
+use crate::liveness::{PROGRESS_BYTES_MAX, Progress};
 use crate::merge::{json_depth, json_size, merged_size};
 use crate::names::{AgentName, validate_labels};
 use crate::rejection::Rejection;
 use crate::state::{AgentRecord, State};
+use crate::supervision::{self, Cause, ManagedStatus, RestartPlan};
 use serde_json::Value;
 
 pub(crate) fn decide(
     state: &State,
     limits: &Limits,
     command: &Command,
-    _now: Timestamp,
+    now: Timestamp,
+    seed: u64,
 ) -> Result<Vec<Event>, Rejection> {
     match command {
+        Command::Declare { agent, role, labels, supervision } => {
+            validate_labels(labels)?;
+            let unchanged = state.agent(agent.as_str()).is_some_and(|record| {
+                record.role == *role
+                    && record.labels == *labels
+                    && record.managed.as_ref().is_some_and(|managed| managed.spec == *supervision)
+            });
+            if unchanged {
+                return Ok(Vec::new());
+            }
+            Ok(vec![Event::AgentDeclared {
+                agent: agent.clone(),
+                role: role.clone(),
+                labels: labels.clone(),
+                supervision: supervision.clone(),
+            }])
+        }
+        Command::StartManaged { agent } => {
+            let record = managed(state, agent)?;
+            let status = &record.managed.as_ref().expect("checked by managed()").status;
+            let due = match status {
+                ManagedStatus::Declared => true,
+                ManagedStatus::Backoff { due, .. } => *due <= now,
+                _ => false,
+            };
+            if !due {
+                return Ok(Vec::new());
+            }
+            Ok(vec![Event::IncarnationStarted { agent: agent.clone(), incarnation: record.incarnation + 1 }])
+        }
+        Command::ProcessStarted { agent, incarnation, process } => {
+            let record = managed(state, agent)?;
+            let starting = record.managed.as_ref().is_some_and(|managed| managed.status == ManagedStatus::Starting);
+            if *incarnation != record.incarnation || !starting {
+                // A spawn that a newer decision overtook: nothing to record.
+                return Ok(Vec::new());
+            }
+            Ok(vec![Event::ProcessStarted { agent: agent.clone(), incarnation: *incarnation, process: *process }])
+        }
+        Command::ReportDown { agent, incarnation, cause } => decide_down(state, agent, *incarnation, cause, now, seed),
+        Command::Restart { agent } => {
+            let record = managed(state, agent)?;
+            let managed = record.managed.as_ref().expect("checked by managed()");
+            let mut events = vec![Event::RestartRequested { agent: agent.clone() }];
+            if managed.is_live() && record.down.as_ref().is_none_or(|down| down.incarnation != record.incarnation) {
+                events.push(Event::AgentDown {
+                    agent: agent.clone(),
+                    incarnation: record.incarnation,
+                    cause: Cause::Operator,
+                });
+            }
+            events.push(Event::IncarnationStarted { agent: agent.clone(), incarnation: record.incarnation + 1 });
+            Ok(events)
+        }
+        Command::RecordProgress { agent, incarnation, progress } => {
+            running(state, agent, *incarnation)?;
+            check_progress(progress)?;
+            Ok(vec![Event::ProgressReported {
+                agent: agent.clone(),
+                incarnation: *incarnation,
+                progress: progress.clone(),
+            }])
+        }
         Command::Hello(hello) => decide_hello(state, hello),
         Command::Checkpoint { agent, incarnation, patch, expected_version } => {
             let record = running(state, agent, *incarnation)?;
@@ -97,7 +163,18 @@ fn decide_hello(state: &State, hello: &Hello) -> Result<Vec<Event>, Rejection> {
     let incarnation = current.map_or(0, |record| record.incarnation);
     let start_new_run = match hello.incarnation {
         None => true,
-        Some(given) if given == incarnation && given > 0 => false,
+        Some(given) if given == incarnation && given > 0 => {
+            if let Some(down) = current.and_then(|record| record.down.as_ref())
+                && down.incarnation == given
+            {
+                return Err(Rejection::IncarnationDown {
+                    agent: hello.agent.to_string(),
+                    incarnation: given,
+                    cause: down.cause.to_string(),
+                });
+            }
+            false
+        }
         Some(given) if given < incarnation => {
             return Err(Rejection::StaleIncarnation { agent: hello.agent.to_string(), given, current: incarnation });
         }
@@ -119,7 +196,7 @@ fn decide_hello(state: &State, hello: &Hello) -> Result<Vec<Event>, Rejection> {
 }
 
 /// The agent, if it exists and `incarnation` is its current run.
-fn running<'s>(state: &'s State, agent: &AgentName, incarnation: u64) -> Result<&'s AgentRecord, Rejection> {
+pub(crate) fn running<'s>(state: &'s State, agent: &AgentName, incarnation: u64) -> Result<&'s AgentRecord, Rejection> {
     let record = state.agent(agent.as_str()).ok_or_else(|| Rejection::UnknownAgent { agent: agent.to_string() })?;
     if record.incarnation == 0 {
         return Err(Rejection::NotStarted { agent: agent.to_string() });
@@ -138,7 +215,89 @@ fn running<'s>(state: &'s State, agent: &AgentName, incarnation: u64) -> Result<
             current: record.incarnation,
         });
     }
+    if let Some(down) = &record.down
+        && down.incarnation == incarnation
+    {
+        return Err(Rejection::IncarnationDown {
+            agent: agent.to_string(),
+            incarnation,
+            cause: down.cause.to_string(),
+        });
+    }
     Ok(record)
+}
+
+/// The agent, if hale.toml declares it.
+fn managed<'s>(state: &'s State, agent: &AgentName) -> Result<&'s AgentRecord, Rejection> {
+    let record = state.agent(agent.as_str()).ok_or_else(|| Rejection::UnknownAgent { agent: agent.to_string() })?;
+    if record.managed.is_none() {
+        return Err(Rejection::NotManaged { agent: agent.to_string() });
+    }
+    Ok(record)
+}
+
+/// An incarnation found down: log it with its cause and, for a managed agent, decide the
+/// restart (its own, and its group's). Reports about an incarnation that is no longer
+/// current, or already down, change nothing: detectors may race each other.
+fn decide_down(
+    state: &State,
+    agent: &AgentName,
+    incarnation: u64,
+    cause: &Cause,
+    now: Timestamp,
+    seed: u64,
+) -> Result<Vec<Event>, Rejection> {
+    let record = state.agent(agent.as_str()).ok_or_else(|| Rejection::UnknownAgent { agent: agent.to_string() })?;
+    let already_down = record.down.as_ref().is_some_and(|down| down.incarnation == incarnation);
+    if incarnation != record.incarnation || incarnation == 0 || already_down {
+        return Ok(Vec::new());
+    }
+    let mut events = vec![Event::AgentDown { agent: agent.clone(), incarnation, cause: cause.clone() }];
+    let Some(managed) = &record.managed else {
+        return Ok(events);
+    };
+    match supervision::plan_restart(managed, agent, incarnation, cause, now, seed) {
+        RestartPlan::None => {}
+        RestartPlan::GiveUp { restarts, window_ms } => {
+            events.push(Event::AgentFailed { agent: agent.clone(), restarts, window_ms });
+        }
+        RestartPlan::Restart { attempt, due } => {
+            events.push(Event::RestartScheduled { agent: agent.clone(), attempt, due });
+            if due <= now {
+                events.push(Event::IncarnationStarted { agent: agent.clone(), incarnation: incarnation + 1 });
+            }
+            if let Some(group) = &managed.spec.group {
+                for sibling in supervision::siblings(group, agent, state.managed()) {
+                    let sibling_incarnation = state.agent(sibling.as_str()).map_or(0, |record| record.incarnation);
+                    events.push(Event::AgentDown {
+                        agent: sibling.clone(),
+                        incarnation: sibling_incarnation,
+                        cause: Cause::SiblingFailed { sibling: agent.clone() },
+                    });
+                    events.push(Event::IncarnationStarted { agent: sibling, incarnation: sibling_incarnation + 1 });
+                }
+            }
+        }
+    }
+    Ok(events)
+}
+
+pub(crate) fn check_progress(progress: &Progress) -> Result<(), Rejection> {
+    if let Some(fraction) = progress.fraction
+        && !(0.0..=1.0).contains(&fraction)
+    {
+        return Err(Rejection::BadFraction { got: fraction.to_string() });
+    }
+    // Progress is logged, so it must decode again: the same depth bound as patches.
+    let depth = progress.fields.values().map(json_depth).max().unwrap_or(0) + 1;
+    if depth > PATCH_DEPTH_MAX {
+        return Err(Rejection::PatchTooDeep { depth, max: PATCH_DEPTH_MAX });
+    }
+    let size = serde_json::to_vec(progress).map_or(usize::MAX, |bytes| bytes.len());
+    if size > PROGRESS_BYTES_MAX {
+        return Err(Rejection::ProgressTooLarge { size, max: PROGRESS_BYTES_MAX });
+    }
+    Ok(())
 }
 
 fn json_kind(value: &Value) -> &'static str {

@@ -1,4 +1,7 @@
+use crate::Timestamp;
+use crate::liveness::Progress;
 use crate::names::{AgentName, PointName, RoleName};
+use crate::supervision::{Cause, ProcessRef, Supervision};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -24,6 +27,23 @@ pub enum Event {
     /// The state of `target_version` became the new `version`. The event carries that
     /// state, so replaying it never depends on how much history was retained.
     RolledBack { agent: AgentName, incarnation: u64, target_version: u64, version: u64, state: Value },
+    /// hale.toml declares the agent as managed (or changed how it is supervised).
+    AgentDeclared { agent: AgentName, role: RoleName, labels: BTreeMap<String, String>, supervision: Supervision },
+    /// The process of a managed incarnation was spawned: kept so that a restarted hale can
+    /// tell whether it is still the same process and adopt it.
+    ProcessStarted { agent: AgentName, incarnation: u64, process: ProcessRef },
+    /// A detector declared the incarnation down. Its writes are refused from now on.
+    AgentDown { agent: AgentName, incarnation: u64, cause: Cause },
+    /// A restart was decided: restart number `attempt` within the intensity window, due at
+    /// `due` (the time of the decision for the first, later ones after a backoff).
+    RestartScheduled { agent: AgentName, attempt: u32, due: Timestamp },
+    /// More than the allowed restarts within the window: no more restarts until the
+    /// operator asks. This is the escalation.
+    AgentFailed { agent: AgentName, restarts: u32, window_ms: u64 },
+    /// The operator asked for a restart, which also forgets the restart window.
+    RestartRequested { agent: AgentName },
+    /// Progress reported by heartbeats, logged when it changed and at a bounded rate.
+    ProgressReported { agent: AgentName, incarnation: u64, progress: Progress },
 }
 
 impl Event {
@@ -34,7 +54,14 @@ impl Event {
             | Event::IncarnationStarted { agent, .. }
             | Event::Checkpointed { agent, .. }
             | Event::RecoveryPointMarked { agent, .. }
-            | Event::RolledBack { agent, .. } => agent,
+            | Event::RolledBack { agent, .. }
+            | Event::AgentDeclared { agent, .. }
+            | Event::ProcessStarted { agent, .. }
+            | Event::AgentDown { agent, .. }
+            | Event::RestartScheduled { agent, .. }
+            | Event::AgentFailed { agent, .. }
+            | Event::RestartRequested { agent }
+            | Event::ProgressReported { agent, .. } => agent,
         }
     }
 
@@ -46,6 +73,13 @@ impl Event {
             Event::Checkpointed { .. } => "checkpointed",
             Event::RecoveryPointMarked { .. } => "recovery_point_marked",
             Event::RolledBack { .. } => "rolled_back",
+            Event::AgentDeclared { .. } => "agent_declared",
+            Event::ProcessStarted { .. } => "process_started",
+            Event::AgentDown { .. } => "agent_down",
+            Event::RestartScheduled { .. } => "restart_scheduled",
+            Event::AgentFailed { .. } => "agent_failed",
+            Event::RestartRequested { .. } => "restart_requested",
+            Event::ProgressReported { .. } => "progress_reported",
         }
     }
 }

@@ -17,25 +17,32 @@
 
 mod command;
 mod decide;
+mod effect;
 mod event;
 mod limits;
+mod liveness;
 mod merge;
 mod names;
 pub mod policy;
 mod rejection;
 mod rng;
 mod state;
+pub mod supervision;
 
 pub use command::{Command, Hello, RollbackTarget};
+pub use effect::Effect;
 pub use event::Event;
 pub use limits::{Limits, PATCH_DEPTH_MAX};
+pub use liveness::{Health, Liveness, LivenessSettings, PROGRESS_BYTES_MAX, Progress};
 pub use merge::{json_depth, json_size, merge_patch, merged_size};
 pub use names::{AgentName, NameError, PointName, RoleName, validate_labels};
 pub use rejection::Rejection;
 pub use rng::Rng;
-pub use state::{AgentRecord, RecoveryPoint, State};
+pub use state::{AgentRecord, Down, ProgressRecord, RecoveryPoint, State};
 
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, VecDeque};
+use supervision::{Cause, ManagedStatus};
 
 /// Milliseconds since the Unix epoch, as the shell read them from its clock.
 ///
@@ -44,15 +51,32 @@ use serde::{Deserialize, Serialize};
 #[serde(transparent)]
 pub struct Timestamp(pub u64);
 
-/// The state machine: the folded [`State`] plus the [`Limits`] that `decide` enforces.
+/// The state machine: the folded [`State`], the [`Limits`] that `decide` enforces, and the
+/// volatile liveness table.
 ///
-/// Inputs are commands (`decide`, `execute`) and events (`apply`); there are no outputs
-/// to drain yet. Limits are not part of the state: changing a limit never changes what a
-/// replay of the log produces, except for how much version history is retained.
+/// Inputs, each taking `now`:
+/// * commands: [`decide`](Core::decide), then [`apply_live`](Core::apply_live) of each
+///   event once it is numbered for the log ([`execute`](Core::execute) does both);
+/// * heartbeats: [`heartbeat`](Core::heartbeat), volatile;
+/// * time: [`tick`](Core::tick), which returns the commands that timers and detectors call
+///   for (due restarts, agents down or stalled, progress to log). The shell executes them
+///   like any other command.
+///
+/// Outputs: [`poll_effect`](Core::poll_effect) drains what the shell must do once the
+/// events that caused it are durable. Replay uses [`apply`](Core::apply) and produces no
+/// effects.
+///
+/// Limits are not part of the state: changing a limit never changes what a replay of the
+/// log produces, except for how much version history is retained.
 #[derive(Clone, Debug)]
 pub struct Core {
     state: State,
     limits: Limits,
+    /// Seeds the restart jitter (mixed with agent, incarnation and attempt).
+    seed: u64,
+    settings: LivenessSettings,
+    liveness: BTreeMap<AgentName, Liveness>,
+    effects: VecDeque<Effect>,
 }
 
 impl Core {
@@ -63,7 +87,24 @@ impl Core {
 
     /// A core that continues from a state restored from a snapshot.
     pub fn from_state(state: State, limits: Limits) -> Self {
-        Core { state, limits }
+        Core {
+            state,
+            limits,
+            seed: 0,
+            settings: LivenessSettings::default(),
+            liveness: BTreeMap::new(),
+            effects: VecDeque::new(),
+        }
+    }
+
+    /// Sets the seed of the restart jitter (the shell draws one at start).
+    pub fn set_seed(&mut self, seed: u64) {
+        self.seed = seed;
+    }
+
+    /// Sets the detector and progress settings.
+    pub fn set_liveness_settings(&mut self, settings: LivenessSettings) {
+        self.settings = settings;
     }
 
     /// The folded state.
@@ -84,7 +125,7 @@ impl Core {
     /// Checks `command` against the current state at time `now`; returns the events it
     /// causes (possibly none) or why it was refused. Changes nothing.
     pub fn decide(&self, command: &Command, now: Timestamp) -> Result<Vec<Event>, Rejection> {
-        decide::decide(&self.state, &self.limits, command, now)
+        decide::decide(&self.state, &self.limits, command, now, self.seed)
     }
 
     /// Folds one event, logged at `at`, into the state. Never fails: an event that made it
@@ -99,15 +140,196 @@ impl Core {
         self.state.apply(&self.limits, at, event);
     }
 
-    /// `decide`, then `apply` of every event it returned. The caller logs the events.
+    /// Folds an event decided live at `now`: queues the effects it calls for and keeps the
+    /// liveness table in step, then applies it.
+    pub fn apply_live(&mut self, now: Timestamp, event: Event) {
+        self.queue_effects(&event);
+        match &event {
+            Event::IncarnationStarted { agent, .. } | Event::AgentDown { agent, .. } => {
+                self.liveness.remove(agent);
+            }
+            Event::Checkpointed { agent, .. } | Event::RolledBack { agent, .. } => {
+                if let Some(live) = self.liveness.get_mut(agent) {
+                    live.last_checkpoint = now;
+                }
+            }
+            Event::ProgressReported { agent, progress, .. } => {
+                if let Some(live) = self.liveness.get_mut(agent) {
+                    live.progress_logged_at = Some(now);
+                    live.progress_unlogged = live.progress.as_ref() != Some(progress);
+                }
+            }
+            _ => {}
+        }
+        self.state.apply(&self.limits, now, event);
+    }
+
+    /// `decide`, then `apply_live` of every event it returned. The caller logs the events.
     pub fn execute(&mut self, command: &Command, now: Timestamp) -> Result<Vec<Event>, Rejection> {
         let events = self.decide(command, now)?;
         for event in &events {
-            self.apply(now, event);
+            self.apply_live(now, event.clone());
         }
         Ok(events)
     }
+
+    /// The next thing the shell must do, oldest first.
+    pub fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    fn queue_effects(&mut self, event: &Event) {
+        let managed = self.state.agent(event.agent().as_str()).and_then(|record| record.managed.as_ref());
+        match event {
+            Event::IncarnationStarted { agent, incarnation } => {
+                if *incarnation > 1 {
+                    self.effects.push_back(Effect::Fence { agent: agent.clone(), incarnation: incarnation - 1 });
+                }
+                if managed.is_some() {
+                    self.effects.push_back(Effect::Spawn { agent: agent.clone(), incarnation: *incarnation });
+                }
+            }
+            Event::AgentDown { agent, incarnation, cause } => {
+                if managed.is_some() && cause.process_may_live() {
+                    self.effects.push_back(Effect::Stop { agent: agent.clone(), incarnation: *incarnation });
+                }
+                self.effects.push_back(Effect::Fence { agent: agent.clone(), incarnation: *incarnation });
+            }
+            Event::AgentFailed { agent, restarts, window_ms } => {
+                self.effects.push_back(Effect::Escalate {
+                    agent: agent.clone(),
+                    restarts: *restarts,
+                    window_ms: *window_ms,
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// A heartbeat of `incarnation`, with the progress it reports. Volatile: changes only
+    /// the liveness table. Refused like a write if the incarnation is not the current one
+    /// or was declared down.
+    pub fn heartbeat(
+        &mut self,
+        now: Timestamp,
+        agent: &AgentName,
+        incarnation: u64,
+        progress: Option<Progress>,
+    ) -> Result<(), Rejection> {
+        let record = decide::running(&self.state, agent, incarnation)?;
+        if let Some(progress) = &progress {
+            decide::check_progress(progress)?;
+        }
+        let live = match self.liveness.get_mut(agent) {
+            Some(live) if live.incarnation == incarnation => live,
+            _ => {
+                let mut config = self.settings.detector.clone();
+                let mut stall = supervision::StallPolicy::default();
+                if let Some(managed) = &record.managed {
+                    config.first_interval_ms = managed.spec.criticality.heartbeat_interval_ms();
+                    stall = managed.spec.stall.clone();
+                }
+                let mut live = Liveness::new(incarnation, now, config, stall);
+                // The first beat of a run is logged at once: it makes the run watched, so
+                // a restarted hale knows to expect it back.
+                let watched = record.progress.as_ref().is_some_and(|logged| logged.incarnation == incarnation);
+                live.progress_unlogged = !watched;
+                self.liveness.entry(agent.clone()).insert_entry(live).into_mut()
+            }
+        };
+        live.beat(now, progress);
+        Ok(())
+    }
+
+    /// What timers and detectors call for at `now`: restarts whose backoff is over,
+    /// incarnations whose heartbeats stopped or whose progress stalled, progress to log.
+    /// A suspect agent is challenged (an effect), once per suspicion.
+    pub fn tick(&mut self, now: Timestamp) -> Vec<Command> {
+        let mut commands = Vec::new();
+        for (agent, managed) in self.state.managed() {
+            if let ManagedStatus::Backoff { due, .. } = managed.status
+                && due <= now
+            {
+                commands.push(Command::StartManaged { agent: agent.clone() });
+            }
+        }
+        let threshold = self.settings.detector.threshold;
+        let suspect_threshold = self.settings.detector.suspect_threshold;
+        for (agent, live) in &mut self.liveness {
+            let down = |cause| Command::ReportDown { agent: agent.clone(), incarnation: live.incarnation, cause };
+            if let Some(grace_until) = live.grace_until {
+                if now >= grace_until {
+                    let grace_ms = self.settings.reconnect_grace_ms;
+                    commands.push(down(Cause::NotReconnected { grace_ms }));
+                }
+                continue;
+            }
+            let phi = live.phi(now);
+            let silent_ms = now.0.saturating_sub(live.last_beat.0);
+            if phi >= threshold {
+                commands.push(down(Cause::HeartbeatsLost { silent_ms, phi: (phi * 10.0).round() / 10.0 }));
+                continue;
+            }
+            if let Some(beats) = live.stall.beats
+                && live.unchanged_beats >= beats
+            {
+                commands.push(down(Cause::StalledProgress { beats: live.unchanged_beats }));
+                continue;
+            }
+            if let Some(quiet_ms) = live.stall.quiet_ms
+                && now.0.saturating_sub(live.last_checkpoint.0) >= quiet_ms
+            {
+                commands.push(down(Cause::StalledCheckpoints { quiet_ms }));
+                continue;
+            }
+            if phi >= suspect_threshold && live.health == Health::Alive {
+                live.health = Health::Suspect;
+                self.effects.push_back(Effect::Challenge { agent: agent.clone(), incarnation: live.incarnation });
+            }
+            if live.progress_due(now, self.settings.progress_log_ms) {
+                commands.push(Command::RecordProgress {
+                    agent: agent.clone(),
+                    incarnation: live.incarnation,
+                    progress: live.progress.clone().unwrap_or_default(),
+                });
+                // Not logged yet, but asked for: do not ask again before it is.
+                live.progress_unlogged = false;
+            }
+        }
+        commands
+    }
+
+    /// After a restart of hale: every run that was heartbeating (its progress is in the
+    /// log) and is not down gets until `now` + the reconnect grace to beat again, and is
+    /// declared down if it does not.
+    pub fn begin_grace(&mut self, now: Timestamp) {
+        let grace_until = Timestamp(now.0.saturating_add(self.settings.reconnect_grace_ms));
+        for record in self.state.agents() {
+            let watched = record.progress.as_ref().is_some_and(|logged| logged.incarnation == record.incarnation);
+            let down = record.down.as_ref().is_some_and(|down| down.incarnation == record.incarnation);
+            if record.incarnation == 0 || !watched || down {
+                continue;
+            }
+            let mut config = self.settings.detector.clone();
+            let mut stall = supervision::StallPolicy::default();
+            if let Some(managed) = &record.managed {
+                config.first_interval_ms = managed.spec.criticality.heartbeat_interval_ms();
+                stall = managed.spec.stall.clone();
+            }
+            let mut live = Liveness::new(record.incarnation, now, config, stall);
+            live.health = Health::Reconnecting;
+            live.grace_until = Some(grace_until);
+            self.liveness.insert(record.name.clone(), live);
+        }
+    }
+
+    /// The liveness of an agent's current run, if it is watched.
+    pub fn liveness(&self, agent: &str) -> Option<&Liveness> {
+        self.liveness.get(agent)
+    }
 }
 
+#[cfg(test)]
+mod supervision_tests;
 #[cfg(test)]
 mod tests;

@@ -57,6 +57,22 @@ pub enum Rejection {
         "agent {agent:?} already holds {max} recovery points (limits.recovery_points_max); reuse a name to replace one"
     )]
     TooManyRecoveryPoints { agent: String, max: usize },
+    /// The incarnation was declared down (crashed, silent, stalled…): it is fenced off.
+    #[error(
+        "incarnation {incarnation} of agent {agent:?} was declared down ({cause}); this process must stop or say hello again without an incarnation"
+    )]
+    IncarnationDown { agent: String, incarnation: u64, cause: String },
+    /// An operation on managed agents (e.g. `hale restart`) named one hale.toml does not declare.
+    #[error(
+        "agent {agent:?} is not managed by hale (no [[agent]] in hale.toml declares it), so hale cannot restart it"
+    )]
+    NotManaged { agent: String },
+    /// A heartbeat's progress over [`PROGRESS_BYTES_MAX`](crate::PROGRESS_BYTES_MAX).
+    #[error("the progress report is {size} bytes; the limit is {max}: keep bulk data in checkpoints")]
+    ProgressTooLarge { size: usize, max: usize },
+    /// A progress fraction outside 0..=1.
+    #[error("progress.fraction must be between 0 and 1, got {got}")]
+    BadFraction { got: String },
 }
 
 impl Rejection {
@@ -76,6 +92,10 @@ impl Rejection {
             Rejection::UnknownRecoveryPoint { .. } => "unknown_recovery_point",
             Rejection::VersionNotRetained { .. } => "version_not_retained",
             Rejection::TooManyRecoveryPoints { .. } => "too_many_recovery_points",
+            Rejection::IncarnationDown { .. } => "incarnation_down",
+            Rejection::NotManaged { .. } => "not_managed",
+            Rejection::ProgressTooLarge { .. } => "progress_too_large",
+            Rejection::BadFraction { .. } => "bad_fraction",
         }
     }
 }

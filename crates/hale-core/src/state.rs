@@ -1,9 +1,11 @@
 use crate::Timestamp;
 use crate::event::Event;
 use crate::limits::Limits;
+use crate::liveness::Progress;
 use crate::merge::merge_patch;
 use crate::names::{AgentName, PointName, RoleName};
 use crate::rejection::Rejection;
+use crate::supervision::{self, Cause, Managed, ManagedStatus};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, VecDeque};
@@ -44,6 +46,32 @@ pub struct AgentRecord {
     oldest: u64,
     /// Named versions, kept whatever the history bound drops.
     pub recovery_points: BTreeMap<PointName, RecoveryPoint>,
+    /// Set when hale.toml declares the agent: hale runs its process.
+    #[serde(default)]
+    pub managed: Option<Managed>,
+    /// Set when the current incarnation was declared down, and why.
+    #[serde(default)]
+    pub down: Option<Down>,
+    /// The last progress logged, and by which incarnation. An incarnation that has
+    /// reported progress is watched by the heartbeat detector.
+    #[serde(default)]
+    pub progress: Option<ProgressRecord>,
+}
+
+/// Why and when an incarnation was declared down.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Down {
+    pub incarnation: u64,
+    pub cause: Cause,
+    pub at: Timestamp,
+}
+
+/// Progress as last logged.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProgressRecord {
+    pub incarnation: u64,
+    pub progress: Progress,
+    pub at: Timestamp,
 }
 
 /// How to go back one version.
@@ -86,25 +114,30 @@ impl State {
         self.agents.values()
     }
 
+    /// Every managed agent, in name order.
+    pub(crate) fn managed(&self) -> impl Iterator<Item = (&AgentName, &Managed)> {
+        self.agents.iter().filter_map(|(name, record)| record.managed.as_ref().map(|managed| (name, managed)))
+    }
+
     pub(crate) fn apply(&mut self, limits: &Limits, at: Timestamp, event: Event) {
-        if let Event::AgentRegistered { agent, role, labels } = event {
-            let record = self.agents.entry(agent.clone()).or_insert_with(|| AgentRecord {
-                name: agent.clone(),
-                role: role.clone(),
-                labels: labels.clone(),
-                incarnation: 0,
-                registered_at: at,
-                updated_at: at,
-                version: 0,
-                current: Arc::new(Value::Object(Map::new())),
-                undo: VecDeque::new(),
-                oldest: 0,
-                recovery_points: BTreeMap::new(),
-            });
-            record.role = role;
-            record.labels = labels;
-            record.updated_at = at;
-            return;
+        match event {
+            Event::AgentRegistered { agent, role, labels } => {
+                let record = self.register(&agent, at);
+                record.role = role;
+                record.labels = labels;
+                return;
+            }
+            Event::AgentDeclared { agent, role, labels, supervision } => {
+                let record = self.register(&agent, at);
+                record.role = role;
+                record.labels = labels;
+                match &mut record.managed {
+                    Some(managed) => managed.spec = supervision,
+                    None => record.managed = Some(Managed::new(supervision)),
+                }
+                return;
+            }
+            _ => {}
         }
         // `decide` only emits events about registered agents, so a miss here means the
         // registration was set aside by `--repair`. `apply` cannot fail: it skips the event.
@@ -113,8 +146,82 @@ impl State {
         };
         record.updated_at = at;
         match event {
-            Event::AgentRegistered { .. } => unreachable!("handled above"),
-            Event::IncarnationStarted { incarnation, .. } => record.incarnation = incarnation,
+            Event::AgentRegistered { .. } | Event::AgentDeclared { .. } => unreachable!("handled above"),
+            Event::IncarnationStarted { incarnation, .. } => {
+                record.incarnation = incarnation;
+                record.down = None;
+                if let Some(managed) = &mut record.managed {
+                    managed.status = ManagedStatus::Starting;
+                    managed.process = None;
+                }
+            }
+            Event::ProcessStarted { incarnation, process, .. } => {
+                if let Some(managed) = &mut record.managed
+                    && incarnation == record.incarnation
+                {
+                    managed.process = Some(process);
+                    managed.status = ManagedStatus::Running;
+                }
+            }
+            Event::AgentDown { incarnation, cause, .. } => {
+                if let Some(managed) = &mut record.managed {
+                    managed.process = None;
+                    managed.status = ManagedStatus::Stopped;
+                }
+                record.down = Some(Down { incarnation, cause, at });
+            }
+            Event::RestartScheduled { attempt, due, .. } => {
+                if let Some(managed) = &mut record.managed {
+                    let intensity = managed.spec.intensity.clone();
+                    supervision::admit(managed, at, &intensity);
+                    managed.status = ManagedStatus::Backoff { due, attempt };
+                }
+            }
+            Event::AgentFailed { restarts, window_ms, .. } => {
+                if let Some(managed) = &mut record.managed {
+                    managed.status = ManagedStatus::Failed { restarts, window_ms };
+                }
+            }
+            Event::RestartRequested { .. } => {
+                if let Some(managed) = &mut record.managed {
+                    managed.window.clear();
+                    managed.restarts += 1;
+                }
+            }
+            Event::ProgressReported { incarnation, progress, .. } => {
+                record.progress = Some(ProgressRecord { incarnation, progress, at });
+            }
+            other => record.apply_data(limits, at, other),
+        }
+    }
+
+    fn register(&mut self, agent: &AgentName, at: Timestamp) -> &mut AgentRecord {
+        let record = self.agents.entry(agent.clone()).or_insert_with(|| AgentRecord {
+            name: agent.clone(),
+            role: RoleName::new(agent.as_str()).expect("an agent name is a valid role name"),
+            labels: BTreeMap::new(),
+            incarnation: 0,
+            registered_at: at,
+            updated_at: at,
+            version: 0,
+            current: Arc::new(Value::Object(Map::new())),
+            undo: VecDeque::new(),
+            oldest: 0,
+            recovery_points: BTreeMap::new(),
+            managed: None,
+            down: None,
+            progress: None,
+        });
+        record.updated_at = at;
+        record
+    }
+}
+
+impl AgentRecord {
+    /// Folds an event about the agent's state (checkpoint, recovery point, rollback).
+    fn apply_data(&mut self, limits: &Limits, at: Timestamp, event: Event) {
+        let record = self;
+        match event {
             Event::Checkpointed { version, patch, .. } => {
                 let undo = merge_patch_undo(Arc::make_mut(&mut record.current), patch);
                 record.push_undo(limits, version, Undo::Patch(undo));
@@ -131,11 +238,10 @@ impl State {
                 let previous = std::mem::replace(&mut record.current, Arc::new(state));
                 record.push_undo(limits, version, Undo::Replace(previous));
             }
+            _ => unreachable!("State::apply handles every other event"),
         }
     }
-}
 
-impl AgentRecord {
     /// The current version number; 0 before the first checkpoint.
     pub fn version(&self) -> u64 {
         self.version

@@ -1,0 +1,20 @@
+use crate::names::AgentName;
+
+/// Something the shell must do because of an event, once that event is durable.
+///
+/// Effects are drained with [`Core::poll_effect`](crate::Core::poll_effect) after live
+/// commands; replay produces none (what a past event asked for was done at the time).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Start the process of this incarnation of a managed agent. A process of an earlier
+    /// incarnation still running must be stopped first, so two never run at once.
+    Spawn { agent: AgentName, incarnation: u64 },
+    /// Stop the process of this incarnation: SIGTERM to its group, grace, SIGKILL.
+    Stop { agent: AgentName, incarnation: u64 },
+    /// Close the sessions of this incarnation: it was superseded or declared down.
+    Fence { agent: AgentName, incarnation: u64 },
+    /// Ask a suspect agent to prove it is alive (it answers with a heartbeat).
+    Challenge { agent: AgentName, incarnation: u64 },
+    /// The agent failed for good (restart intensity exceeded): tell a human.
+    Escalate { agent: AgentName, restarts: u32, window_ms: u64 },
+}

@@ -1,0 +1,136 @@
+//! Volatile liveness: heartbeats, the phi-accrual detector, suspicion, stalls.
+//!
+//! None of this is logged beat by beat. The table is rebuilt from nothing after a restart
+//! of hale: agents that were heartbeating before get a grace period to reconnect (see
+//! [`Core::begin_grace`](crate::Core::begin_grace)). What is durable is what the detectors
+//! conclude (an `AgentDown` event with its cause) and progress, logged at a bounded rate.
+
+use crate::Timestamp;
+use crate::policy::{PhiConfig, PhiDetector};
+use crate::supervision::StallPolicy;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The largest progress report accepted, in bytes of JSON.
+pub const PROGRESS_BYTES_MAX: usize = 8 * 1024;
+
+/// What an agent says about its work with each heartbeat.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Progress {
+    /// How far along, from 0 to 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The task being worked on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// Anything else the agent wants to show.
+    #[serde(skip_serializing_if = "Map::is_empty")]
+    pub fields: Map<String, Value>,
+}
+
+/// Whether the detector trusts an agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Beats arrive as expected.
+    Alive,
+    /// phi crossed the suspect threshold: no new work goes to it, and it was challenged.
+    Suspect,
+    /// hale restarted and the agent has not beaten since; it has until the grace ends.
+    Reconnecting,
+}
+
+/// The heartbeat side of one agent's current incarnation.
+#[derive(Clone, Debug)]
+pub struct Liveness {
+    pub incarnation: u64,
+    pub health: Health,
+    /// The last heartbeat (or, in grace, when the grace began).
+    pub last_beat: Timestamp,
+    /// The latest progress reported.
+    pub progress: Option<Progress>,
+    /// Heartbeats in a row whose progress equalled the one before.
+    pub unchanged_beats: u32,
+    /// The last checkpoint of this incarnation (or the first beat, if none yet).
+    pub last_checkpoint: Timestamp,
+    pub(crate) detector: PhiDetector,
+    pub(crate) config: PhiConfig,
+    pub(crate) stall: StallPolicy,
+    /// `progress` differs from what was last logged.
+    pub(crate) progress_unlogged: bool,
+    pub(crate) progress_logged_at: Option<Timestamp>,
+    /// Set while waiting for the first beat after a hale restart.
+    pub(crate) grace_until: Option<Timestamp>,
+}
+
+impl Liveness {
+    pub(crate) fn new(incarnation: u64, now: Timestamp, config: PhiConfig, stall: StallPolicy) -> Liveness {
+        Liveness {
+            incarnation,
+            health: Health::Alive,
+            last_beat: now,
+            progress: None,
+            unchanged_beats: 0,
+            last_checkpoint: now,
+            detector: PhiDetector::new(&config),
+            config,
+            stall,
+            progress_unlogged: false,
+            progress_logged_at: None,
+            grace_until: None,
+        }
+    }
+
+    /// Records one heartbeat at `now`.
+    pub(crate) fn beat(&mut self, now: Timestamp, progress: Option<Progress>) {
+        if self.grace_until.take().is_some() {
+            // The gap spans hale's own restart; it says nothing about the agent.
+            self.detector = PhiDetector::new(&self.config);
+            self.last_checkpoint = now;
+        }
+        self.detector.heartbeat(now, &self.config);
+        self.last_beat = now;
+        self.health = Health::Alive;
+        if let Some(progress) = progress {
+            if self.progress.as_ref() == Some(&progress) {
+                self.unchanged_beats += 1;
+            } else {
+                self.unchanged_beats = 0;
+                self.progress = Some(progress);
+                self.progress_unlogged = true;
+            }
+        } else {
+            self.unchanged_beats += 1;
+        }
+    }
+
+    /// The current phi at `now`.
+    pub fn phi(&self, now: Timestamp) -> f64 {
+        self.detector.phi(now, &self.config)
+    }
+
+    /// Whether progress should be logged now: it changed, and the last log of it is at
+    /// least `interval_ms` old.
+    pub(crate) fn progress_due(&self, now: Timestamp, interval_ms: u64) -> bool {
+        self.progress_unlogged && self.progress_logged_at.is_none_or(|at| now.0.saturating_sub(at.0) >= interval_ms)
+    }
+}
+
+/// Settings of the volatile side, from `[supervision]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LivenessSettings {
+    pub detector: PhiConfig,
+    /// How long agents have to reconnect after hale restarts.
+    pub reconnect_grace_ms: u64,
+    /// At most one progress event per agent per this interval.
+    pub progress_log_ms: u64,
+}
+
+impl Default for LivenessSettings {
+    fn default() -> Self {
+        LivenessSettings { detector: PhiConfig::default(), reconnect_grace_ms: 10_000, progress_log_ms: 10_000 }
+    }
+}

@@ -1,0 +1,379 @@
+//! Supervision and liveness through the public `Core` API, with a fake clock: every `now`
+//! is a number the test chooses.
+
+use crate::policy::{Backoff, Intensity};
+use crate::supervision::*;
+use crate::*;
+use std::collections::BTreeMap;
+
+const T0: u64 = 1_700_000_000_000;
+
+fn at(ms: u64) -> Timestamp {
+    Timestamp(T0 + ms)
+}
+
+fn name(text: &str) -> AgentName {
+    AgentName::new(text).unwrap()
+}
+
+fn spec(restart: RestartPolicy) -> Supervision {
+    Supervision { restart, ..Supervision::default() }
+}
+
+fn declare(core: &mut Core, agent: &str, supervision: Supervision, now: Timestamp) {
+    let command = Command::Declare {
+        agent: name(agent),
+        role: RoleName::new("worker").unwrap(),
+        labels: BTreeMap::new(),
+        supervision,
+    };
+    core.execute(&command, now).unwrap();
+}
+
+fn effects(core: &mut Core) -> Vec<Effect> {
+    std::iter::from_fn(|| core.poll_effect()).collect()
+}
+
+fn kinds(events: &[Event]) -> Vec<&'static str> {
+    events.iter().map(Event::kind).collect()
+}
+
+fn crash(core: &mut Core, agent: &str, now: Timestamp) -> Vec<Event> {
+    let incarnation = core.state().agent(agent).unwrap().incarnation;
+    let cause = Cause::Exited { code: None, signal: Some(9) };
+    core.execute(&Command::ReportDown { agent: name(agent), incarnation, cause }, now).unwrap()
+}
+
+fn status(core: &Core, agent: &str) -> ManagedStatus {
+    core.state().agent(agent).unwrap().managed.as_ref().unwrap().status.clone()
+}
+
+/// A declared and started managed agent, with its effects drained.
+fn running(agent: &str, supervision: Supervision) -> Core {
+    let mut core = Core::new(Limits::default());
+    core.set_seed(7);
+    declare(&mut core, agent, supervision, at(0));
+    core.execute(&Command::StartManaged { agent: name(agent) }, at(0)).unwrap();
+    let process = ProcessRef { pid: 100, start_ticks: 1 };
+    core.execute(&Command::ProcessStarted { agent: name(agent), incarnation: 1, process }, at(1)).unwrap();
+    effects(&mut core);
+    core
+}
+
+/// Runs every command `tick` asks for, as the shell does.
+fn tick(core: &mut Core, now: Timestamp) -> Vec<Event> {
+    let mut events = Vec::new();
+    for command in core.tick(now) {
+        events.extend(core.execute(&command, now).unwrap());
+    }
+    events
+}
+
+#[test]
+fn a_declared_agent_starts_as_incarnation_one_and_is_spawned() {
+    let mut core = Core::new(Limits::default());
+    declare(&mut core, "a", spec(RestartPolicy::Always), at(0));
+    assert_eq!(status(&core, "a"), ManagedStatus::Declared);
+    let events = core.execute(&Command::StartManaged { agent: name("a") }, at(0)).unwrap();
+    assert_eq!(kinds(&events), ["incarnation_started"]);
+    assert_eq!(effects(&mut core), [Effect::Spawn { agent: name("a"), incarnation: 1 }]);
+    // Declaring the same spec again logs nothing; starting again does nothing.
+    declare(&mut core, "a", spec(RestartPolicy::Always), at(5));
+    assert!(core.execute(&Command::StartManaged { agent: name("a") }, at(5)).unwrap().is_empty());
+}
+
+#[test]
+fn the_first_crash_restarts_at_once_as_the_next_incarnation() {
+    let mut core = running("a", spec(RestartPolicy::OnFailure));
+    let events = crash(&mut core, "a", at(1_000));
+    assert_eq!(kinds(&events), ["agent_down", "restart_scheduled", "incarnation_started"]);
+    assert_eq!(
+        effects(&mut core),
+        [
+            Effect::Fence { agent: name("a"), incarnation: 1 },
+            Effect::Fence { agent: name("a"), incarnation: 1 },
+            Effect::Spawn { agent: name("a"), incarnation: 2 },
+        ]
+    );
+    assert_eq!(core.state().agent("a").unwrap().incarnation, 2);
+    // The old incarnation is fenced: its late write is refused.
+    let late = Command::Checkpoint {
+        agent: name("a"),
+        incarnation: 1,
+        patch: serde_json::json!({"x": 1}),
+        expected_version: None,
+    };
+    assert_eq!(core.execute(&late, at(1_001)).unwrap_err().code(), "stale_incarnation");
+    // A second report of the same exit changes nothing.
+    let report = Command::ReportDown { agent: name("a"), incarnation: 1, cause: Cause::Vanished };
+    assert!(core.execute(&report, at(1_002)).unwrap().is_empty());
+}
+
+#[test]
+fn later_restarts_back_off_with_jitter_within_the_bound() {
+    let backoff = Backoff { base_ms: 1_000, max_ms: 8_000 };
+    let supervision = Supervision {
+        backoff: backoff.clone(),
+        intensity: Intensity { restarts_max: 100, window_ms: 1_000_000 },
+        ..spec(RestartPolicy::Always)
+    };
+    let mut core = running("a", supervision);
+    let mut now = at(10);
+    crash(&mut core, "a", now);
+    for attempt in 2..=6u32 {
+        now = Timestamp(now.0 + 5);
+        let events = crash(&mut core, "a", now);
+        assert_eq!(kinds(&events), ["agent_down", "restart_scheduled"], "attempt {attempt}");
+        let ManagedStatus::Backoff { due, attempt: logged } = status(&core, "a") else { panic!("not backing off") };
+        assert_eq!(logged, attempt);
+        let delay = due.0 - now.0;
+        assert!(delay <= backoff.bound_ms(attempt), "attempt {attempt}: {delay} ms");
+        // Nothing before the due time; the restart at it.
+        if due > now {
+            assert!(tick(&mut core, Timestamp(due.0 - 1)).is_empty());
+        }
+        let events = tick(&mut core, due);
+        assert_eq!(kinds(&events), ["incarnation_started"], "attempt {attempt}");
+        now = due;
+    }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_delays() {
+    let delays = |seed| {
+        let mut core = running("a", spec(RestartPolicy::Always));
+        core.set_seed(seed);
+        crash(&mut core, "a", at(10));
+        crash(&mut core, "a", at(20));
+        let ManagedStatus::Backoff { due, .. } = status(&core, "a") else { panic!() };
+        due
+    };
+    assert_eq!(delays(1), delays(1));
+    let distinct: std::collections::BTreeSet<_> = (0..20).map(delays).collect();
+    assert!(distinct.len() > 10, "jitter must vary with the seed: {distinct:?}");
+}
+
+#[test]
+fn too_many_restarts_in_the_window_fail_the_agent_until_the_operator_restarts_it() {
+    let supervision = Supervision {
+        backoff: Backoff { base_ms: 0, max_ms: 0 },
+        intensity: Intensity { restarts_max: 5, window_ms: 10_000 },
+        ..spec(RestartPolicy::Always)
+    };
+    let mut core = running("a", supervision);
+    for n in 0..5 {
+        let events = crash(&mut core, "a", at(100 + n * 100));
+        assert!(kinds(&events).contains(&"incarnation_started"), "restart {n}: {events:?}");
+    }
+    effects(&mut core);
+    let events = crash(&mut core, "a", at(700));
+    assert_eq!(kinds(&events), ["agent_down", "agent_failed"]);
+    assert!(matches!(status(&core, "a"), ManagedStatus::Failed { restarts: 5, window_ms: 10_000 }));
+    assert!(effects(&mut core).contains(&Effect::Escalate { agent: name("a"), restarts: 5, window_ms: 10_000 }));
+    // Failed stays failed, however long we wait.
+    assert!(tick(&mut core, at(1_000_000)).is_empty());
+    let events = core.execute(&Command::Restart { agent: name("a") }, at(1_000_001)).unwrap();
+    assert_eq!(kinds(&events), ["restart_requested", "incarnation_started"]);
+    assert_eq!(status(&core, "a"), ManagedStatus::Starting);
+    assert!(core.state().agent("a").unwrap().managed.as_ref().unwrap().window.is_empty());
+}
+
+#[test]
+fn restart_policies_decide_after_clean_and_failed_exits() {
+    let exit = |code| Cause::Exited { code: Some(code), signal: None };
+    let cases = [
+        (RestartPolicy::Always, 0, true),
+        (RestartPolicy::Always, 1, true),
+        (RestartPolicy::OnFailure, 0, false),
+        (RestartPolicy::OnFailure, 3, true),
+        (RestartPolicy::Never, 1, false),
+    ];
+    for (policy, code, restarts) in cases {
+        let mut core = running("a", spec(policy));
+        let command = Command::ReportDown { agent: name("a"), incarnation: 1, cause: exit(code) };
+        let events = core.execute(&command, at(50)).unwrap();
+        assert_eq!(kinds(&events).contains(&"incarnation_started"), restarts, "{policy:?} exit {code}");
+        if !restarts {
+            assert_eq!(status(&core, "a"), ManagedStatus::Stopped);
+        }
+    }
+}
+
+fn group_of_three(strategy: Strategy) -> Core {
+    let mut core = Core::new(Limits::default());
+    for (position, agent) in ["a", "b", "c"].into_iter().enumerate() {
+        let group = GroupMembership { name: "g".into(), strategy, position: position as u32 };
+        declare(&mut core, agent, Supervision { group: Some(group), ..spec(RestartPolicy::Always) }, at(0));
+        core.execute(&Command::StartManaged { agent: name(agent) }, at(0)).unwrap();
+    }
+    effects(&mut core);
+    core
+}
+
+fn restarted(core: &mut Core, failed: &str) -> Vec<String> {
+    crash(core, failed, at(100));
+    let mut spawned: Vec<String> = effects(core)
+        .into_iter()
+        .filter_map(|effect| match effect {
+            Effect::Spawn { agent, .. } => Some(agent.to_string()),
+            _ => None,
+        })
+        .collect();
+    spawned.sort();
+    spawned
+}
+
+#[test]
+fn group_strategies_restart_siblings_as_otp_does() {
+    assert_eq!(restarted(&mut group_of_three(Strategy::OneForOne), "b"), ["b"]);
+    assert_eq!(restarted(&mut group_of_three(Strategy::OneForAll), "b"), ["a", "b", "c"]);
+    assert_eq!(restarted(&mut group_of_three(Strategy::RestForOne), "b"), ["b", "c"]);
+    // The siblings' old processes are stopped, and their downs carry the cause.
+    let mut core = group_of_three(Strategy::OneForAll);
+    let events = crash(&mut core, "b", at(100));
+    assert!(events.iter().any(|event| matches!(event,
+        Event::AgentDown { agent, cause: Cause::SiblingFailed { sibling }, .. } if agent.as_str() == "a" && sibling.as_str() == "b")));
+    let stops: Vec<_> = effects(&mut core).into_iter().filter(|effect| matches!(effect, Effect::Stop { .. })).collect();
+    assert_eq!(stops.len(), 2, "{stops:?}");
+}
+
+fn attached(agent: &str) -> Core {
+    let mut core = Core::new(Limits::default());
+    let hello =
+        Hello { agent: name(agent), role: RoleName::new("r").unwrap(), labels: BTreeMap::new(), incarnation: None };
+    core.execute(&Command::Hello(hello), at(0)).unwrap();
+    effects(&mut core);
+    core
+}
+
+#[test]
+fn a_silent_agent_is_suspected_challenged_then_down_and_fenced() {
+    let mut core = attached("a");
+    let a = name("a");
+    for n in 0..10 {
+        core.heartbeat(at(n * 1_000), &a, 1, None).unwrap();
+        tick(&mut core, at(n * 1_000 + 1));
+    }
+    effects(&mut core);
+    let last = 9_000;
+    let mut suspected_at = None;
+    let mut down_at = None;
+    for ms in (last..last + 10_000).step_by(100) {
+        let events = tick(&mut core, at(ms));
+        if suspected_at.is_none()
+            && effects(&mut core).contains(&Effect::Challenge { agent: a.clone(), incarnation: 1 })
+        {
+            suspected_at = Some(ms - last);
+        }
+        if kinds(&events).contains(&"agent_down") {
+            down_at = Some(ms - last);
+            break;
+        }
+    }
+    let (suspected_at, down_at) = (suspected_at.expect("suspected"), down_at.expect("down"));
+    assert!(suspected_at < down_at);
+    assert!(down_at <= 3_000, "down {down_at} ms after the last beat");
+    let record = core.state().agent("a").unwrap();
+    assert!(matches!(record.down.as_ref().unwrap().cause, Cause::HeartbeatsLost { .. }));
+    assert_eq!(core.heartbeat(at(20_000), &a, 1, None).unwrap_err().code(), "incarnation_down");
+    let write =
+        Command::Checkpoint { agent: a.clone(), incarnation: 1, patch: serde_json::json!({}), expected_version: None };
+    assert_eq!(core.execute(&write, at(20_000)).unwrap_err().code(), "incarnation_down");
+    let resume =
+        Hello { agent: a.clone(), role: RoleName::new("r").unwrap(), labels: BTreeMap::new(), incarnation: Some(1) };
+    assert_eq!(core.execute(&Command::Hello(resume), at(20_000)).unwrap_err().code(), "incarnation_down");
+}
+
+#[test]
+fn an_agent_that_never_beats_is_not_watched() {
+    let mut core = attached("a");
+    assert!(tick(&mut core, at(3_600_000)).is_empty());
+}
+
+#[test]
+fn unchanged_progress_for_n_beats_is_a_stall_and_restarts_a_managed_agent() {
+    let supervision =
+        Supervision { stall: StallPolicy { beats: Some(5), quiet_ms: None }, ..spec(RestartPolicy::Always) };
+    let mut core = running("a", supervision);
+    let a = name("a");
+    let progress = |step: u32| Progress { fraction: Some(f64::from(step) / 100.0), ..Progress::default() };
+    for n in 0..10 {
+        core.heartbeat(at(n * 1_000), &a, 1, Some(progress(n as u32))).unwrap();
+        assert!(!kinds(&tick(&mut core, at(n * 1_000 + 1))).contains(&"agent_down"));
+    }
+    let mut events = Vec::new();
+    for n in 10..20 {
+        core.heartbeat(at(n * 1_000), &a, 1, Some(progress(9))).unwrap();
+        events = tick(&mut core, at(n * 1_000 + 1));
+        if !events.is_empty() && kinds(&events).contains(&"agent_down") {
+            assert_eq!(n, 14, "stalled after 5 unchanged beats");
+            break;
+        }
+    }
+    assert!(matches!(&events[0], Event::AgentDown { cause: Cause::StalledProgress { beats: 5 }, .. }), "{events:?}");
+    let effects = effects(&mut core);
+    assert!(effects.contains(&Effect::Stop { agent: a.clone(), incarnation: 1 }), "{effects:?}");
+    assert!(effects.contains(&Effect::Spawn { agent: a.clone(), incarnation: 2 }), "{effects:?}");
+}
+
+#[test]
+fn progress_is_logged_at_once_then_at_a_bounded_rate() {
+    let mut core = attached("a");
+    let a = name("a");
+    let mut logged = 0;
+    for n in 0..100u64 {
+        let progress = Progress { message: Some(format!("step {n}")), ..Progress::default() };
+        core.heartbeat(at(n * 500), &a, 1, Some(progress)).unwrap();
+        logged += kinds(&tick(&mut core, at(n * 500 + 1))).iter().filter(|kind| **kind == "progress_reported").count();
+        if n == 0 {
+            assert_eq!(logged, 1, "the first beat is logged at once");
+        }
+    }
+    // 50 s of changing progress, one log per 10 s at most.
+    assert!((5..=6).contains(&logged), "{logged} progress events");
+}
+
+#[test]
+fn after_a_restart_of_hale_watched_runs_get_a_grace_period() {
+    let mut live = attached("a");
+    let a = name("a");
+    live.heartbeat(at(0), &a, 1, None).unwrap();
+    tick(&mut live, at(1)); // logs the first progress: the run is watched
+    let mut core = Core::from_state(live.state().clone(), Limits::default());
+    core.begin_grace(at(60_000));
+    assert_eq!(core.liveness("a").unwrap().health, Health::Reconnecting);
+    assert!(tick(&mut core, at(69_000)).is_empty(), "within the grace");
+    let events = tick(&mut core, at(70_000));
+    assert!(matches!(&events[0], Event::AgentDown { cause: Cause::NotReconnected { .. }, .. }), "{events:?}");
+
+    // One that beats within the grace is alive, judged afresh.
+    let mut core = Core::from_state(live.state().clone(), Limits::default());
+    core.begin_grace(at(60_000));
+    core.heartbeat(at(65_000), &a, 1, None).unwrap();
+    assert!(tick(&mut core, at(70_000 - 4_000)).is_empty());
+    assert_eq!(core.liveness("a").unwrap().health, Health::Alive);
+}
+
+#[test]
+fn replaying_supervision_events_gives_the_live_state() {
+    let mut core = group_of_three(Strategy::OneForAll);
+    let mut log: Vec<(Timestamp, Event)> = Vec::new();
+    let mut now = at(0);
+    let mut record = |events: Vec<Event>, now| log.extend(events.into_iter().map(|e| (now, e)));
+    for n in 0..30u64 {
+        now = Timestamp(now.0 + 37 * n);
+        let agent = ["a", "b", "c"][(n % 3) as usize];
+        let events = crash(&mut core, agent, now);
+        record(events, now);
+        let events = tick(&mut core, Timestamp(now.0 + 50_000));
+        record(events, Timestamp(now.0 + 50_000));
+        now = Timestamp(now.0 + 50_000);
+    }
+    let events = core.execute(&Command::Restart { agent: name("a") }, now).unwrap();
+    record(events, now);
+    let mut replayed = group_of_three(Strategy::OneForAll);
+    for (at, event) in &log {
+        replayed.apply(*at, event);
+    }
+    assert_eq!(replayed.state(), core.state());
+}
