@@ -26,9 +26,30 @@ impl Admin {
         self.get(&format!("/v1/agents/{agent}/state{query}")).await
     }
 
+    /// Restarts a managed agent now and forgets its restart window (revives a `failed`
+    /// one). Returns the new incarnation.
+    pub async fn restart(&self, agent: &str) -> Result<u64, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Restarted {
+            incarnation: u64,
+        }
+        let restarted: Restarted = self.send(reqwest::Method::POST, &format!("/v1/agents/{agent}/restart")).await?;
+        Ok(restarted.incarnation)
+    }
+
+    /// Stops a managed agent; it is not restarted until `restart` (or the next `hale up`).
+    pub async fn stop(&self, agent: &str) -> Result<(), ClientError> {
+        let _: serde_json::Value = self.send(reqwest::Method::POST, &format!("/v1/agents/{agent}/stop")).await?;
+        Ok(())
+    }
+
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.send(reqwest::Method::GET, path).await
+    }
+
+    async fn send<T: DeserializeOwned>(&self, method: reqwest::Method, path: &str) -> Result<T, ClientError> {
         let url = format!("{}{path}", self.base);
-        let response = self.http.get(&url).send().await.map_err(|error| ClientError::Connect {
+        let response = self.http.request(method, &url).send().await.map_err(|error| ClientError::Connect {
             url: url.clone(),
             reason: format!("{error}; is `hale serve` running there? (set --server or HALE_URL)"),
         })?;

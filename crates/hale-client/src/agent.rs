@@ -1,14 +1,14 @@
 use crate::error::ClientError;
 use futures_util::{SinkExt, StreamExt};
 use hale_proto::{
-    CheckpointBody, ClientFrame, HelloBody, RecoveryPointInfo, RollbackTo, RolledBack, SESSION_PATH, ServerFrame,
-    Welcome,
+    CheckpointBody, ClientFrame, HelloBody, ProgressBody, RecoveryPointInfo, RollbackTo, RolledBack, SESSION_PATH,
+    ServerFrame, Welcome,
 };
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
@@ -37,6 +37,20 @@ impl AgentOptions {
         self.incarnation = Some(incarnation);
         self
     }
+
+    /// The options of an agent that hale started: its name from `HALE_AGENT` and the run
+    /// to resume from `HALE_INCARNATION`. `None` if `HALE_AGENT` is not set.
+    pub fn from_env(role: impl Into<String>) -> Option<Self> {
+        let agent = std::env::var("HALE_AGENT").ok()?;
+        let mut options = AgentOptions::new(agent, role);
+        options.incarnation = std::env::var("HALE_INCARNATION").ok().and_then(|text| text.parse().ok());
+        Some(options)
+    }
+}
+
+/// The address of hale from `HALE_URL` (set for every agent hale starts).
+pub fn url_from_env() -> Option<String> {
+    std::env::var("HALE_URL").ok()
 }
 
 type Reply = oneshot::Sender<Result<ServerFrame, ClientError>>;
@@ -48,9 +62,11 @@ struct Outgoing {
 
 struct Shared {
     options: AgentOptions,
-    next_id: AtomicU64,
+    next_id: Arc<AtomicU64>,
     outgoing: mpsc::Sender<Outgoing>,
     incarnation: Mutex<Option<u64>>,
+    /// Why the session ended, once it has (e.g. `fenced: …`).
+    ended: watch::Receiver<Option<String>>,
 }
 
 /// A session of one agent with hale. Clones share the session.
@@ -70,9 +86,32 @@ impl Agent {
             .await
             .map_err(|error| ClientError::Connect { url: endpoint.clone(), reason: error.to_string() })?;
         let (outgoing, queue) = mpsc::channel(1024);
-        tokio::spawn(run_session(socket, queue));
+        let next_id = Arc::new(AtomicU64::new(1));
+        let (ended_tx, ended) = watch::channel(None);
+        tokio::spawn(run_session(socket, queue, next_id.clone(), ended_tx));
         let incarnation = Mutex::new(options.incarnation);
-        Ok(Agent { shared: Arc::new(Shared { options, next_id: AtomicU64::new(1), outgoing, incarnation }) })
+        Ok(Agent { shared: Arc::new(Shared { options, next_id, outgoing, incarnation, ended }) })
+    }
+
+    /// Tells hale this run is alive, and how far it got. hale expects one about every
+    /// heartbeat interval of the agent's criticality (1 s for `normal`); an agent whose
+    /// progress stays the same for many beats may be declared stalled.
+    pub async fn heartbeat(&self, progress: Option<ProgressBody>) -> Result<(), ClientError> {
+        self.require_resumed("heartbeat")?;
+        match self.request(ClientFrame::Heartbeat { id: self.next_id(), progress }).await? {
+            ServerFrame::HeartbeatAck { .. } => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Resolves when the session has ended, with the reason (e.g. hale fenced this run
+    /// because a newer one started or it was declared down).
+    pub async fn ended(&self) -> String {
+        let mut ended = self.shared.ended.clone();
+        match ended.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            Err(_) => "the session task has ended".to_string(),
+        }
     }
 
     /// Says hello: registers the agent and starts a new run (or resumes the run named in
@@ -164,8 +203,13 @@ fn unexpected(frame: ServerFrame) -> ClientError {
 
 type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// Owns the socket: writes requests, matches answers to them by id.
-async fn run_session(socket: Socket, mut queue: mpsc::Receiver<Outgoing>) {
+/// Owns the socket: writes requests, matches answers to them by id, answers challenges.
+async fn run_session(
+    socket: Socket,
+    mut queue: mpsc::Receiver<Outgoing>,
+    next_id: Arc<AtomicU64>,
+    ended: watch::Sender<Option<String>>,
+) {
     let (mut sink, mut stream) = socket.split();
     let mut waiting: HashMap<u64, Reply> = HashMap::new();
     let reason = loop {
@@ -224,8 +268,21 @@ async fn run_session(socket: Socket, mut queue: mpsc::Receiver<Outgoing>) {
                     ServerFrame::Welcome { id, .. }
                     | ServerFrame::Checkpointed { id, .. }
                     | ServerFrame::RecoveryPointMarked { id, .. }
-                    | ServerFrame::RolledBack { id, .. } => Some(*id),
+                    | ServerFrame::RolledBack { id, .. }
+                    | ServerFrame::HeartbeatAck { id } => Some(*id),
                     ServerFrame::Error { id, .. } => *id,
+                    ServerFrame::Challenge {} => {
+                        // Prove we are alive at once; the answer needs no one waiting for it.
+                        let beat = ClientFrame::Heartbeat { id: next_id.fetch_add(1, Ordering::Relaxed), progress: None };
+                        let text = serde_json::to_string(&beat).expect("client frames always serialize");
+                        if let Err(error) = sink.send(Message::text(text)).await {
+                            break error.to_string();
+                        }
+                        None
+                    }
+                    ServerFrame::Fenced { incarnation, reason } => {
+                        break format!("fenced: incarnation {incarnation}: {reason}");
+                    }
                 };
                 if let Some(reply) = id.and_then(|id| waiting.remove(&id)) {
                     let _ = reply.send(Ok(frame));
@@ -233,6 +290,7 @@ async fn run_session(socket: Socket, mut queue: mpsc::Receiver<Outgoing>) {
             }
         }
     };
+    let _ = ended.send(Some(reason.clone()));
     for (_, reply) in waiting.drain() {
         let _ = reply.send(Err(ClientError::Closed(reason.clone())));
     }

@@ -20,6 +20,9 @@ mod agent;
 mod error;
 
 pub use admin::Admin;
-pub use agent::{Agent, AgentOptions};
+pub use agent::{Agent, AgentOptions, url_from_env};
 pub use error::ClientError;
-pub use hale_proto::{AgentState, AgentSummary, RecoveryPointInfo, RollbackTo, RolledBack, Welcome};
+pub use hale_proto::{
+    AgentState, AgentSummary, DownSummary, ManagedSummary, ProgressBody, RecoveryPointInfo, RollbackTo, RolledBack,
+    Welcome,
+};

@@ -28,7 +28,8 @@ pub enum Command {
     Rollback { agent: AgentName, incarnation: u64, target: RollbackTarget },
     /// The shell read hale.toml: this agent is managed, supervised so.
     Declare { agent: AgentName, role: RoleName, labels: BTreeMap<String, String>, supervision: Supervision },
-    /// Start a managed agent that was never started, or whose backoff is over.
+    /// Start a managed agent that was never started or was stopped (`hale up` sends it for
+    /// every declared agent), or whose backoff is over (`tick` sends it).
     StartManaged { agent: AgentName },
     /// The shell spawned the process of a managed incarnation.
     ProcessStarted { agent: AgentName, incarnation: u64, process: ProcessRef },
@@ -37,6 +38,8 @@ pub enum Command {
     /// The operator's `hale restart`: restart now, and forget the restart window (this is
     /// how a `failed` agent is revived).
     Restart { agent: AgentName },
+    /// Stop a managed agent and do not restart it (`hale stop`, or hale stopping).
+    Stop { agent: AgentName },
     /// Log the progress of an incarnation (from `tick`, at a bounded rate).
     RecordProgress { agent: AgentName, incarnation: u64, progress: Progress },
 }
@@ -76,6 +79,7 @@ impl Command {
             | Command::ProcessStarted { agent, .. }
             | Command::ReportDown { agent, .. }
             | Command::Restart { agent }
+            | Command::Stop { agent }
             | Command::RecordProgress { agent, .. } => agent,
         }
     }

@@ -40,7 +40,7 @@ pub(crate) fn decide(
             let record = managed(state, agent)?;
             let status = &record.managed.as_ref().expect("checked by managed()").status;
             let due = match status {
-                ManagedStatus::Declared => true,
+                ManagedStatus::Declared | ManagedStatus::Stopped => true,
                 ManagedStatus::Backoff { due, .. } => *due <= now,
                 _ => false,
             };
@@ -72,6 +72,25 @@ pub(crate) fn decide(
             }
             events.push(Event::IncarnationStarted { agent: agent.clone(), incarnation: record.incarnation + 1 });
             Ok(events)
+        }
+        Command::Stop { agent } => {
+            let record = managed(state, agent)?;
+            let managed = record.managed.as_ref().expect("checked by managed()");
+            let down = record.down.as_ref().is_some_and(|down| down.incarnation == record.incarnation);
+            match &managed.status {
+                ManagedStatus::Starting | ManagedStatus::Running if !down => Ok(vec![Event::AgentDown {
+                    agent: agent.clone(),
+                    incarnation: record.incarnation,
+                    cause: Cause::Stopped,
+                }]),
+                // Waiting to restart: the stop cancels the restart.
+                ManagedStatus::Backoff { .. } => Ok(vec![Event::AgentDown {
+                    agent: agent.clone(),
+                    incarnation: record.incarnation,
+                    cause: Cause::Stopped,
+                }]),
+                _ => Ok(Vec::new()),
+            }
         }
         Command::RecordProgress { agent, incarnation, progress } => {
             running(state, agent, *incarnation)?;

@@ -52,7 +52,8 @@ pub struct Liveness {
     pub last_beat: Timestamp,
     /// The latest progress reported.
     pub progress: Option<Progress>,
-    /// Heartbeats in a row whose progress equalled the one before.
+    /// Heartbeats in a row whose progress equalled the one before, while working on a task
+    /// (an idle agent, whose progress names no task, is never stalled).
     pub unchanged_beats: u32,
     /// The last checkpoint of this incarnation (or the first beat, if none yet).
     pub last_checkpoint: Timestamp,
@@ -95,14 +96,19 @@ impl Liveness {
         self.last_beat = now;
         self.health = Health::Alive;
         if let Some(progress) = progress {
-            if self.progress.as_ref() == Some(&progress) {
+            if progress.task.is_none() {
+                // Idle (working on no task): waiting is not stalling.
+                self.unchanged_beats = 0;
+                self.progress_unlogged |= self.progress.as_ref() != Some(&progress);
+                self.progress = Some(progress);
+            } else if self.progress.as_ref() == Some(&progress) {
                 self.unchanged_beats += 1;
             } else {
                 self.unchanged_beats = 0;
                 self.progress = Some(progress);
                 self.progress_unlogged = true;
             }
-        } else {
+        } else if self.progress.as_ref().is_some_and(|progress| progress.task.is_some()) {
             self.unchanged_beats += 1;
         }
     }

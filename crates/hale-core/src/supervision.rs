@@ -117,6 +117,10 @@ pub enum Cause {
     SiblingFailed { sibling: AgentName },
     /// The operator asked for a restart (`hale restart`).
     Operator,
+    /// Stopped on purpose (`hale stop`, or hale itself stopping): not restarted.
+    Stopped,
+    /// The process could not be started at all.
+    SpawnFailed { error: String },
 }
 
 impl Cause {
@@ -128,17 +132,17 @@ impl Cause {
     /// The detector that saw it, as shown in timelines and metrics.
     pub fn detector(&self) -> &'static str {
         match self {
-            Cause::Exited { .. } | Cause::Vanished => "process_exit",
+            Cause::Exited { .. } | Cause::Vanished | Cause::SpawnFailed { .. } => "process_exit",
             Cause::HeartbeatsLost { .. } | Cause::NotReconnected { .. } => "heartbeat",
             Cause::StalledProgress { .. } | Cause::StalledCheckpoints { .. } => "stall",
             Cause::SiblingFailed { .. } => "group",
-            Cause::Operator => "operator",
+            Cause::Operator | Cause::Stopped => "operator",
         }
     }
 
     /// True for causes where the process may still be running and must be stopped.
     pub fn process_may_live(&self) -> bool {
-        !matches!(self, Cause::Exited { .. } | Cause::Vanished)
+        !matches!(self, Cause::Exited { .. } | Cause::Vanished | Cause::SpawnFailed { .. })
     }
 }
 
@@ -155,6 +159,8 @@ impl std::fmt::Display for Cause {
             Cause::StalledCheckpoints { quiet_ms } => write!(f, "stalled: no checkpoint for {quiet_ms} ms"),
             Cause::SiblingFailed { sibling } => write!(f, "restarted with its group: {sibling} failed"),
             Cause::Operator => write!(f, "restart requested by the operator"),
+            Cause::Stopped => write!(f, "stopped on purpose"),
+            Cause::SpawnFailed { error } => write!(f, "could not start: {error}"),
         }
     }
 }
@@ -173,7 +179,8 @@ pub enum ManagedStatus {
     Backoff { due: Timestamp, attempt: u32 },
     /// Too many restarts within the intensity window: not restarted until `hale restart`.
     Failed { restarts: u32, window_ms: u64 },
-    /// Down and not restarted by its policy (`never`, or a clean exit under `on-failure`).
+    /// Down and not restarted: by its policy (`never`, or a clean exit under
+    /// `on-failure`) or on purpose. The next `hale up` starts it again.
     Stopped,
 }
 
@@ -236,6 +243,9 @@ pub(crate) fn plan_restart(
     now: Timestamp,
     seed: u64,
 ) -> RestartPlan {
+    if *cause == Cause::Stopped {
+        return RestartPlan::None;
+    }
     let restart = match managed.spec.restart {
         RestartPolicy::Always => true,
         RestartPolicy::OnFailure => !cause.is_clean_exit(),

@@ -296,7 +296,11 @@ fn unchanged_progress_for_n_beats_is_a_stall_and_restarts_a_managed_agent() {
         Supervision { stall: StallPolicy { beats: Some(5), quiet_ms: None }, ..spec(RestartPolicy::Always) };
     let mut core = running("a", supervision);
     let a = name("a");
-    let progress = |step: u32| Progress { fraction: Some(f64::from(step) / 100.0), ..Progress::default() };
+    let progress = |step: u32| Progress {
+        fraction: Some(f64::from(step) / 100.0),
+        task: Some("t-1".into()),
+        ..Progress::default()
+    };
     for n in 0..10 {
         core.heartbeat(at(n * 1_000), &a, 1, Some(progress(n as u32))).unwrap();
         assert!(!kinds(&tick(&mut core, at(n * 1_000 + 1))).contains(&"agent_down"));
@@ -376,4 +380,41 @@ fn replaying_supervision_events_gives_the_live_state() {
         replayed.apply(*at, event);
     }
     assert_eq!(replayed.state(), core.state());
+}
+
+#[test]
+fn a_stopped_agent_is_not_restarted_until_started_again() {
+    let mut core = running("a", spec(RestartPolicy::Always));
+    let events = core.execute(&Command::Stop { agent: name("a") }, at(10)).unwrap();
+    assert_eq!(kinds(&events), ["agent_down"]);
+    assert!(effects(&mut core).contains(&Effect::Stop { agent: name("a"), incarnation: 1 }));
+    assert_eq!(status(&core, "a"), ManagedStatus::Stopped);
+    // Its exit, reported when the stop lands, changes nothing.
+    assert!(crash(&mut core, "a", at(20)).is_empty());
+    assert!(tick(&mut core, at(1_000_000)).is_empty());
+    // `hale up` starts it again, as a new incarnation.
+    let events = core.execute(&Command::StartManaged { agent: name("a") }, at(1_000_001)).unwrap();
+    assert_eq!(events, [Event::IncarnationStarted { agent: name("a"), incarnation: 2 }]);
+    // Stopping during a backoff cancels the restart.
+    let supervision =
+        Supervision { backoff: Backoff { base_ms: 60_000, max_ms: 60_000 }, ..spec(RestartPolicy::Always) };
+    let mut core = running("b", supervision);
+    crash(&mut core, "b", at(10));
+    crash(&mut core, "b", at(20));
+    assert!(matches!(status(&core, "b"), ManagedStatus::Backoff { .. }));
+    core.execute(&Command::Stop { agent: name("b") }, at(30)).unwrap();
+    assert!(tick(&mut core, at(10_000_000)).is_empty());
+    assert_eq!(status(&core, "b"), ManagedStatus::Stopped);
+}
+
+#[test]
+fn an_idle_agent_is_never_stalled() {
+    let supervision =
+        Supervision { stall: StallPolicy { beats: Some(3), quiet_ms: None }, ..spec(RestartPolicy::Always) };
+    let mut core = running("a", supervision);
+    let idle = Progress { message: Some("waiting for work".into()), ..Progress::default() };
+    for n in 0..50 {
+        core.heartbeat(at(n * 1_000), &name("a"), 1, Some(idle.clone())).unwrap();
+        assert!(!kinds(&tick(&mut core, at(n * 1_000 + 1))).contains(&"agent_down"), "beat {n}");
+    }
 }

@@ -42,6 +42,13 @@ pub enum ClientFrame {
         id: u64,
         to: RollbackTo,
     },
+    /// I am alive, and this is how far I got. Answered with `heartbeat_ack` at once
+    /// (heartbeats are not logged one by one). Also the answer to a `challenge`.
+    Heartbeat {
+        id: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        progress: Option<ProgressBody>,
+    },
 }
 
 impl ClientFrame {
@@ -51,13 +58,30 @@ impl ClientFrame {
             ClientFrame::Hello { id, .. }
             | ClientFrame::Checkpoint { id, .. }
             | ClientFrame::RecoveryPoint { id, .. }
-            | ClientFrame::Rollback { id, .. } => *id,
+            | ClientFrame::Rollback { id, .. }
+            | ClientFrame::Heartbeat { id, .. } => *id,
         }
     }
 }
 
 /// The frame types a client may send, for error messages.
-pub const CLIENT_FRAME_TYPES: [&str; 4] = ["hello", "checkpoint", "recovery_point", "rollback"];
+pub const CLIENT_FRAME_TYPES: [&str; 5] = ["hello", "checkpoint", "recovery_point", "rollback", "heartbeat"];
+
+/// Progress reported with a heartbeat; every member is optional.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProgressBody {
+    /// How far along, from 0 to 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The task being worked on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    pub fields: serde_json::Map<String, Value>,
+}
 
 /// `hello`: who the agent is and which run it believes it is.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -117,6 +141,17 @@ pub enum ServerFrame {
         id: Option<u64>,
         #[serde(flatten)]
         error: ErrorBody,
+    },
+    HeartbeatAck {
+        id: u64,
+    },
+    /// Unasked: the detector suspects this agent; answer with a heartbeat.
+    Challenge {},
+    /// Unasked: this incarnation was superseded or declared down. The server closes the
+    /// session after this frame; the process should stop (a managed agent is replaced).
+    Fenced {
+        incarnation: u64,
+        reason: String,
     },
 }
 
@@ -217,6 +252,52 @@ pub struct AgentSummary {
     pub recovery_points: usize,
     pub registered_at_ms: u64,
     pub updated_at_ms: u64,
+    /// Set if hale.toml declares the agent and hale runs its process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed: Option<ManagedSummary>,
+    /// `alive`, `suspect` or `reconnecting` while the heartbeat detector watches the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_ms: Option<u64>,
+    /// The latest progress (from the last heartbeat, or as last logged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<ProgressBody>,
+    /// Set if the current incarnation was declared down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down: Option<DownSummary>,
+}
+
+/// The supervision side of a managed agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ManagedSummary {
+    /// `declared`, `starting`, `running`, `backoff`, `failed` or `stopped`.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    pub restarts: u64,
+    /// When the next restart is due, while backing off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_due_ms: Option<u64>,
+}
+
+/// Why and when an incarnation was declared down.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DownSummary {
+    pub incarnation: u64,
+    /// The detector: `process_exit`, `heartbeat`, `stall`, `group` or `operator`.
+    pub detector: String,
+    pub cause: String,
+    pub at_ms: u64,
+}
+
+/// `POST /v1/agents/{agent}/heartbeat`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpHeartbeat {
+    pub incarnation: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<ProgressBody>,
 }
 
 /// `GET /v1/agents/{agent}/state[?version=N]`.

@@ -1,4 +1,7 @@
-use hale_core::Limits;
+use crate::process::ProcessSpec;
+use hale_core::supervision::Supervision;
+use hale_core::{AgentName, Limits, LivenessSettings, RoleName};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -27,6 +30,32 @@ pub struct ServerConfig {
     /// Requests one WebSocket session may have in flight before the server stops reading
     /// from it until responses drain.
     pub session_in_flight_max: usize,
+    /// The heartbeat detector, reconnect grace and progress logging.
+    pub liveness: LivenessSettings,
+    /// The agents to run (`hale up`); `None` runs none (`hale serve`).
+    pub supervise: Option<Supervise>,
+}
+
+/// What `hale up` runs, from hale.toml.
+#[derive(Clone, Debug, Default)]
+pub struct Supervise {
+    pub agents: Vec<DeclaredAgent>,
+    /// Between SIGTERM and SIGKILL when stopping an agent.
+    pub stop_grace: Duration,
+    /// Rotate an agent's log file past this size.
+    pub log_bytes_max: u64,
+    /// Rotated log files kept per agent.
+    pub logs_kept: usize,
+}
+
+/// One managed agent: how the core supervises it and how the shell starts it.
+#[derive(Clone, Debug)]
+pub struct DeclaredAgent {
+    pub name: AgentName,
+    pub role: RoleName,
+    pub labels: BTreeMap<String, String>,
+    pub supervision: Supervision,
+    pub process: ProcessSpec,
 }
 
 impl ServerConfig {
@@ -45,6 +74,8 @@ impl ServerConfig {
             frame_bytes_max,
             body_bytes_max: frame_bytes_max,
             session_in_flight_max: 1024,
+            liveness: LivenessSettings::default(),
+            supervise: None,
         }
     }
 }

@@ -9,7 +9,7 @@
 //! client ever sees a fact that a crash could take back.
 
 use crate::clock;
-use hale_core::{AgentRecord, Command, Core, Event, Rejection, State};
+use hale_core::{AgentName, AgentRecord, Command, Core, Effect, Event, Progress, Rejection, State};
 use hale_proto::{RecoveryPointInfo, RolledBack, Welcome};
 use hale_store::{AppendAck, Durability, Record, WriteError, Writer, snapshot};
 use std::path::PathBuf;
@@ -21,9 +21,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 #[derive(Debug)]
 pub enum Response {
     Welcome(Box<Welcome>),
-    Checkpointed { version: u64 },
+    Checkpointed {
+        version: u64,
+    },
     RecoveryPointMarked(RecoveryPointInfo),
     RolledBack(RolledBack),
+    /// A supervision command was carried out (it may have changed nothing).
+    Done,
 }
 
 /// Why the engine did not carry out a request.
@@ -37,12 +41,26 @@ pub enum EngineError {
     ShuttingDown,
 }
 
-type Read = Box<dyn FnOnce(&State) + Send>;
+type Read = Box<dyn FnOnce(&Core) + Send>;
 
 enum Request {
-    Execute { command: Command, reply: oneshot::Sender<(Result<Response, EngineError>, AppendAck)> },
-    Read { read: Read, reply: oneshot::Sender<AppendAck> },
-    Shutdown { reply: oneshot::Sender<Option<Writer>> },
+    Execute {
+        command: Command,
+        reply: oneshot::Sender<(Result<Response, EngineError>, AppendAck)>,
+    },
+    Heartbeat {
+        agent: AgentName,
+        incarnation: u64,
+        progress: Option<Progress>,
+        reply: oneshot::Sender<Result<(), Rejection>>,
+    },
+    Read {
+        read: Read,
+        reply: oneshot::Sender<AppendAck>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<Option<Writer>>,
+    },
 }
 
 /// Snapshot policy.
@@ -61,10 +79,22 @@ pub struct Engine {
     durability: watch::Receiver<Durability>,
 }
 
+/// How often the core's timers and detectors are consulted.
+pub const TICK: Duration = Duration::from_millis(50);
+
 impl Engine {
     /// Starts the engine task over a recovered core whose last event is `last_seq`.
-    pub fn start(core: Core, last_seq: u64, writer: Writer, policy: SnapshotPolicy) -> Engine {
+    /// Effects go to `effects`, each only once the events that caused it are durable.
+    pub fn start(
+        core: Core,
+        last_seq: u64,
+        writer: Writer,
+        policy: SnapshotPolicy,
+        effects: mpsc::UnboundedSender<Effect>,
+    ) -> Engine {
         let (requests, receiver) = mpsc::channel(4096);
+        let (pending_effects, pending) = mpsc::unbounded_channel();
+        tokio::spawn(forward_effects(pending, effects));
         let durability = writer.durability();
         let task = EngineTask {
             core,
@@ -74,9 +104,23 @@ impl Engine {
             events_since_snapshot: 0,
             last_snapshot: Instant::now(),
             snapshot_in_flight: None,
+            pending_effects,
         };
         tokio::spawn(task.run(receiver));
         Engine { requests, durability }
+    }
+
+    /// A heartbeat: volatile, answered at once (nothing about it is logged here).
+    pub async fn heartbeat(
+        &self,
+        agent: AgentName,
+        incarnation: u64,
+        progress: Option<Progress>,
+    ) -> Result<(), EngineError> {
+        let (reply, answer) = oneshot::channel();
+        let request = Request::Heartbeat { agent, incarnation, progress, reply };
+        self.requests.send(request).await.map_err(|_| EngineError::ShuttingDown)?;
+        Ok(answer.await.map_err(|_| EngineError::ShuttingDown)??)
     }
 
     /// Carries out `command`; resolves once the outcome is durable.
@@ -101,6 +145,14 @@ impl Engine {
     pub async fn read<T: Send + 'static>(
         &self,
         read: impl FnOnce(&State) -> T + Send + 'static,
+    ) -> Result<T, EngineError> {
+        self.read_core(move |core| read(core.state())).await
+    }
+
+    /// Like [`read`](Engine::read), with the volatile liveness table in view too.
+    pub async fn read_core<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Core) -> T + Send + 'static,
     ) -> Result<T, EngineError> {
         let (result_tx, result) = oneshot::channel();
         let read: Read = Box::new(move |state| {
@@ -149,6 +201,26 @@ impl Submitted {
     }
 }
 
+/// Passes effects on in order, each batch once the barrier queued after its events is
+/// durable: nothing outside acts on an event a crash could take back.
+async fn forward_effects(
+    mut pending: mpsc::UnboundedReceiver<(AppendAck, Vec<Effect>)>,
+    effects: mpsc::UnboundedSender<Effect>,
+) {
+    while let Some((barrier, batch)) = pending.recv().await {
+        if wait_durable(barrier).await.is_err() {
+            // The log failed: what these effects stand on may be lost. Act on nothing more.
+            tracing::error!(dropped = batch.len(), "the log failed; effects of unlogged events are dropped");
+            continue;
+        }
+        for effect in batch {
+            if effects.send(effect).is_err() {
+                return;
+            }
+        }
+    }
+}
+
 async fn wait_durable(ack: AppendAck) -> Result<(), EngineError> {
     match ack.await {
         Ok(result) => Ok(result?),
@@ -164,17 +236,18 @@ struct EngineTask {
     events_since_snapshot: u64,
     last_snapshot: Instant,
     snapshot_in_flight: Option<tokio::task::JoinHandle<()>>,
+    pending_effects: mpsc::UnboundedSender<(AppendAck, Vec<Effect>)>,
 }
 
 impl EngineTask {
     async fn run(mut self, mut receiver: mpsc::Receiver<Request>) {
-        let mut timer =
-            tokio::time::interval(self.policy.every.clamp(Duration::from_millis(10), Duration::from_secs(1)));
+        let mut timer = tokio::time::interval(TICK);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let request = tokio::select! {
                 request = receiver.recv() => request,
                 _ = timer.tick() => {
+                    self.tick().await;
                     self.maybe_snapshot(false);
                     continue;
                 }
@@ -189,7 +262,15 @@ impl EngineTask {
                     let (outcome, records) = self.execute(&writer, command);
                     let ack = writer.append(records).await;
                     let _ = reply.send((outcome, ack));
+                    self.flush_effects(&writer).await;
                     self.maybe_snapshot(false);
+                }
+                Request::Heartbeat { agent, incarnation, progress, reply } => {
+                    let _ = reply.send(self.core.heartbeat(clock::now(), &agent, incarnation, progress));
+                    // A challenge answered, or not: effects of heartbeats are volatile.
+                    if let Some(writer) = self.writer.clone() {
+                        self.flush_effects(&writer).await;
+                    }
                 }
                 Request::Read { read, reply } => {
                     let Some(writer) = self.writer.clone() else {
@@ -197,7 +278,7 @@ impl EngineTask {
                         let _ = reply.send(closed_ack());
                         continue;
                     };
-                    read(self.core.state());
+                    read(&self.core);
                     let _ = reply.send(writer.append(Vec::new()).await);
                 }
                 Request::Shutdown { reply } => {
@@ -213,6 +294,35 @@ impl EngineTask {
                 }
             }
         }
+    }
+
+    /// Runs what the core's timers and detectors ask for, like any other command.
+    async fn tick(&mut self) {
+        let Some(writer) = self.writer.clone() else { return };
+        let commands = self.core.tick(clock::now());
+        for command in commands {
+            let kind = command_kind(&command);
+            let (outcome, records) = self.execute(&writer, command);
+            if let Err(error) = outcome {
+                tracing::warn!(%error, kind, "a command from the detectors was refused");
+            }
+            // Nobody waits for these acks: effects wait on their own barrier.
+            drop(writer.append(records).await);
+        }
+        self.flush_effects(&writer).await;
+    }
+
+    /// Hands the effects the core queued to the forwarder, behind a barrier.
+    async fn flush_effects(&mut self, writer: &Writer) {
+        let mut batch = Vec::new();
+        while let Some(effect) = self.core.poll_effect() {
+            batch.push(effect);
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let barrier = writer.append(Vec::new()).await;
+        let _ = self.pending_effects.send((barrier, batch));
     }
 
     fn execute(&mut self, writer: &Writer, command: Command) -> (Result<Response, EngineError>, Vec<Record>) {
@@ -236,7 +346,7 @@ impl EngineTask {
         let facts = Facts::of(&events);
         // Encoded already: the events' parts can move into the state.
         for event in events {
-            self.core.apply_owned(now, event);
+            self.core.apply_live(now, event);
         }
         let record = self
             .core
@@ -290,6 +400,15 @@ impl EngineTask {
     }
 }
 
+fn command_kind(command: &Command) -> &'static str {
+    match command {
+        Command::StartManaged { .. } => "start_managed",
+        Command::ReportDown { .. } => "report_down",
+        Command::RecordProgress { .. } => "record_progress",
+        _ => "other",
+    }
+}
+
 fn closed_ack() -> AppendAck {
     let (ack, done) = oneshot::channel();
     let _ = ack.send(Err(WriteError::Stopped));
@@ -339,6 +458,13 @@ fn respond(command: &Command, facts: Facts, record: &AgentRecord) -> Response {
                 state: serde_json::Value::clone(record.state()),
             })
         }
+        Command::Declare { .. }
+        | Command::StartManaged { .. }
+        | Command::ProcessStarted { .. }
+        | Command::ReportDown { .. }
+        | Command::Restart { .. }
+        | Command::Stop { .. }
+        | Command::RecordProgress { .. } => Response::Done,
     }
 }
 

@@ -11,16 +11,20 @@ mod clock;
 mod config;
 pub mod engine;
 pub mod manifest;
+pub mod process;
 mod sessions;
+pub mod supervisor;
 
-pub use config::ServerConfig;
-pub use sessions::Sessions;
+pub use config::{DeclaredAgent, ServerConfig, Supervise};
+pub use sessions::{Push, Sessions};
 
 use engine::{Engine, SnapshotPolicy};
+use hale_core::{Command, Effect};
 use hale_store::{DataDir, RecoveryOptions, RecoveryReport, StoreError, Writer, WriterOptions};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use supervisor::{ManagedAgent, Supervisor, SupervisorConfig};
 use tokio::sync::watch;
 
 /// Why the server could not start or stopped badly.
@@ -34,6 +38,10 @@ pub enum ServerError {
     Serve(std::io::Error),
     #[error("the log failed while running ({0}); acknowledged writes are safe in the log, restart hale to recover")]
     LogFailed(String),
+    #[error("cannot create the agent log directory {}: {source}", .path.display())]
+    Logs { path: std::path::PathBuf, source: std::io::Error },
+    #[error("cannot start supervising the agents of hale.toml: {0}")]
+    Supervise(String),
 }
 
 /// A server that is accepting connections.
@@ -45,6 +53,8 @@ pub struct RunningServer {
     serving: tokio::task::JoinHandle<Result<(), std::io::Error>>,
     engine: Engine,
     data_dir: DataDir,
+    supervisor: Option<Arc<Supervisor>>,
+    stop_grace: Duration,
 }
 
 /// Recovers the data directory and starts serving.
@@ -58,7 +68,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     })
     .await
     .expect("recovery does not panic");
-    let recovered = recovered?;
+    let mut recovered = recovered?;
+    let mut core = recovered.core;
+    core.set_seed(clock::seed());
+    core.set_liveness_settings(config.liveness.clone());
+    // Runs that were heartbeating before this start get a grace period to come back.
+    core.begin_grace(clock::now());
+    recovered.core = core;
     let writer = Writer::start(recovered.log, recovered.last_seq, WriterOptions::default());
     let policy = SnapshotPolicy {
         dir: snapshot_dir,
@@ -66,16 +82,30 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         every: config.snapshot_every,
         kept: config.snapshots_kept,
     };
-    let engine = Engine::start(recovered.core, recovered.last_seq, writer, policy);
+    let (effects_tx, effects) = tokio::sync::mpsc::unbounded_channel();
+    let engine = Engine::start(recovered.core, recovered.last_seq, writer, policy, effects_tx);
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     let local_addr = listener.local_addr().map_err(ServerError::Serve)?;
+    let sessions = Arc::new(Sessions::default());
+    let mut stop_grace = Duration::from_secs(5);
+    let supervisor = match &config.supervise {
+        None => None,
+        Some(supervise) => {
+            stop_grace = supervise.stop_grace;
+            Some(Arc::new(start_supervisor(&engine, supervise, &data_dir, local_addr).await?))
+        }
+    };
+    tokio::spawn(route_effects(effects, sessions.clone(), supervisor.clone()));
+    if let Some(supervisor) = &supervisor {
+        supervisor.adopt_or_start().await.map_err(|error| ServerError::Supervise(error.to_string()))?;
+    }
     let (shutdown, stopping) = watch::channel(false);
     let app = api::AppState {
         engine: engine.clone(),
-        sessions: Arc::new(Sessions::default()),
+        sessions,
         frame_bytes_max: config.frame_bytes_max,
         body_bytes_max: config.body_bytes_max,
         session_in_flight_max: config.session_in_flight_max,
@@ -98,7 +128,71 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         serving,
         engine,
         data_dir,
+        supervisor,
+        stop_grace,
     })
+}
+
+/// Declares every agent of hale.toml to the core, then starts a keeper for each.
+async fn start_supervisor(
+    engine: &Engine,
+    supervise: &Supervise,
+    data_dir: &DataDir,
+    local_addr: SocketAddr,
+) -> Result<Supervisor, ServerError> {
+    let logs_dir = data_dir.path().join("logs");
+    std::fs::create_dir_all(&logs_dir).map_err(|source| ServerError::Logs { path: logs_dir.clone(), source })?;
+    let mut agents = Vec::new();
+    for declared in &supervise.agents {
+        let command = Command::Declare {
+            agent: declared.name.clone(),
+            role: declared.role.clone(),
+            labels: declared.labels.clone(),
+            supervision: declared.supervision.clone(),
+        };
+        engine.execute(command).await.map_err(|error| ServerError::Supervise(error.to_string()))?;
+        let logs =
+            process::AgentLogs::new(&logs_dir, declared.name.as_str(), supervise.log_bytes_max, supervise.logs_kept);
+        agents.push(ManagedAgent { name: declared.name.clone(), spec: declared.process.clone(), logs: Arc::new(logs) });
+    }
+    let config = SupervisorConfig {
+        agents,
+        hale_url: format!("ws://{local_addr}"),
+        stop_grace: supervise.stop_grace,
+        rotate_every: Duration::from_secs(5),
+    };
+    Ok(Supervisor::start(engine.clone(), config))
+}
+
+/// Carries out the core's effects once they are durable: processes through the
+/// supervisor, fences and challenges through the sessions, escalations to the log.
+async fn route_effects(
+    mut effects: tokio::sync::mpsc::UnboundedReceiver<Effect>,
+    sessions: Arc<Sessions>,
+    supervisor: Option<Arc<Supervisor>>,
+) {
+    while let Some(effect) = effects.recv().await {
+        match effect {
+            Effect::Spawn { .. } | Effect::Stop { .. } => match &supervisor {
+                Some(supervisor) => supervisor.dispatch(effect),
+                None => tracing::warn!(
+                    ?effect,
+                    "a managed agent needs its process started or stopped, but this hale runs no agents (use `hale up -c hale.toml`)"
+                ),
+            },
+            Effect::Fence { agent, incarnation } => {
+                sessions.push(
+                    &agent,
+                    incarnation,
+                    Push::Fenced { reason: "a newer incarnation started or this one was declared down".into() },
+                );
+            }
+            Effect::Challenge { agent, incarnation } => sessions.push(&agent, incarnation, Push::Challenge),
+            Effect::Escalate { agent, restarts, window_ms } => {
+                tracing::error!(%agent, restarts, window_ms, "agent FAILED: too many restarts within the window; not restarting until `hale restart {agent}`");
+            }
+        }
+    }
 }
 
 impl RunningServer {
@@ -117,6 +211,11 @@ impl RunningServer {
         self.recovered_seq
     }
 
+    /// The supervisor, when this hale runs agents.
+    pub fn supervisor(&self) -> Option<&Supervisor> {
+        self.supervisor.as_deref()
+    }
+
     /// The engine, for in-process use (benchmarks).
     pub fn engine(&self) -> &Engine {
         &self.engine
@@ -125,6 +224,11 @@ impl RunningServer {
     /// Graceful shutdown: stop accepting, close sessions after answering what they asked,
     /// take a final snapshot, flush the log, release the data directory.
     pub async fn shutdown(self) -> Result<(), ServerError> {
+        // Agents first, while the log still takes their stops: the next `hale up` starts
+        // them again rather than counting a crash.
+        if let Some(supervisor) = &self.supervisor {
+            supervisor.stop_all(self.stop_grace).await;
+        }
         let _ = self.shutdown.send(true);
         let mut serving = self.serving;
         let served = match tokio::time::timeout(Duration::from_secs(10), &mut serving).await {

@@ -1,42 +1,74 @@
-//! Which agents have a WebSocket session open now. Volatile by design: attachment is not a
-//! durable fact, so it lives here in the shell and not in the log.
+//! Which agents have a WebSocket session open now, and a way to reach them. Volatile by
+//! design: attachment is not a durable fact, so it lives here in the shell and not in the
+//! log.
 
 use hale_core::AgentName;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+
+/// Something the server tells a session without being asked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Push {
+    /// The detector suspects the agent: answer with a heartbeat.
+    Challenge,
+    /// The session's incarnation was superseded or declared down: it is closed after this.
+    Fenced { reason: String },
+}
+
+/// Pushes queued per session before the oldest is dropped: a session that does not read
+/// them is closed by the fence anyway, and a challenge repeats while suspicion lasts.
+const PUSHES_QUEUED_MAX: usize = 16;
+
+type Key = (AgentName, u64);
+/// Each open session of one incarnation: its id and where its pushes go.
+type Open = Vec<(u64, mpsc::Sender<Push>)>;
 
 /// Open sessions per agent and incarnation.
 #[derive(Debug, Default)]
 pub struct Sessions {
-    open: Mutex<HashMap<(AgentName, u64), usize>>,
+    open: Mutex<HashMap<Key, Open>>,
+    next_id: AtomicU64,
 }
 
 /// Counts a session as open until dropped.
 pub struct SessionGuard {
     sessions: Arc<Sessions>,
-    key: (AgentName, u64),
+    key: Key,
+    id: u64,
 }
 
 impl Sessions {
-    /// Records a session of `agent`'s `incarnation`.
-    pub fn attach(self: &Arc<Self>, agent: AgentName, incarnation: u64) -> SessionGuard {
+    /// Records a session of `agent`'s `incarnation`; pushes for it arrive on the receiver.
+    pub fn attach(self: &Arc<Self>, agent: AgentName, incarnation: u64) -> (SessionGuard, mpsc::Receiver<Push>) {
         let key = (agent, incarnation);
-        *self.open.lock().expect("sessions lock").entry(key.clone()).or_default() += 1;
-        SessionGuard { sessions: self.clone(), key }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = mpsc::channel(PUSHES_QUEUED_MAX);
+        self.open.lock().expect("sessions lock").entry(key.clone()).or_default().push((id, sender));
+        (SessionGuard { sessions: self.clone(), key, id }, receiver)
     }
 
     /// Whether a session of `agent`'s `incarnation` is open.
     pub fn is_attached(&self, agent: &AgentName, incarnation: u64) -> bool {
         self.open.lock().expect("sessions lock").contains_key(&(agent.clone(), incarnation))
     }
+
+    /// Tells every session of `agent`'s `incarnation`. Never waits: a full queue drops it.
+    pub fn push(&self, agent: &AgentName, incarnation: u64, push: Push) {
+        let open = self.open.lock().expect("sessions lock");
+        for (_, sender) in open.get(&(agent.clone(), incarnation)).into_iter().flatten() {
+            let _ = sender.try_send(push.clone());
+        }
+    }
 }
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         let mut open = self.sessions.open.lock().expect("sessions lock");
-        if let Some(count) = open.get_mut(&self.key) {
-            *count -= 1;
-            if *count == 0 {
+        if let Some(senders) = open.get_mut(&self.key) {
+            senders.retain(|(id, _)| *id != self.id);
+            if senders.is_empty() {
                 open.remove(&self.key);
             }
         }

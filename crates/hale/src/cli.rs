@@ -1,4 +1,5 @@
 use crate::bench;
+use crate::demo_agent;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use hale_client::Admin;
@@ -30,6 +31,40 @@ enum LogFormat {
 enum Commands {
     /// Run the server: recover the data directory, then serve WebSocket sessions and HTTP.
     Serve(ServeArgs),
+    /// Run the server and the agents of hale.toml: start them, restart them when they
+    /// fail, adopt the ones still running from before. Ctrl-C stops them all.
+    Up(ServeArgs),
+    /// Restart a managed agent now (this also revives a `failed` one).
+    Restart {
+        agent: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Stop a managed agent; it stays stopped until `hale restart` or the next `hale up`.
+    Stop {
+        agent: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Print an agent's output (stdout and stderr), from its log files.
+    Logs {
+        agent: String,
+        /// Keep printing what it writes.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// How many lines to print first.
+        #[arg(long, short = 'n', default_value_t = 50)]
+        lines: usize,
+        /// hale.toml, to find the data directory.
+        #[arg(long, short = 'c', env = "HALE_CONFIG")]
+        config: Option<PathBuf>,
+        /// The data directory [default: from hale.toml, else hale-data].
+        #[arg(long, env = "HALE_DATA")]
+        data: Option<PathBuf>,
+    },
+    /// A small example agent that heartbeats with progress and checkpoints its work; it can
+    /// misbehave on purpose (for tests and `hale demo`).
+    DemoAgent(demo_agent::DemoAgentArgs),
     /// List the agents hale knows.
     Agents {
         #[command(flatten)]
@@ -119,7 +154,20 @@ pub fn init_logging(cli: &Cli) {
 /// Runs the command; returns the process exit code.
 pub async fn run(cli: Cli) -> Result<i32> {
     match cli.command {
-        Commands::Serve(args) => serve(args).await,
+        Commands::Serve(args) => serve(args, false).await,
+        Commands::Up(args) => serve(args, true).await,
+        Commands::Restart { agent, server } => {
+            let incarnation = Admin::new(&http_base(&server.server)).restart(&agent).await?;
+            println!("{agent}: restarted as incarnation {incarnation}");
+            Ok(0)
+        }
+        Commands::Stop { agent, server } => {
+            Admin::new(&http_base(&server.server)).stop(&agent).await?;
+            println!("{agent}: stopped");
+            Ok(0)
+        }
+        Commands::Logs { agent, follow, lines, config, data } => logs(&agent, follow, lines, config, data).await,
+        Commands::DemoAgent(args) => demo_agent::run(args).await,
         Commands::Agents { server, json } => agents(&server.server, json).await,
         Commands::State { agent, version, server } => {
             let state = Admin::new(&http_base(&server.server)).state(&agent, version).await?;
@@ -153,15 +201,21 @@ fn http_base(server: &str) -> String {
     }
 }
 
-async fn serve(args: ServeArgs) -> Result<i32> {
-    let manifest = match &args.config {
+async fn serve(args: ServeArgs, supervise: bool) -> Result<i32> {
+    let config_path = match (&args.config, supervise) {
+        (Some(path), _) => Some(path.clone()),
+        (None, true) => Some(PathBuf::from("hale.toml")),
+        (None, false) => None,
+    };
+    let manifest = match &config_path {
         Some(path) => Manifest::load(path)?,
         None => Manifest::default(),
     };
-    let data = args.data.or(manifest.server.data).unwrap_or_else(|| PathBuf::from("hale-data"));
+    let data = args.data.or(manifest.server.data.clone()).unwrap_or_else(|| PathBuf::from("hale-data"));
     let listen =
         args.listen.or(manifest.server.listen).unwrap_or_else(|| "127.0.0.1:7700".parse().expect("a valid address"));
-    let mut limits = manifest.limits;
+    let liveness = manifest.liveness();
+    let mut limits = manifest.limits.clone();
     limits.patch_bytes_max = args.patch_bytes_max.unwrap_or(limits.patch_bytes_max);
     limits.state_bytes_max = args.state_bytes_max.unwrap_or(limits.state_bytes_max);
     limits.history_len = args.history_len.unwrap_or(limits.history_len);
@@ -175,6 +229,12 @@ async fn serve(args: ServeArgs) -> Result<i32> {
     config.snapshot_every =
         Duration::from_secs(args.snapshot_every_secs.unwrap_or(manifest.snapshots.every_secs).max(1));
     config.snapshots_kept = manifest.snapshots.kept.max(1);
+    config.liveness = liveness;
+    if supervise {
+        let path = config_path.as_deref().expect("hale up has a config path");
+        let base = std::path::absolute(path)?.parent().map(PathBuf::from).unwrap_or_default();
+        config.supervise = Some(manifest.supervise(&base));
+    }
     // Handlers first: a SIGTERM that arrives the moment we are listening must mean a clean
     // stop, not the default action (which kills the process and fails its exit status).
     let stop = StopSignals::install()?;
@@ -238,22 +298,79 @@ impl StopSignals {
     }
 }
 
+async fn logs(agent: &str, follow: bool, lines: usize, config: Option<PathBuf>, data: Option<PathBuf>) -> Result<i32> {
+    use hale_server::process::{AgentLogs, follow as follow_log, tail};
+    use std::io::Write;
+    let manifest = match &config {
+        Some(path) => Some(Manifest::load(path)?),
+        None if std::path::Path::new("hale.toml").exists() => Manifest::load(std::path::Path::new("hale.toml")).ok(),
+        None => None,
+    };
+    let supervision = manifest.as_ref().map(|manifest| manifest.supervision.clone()).unwrap_or_default();
+    let data = data
+        .or_else(|| manifest.as_ref().and_then(|manifest| manifest.server.data.clone()))
+        .unwrap_or_else(|| PathBuf::from("hale-data"));
+    hale_core::AgentName::new(agent)?;
+    let logs = AgentLogs::new(&data.join("logs"), agent, supervision.log_bytes_max, supervision.logs_kept);
+    if !logs.path().exists() {
+        bail!("no log for agent {agent:?} at {}; is it a managed agent of this data directory?", logs.path().display());
+    }
+    print!("{}", tail(&logs, lines)?);
+    std::io::stdout().flush()?;
+    if follow {
+        let from = std::fs::metadata(logs.path()).map(|meta| meta.len()).unwrap_or(0);
+        follow_log(&logs, from, |bytes| {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(bytes);
+            let _ = out.flush();
+        })
+        .await?;
+    }
+    Ok(0)
+}
+
 async fn agents(server: &str, json: bool) -> Result<i32> {
     let agents = Admin::new(&http_base(server)).agents().await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&agents)?);
         return Ok(0);
     }
-    println!("{:<24} {:<20} {:>11} {:>9} {:>8} {:>6}", "AGENT", "ROLE", "INCARNATION", "VERSION", "ATTACHED", "POINTS");
+    println!(
+        "{:<24} {:<16} {:<12} {:>5} {:>8} {:>8} {:>8} {:<8}  PROGRESS / CAUSE",
+        "AGENT", "ROLE", "STATUS", "INC", "VERSION", "PID", "RESTARTS", "ATTACHED"
+    );
     for agent in &agents {
+        let managed = agent.managed.as_ref();
+        // The most telling word: down beats health beats the supervisor's view.
+        let status = match (&agent.down, &agent.health, managed) {
+            (Some(_), _, Some(managed)) if managed.status != "running" && managed.status != "starting" => {
+                managed.status.clone()
+            }
+            (Some(_), _, _) => "down".to_string(),
+            (None, Some(health), _) => health.clone(),
+            (None, None, Some(managed)) => managed.status.clone(),
+            (None, None, None) => "-".to_string(),
+        };
+        let detail = match (&agent.down, &agent.progress) {
+            (Some(down), _) => format!("{} ({})", down.cause, down.detector),
+            (None, Some(progress)) => {
+                let fraction =
+                    progress.fraction.map(|fraction| format!("{:>3.0}% ", fraction * 100.0)).unwrap_or_default();
+                format!("{fraction}{}", progress.message.clone().unwrap_or_default())
+            }
+            (None, None) => String::new(),
+        };
         println!(
-            "{:<24} {:<20} {:>11} {:>9} {:>8} {:>6}",
+            "{:<24} {:<16} {:<12} {:>5} {:>8} {:>8} {:>8} {:<8}  {}",
             agent.agent,
             agent.role,
+            status,
             agent.incarnation,
             agent.version,
+            managed.and_then(|managed| managed.pid).map_or("-".to_string(), |pid| pid.to_string()),
+            managed.map_or("-".to_string(), |managed| managed.restarts.to_string()),
             if agent.attached { "yes" } else { "no" },
-            agent.recovery_points
+            detail
         );
     }
     if agents.is_empty() {

@@ -1,8 +1,8 @@
 //! From wire types to core commands, validating names on the way.
 
 use super::ApiError;
-use hale_core::{AgentName, Command, Hello, PointName, RoleName, RollbackTarget};
-use hale_proto::{HelloBody, RollbackTo};
+use hale_core::{AgentName, Command, Hello, PointName, Progress, RoleName, RollbackTarget};
+use hale_proto::{HelloBody, ProgressBody, RollbackTo};
 use serde_json::Value;
 
 pub fn hello(agent: &str, body: HelloBody) -> Result<Command, ApiError> {
@@ -28,6 +28,10 @@ pub fn rollback(agent: AgentName, incarnation: u64, to: RollbackTo) -> Result<Co
         RollbackTo::Point(name) => RollbackTarget::Point(PointName::new(name)?),
     };
     Ok(Command::Rollback { agent, incarnation, target })
+}
+
+pub fn progress(body: ProgressBody) -> Progress {
+    Progress { fraction: body.fraction, message: body.message, task: body.task, fields: body.fields }
 }
 
 /// A JSON parse error, said so a person can act on it.

@@ -40,16 +40,21 @@ impl From<NameError> for ApiError {
 impl From<Rejection> for ApiError {
     fn from(rejection: Rejection) -> ApiError {
         let status = match &rejection {
-            Rejection::InvalidName(_) | Rejection::PatchNotObject { .. } | Rejection::PatchTooDeep { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            Rejection::InvalidName(_)
+            | Rejection::PatchNotObject { .. }
+            | Rejection::PatchTooDeep { .. }
+            | Rejection::BadFraction { .. } => StatusCode::BAD_REQUEST,
             Rejection::UnknownAgent { .. } | Rejection::UnknownRecoveryPoint { .. } => StatusCode::NOT_FOUND,
             Rejection::NotStarted { .. }
             | Rejection::StaleIncarnation { .. }
             | Rejection::UnknownIncarnation { .. }
             | Rejection::VersionConflict { .. }
-            | Rejection::TooManyRecoveryPoints { .. } => StatusCode::CONFLICT,
-            Rejection::PatchTooLarge { .. } | Rejection::StateTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            | Rejection::TooManyRecoveryPoints { .. }
+            | Rejection::IncarnationDown { .. }
+            | Rejection::NotManaged { .. } => StatusCode::CONFLICT,
+            Rejection::PatchTooLarge { .. } | Rejection::StateTooLarge { .. } | Rejection::ProgressTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             Rejection::VersionNotRetained { .. } => StatusCode::GONE,
         };
         ApiError::new(status, rejection.code(), rejection.to_string(), false)

@@ -9,7 +9,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use hale_core::AgentName;
-use hale_proto::{AgentState, AgentSummary, Checkpointed, HelloBody, HttpCheckpoint, HttpRecoveryPoint, HttpRollback};
+use hale_proto::{
+    AgentState, AgentSummary, Checkpointed, DownSummary, HelloBody, HttpCheckpoint, HttpHeartbeat, HttpRecoveryPoint,
+    HttpRollback, ManagedSummary, ProgressBody,
+};
 use serde::de::DeserializeOwned;
 use std::collections::HashMap;
 
@@ -24,6 +27,9 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/agents/{agent}/checkpoint", post(checkpoint))
         .route("/v1/agents/{agent}/recovery-points", post(recovery_point))
         .route("/v1/agents/{agent}/rollback", post(rollback))
+        .route("/v1/agents/{agent}/heartbeat", post(heartbeat))
+        .route("/v1/agents/{agent}/restart", post(restart))
+        .route("/v1/agents/{agent}/stop", post(stop))
         .fallback(|| async { ApiError::not_found("no such endpoint; see docs/protocol.md for the API") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -82,24 +88,81 @@ async fn list_agents(State(app): State<AppState>) -> Result<Json<Vec<AgentSummar
     let sessions = app.sessions.clone();
     let agents = app
         .engine
-        .read(move |state| {
-            state
-                .agents()
-                .map(|record| AgentSummary {
-                    agent: record.name.to_string(),
-                    role: record.role.to_string(),
-                    labels: record.labels.clone(),
-                    incarnation: record.incarnation,
-                    version: record.version(),
-                    attached: sessions.is_attached(&record.name, record.incarnation),
-                    recovery_points: record.recovery_points.len(),
-                    registered_at_ms: record.registered_at.0,
-                    updated_at_ms: record.updated_at.0,
-                })
-                .collect()
-        })
+        .read_core(move |core| core.state().agents().map(|record| summary(core, record, &sessions)).collect())
         .await?;
     Ok(Json(agents))
+}
+
+/// What `hale agents` shows of one agent: the log's view plus the volatile liveness.
+fn summary(core: &hale_core::Core, record: &hale_core::AgentRecord, sessions: &crate::Sessions) -> AgentSummary {
+    use hale_core::supervision::ManagedStatus;
+    let live = core.liveness(record.name.as_str()).filter(|live| live.incarnation == record.incarnation);
+    let progress = live.and_then(|live| live.progress.clone()).or_else(|| {
+        record
+            .progress
+            .as_ref()
+            .filter(|logged| logged.incarnation == record.incarnation)
+            .map(|logged| logged.progress.clone())
+    });
+    AgentSummary {
+        agent: record.name.to_string(),
+        role: record.role.to_string(),
+        labels: record.labels.clone(),
+        incarnation: record.incarnation,
+        version: record.version(),
+        attached: sessions.is_attached(&record.name, record.incarnation),
+        recovery_points: record.recovery_points.len(),
+        registered_at_ms: record.registered_at.0,
+        updated_at_ms: record.updated_at.0,
+        managed: record.managed.as_ref().map(|managed| ManagedSummary {
+            status: managed.status.name().to_string(),
+            pid: managed.process.map(|process| process.pid),
+            restarts: managed.restarts,
+            restart_due_ms: match managed.status {
+                ManagedStatus::Backoff { due, .. } => Some(due.0),
+                _ => None,
+            },
+        }),
+        health: live.map(|live| format!("{:?}", live.health).to_lowercase()),
+        last_heartbeat_ms: live.map(|live| live.last_beat.0),
+        progress: progress.map(|progress| ProgressBody {
+            fraction: progress.fraction,
+            message: progress.message,
+            task: progress.task,
+            fields: progress.fields,
+        }),
+        down: record.down.as_ref().filter(|down| down.incarnation == record.incarnation).map(|down| DownSummary {
+            incarnation: down.incarnation,
+            detector: down.cause.detector().to_string(),
+            cause: down.cause.to_string(),
+            at_ms: down.at.0,
+        }),
+    }
+}
+
+async fn heartbeat(
+    State(app): State<AppState>,
+    Path(agent): Path<String>,
+    JsonBody(body): JsonBody<HttpHeartbeat>,
+) -> Result<Response, ApiError> {
+    let progress = body.progress.map(convert::progress);
+    app.engine.heartbeat(agent_name(&agent)?, body.incarnation, progress).await?;
+    Ok(Json(serde_json::json!({ "ok": true })).into_response())
+}
+
+/// `hale stop AGENT`: stop a managed agent and do not restart it.
+async fn stop(State(app): State<AppState>, Path(agent): Path<String>) -> Result<Response, ApiError> {
+    app.engine.execute(hale_core::Command::Stop { agent: agent_name(&agent)? }).await?;
+    Ok(Json(serde_json::json!({ "stopped": true })).into_response())
+}
+
+/// `hale restart AGENT`: restart now and forget the restart window.
+async fn restart(State(app): State<AppState>, Path(agent): Path<String>) -> Result<Response, ApiError> {
+    let agent = agent_name(&agent)?;
+    app.engine.execute(hale_core::Command::Restart { agent: agent.clone() }).await?;
+    let incarnation =
+        app.engine.read(move |state| state.agent(agent.as_str()).map_or(0, |record| record.incarnation)).await?;
+    Ok(Json(serde_json::json!({ "restarted": true, "incarnation": incarnation })).into_response())
 }
 
 async fn agent_state(
@@ -178,5 +241,6 @@ fn respond(response: EngineResponse) -> Result<Response, ApiError> {
         EngineResponse::Checkpointed { version } => Json(Checkpointed { version }).into_response(),
         EngineResponse::RecoveryPointMarked(point) => Json(point).into_response(),
         EngineResponse::RolledBack(rolled_back) => Json(rolled_back).into_response(),
+        EngineResponse::Done => Json(serde_json::json!({ "ok": true })).into_response(),
     })
 }

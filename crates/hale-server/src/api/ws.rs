@@ -3,7 +3,7 @@
 
 use super::{ApiError, AppState, convert};
 use crate::engine::{Response as EngineResponse, Submitted};
-use crate::sessions::SessionGuard;
+use crate::sessions::{Push, SessionGuard};
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
 use axum::response::Response;
@@ -13,6 +13,7 @@ use hale_core::AgentName;
 use hale_proto::{CLIENT_FRAME_TYPES, ClientFrame, ServerFrame};
 use std::future::Future;
 use std::pin::Pin;
+use tokio::sync::mpsc;
 
 pub async fn upgrade(ws: WebSocketUpgrade, State(app): State<AppState>) -> Response {
     // tungstenite zero-fills the unused part of its read buffer before every read, so its
@@ -22,7 +23,7 @@ pub async fn upgrade(ws: WebSocketUpgrade, State(app): State<AppState>) -> Respo
     ws.max_message_size(app.frame_bytes_max)
         .max_frame_size(app.frame_bytes_max)
         .read_buffer_size(4 * 1024)
-        .on_upgrade(move |socket| Session { app, bound: None }.run(socket))
+        .on_upgrade(move |socket| Session { app, bound: None, pushes: None }.run(socket))
 }
 
 type Answer = Pin<Box<dyn Future<Output = ServerFrame> + Send>>;
@@ -37,7 +38,12 @@ struct Bound {
 struct Session {
     app: AppState,
     bound: Option<Bound>,
+    /// What the server says unasked (challenges, fencing), once bound.
+    pushes: Option<mpsc::Receiver<Push>>,
 }
+
+/// Closes a session whose incarnation was fenced (application range 4000–4999).
+const CLOSE_FENCED: u16 = 4001;
 
 impl Session {
     async fn run(mut self, socket: WebSocket) {
@@ -61,6 +67,28 @@ impl Session {
                     }
                     if sink.flush().await.is_err() {
                         return;
+                    }
+                }
+                Some(push) = async { self.pushes.as_mut()?.recv().await }, if self.pushes.is_some() => {
+                    match push {
+                        Push::Challenge => {
+                            if sink.send(encode(&ServerFrame::Challenge {})).await.is_err() {
+                                return;
+                            }
+                        }
+                        Push::Fenced { reason } => {
+                            // Answers still owed go first: they were decided before the fence.
+                            while let Some(frame) = answers.next().await {
+                                if sink.feed(encode(&frame)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            let incarnation = self.bound.as_ref().map_or(0, |bound| bound.incarnation);
+                            let _ = sink.feed(encode(&ServerFrame::Fenced { incarnation, reason })).await;
+                            let close = CloseFrame { code: CLOSE_FENCED, reason: Utf8Bytes::from_static("incarnation fenced") };
+                            let _ = sink.send(Message::Close(Some(close))).await;
+                            return;
+                        }
                     }
                 }
                 _ = async { let _ = shutdown.wait_for(|stopping| *stopping).await; } => {
@@ -100,6 +128,9 @@ impl Session {
             Err(error) => return ready(frame_error(bytes, &error)),
         };
         let id = frame.id();
+        if let ClientFrame::Heartbeat { progress, .. } = frame {
+            return self.heartbeat(id, progress).await;
+        }
         let command = match self.command(frame) {
             Ok(command) => command,
             Err(error) => return ready(ServerFrame::Error { id: Some(id), error: error.body }),
@@ -107,10 +138,30 @@ impl Session {
         let submitted = self.app.engine.submit(command).await;
         if let Ok(EngineResponse::Welcome(welcome)) = submitted.peek() {
             let agent = AgentName::new(welcome.agent.clone()).expect("the core only welcomes valid names");
-            let attached = self.app.sessions.attach(agent.clone(), welcome.incarnation);
+            let (attached, pushes) = self.app.sessions.attach(agent.clone(), welcome.incarnation);
             self.bound = Some(Bound { agent, incarnation: welcome.incarnation, _attached: attached });
+            self.pushes = Some(pushes);
         }
         Box::pin(answer(id, submitted))
+    }
+
+    /// Heartbeats are volatile: answered as soon as the engine has seen them, with no wait
+    /// for the log (they change nothing durable).
+    async fn heartbeat(&mut self, id: u64, progress: Option<hale_proto::ProgressBody>) -> Answer {
+        let Some(bound) = &self.bound else {
+            let error = ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "hello_required",
+                "a heartbeat frame must follow a hello on the same session",
+                false,
+            );
+            return ready(ServerFrame::Error { id: Some(id), error: error.body });
+        };
+        let progress = progress.map(convert::progress);
+        match self.app.engine.heartbeat(bound.agent.clone(), bound.incarnation, progress).await {
+            Ok(()) => ready(ServerFrame::HeartbeatAck { id }),
+            Err(error) => ready(ServerFrame::Error { id: Some(id), error: ApiError::from(error).body }),
+        }
     }
 
     fn command(&self, frame: ClientFrame) -> Result<hale_core::Command, ApiError> {
@@ -151,6 +202,7 @@ impl Session {
                 let (agent, incarnation) = bound("rollback")?;
                 convert::rollback(agent, incarnation, to)
             }
+            ClientFrame::Heartbeat { .. } => unreachable!("handled before commands"),
         }
     }
 }
@@ -161,6 +213,7 @@ async fn answer(id: u64, submitted: Submitted) -> ServerFrame {
         Ok(EngineResponse::Checkpointed { version }) => ServerFrame::Checkpointed { id, version },
         Ok(EngineResponse::RecoveryPointMarked(point)) => ServerFrame::RecoveryPointMarked { id, point },
         Ok(EngineResponse::RolledBack(rolled_back)) => ServerFrame::RolledBack { id, rolled_back },
+        Ok(EngineResponse::Done) => unreachable!("sessions send no supervision commands"),
         Err(error) => ServerFrame::Error { id: Some(id), error: ApiError::from(error).body },
     }
 }

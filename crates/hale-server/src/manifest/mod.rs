@@ -4,11 +4,15 @@
 //! error that names the key and its line; so is anything that parses but makes no sense
 //! (an agent in a group that does not exist, a pool whose minimum exceeds its maximum…).
 //! `hale check -c hale.toml` runs exactly this validation. `hale serve -c` applies the
-//! `[server]`, `[limits]` and `[snapshots]` sections; the agents are run by `hale up`
-//! (issue 3), which is not built yet.
+//! `[server]`, `[limits]` and `[snapshots]` sections; `hale up -c` also runs the agents
+//! ([`Manifest::supervise`]).
 
+use crate::config::{DeclaredAgent, Supervise};
+use crate::process::ProcessSpec;
 use hale_core::policy::{Backoff, Intensity, PhiConfig};
-use hale_core::{AgentName, Limits, RoleName, validate_labels};
+pub use hale_core::supervision::{Criticality, RestartPolicy, StallPolicy, Strategy};
+use hale_core::supervision::{GroupMembership, Supervision};
+use hale_core::{AgentName, Limits, LivenessSettings, RoleName, validate_labels};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -65,6 +69,16 @@ pub struct SupervisionSection {
     /// Between SIGTERM and SIGKILL when stopping an agent.
     pub stop_grace_ms: u64,
     pub detector: PhiConfig,
+    /// The default stall detector of every agent (each may override it).
+    pub stall: StallPolicy,
+    /// How long agents have to reconnect after hale restarts before they are declared down.
+    pub reconnect_grace_ms: u64,
+    /// At most one progress event per agent per this interval.
+    pub progress_log_ms: u64,
+    /// Rotate an agent's log file past this size.
+    pub log_bytes_max: u64,
+    /// Rotated log files kept per agent.
+    pub logs_kept: usize,
 }
 
 impl Default for SupervisionSection {
@@ -74,6 +88,11 @@ impl Default for SupervisionSection {
             intensity: Intensity::default(),
             stop_grace_ms: 5_000,
             detector: PhiConfig::default(),
+            stall: StallPolicy { beats: Some(60), quiet_ms: None },
+            reconnect_grace_ms: 10_000,
+            progress_log_ms: 10_000,
+            log_bytes_max: 10 * 1024 * 1024,
+            logs_kept: 5,
         }
     }
 }
@@ -96,39 +115,8 @@ pub struct AgentSpec {
     pub labels: BTreeMap<String, String>,
     pub resources: Resources,
     pub health: Option<HealthProbe>,
-}
-
-/// When a managed agent is restarted.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RestartPolicy {
-    /// Whatever way it stopped.
-    Always,
-    /// Unless it exited with status 0.
-    #[default]
-    OnFailure,
-    Never,
-}
-
-/// How closely an agent is watched: sets its expected heartbeat interval.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Criticality {
-    Critical,
-    #[default]
-    Normal,
-    Background,
-}
-
-impl Criticality {
-    /// The heartbeat interval an agent of this criticality is expected to keep.
-    pub fn heartbeat_interval_ms(self) -> u64 {
-        match self {
-            Criticality::Critical => 500,
-            Criticality::Normal => 1_000,
-            Criticality::Background => 5_000,
-        }
-    }
+    /// Overrides `[supervision.stall]` for this agent; `stall = {}` turns it off.
+    pub stall: Option<StallPolicy>,
 }
 
 /// Resource limits, applied at spawn where the kernel allows and watched from /proc.
@@ -169,19 +157,6 @@ pub struct GroupSpec {
     pub strategy: Strategy,
 }
 
-/// What happens to the siblings when one agent of a group fails.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Strategy {
-    /// Only the failed agent is restarted.
-    #[default]
-    OneForOne,
-    /// Every agent of the group is restarted.
-    OneForAll,
-    /// The failed agent and those declared after it are restarted.
-    RestForOne,
-}
-
 /// `[[role]]`: a pool of interchangeable agents.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -213,6 +188,66 @@ pub enum ManifestError {
 }
 
 impl Manifest {
+    /// The detector and progress settings of `[supervision]`.
+    pub fn liveness(&self) -> LivenessSettings {
+        LivenessSettings {
+            detector: self.supervision.detector.clone(),
+            reconnect_grace_ms: self.supervision.reconnect_grace_ms,
+            progress_log_ms: self.supervision.progress_log_ms,
+        }
+    }
+
+    /// What `hale up` runs: every `[[agent]]`, with paths relative to `base` (the
+    /// directory of hale.toml).
+    pub fn supervise(&self, base: &Path) -> Supervise {
+        let mut positions: BTreeMap<&str, u32> = BTreeMap::new();
+        let agents = self
+            .agents
+            .iter()
+            .map(|spec| {
+                let name =
+                    AgentName::new(spec.name.as_ref().expect("validated").get_ref().as_str()).expect("validated");
+                let role = match &spec.role {
+                    Some(role) => RoleName::new(role.as_str()).expect("validated"),
+                    None => hale_core::supervision::default_role(&name),
+                };
+                let group = spec.group.as_ref().map(|group| {
+                    let group = group.get_ref().as_str();
+                    let position = positions.entry(group).or_default();
+                    *position += 1;
+                    let strategy = self
+                        .groups
+                        .iter()
+                        .find(|declared| declared.name.get_ref() == group)
+                        .map(|declared| declared.strategy)
+                        .unwrap_or_default();
+                    GroupMembership { name: group.to_string(), strategy, position: *position }
+                });
+                let supervision = Supervision {
+                    restart: spec.restart,
+                    criticality: spec.criticality,
+                    backoff: self.supervision.backoff.clone(),
+                    intensity: self.supervision.intensity.clone(),
+                    group,
+                    stall: spec.stall.clone().unwrap_or_else(|| self.supervision.stall.clone()),
+                };
+                DeclaredAgent {
+                    name,
+                    role,
+                    labels: spec.labels.clone(),
+                    supervision,
+                    process: process_spec(spec, base),
+                }
+            })
+            .collect();
+        Supervise {
+            agents,
+            stop_grace: std::time::Duration::from_millis(self.supervision.stop_grace_ms),
+            log_bytes_max: self.supervision.log_bytes_max,
+            logs_kept: self.supervision.logs_kept,
+        }
+    }
+
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
         let text =
@@ -312,6 +347,30 @@ impl Manifest {
             return Err((1, "limits.history_len must be at least 1 (the current version)".into()));
         }
         Ok(())
+    }
+}
+
+/// How to start an agent: a command with a slash and relative paths are taken relative
+/// to the directory of hale.toml, which is also the default working directory.
+fn process_spec(spec: &AgentSpec, base: &Path) -> ProcessSpec {
+    let command = spec.command.as_ref().expect("validated").get_ref().clone();
+    let command = if command.contains('/') && Path::new(&command).is_relative() {
+        base.join(&command).to_string_lossy().into_owned()
+    } else {
+        command
+    };
+    let workdir = match &spec.workdir {
+        Some(dir) if dir.is_relative() => base.join(dir),
+        Some(dir) => dir.clone(),
+        None => base.to_path_buf(),
+    };
+    ProcessSpec {
+        command,
+        args: spec.args.clone(),
+        env: spec.env.clone(),
+        workdir: Some(workdir),
+        memory_mb: spec.resources.memory_mb,
+        open_files: spec.resources.open_files,
     }
 }
 

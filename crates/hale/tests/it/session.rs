@@ -65,8 +65,14 @@ async fn a_new_incarnation_fences_the_old_one() {
 
     let new = Agent::connect(&hale.ws_url(), AgentOptions::new("a", "r")).await.unwrap();
     assert_eq!(new.resume().await.unwrap().incarnation, 2);
-    let refused = old.checkpoint(json!({"by": "zombie"})).await.unwrap_err();
-    assert_eq!(refused.code(), Some("stale_incarnation"));
+    // The old session is told it was fenced and closed; its writes go nowhere.
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), old.ended()).await.unwrap();
+    assert!(ended.contains("fenced: incarnation 1"), "{ended}");
+    assert!(old.checkpoint(json!({"by": "zombie"})).await.is_err());
+    // A zombie write that goes around the session (HTTP) is refused too.
+    let (status, body) = hale.post("/v1/agents/a/checkpoint", &json!({"incarnation": 1, "patch": {"by": "zombie"}}));
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("stale_incarnation"), "{body}");
     assert_eq!(new.checkpoint(json!({"by": "new"})).await.unwrap(), 2);
 
     // A session that names the current incarnation resumes it; an older one is refused.

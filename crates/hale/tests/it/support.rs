@@ -110,6 +110,11 @@ impl Hale {
         http(self.addr, "GET", path, b"")
     }
 
+    /// The HTTP status and body of `POST path` with a JSON body.
+    pub fn post(&self, path: &str, body: &serde_json::Value) -> (u16, String) {
+        http(self.addr, "POST", path, body.to_string().as_bytes())
+    }
+
     /// The resident set size of the server process, in KiB.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();

@@ -1,0 +1,353 @@
+//! The process supervisor: carries out the core's `Spawn` and `Stop` effects on real
+//! processes and reports what happens to them (started, exited) back as commands.
+//!
+//! One keeper task per managed agent handles that agent's effects strictly in order, so a
+//! new incarnation is spawned only after the previous one's process is gone (stopped with
+//! SIGTERM to its group, a grace period, then SIGKILL): two processes of one agent never
+//! run at once. Decisions (whether to restart, when, as which incarnation) are all the
+//! core's; a keeper only acts and reports.
+//!
+//! At start, [`Supervisor::adopt_or_start`] reconciles the log with the machine: a process
+//! the log says is running and that is still the same process (pid and start time) is
+//! adopted and watched through a pidfd; one that is gone is reported `vanished` (and the
+//! core restarts it per its policy); agents never started or stopped are started.
+
+use crate::clock;
+use crate::engine::Engine;
+use crate::process::{self, AgentLogs, ProcessId, ProcessSpec, Signal};
+use hale_core::supervision::{Cause, ManagedStatus, ProcessRef};
+use hale_core::{AgentName, Command, Effect};
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// How to run one managed agent.
+#[derive(Clone, Debug)]
+pub struct ManagedAgent {
+    pub name: AgentName,
+    pub spec: ProcessSpec,
+    pub logs: Arc<AgentLogs>,
+}
+
+/// Settings of the supervisor.
+#[derive(Clone, Debug)]
+pub struct SupervisorConfig {
+    pub agents: Vec<ManagedAgent>,
+    /// What agents are told in `HALE_URL`.
+    pub hale_url: String,
+    /// Between SIGTERM and SIGKILL.
+    pub stop_grace: Duration,
+    /// How often log files are checked for rotation.
+    pub rotate_every: Duration,
+}
+
+/// The running supervisor: one keeper per managed agent.
+pub struct Supervisor {
+    keepers: BTreeMap<AgentName, mpsc::UnboundedSender<Effect>>,
+    engine: Engine,
+    /// How many agent processes are alive, as the keepers know it.
+    live: watch::Receiver<usize>,
+    rotation: tokio::task::JoinHandle<()>,
+}
+
+/// What a keeper learns about its process.
+struct Exit {
+    incarnation: u64,
+    cause: Cause,
+}
+
+struct Current {
+    incarnation: u64,
+    pid: u32,
+}
+
+struct Keeper {
+    agent: ManagedAgent,
+    engine: Engine,
+    hale_url: String,
+    stop_grace: Duration,
+    current: Option<Current>,
+    exits_tx: mpsc::UnboundedSender<Exit>,
+    exits: mpsc::UnboundedReceiver<Exit>,
+    live: Arc<watch::Sender<usize>>,
+}
+
+impl Supervisor {
+    /// Starts a keeper for every agent of `config`. Nothing is spawned until effects arrive
+    /// or [`adopt_or_start`](Supervisor::adopt_or_start) runs.
+    pub fn start(engine: Engine, config: SupervisorConfig) -> Supervisor {
+        let (live_tx, live) = watch::channel(0usize);
+        let live_tx = Arc::new(live_tx);
+        let mut keepers = BTreeMap::new();
+        for agent in &config.agents {
+            let (effects_tx, effects) = mpsc::unbounded_channel();
+            let (exits_tx, exits) = mpsc::unbounded_channel();
+            let keeper = Keeper {
+                agent: agent.clone(),
+                engine: engine.clone(),
+                hale_url: config.hale_url.clone(),
+                stop_grace: config.stop_grace,
+                current: None,
+                exits_tx,
+                exits,
+                live: live_tx.clone(),
+            };
+            tokio::spawn(keeper.run(effects));
+            keepers.insert(agent.name.clone(), effects_tx);
+        }
+        let logs: Vec<Arc<AgentLogs>> = config.agents.iter().map(|agent| agent.logs.clone()).collect();
+        let every = config.rotate_every;
+        let rotation = tokio::spawn(async move {
+            let mut timer = tokio::time::interval(every);
+            loop {
+                timer.tick().await;
+                let logs = logs.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    for log in &logs {
+                        if let Err(error) = log.rotate_if_needed() {
+                            tracing::warn!(path = %log.path().display(), %error, "could not rotate an agent log");
+                        }
+                    }
+                })
+                .await;
+            }
+        });
+        Supervisor { keepers, engine, live, rotation }
+    }
+
+    /// Hands a `Spawn` or `Stop` effect to the agent's keeper.
+    pub fn dispatch(&self, effect: Effect) {
+        let agent = match &effect {
+            Effect::Spawn { agent, .. } | Effect::Stop { agent, .. } => agent,
+            _ => return,
+        };
+        match self.keepers.get(agent) {
+            Some(keeper) => {
+                let _ = keeper.send(effect);
+            }
+            None => tracing::warn!(%agent, ?effect, "no process spec for this agent in hale.toml; ignoring"),
+        }
+    }
+
+    /// Reconciles the log with the machine, once at start: adopts agents still running,
+    /// reports those gone, starts those not running.
+    pub async fn adopt_or_start(&self) -> Result<(), crate::engine::EngineError> {
+        let names: Vec<AgentName> = self.keepers.keys().cloned().collect();
+        let seen = self
+            .engine
+            .read(move |state| {
+                names
+                    .into_iter()
+                    .filter_map(|name| {
+                        let record = state.agent(name.as_str())?;
+                        let managed = record.managed.as_ref()?;
+                        Some((name, record.incarnation, managed.status.clone(), managed.process))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await?;
+        for (agent, incarnation, status, process) in seen {
+            match (status, process) {
+                (ManagedStatus::Running, Some(process)) if process::is_same_process(id_of(process)) => {
+                    tracing::info!(%agent, incarnation, pid = process.pid, "adopting a running agent");
+                    let _ = self.keepers[&agent].send(Effect::Spawn { agent: agent.clone(), incarnation });
+                    // The keeper treats a Spawn of an incarnation whose process it was told
+                    // about as an adoption: see `Keeper::adopt`.
+                }
+                (ManagedStatus::Running | ManagedStatus::Starting, _) => {
+                    tracing::warn!(%agent, incarnation, "its process is gone; reporting it down");
+                    let command = Command::ReportDown { agent, incarnation, cause: Cause::Vanished };
+                    self.engine.execute(command).await?;
+                }
+                (ManagedStatus::Declared | ManagedStatus::Stopped, _) => {
+                    self.engine.execute(Command::StartManaged { agent }).await?;
+                }
+                (ManagedStatus::Backoff { .. } | ManagedStatus::Failed { .. }, _) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every agent (logged as stopped on purpose) and waits until their processes
+    /// are gone, at most `grace` plus a second.
+    pub async fn stop_all(&self, grace: Duration) {
+        for agent in self.keepers.keys() {
+            if let Err(error) = self.engine.execute(Command::Stop { agent: agent.clone() }).await {
+                tracing::warn!(%agent, %error, "could not log the stop of an agent");
+            }
+        }
+        let mut live = self.live.clone();
+        let all_gone = live.wait_for(|count| *count == 0);
+        if tokio::time::timeout(grace + Duration::from_secs(1), all_gone).await.is_err() {
+            tracing::warn!(left = *self.live.borrow(), "agents still running after the stop grace");
+        }
+    }
+
+    /// How many agent processes are alive now.
+    pub fn live(&self) -> usize {
+        *self.live.borrow()
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.rotation.abort();
+    }
+}
+
+fn id_of(process: ProcessRef) -> ProcessId {
+    ProcessId { pid: process.pid, start_ticks: process.start_ticks }
+}
+
+impl Keeper {
+    async fn run(mut self, mut effects: mpsc::UnboundedReceiver<Effect>) {
+        loop {
+            tokio::select! {
+                effect = effects.recv() => {
+                    let Some(effect) = effect else { break };
+                    match effect {
+                        Effect::Spawn { incarnation, .. } => self.spawn(incarnation).await,
+                        Effect::Stop { incarnation, .. } => self.stop(incarnation).await,
+                        _ => {}
+                    }
+                }
+                Some(exit) = self.exits.recv() => self.exited(exit).await,
+            }
+        }
+    }
+
+    /// Starts `incarnation`, after stopping whatever process of an earlier one still runs.
+    /// If the log says `incarnation` already has a live process (hale restarted), adopts it.
+    async fn spawn(&mut self, incarnation: u64) {
+        if let Some(current) = &self.current {
+            if current.incarnation == incarnation {
+                return;
+            }
+            let old = current.incarnation;
+            self.stop(old).await;
+        }
+        if self.adopt(incarnation).await {
+            return;
+        }
+        let mut spec = self.agent.spec.clone();
+        spec.env.insert("HALE_URL".into(), self.hale_url.clone());
+        spec.env.insert("HALE_AGENT".into(), self.agent.name.to_string());
+        spec.env.insert("HALE_INCARNATION".into(), incarnation.to_string());
+        let logs = self.agent.logs.clone();
+        let spawned = tokio::task::spawn_blocking(move || process::spawn(&spec, &logs)).await;
+        let agent = self.agent.name.clone();
+        let (mut child, id) = match spawned {
+            Ok(Ok(spawned)) => spawned,
+            Ok(Err(error)) => {
+                tracing::error!(%agent, incarnation, %error, "could not start the agent");
+                let cause = Cause::SpawnFailed { error: error.to_string() };
+                self.report(Command::ReportDown { agent, incarnation, cause }).await;
+                return;
+            }
+            Err(error) => {
+                tracing::error!(%agent, incarnation, %error, "the spawn task failed");
+                return;
+            }
+        };
+        tracing::info!(%agent, incarnation, pid = id.pid, "agent started");
+        self.current = Some(Current { incarnation, pid: id.pid });
+        self.live.send_modify(|count| *count += 1);
+        let exits = self.exits_tx.clone();
+        tokio::spawn(async move {
+            let cause = match child.wait().await {
+                Ok(status) => Cause::Exited { code: status.code(), signal: status.signal() },
+                Err(_) => Cause::Vanished,
+            };
+            let _ = exits.send(Exit { incarnation, cause });
+        });
+        let process = ProcessRef { pid: id.pid, start_ticks: id.start_ticks };
+        self.report(Command::ProcessStarted { agent, incarnation, process }).await;
+    }
+
+    /// After a restart of hale: if the log names a live process for `incarnation` that is
+    /// still the same process, watch it instead of starting another.
+    async fn adopt(&mut self, incarnation: u64) -> bool {
+        let agent = self.agent.name.clone();
+        let logged = self
+            .engine
+            .read(move |state| {
+                let record = state.agent(agent.as_str())?;
+                let managed = record.managed.as_ref()?;
+                (record.incarnation == incarnation && managed.status == ManagedStatus::Running)
+                    .then_some(managed.process)
+                    .flatten()
+            })
+            .await
+            .ok()
+            .flatten();
+        let Some(process) = logged else { return false };
+        let id = id_of(process);
+        if !process::is_same_process(id) {
+            return false;
+        }
+        self.current = Some(Current { incarnation, pid: id.pid });
+        self.live.send_modify(|count| *count += 1);
+        let exits = self.exits_tx.clone();
+        tokio::spawn(async move {
+            // Not our child: no exit status to read, only that it is gone.
+            let _ = process::wait_adopted_exit_of(id).await;
+            let _ = exits.send(Exit { incarnation, cause: Cause::Vanished });
+        });
+        true
+    }
+
+    /// Stops the process of `incarnation`, if it is the one running: SIGTERM to its group,
+    /// then SIGKILL after the grace period. Returns once it is gone.
+    async fn stop(&mut self, incarnation: u64) {
+        let Some(current) = &self.current else { return };
+        if current.incarnation != incarnation {
+            return;
+        }
+        let pid = current.pid;
+        let agent = self.agent.name.clone();
+        tracing::info!(%agent, incarnation, pid, "stopping the agent: SIGTERM to its process group");
+        if let Err(error) = process::signal_group(pid, Signal::TERM) {
+            tracing::warn!(%agent, pid, %error, "could not signal the agent");
+        }
+        let exit = match tokio::time::timeout(self.stop_grace, self.wait_exit(incarnation)).await {
+            Ok(exit) => exit,
+            Err(_) => {
+                tracing::warn!(%agent, incarnation, pid, grace_ms = self.stop_grace.as_millis() as u64, "still running after the grace period: SIGKILL");
+                let _ = process::signal_group(pid, Signal::KILL);
+                self.wait_exit(incarnation).await
+            }
+        };
+        if let Some(exit) = exit {
+            self.exited(exit).await;
+        }
+    }
+
+    /// Waits for the exit of `incarnation`, handling exits of others on the way.
+    async fn wait_exit(&mut self, incarnation: u64) -> Option<Exit> {
+        while let Some(exit) = self.exits.recv().await {
+            if exit.incarnation == incarnation {
+                return Some(exit);
+            }
+        }
+        None
+    }
+
+    async fn exited(&mut self, exit: Exit) {
+        if self.current.as_ref().is_some_and(|current| current.incarnation == exit.incarnation) {
+            self.current = None;
+            self.live.send_modify(|count| *count = count.saturating_sub(1));
+        }
+        let agent = self.agent.name.clone();
+        tracing::info!(%agent, incarnation = exit.incarnation, cause = %exit.cause, at = clock::now().0, "agent process ended");
+        // The core ignores it if the incarnation is already down or superseded.
+        self.report(Command::ReportDown { agent, incarnation: exit.incarnation, cause: exit.cause }).await;
+    }
+
+    async fn report(&self, command: Command) {
+        if let Err(error) = self.engine.execute(command).await {
+            tracing::warn!(agent = %self.agent.name, %error, "could not report to the engine");
+        }
+    }
+}

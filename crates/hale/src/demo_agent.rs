@@ -1,0 +1,141 @@
+//! `hale demo-agent ROLE`: a small agent that hale can run. It resumes its state, then
+//! works in steps: each step it heartbeats with its progress and checkpoints the step.
+//!
+//! `--misbehave` makes it fail in one of the ways real agents do, so the detectors and
+//! the supervisor can be tested and demonstrated on a real process.
+
+use anyhow::{Context, Result, bail};
+use hale_client::{Agent, AgentOptions, ProgressBody};
+use serde_json::json;
+use std::time::Duration;
+
+/// The ways the demo agent can misbehave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Misbehave {
+    /// Work normally.
+    None,
+    /// Exit with status 1 at once, before saying hello.
+    ExitNow,
+    /// Exit with status 1 after `--after-ms`.
+    ExitAfter,
+    /// Exit with status 0 after `--after-ms`: finished, not failed.
+    FinishAfter,
+    /// Stop heartbeating (and everything else) after `--after-ms`, but keep running.
+    Hang,
+    /// Keep heartbeating after `--after-ms`, but make no more progress.
+    Stall,
+    /// Ignore SIGTERM (so a stop must end in SIGKILL).
+    IgnoreSigterm,
+    /// After `--after-ms`, allocate and touch 16 MiB every 50 ms, without end.
+    GrowMemory,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DemoAgentArgs {
+    /// The role this agent plays (it shows in its progress messages).
+    pub role: String,
+    /// The agent's name [default: $HALE_AGENT, else the role].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The hale to connect to [default: $HALE_URL].
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Time per step (one heartbeat and one checkpoint each).
+    #[arg(long, default_value_t = 200)]
+    pub step_ms: u64,
+    /// Steps in one unit of work; progress goes from 0 to 1 over them, then starts again.
+    #[arg(long, default_value_t = 50)]
+    pub steps: u64,
+    #[arg(long, value_enum, default_value_t = Misbehave::None)]
+    pub misbehave: Misbehave,
+    /// When the misbehaviour starts, after the agent has resumed.
+    #[arg(long, default_value_t = 0)]
+    pub after_ms: u64,
+}
+
+pub async fn run(args: DemoAgentArgs) -> Result<i32> {
+    if args.misbehave == Misbehave::ExitNow {
+        eprintln!("demo-agent {}: exiting at once, as told (--misbehave exit-now)", args.role);
+        return Ok(1);
+    }
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let server = match args.server.clone().or_else(hale_client::url_from_env) {
+        Some(server) => server,
+        None => bail!("no hale to connect to: set --server or HALE_URL (hale sets it for the agents it runs)"),
+    };
+    let mut options = AgentOptions::from_env(&args.role).unwrap_or_else(|| AgentOptions::new(&args.role, &args.role));
+    if let Some(name) = &args.name {
+        options.agent = name.clone();
+    }
+    let agent = Agent::connect(&server, options).await?;
+    let welcome = agent.resume().await?;
+    let mut step = welcome.state.get("step").and_then(|step| step.as_u64()).unwrap_or(0);
+    println!(
+        "demo-agent {} ({}): incarnation {}, resumed at version {} from step {step}",
+        welcome.agent, args.role, welcome.incarnation, welcome.version
+    );
+    let started = tokio::time::Instant::now();
+    let misbehaving = |now: tokio::time::Instant| now.duration_since(started) >= Duration::from_millis(args.after_ms);
+    let mut ticker = tokio::time::interval(Duration::from_millis(args.step_ms.max(1)));
+    let mut ballast: Vec<Vec<u8>> = Vec::new();
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = terminate.recv() => {
+                if args.misbehave == Misbehave::IgnoreSigterm {
+                    println!("demo-agent: SIGTERM ignored, as told (--misbehave ignore-sigterm)");
+                    continue;
+                }
+                println!("demo-agent: SIGTERM, stopping at step {step}");
+                return Ok(0);
+            }
+            reason = agent.ended() => {
+                println!("demo-agent: the session ended ({reason}); exiting");
+                return Ok(3);
+            }
+        }
+        let now = tokio::time::Instant::now();
+        let mut progressing = true;
+        if misbehaving(now) {
+            match args.misbehave {
+                Misbehave::ExitAfter => {
+                    println!("demo-agent: exiting with status 1 at step {step}, as told");
+                    return Ok(1);
+                }
+                Misbehave::FinishAfter => {
+                    println!("demo-agent: finished at step {step}");
+                    return Ok(0);
+                }
+                Misbehave::Hang => {
+                    println!("demo-agent: hanging at step {step}, as told (no more heartbeats)");
+                    std::future::pending::<()>().await;
+                }
+                Misbehave::Stall => progressing = false,
+                Misbehave::GrowMemory => {
+                    let mut chunk = vec![0u8; 16 * 1024 * 1024];
+                    // Touch every page, so the memory is resident, not just reserved.
+                    for page in chunk.chunks_mut(4096) {
+                        page[0] = 1;
+                    }
+                    ballast.push(chunk);
+                }
+                _ => {}
+            }
+        }
+        if progressing {
+            step += 1;
+        }
+        let unit = step / args.steps.max(1);
+        let progress = ProgressBody {
+            fraction: Some((step % args.steps.max(1)) as f64 / args.steps.max(1) as f64),
+            message: Some(format!("{} step {step}", args.role)),
+            task: Some(format!("{}-work-{unit}", args.role)),
+            fields: serde_json::Map::new(),
+        };
+        agent.heartbeat(Some(progress)).await?;
+        if progressing {
+            agent.checkpoint(json!({ "step": step, "role": args.role })).await?;
+        }
+    }
+}
