@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
@@ -67,6 +67,8 @@ struct Shared {
     incarnation: Mutex<Option<u64>>,
     /// Why the session ended, once it has (e.g. `fenced: …`).
     ended: watch::Receiver<Option<String>>,
+    /// Signalled when hale challenges this agent (it suspects it is dead).
+    challenged: Arc<Notify>,
 }
 
 /// A session of one agent with hale. Clones share the session.
@@ -88,9 +90,18 @@ impl Agent {
         let (outgoing, queue) = mpsc::channel(1024);
         let next_id = Arc::new(AtomicU64::new(1));
         let (ended_tx, ended) = watch::channel(None);
-        tokio::spawn(run_session(socket, queue, next_id.clone(), ended_tx));
+        let challenged = Arc::new(Notify::new());
+        tokio::spawn(run_session(socket, queue, ended_tx, challenged.clone()));
         let incarnation = Mutex::new(options.incarnation);
-        Ok(Agent { shared: Arc::new(Shared { options, next_id, outgoing, incarnation, ended }) })
+        Ok(Agent { shared: Arc::new(Shared { options, next_id, outgoing, incarnation, ended, challenged }) })
+    }
+
+    /// Resolves when hale challenges this agent: its detector suspects the agent is dead,
+    /// and the answer is a [`heartbeat`](Agent::heartbeat) sent at once. Wait on this in
+    /// the same loop that does the work and heartbeats, not in a task of its own: the
+    /// challenge asks whether the agent is working, not whether its socket is open.
+    pub async fn challenged(&self) {
+        self.shared.challenged.notified().await;
     }
 
     /// Tells hale this run is alive, and how far it got. hale expects one about every
@@ -203,12 +214,12 @@ fn unexpected(frame: ServerFrame) -> ClientError {
 
 type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// Owns the socket: writes requests, matches answers to them by id, answers challenges.
+/// Owns the socket: writes requests, matches answers to them by id, passes on challenges.
 async fn run_session(
     socket: Socket,
     mut queue: mpsc::Receiver<Outgoing>,
-    next_id: Arc<AtomicU64>,
     ended: watch::Sender<Option<String>>,
+    challenged: Arc<Notify>,
 ) {
     let (mut sink, mut stream) = socket.split();
     let mut waiting: HashMap<u64, Reply> = HashMap::new();
@@ -272,12 +283,8 @@ async fn run_session(
                     | ServerFrame::HeartbeatAck { id } => Some(*id),
                     ServerFrame::Error { id, .. } => *id,
                     ServerFrame::Challenge {} => {
-                        // Prove we are alive at once; the answer needs no one waiting for it.
-                        let beat = ClientFrame::Heartbeat { id: next_id.fetch_add(1, Ordering::Relaxed), progress: None };
-                        let text = serde_json::to_string(&beat).expect("client frames always serialize");
-                        if let Err(error) = sink.send(Message::text(text)).await {
-                            break error.to_string();
-                        }
+                        // Not answered here: this task being alive proves only the socket.
+                        challenged.notify_one();
                         None
                     }
                     ServerFrame::Fenced { incarnation, reason } => {

@@ -49,7 +49,8 @@ pub struct AgentRecord {
     /// Set when hale.toml declares the agent: hale runs its process.
     #[serde(default)]
     pub managed: Option<Managed>,
-    /// Set when the current incarnation was declared down, and why.
+    /// The last incarnation declared down, and why. It concerns the current run only if
+    /// its incarnation is the current one.
     #[serde(default)]
     pub down: Option<Down>,
     /// The last progress logged, and by which incarnation. An incarnation that has
@@ -149,7 +150,6 @@ impl State {
             Event::AgentRegistered { .. } | Event::AgentDeclared { .. } => unreachable!("handled above"),
             Event::IncarnationStarted { incarnation, .. } => {
                 record.incarnation = incarnation;
-                record.down = None;
                 if let Some(managed) = &mut record.managed {
                     managed.status = ManagedStatus::Starting;
                     managed.process = None;

@@ -266,6 +266,9 @@ pub struct AgentSummary {
     /// Set if the current incarnation was declared down.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub down: Option<DownSummary>,
+    /// The last incarnation declared down (the current one or an earlier one), and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_down: Option<DownSummary>,
 }
 
 /// The supervision side of a managed agent.

@@ -68,74 +68,141 @@ pub async fn run(args: DemoAgentArgs) -> Result<i32> {
     if let Some(name) = &args.name {
         options.agent = name.clone();
     }
-    let agent = Agent::connect(&server, options).await?;
-    let welcome = agent.resume().await?;
-    let mut step = welcome.state.get("step").and_then(|step| step.as_u64()).unwrap_or(0);
-    println!(
-        "demo-agent {} ({}): incarnation {}, resumed at version {} from step {step}",
-        welcome.agent, args.role, welcome.incarnation, welcome.version
-    );
-    let started = tokio::time::Instant::now();
-    let misbehaving = |now: tokio::time::Instant| now.duration_since(started) >= Duration::from_millis(args.after_ms);
-    let mut ticker = tokio::time::interval(Duration::from_millis(args.step_ms.max(1)));
-    let mut ballast: Vec<Vec<u8>> = Vec::new();
+    let mut work = Work { args: &args, started: tokio::time::Instant::now(), ballast: Vec::new() };
+    // Survive hale restarting: reconnect and resume the same run until hale says it is
+    // over (fenced, or down). A real agent gets this from the client library.
+    let mut delay = Duration::from_millis(50);
     loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = terminate.recv() => {
-                if args.misbehave == Misbehave::IgnoreSigterm {
-                    println!("demo-agent: SIGTERM ignored, as told (--misbehave ignore-sigterm)");
-                    continue;
-                }
-                println!("demo-agent: SIGTERM, stopping at step {step}");
-                return Ok(0);
+        let agent = match Agent::connect(&server, options.clone()).await {
+            Ok(agent) => agent,
+            Err(error) => {
+                eprintln!("demo-agent: {error}; retrying in {} ms", delay.as_millis());
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+                continue;
             }
-            reason = agent.ended() => {
-                println!("demo-agent: the session ended ({reason}); exiting");
+        };
+        let welcome = match agent.resume().await {
+            Ok(welcome) => welcome,
+            Err(error) if error.code().is_some() => {
+                println!("demo-agent: hale refused to resume this run ({error}); exiting");
                 return Ok(3);
             }
-        }
-        let now = tokio::time::Instant::now();
-        let mut progressing = true;
-        if misbehaving(now) {
-            match args.misbehave {
-                Misbehave::ExitAfter => {
-                    println!("demo-agent: exiting with status 1 at step {step}, as told");
-                    return Ok(1);
-                }
-                Misbehave::FinishAfter => {
-                    println!("demo-agent: finished at step {step}");
-                    return Ok(0);
-                }
-                Misbehave::Hang => {
-                    println!("demo-agent: hanging at step {step}, as told (no more heartbeats)");
-                    std::future::pending::<()>().await;
-                }
-                Misbehave::Stall => progressing = false,
-                Misbehave::GrowMemory => {
-                    let mut chunk = vec![0u8; 16 * 1024 * 1024];
-                    // Touch every page, so the memory is resident, not just reserved.
-                    for page in chunk.chunks_mut(4096) {
-                        page[0] = 1;
-                    }
-                    ballast.push(chunk);
-                }
-                _ => {}
+            Err(error) => {
+                eprintln!("demo-agent: {error}; retrying");
+                tokio::time::sleep(delay).await;
+                continue;
             }
-        }
-        if progressing {
-            step += 1;
-        }
-        let unit = step / args.steps.max(1);
-        let progress = ProgressBody {
-            fraction: Some((step % args.steps.max(1)) as f64 / args.steps.max(1) as f64),
-            message: Some(format!("{} step {step}", args.role)),
-            task: Some(format!("{}-work-{unit}", args.role)),
-            fields: serde_json::Map::new(),
         };
-        agent.heartbeat(Some(progress)).await?;
-        if progressing {
-            agent.checkpoint(json!({ "step": step, "role": args.role })).await?;
+        delay = Duration::from_millis(50);
+        options.incarnation = Some(welcome.incarnation);
+        println!(
+            "demo-agent {} ({}): incarnation {}, resumed at version {} from step {}",
+            welcome.agent,
+            args.role,
+            welcome.incarnation,
+            welcome.version,
+            welcome.state.get("step").and_then(|step| step.as_u64()).unwrap_or(0)
+        );
+        let step = welcome.state.get("step").and_then(|step| step.as_u64()).unwrap_or(0);
+        match work.run(&agent, step, &mut terminate).await {
+            Outcome::Exit(code) => return Ok(code),
+            Outcome::Disconnected(reason)
+                if reason.starts_with("fenced") && args.misbehave == Misbehave::IgnoreSigterm =>
+            {
+                // A stuck process ignores the fence too; only SIGKILL ends it.
+                println!("demo-agent: {reason}; staying anyway, as told (--misbehave ignore-sigterm)");
+                loop {
+                    terminate.recv().await;
+                    println!("demo-agent: SIGTERM ignored, as told (--misbehave ignore-sigterm)");
+                }
+            }
+            Outcome::Disconnected(reason) if reason.starts_with("fenced") => {
+                println!("demo-agent: {reason}; exiting");
+                return Ok(3);
+            }
+            Outcome::Disconnected(reason) => println!("demo-agent: lost hale ({reason}); reconnecting"),
+        }
+    }
+}
+
+enum Outcome {
+    Exit(i32),
+    Disconnected(String),
+}
+
+struct Work<'a> {
+    args: &'a DemoAgentArgs,
+    started: tokio::time::Instant,
+    ballast: Vec<Vec<u8>>,
+}
+
+impl Work<'_> {
+    async fn run(&mut self, agent: &Agent, mut step: u64, terminate: &mut tokio::signal::unix::Signal) -> Outcome {
+        let args = self.args;
+        let mut ticker = tokio::time::interval(Duration::from_millis(args.step_ms.max(1)));
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                // Suspected: beat at once (from this loop, so a hung loop cannot answer).
+                _ = agent.challenged() => {}
+                _ = terminate.recv() => {
+                    if args.misbehave == Misbehave::IgnoreSigterm {
+                        println!("demo-agent: SIGTERM ignored, as told (--misbehave ignore-sigterm)");
+                        continue;
+                    }
+                    println!("demo-agent: SIGTERM, stopping at step {step}");
+                    return Outcome::Exit(0);
+                }
+                reason = agent.ended() => return Outcome::Disconnected(reason),
+            }
+            let mut progressing = true;
+            if self.started.elapsed() >= Duration::from_millis(args.after_ms) {
+                match args.misbehave {
+                    Misbehave::ExitAfter => {
+                        println!("demo-agent: exiting with status 1 at step {step}, as told");
+                        return Outcome::Exit(1);
+                    }
+                    Misbehave::FinishAfter => {
+                        println!("demo-agent: finished at step {step}");
+                        return Outcome::Exit(0);
+                    }
+                    Misbehave::Hang => {
+                        println!("demo-agent: hanging at step {step}, as told (no more heartbeats)");
+                        std::future::pending::<()>().await;
+                    }
+                    Misbehave::Stall => progressing = false,
+                    Misbehave::GrowMemory => {
+                        let mut chunk = vec![0u8; 16 * 1024 * 1024];
+                        // Touch every page, so the memory is resident, not just reserved.
+                        for page in chunk.chunks_mut(4096) {
+                            page[0] = 1;
+                        }
+                        self.ballast.push(chunk);
+                    }
+                    _ => {}
+                }
+            }
+            if progressing {
+                step += 1;
+            }
+            let steps = args.steps.max(1);
+            let progress = ProgressBody {
+                fraction: Some((step % steps) as f64 / steps as f64),
+                message: Some(format!("{} step {step}", args.role)),
+                task: Some(format!("{}-work-{}", args.role, step / steps)),
+                fields: serde_json::Map::new(),
+            };
+            let sent = match agent.heartbeat(Some(progress)).await {
+                Ok(()) if progressing => agent.checkpoint(json!({ "step": step, "role": args.role })).await.map(|_| ()),
+                other => other,
+            };
+            if let Err(error) = sent {
+                return match error.code() {
+                    Some(code) => Outcome::Disconnected(format!("fenced: hale refused a write ({code})")),
+                    None => Outcome::Disconnected(agent.ended().await),
+                };
+            }
         }
     }
 }

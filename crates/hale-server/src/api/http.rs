@@ -131,12 +131,17 @@ fn summary(core: &hale_core::Core, record: &hale_core::AgentRecord, sessions: &c
             task: progress.task,
             fields: progress.fields,
         }),
-        down: record.down.as_ref().filter(|down| down.incarnation == record.incarnation).map(|down| DownSummary {
-            incarnation: down.incarnation,
-            detector: down.cause.detector().to_string(),
-            cause: down.cause.to_string(),
-            at_ms: down.at.0,
-        }),
+        down: record.down.as_ref().filter(|down| down.incarnation == record.incarnation).map(down_summary),
+        last_down: record.down.as_ref().map(down_summary),
+    }
+}
+
+fn down_summary(down: &hale_core::Down) -> DownSummary {
+    DownSummary {
+        incarnation: down.incarnation,
+        detector: down.cause.detector().to_string(),
+        cause: down.cause.to_string(),
+        at_ms: down.at.0,
     }
 }
 

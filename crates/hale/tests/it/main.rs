@@ -6,4 +6,5 @@ mod corruption;
 mod crash;
 mod fsync;
 mod session;
+mod supervise;
 mod support;

@@ -26,11 +26,43 @@ pub fn serve(data: &Path, extra: &[&str]) -> Hale {
 /// Like [`serve`] with a prepared command (e.g. under strace); `Err(stderr)` if it exits
 /// before listening.
 pub fn serve_with(mut command: Command, data: &Path, extra: &[&str]) -> Result<Hale, String> {
+    command.args(["serve", "--data"]).arg(data).args(["--listen", "127.0.0.1:0"]).args(extra);
+    launch(command)
+}
+
+/// `hale up -c CONFIG --data DATA --listen LISTEN`, waiting until it listens (its agents
+/// are started by then).
+pub fn up(config: &Path, data: &Path, listen: &str) -> Hale {
+    let mut command = Command::new(HALE);
+    command.args(["up", "-c"]).arg(config).arg("--data").arg(data).args(["--listen", listen]);
+    launch(command).unwrap_or_else(|stderr| panic!("hale up did not start:\n{stderr}"))
+}
+
+/// A loopback address with a port that was free a moment ago, for a hale that must come
+/// back on the same address.
+pub fn free_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+/// Polls `probe` every 50 ms until it returns `Some`, for at most `seconds`.
+pub async fn eventually<T, F, Fut>(what: &str, seconds: u64, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {seconds} s waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn launch(mut command: Command) -> Result<Hale, String> {
     command
-        .args(["serve", "--data"])
-        .arg(data)
-        .args(["--listen", "127.0.0.1:0"])
-        .args(extra)
         .env("HALE_LOG", "info")
         .env_remove("RUST_BACKTRACE")
         .stdin(Stdio::null())

@@ -1,0 +1,286 @@
+//! `hale up` with real agent processes (`hale demo-agent`, misbehaving on purpose): restarts
+//! after SIGKILL with state restored, restart intensity, group strategies, adoption after
+//! hale itself is SIGKILLed, the stop grace, and the heartbeat and stall detectors.
+
+use crate::support::{self, HALE, eventually, up};
+use hale_client::{Admin, AgentSummary};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::json;
+use std::path::Path;
+
+/// A hale.toml whose agents are demo agents; `agents` is `(name, extra demo-agent args,
+/// extra toml lines)`.
+fn config(dir: &Path, supervision: &str, agents: &[(&str, &[&str], &str)]) -> std::path::PathBuf {
+    let mut text = format!("[supervision]\n{supervision}\n");
+    for (name, args, extra) in agents {
+        let mut all = vec!["demo-agent".to_string(), name.to_string(), "--step-ms".into(), "100".into()];
+        all.extend(args.iter().map(|arg| arg.to_string()));
+        text.push_str(&format!(
+            "\n[[agent]]\nname = \"{name}\"\ncommand = \"{HALE}\"\nargs = {}\n{extra}\n",
+            serde_json::to_string(&all).unwrap()
+        ));
+    }
+    let path = dir.join("hale.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn agent(admin: &Admin, name: &str) -> AgentSummary {
+    admin.agents().await.unwrap().into_iter().find(|agent| agent.agent == name).expect("agent listed")
+}
+
+/// Waits until `name` runs `incarnation` (or later), attached, and has checkpointed
+/// beyond `version`. Returns its summary.
+async fn running(admin: &Admin, name: &str, incarnation: u64, version: u64) -> AgentSummary {
+    eventually(&format!("{name} running as incarnation {incarnation} past version {version}"), 30, || async {
+        let agent = agent(admin, name).await;
+        let running = agent.managed.as_ref().is_some_and(|managed| managed.status == "running");
+        (running && agent.attached && agent.incarnation >= incarnation && agent.version > version).then_some(agent)
+    })
+    .await
+}
+
+fn pid_of(agent: &AgentSummary) -> Pid {
+    Pid::from_raw(agent.managed.as_ref().and_then(|managed| managed.pid).expect("a pid") as i32)
+}
+
+fn alive(pid: Pid) -> bool {
+    // A zombie is not alive: check the state in /proc, not just that the pid exists.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// Processes on this machine that hale started for `agent` (from their environment).
+fn processes_of(agent: &str) -> Vec<u32> {
+    let wanted = format!("HALE_AGENT={agent}");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        if environ.split(|byte| *byte == 0).any(|var| var == wanted.as_bytes()) && alive(Pid::from_raw(pid as i32)) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn a_sigkilled_agent_is_restarted_as_a_new_incarnation_with_its_state() {
+    let temp = tempfile::tempdir().unwrap();
+    let config = config(temp.path(), "", &[("worker", &[], "restart = \"always\"")]);
+    let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
+    let admin = Admin::new(&hale.http_url());
+    let before = running(&admin, "worker", 1, 5).await;
+    kill(pid_of(&before), Signal::SIGKILL).unwrap();
+
+    let after = running(&admin, "worker", 2, 0).await;
+    assert_eq!(after.incarnation, 2);
+    assert_ne!(pid_of(&after), pid_of(&before));
+    let down = after.last_down.as_ref().expect("the kill is logged");
+    assert_eq!((down.incarnation, down.detector.as_str()), (1, "process_exit"));
+    assert!(down.cause.contains("signal 9"), "{}", down.cause);
+    // The new run resumed the state: its first checkpoint continued from the old step.
+    let state = admin.state("worker", None).await.unwrap();
+    assert!(state.version > before.version);
+    assert!(state.state["step"].as_u64().unwrap() >= before.version, "{}", state.state);
+    // A late write of the killed incarnation is refused.
+    let (status, body) =
+        hale.post("/v1/agents/worker/checkpoint", &json!({"incarnation": 1, "patch": {"zombie": true}}));
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("stale_incarnation"), "{body}");
+    assert!(hale.terminate().success());
+    assert!(processes_of("worker").is_empty(), "hale stopped its agents");
+}
+
+#[tokio::test]
+async fn an_agent_that_crashes_at_start_fails_after_the_intensity_until_restarted() {
+    let temp = tempfile::tempdir().unwrap();
+    let supervision = "[supervision.intensity]\nrestarts_max = 3\nwindow_ms = 60000\n[supervision.backoff]\nbase_ms = 10\nmax_ms = 50";
+    let config = config(temp.path(), supervision, &[("crasher", &["--misbehave", "exit-now"], "")]);
+    let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
+    let admin = Admin::new(&hale.http_url());
+    let failed = eventually("crasher failed", 30, || async {
+        let agent = agent(&admin, "crasher").await;
+        (agent.managed.as_ref().unwrap().status == "failed").then_some(agent)
+    })
+    .await;
+    // The first start and three restarts, then no more.
+    assert_eq!(failed.incarnation, 4);
+    assert!(hale.stderr_shows("agent FAILED"), "{}", hale.stderr());
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let still = agent(&admin, "crasher").await;
+    assert_eq!((still.incarnation, still.managed.unwrap().status.as_str()), (4, "failed"));
+
+    // `hale restart` revives it: a new incarnation, and a fresh window of three restarts.
+    let (code, out, err) = support::hale(&["restart", "crasher", "--server", &hale.http_url()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("incarnation 5"), "{out}");
+    let failed = eventually("crasher failed again", 30, || async {
+        let agent = agent(&admin, "crasher").await;
+        (agent.managed.as_ref().unwrap().status == "failed").then_some(agent)
+    })
+    .await;
+    assert_eq!(failed.incarnation, 8);
+    assert!(hale.terminate().success());
+}
+
+#[tokio::test]
+async fn group_strategies_restart_siblings_as_otp_does() {
+    let temp = tempfile::tempdir().unwrap();
+    let mut agents = Vec::new();
+    let names: Vec<String> =
+        ["one", "all", "rest"].iter().flat_map(|group| ["a", "b", "c"].map(|n| format!("{group}-{n}"))).collect();
+    let lines: Vec<String> =
+        names.iter().map(|name| format!("group = \"{}\"", name.split('-').next().unwrap())).collect();
+    for (name, line) in names.iter().zip(&lines) {
+        agents.push((name.as_str(), &[][..], line.as_str()));
+    }
+    let supervision = "";
+    let config_path = config(temp.path(), supervision, &agents);
+    let mut text = std::fs::read_to_string(&config_path).unwrap();
+    text.push_str("\n[[group]]\nname = \"one\"\nstrategy = \"one-for-one\"\n");
+    text.push_str("[[group]]\nname = \"all\"\nstrategy = \"one-for-all\"\n");
+    text.push_str("[[group]]\nname = \"rest\"\nstrategy = \"rest-for-one\"\n");
+    std::fs::write(&config_path, text).unwrap();
+    let hale = up(&config_path, &temp.path().join("data"), "127.0.0.1:0");
+    let admin = Admin::new(&hale.http_url());
+    for name in &names {
+        running(&admin, name, 1, 0).await;
+    }
+    for group in ["one", "all", "rest"] {
+        let b = agent(&admin, &format!("{group}-b")).await;
+        kill(pid_of(&b), Signal::SIGKILL).unwrap();
+    }
+    for name in ["one-b", "all-a", "all-b", "all-c", "rest-b", "rest-c"] {
+        running(&admin, name, 2, 0).await;
+    }
+    // Give any wrong restart time to happen, then check the ones that must not have.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    for (name, incarnation) in [("one-a", 1), ("one-c", 1), ("rest-a", 1), ("all-a", 2), ("rest-c", 2)] {
+        assert_eq!(agent(&admin, name).await.incarnation, incarnation, "{name}");
+    }
+    let sibling = agent(&admin, "all-c").await.last_down.unwrap();
+    assert_eq!(sibling.detector, "group");
+    assert!(sibling.cause.contains("all-b failed"), "{}", sibling.cause);
+    assert!(hale.terminate().success());
+}
+
+#[tokio::test]
+async fn agents_outlive_a_sigkilled_hale_and_are_adopted_without_restarts() {
+    let temp = tempfile::tempdir().unwrap();
+    let names = ["keep-a", "keep-b", "keep-c"];
+    let agents: Vec<(&str, &[&str], &str)> = names.iter().map(|name| (*name, &[][..], "")).collect();
+    let config = config(temp.path(), "reconnect_grace_ms = 10000", &agents);
+    let data = temp.path().join("data");
+    let listen = support::free_address();
+    let hale = up(&config, &data, &listen);
+    let admin = Admin::new(&hale.http_url());
+    let mut before = Vec::new();
+    for name in names {
+        before.push(running(&admin, name, 1, 2).await);
+    }
+    hale.kill();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for agent in &before {
+        assert!(alive(pid_of(agent)), "{} died with hale", agent.agent);
+    }
+
+    let hale = up(&config, &data, &listen);
+    assert_eq!(hale.http_url(), admin_url(&listen));
+    for agent in &before {
+        // Same process, same incarnation, attached again and checkpointing.
+        let after = running(&admin, &agent.agent, 1, agent.version).await;
+        assert_eq!(after.incarnation, 1, "{} was restarted", agent.agent);
+        assert_eq!(pid_of(&after), pid_of(agent), "{} is another process", agent.agent);
+        assert_eq!(after.managed.as_ref().unwrap().restarts, 0);
+        assert_eq!(processes_of(&agent.agent).len(), 1, "{} runs more than once", agent.agent);
+    }
+    assert!(hale.stderr_shows("adopting a running agent"), "{}", hale.stderr());
+    // Adopted processes are watched too: killing one is noticed and it is restarted.
+    kill(pid_of(&before[0]), Signal::SIGKILL).unwrap();
+    running(&admin, "keep-a", 2, 0).await;
+    assert!(hale.terminate().success());
+    for name in names {
+        assert!(processes_of(name).is_empty(), "{name} left running");
+    }
+}
+
+fn admin_url(listen: &str) -> String {
+    format!("http://{listen}")
+}
+
+#[tokio::test]
+async fn an_agent_that_ignores_sigterm_is_killed_after_the_grace_period() {
+    let temp = tempfile::tempdir().unwrap();
+    let config = config(temp.path(), "stop_grace_ms = 300", &[("stubborn", &["--misbehave", "ignore-sigterm"], "")]);
+    let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
+    let admin = Admin::new(&hale.http_url());
+    let agent = running(&admin, "stubborn", 1, 0).await;
+    let (code, out, err) = support::hale(&["stop", "stubborn", "--server", &hale.http_url()]);
+    assert_eq!(code, 0, "{out}{err}");
+    eventually("the stubborn agent gone", 10, || async { (!alive(pid_of(&agent))).then_some(()) }).await;
+    assert!(hale.stderr_shows("still running after the grace period: SIGKILL"), "{}", hale.stderr());
+    let stopped = self::agent(&admin, "stubborn").await;
+    assert_eq!(stopped.managed.unwrap().status, "stopped");
+    let logs = std::fs::read_to_string(temp.path().join("data/logs/stubborn.log")).unwrap();
+    assert!(logs.contains("SIGTERM ignored"), "{logs}");
+    assert!(hale.terminate().success());
+}
+
+#[tokio::test]
+async fn a_hung_agent_is_declared_down_by_the_heartbeat_detector_and_restarted() {
+    let temp = tempfile::tempdir().unwrap();
+    let config = config(
+        temp.path(),
+        "stop_grace_ms = 300",
+        &[("hangs", &["--misbehave", "hang", "--after-ms", "1500"], "criticality = \"critical\"")],
+    );
+    let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
+    let admin = Admin::new(&hale.http_url());
+    let restarted = running(&admin, "hangs", 2, 0).await;
+    let down = restarted.last_down.unwrap();
+    assert_eq!((down.incarnation, down.detector.as_str()), (1, "heartbeat"), "{}", down.cause);
+    assert!(hale.terminate().success());
+}
+
+#[tokio::test]
+async fn a_stalled_agent_is_detected_and_restarted() {
+    let temp = tempfile::tempdir().unwrap();
+    let config = config(
+        temp.path(),
+        "stop_grace_ms = 300",
+        &[("stalls", &["--misbehave", "stall", "--after-ms", "1000"], "stall = { beats = 8 }")],
+    );
+    let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
+    let admin = Admin::new(&hale.http_url());
+    let restarted = running(&admin, "stalls", 2, 0).await;
+    let down = restarted.last_down.unwrap();
+    assert_eq!((down.incarnation, down.detector.as_str()), (1, "stall"), "{}", down.cause);
+    assert!(down.cause.contains("unchanged for 8 heartbeats"), "{}", down.cause);
+    assert!(hale.terminate().success());
+}
+
+#[tokio::test]
+async fn an_agent_over_its_memory_limit_dies_and_is_restarted() {
+    let temp = tempfile::tempdir().unwrap();
+    let config = config(
+        temp.path(),
+        "",
+        &[("hungry", &["--misbehave", "grow-memory", "--after-ms", "500"], "[agent.resources]\nmemory_mb = 256")],
+    );
+    let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
+    let admin = Admin::new(&hale.http_url());
+    let restarted = running(&admin, "hungry", 2, 0).await;
+    let down = restarted.last_down.clone().unwrap();
+    assert_eq!(down.detector, "process_exit", "{}", down.cause);
+    // The allocation past the limit failed inside the agent, which then died.
+    let logs = std::fs::read_to_string(temp.path().join("data/logs/hungry.log")).unwrap();
+    assert!(logs.contains("memory allocation of 16777216 bytes failed"), "{logs}");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", pid_of(&restarted))).unwrap();
+    let line = limits.lines().find(|line| line.starts_with("Max address space")).unwrap();
+    assert!(line.contains(&(256u64 * 1024 * 1024).to_string()), "{line}");
+    assert!(hale.terminate().success());
+}
