@@ -335,14 +335,15 @@ impl Keeper {
     }
 
     async fn exited(&mut self, exit: Exit) {
-        if self.current.as_ref().is_some_and(|current| current.incarnation == exit.incarnation) {
-            self.current = None;
-            self.live.send_modify(|count| *count = count.saturating_sub(1));
-        }
         let agent = self.agent.name.clone();
         tracing::info!(%agent, incarnation = exit.incarnation, cause = %exit.cause, at = clock::now().0, "agent process ended");
         // The core ignores it if the incarnation is already down or superseded.
         self.report(Command::ReportDown { agent, incarnation: exit.incarnation, cause: exit.cause }).await;
+        // Counted gone only once reported, so a stop of all agents waits for the reports.
+        if self.current.as_ref().is_some_and(|current| current.incarnation == exit.incarnation) {
+            self.current = None;
+            self.live.send_modify(|count| *count = count.saturating_sub(1));
+        }
     }
 
     async fn report(&self, command: Command) {

@@ -1,4 +1,5 @@
 use crate::bench;
+use crate::demo;
 use crate::demo_agent;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -62,6 +63,9 @@ enum Commands {
         #[arg(long, env = "HALE_DATA")]
         data: Option<PathBuf>,
     },
+    /// See hale heal a crew of six agents: one is SIGKILLed, one stalls; prints a timeline
+    /// of detection and recovery and exits by itself in about 25 s, leaving nothing running.
+    Demo(demo::DemoArgs),
     /// A small example agent that heartbeats with progress and checkpoints its work; it can
     /// misbehave on purpose (for tests and `hale demo`).
     DemoAgent(demo_agent::DemoAgentArgs),
@@ -143,7 +147,9 @@ struct ServerArg {
 }
 
 pub fn init_logging(cli: &Cli) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HALE_LOG").unwrap_or_else(|_| "info".into());
+    // The demo tells its own story; hale's log would drown it unless asked for.
+    let default = if matches!(cli.command, Commands::Demo(_)) { "warn" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HALE_LOG").unwrap_or_else(|_| default.into());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => builder.init(),
@@ -167,6 +173,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Commands::Logs { agent, follow, lines, config, data } => logs(&agent, follow, lines, config, data).await,
+        Commands::Demo(args) => demo::run(args).await,
         Commands::DemoAgent(args) => demo_agent::run(args).await,
         Commands::Agents { server, json } => agents(&server.server, json).await,
         Commands::State { agent, version, server } => {

@@ -51,9 +51,19 @@ pub struct DemoAgentArgs {
     /// When the misbehaviour starts, after the agent has resumed.
     #[arg(long, default_value_t = 0)]
     pub after_ms: u64,
+    /// Misbehave only in this incarnation (from `HALE_INCARNATION`), e.g. 1 for an agent
+    /// that fails once and then works after its restart.
+    #[arg(long)]
+    pub only_incarnation: Option<u64>,
 }
 
-pub async fn run(args: DemoAgentArgs) -> Result<i32> {
+pub async fn run(mut args: DemoAgentArgs) -> Result<i32> {
+    if let Some(only) = args.only_incarnation {
+        let incarnation = std::env::var("HALE_INCARNATION").ok().and_then(|text| text.parse::<u64>().ok());
+        if incarnation != Some(only) {
+            args.misbehave = Misbehave::None;
+        }
+    }
     if args.misbehave == Misbehave::ExitNow {
         eprintln!("demo-agent {}: exiting at once, as told (--misbehave exit-now)", args.role);
         return Ok(1);

@@ -2,6 +2,7 @@
 
 mod bench;
 mod cli;
+mod demo;
 mod demo_agent;
 
 use anyhow::Result;

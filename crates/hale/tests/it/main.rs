@@ -4,6 +4,7 @@
 mod bad_input;
 mod corruption;
 mod crash;
+mod demo;
 mod fsync;
 mod session;
 mod supervise;
