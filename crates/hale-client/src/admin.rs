@@ -43,13 +43,38 @@ impl Admin {
         Ok(())
     }
 
+    /// Quarantines an agent: it gets no work until released.
+    pub async fn quarantine(&self, agent: &str, reason: &str) -> Result<(), ClientError> {
+        let body = serde_json::json!({ "reason": reason });
+        let _: serde_json::Value = self.send_json(&format!("/v1/agents/{agent}/quarantine"), &body).await?;
+        Ok(())
+    }
+
+    /// Releases an agent from quarantine and forgets its violations.
+    pub async fn release(&self, agent: &str) -> Result<(), ClientError> {
+        let _: serde_json::Value = self.send(reqwest::Method::POST, &format!("/v1/agents/{agent}/release")).await?;
+        Ok(())
+    }
+
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.send(reqwest::Method::GET, path).await
     }
 
     async fn send<T: DeserializeOwned>(&self, method: reqwest::Method, path: &str) -> Result<T, ClientError> {
+        self.send_with(self.http.request(method, format!("{}{path}", self.base)), path).await
+    }
+
+    async fn send_json<T: DeserializeOwned>(&self, path: &str, body: &serde_json::Value) -> Result<T, ClientError> {
+        self.send_with(self.http.post(format!("{}{path}", self.base)).json(body), path).await
+    }
+
+    async fn send_with<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+        path: &str,
+    ) -> Result<T, ClientError> {
         let url = format!("{}{path}", self.base);
-        let response = self.http.request(method, &url).send().await.map_err(|error| ClientError::Connect {
+        let response = request.send().await.map_err(|error| ClientError::Connect {
             url: url.clone(),
             reason: format!("{error}; is `hale serve` running there? (set --server or HALE_URL)"),
         })?;

@@ -96,6 +96,35 @@ impl Agent {
         Ok(Agent { shared: Arc::new(Shared { options, next_id, outgoing, incarnation, ended, challenged }) })
     }
 
+    /// Tells hale about an error this agent ran into (a failed tool call, a refusal…).
+    /// Enough of them within the breaker window open the agent's circuit breaker, so no
+    /// work is routed to it for a while. Not logged one by one.
+    pub async fn report_error(&self, message: Option<&str>) -> Result<(), ClientError> {
+        self.require_resumed("report_error")?;
+        let frame = ClientFrame::ReportError { id: self.next_id(), message: message.map(str::to_string) };
+        match self.request(frame).await? {
+            ServerFrame::Ok { .. } => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Reports a policy violation: by this agent itself (`about` = `None`) or by another
+    /// agent (`about` = its name), e.g. a fact-checker catching a writer. Enough of them,
+    /// or one `critical`, quarantine the agent. Returns once logged.
+    pub async fn report_violation(&self, about: Option<&str>, critical: bool, reason: &str) -> Result<(), ClientError> {
+        self.require_resumed("report_violation")?;
+        let frame = ClientFrame::ReportViolation {
+            id: self.next_id(),
+            agent: about.map(str::to_string),
+            critical,
+            reason: reason.to_string(),
+        };
+        match self.request(frame).await? {
+            ServerFrame::Ok { .. } => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Resolves when hale challenges this agent: its detector suspects the agent is dead,
     /// and the answer is a [`heartbeat`](Agent::heartbeat) sent at once. Wait on this in
     /// the same loop that does the work and heartbeats, not in a task of its own: the
@@ -280,7 +309,8 @@ async fn run_session(
                     | ServerFrame::Checkpointed { id, .. }
                     | ServerFrame::RecoveryPointMarked { id, .. }
                     | ServerFrame::RolledBack { id, .. }
-                    | ServerFrame::HeartbeatAck { id } => Some(*id),
+                    | ServerFrame::HeartbeatAck { id }
+                    | ServerFrame::Ok { id } => Some(*id),
                     ServerFrame::Error { id, .. } => *id,
                     ServerFrame::Challenge {} => {
                         // Not answered here: this task being alive proves only the socket.

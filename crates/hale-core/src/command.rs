@@ -1,3 +1,4 @@
+use crate::health::{Reporter, Severity};
 use crate::liveness::Progress;
 use crate::names::{AgentName, PointName, RoleName};
 use crate::supervision::{Cause, ProcessRef, Supervision};
@@ -42,6 +43,18 @@ pub enum Command {
     Stop { agent: AgentName },
     /// Log the progress of an incarnation (from `tick`, at a bounded rate).
     RecordProgress { agent: AgentName, incarnation: u64, progress: Progress },
+    /// Open the breaker after `errors` errors within the window (from `tick`).
+    OpenBreaker { agent: AgentName, errors: u32 },
+    /// The open time is over: probe (from `tick`).
+    HalfOpenBreaker { agent: AgentName },
+    /// The probe window passed without errors (from `tick`).
+    CloseBreaker { agent: AgentName },
+    /// A policy violation by `agent`, reported `by` someone.
+    ReportViolation { agent: AgentName, by: Reporter, severity: Severity, reason: String },
+    /// The operator's `hale quarantine`.
+    Quarantine { agent: AgentName, reason: String },
+    /// The operator's `hale release`.
+    Release { agent: AgentName },
 }
 
 /// The `hello` of a session.
@@ -80,7 +93,13 @@ impl Command {
             | Command::ReportDown { agent, .. }
             | Command::Restart { agent }
             | Command::Stop { agent }
-            | Command::RecordProgress { agent, .. } => agent,
+            | Command::RecordProgress { agent, .. }
+            | Command::OpenBreaker { agent, .. }
+            | Command::HalfOpenBreaker { agent }
+            | Command::CloseBreaker { agent }
+            | Command::ReportViolation { agent, .. }
+            | Command::Quarantine { agent, .. }
+            | Command::Release { agent } => agent,
         }
     }
 }

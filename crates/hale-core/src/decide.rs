@@ -1,9 +1,10 @@
 use crate::Timestamp;
 use crate::command::{Command, Hello, RollbackTarget};
 use crate::event::Event;
+use crate::health::{Breaker, Reporter, Severity};
 use crate::limits::Limits;
 use crate::limits::PATCH_DEPTH_MAX;
-use crate::liveness::{PROGRESS_BYTES_MAX, Progress};
+use crate::liveness::{LivenessSettings, PROGRESS_BYTES_MAX, Progress};
 use crate::merge::{json_depth, json_size, merged_size};
 use crate::names::{AgentName, validate_labels};
 use crate::rejection::Rejection;
@@ -14,11 +15,70 @@ use serde_json::Value;
 pub(crate) fn decide(
     state: &State,
     limits: &Limits,
+    settings: &LivenessSettings,
     command: &Command,
     now: Timestamp,
     seed: u64,
 ) -> Result<Vec<Event>, Rejection> {
     match command {
+        Command::OpenBreaker { agent, errors } => {
+            let record = known(state, agent)?;
+            if matches!(record.health.breaker, Breaker::Open { .. }) {
+                return Ok(Vec::new());
+            }
+            let until = Timestamp(now.0.saturating_add(settings.breaker.open_ms));
+            Ok(vec![Event::BreakerOpened { agent: agent.clone(), errors: *errors, until }])
+        }
+        Command::HalfOpenBreaker { agent } => {
+            let record = known(state, agent)?;
+            match record.health.breaker {
+                Breaker::Open { until } if until <= now => Ok(vec![Event::BreakerHalfOpened { agent: agent.clone() }]),
+                _ => Ok(Vec::new()),
+            }
+        }
+        Command::CloseBreaker { agent } => {
+            let record = known(state, agent)?;
+            match record.health.breaker {
+                Breaker::HalfOpen { .. } => Ok(vec![Event::BreakerClosed { agent: agent.clone() }]),
+                _ => Ok(Vec::new()),
+            }
+        }
+        Command::ReportViolation { agent, by, severity, reason } => {
+            let record = known(state, agent)?;
+            check_reason(reason)?;
+            let mut events = vec![Event::ViolationReported {
+                agent: agent.clone(),
+                by: by.clone(),
+                severity: *severity,
+                reason: reason.clone(),
+            }];
+            let policy = &settings.quarantine;
+            let count = record.health.violations_with_one_more(now, policy.window_ms);
+            if record.health.quarantine.is_none() && (*severity == Severity::Critical || count >= policy.violations_max)
+            {
+                let why = match severity {
+                    Severity::Critical => format!("critical violation: {reason}"),
+                    Severity::Minor => format!("{count} violations within {} ms, the last: {reason}", policy.window_ms),
+                };
+                events.push(Event::Quarantined { agent: agent.clone(), by: by.clone(), reason: why });
+            }
+            Ok(events)
+        }
+        Command::Quarantine { agent, reason } => {
+            let record = known(state, agent)?;
+            check_reason(reason)?;
+            if record.health.quarantine.is_some() {
+                return Ok(Vec::new());
+            }
+            Ok(vec![Event::Quarantined { agent: agent.clone(), by: Reporter::Operator, reason: reason.clone() }])
+        }
+        Command::Release { agent } => {
+            let record = known(state, agent)?;
+            if record.health.quarantine.is_none() && record.health.violations.is_empty() {
+                return Ok(Vec::new());
+            }
+            Ok(vec![Event::Released { agent: agent.clone() }])
+        }
         Command::Declare { agent, role, labels, supervision } => {
             validate_labels(labels)?;
             let unchanged = state.agent(agent.as_str()).is_some_and(|record| {
@@ -244,6 +304,21 @@ pub(crate) fn running<'s>(state: &'s State, agent: &AgentName, incarnation: u64)
         });
     }
     Ok(record)
+}
+
+/// The largest reason text of a violation or quarantine.
+pub const REASON_BYTES_MAX: usize = 1024;
+
+fn check_reason(reason: &str) -> Result<(), Rejection> {
+    if reason.len() > REASON_BYTES_MAX {
+        return Err(Rejection::ReasonTooLong { size: reason.len(), max: REASON_BYTES_MAX });
+    }
+    Ok(())
+}
+
+/// The agent, if it exists.
+pub(crate) fn known<'s>(state: &'s State, agent: &AgentName) -> Result<&'s AgentRecord, Rejection> {
+    state.agent(agent.as_str()).ok_or_else(|| Rejection::UnknownAgent { agent: agent.to_string() })
 }
 
 /// The agent, if hale.toml declares it.

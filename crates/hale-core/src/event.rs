@@ -1,4 +1,5 @@
 use crate::Timestamp;
+use crate::health::{Reporter, Severity};
 use crate::liveness::Progress;
 use crate::names::{AgentName, PointName, RoleName};
 use crate::supervision::{Cause, ProcessRef, Supervision};
@@ -44,6 +45,18 @@ pub enum Event {
     RestartRequested { agent: AgentName },
     /// Progress reported by heartbeats, logged when it changed and at a bounded rate.
     ProgressReported { agent: AgentName, incarnation: u64, progress: Progress },
+    /// An error spike opened the agent's circuit breaker until `until`.
+    BreakerOpened { agent: AgentName, errors: u32, until: Timestamp },
+    /// The breaker's open time is over: probing.
+    BreakerHalfOpened { agent: AgentName },
+    /// A probe window passed without errors.
+    BreakerClosed { agent: AgentName },
+    /// A policy violation by the agent, reported by itself, another agent or the operator.
+    ViolationReported { agent: AgentName, by: Reporter, severity: Severity, reason: String },
+    /// The agent gets no work until released.
+    Quarantined { agent: AgentName, by: Reporter, reason: String },
+    /// The operator released the agent from quarantine (its violations are forgotten).
+    Released { agent: AgentName },
 }
 
 impl Event {
@@ -61,7 +74,13 @@ impl Event {
             | Event::RestartScheduled { agent, .. }
             | Event::AgentFailed { agent, .. }
             | Event::RestartRequested { agent }
-            | Event::ProgressReported { agent, .. } => agent,
+            | Event::ProgressReported { agent, .. }
+            | Event::BreakerOpened { agent, .. }
+            | Event::BreakerHalfOpened { agent }
+            | Event::BreakerClosed { agent }
+            | Event::ViolationReported { agent, .. }
+            | Event::Quarantined { agent, .. }
+            | Event::Released { agent } => agent,
         }
     }
 
@@ -80,6 +99,12 @@ impl Event {
             Event::AgentFailed { .. } => "agent_failed",
             Event::RestartRequested { .. } => "restart_requested",
             Event::ProgressReported { .. } => "progress_reported",
+            Event::BreakerOpened { .. } => "breaker_opened",
+            Event::BreakerHalfOpened { .. } => "breaker_half_opened",
+            Event::BreakerClosed { .. } => "breaker_closed",
+            Event::ViolationReported { .. } => "violation_reported",
+            Event::Quarantined { .. } => "quarantined",
+            Event::Released { .. } => "released",
         }
     }
 }

@@ -19,6 +19,7 @@ mod command;
 mod decide;
 mod effect;
 mod event;
+pub mod health;
 mod limits;
 mod liveness;
 mod merge;
@@ -76,6 +77,8 @@ pub struct Core {
     seed: u64,
     settings: LivenessSettings,
     liveness: BTreeMap<AgentName, Liveness>,
+    /// Errors agents reported, within the breaker window. Volatile.
+    errors: BTreeMap<AgentName, health::ErrorWindow>,
     effects: VecDeque<Effect>,
 }
 
@@ -93,6 +96,7 @@ impl Core {
             seed: 0,
             settings: LivenessSettings::default(),
             liveness: BTreeMap::new(),
+            errors: BTreeMap::new(),
             effects: VecDeque::new(),
         }
     }
@@ -125,7 +129,7 @@ impl Core {
     /// Checks `command` against the current state at time `now`; returns the events it
     /// causes (possibly none) or why it was refused. Changes nothing.
     pub fn decide(&self, command: &Command, now: Timestamp) -> Result<Vec<Event>, Rejection> {
-        decide::decide(&self.state, &self.limits, command, now, self.seed)
+        decide::decide(&self.state, &self.limits, &self.settings, command, now, self.seed)
     }
 
     /// Folds one event, logged at `at`, into the state. Never fails: an event that made it
@@ -241,6 +245,15 @@ impl Core {
         Ok(())
     }
 
+    /// An error the agent reports (a failed tool call, a model refusal…): counted over the
+    /// breaker's window; a spike opens the breaker at the next `tick`. Volatile.
+    pub fn report_error(&mut self, now: Timestamp, agent: &AgentName, incarnation: u64) -> Result<(), Rejection> {
+        decide::running(&self.state, agent, incarnation)?;
+        let window_ms = self.settings.breaker.window_ms;
+        self.errors.entry(agent.clone()).or_default().record(now, window_ms);
+        Ok(())
+    }
+
     /// What timers and detectors call for at `now`: restarts whose backoff is over,
     /// incarnations whose heartbeats stopped or whose progress stalled, progress to log.
     /// A suspect agent is challenged (an effect), once per suspicion.
@@ -251,6 +264,31 @@ impl Core {
                 && due <= now
             {
                 commands.push(Command::StartManaged { agent: agent.clone() });
+            }
+        }
+        let policy = &self.settings.breaker;
+        for record in self.state.agents() {
+            let agent = &record.name;
+            let errors = self.errors.get_mut(agent);
+            match record.health.breaker {
+                health::Breaker::Closed => {
+                    let count = errors.map_or(0, |errors| errors.count(now, policy.window_ms));
+                    if count >= policy.errors_max && policy.errors_max > 0 {
+                        commands.push(Command::OpenBreaker { agent: agent.clone(), errors: count });
+                    }
+                }
+                health::Breaker::Open { until } if until <= now => {
+                    commands.push(Command::HalfOpenBreaker { agent: agent.clone() });
+                }
+                health::Breaker::Open { .. } => {}
+                health::Breaker::HalfOpen { since } => {
+                    if errors.as_ref().and_then(|errors| errors.last()).is_some_and(|last| last >= since) {
+                        let count = errors.map_or(1, |errors| errors.count(now, policy.window_ms));
+                        commands.push(Command::OpenBreaker { agent: agent.clone(), errors: count });
+                    } else if now.0.saturating_sub(since.0) >= policy.window_ms {
+                        commands.push(Command::CloseBreaker { agent: agent.clone() });
+                    }
+                }
             }
         }
         let threshold = self.settings.detector.threshold;

@@ -6,6 +6,7 @@
 //! conclude (an `AgentDown` event with its cause) and progress, logged at a bounded rate.
 
 use crate::Timestamp;
+use crate::health::{BreakerPolicy, QuarantinePolicy};
 use crate::policy::{PhiConfig, PhiDetector};
 use crate::supervision::StallPolicy;
 use serde::{Deserialize, Serialize};
@@ -125,7 +126,7 @@ impl Liveness {
     }
 }
 
-/// Settings of the volatile side, from `[supervision]`.
+/// Settings of the detectors, the breaker and quarantine, from `[supervision]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LivenessSettings {
     pub detector: PhiConfig,
@@ -133,10 +134,18 @@ pub struct LivenessSettings {
     pub reconnect_grace_ms: u64,
     /// At most one progress event per agent per this interval.
     pub progress_log_ms: u64,
+    pub breaker: BreakerPolicy,
+    pub quarantine: QuarantinePolicy,
 }
 
 impl Default for LivenessSettings {
     fn default() -> Self {
-        LivenessSettings { detector: PhiConfig::default(), reconnect_grace_ms: 10_000, progress_log_ms: 10_000 }
+        LivenessSettings {
+            detector: PhiConfig::default(),
+            reconnect_grace_ms: 10_000,
+            progress_log_ms: 10_000,
+            breaker: BreakerPolicy::default(),
+            quarantine: QuarantinePolicy::default(),
+        }
     }
 }

@@ -70,6 +70,9 @@ pub enum Rejection {
     /// A heartbeat's progress over [`PROGRESS_BYTES_MAX`](crate::PROGRESS_BYTES_MAX).
     #[error("the progress report is {size} bytes; the limit is {max}: keep bulk data in checkpoints")]
     ProgressTooLarge { size: usize, max: usize },
+    /// A violation or quarantine reason over the limit.
+    #[error("the reason is {size} bytes; the limit is {max}: say it in a sentence")]
+    ReasonTooLong { size: usize, max: usize },
     /// A progress fraction outside 0..=1.
     #[error("progress.fraction must be between 0 and 1, got {got}")]
     BadFraction { got: String },
@@ -96,6 +99,7 @@ impl Rejection {
             Rejection::NotManaged { .. } => "not_managed",
             Rejection::ProgressTooLarge { .. } => "progress_too_large",
             Rejection::BadFraction { .. } => "bad_fraction",
+            Rejection::ReasonTooLong { .. } => "reason_too_long",
         }
     }
 }

@@ -1,5 +1,6 @@
 use crate::Timestamp;
 use crate::event::Event;
+use crate::health::{Breaker, HealthRecord, Quarantine};
 use crate::limits::Limits;
 use crate::liveness::Progress;
 use crate::merge::merge_patch;
@@ -57,6 +58,9 @@ pub struct AgentRecord {
     /// reported progress is watched by the heartbeat detector.
     #[serde(default)]
     pub progress: Option<ProgressRecord>,
+    /// Breaker and quarantine.
+    #[serde(default)]
+    pub health: HealthRecord,
 }
 
 /// Why and when an incarnation was declared down.
@@ -191,6 +195,18 @@ impl State {
             Event::ProgressReported { incarnation, progress, .. } => {
                 record.progress = Some(ProgressRecord { incarnation, progress, at });
             }
+            Event::BreakerOpened { until, .. } => {
+                record.health.breaker = Breaker::Open { until };
+                record.health.breaker_opened += 1;
+            }
+            Event::BreakerHalfOpened { .. } => record.health.breaker = Breaker::HalfOpen { since: at },
+            Event::BreakerClosed { .. } => record.health.breaker = Breaker::Closed,
+            Event::ViolationReported { .. } => record.health.record_violation(at),
+            Event::Quarantined { by, reason, .. } => record.health.quarantine = Some(Quarantine { reason, by, at }),
+            Event::Released { .. } => {
+                record.health.quarantine = None;
+                record.health.violations.clear();
+            }
             other => record.apply_data(limits, at, other),
         }
     }
@@ -211,6 +227,7 @@ impl State {
             managed: None,
             down: None,
             progress: None,
+            health: HealthRecord::default(),
         });
         record.updated_at = at;
         record

@@ -121,6 +121,9 @@ pub enum Cause {
     Stopped,
     /// The process could not be started at all.
     SpawnFailed { error: String },
+    /// The process (with its process group) used more than its limit: `resource` is
+    /// `memory` (resident bytes) or `cpu` (percent of one core over the window).
+    ResourceExceeded { resource: String, value: u64, limit: u64 },
 }
 
 impl Cause {
@@ -137,6 +140,7 @@ impl Cause {
             Cause::StalledProgress { .. } | Cause::StalledCheckpoints { .. } => "stall",
             Cause::SiblingFailed { .. } => "group",
             Cause::Operator | Cause::Stopped => "operator",
+            Cause::ResourceExceeded { .. } => "resource",
         }
     }
 
@@ -161,6 +165,17 @@ impl std::fmt::Display for Cause {
             Cause::Operator => write!(f, "restart requested by the operator"),
             Cause::Stopped => write!(f, "stopped on purpose"),
             Cause::SpawnFailed { error } => write!(f, "could not start: {error}"),
+            Cause::ResourceExceeded { resource, value, limit } if resource == "memory" => {
+                write!(
+                    f,
+                    "resident memory {} MiB over its limit of {} MiB",
+                    value / (1024 * 1024),
+                    limit / (1024 * 1024)
+                )
+            }
+            Cause::ResourceExceeded { resource, value, limit } => {
+                write!(f, "{resource} {value}% over its limit of {limit}%")
+            }
         }
     }
 }

@@ -418,3 +418,69 @@ fn an_idle_agent_is_never_stalled() {
         assert!(!kinds(&tick(&mut core, at(n * 1_000 + 1))).contains(&"agent_down"), "beat {n}");
     }
 }
+
+#[test]
+fn an_error_spike_opens_the_breaker_then_a_quiet_probe_closes_it() {
+    use crate::health::Breaker;
+    let mut core = attached("a");
+    let a = name("a");
+    let breaker = |core: &Core| core.state().agent("a").unwrap().health.breaker.clone();
+    // Four errors in the window: below the default five.
+    for n in 0..4 {
+        core.report_error(at(n * 100), &a, 1).unwrap();
+    }
+    assert!(tick(&mut core, at(500)).is_empty());
+    core.report_error(at(600), &a, 1).unwrap();
+    let events = tick(&mut core, at(650));
+    assert_eq!(kinds(&events), ["breaker_opened"]);
+    assert_eq!(breaker(&core), Breaker::Open { until: at(650 + 30_000) });
+    // Open for 30 s, then half-open; an error while probing opens it again.
+    assert!(tick(&mut core, at(30_000)).is_empty());
+    assert_eq!(kinds(&tick(&mut core, at(30_650))), ["breaker_half_opened"]);
+    core.report_error(at(31_000), &a, 1).unwrap();
+    assert_eq!(kinds(&tick(&mut core, at(31_050))), ["breaker_opened"]);
+    // The next probe window passes without errors: closed.
+    assert_eq!(kinds(&tick(&mut core, at(61_050))), ["breaker_half_opened"]);
+    assert!(tick(&mut core, at(65_000)).is_empty());
+    assert_eq!(kinds(&tick(&mut core, at(71_050))), ["breaker_closed"]);
+    assert_eq!(breaker(&core), Breaker::Closed);
+    assert_eq!(core.state().agent("a").unwrap().health.breaker_opened, 2);
+    // A stale incarnation cannot report errors.
+    assert_eq!(core.report_error(at(80_000), &a, 0).unwrap_err().code(), "stale_incarnation");
+}
+
+#[test]
+fn violations_past_the_threshold_or_one_critical_quarantine_until_released() {
+    use crate::health::{Reporter, Severity};
+    let mut core = attached("a");
+    let violation = |severity, n: u64| Command::ReportViolation {
+        agent: name("a"),
+        by: Reporter::Agent(name("checker")),
+        severity,
+        reason: format!("made up a citation ({n})"),
+    };
+    assert_eq!(kinds(&core.execute(&violation(Severity::Minor, 1), at(0)).unwrap()), ["violation_reported"]);
+    assert_eq!(kinds(&core.execute(&violation(Severity::Minor, 2), at(10)).unwrap()), ["violation_reported"]);
+    let events = core.execute(&violation(Severity::Minor, 3), at(20)).unwrap();
+    assert_eq!(kinds(&events), ["violation_reported", "quarantined"]);
+    let quarantine = core.state().agent("a").unwrap().health.quarantine.clone().unwrap();
+    assert!(quarantine.reason.contains("3 violations"), "{}", quarantine.reason);
+    assert_eq!(quarantine.by, Reporter::Agent(name("checker")));
+    assert_eq!(kinds(&core.execute(&Command::Release { agent: name("a") }, at(30)).unwrap()), ["released"]);
+    assert!(core.state().agent("a").unwrap().health.quarantine.is_none());
+    // One critical violation is enough; the operator can quarantine directly too.
+    let events = core.execute(&violation(Severity::Critical, 4), at(40)).unwrap();
+    assert_eq!(kinds(&events), ["violation_reported", "quarantined"]);
+    core.execute(&Command::Release { agent: name("a") }, at(50)).unwrap();
+    let events =
+        core.execute(&Command::Quarantine { agent: name("a"), reason: "leaked a key".into() }, at(60)).unwrap();
+    assert_eq!(kinds(&events), ["quarantined"]);
+    // Violations spread wider than the window do not add up.
+    core.execute(&Command::Release { agent: name("a") }, at(70)).unwrap();
+    for n in 0..10u64 {
+        let events = core.execute(&violation(Severity::Minor, n), at(100 + n * 2_000_000)).unwrap();
+        assert_eq!(kinds(&events), ["violation_reported"], "violation {n}");
+    }
+    let long = Command::Quarantine { agent: name("a"), reason: "x".repeat(2_000) };
+    assert_eq!(core.execute(&long, at(0)).unwrap_err().code(), "reason_too_long");
+}

@@ -49,6 +49,23 @@ pub enum ClientFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         progress: Option<ProgressBody>,
     },
+    /// An error the agent ran into (a failed tool call, a refusal…). Counted for the
+    /// circuit breaker; answered with `ok` at once (not logged one by one).
+    ReportError {
+        id: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+    },
+    /// A policy violation by `agent` (this session's own agent if omitted). Logged;
+    /// enough of them quarantine the agent. Answered with `ok` once durable.
+    ReportViolation {
+        id: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        agent: Option<String>,
+        #[serde(default)]
+        critical: bool,
+        reason: String,
+    },
 }
 
 impl ClientFrame {
@@ -59,13 +76,16 @@ impl ClientFrame {
             | ClientFrame::Checkpoint { id, .. }
             | ClientFrame::RecoveryPoint { id, .. }
             | ClientFrame::Rollback { id, .. }
-            | ClientFrame::Heartbeat { id, .. } => *id,
+            | ClientFrame::Heartbeat { id, .. }
+            | ClientFrame::ReportError { id, .. }
+            | ClientFrame::ReportViolation { id, .. } => *id,
         }
     }
 }
 
 /// The frame types a client may send, for error messages.
-pub const CLIENT_FRAME_TYPES: [&str; 5] = ["hello", "checkpoint", "recovery_point", "rollback", "heartbeat"];
+pub const CLIENT_FRAME_TYPES: [&str; 7] =
+    ["hello", "checkpoint", "recovery_point", "rollback", "heartbeat", "report_error", "report_violation"];
 
 /// Progress reported with a heartbeat; every member is optional.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -143,6 +163,10 @@ pub enum ServerFrame {
         error: ErrorBody,
     },
     HeartbeatAck {
+        id: u64,
+    },
+    /// The answer to `report_error` and `report_violation`.
+    Ok {
         id: u64,
     },
     /// Unasked: the detector suspects this agent; answer with a heartbeat.
@@ -269,6 +293,48 @@ pub struct AgentSummary {
     /// The last incarnation declared down (the current one or an earlier one), and why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_down: Option<DownSummary>,
+    /// `closed`, `open` or `half_open`.
+    #[serde(default)]
+    pub breaker: String,
+    /// Set while the agent is quarantined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<QuarantineSummary>,
+}
+
+/// Why an agent is quarantined.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineSummary {
+    pub reason: String,
+    /// `itself`, `agent NAME` or `the operator`.
+    pub by: String,
+    pub at_ms: u64,
+}
+
+/// `POST /v1/agents/{agent}/errors`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpErrorReport {
+    pub incarnation: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// `POST /v1/agents/{agent}/violations` (by the operator, or `by` another agent).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpViolation {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    #[serde(default)]
+    pub critical: bool,
+    pub reason: String,
+}
+
+/// `POST /v1/agents/{agent}/quarantine`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpQuarantine {
+    pub reason: String,
 }
 
 /// The supervision side of a managed agent.

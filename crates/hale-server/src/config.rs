@@ -56,6 +56,16 @@ pub struct DeclaredAgent {
     pub labels: BTreeMap<String, String>,
     pub supervision: Supervision,
     pub process: ProcessSpec,
+    pub watch: ResourceWatch,
+}
+
+/// Limits the supervisor watches from /proc (the resource detector).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResourceWatch {
+    /// Resident memory of the process group, in MiB.
+    pub memory_mb: Option<u64>,
+    /// CPU, in percent of one core averaged over the window.
+    pub cpu_percent: Option<u32>,
 }
 
 impl ServerConfig {

@@ -54,6 +54,11 @@ enum Request {
         progress: Option<Progress>,
         reply: oneshot::Sender<Result<(), Rejection>>,
     },
+    ReportError {
+        agent: AgentName,
+        incarnation: u64,
+        reply: oneshot::Sender<Result<(), Rejection>>,
+    },
     Read {
         read: Read,
         reply: oneshot::Sender<AppendAck>,
@@ -119,6 +124,14 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let (reply, answer) = oneshot::channel();
         let request = Request::Heartbeat { agent, incarnation, progress, reply };
+        self.requests.send(request).await.map_err(|_| EngineError::ShuttingDown)?;
+        Ok(answer.await.map_err(|_| EngineError::ShuttingDown)??)
+    }
+
+    /// An error the agent reports, for its breaker: volatile, answered at once.
+    pub async fn report_error(&self, agent: AgentName, incarnation: u64) -> Result<(), EngineError> {
+        let (reply, answer) = oneshot::channel();
+        let request = Request::ReportError { agent, incarnation, reply };
         self.requests.send(request).await.map_err(|_| EngineError::ShuttingDown)?;
         Ok(answer.await.map_err(|_| EngineError::ShuttingDown)??)
     }
@@ -272,6 +285,9 @@ impl EngineTask {
                         self.flush_effects(&writer).await;
                     }
                 }
+                Request::ReportError { agent, incarnation, reply } => {
+                    let _ = reply.send(self.core.report_error(clock::now(), &agent, incarnation));
+                }
                 Request::Read { read, reply } => {
                     let Some(writer) = self.writer.clone() else {
                         drop(read);
@@ -405,6 +421,7 @@ fn command_kind(command: &Command) -> &'static str {
         Command::StartManaged { .. } => "start_managed",
         Command::ReportDown { .. } => "report_down",
         Command::RecordProgress { .. } => "record_progress",
+        Command::OpenBreaker { .. } | Command::HalfOpenBreaker { .. } | Command::CloseBreaker { .. } => "breaker",
         _ => "other",
     }
 }
@@ -464,7 +481,13 @@ fn respond(command: &Command, facts: Facts, record: &AgentRecord) -> Response {
         | Command::ReportDown { .. }
         | Command::Restart { .. }
         | Command::Stop { .. }
-        | Command::RecordProgress { .. } => Response::Done,
+        | Command::RecordProgress { .. }
+        | Command::OpenBreaker { .. }
+        | Command::HalfOpenBreaker { .. }
+        | Command::CloseBreaker { .. }
+        | Command::ReportViolation { .. }
+        | Command::Quarantine { .. }
+        | Command::Release { .. } => Response::Done,
     }
 }
 

@@ -15,7 +15,7 @@ pub mod process;
 mod sessions;
 pub mod supervisor;
 
-pub use config::{DeclaredAgent, ServerConfig, Supervise};
+pub use config::{DeclaredAgent, ResourceWatch, ServerConfig, Supervise};
 pub use sessions::{Push, Sessions};
 
 use engine::{Engine, SnapshotPolicy};
@@ -153,7 +153,12 @@ async fn start_supervisor(
         engine.execute(command).await.map_err(|error| ServerError::Supervise(error.to_string()))?;
         let logs =
             process::AgentLogs::new(&logs_dir, declared.name.as_str(), supervise.log_bytes_max, supervise.logs_kept);
-        agents.push(ManagedAgent { name: declared.name.clone(), spec: declared.process.clone(), logs: Arc::new(logs) });
+        agents.push(ManagedAgent {
+            name: declared.name.clone(),
+            spec: declared.process.clone(),
+            logs: Arc::new(logs),
+            watch: declared.watch,
+        });
     }
     let config = SupervisorConfig {
         agents,

@@ -13,11 +13,12 @@
 //! core restarts it per its policy); agents never started or stopped are started.
 
 use crate::clock;
+use crate::config::ResourceWatch;
 use crate::engine::Engine;
 use crate::process::{self, AgentLogs, ProcessId, ProcessSpec, Signal};
 use hale_core::supervision::{Cause, ManagedStatus, ProcessRef};
 use hale_core::{AgentName, Command, Effect};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::os::unix::process::ExitStatusExt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +30,12 @@ pub struct ManagedAgent {
     pub name: AgentName,
     pub spec: ProcessSpec,
     pub logs: Arc<AgentLogs>,
+    pub watch: ResourceWatch,
 }
+
+/// How often the resource detector samples /proc, and over how long CPU is averaged.
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+const CPU_WINDOW: Duration = Duration::from_secs(10);
 
 /// Settings of the supervisor.
 #[derive(Clone, Debug)]
@@ -61,6 +67,16 @@ struct Exit {
 struct Current {
     incarnation: u64,
     pid: u32,
+    /// CPU samples of this process group: (when, cumulative CPU ms).
+    cpu: VecDeque<(std::time::Instant, u64)>,
+    /// The resource detector has reported this incarnation already.
+    reported: bool,
+}
+
+impl Current {
+    fn new(incarnation: u64, pid: u32) -> Current {
+        Current { incarnation, pid, cpu: VecDeque::new(), reported: false }
+    }
 }
 
 struct Keeper {
@@ -203,8 +219,12 @@ fn id_of(process: ProcessRef) -> ProcessId {
 
 impl Keeper {
     async fn run(mut self, mut effects: mpsc::UnboundedReceiver<Effect>) {
+        let watching = self.agent.watch != ResourceWatch::default();
+        let mut sampler = tokio::time::interval(SAMPLE_EVERY);
+        sampler.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = sampler.tick(), if watching => self.sample().await,
                 effect = effects.recv() => {
                     let Some(effect) = effect else { break };
                     match effect {
@@ -252,7 +272,7 @@ impl Keeper {
             }
         };
         tracing::info!(%agent, incarnation, pid = id.pid, "agent started");
-        self.current = Some(Current { incarnation, pid: id.pid });
+        self.current = Some(Current::new(incarnation, id.pid));
         self.live.send_modify(|count| *count += 1);
         let exits = self.exits_tx.clone();
         tokio::spawn(async move {
@@ -287,7 +307,7 @@ impl Keeper {
         if !process::is_same_process(id) {
             return false;
         }
-        self.current = Some(Current { incarnation, pid: id.pid });
+        self.current = Some(Current::new(incarnation, id.pid));
         self.live.send_modify(|count| *count += 1);
         let exits = self.exits_tx.clone();
         tokio::spawn(async move {
@@ -344,6 +364,46 @@ impl Keeper {
             self.current = None;
             self.live.send_modify(|count| *count = count.saturating_sub(1));
         }
+    }
+
+    /// The resource detector: resident memory of the process group against `memory_mb`,
+    /// CPU averaged over `CPU_WINDOW` against `cpu_percent`.
+    async fn sample(&mut self) {
+        let watch = self.agent.watch;
+        let Some(current) = &mut self.current else { return };
+        if current.reported {
+            return;
+        }
+        let pid = current.pid;
+        let Ok(Some(usage)) = tokio::task::spawn_blocking(move || process::group_usage(pid)).await else { return };
+        let now = std::time::Instant::now();
+        current.cpu.push_back((now, usage.cpu_ms));
+        while current.cpu.len() > 2 && now.duration_since(current.cpu[1].0) >= CPU_WINDOW {
+            current.cpu.pop_front();
+        }
+        let mut exceeded = None;
+        if let Some(limit_mb) = watch.memory_mb
+            && usage.rss_bytes > limit_mb.saturating_mul(1024 * 1024)
+        {
+            let limit = limit_mb.saturating_mul(1024 * 1024);
+            exceeded = Some(Cause::ResourceExceeded { resource: "memory".into(), value: usage.rss_bytes, limit });
+        }
+        if let (Some(limit), Some(&(first_at, first_ms))) = (watch.cpu_percent, current.cpu.front()) {
+            let span = now.duration_since(first_at);
+            if span >= CPU_WINDOW {
+                let percent = usage.cpu_ms.saturating_sub(first_ms) * 100 / (span.as_millis() as u64).max(1);
+                if percent > u64::from(limit) && exceeded.is_none() {
+                    exceeded =
+                        Some(Cause::ResourceExceeded { resource: "cpu".into(), value: percent, limit: limit.into() });
+                }
+            }
+        }
+        let Some(cause) = exceeded else { return };
+        current.reported = true;
+        let incarnation = current.incarnation;
+        let agent = self.agent.name.clone();
+        tracing::warn!(%agent, incarnation, %cause, "resource limit exceeded");
+        self.report(Command::ReportDown { agent, incarnation, cause }).await;
     }
 
     async fn report(&self, command: Command) {

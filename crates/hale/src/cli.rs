@@ -47,6 +47,21 @@ enum Commands {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// Quarantine an agent: it gets no work until `hale release`.
+    Quarantine {
+        agent: String,
+        /// Why; shown by `hale agents` and kept in the log.
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Release an agent from quarantine (its violations are forgotten).
+    Release {
+        agent: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
     /// Print an agent's output (stdout and stderr), from its log files.
     Logs {
         agent: String,
@@ -170,6 +185,16 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Commands::Stop { agent, server } => {
             Admin::new(&http_base(&server.server)).stop(&agent).await?;
             println!("{agent}: stopped");
+            Ok(0)
+        }
+        Commands::Quarantine { agent, reason, server } => {
+            Admin::new(&http_base(&server.server)).quarantine(&agent, &reason).await?;
+            println!("{agent}: quarantined");
+            Ok(0)
+        }
+        Commands::Release { agent, server } => {
+            Admin::new(&http_base(&server.server)).release(&agent).await?;
+            println!("{agent}: released");
             Ok(0)
         }
         Commands::Logs { agent, follow, lines, config, data } => logs(&agent, follow, lines, config, data).await,
@@ -343,8 +368,8 @@ async fn agents(server: &str, json: bool) -> Result<i32> {
         return Ok(0);
     }
     println!(
-        "{:<24} {:<16} {:<12} {:>5} {:>8} {:>8} {:>8} {:<8}  PROGRESS / CAUSE",
-        "AGENT", "ROLE", "STATUS", "INC", "VERSION", "PID", "RESTARTS", "ATTACHED"
+        "{:<24} {:<16} {:<12} {:>5} {:>8} {:>8} {:>8} {:<8} {:<9}  PROGRESS / CAUSE",
+        "AGENT", "ROLE", "STATUS", "INC", "VERSION", "PID", "RESTARTS", "ATTACHED", "BREAKER"
     );
     for agent in &agents {
         let managed = agent.managed.as_ref();
@@ -358,6 +383,7 @@ async fn agents(server: &str, json: bool) -> Result<i32> {
             (None, None, Some(managed)) => managed.status.clone(),
             (None, None, None) => "-".to_string(),
         };
+        let status = if agent.quarantine.is_some() { "quarantined".to_string() } else { status };
         let detail = match (&agent.down, &agent.progress) {
             (Some(down), _) => format!("{} ({})", down.cause, down.detector),
             (None, Some(progress)) => {
@@ -367,8 +393,12 @@ async fn agents(server: &str, json: bool) -> Result<i32> {
             }
             (None, None) => String::new(),
         };
+        let detail = match &agent.quarantine {
+            Some(quarantine) => format!("quarantined by {}: {}", quarantine.by, quarantine.reason),
+            None => detail,
+        };
         println!(
-            "{:<24} {:<16} {:<12} {:>5} {:>8} {:>8} {:>8} {:<8}  {}",
+            "{:<24} {:<16} {:<12} {:>5} {:>8} {:>8} {:>8} {:<8} {:<9}  {}",
             agent.agent,
             agent.role,
             status,
@@ -377,6 +407,7 @@ async fn agents(server: &str, json: bool) -> Result<i32> {
             managed.and_then(|managed| managed.pid).map_or("-".to_string(), |pid| pid.to_string()),
             managed.map_or("-".to_string(), |managed| managed.restarts.to_string()),
             if agent.attached { "yes" } else { "no" },
+            agent.breaker,
             detail
         );
     }

@@ -15,7 +15,7 @@ use hale_core::policy::{Backoff, Intensity};
 use hale_core::supervision::{Criticality, ManagedStatus, RestartPolicy, StallPolicy, Supervision};
 use hale_core::{AgentName, RoleName};
 use hale_server::process::{ProcessSpec, Signal, signal_group};
-use hale_server::{DeclaredAgent, ServerConfig, Supervise};
+use hale_server::{DeclaredAgent, ResourceWatch, ServerConfig, Supervise};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -261,6 +261,7 @@ fn crew(args: &DemoArgs) -> Result<Supervise> {
                     args: demo_args,
                     ..ProcessSpec::default()
                 },
+                watch: ResourceWatch::default(),
                 name,
             }
         })

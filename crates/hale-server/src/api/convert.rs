@@ -1,6 +1,7 @@
 //! From wire types to core commands, validating names on the way.
 
 use super::ApiError;
+use hale_core::health::{Reporter, Severity};
 use hale_core::{AgentName, Command, Hello, PointName, Progress, RoleName, RollbackTarget};
 use hale_proto::{HelloBody, ProgressBody, RollbackTo};
 use serde_json::Value;
@@ -28,6 +29,17 @@ pub fn rollback(agent: AgentName, incarnation: u64, to: RollbackTo) -> Result<Co
         RollbackTo::Point(name) => RollbackTarget::Point(PointName::new(name)?),
     };
     Ok(Command::Rollback { agent, incarnation, target })
+}
+
+/// A violation reported over a session: about another agent if `about` names one, else
+/// about the session's own agent (which reports itself).
+pub fn violation(own: AgentName, about: Option<String>, critical: bool, reason: String) -> Result<Command, ApiError> {
+    let (agent, by) = match about {
+        Some(other) if other != own.as_str() => (AgentName::new(other)?, Reporter::Agent(own)),
+        _ => (own, Reporter::Itself),
+    };
+    let severity = if critical { Severity::Critical } else { Severity::Minor };
+    Ok(Command::ReportViolation { agent, by, severity, reason })
 }
 
 pub fn progress(body: ProgressBody) -> Progress {

@@ -43,7 +43,8 @@ impl From<Rejection> for ApiError {
             Rejection::InvalidName(_)
             | Rejection::PatchNotObject { .. }
             | Rejection::PatchTooDeep { .. }
-            | Rejection::BadFraction { .. } => StatusCode::BAD_REQUEST,
+            | Rejection::BadFraction { .. }
+            | Rejection::ReasonTooLong { .. } => StatusCode::BAD_REQUEST,
             Rejection::UnknownAgent { .. } | Rejection::UnknownRecoveryPoint { .. } => StatusCode::NOT_FOUND,
             Rejection::NotStarted { .. }
             | Rejection::StaleIncarnation { .. }

@@ -10,8 +10,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use hale_core::AgentName;
 use hale_proto::{
-    AgentState, AgentSummary, Checkpointed, DownSummary, HelloBody, HttpCheckpoint, HttpHeartbeat, HttpRecoveryPoint,
-    HttpRollback, ManagedSummary, ProgressBody,
+    AgentState, AgentSummary, Checkpointed, DownSummary, HelloBody, HttpCheckpoint, HttpErrorReport, HttpHeartbeat,
+    HttpQuarantine, HttpRecoveryPoint, HttpRollback, HttpViolation, ManagedSummary, ProgressBody, QuarantineSummary,
 };
 use serde::de::DeserializeOwned;
 use std::collections::HashMap;
@@ -30,6 +30,10 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/agents/{agent}/heartbeat", post(heartbeat))
         .route("/v1/agents/{agent}/restart", post(restart))
         .route("/v1/agents/{agent}/stop", post(stop))
+        .route("/v1/agents/{agent}/errors", post(report_error))
+        .route("/v1/agents/{agent}/violations", post(report_violation))
+        .route("/v1/agents/{agent}/quarantine", post(quarantine))
+        .route("/v1/agents/{agent}/release", post(release))
         .fallback(|| async { ApiError::not_found("no such endpoint; see docs/protocol.md for the API") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -133,6 +137,12 @@ fn summary(core: &hale_core::Core, record: &hale_core::AgentRecord, sessions: &c
         }),
         down: record.down.as_ref().filter(|down| down.incarnation == record.incarnation).map(down_summary),
         last_down: record.down.as_ref().map(down_summary),
+        breaker: record.health.breaker.name().to_string(),
+        quarantine: record.health.quarantine.as_ref().map(|quarantine| QuarantineSummary {
+            reason: quarantine.reason.clone(),
+            by: quarantine.by.to_string(),
+            at_ms: quarantine.at.0,
+        }),
     }
 }
 
@@ -153,6 +163,50 @@ async fn heartbeat(
     let progress = body.progress.map(convert::progress);
     app.engine.heartbeat(agent_name(&agent)?, body.incarnation, progress).await?;
     Ok(Json(serde_json::json!({ "ok": true })).into_response())
+}
+
+/// An error the agent ran into, for its breaker (volatile).
+async fn report_error(
+    State(app): State<AppState>,
+    Path(agent): Path<String>,
+    JsonBody(body): JsonBody<HttpErrorReport>,
+) -> Result<Response, ApiError> {
+    app.engine.report_error(agent_name(&agent)?, body.incarnation).await?;
+    Ok(Json(serde_json::json!({ "ok": true })).into_response())
+}
+
+/// A policy violation of the agent, by the operator or (`by`) another agent.
+async fn report_violation(
+    State(app): State<AppState>,
+    Path(agent): Path<String>,
+    JsonBody(body): JsonBody<HttpViolation>,
+) -> Result<Response, ApiError> {
+    use hale_core::health::{Reporter, Severity};
+    let by = match body.by {
+        Some(by) if by == agent => Reporter::Itself,
+        Some(by) => Reporter::Agent(agent_name(&by)?),
+        None => Reporter::Operator,
+    };
+    let severity = if body.critical { Severity::Critical } else { Severity::Minor };
+    let command = hale_core::Command::ReportViolation { agent: agent_name(&agent)?, by, severity, reason: body.reason };
+    app.engine.execute(command).await?;
+    Ok(Json(serde_json::json!({ "ok": true })).into_response())
+}
+
+/// `hale quarantine AGENT --reason`.
+async fn quarantine(
+    State(app): State<AppState>,
+    Path(agent): Path<String>,
+    JsonBody(body): JsonBody<HttpQuarantine>,
+) -> Result<Response, ApiError> {
+    app.engine.execute(hale_core::Command::Quarantine { agent: agent_name(&agent)?, reason: body.reason }).await?;
+    Ok(Json(serde_json::json!({ "quarantined": true })).into_response())
+}
+
+/// `hale release AGENT`.
+async fn release(State(app): State<AppState>, Path(agent): Path<String>) -> Result<Response, ApiError> {
+    app.engine.execute(hale_core::Command::Release { agent: agent_name(&agent)? }).await?;
+    Ok(Json(serde_json::json!({ "released": true })).into_response())
 }
 
 /// `hale stop AGENT`: stop a managed agent and do not restart it.

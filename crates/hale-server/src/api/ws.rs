@@ -131,6 +131,9 @@ impl Session {
         if let ClientFrame::Heartbeat { progress, .. } = frame {
             return self.heartbeat(id, progress).await;
         }
+        if let ClientFrame::ReportError { .. } = frame {
+            return self.report_error(id).await;
+        }
         let command = match self.command(frame) {
             Ok(command) => command,
             Err(error) => return ready(ServerFrame::Error { id: Some(id), error: error.body }),
@@ -143,6 +146,23 @@ impl Session {
             self.pushes = Some(pushes);
         }
         Box::pin(answer(id, submitted))
+    }
+
+    /// Errors are counted for the breaker, in memory: answered at once.
+    async fn report_error(&mut self, id: u64) -> Answer {
+        let Some(bound) = &self.bound else {
+            let error = ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "hello_required",
+                "a report_error frame must follow a hello on the same session",
+                false,
+            );
+            return ready(ServerFrame::Error { id: Some(id), error: error.body });
+        };
+        match self.app.engine.report_error(bound.agent.clone(), bound.incarnation).await {
+            Ok(()) => ready(ServerFrame::Ok { id }),
+            Err(error) => ready(ServerFrame::Error { id: Some(id), error: ApiError::from(error).body }),
+        }
     }
 
     /// Heartbeats are volatile: answered as soon as the engine has seen them, with no wait
@@ -202,7 +222,13 @@ impl Session {
                 let (agent, incarnation) = bound("rollback")?;
                 convert::rollback(agent, incarnation, to)
             }
-            ClientFrame::Heartbeat { .. } => unreachable!("handled before commands"),
+            ClientFrame::ReportViolation { agent, critical, reason, .. } => {
+                let (own, _) = bound("report_violation")?;
+                convert::violation(own, agent, critical, reason)
+            }
+            ClientFrame::Heartbeat { .. } | ClientFrame::ReportError { .. } => {
+                unreachable!("handled before commands")
+            }
         }
     }
 }
@@ -213,7 +239,7 @@ async fn answer(id: u64, submitted: Submitted) -> ServerFrame {
         Ok(EngineResponse::Checkpointed { version }) => ServerFrame::Checkpointed { id, version },
         Ok(EngineResponse::RecoveryPointMarked(point)) => ServerFrame::RecoveryPointMarked { id, point },
         Ok(EngineResponse::RolledBack(rolled_back)) => ServerFrame::RolledBack { id, rolled_back },
-        Ok(EngineResponse::Done) => unreachable!("sessions send no supervision commands"),
+        Ok(EngineResponse::Done) => ServerFrame::Ok { id },
         Err(error) => ServerFrame::Error { id: Some(id), error: ApiError::from(error).body },
     }
 }

@@ -7,8 +7,9 @@
 //! `[server]`, `[limits]` and `[snapshots]` sections; `hale up -c` also runs the agents
 //! ([`Manifest::supervise`]).
 
-use crate::config::{DeclaredAgent, Supervise};
+use crate::config::{DeclaredAgent, ResourceWatch, Supervise};
 use crate::process::ProcessSpec;
+use hale_core::health::{BreakerPolicy, QuarantinePolicy};
 use hale_core::policy::{Backoff, Intensity, PhiConfig};
 pub use hale_core::supervision::{Criticality, RestartPolicy, StallPolicy, Strategy};
 use hale_core::supervision::{GroupMembership, Supervision};
@@ -79,6 +80,8 @@ pub struct SupervisionSection {
     pub log_bytes_max: u64,
     /// Rotated log files kept per agent.
     pub logs_kept: usize,
+    pub breaker: BreakerPolicy,
+    pub quarantine: QuarantinePolicy,
 }
 
 impl Default for SupervisionSection {
@@ -93,6 +96,8 @@ impl Default for SupervisionSection {
             progress_log_ms: 10_000,
             log_bytes_max: 10 * 1024 * 1024,
             logs_kept: 5,
+            breaker: BreakerPolicy::default(),
+            quarantine: QuarantinePolicy::default(),
         }
     }
 }
@@ -123,9 +128,15 @@ pub struct AgentSpec {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Resources {
+    /// Resident memory of the agent's process group: over it, the agent is declared down
+    /// (cause `resource`) and restarted. Watched from /proc once a second.
     pub memory_mb: Option<u64>,
-    /// Percent of one core, averaged over the detector's window.
+    /// Percent of one core, averaged over 10 s: over it, the agent is declared down.
     pub cpu_percent: Option<u32>,
+    /// RLIMIT_AS, applied at spawn: allocations past it fail inside the agent. Virtual
+    /// memory, so set it well above `memory_mb` (runtimes reserve much more than they use).
+    pub address_space_mb: Option<u64>,
+    /// RLIMIT_NOFILE, applied at spawn.
     pub open_files: Option<u64>,
 }
 
@@ -194,6 +205,8 @@ impl Manifest {
             detector: self.supervision.detector.clone(),
             reconnect_grace_ms: self.supervision.reconnect_grace_ms,
             progress_log_ms: self.supervision.progress_log_ms,
+            breaker: self.supervision.breaker.clone(),
+            quarantine: self.supervision.quarantine.clone(),
         }
     }
 
@@ -237,6 +250,10 @@ impl Manifest {
                     labels: spec.labels.clone(),
                     supervision,
                     process: process_spec(spec, base),
+                    watch: ResourceWatch {
+                        memory_mb: spec.resources.memory_mb,
+                        cpu_percent: spec.resources.cpu_percent,
+                    },
                 }
             })
             .collect();
@@ -369,7 +386,7 @@ fn process_spec(spec: &AgentSpec, base: &Path) -> ProcessSpec {
         args: spec.args.clone(),
         env: spec.env.clone(),
         workdir: Some(workdir),
-        memory_mb: spec.resources.memory_mb,
+        address_space_mb: spec.resources.address_space_mb,
         open_files: spec.resources.open_files,
     }
 }
@@ -392,6 +409,7 @@ fn check_process(spec: &AgentSpec, line: usize, what: &str) -> Result<(), (usize
     validate_labels(&spec.labels).map_err(|error| (line, format!("{what}: {error}")))?;
     if spec.resources.memory_mb == Some(0)
         || spec.resources.cpu_percent == Some(0)
+        || spec.resources.address_space_mb == Some(0)
         || spec.resources.open_files == Some(0)
     {
         return Err((

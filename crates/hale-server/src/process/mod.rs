@@ -25,7 +25,7 @@ mod tests;
 
 pub use control::{signal_group, wait_adopted_exit, wait_adopted_exit_of};
 pub use logs::{AgentLogs, follow, tail};
-pub use proc_fs::{is_same_process, start_ticks, usage};
+pub use proc_fs::{group_usage, is_same_process, start_ticks, usage};
 /// The signals [`signal_group`] sends, re-exported so the supervisor need not name rustix.
 pub use rustix::process::Signal;
 pub use spawn::{SpawnError, spawn};
@@ -55,7 +55,7 @@ pub struct ProcessSpec {
     pub workdir: Option<PathBuf>,
     /// The address-space limit (`RLIMIT_AS`) in MiB, soft and hard, so the agent cannot
     /// raise it again. `None` leaves hale's limit.
-    pub memory_mb: Option<u64>,
+    pub address_space_mb: Option<u64>,
     /// The open-file limit (`RLIMIT_NOFILE`), soft and hard. `None` leaves hale's limit.
     pub open_files: Option<u64>,
 }

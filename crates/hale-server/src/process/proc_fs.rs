@@ -92,3 +92,24 @@ pub fn usage(pid: u32) -> Option<Usage> {
         cpu_ms: ticks.saturating_mul(1000) / ticks_per_second,
     })
 }
+
+/// Like [`usage`], summed over every live process of the process group `pgid`: an agent
+/// that forks workers is measured whole. Scans `/proc`, so it costs a directory read per
+/// call; the supervisor calls it about once a second per watched agent.
+pub fn group_usage(pgid: u32) -> Option<Usage> {
+    let leader = usage(pgid)?;
+    let mut total = leader;
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Some(total) };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else { continue };
+        if pid == pgid {
+            continue;
+        }
+        let in_group = read_stat(pid).ok().is_some_and(|stat| stat.is_alive() && stat.pgrp == pgid as i32);
+        if in_group && let Some(member) = usage(pid) {
+            total.rss_bytes = total.rss_bytes.saturating_add(member.rss_bytes);
+            total.cpu_ms = total.cpu_ms.saturating_add(member.cpu_ms);
+        }
+    }
+    Some(total)
+}

@@ -119,7 +119,7 @@ pub fn spawn(spec: &ProcessSpec, logs: &AgentLogs) -> Result<(tokio::process::Ch
         (
             Resource::As,
             "the address space",
-            spec.memory_mb.map(|mb| (mb.saturating_mul(1024 * 1024), format!("{mb} MiB"))),
+            spec.address_space_mb.map(|mb| (mb.saturating_mul(1024 * 1024), format!("{mb} MiB"))),
         ),
         (Resource::Nofile, "open files", spec.open_files.map(|n| (n, n.to_string()))),
     ];

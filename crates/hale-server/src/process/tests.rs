@@ -142,7 +142,7 @@ async fn spawn_applies_the_memory_and_open_file_limits() {
     let spec = ProcessSpec {
         command: "sleep".into(),
         args: vec!["30".into()],
-        memory_mb: Some(512),
+        address_space_mb: Some(512),
         open_files: Some(64),
         ..ProcessSpec::default()
     };

@@ -6,6 +6,7 @@ mod corruption;
 mod crash;
 mod demo;
 mod fsync;
+mod health;
 mod session;
 mod supervise;
 mod support;

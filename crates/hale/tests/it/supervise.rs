@@ -264,12 +264,16 @@ async fn a_stalled_agent_is_detected_and_restarted() {
 }
 
 #[tokio::test]
-async fn an_agent_over_its_memory_limit_dies_and_is_restarted() {
+async fn an_agent_past_its_address_space_limit_dies_and_is_restarted() {
     let temp = tempfile::tempdir().unwrap();
     let config = config(
         temp.path(),
         "",
-        &[("hungry", &["--misbehave", "grow-memory", "--after-ms", "500"], "[agent.resources]\nmemory_mb = 256")],
+        &[(
+            "hungry",
+            &["--misbehave", "grow-memory", "--after-ms", "500"],
+            "[agent.resources]\naddress_space_mb = 256",
+        )],
     );
     let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
     let admin = Admin::new(&hale.http_url());
@@ -282,5 +286,29 @@ async fn an_agent_over_its_memory_limit_dies_and_is_restarted() {
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", pid_of(&restarted))).unwrap();
     let line = limits.lines().find(|line| line.starts_with("Max address space")).unwrap();
     assert!(line.contains(&(256u64 * 1024 * 1024).to_string()), "{line}");
+    assert!(hale.terminate().success());
+}
+
+#[tokio::test]
+async fn an_agent_over_its_resident_memory_limit_is_detected_and_restarted() {
+    let temp = tempfile::tempdir().unwrap();
+    let config = config(
+        temp.path(),
+        "stop_grace_ms = 300",
+        &[(
+            "bloats",
+            &["--misbehave", "grow-memory", "--after-ms", "300", "--only-incarnation", "1"],
+            "[agent.resources]\nmemory_mb = 96",
+        )],
+    );
+    let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
+    let admin = Admin::new(&hale.http_url());
+    let restarted = running(&admin, "bloats", 2, 0).await;
+    let down = restarted.last_down.clone().unwrap();
+    assert_eq!((down.incarnation, down.detector.as_str()), (1, "resource"), "{}", down.cause);
+    assert!(down.cause.contains("over its limit of 96 MiB"), "{}", down.cause);
+    // The new incarnation does not bloat, and stays up.
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    assert_eq!(agent(&admin, "bloats").await.incarnation, 2);
     assert!(hale.terminate().success());
 }

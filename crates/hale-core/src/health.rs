@@ -1,0 +1,171 @@
+//! Circuit breaker and quarantine: the two ways hale keeps work away from an agent that is
+//! alive but misbehaving.
+//!
+//! - The **breaker** opens on an error spike (errors the agent reports, counted over a
+//!   sliding window; volatile), stays open for `open_ms`, then goes half-open: if the agent
+//!   reports no error for one more window it closes, and an error while half-open opens
+//!   it again. Its transitions are logged.
+//! - **Quarantine** follows policy violations, reported by the agent itself, by another
+//!   agent, or by the operator. Past `violations_max` within `window_ms`, or one marked
+//!   critical, the agent is quarantined: it gets no work until the operator releases it.
+//!   Violations and quarantine are logged.
+
+use crate::Timestamp;
+use crate::names::AgentName;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+
+/// `[supervision.breaker]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerPolicy {
+    /// Errors within `window_ms` that open the breaker.
+    pub errors_max: u32,
+    pub window_ms: u64,
+    /// How long it stays open before a half-open probe.
+    pub open_ms: u64,
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        BreakerPolicy { errors_max: 5, window_ms: 10_000, open_ms: 30_000 }
+    }
+}
+
+/// `[supervision.quarantine]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuarantinePolicy {
+    /// Violations within `window_ms` that quarantine the agent.
+    pub violations_max: u32,
+    pub window_ms: u64,
+}
+
+impl Default for QuarantinePolicy {
+    fn default() -> Self {
+        QuarantinePolicy { violations_max: 3, window_ms: 3_600_000 }
+    }
+}
+
+/// Where a breaker is.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Breaker {
+    /// Work flows.
+    #[default]
+    Closed,
+    /// No work until `until`.
+    Open { until: Timestamp },
+    /// Probing since `since`: closes after a window without errors.
+    HalfOpen { since: Timestamp },
+}
+
+impl Breaker {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Breaker::Closed => "closed",
+            Breaker::Open { .. } => "open",
+            Breaker::HalfOpen { .. } => "half_open",
+        }
+    }
+}
+
+/// Who reported a violation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reporter {
+    /// The agent reported itself (e.g. its guardrail caught its own output).
+    Itself,
+    /// Another agent (e.g. a fact-checker about a writer).
+    Agent(AgentName),
+    /// The operator.
+    Operator,
+}
+
+impl std::fmt::Display for Reporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reporter::Itself => write!(f, "itself"),
+            Reporter::Agent(agent) => write!(f, "agent {agent}"),
+            Reporter::Operator => write!(f, "the operator"),
+        }
+    }
+}
+
+/// How bad a violation is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    #[default]
+    Minor,
+    /// One is enough to quarantine.
+    Critical,
+}
+
+/// Why an agent is quarantined.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantine {
+    pub reason: String,
+    pub by: Reporter,
+    pub at: Timestamp,
+}
+
+/// The durable health record of one agent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthRecord {
+    #[serde(default)]
+    pub breaker: Breaker,
+    /// Times the breaker opened, over the agent's life.
+    #[serde(default)]
+    pub breaker_opened: u64,
+    /// Recent violations (bounded by the policy's window when decided).
+    #[serde(default)]
+    pub violations: VecDeque<Timestamp>,
+    #[serde(default)]
+    pub quarantine: Option<Quarantine>,
+}
+
+/// The most violation times kept per agent: more than any sane `violations_max`.
+pub const VIOLATIONS_KEPT: usize = 64;
+
+impl HealthRecord {
+    /// Violations within `window_ms` before `now`, counting one more at `now`.
+    pub(crate) fn violations_with_one_more(&self, now: Timestamp, window_ms: u64) -> u32 {
+        let recent = self.violations.iter().filter(|at| now.0.saturating_sub(at.0) < window_ms).count();
+        recent as u32 + 1
+    }
+
+    pub(crate) fn record_violation(&mut self, at: Timestamp) {
+        self.violations.push_back(at);
+        while self.violations.len() > VIOLATIONS_KEPT {
+            self.violations.pop_front();
+        }
+    }
+}
+
+/// Error reports of one agent within the breaker window. Volatile.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ErrorWindow {
+    reports: VecDeque<Timestamp>,
+}
+
+impl ErrorWindow {
+    /// Records an error at `now`; returns how many fall within `window_ms`.
+    pub(crate) fn record(&mut self, now: Timestamp, window_ms: u64) -> u32 {
+        self.reports.push_back(now);
+        self.count(now, window_ms)
+    }
+
+    /// Errors within `window_ms` before `now` (and forgets older ones).
+    pub(crate) fn count(&mut self, now: Timestamp, window_ms: u64) -> u32 {
+        while self.reports.front().is_some_and(|at| now.0.saturating_sub(at.0) >= window_ms) {
+            self.reports.pop_front();
+        }
+        self.reports.len() as u32
+    }
+
+    /// The last error, if any is still remembered.
+    pub(crate) fn last(&self) -> Option<Timestamp> {
+        self.reports.back().copied()
+    }
+}
