@@ -55,6 +55,11 @@ pub enum Command {
     Quarantine { agent: AgentName, reason: String },
     /// The operator's `hale release`.
     Release { agent: AgentName },
+    /// The shell read hale.toml: a pool of agents of `role`.
+    DeclareRole { role: RoleName, min: u32, max: u32, supervision: Supervision },
+    /// The pool of `role` has fewer healthy agents than its minimum: start a new instance
+    /// (from `tick`).
+    Recruit { role: RoleName },
 }
 
 /// The `hello` of a session.
@@ -80,9 +85,10 @@ pub enum RollbackTarget {
 }
 
 impl Command {
-    /// The agent this command concerns.
-    pub fn agent(&self) -> &AgentName {
-        match self {
+    /// The agent this command concerns (none for commands about a role).
+    pub fn agent(&self) -> Option<&AgentName> {
+        Some(match self {
+            Command::DeclareRole { .. } | Command::Recruit { .. } => return None,
             Command::Hello(hello) => &hello.agent,
             Command::Checkpoint { agent, .. }
             | Command::MarkRecoveryPoint { agent, .. }
@@ -100,6 +106,6 @@ impl Command {
             | Command::ReportViolation { agent, .. }
             | Command::Quarantine { agent, .. }
             | Command::Release { agent } => agent,
-        }
+        })
     }
 }

@@ -21,6 +21,37 @@ pub(crate) fn decide(
     seed: u64,
 ) -> Result<Vec<Event>, Rejection> {
     match command {
+        Command::DeclareRole { role, min, max, supervision } => {
+            let unchanged = state.roles().any(|(name, pool)| {
+                name == role && pool.min == *min && pool.max == *max && pool.supervision == *supervision
+            });
+            if unchanged {
+                return Ok(Vec::new());
+            }
+            Ok(vec![Event::RoleDeclared { role: role.clone(), min: *min, max: *max, supervision: supervision.clone() }])
+        }
+        Command::Recruit { role } => {
+            let Some((_, pool)) = state.roles().find(|(name, _)| *name == role) else {
+                return Err(Rejection::UnknownRole { role: role.to_string() });
+            };
+            let total = state.agents().filter(|record| record.role == *role && record.managed.is_some()).count();
+            if total as u32 >= pool.max {
+                return Ok(Vec::new());
+            }
+            let agent = (1..)
+                .map(|n| supervision::instance_name(role, n))
+                .find(|name| state.agent(name.as_str()).is_none())
+                .expect("some instance number is free");
+            Ok(vec![
+                Event::AgentDeclared {
+                    agent: agent.clone(),
+                    role: role.clone(),
+                    labels: std::collections::BTreeMap::from([("pool".to_string(), role.to_string())]),
+                    supervision: pool.supervision.clone(),
+                },
+                Event::IncarnationStarted { agent, incarnation: 1 },
+            ])
+        }
         Command::OpenBreaker { agent, errors } => {
             let record = known(state, agent)?;
             if matches!(record.health.breaker, Breaker::Open { .. }) {
@@ -238,7 +269,9 @@ fn decide_hello(state: &State, hello: &Hello) -> Result<Vec<Event>, Rejection> {
     validate_labels(&hello.labels)?;
     let mut events = Vec::new();
     let current = state.agent(hello.agent.as_str());
-    let registration_changed = current.is_none_or(|record| record.role != hello.role || record.labels != hello.labels);
+    // A managed agent's role and labels are hale.toml's: its hello does not change them.
+    let registration_changed = current
+        .is_none_or(|record| record.managed.is_none() && (record.role != hello.role || record.labels != hello.labels));
     let incarnation = current.map_or(0, |record| record.incarnation);
     let start_new_run = match hello.incarnation {
         None => true,

@@ -1,4 +1,4 @@
-use crate::names::AgentName;
+use crate::names::{AgentName, RoleName};
 
 /// Something the shell must do because of an event, once that event is durable.
 ///
@@ -8,7 +8,8 @@ use crate::names::AgentName;
 pub enum Effect {
     /// Start the process of this incarnation of a managed agent. A process of an earlier
     /// incarnation still running must be stopped first, so two never run at once.
-    Spawn { agent: AgentName, incarnation: u64 },
+    /// `role` tells the shell which template to use for an agent a pool recruited.
+    Spawn { agent: AgentName, role: RoleName, incarnation: u64 },
     /// Stop the process of this incarnation: SIGTERM to its group, grace, SIGKILL.
     Stop { agent: AgentName, incarnation: u64 },
     /// Close the sessions of this incarnation: it was superseded or declared down.

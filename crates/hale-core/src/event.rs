@@ -57,12 +57,16 @@ pub enum Event {
     Quarantined { agent: AgentName, by: Reporter, reason: String },
     /// The operator released the agent from quarantine (its violations are forgotten).
     Released { agent: AgentName },
+    /// hale.toml declares a pool of interchangeable agents of `role`: hale keeps at least
+    /// `min` healthy and starts at most `max`, each supervised as `supervision` says.
+    RoleDeclared { role: RoleName, min: u32, max: u32, supervision: Supervision },
 }
 
 impl Event {
-    /// The agent this event concerns.
-    pub fn agent(&self) -> &AgentName {
-        match self {
+    /// The agent this event concerns (none for a role's declaration).
+    pub fn agent(&self) -> Option<&AgentName> {
+        Some(match self {
+            Event::RoleDeclared { .. } => return None,
             Event::AgentRegistered { agent, .. }
             | Event::IncarnationStarted { agent, .. }
             | Event::Checkpointed { agent, .. }
@@ -81,7 +85,7 @@ impl Event {
             | Event::ViolationReported { agent, .. }
             | Event::Quarantined { agent, .. }
             | Event::Released { agent } => agent,
-        }
+        })
     }
 
     /// A short stable name of the kind of event, e.g. `checkpointed`.
@@ -105,6 +109,7 @@ impl Event {
             Event::ViolationReported { .. } => "violation_reported",
             Event::Quarantined { .. } => "quarantined",
             Event::Released { .. } => "released",
+            Event::RoleDeclared { .. } => "role_declared",
         }
     }
 }

@@ -183,14 +183,18 @@ impl Core {
     }
 
     fn queue_effects(&mut self, event: &Event) {
-        let managed = self.state.agent(event.agent().as_str()).and_then(|record| record.managed.as_ref());
+        let managed =
+            event.agent().and_then(|agent| self.state.agent(agent.as_str())).and_then(|record| record.managed.as_ref());
         match event {
             Event::IncarnationStarted { agent, incarnation } => {
                 if *incarnation > 1 {
                     self.effects.push_back(Effect::Fence { agent: agent.clone(), incarnation: incarnation - 1 });
                 }
-                if managed.is_some() {
-                    self.effects.push_back(Effect::Spawn { agent: agent.clone(), incarnation: *incarnation });
+                if let Some(record) = self.state.agent(agent.as_str())
+                    && record.managed.is_some()
+                {
+                    let role = record.role.clone();
+                    self.effects.push_back(Effect::Spawn { agent: agent.clone(), role, incarnation: *incarnation });
                 }
             }
             Event::AgentDown { agent, incarnation, cause } => {
@@ -266,6 +270,7 @@ impl Core {
                 commands.push(Command::StartManaged { agent: agent.clone() });
             }
         }
+        commands.extend(self.recruits());
         let policy = &self.settings.breaker;
         for record in self.state.agents() {
             let agent = &record.name;
@@ -332,6 +337,26 @@ impl Core {
                 });
                 // Not logged yet, but asked for: do not ask again before it is.
                 live.progress_unlogged = false;
+            }
+        }
+        commands
+    }
+
+    /// Pools below their minimum of healthy agents, with room under their maximum.
+    fn recruits(&self) -> Vec<Command> {
+        let mut commands = Vec::new();
+        for (role, pool) in self.state.roles() {
+            let (mut healthy, mut total) = (0u32, 0u32);
+            for record in self.state.agents().filter(|record| record.role == *role && record.managed.is_some()) {
+                total += 1;
+                let managed = record.managed.as_ref().expect("filtered");
+                let backing_off = matches!(managed.status, ManagedStatus::Backoff { .. });
+                if (managed.is_live() || backing_off) && record.health.quarantine.is_none() {
+                    healthy += 1;
+                }
+            }
+            if healthy < pool.min && total < pool.max {
+                commands.push(Command::Recruit { role: role.clone() });
             }
         }
         commands

@@ -70,6 +70,9 @@ pub enum Rejection {
     /// A heartbeat's progress over [`PROGRESS_BYTES_MAX`](crate::PROGRESS_BYTES_MAX).
     #[error("the progress report is {size} bytes; the limit is {max}: keep bulk data in checkpoints")]
     ProgressTooLarge { size: usize, max: usize },
+    /// A pool that hale.toml does not declare.
+    #[error("no role pool named {role:?}; declare it with [[role]] in hale.toml")]
+    UnknownRole { role: String },
     /// A violation or quarantine reason over the limit.
     #[error("the reason is {size} bytes; the limit is {max}: say it in a sentence")]
     ReasonTooLong { size: usize, max: usize },
@@ -100,6 +103,7 @@ impl Rejection {
             Rejection::ProgressTooLarge { .. } => "progress_too_large",
             Rejection::BadFraction { .. } => "bad_fraction",
             Rejection::ReasonTooLong { .. } => "reason_too_long",
+            Rejection::UnknownRole { .. } => "unknown_role",
         }
     }
 }

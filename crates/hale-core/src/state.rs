@@ -6,7 +6,7 @@ use crate::liveness::Progress;
 use crate::merge::merge_patch;
 use crate::names::{AgentName, PointName, RoleName};
 use crate::rejection::Rejection;
-use crate::supervision::{self, Cause, Managed, ManagedStatus};
+use crate::supervision::{self, Cause, Managed, ManagedStatus, RolePool};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, VecDeque};
@@ -16,6 +16,9 @@ use std::sync::Arc;
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
     agents: BTreeMap<AgentName, AgentRecord>,
+    /// Pools declared in hale.toml.
+    #[serde(default)]
+    roles: BTreeMap<RoleName, RolePool>,
 }
 
 /// Everything the log says about one agent.
@@ -119,6 +122,11 @@ impl State {
         self.agents.values()
     }
 
+    /// Every role pool, in name order.
+    pub fn roles(&self) -> impl Iterator<Item = (&RoleName, &RolePool)> {
+        self.roles.iter()
+    }
+
     /// Every managed agent, in name order.
     pub(crate) fn managed(&self) -> impl Iterator<Item = (&AgentName, &Managed)> {
         self.agents.iter().filter_map(|(name, record)| record.managed.as_ref().map(|managed| (name, managed)))
@@ -130,6 +138,10 @@ impl State {
                 let record = self.register(&agent, at);
                 record.role = role;
                 record.labels = labels;
+                return;
+            }
+            Event::RoleDeclared { role, min, max, supervision } => {
+                self.roles.insert(role, RolePool { min, max, supervision });
                 return;
             }
             Event::AgentDeclared { agent, role, labels, supervision } => {
@@ -146,12 +158,14 @@ impl State {
         }
         // `decide` only emits events about registered agents, so a miss here means the
         // registration was set aside by `--repair`. `apply` cannot fail: it skips the event.
-        let Some(record) = self.agents.get_mut(event.agent()) else {
+        let Some(record) = event.agent().and_then(|agent| self.agents.get_mut(agent)) else {
             return;
         };
         record.updated_at = at;
         match event {
-            Event::AgentRegistered { .. } | Event::AgentDeclared { .. } => unreachable!("handled above"),
+            Event::AgentRegistered { .. } | Event::AgentDeclared { .. } | Event::RoleDeclared { .. } => {
+                unreachable!("handled above")
+            }
             Event::IncarnationStarted { incarnation, .. } => {
                 record.incarnation = incarnation;
                 if let Some(managed) = &mut record.managed {

@@ -317,3 +317,18 @@ fn fnv1a(text: &str) -> u64 {
 pub fn default_role(agent: &AgentName) -> RoleName {
     RoleName::new(agent.as_str()).expect("an agent name is a valid role name")
 }
+
+/// A pool of interchangeable managed agents (`[[role]]`): hale keeps at least `min` of
+/// them healthy by starting new instances, named `ROLE-1`, `ROLE-2`…, and never starts
+/// more than `max` in all.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolePool {
+    pub min: u32,
+    pub max: u32,
+    pub supervision: Supervision,
+}
+
+/// The name of instance `n` of a pool.
+pub fn instance_name(role: &RoleName, n: u32) -> AgentName {
+    AgentName::new(format!("{role}-{n}")).expect("a role name plus a number is a valid agent name")
+}

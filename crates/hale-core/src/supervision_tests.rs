@@ -16,6 +16,10 @@ fn name(text: &str) -> AgentName {
     AgentName::new(text).unwrap()
 }
 
+fn worker() -> RoleName {
+    RoleName::new("worker").unwrap()
+}
+
 fn spec(restart: RestartPolicy) -> Supervision {
     Supervision { restart, ..Supervision::default() }
 }
@@ -76,7 +80,7 @@ fn a_declared_agent_starts_as_incarnation_one_and_is_spawned() {
     assert_eq!(status(&core, "a"), ManagedStatus::Declared);
     let events = core.execute(&Command::StartManaged { agent: name("a") }, at(0)).unwrap();
     assert_eq!(kinds(&events), ["incarnation_started"]);
-    assert_eq!(effects(&mut core), [Effect::Spawn { agent: name("a"), incarnation: 1 }]);
+    assert_eq!(effects(&mut core), [Effect::Spawn { agent: name("a"), role: worker(), incarnation: 1 }]);
     // Declaring the same spec again logs nothing; starting again does nothing.
     declare(&mut core, "a", spec(RestartPolicy::Always), at(5));
     assert!(core.execute(&Command::StartManaged { agent: name("a") }, at(5)).unwrap().is_empty());
@@ -92,7 +96,7 @@ fn the_first_crash_restarts_at_once_as_the_next_incarnation() {
         [
             Effect::Fence { agent: name("a"), incarnation: 1 },
             Effect::Fence { agent: name("a"), incarnation: 1 },
-            Effect::Spawn { agent: name("a"), incarnation: 2 },
+            Effect::Spawn { agent: name("a"), role: worker(), incarnation: 2 },
         ]
     );
     assert_eq!(core.state().agent("a").unwrap().incarnation, 2);
@@ -317,7 +321,7 @@ fn unchanged_progress_for_n_beats_is_a_stall_and_restarts_a_managed_agent() {
     assert!(matches!(&events[0], Event::AgentDown { cause: Cause::StalledProgress { beats: 5 }, .. }), "{events:?}");
     let effects = effects(&mut core);
     assert!(effects.contains(&Effect::Stop { agent: a.clone(), incarnation: 1 }), "{effects:?}");
-    assert!(effects.contains(&Effect::Spawn { agent: a.clone(), incarnation: 2 }), "{effects:?}");
+    assert!(effects.contains(&Effect::Spawn { agent: a.clone(), role: worker(), incarnation: 2 }), "{effects:?}");
 }
 
 #[test]
@@ -483,4 +487,33 @@ fn violations_past_the_threshold_or_one_critical_quarantine_until_released() {
     }
     let long = Command::Quarantine { agent: name("a"), reason: "x".repeat(2_000) };
     assert_eq!(core.execute(&long, at(0)).unwrap_err().code(), "reason_too_long");
+}
+
+#[test]
+fn a_pool_below_its_minimum_recruits_new_instances_up_to_its_maximum() {
+    let mut core = Core::new(Limits::default());
+    let supervision =
+        Supervision { intensity: Intensity { restarts_max: 1, window_ms: 60_000 }, ..spec(RestartPolicy::Always) };
+    let declare = Command::DeclareRole { role: worker(), min: 2, max: 3, supervision };
+    assert_eq!(kinds(&core.execute(&declare, at(0)).unwrap()), ["role_declared"]);
+    assert!(core.execute(&declare, at(1)).unwrap().is_empty(), "declaring the same pool again logs nothing");
+    // At start the pool is empty: two instances are recruited, one per tick.
+    let events = tick(&mut core, at(10));
+    assert_eq!(kinds(&events), ["agent_declared", "incarnation_started"]);
+    tick(&mut core, at(20));
+    assert!(tick(&mut core, at(30)).is_empty(), "two healthy: the minimum");
+    let names: Vec<String> = core.state().agents().map(|record| record.name.to_string()).collect();
+    assert_eq!(names, ["worker-1", "worker-2"]);
+    assert!(effects(&mut core).contains(&Effect::Spawn { agent: name("worker-2"), role: worker(), incarnation: 1 }));
+    // worker-1 crash-loops past its intensity: failed, so the pool recruits worker-3.
+    crash(&mut core, "worker-1", at(100));
+    let events = crash(&mut core, "worker-1", at(200));
+    assert!(kinds(&events).contains(&"agent_failed"), "{events:?}");
+    let events = tick(&mut core, at(300));
+    assert!(matches!(&events[0], Event::AgentDeclared { agent, .. } if agent.as_str() == "worker-3"), "{events:?}");
+    // At the maximum: another failure recruits no one.
+    crash(&mut core, "worker-2", at(400));
+    crash(&mut core, "worker-2", at(500));
+    assert!(tick(&mut core, at(600)).iter().all(|event| !matches!(event, Event::AgentDeclared { .. })));
+    assert_eq!(core.state().agents().count(), 3);
 }

@@ -40,12 +40,27 @@ pub struct ServerConfig {
 #[derive(Clone, Debug, Default)]
 pub struct Supervise {
     pub agents: Vec<DeclaredAgent>,
+    /// Role pools with a template: hale starts instances to keep `min` healthy.
+    pub roles: Vec<DeclaredRole>,
     /// Between SIGTERM and SIGKILL when stopping an agent.
     pub stop_grace: Duration,
     /// Rotate an agent's log file past this size.
     pub log_bytes_max: u64,
     /// Rotated log files kept per agent.
     pub logs_kept: usize,
+}
+
+/// A role pool (`[[role]]` with a template).
+#[derive(Clone, Debug)]
+pub struct DeclaredRole {
+    pub role: RoleName,
+    pub min: u32,
+    pub max: u32,
+    /// How each instance is supervised.
+    pub supervision: Supervision,
+    /// How each instance is started.
+    pub process: ProcessSpec,
+    pub watch: ResourceWatch,
 }
 
 /// One managed agent: how the core supervises it and how the shell starts it.

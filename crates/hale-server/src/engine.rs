@@ -364,11 +364,7 @@ impl EngineTask {
         for event in events {
             self.core.apply_live(now, event);
         }
-        let record = self
-            .core
-            .state()
-            .agent(command.agent().as_str())
-            .expect("a successful command leaves its agent registered");
+        let record = command.agent().and_then(|agent| self.core.state().agent(agent.as_str()));
         (Ok(respond(&command, facts, record)), records)
     }
 
@@ -422,6 +418,7 @@ fn command_kind(command: &Command) -> &'static str {
         Command::ReportDown { .. } => "report_down",
         Command::RecordProgress { .. } => "record_progress",
         Command::OpenBreaker { .. } | Command::HalfOpenBreaker { .. } | Command::CloseBreaker { .. } => "breaker",
+        Command::Recruit { .. } => "recruit",
         _ => "other",
     }
 }
@@ -455,7 +452,12 @@ impl Facts {
 }
 
 /// The answer to a command that succeeded, from the state after its events.
-fn respond(command: &Command, facts: Facts, record: &AgentRecord) -> Response {
+fn respond(command: &Command, facts: Facts, record: Option<&AgentRecord>) -> Response {
+    let data = matches!(
+        command,
+        Command::Hello(_) | Command::Checkpoint { .. } | Command::MarkRecoveryPoint { .. } | Command::Rollback { .. }
+    );
+    let Some(record) = record.filter(|_| data) else { return Response::Done };
     match command {
         Command::Hello(_) => Response::Welcome(Box::new(welcome(record, facts.resumed))),
         Command::Checkpoint { .. } => Response::Checkpointed { version: record.version() },
@@ -487,7 +489,9 @@ fn respond(command: &Command, facts: Facts, record: &AgentRecord) -> Response {
         | Command::CloseBreaker { .. }
         | Command::ReportViolation { .. }
         | Command::Quarantine { .. }
-        | Command::Release { .. } => Response::Done,
+        | Command::Release { .. }
+        | Command::DeclareRole { .. }
+        | Command::Recruit { .. } => Response::Done,
     }
 }
 

@@ -15,7 +15,7 @@ pub mod process;
 mod sessions;
 pub mod supervisor;
 
-pub use config::{DeclaredAgent, ResourceWatch, ServerConfig, Supervise};
+pub use config::{DeclaredAgent, DeclaredRole, ResourceWatch, ServerConfig, Supervise};
 pub use sessions::{Push, Sessions};
 
 use engine::{Engine, SnapshotPolicy};
@@ -160,8 +160,23 @@ async fn start_supervisor(
             watch: declared.watch,
         });
     }
+    let mut templates = std::collections::BTreeMap::new();
+    for pool in &supervise.roles {
+        let command = Command::DeclareRole {
+            role: pool.role.clone(),
+            min: pool.min,
+            max: pool.max,
+            supervision: pool.supervision.clone(),
+        };
+        engine.execute(command).await.map_err(|error| ServerError::Supervise(error.to_string()))?;
+        templates.insert(pool.role.clone(), supervisor::Template { spec: pool.process.clone(), watch: pool.watch });
+    }
     let config = SupervisorConfig {
         agents,
+        templates,
+        logs_dir: logs_dir.clone(),
+        log_bytes_max: supervise.log_bytes_max,
+        logs_kept: supervise.logs_kept,
         hale_url: format!("ws://{local_addr}"),
         stop_grace: supervise.stop_grace,
         rotate_every: Duration::from_secs(5),

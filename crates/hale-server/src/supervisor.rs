@@ -17,10 +17,11 @@ use crate::config::ResourceWatch;
 use crate::engine::Engine;
 use crate::process::{self, AgentLogs, ProcessId, ProcessSpec, Signal};
 use hale_core::supervision::{Cause, ManagedStatus, ProcessRef};
-use hale_core::{AgentName, Command, Effect};
+use hale_core::{AgentName, Command, Effect, RoleName};
 use std::collections::{BTreeMap, VecDeque};
 use std::os::unix::process::ExitStatusExt;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
@@ -37,22 +38,38 @@ pub struct ManagedAgent {
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 const CPU_WINDOW: Duration = Duration::from_secs(10);
 
+/// How to start an instance of a role pool (`[[role]]` template).
+#[derive(Clone, Debug)]
+pub struct Template {
+    pub spec: ProcessSpec,
+    pub watch: ResourceWatch,
+}
+
 /// Settings of the supervisor.
 #[derive(Clone, Debug)]
 pub struct SupervisorConfig {
     pub agents: Vec<ManagedAgent>,
+    /// Templates of the role pools, for the instances the core recruits.
+    pub templates: BTreeMap<RoleName, Template>,
     /// What agents are told in `HALE_URL`.
     pub hale_url: String,
     /// Between SIGTERM and SIGKILL.
     pub stop_grace: Duration,
     /// How often log files are checked for rotation.
     pub rotate_every: Duration,
+    /// Where recruited instances get their log files, and how they rotate.
+    pub logs_dir: PathBuf,
+    pub log_bytes_max: u64,
+    pub logs_kept: usize,
 }
 
 /// The running supervisor: one keeper per managed agent.
 pub struct Supervisor {
-    keepers: BTreeMap<AgentName, mpsc::UnboundedSender<Effect>>,
+    keepers: Mutex<BTreeMap<AgentName, mpsc::UnboundedSender<Effect>>>,
+    logs: Arc<Mutex<Vec<Arc<AgentLogs>>>>,
+    config: SupervisorConfig,
     engine: Engine,
+    live_tx: Arc<watch::Sender<usize>>,
     /// How many agent processes are alive, as the keepers know it.
     live: watch::Receiver<usize>,
     rotation: tokio::task::JoinHandle<()>,
@@ -95,31 +112,14 @@ impl Supervisor {
     /// or [`adopt_or_start`](Supervisor::adopt_or_start) runs.
     pub fn start(engine: Engine, config: SupervisorConfig) -> Supervisor {
         let (live_tx, live) = watch::channel(0usize);
-        let live_tx = Arc::new(live_tx);
-        let mut keepers = BTreeMap::new();
-        for agent in &config.agents {
-            let (effects_tx, effects) = mpsc::unbounded_channel();
-            let (exits_tx, exits) = mpsc::unbounded_channel();
-            let keeper = Keeper {
-                agent: agent.clone(),
-                engine: engine.clone(),
-                hale_url: config.hale_url.clone(),
-                stop_grace: config.stop_grace,
-                current: None,
-                exits_tx,
-                exits,
-                live: live_tx.clone(),
-            };
-            tokio::spawn(keeper.run(effects));
-            keepers.insert(agent.name.clone(), effects_tx);
-        }
-        let logs: Vec<Arc<AgentLogs>> = config.agents.iter().map(|agent| agent.logs.clone()).collect();
+        let logs = Arc::new(Mutex::new(Vec::new()));
         let every = config.rotate_every;
+        let rotated = logs.clone();
         let rotation = tokio::spawn(async move {
             let mut timer = tokio::time::interval(every);
             loop {
                 timer.tick().await;
-                let logs = logs.clone();
+                let logs: Vec<Arc<AgentLogs>> = rotated.lock().expect("logs lock").clone();
                 let _ = tokio::task::spawn_blocking(move || {
                     for log in &logs {
                         if let Err(error) = log.rotate_if_needed() {
@@ -130,16 +130,71 @@ impl Supervisor {
                 .await;
             }
         });
-        Supervisor { keepers, engine, live, rotation }
+        let supervisor = Supervisor {
+            keepers: Mutex::new(BTreeMap::new()),
+            logs,
+            engine,
+            live_tx: Arc::new(live_tx),
+            live,
+            rotation,
+            config,
+        };
+        for agent in supervisor.config.agents.clone() {
+            supervisor.add_keeper(agent);
+        }
+        supervisor
+    }
+
+    /// Starts the keeper of `agent`, unless it has one.
+    fn add_keeper(&self, agent: ManagedAgent) -> mpsc::UnboundedSender<Effect> {
+        let mut keepers = self.keepers.lock().expect("keepers lock");
+        if let Some(existing) = keepers.get(&agent.name) {
+            return existing.clone();
+        }
+        let (effects_tx, effects) = mpsc::unbounded_channel();
+        let (exits_tx, exits) = mpsc::unbounded_channel();
+        self.logs.lock().expect("logs lock").push(agent.logs.clone());
+        let name = agent.name.clone();
+        let keeper = Keeper {
+            agent,
+            engine: self.engine.clone(),
+            hale_url: self.config.hale_url.clone(),
+            stop_grace: self.config.stop_grace,
+            current: None,
+            exits_tx,
+            exits,
+            live: self.live_tx.clone(),
+        };
+        tokio::spawn(keeper.run(effects));
+        keepers.insert(name, effects_tx.clone());
+        effects_tx
+    }
+
+    /// The keeper of `agent`; for an instance of a role pool, started on first use from
+    /// the role's template.
+    fn keeper(&self, agent: &AgentName, role: Option<&RoleName>) -> Option<mpsc::UnboundedSender<Effect>> {
+        if let Some(keeper) = self.keepers.lock().expect("keepers lock").get(agent) {
+            return Some(keeper.clone());
+        }
+        let template = self.config.templates.get(role?)?;
+        let logs =
+            AgentLogs::new(&self.config.logs_dir, agent.as_str(), self.config.log_bytes_max, self.config.logs_kept);
+        Some(self.add_keeper(ManagedAgent {
+            name: agent.clone(),
+            spec: template.spec.clone(),
+            logs: Arc::new(logs),
+            watch: template.watch,
+        }))
     }
 
     /// Hands a `Spawn` or `Stop` effect to the agent's keeper.
     pub fn dispatch(&self, effect: Effect) {
-        let agent = match &effect {
-            Effect::Spawn { agent, .. } | Effect::Stop { agent, .. } => agent,
+        let (agent, role) = match &effect {
+            Effect::Spawn { agent, role, .. } => (agent, Some(role)),
+            Effect::Stop { agent, .. } => (agent, None),
             _ => return,
         };
-        match self.keepers.get(agent) {
+        match self.keeper(agent, role) {
             Some(keeper) => {
                 let _ = keeper.send(effect);
             }
@@ -150,25 +205,32 @@ impl Supervisor {
     /// Reconciles the log with the machine, once at start: adopts agents still running,
     /// reports those gone, starts those not running.
     pub async fn adopt_or_start(&self) -> Result<(), crate::engine::EngineError> {
-        let names: Vec<AgentName> = self.keepers.keys().cloned().collect();
         let seen = self
             .engine
             .read(move |state| {
-                names
-                    .into_iter()
-                    .filter_map(|name| {
-                        let record = state.agent(name.as_str())?;
+                state
+                    .agents()
+                    .filter_map(|record| {
                         let managed = record.managed.as_ref()?;
-                        Some((name, record.incarnation, managed.status.clone(), managed.process))
+                        let process = managed.process;
+                        Some((
+                            record.name.clone(),
+                            record.role.clone(),
+                            record.incarnation,
+                            managed.status.clone(),
+                            process,
+                        ))
                     })
                     .collect::<Vec<_>>()
             })
             .await?;
-        for (agent, incarnation, status, process) in seen {
+        for (agent, role, incarnation, status, process) in seen {
+            // Agents of hale.toml have keepers; instances of a pool get theirs now.
+            let Some(keeper) = self.keeper(&agent, Some(&role)) else { continue };
             match (status, process) {
                 (ManagedStatus::Running, Some(process)) if process::is_same_process(id_of(process)) => {
                     tracing::info!(%agent, incarnation, pid = process.pid, "adopting a running agent");
-                    let _ = self.keepers[&agent].send(Effect::Spawn { agent: agent.clone(), incarnation });
+                    let _ = keeper.send(Effect::Spawn { agent: agent.clone(), role, incarnation });
                     // The keeper treats a Spawn of an incarnation whose process it was told
                     // about as an adoption: see `Keeper::adopt`.
                 }
@@ -189,7 +251,8 @@ impl Supervisor {
     /// Stops every agent (logged as stopped on purpose) and waits until their processes
     /// are gone, at most `grace` plus a second.
     pub async fn stop_all(&self, grace: Duration) {
-        for agent in self.keepers.keys() {
+        let agents: Vec<AgentName> = self.keepers.lock().expect("keepers lock").keys().cloned().collect();
+        for agent in &agents {
             if let Err(error) = self.engine.execute(Command::Stop { agent: agent.clone() }).await {
                 tracing::warn!(%agent, %error, "could not log the stop of an agent");
             }

@@ -266,7 +266,13 @@ fn crew(args: &DemoArgs) -> Result<Supervise> {
             }
         })
         .collect();
-    Ok(Supervise { agents, stop_grace: Duration::from_secs(2), log_bytes_max: 1024 * 1024, logs_kept: 1 })
+    Ok(Supervise {
+        agents,
+        roles: Vec::new(),
+        stop_grace: Duration::from_secs(2),
+        log_bytes_max: 1024 * 1024,
+        logs_kept: 1,
+    })
 }
 
 async fn observe(server: &hale_server::RunningServer) -> Result<BTreeMap<String, Seen>> {

@@ -45,7 +45,9 @@ impl From<Rejection> for ApiError {
             | Rejection::PatchTooDeep { .. }
             | Rejection::BadFraction { .. }
             | Rejection::ReasonTooLong { .. } => StatusCode::BAD_REQUEST,
-            Rejection::UnknownAgent { .. } | Rejection::UnknownRecoveryPoint { .. } => StatusCode::NOT_FOUND,
+            Rejection::UnknownAgent { .. } | Rejection::UnknownRecoveryPoint { .. } | Rejection::UnknownRole { .. } => {
+                StatusCode::NOT_FOUND
+            }
             Rejection::NotStarted { .. }
             | Rejection::StaleIncarnation { .. }
             | Rejection::UnknownIncarnation { .. }

@@ -7,7 +7,7 @@
 //! `[server]`, `[limits]` and `[snapshots]` sections; `hale up -c` also runs the agents
 //! ([`Manifest::supervise`]).
 
-use crate::config::{DeclaredAgent, ResourceWatch, Supervise};
+use crate::config::{DeclaredAgent, DeclaredRole, ResourceWatch, Supervise};
 use crate::process::ProcessSpec;
 use hale_core::health::{BreakerPolicy, QuarantinePolicy};
 use hale_core::policy::{Backoff, Intensity, PhiConfig};
@@ -257,8 +257,35 @@ impl Manifest {
                 }
             })
             .collect();
+        let roles = self
+            .roles
+            .iter()
+            .filter_map(|role| {
+                let template = role.template.as_ref()?;
+                let name = RoleName::new(role.name.get_ref().as_str()).expect("validated");
+                Some(DeclaredRole {
+                    role: name,
+                    min: role.min,
+                    max: role.max,
+                    supervision: Supervision {
+                        restart: template.restart,
+                        criticality: template.criticality,
+                        backoff: self.supervision.backoff.clone(),
+                        intensity: self.supervision.intensity.clone(),
+                        group: None,
+                        stall: template.stall.clone().unwrap_or_else(|| self.supervision.stall.clone()),
+                    },
+                    process: process_spec(template, base),
+                    watch: ResourceWatch {
+                        memory_mb: template.resources.memory_mb,
+                        cpu_percent: template.resources.cpu_percent,
+                    },
+                })
+            })
+            .collect();
         Supervise {
             agents,
+            roles,
             stop_grace: std::time::Duration::from_millis(self.supervision.stop_grace_ms),
             log_bytes_max: self.supervision.log_bytes_max,
             logs_kept: self.supervision.logs_kept,

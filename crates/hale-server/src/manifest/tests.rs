@@ -22,6 +22,24 @@ fn the_shipped_example_is_valid_and_means_what_it_says() {
     assert_eq!(manifest.limits, Limits::default());
     assert_eq!(manifest.supervision.detector, PhiConfig::default());
     assert_eq!(manifest.supervision.intensity, Intensity::default());
+    let defaults = SupervisionSection::default();
+    assert_eq!(manifest.supervision.stall, StallPolicy { beats: Some(60), quiet_ms: None });
+    assert_eq!(manifest.supervision.stall, defaults.stall);
+    assert_eq!(
+        (manifest.supervision.reconnect_grace_ms, manifest.supervision.progress_log_ms),
+        (defaults.reconnect_grace_ms, defaults.progress_log_ms)
+    );
+    assert_eq!((manifest.supervision.log_bytes_max, manifest.supervision.logs_kept), (10 * 1024 * 1024, 5));
+    assert_eq!(manifest.supervision.breaker, BreakerPolicy::default());
+    assert_eq!(manifest.supervision.quarantine, QuarantinePolicy::default());
+    assert_eq!(agent.stall, Some(StallPolicy { beats: Some(30), quiet_ms: None }));
+    assert_eq!((agent.resources.cpu_percent, agent.resources.address_space_mb), (Some(100), Some(8192)));
+    // Relative paths resolve against the directory of hale.toml.
+    let supervise = manifest.supervise(Path::new("/etc/hale"));
+    let declared = &supervise.agents[0];
+    assert_eq!(declared.process.workdir.as_deref(), Some(Path::new("/etc/hale")));
+    assert_eq!(declared.supervision.stall, StallPolicy { beats: Some(30), quiet_ms: None });
+    assert_eq!(supervise.log_bytes_max, 10 * 1024 * 1024);
 }
 
 #[test]

@@ -27,14 +27,18 @@ fn config(dir: &Path, supervision: &str, agents: &[(&str, &[&str], &str)]) -> st
 }
 
 async fn agent(admin: &Admin, name: &str) -> AgentSummary {
-    admin.agents().await.unwrap().into_iter().find(|agent| agent.agent == name).expect("agent listed")
+    try_agent(admin, name).await.expect("agent listed")
+}
+
+async fn try_agent(admin: &Admin, name: &str) -> Option<AgentSummary> {
+    admin.agents().await.unwrap().into_iter().find(|agent| agent.agent == name)
 }
 
 /// Waits until `name` runs `incarnation` (or later), attached, and has checkpointed
 /// beyond `version`. Returns its summary.
 async fn running(admin: &Admin, name: &str, incarnation: u64, version: u64) -> AgentSummary {
     eventually(&format!("{name} running as incarnation {incarnation} past version {version}"), 30, || async {
-        let agent = agent(admin, name).await;
+        let agent = try_agent(admin, name).await?;
         let running = agent.managed.as_ref().is_some_and(|managed| managed.status == "running");
         (running && agent.attached && agent.incarnation >= incarnation && agent.version > version).then_some(agent)
     })
@@ -53,14 +57,18 @@ fn alive(pid: Pid) -> bool {
         .unwrap_or(false)
 }
 
-/// Processes on this machine that hale started for `agent` (from their environment).
-fn processes_of(agent: &str) -> Vec<u32> {
+/// Processes on this machine that the hale at `addr` started for `agent` (from their
+/// environment, so other tests' agents do not count).
+fn processes_of(addr: std::net::SocketAddr, agent: &str) -> Vec<u32> {
     let wanted = format!("HALE_AGENT={agent}");
+    let url = format!("HALE_URL=ws://{addr}");
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
         let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
-        if environ.split(|byte| *byte == 0).any(|var| var == wanted.as_bytes()) && alive(Pid::from_raw(pid as i32)) {
+        let mut vars = environ.split(|byte| *byte == 0);
+        let ours = vars.clone().any(|var| var == url.as_bytes());
+        if ours && vars.any(|var| var == wanted.as_bytes()) && alive(Pid::from_raw(pid as i32)) {
             found.push(pid);
         }
     }
@@ -91,8 +99,9 @@ async fn a_sigkilled_agent_is_restarted_as_a_new_incarnation_with_its_state() {
         hale.post("/v1/agents/worker/checkpoint", &json!({"incarnation": 1, "patch": {"zombie": true}}));
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("stale_incarnation"), "{body}");
+    let addr = hale.addr;
     assert!(hale.terminate().success());
-    assert!(processes_of("worker").is_empty(), "hale stopped its agents");
+    assert!(processes_of(addr, "worker").is_empty(), "hale stopped its agents");
 }
 
 #[tokio::test]
@@ -196,15 +205,16 @@ async fn agents_outlive_a_sigkilled_hale_and_are_adopted_without_restarts() {
         assert_eq!(after.incarnation, 1, "{} was restarted", agent.agent);
         assert_eq!(pid_of(&after), pid_of(agent), "{} is another process", agent.agent);
         assert_eq!(after.managed.as_ref().unwrap().restarts, 0);
-        assert_eq!(processes_of(&agent.agent).len(), 1, "{} runs more than once", agent.agent);
+        assert_eq!(processes_of(hale.addr, &agent.agent).len(), 1, "{} runs more than once", agent.agent);
     }
     assert!(hale.stderr_shows("adopting a running agent"), "{}", hale.stderr());
     // Adopted processes are watched too: killing one is noticed and it is restarted.
     kill(pid_of(&before[0]), Signal::SIGKILL).unwrap();
     running(&admin, "keep-a", 2, 0).await;
+    let addr = hale.addr;
     assert!(hale.terminate().success());
     for name in names {
-        assert!(processes_of(name).is_empty(), "{name} left running");
+        assert!(processes_of(addr, name).is_empty(), "{name} left running");
     }
 }
 
@@ -311,4 +321,40 @@ async fn an_agent_over_its_resident_memory_limit_is_detected_and_restarted() {
     tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
     assert_eq!(agent(&admin, "bloats").await.incarnation, 2);
     assert!(hale.terminate().success());
+}
+
+#[tokio::test]
+async fn a_pool_recruits_a_replacement_when_an_instance_fails() {
+    let temp = tempfile::tempdir().unwrap();
+    // worker-1 crashes at every start; the others work.
+    let script =
+        format!("if [ \"$HALE_AGENT\" = worker-1 ]; then exit 1; fi; exec {HALE} demo-agent worker --step-ms 100");
+    let text = format!(
+        "[supervision.intensity]\nrestarts_max = 2\nwindow_ms = 60000\n[supervision.backoff]\nbase_ms = 10\nmax_ms = 20\n\n\
+         [[role]]\nname = \"worker\"\nmin = 2\nmax = 3\n[role.template]\ncommand = \"sh\"\nargs = [\"-c\", {}]\n",
+        serde_json::to_string(&script).unwrap()
+    );
+    let config = temp.path().join("hale.toml");
+    std::fs::write(&config, text).unwrap();
+    let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
+    let admin = Admin::new(&hale.http_url());
+    running(&admin, "worker-2", 1, 0).await;
+    let failed = eventually("worker-1 failed", 30, || async {
+        let agent = agent(&admin, "worker-1").await;
+        (agent.managed.as_ref().unwrap().status == "failed").then_some(agent)
+    })
+    .await;
+    assert_eq!(failed.role, "worker");
+    // Below the minimum of two healthy: worker-3 is recruited from the template.
+    let recruited = running(&admin, "worker-3", 1, 0).await;
+    assert_eq!(recruited.labels.get("pool").map(String::as_str), Some("worker"));
+    // At the maximum of three: no fourth, whatever happens next.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let names: Vec<String> = admin.agents().await.unwrap().into_iter().map(|agent| agent.agent).collect();
+    assert_eq!(names, ["worker-1", "worker-2", "worker-3"]);
+    let addr = hale.addr;
+    assert!(hale.terminate().success());
+    for name in &names {
+        assert!(processes_of(addr, name).is_empty(), "{name} left running");
+    }
 }

@@ -156,9 +156,16 @@ impl Hale {
 }
 
 impl Drop for Hale {
+    /// A test that fails midway still stops hale gracefully, so `hale up` stops its agents
+    /// instead of leaving them to outlive the test; SIGKILL only if that takes too long.
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = kill(self.pid(), Signal::SIGTERM);
+            if wait_with_timeout(&mut self.child, Duration::from_secs(15)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
     }
 }
 
