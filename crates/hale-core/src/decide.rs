@@ -274,6 +274,11 @@ fn decide_hello(state: &State, hello: &Hello) -> Result<Vec<Event>, Rejection> {
         .is_none_or(|record| record.managed.is_none() && (record.role != hello.role || record.labels != hello.labels));
     let incarnation = current.map_or(0, |record| record.incarnation);
     let start_new_run = match hello.incarnation {
+        // Only hale starts runs of the agents it runs: a process that says hello without
+        // its incarnation would make hale replace it, and its replacement do the same.
+        None if current.is_some_and(|record| record.managed.is_some()) => {
+            return Err(Rejection::ManagedByHale { agent: hello.agent.to_string(), current: incarnation });
+        }
         None => true,
         Some(given) if given == incarnation && given > 0 => {
             if let Some(down) = current.and_then(|record| record.down.as_ref())

@@ -13,7 +13,7 @@ pub enum Effect {
     /// Stop the process of this incarnation: SIGTERM to its group, grace, SIGKILL.
     Stop { agent: AgentName, incarnation: u64 },
     /// Close the sessions of this incarnation: it was superseded or declared down.
-    Fence { agent: AgentName, incarnation: u64 },
+    Fence { agent: AgentName, incarnation: u64, reason: String },
     /// Ask a suspect agent to prove it is alive (it answers with a heartbeat).
     Challenge { agent: AgentName, incarnation: u64 },
     /// The agent failed for good (restart intensity exceeded): tell a human.

@@ -188,7 +188,11 @@ impl Core {
         match event {
             Event::IncarnationStarted { agent, incarnation } => {
                 if *incarnation > 1 {
-                    self.effects.push_back(Effect::Fence { agent: agent.clone(), incarnation: incarnation - 1 });
+                    self.effects.push_back(Effect::Fence {
+                        agent: agent.clone(),
+                        incarnation: incarnation - 1,
+                        reason: format!("incarnation {incarnation} has started"),
+                    });
                 }
                 if let Some(record) = self.state.agent(agent.as_str())
                     && record.managed.is_some()
@@ -201,7 +205,11 @@ impl Core {
                 if managed.is_some() && cause.process_may_live() {
                     self.effects.push_back(Effect::Stop { agent: agent.clone(), incarnation: *incarnation });
                 }
-                self.effects.push_back(Effect::Fence { agent: agent.clone(), incarnation: *incarnation });
+                self.effects.push_back(Effect::Fence {
+                    agent: agent.clone(),
+                    incarnation: *incarnation,
+                    reason: format!("declared down: {cause}"),
+                });
             }
             Event::AgentFailed { agent, restarts, window_ms } => {
                 self.effects.push_back(Effect::Escalate {
@@ -319,7 +327,9 @@ impl Core {
                 commands.push(down(Cause::StalledProgress { beats: live.unchanged_beats }));
                 continue;
             }
+            let working = live.progress.as_ref().is_some_and(|progress| progress.task.is_some());
             if let Some(quiet_ms) = live.stall.quiet_ms
+                && working
                 && now.0.saturating_sub(live.last_checkpoint.0) >= quiet_ms
             {
                 commands.push(down(Cause::StalledCheckpoints { quiet_ms }));

@@ -64,9 +64,15 @@ pub enum Rejection {
     IncarnationDown { agent: String, incarnation: u64, cause: String },
     /// An operation on managed agents (e.g. `hale restart`) named one hale.toml does not declare.
     #[error(
-        "agent {agent:?} is not managed by hale (no [[agent]] in hale.toml declares it), so hale cannot restart it"
+        "agent {agent:?} is not managed by hale (no [[agent]] in hale.toml declares it), so hale does not start, stop or restart it"
     )]
     NotManaged { agent: String },
+    /// A hello that would start a new run of an agent hale runs (its process must resume the
+    /// run hale started for it).
+    #[error(
+        "agent {agent:?} is run by hale (hale.toml declares it): say hello with the incarnation in HALE_INCARNATION (now {current}); to run it by hand, remove it from hale.toml"
+    )]
+    ManagedByHale { agent: String, current: u64 },
     /// A heartbeat's progress over [`PROGRESS_BYTES_MAX`](crate::PROGRESS_BYTES_MAX).
     #[error("the progress report is {size} bytes; the limit is {max}: keep bulk data in checkpoints")]
     ProgressTooLarge { size: usize, max: usize },
@@ -100,6 +106,7 @@ impl Rejection {
             Rejection::TooManyRecoveryPoints { .. } => "too_many_recovery_points",
             Rejection::IncarnationDown { .. } => "incarnation_down",
             Rejection::NotManaged { .. } => "not_managed",
+            Rejection::ManagedByHale { .. } => "managed_by_hale",
             Rejection::ProgressTooLarge { .. } => "progress_too_large",
             Rejection::BadFraction { .. } => "bad_fraction",
             Rejection::ReasonTooLong { .. } => "reason_too_long",

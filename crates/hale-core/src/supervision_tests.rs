@@ -94,8 +94,8 @@ fn the_first_crash_restarts_at_once_as_the_next_incarnation() {
     assert_eq!(
         effects(&mut core),
         [
-            Effect::Fence { agent: name("a"), incarnation: 1 },
-            Effect::Fence { agent: name("a"), incarnation: 1 },
+            Effect::Fence { agent: name("a"), incarnation: 1, reason: "declared down: killed by signal 9".into() },
+            Effect::Fence { agent: name("a"), incarnation: 1, reason: "incarnation 2 has started".into() },
             Effect::Spawn { agent: name("a"), role: worker(), incarnation: 2 },
         ]
     );
@@ -516,4 +516,16 @@ fn a_pool_below_its_minimum_recruits_new_instances_up_to_its_maximum() {
     crash(&mut core, "worker-2", at(500));
     assert!(tick(&mut core, at(600)).iter().all(|event| !matches!(event, Event::AgentDeclared { .. })));
     assert_eq!(core.state().agents().count(), 3);
+}
+
+#[test]
+fn a_managed_agent_cannot_start_a_run_of_its_own() {
+    let mut core = running("a", spec(RestartPolicy::Always));
+    let hello = Hello { agent: name("a"), role: worker(), labels: BTreeMap::new(), incarnation: None };
+    let refused = core.execute(&Command::Hello(hello.clone()), at(5)).unwrap_err();
+    assert_eq!(refused.code(), "managed_by_hale");
+    assert!(refused.to_string().contains("HALE_INCARNATION (now 1)"), "{refused}");
+    // Resuming the run hale started is how it says hello.
+    let resume = Hello { incarnation: Some(1), ..hello };
+    assert!(core.execute(&Command::Hello(resume), at(6)).unwrap().is_empty());
 }

@@ -177,11 +177,25 @@ async fn start_supervisor(
         logs_dir: logs_dir.clone(),
         log_bytes_max: supervise.log_bytes_max,
         logs_kept: supervise.logs_kept,
-        hale_url: format!("ws://{local_addr}"),
+        hale_url: format!("ws://{}", agent_address(local_addr)),
         stop_grace: supervise.stop_grace,
         rotate_every: Duration::from_secs(5),
     };
     Ok(Supervisor::start(engine.clone(), config))
+}
+
+/// The address agents on this machine connect to: the listen address, with an unspecified
+/// IP (`0.0.0.0`, `::`) replaced by loopback, which is not an address one can connect to.
+fn agent_address(listen: SocketAddr) -> SocketAddr {
+    match listen.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, listen.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, listen.port()))
+        }
+        _ => listen,
+    }
 }
 
 /// Carries out the core's effects once they are durable: processes through the
@@ -200,12 +214,8 @@ async fn route_effects(
                     "a managed agent needs its process started or stopped, but this hale runs no agents (use `hale up -c hale.toml`)"
                 ),
             },
-            Effect::Fence { agent, incarnation } => {
-                sessions.push(
-                    &agent,
-                    incarnation,
-                    Push::Fenced { reason: "a newer incarnation started or this one was declared down".into() },
-                );
+            Effect::Fence { agent, incarnation, reason } => {
+                sessions.push(&agent, incarnation, Push::Fenced { reason });
             }
             Effect::Challenge { agent, incarnation } => sessions.push(&agent, incarnation, Push::Challenge),
             Effect::Escalate { agent, restarts, window_ms } => {

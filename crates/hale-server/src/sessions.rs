@@ -18,7 +18,7 @@ pub enum Push {
 }
 
 /// Pushes queued per session before the oldest is dropped: a session that does not read
-/// them is closed by the fence anyway, and a challenge repeats while suspicion lasts.
+/// them is closed by the fence anyway, and a lost challenge is harmless: the detector goes on judging the agent by its beats.
 const PUSHES_QUEUED_MAX: usize = 16;
 
 type Key = (AgentName, u64);

@@ -26,7 +26,7 @@ pub enum Misbehave {
     Stall,
     /// Ignore SIGTERM (so a stop must end in SIGKILL).
     IgnoreSigterm,
-    /// After `--after-ms`, allocate and touch 16 MiB every 50 ms, without end.
+    /// After `--after-ms`, allocate and touch 64 MiB every step, without end.
     GrowMemory,
 }
 
@@ -183,7 +183,7 @@ impl Work<'_> {
                     }
                     Misbehave::Stall => progressing = false,
                     Misbehave::GrowMemory => {
-                        let mut chunk = vec![0u8; 16 * 1024 * 1024];
+                        let mut chunk = vec![0u8; 64 * 1024 * 1024];
                         // Touch every page, so the memory is resident, not just reserved.
                         for page in chunk.chunks_mut(4096) {
                             page[0] = 1;

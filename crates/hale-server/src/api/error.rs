@@ -54,7 +54,8 @@ impl From<Rejection> for ApiError {
             | Rejection::VersionConflict { .. }
             | Rejection::TooManyRecoveryPoints { .. }
             | Rejection::IncarnationDown { .. }
-            | Rejection::NotManaged { .. } => StatusCode::CONFLICT,
+            | Rejection::NotManaged { .. }
+            | Rejection::ManagedByHale { .. } => StatusCode::CONFLICT,
             Rejection::PatchTooLarge { .. } | Rejection::StateTooLarge { .. } | Rejection::ProgressTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }

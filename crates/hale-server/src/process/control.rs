@@ -87,7 +87,7 @@ async fn wait_readable(pidfd: OwnedFd) -> io::Result<()> {
     // (tokio-rs/tokio#8587), because an arbitrary `T: AsRawFd` may close or swap its fd
     // while registered. An `OwnedFd` moved into the `AsyncFd` cannot: it owns its fd,
     // always returns the same one and closes it only on drop, after deregistration. So
-    // the safe constructor is sound here, and the workspace forbids `unsafe`.
+    // the safe constructor is sound here, and the workspace keeps `unsafe` to one reviewed block.
     #[allow(deprecated)]
     let pidfd = AsyncFd::with_interest(pidfd, Interest::READABLE)?;
     let _ready = pidfd.readable().await?;

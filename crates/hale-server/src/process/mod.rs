@@ -13,8 +13,9 @@
 //! - `proc_fs.rs` parses `/proc/PID/stat` and `/proc/PID/statm`.
 //! - `logs.rs` owns the per-agent log files: rotation by copy-and-truncate, `tail`, `follow`.
 //!
-//! Nothing here uses `unsafe`: limits are applied with `prlimit(2)` right after the spawn
-//! instead of in a `pre_exec` hook, see [`spawn`].
+//! The one `unsafe` block of the workspace is here: the `pre_exec` hook that sets the
+//! agent's rlimits between fork and exec (see [`spawn`]); applying them afterwards with
+//! `prlimit(2)` raced with the program's start and made limits apply only sometimes.
 
 mod control;
 mod logs;
@@ -43,7 +44,7 @@ use std::path::PathBuf;
 pub struct ProcessSpec {
     /// The program. A name without a slash is looked up on `PATH` the way
     /// `std::process::Command` does; a relative path with a slash is ambiguous once
-    /// `workdir` is set, so manifests should give absolute paths.
+    /// `workdir` is set, so the manifest resolves it against the directory of hale.toml.
     pub command: String,
     /// The arguments after the program name.
     pub args: Vec<String>,

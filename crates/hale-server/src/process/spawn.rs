@@ -3,7 +3,7 @@
 use super::proc_fs::read_stat;
 use super::{AgentLogs, ProcessId, ProcessSpec, signal_group};
 use rustix::io::Errno;
-use rustix::process::{Pid, Resource, Rlimit, Signal};
+use rustix::process::{Resource, Rlimit, Signal};
 use std::io;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -64,15 +64,14 @@ fn limit_hint(error: &io::Error) -> &'static str {
 ///   and logging if hale dies, and is not killed when its `Child` is dropped;
 /// - gets `spec.env` on top of hale's environment and runs in `spec.workdir`.
 ///
-/// Resource limits are applied with `prlimit(2)` on the child right after the spawn
-/// returns. That is the nearest we get to "at spawn" without an `unsafe` `pre_exec` hook:
-/// the program is already running for a moment without them. Lowering a limit does not
-/// take back what the process already has: a process that already maps more than the
-/// address-space limit keeps its mappings and only further allocations fail, and
-/// descriptors already open stay open. Both soft and hard limits are set, so the agent
-/// cannot raise them again. If a limit cannot be applied the process group is killed and
-/// [`SpawnError::Limit`] returned. A process that exits before the limits are applied
-/// needs none; its exit status is in the `Child`.
+/// Resource limits are set in the child between `fork` and `exec` (a `pre_exec` hook that
+/// calls `setrlimit(2)`), so the program runs under them from its first instruction. An
+/// earlier version applied them with `prlimit(2)` right after the spawn, which raced with
+/// the program's start: a runtime that reserves its heap early (mimalloc, thread stacks)
+/// sometimes started under the limit and sometimes not. Both soft and hard limits are set,
+/// so the agent cannot raise them again. A limit that cannot be set (above hale's own hard
+/// limit without privilege, or above `fs.nr_open` for open files) is refused before the
+/// spawn with [`SpawnError::Limit`] (its `pid` is 0: nothing was started).
 ///
 /// It must be called within a tokio runtime (tokio's process driver reaps the child). The
 /// `Child` should be waited for; if it is dropped instead, tokio reaps the process in the
@@ -92,10 +91,30 @@ pub fn spawn(spec: &ProcessSpec, logs: &AgentLogs) -> Result<(tokio::process::Ch
         source,
     })?;
 
+    let mut limits: Vec<(Resource, u64)> = Vec::new();
+    let wanted = [
+        (
+            Resource::As,
+            "the address space",
+            spec.address_space_mb.map(|mb| (mb.saturating_mul(1024 * 1024), format!("{mb} MiB"))),
+        ),
+        (Resource::Nofile, "open files", spec.open_files.map(|n| (n, n.to_string()))),
+    ];
+    for (resource, what, wanted) in wanted {
+        let Some((limit, value)) = wanted else { continue };
+        if let Err(source) = check_limit(resource, limit) {
+            return Err(SpawnError::Limit { command: command_name(), pid: 0, what, value, source });
+        }
+        limits.push((resource, limit));
+    }
+
     let mut command = std::process::Command::new(&spec.command);
     command.args(&spec.args).envs(&spec.env).stdin(Stdio::null()).stdout(stdout).stderr(stderr).process_group(0);
     if let Some(workdir) = &spec.workdir {
         command.current_dir(workdir);
+    }
+    if !limits.is_empty() {
+        set_limits_before_exec(&mut command, limits);
     }
     // tokio's Command does not kill on drop unless asked, which is what we want: an agent
     // outlives the value (and hale).
@@ -114,39 +133,46 @@ pub fn spawn(spec: &ProcessSpec, logs: &AgentLogs) -> Result<(tokio::process::Ch
             return Err(SpawnError::Identity { command: command_name(), pid, source });
         }
     };
-
-    let limits = [
-        (
-            Resource::As,
-            "the address space",
-            spec.address_space_mb.map(|mb| (mb.saturating_mul(1024 * 1024), format!("{mb} MiB"))),
-        ),
-        (Resource::Nofile, "open files", spec.open_files.map(|n| (n, n.to_string()))),
-    ];
-    for (resource, what, wanted) in limits {
-        let Some((limit, value)) = wanted else { continue };
-        if let Err(source) = set_limit(pid, resource, limit) {
-            kill_new_child(&mut child, pid);
-            return Err(SpawnError::Limit { command: command_name(), pid, what, value, source });
-        }
-    }
     Ok((child, ProcessId { pid, start_ticks }))
 }
 
-/// Sets the soft and hard limit of `resource` of process `pid` to `limit`.
-///
-/// `ESRCH` is success: our child cannot have been reaped yet, so `ESRCH` means it already
-/// exited, and an exited process needs no limit.
-fn set_limit(pid: u32, resource: Resource, limit: u64) -> io::Result<()> {
-    let target = i32::try_from(pid).ok().and_then(Pid::from_raw);
-    let Some(target) = target else {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{pid} is not a process id")));
+/// Whether this process could set `resource` to `limit` in a child: raising a hard limit
+/// needs privilege, and open files cannot go above `fs.nr_open` even for root. Checked
+/// before the spawn so the error names the limit instead of failing the `exec`.
+fn check_limit(resource: Resource, limit: u64) -> io::Result<()> {
+    let own = rustix::process::getrlimit(resource);
+    let privileged = rustix::process::geteuid().is_root();
+    if own.maximum.is_some_and(|maximum| limit > maximum) && !privileged {
+        return Err(io::Error::from(Errno::PERM));
+    }
+    if resource == Resource::Nofile {
+        let nr_open =
+            std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|text| text.trim().parse::<u64>().ok());
+        if nr_open.is_some_and(|nr_open| limit > nr_open) {
+            return Err(io::Error::from(Errno::PERM));
+        }
+    }
+    Ok(())
+}
+
+/// Makes the child set `limits` (soft and hard) on itself after `fork`, before `exec`.
+#[allow(unsafe_code)]
+fn set_limits_before_exec(command: &mut std::process::Command, limits: Vec<(Resource, u64)>) {
+    let hook = move || -> io::Result<()> {
+        for (resource, limit) in &limits {
+            let rlimit = Rlimit { current: Some(*limit), maximum: Some(*limit) };
+            rustix::process::setrlimit(*resource, rlimit)
+                .map_err(|errno| io::Error::from_raw_os_error(errno.raw_os_error()))?;
+        }
+        Ok(())
     };
-    let rlimit = Rlimit { current: Some(limit), maximum: Some(limit) };
-    match rustix::process::prlimit(Some(target), resource, rlimit) {
-        Ok(_previous) => Ok(()),
-        Err(Errno::SRCH) => Ok(()),
-        Err(errno) => Err(errno.into()),
+    // SAFETY: `pre_exec` runs the hook in the child between fork and exec, where only
+    // async-signal-safe operations are allowed. The hook reads a Vec built before the
+    // fork (no allocation, no lock), calls setrlimit(2) through rustix (one raw system
+    // call, no libc state), and on failure builds an io::Error from a raw OS error code,
+    // which allocates nothing. It touches no other memory of the parent.
+    unsafe {
+        command.pre_exec(hook);
     }
 }
 

@@ -281,8 +281,8 @@ async fn an_agent_past_its_address_space_limit_dies_and_is_restarted() {
         "",
         &[(
             "hungry",
-            &["--misbehave", "grow-memory", "--after-ms", "500"],
-            "[agent.resources]\naddress_space_mb = 256",
+            &["--misbehave", "grow-memory", "--after-ms", "500", "--only-incarnation", "1"],
+            "[agent.resources]\naddress_space_mb = 1024",
         )],
     );
     let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
@@ -292,10 +292,10 @@ async fn an_agent_past_its_address_space_limit_dies_and_is_restarted() {
     assert_eq!(down.detector, "process_exit", "{}", down.cause);
     // The allocation past the limit failed inside the agent, which then died.
     let logs = std::fs::read_to_string(temp.path().join("data/logs/hungry.log")).unwrap();
-    assert!(logs.contains("memory allocation of 16777216 bytes failed"), "{logs}");
+    assert!(logs.contains("memory allocation of 67108864 bytes failed"), "{logs}");
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", pid_of(&restarted))).unwrap();
     let line = limits.lines().find(|line| line.starts_with("Max address space")).unwrap();
-    assert!(line.contains(&(256u64 * 1024 * 1024).to_string()), "{line}");
+    assert!(line.contains(&(1024u64 * 1024 * 1024).to_string()), "{line}");
     assert!(hale.terminate().success());
 }
 
