@@ -124,6 +124,8 @@ pub enum Cause {
     /// The process (with its process group) used more than its limit: `resource` is
     /// `memory` (resident bytes) or `cpu` (percent of one core over the window).
     ResourceExceeded { resource: String, value: u64, limit: u64 },
+    /// The agent's health endpoint failed `failures` probes in a row; `last` says how.
+    HealthProbe { failures: u32, last: String },
 }
 
 impl Cause {
@@ -141,6 +143,7 @@ impl Cause {
             Cause::SiblingFailed { .. } => "group",
             Cause::Operator | Cause::Stopped => "operator",
             Cause::ResourceExceeded { .. } => "resource",
+            Cause::HealthProbe { .. } => "health_probe",
         }
     }
 
@@ -176,6 +179,7 @@ impl std::fmt::Display for Cause {
             Cause::ResourceExceeded { resource, value, limit } => {
                 write!(f, "{resource} {value}% over its limit of {limit}%")
             }
+            Cause::HealthProbe { failures, last } => write!(f, "health probe failed {failures} times in a row: {last}"),
         }
     }
 }

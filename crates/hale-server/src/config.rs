@@ -1,3 +1,4 @@
+use crate::probe::ProbeSpec;
 use crate::process::ProcessSpec;
 use hale_core::supervision::Supervision;
 use hale_core::{AgentName, Limits, LivenessSettings, RoleName};
@@ -61,6 +62,7 @@ pub struct DeclaredRole {
     /// How each instance is started.
     pub process: ProcessSpec,
     pub watch: ResourceWatch,
+    pub probe: Option<ProbeSpec>,
 }
 
 /// One managed agent: how the core supervises it and how the shell starts it.
@@ -72,6 +74,7 @@ pub struct DeclaredAgent {
     pub supervision: Supervision,
     pub process: ProcessSpec,
     pub watch: ResourceWatch,
+    pub probe: Option<ProbeSpec>,
 }
 
 /// Limits the supervisor watches from /proc (the resource detector).

@@ -11,6 +11,7 @@ mod clock;
 mod config;
 pub mod engine;
 pub mod manifest;
+pub mod probe;
 pub mod process;
 mod sessions;
 pub mod supervisor;
@@ -158,6 +159,7 @@ async fn start_supervisor(
             spec: declared.process.clone(),
             logs: Arc::new(logs),
             watch: declared.watch,
+            probe: declared.probe.clone(),
         });
     }
     let mut templates = std::collections::BTreeMap::new();
@@ -169,7 +171,9 @@ async fn start_supervisor(
             supervision: pool.supervision.clone(),
         };
         engine.execute(command).await.map_err(|error| ServerError::Supervise(error.to_string()))?;
-        templates.insert(pool.role.clone(), supervisor::Template { spec: pool.process.clone(), watch: pool.watch });
+        let template =
+            supervisor::Template { spec: pool.process.clone(), watch: pool.watch, probe: pool.probe.clone() };
+        templates.insert(pool.role.clone(), template);
     }
     let config = SupervisorConfig {
         agents,

@@ -15,6 +15,7 @@
 use crate::clock;
 use crate::config::ResourceWatch;
 use crate::engine::Engine;
+use crate::probe::{Probe, ProbeSpec};
 use crate::process::{self, AgentLogs, ProcessId, ProcessSpec, Signal};
 use hale_core::supervision::{Cause, ManagedStatus, ProcessRef};
 use hale_core::{AgentName, Command, Effect, RoleName};
@@ -32,6 +33,7 @@ pub struct ManagedAgent {
     pub spec: ProcessSpec,
     pub logs: Arc<AgentLogs>,
     pub watch: ResourceWatch,
+    pub probe: Option<ProbeSpec>,
 }
 
 /// How often the resource detector samples /proc, and over how long CPU is averaged.
@@ -43,6 +45,7 @@ const CPU_WINDOW: Duration = Duration::from_secs(10);
 pub struct Template {
     pub spec: ProcessSpec,
     pub watch: ResourceWatch,
+    pub probe: Option<ProbeSpec>,
 }
 
 /// Settings of the supervisor.
@@ -88,11 +91,13 @@ struct Current {
     cpu: VecDeque<(std::time::Instant, u64)>,
     /// The resource detector has reported this incarnation already.
     reported: bool,
+    /// Failed health probes in a row.
+    probe_failures: u32,
 }
 
 impl Current {
     fn new(incarnation: u64, pid: u32) -> Current {
-        Current { incarnation, pid, cpu: VecDeque::new(), reported: false }
+        Current { incarnation, pid, cpu: VecDeque::new(), reported: false, probe_failures: 0 }
     }
 }
 
@@ -184,6 +189,7 @@ impl Supervisor {
             spec: template.spec.clone(),
             logs: Arc::new(logs),
             watch: template.watch,
+            probe: template.probe.clone(),
         }))
     }
 
@@ -285,9 +291,15 @@ impl Keeper {
         let watching = self.agent.watch != ResourceWatch::default();
         let mut sampler = tokio::time::interval(SAMPLE_EVERY);
         sampler.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let probing = self.agent.probe.is_some();
+        let every = self.agent.probe.as_ref().map_or(Duration::from_secs(3600), |probe| probe.every);
+        // The first probe waits one interval: a process just started needs time to listen.
+        let mut prober = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        prober.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = sampler.tick(), if watching => self.sample().await,
+                _ = prober.tick(), if probing => self.probe().await,
                 effect = effects.recv() => {
                     let Some(effect) = effect else { break };
                     match effect {
@@ -466,6 +478,36 @@ impl Keeper {
         let incarnation = current.incarnation;
         let agent = self.agent.name.clone();
         tracing::warn!(%agent, incarnation, %cause, "resource limit exceeded");
+        self.report(Command::ReportDown { agent, incarnation, cause }).await;
+    }
+
+    /// The health probe detector: `failures_max` failed probes in a row declare the
+    /// incarnation down.
+    async fn probe(&mut self) {
+        let Some(spec) = self.agent.probe.clone() else { return };
+        let Some(current) = &self.current else { return };
+        if current.reported {
+            return;
+        }
+        let incarnation = current.incarnation;
+        let outcome = crate::probe::probe(&spec.url, spec.timeout).await;
+        // The process may have changed while the probe was out.
+        let Some(current) = self.current.as_mut().filter(|current| current.incarnation == incarnation) else { return };
+        let last = match outcome {
+            Probe::Healthy => {
+                current.probe_failures = 0;
+                return;
+            }
+            Probe::Unhealthy(reason) => reason,
+        };
+        current.probe_failures += 1;
+        let agent = self.agent.name.clone();
+        tracing::warn!(%agent, incarnation, failures = current.probe_failures, %last, "health probe failed");
+        if current.probe_failures < spec.failures_max {
+            return;
+        }
+        current.reported = true;
+        let cause = Cause::HealthProbe { failures: current.probe_failures, last };
         self.report(Command::ReportDown { agent, incarnation, cause }).await;
     }
 

@@ -262,6 +262,7 @@ fn crew(args: &DemoArgs) -> Result<Supervise> {
                     ..ProcessSpec::default()
                 },
                 watch: ResourceWatch::default(),
+                probe: None,
                 name,
             }
         })

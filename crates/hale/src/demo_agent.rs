@@ -28,6 +28,9 @@ pub enum Misbehave {
     IgnoreSigterm,
     /// After `--after-ms`, allocate and touch 64 MiB every step, without end.
     GrowMemory,
+    /// After `--after-ms`, answer the health endpoint (`--health-listen`) with 503, while
+    /// heartbeating and progressing as usual.
+    Unhealthy,
 }
 
 #[derive(Debug, clap::Args)]
@@ -55,6 +58,9 @@ pub struct DemoAgentArgs {
     /// that fails once and then works after its restart.
     #[arg(long)]
     pub only_incarnation: Option<u64>,
+    /// Serve a health endpoint (any path; 200, or 503 when unhealthy) on this address.
+    #[arg(long)]
+    pub health_listen: Option<std::net::SocketAddr>,
 }
 
 pub async fn run(mut args: DemoAgentArgs) -> Result<i32> {
@@ -78,7 +84,12 @@ pub async fn run(mut args: DemoAgentArgs) -> Result<i32> {
     if let Some(name) = &args.name {
         options.agent = name.clone();
     }
-    let mut work = Work { args: &args, started: tokio::time::Instant::now(), ballast: Vec::new() };
+    let started = tokio::time::Instant::now();
+    if let Some(listen) = args.health_listen {
+        let unhealthy_after = (args.misbehave == Misbehave::Unhealthy).then(|| Duration::from_millis(args.after_ms));
+        serve_health(listen, started, unhealthy_after).await?;
+    }
+    let mut work = Work { args: &args, started, ballast: Vec::new() };
     // Survive hale restarting: reconnect and resume the same run until hale says it is
     // over (fenced, or down). A real agent gets this from the client library.
     let mut delay = Duration::from_millis(50);
@@ -134,6 +145,32 @@ pub async fn run(mut args: DemoAgentArgs) -> Result<i32> {
             Outcome::Disconnected(reason) => println!("demo-agent: lost hale ({reason}); reconnecting"),
         }
     }
+}
+
+/// A minimal health endpoint: every request gets 200, or 503 once `unhealthy_after` has
+/// passed since `started`.
+async fn serve_health(
+    listen: std::net::SocketAddr,
+    started: tokio::time::Instant,
+    unhealthy_after: Option<Duration>,
+) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let healthy = unhealthy_after.is_none_or(|after| started.elapsed() < after);
+            tokio::spawn(async move {
+                let mut request = [0u8; 1024];
+                let _ = stream.read(&mut request).await;
+                let status = if healthy { "200 OK" } else { "503 Service Unavailable" };
+                let body = if healthy { "ok\n" } else { "unhealthy, as told\n" };
+                let response =
+                    format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                let _ = stream.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
 }
 
 enum Outcome {

@@ -8,6 +8,7 @@
 //! ([`Manifest::supervise`]).
 
 use crate::config::{DeclaredAgent, DeclaredRole, ResourceWatch, Supervise};
+use crate::probe::ProbeSpec;
 use crate::process::ProcessSpec;
 use hale_core::health::{BreakerPolicy, QuarantinePolicy};
 use hale_core::policy::{Backoff, Intensity, PhiConfig};
@@ -149,6 +150,13 @@ pub struct HealthProbe {
     pub interval_ms: u64,
     #[serde(default = "default_probe_timeout_ms")]
     pub timeout_ms: u64,
+    /// Failed probes in a row that declare the agent down.
+    #[serde(default = "default_probe_failures_max")]
+    pub failures_max: u32,
+}
+
+fn default_probe_failures_max() -> u32 {
+    3
 }
 
 fn default_probe_interval_ms() -> u64 {
@@ -254,6 +262,7 @@ impl Manifest {
                         memory_mb: spec.resources.memory_mb,
                         cpu_percent: spec.resources.cpu_percent,
                     },
+                    probe: probe_spec(spec),
                 }
             })
             .collect();
@@ -280,6 +289,7 @@ impl Manifest {
                         memory_mb: template.resources.memory_mb,
                         cpu_percent: template.resources.cpu_percent,
                     },
+                    probe: probe_spec(template),
                 })
             })
             .collect();
@@ -416,6 +426,15 @@ fn process_spec(spec: &AgentSpec, base: &Path) -> ProcessSpec {
         address_space_mb: spec.resources.address_space_mb,
         open_files: spec.resources.open_files,
     }
+}
+
+fn probe_spec(spec: &AgentSpec) -> Option<ProbeSpec> {
+    spec.health.as_ref().map(|health| ProbeSpec {
+        url: health.url.clone(),
+        every: std::time::Duration::from_millis(health.interval_ms.max(100)),
+        timeout: std::time::Duration::from_millis(health.timeout_ms.max(10)),
+        failures_max: health.failures_max.max(1),
+    })
 }
 
 fn check_name(name: &str, kind: &str, line: usize) -> Result<(), (usize, String)> {

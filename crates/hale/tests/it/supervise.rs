@@ -358,3 +358,30 @@ async fn a_pool_recruits_a_replacement_when_an_instance_fails() {
         assert!(processes_of(addr, name).is_empty(), "{name} left running");
     }
 }
+
+#[tokio::test]
+async fn an_agent_failing_its_health_probe_is_restarted() {
+    let temp = tempfile::tempdir().unwrap();
+    let health = support::free_address();
+    let config = config(
+        temp.path(),
+        "stop_grace_ms = 300",
+        &[(
+            "sickly",
+            &["--misbehave", "unhealthy", "--after-ms", "800", "--only-incarnation", "1", "--health-listen", &health],
+            &format!(
+                "[agent.health]\nurl = \"http://{health}/healthz\"\ninterval_ms = 200\ntimeout_ms = 500\nfailures_max = 3"
+            ),
+        )],
+    );
+    let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
+    let admin = Admin::new(&hale.http_url());
+    let restarted = running(&admin, "sickly", 2, 0).await;
+    let down = restarted.last_down.clone().unwrap();
+    assert_eq!((down.incarnation, down.detector.as_str()), (1, "health_probe"), "{}", down.cause);
+    assert!(down.cause.contains("failed 3 times in a row") && down.cause.contains("HTTP 503"), "{}", down.cause);
+    // The new incarnation is healthy and stays up.
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    assert_eq!(agent(&admin, "sickly").await.incarnation, 2);
+    assert!(hale.terminate().success());
+}
