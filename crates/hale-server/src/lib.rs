@@ -179,6 +179,10 @@ async fn start_supervisor(
         agents,
         templates,
         logs_dir: logs_dir.clone(),
+        supervisor_id: std::fs::canonicalize(data_dir.path())
+            .unwrap_or_else(|_| data_dir.path().to_path_buf())
+            .to_string_lossy()
+            .into_owned(),
         log_bytes_max: supervise.log_bytes_max,
         logs_kept: supervise.logs_kept,
         hale_url: format!("ws://{}", agent_address(local_addr)),

@@ -10,7 +10,11 @@
 //! At start, [`Supervisor::adopt_or_start`] reconciles the log with the machine: a process
 //! the log says is running and that is still the same process (pid and start time) is
 //! adopted and watched through a pidfd; one that is gone is reported `vanished` (and the
-//! core restarts it per its policy); agents never started or stopped are started.
+//! core restarts it per its policy); agents never started or stopped are started. Every
+//! agent process carries `HALE_SUPERVISOR` (the data directory) in its environment, so the
+//! machine is also searched: a process of the current incarnation that hale died before
+//! logging is adopted, and one of an older incarnation (fenced, but still running) is
+//! killed. No agent runs twice.
 
 use crate::clock;
 use crate::config::ResourceWatch;
@@ -60,6 +64,8 @@ pub struct SupervisorConfig {
     pub stop_grace: Duration,
     /// How often log files are checked for rotation.
     pub rotate_every: Duration,
+    /// Marks the agents of this data directory (`HALE_SUPERVISOR` in their environment).
+    pub supervisor_id: String,
     /// Where recruited instances get their log files, and how they rotate.
     pub logs_dir: PathBuf,
     pub log_bytes_max: u64,
@@ -105,6 +111,7 @@ struct Keeper {
     agent: ManagedAgent,
     engine: Engine,
     hale_url: String,
+    supervisor_id: String,
     stop_grace: Duration,
     current: Option<Current>,
     exits_tx: mpsc::UnboundedSender<Exit>,
@@ -164,6 +171,7 @@ impl Supervisor {
             agent,
             engine: self.engine.clone(),
             hale_url: self.config.hale_url.clone(),
+            supervisor_id: self.config.supervisor_id.clone(),
             stop_grace: self.config.stop_grace,
             current: None,
             exits_tx,
@@ -230,9 +238,31 @@ impl Supervisor {
                     .collect::<Vec<_>>()
             })
             .await?;
-        for (agent, role, incarnation, status, process) in seen {
+        let supervisor = self.config.supervisor_id.clone();
+        let on_machine =
+            tokio::task::spawn_blocking(move || process::find_agents(&supervisor)).await.unwrap_or_default();
+        for (agent, role, incarnation, status, mut process) in seen {
             // Agents of hale.toml have keepers; instances of a pool get theirs now.
             let Some(keeper) = self.keeper(&agent, Some(&role)) else { continue };
+            for found in on_machine.iter().filter(|found| found.agent == agent.as_str()) {
+                let logged = process.is_some_and(|process| id_of(process) == found.id);
+                if logged {
+                    continue;
+                }
+                if found.incarnation == incarnation && status == ManagedStatus::Starting {
+                    // Spawned, but hale died before logging it: record it, then adopt it.
+                    tracing::warn!(%agent, incarnation, pid = found.id.pid, "found an unlogged process of the current run; adopting it");
+                    let found_ref = ProcessRef { pid: found.id.pid, start_ticks: found.id.start_ticks };
+                    let command = Command::ProcessStarted { agent: agent.clone(), incarnation, process: found_ref };
+                    self.engine.execute(command).await?;
+                    process = Some(found_ref);
+                    continue;
+                }
+                tracing::warn!(%agent, pid = found.id.pid, its_incarnation = found.incarnation, incarnation, "killing a stray process of this agent");
+                let _ = process::signal_group(found.id.pid, Signal::KILL);
+            }
+            let status =
+                if process.is_some() && status == ManagedStatus::Starting { ManagedStatus::Running } else { status };
             match (status, process) {
                 (ManagedStatus::Running, Some(process)) if process::is_same_process(id_of(process)) => {
                     tracing::info!(%agent, incarnation, pid = process.pid, "adopting a running agent");
@@ -330,6 +360,7 @@ impl Keeper {
         spec.env.insert("HALE_URL".into(), self.hale_url.clone());
         spec.env.insert("HALE_AGENT".into(), self.agent.name.to_string());
         spec.env.insert("HALE_INCARNATION".into(), incarnation.to_string());
+        spec.env.insert("HALE_SUPERVISOR".into(), self.supervisor_id.clone());
         let logs = self.agent.logs.clone();
         let spawned = tokio::task::spawn_blocking(move || process::spawn(&spec, &logs)).await;
         let agent = self.agent.name.clone();

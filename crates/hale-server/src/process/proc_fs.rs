@@ -113,3 +113,49 @@ pub fn group_usage(pgid: u32) -> Option<Usage> {
     }
     Some(total)
 }
+
+/// A live process that a hale started for an agent, found by its environment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    pub id: ProcessId,
+    pub agent: String,
+    pub incarnation: u64,
+}
+
+/// Every live process whose environment has `HALE_SUPERVISOR=supervisor` (the data
+/// directory of the hale that started it), with its `HALE_AGENT` and `HALE_INCARNATION`.
+///
+/// The log records each agent's process, but only after the spawn: if hale dies between
+/// logging a new incarnation and logging its process, this is how the next hale finds the
+/// process rather than starting a duplicate. Processes of another user are not readable
+/// and are skipped.
+pub fn find_agents(supervisor: &str) -> Vec<Found> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let marker = format!("HALE_SUPERVISOR={supervisor}");
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else { continue };
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        let vars: Vec<&[u8]> = environ.split(|byte| *byte == 0).collect();
+        if !vars.contains(&marker.as_bytes()) {
+            continue;
+        }
+        let value = |key: &str| {
+            vars.iter()
+                .find_map(|var| var.strip_prefix(key.as_bytes())?.strip_prefix(b"="))
+                .map(|value| String::from_utf8_lossy(value).into_owned())
+        };
+        let (Some(agent), Some(incarnation)) =
+            (value("HALE_AGENT"), value("HALE_INCARNATION").and_then(|text| text.parse().ok()))
+        else {
+            continue;
+        };
+        let Ok(stat) = read_stat(pid) else { continue };
+        // Only group leaders: what an agent started itself carries its environment too.
+        if !stat.is_alive() || stat.pgrp != pid as i32 {
+            continue;
+        }
+        found.push(Found { id: ProcessId { pid, start_ticks: stat.start_ticks }, agent, incarnation });
+    }
+    found
+}

@@ -456,3 +456,22 @@ fn process_id_round_trips_through_json() {
     assert_eq!(json, r#"{"pid":4242,"start_ticks":98765}"#);
     assert_eq!(serde_json::from_str::<ProcessId>(&json).unwrap(), id);
 }
+
+#[tokio::test]
+async fn find_agents_finds_group_leaders_by_their_hale_environment() {
+    let (_dir, logs) = temp_logs(1 << 20, 2);
+    let supervisor = format!("/tmp/find-agents-test-{}", std::process::id());
+    let mut spec = sh("sleep 100 & wait");
+    spec.env.insert("HALE_SUPERVISOR".into(), supervisor.clone());
+    spec.env.insert("HALE_AGENT".into(), "finder".into());
+    spec.env.insert("HALE_INCARNATION".into(), "7".into());
+    let mut agent = Agent::start(&spec, &logs);
+    // The grandchild (sleep) has the same environment but is not a group leader.
+    eventually("the agent found", || find_agents(&supervisor).len() == 1).await;
+    let found = find_agents(&supervisor);
+    assert_eq!(found, [Found { id: agent.id, agent: "finder".into(), incarnation: 7 }]);
+    assert!(find_agents("/some/other/data").iter().all(|found| found.id != agent.id));
+    signal_group(agent.id.pid, Signal::KILL).unwrap();
+    agent.exited().await;
+    assert!(find_agents(&supervisor).is_empty());
+}

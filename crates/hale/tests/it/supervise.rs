@@ -7,6 +7,7 @@ use hale_client::{Admin, AgentSummary};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::json;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 
 /// A hale.toml whose agents are demo agents; `agents` is `(name, extra demo-agent args,
@@ -196,6 +197,16 @@ async fn agents_outlive_a_sigkilled_hale_and_are_adopted_without_restarts() {
     for agent in &before {
         assert!(alive(pid_of(agent)), "{} died with hale", agent.agent);
     }
+    // A stray of an older run (as a crash during a stop could leave) is killed at start.
+    let canonical = std::fs::canonicalize(&data).unwrap();
+    let mut stray = std::process::Command::new("sleep")
+        .arg("100")
+        .env("HALE_SUPERVISOR", &canonical)
+        .env("HALE_AGENT", "keep-b")
+        .env("HALE_INCARNATION", "0")
+        .process_group(0)
+        .spawn()
+        .unwrap();
 
     let hale = up(&config, &data, &listen);
     assert_eq!(hale.http_url(), admin_url(&listen));
@@ -208,6 +219,9 @@ async fn agents_outlive_a_sigkilled_hale_and_are_adopted_without_restarts() {
         assert_eq!(processes_of(hale.addr, &agent.agent).len(), 1, "{} runs more than once", agent.agent);
     }
     assert!(hale.stderr_shows("adopting a running agent"), "{}", hale.stderr());
+    assert!(hale.stderr_shows("killing a stray process of this agent"), "{}", hale.stderr());
+    let status = tokio::task::spawn_blocking(move || stray.wait().unwrap()).await.unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9), "the stray was SIGKILLed");
     // Adopted processes are watched too: killing one is noticed and it is restarted.
     kill(pid_of(&before[0]), Signal::SIGKILL).unwrap();
     running(&admin, "keep-a", 2, 0).await;
