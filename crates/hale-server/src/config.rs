@@ -82,8 +82,10 @@ pub struct DeclaredAgent {
 pub struct ResourceWatch {
     /// Resident memory of the process group, in MiB.
     pub memory_mb: Option<u64>,
-    /// CPU, in percent of one core averaged over the window.
+    /// CPU, in percent of one core averaged over `cpu_window_ms`.
     pub cpu_percent: Option<u32>,
+    /// The CPU averaging window; 0 means the default (10 s).
+    pub cpu_window_ms: u64,
 }
 
 impl ServerConfig {

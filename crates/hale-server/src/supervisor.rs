@@ -40,7 +40,8 @@ pub struct ManagedAgent {
     pub probe: Option<ProbeSpec>,
 }
 
-/// How often the resource detector samples /proc, and over how long CPU is averaged.
+/// How often the resource detector samples /proc, and by default over how long CPU is
+/// averaged (long enough that a burst of work is not a runaway loop).
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 const CPU_WINDOW: Duration = Duration::from_secs(10);
 
@@ -318,7 +319,7 @@ fn id_of(process: ProcessRef) -> ProcessId {
 
 impl Keeper {
     async fn run(mut self, mut effects: mpsc::UnboundedReceiver<Effect>) {
-        let watching = self.agent.watch != ResourceWatch::default();
+        let watching = self.agent.watch.memory_mb.is_some() || self.agent.watch.cpu_percent.is_some();
         let mut sampler = tokio::time::interval(SAMPLE_EVERY);
         sampler.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let probing = self.agent.probe.is_some();
@@ -473,7 +474,7 @@ impl Keeper {
     }
 
     /// The resource detector: resident memory of the process group against `memory_mb`,
-    /// CPU averaged over `CPU_WINDOW` against `cpu_percent`.
+    /// CPU averaged over its window against `cpu_percent`.
     async fn sample(&mut self) {
         let watch = self.agent.watch;
         let Some(current) = &mut self.current else { return };
@@ -483,8 +484,12 @@ impl Keeper {
         let pid = current.pid;
         let Ok(Some(usage)) = tokio::task::spawn_blocking(move || process::group_usage(pid)).await else { return };
         let now = std::time::Instant::now();
+        let window = match watch.cpu_window_ms {
+            0 => CPU_WINDOW,
+            ms => Duration::from_millis(ms),
+        };
         current.cpu.push_back((now, usage.cpu_ms));
-        while current.cpu.len() > 2 && now.duration_since(current.cpu[1].0) >= CPU_WINDOW {
+        while current.cpu.len() > 2 && now.duration_since(current.cpu[1].0) >= window {
             current.cpu.pop_front();
         }
         let mut exceeded = None;
@@ -496,7 +501,7 @@ impl Keeper {
         }
         if let (Some(limit), Some(&(first_at, first_ms))) = (watch.cpu_percent, current.cpu.front()) {
             let span = now.duration_since(first_at);
-            if span >= CPU_WINDOW {
+            if span >= window {
                 let percent = usage.cpu_ms.saturating_sub(first_ms) * 100 / (span.as_millis() as u64).max(1);
                 if percent > u64::from(limit) && exceeded.is_none() {
                     exceeded =

@@ -28,6 +28,8 @@ pub enum Misbehave {
     IgnoreSigterm,
     /// After `--after-ms`, allocate and touch 64 MiB every step, without end.
     GrowMemory,
+    /// After `--after-ms`, burn a core in a busy loop on a thread of its own.
+    Spin,
     /// After `--after-ms`, answer the health endpoint (`--health-listen`) with 503, while
     /// heartbeating and progressing as usual.
     Unhealthy,
@@ -89,7 +91,7 @@ pub async fn run(mut args: DemoAgentArgs) -> Result<i32> {
         let unhealthy_after = (args.misbehave == Misbehave::Unhealthy).then(|| Duration::from_millis(args.after_ms));
         serve_health(listen, started, unhealthy_after).await?;
     }
-    let mut work = Work { args: &args, started, ballast: Vec::new() };
+    let mut work = Work { args: &args, started, ballast: Vec::new(), spinning: false };
     // Survive hale restarting: reconnect and resume the same run until hale says it is
     // over (fenced, or down). A real agent gets this from the client library.
     let mut delay = Duration::from_millis(50);
@@ -182,6 +184,7 @@ struct Work<'a> {
     args: &'a DemoAgentArgs,
     started: tokio::time::Instant,
     ballast: Vec<Vec<u8>>,
+    spinning: bool,
 }
 
 impl Work<'_> {
@@ -219,6 +222,16 @@ impl Work<'_> {
                         std::future::pending::<()>().await;
                     }
                     Misbehave::Stall => progressing = false,
+                    Misbehave::Spin if !self.spinning => {
+                        self.spinning = true;
+                        println!("demo-agent: spinning a core, as told");
+                        std::thread::spawn(|| {
+                            let mut x = 0u64;
+                            loop {
+                                x = std::hint::black_box(x.wrapping_add(1));
+                            }
+                        });
+                    }
                     Misbehave::GrowMemory => {
                         let mut chunk = vec![0u8; 64 * 1024 * 1024];
                         // Touch every page, so the memory is resident, not just reserved.

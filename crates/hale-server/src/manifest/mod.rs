@@ -132,8 +132,11 @@ pub struct Resources {
     /// Resident memory of the agent's process group: over it, the agent is declared down
     /// (cause `resource`) and restarted. Watched from /proc once a second.
     pub memory_mb: Option<u64>,
-    /// Percent of one core, averaged over 10 s: over it, the agent is declared down.
+    /// Percent of one core, averaged over `cpu_window_ms`: over it, the agent is declared down.
     pub cpu_percent: Option<u32>,
+    /// The CPU averaging window (default 10,000 ms).
+    #[serde(default = "default_cpu_window_ms")]
+    pub cpu_window_ms: u64,
     /// RLIMIT_AS, applied at spawn: allocations past it fail inside the agent. Virtual
     /// memory, so set it well above `memory_mb` (runtimes reserve much more than they use).
     pub address_space_mb: Option<u64>,
@@ -157,6 +160,10 @@ pub struct HealthProbe {
 
 fn default_probe_failures_max() -> u32 {
     3
+}
+
+fn default_cpu_window_ms() -> u64 {
+    10_000
 }
 
 fn default_probe_interval_ms() -> u64 {
@@ -261,6 +268,7 @@ impl Manifest {
                     watch: ResourceWatch {
                         memory_mb: spec.resources.memory_mb,
                         cpu_percent: spec.resources.cpu_percent,
+                        cpu_window_ms: spec.resources.cpu_window_ms,
                     },
                     probe: probe_spec(spec),
                 }
@@ -288,6 +296,7 @@ impl Manifest {
                     watch: ResourceWatch {
                         memory_mb: template.resources.memory_mb,
                         cpu_percent: template.resources.cpu_percent,
+                        cpu_window_ms: template.resources.cpu_window_ms,
                     },
                     probe: probe_spec(template),
                 })

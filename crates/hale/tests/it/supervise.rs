@@ -399,3 +399,24 @@ async fn an_agent_failing_its_health_probe_is_restarted() {
     assert_eq!(agent(&admin, "sickly").await.incarnation, 2);
     assert!(hale.terminate().success());
 }
+
+#[tokio::test]
+async fn an_agent_spinning_a_core_past_its_cpu_limit_is_restarted() {
+    let temp = tempfile::tempdir().unwrap();
+    let config = config(
+        temp.path(),
+        "stop_grace_ms = 300",
+        &[(
+            "spinner",
+            &["--misbehave", "spin", "--after-ms", "200", "--only-incarnation", "1"],
+            "[agent.resources]\ncpu_percent = 50\ncpu_window_ms = 2000",
+        )],
+    );
+    let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
+    let admin = Admin::new(&hale.http_url());
+    let restarted = running(&admin, "spinner", 2, 0).await;
+    let down = restarted.last_down.clone().unwrap();
+    assert_eq!((down.incarnation, down.detector.as_str()), (1, "resource"), "{}", down.cause);
+    assert!(down.cause.starts_with("cpu ") && down.cause.contains("over its limit of 50%"), "{}", down.cause);
+    assert!(hale.terminate().success());
+}
