@@ -128,12 +128,17 @@ fn summary(core: &hale_core::Core, record: &hale_core::AgentRecord, sessions: &c
             },
         }),
         health: live.map(|live| format!("{:?}", live.health).to_lowercase()),
-        last_heartbeat_ms: live.map(|live| live.last_beat.0),
-        progress: progress.map(|progress| ProgressBody {
-            fraction: progress.fraction,
-            message: progress.message,
-            task: progress.task,
-            fields: progress.fields,
+        // While reconnecting after a restart of hale there has been no beat yet.
+        last_heartbeat_ms: live
+            .filter(|live| live.health != hale_core::Health::Reconnecting)
+            .map(|live| live.last_beat.0),
+        progress: progress.filter(|progress| *progress != hale_core::Progress::default()).map(|progress| {
+            ProgressBody {
+                fraction: progress.fraction,
+                message: progress.message,
+                task: progress.task,
+                fields: progress.fields,
+            }
         }),
         down: record.down.as_ref().filter(|down| down.incarnation == record.incarnation).map(down_summary),
         last_down: record.down.as_ref().map(down_summary),
