@@ -100,7 +100,9 @@ pub async fn run(mut args: DemoAgentArgs) -> Result<i32> {
             Ok(agent) => agent,
             Err(error) => {
                 eprintln!("demo-agent: {error}; retrying in {} ms", delay.as_millis());
-                tokio::time::sleep(delay).await;
+                if stopped_while_waiting(&mut terminate, delay, args.misbehave).await {
+                    return Ok(0);
+                }
                 delay = (delay * 2).min(Duration::from_secs(1));
                 continue;
             }
@@ -113,7 +115,9 @@ pub async fn run(mut args: DemoAgentArgs) -> Result<i32> {
             }
             Err(error) => {
                 eprintln!("demo-agent: {error}; retrying");
-                tokio::time::sleep(delay).await;
+                if stopped_while_waiting(&mut terminate, delay, args.misbehave).await {
+                    return Ok(0);
+                }
                 continue;
             }
         };
@@ -173,6 +177,18 @@ async fn serve_health(
         }
     });
     Ok(())
+}
+
+/// Sleeps `delay` unless SIGTERM comes first (which ends the agent, unless it ignores it).
+async fn stopped_while_waiting(
+    terminate: &mut tokio::signal::unix::Signal,
+    delay: Duration,
+    misbehave: Misbehave,
+) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => false,
+        _ = terminate.recv() => misbehave != Misbehave::IgnoreSigterm,
+    }
 }
 
 enum Outcome {
