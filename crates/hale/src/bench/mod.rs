@@ -1,0 +1,137 @@
+//! `hale bench`: measure hale on this machine. Each scenario prints what it measured and
+//! how; `--json` prints one JSON object per scenario on stdout.
+//!
+//! One file per scenario: `durable_append`, `replay`, `restart` (SIGKILL a supervised
+//! agent, time its return) and `detect` (silence a heartbeating agent, time its `down`).
+
+mod detect;
+mod durable_append;
+mod replay;
+mod restart;
+
+use anyhow::Result;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// The scenario; all of them if omitted.
+    #[arg(value_enum)]
+    scenario: Option<Scenario>,
+    /// Print one JSON object per scenario on stdout (the human summary goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// durable-append: concurrent agents, each with its own WebSocket session.
+    #[arg(long, default_value_t = 256)]
+    agents: usize,
+    /// durable-append: checkpoints each agent keeps in flight (pipelined on its session).
+    #[arg(long, default_value_t = 8)]
+    in_flight: usize,
+    /// durable-append: seconds of measured load (after one second of warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// durable-append: `websocket` drives real sessions over loopback; `engine` calls the
+    /// server's engine in-process, to show what the core and the log sustain without the
+    /// network stack.
+    #[arg(long, value_enum, default_value_t = Transport::Websocket)]
+    transport: Transport,
+    /// durable-append: drive an already running hale at this WebSocket URL (e.g.
+    /// ws://127.0.0.1:7700) instead of starting one in this process.
+    #[arg(long)]
+    server: Option<String>,
+    /// replay: events in the log to recover.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// restart, detect: trials [default: 100 for restart, 20 for detect].
+    #[arg(long)]
+    trials: Option<usize>,
+    /// restart: how often the bench reads the engine's state while it waits for the agent
+    /// to come back, in microseconds.
+    #[arg(long, default_value_t = 200)]
+    poll_us: u64,
+    /// detect: agents heartbeating over their own WebSocket sessions (1 s ± 200 ms).
+    #[arg(long, default_value_t = 50)]
+    detect_agents: usize,
+    /// Where to create the temporary data directory (default: the system's temp dir).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Transport {
+    Websocket,
+    Engine,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    /// Agents checkpoint over WebSocket sessions as fast as hale acknowledges (fsync'd).
+    DurableAppend,
+    /// Recover a log of `--events` events, without and with a snapshot.
+    Replay,
+    /// SIGKILL a supervised agent; time until its next incarnation has resumed.
+    Restart,
+    /// Silence a heartbeating agent; time from its last heartbeat until it is down.
+    Detect,
+}
+
+pub async fn run(args: BenchArgs) -> Result<i32> {
+    if cfg!(debug_assertions) {
+        eprintln!("warning: this is a debug build; figures are only meaningful from `cargo run --release -- bench`");
+    }
+    let scenarios = match args.scenario {
+        Some(scenario) => vec![scenario],
+        None => vec![Scenario::DurableAppend, Scenario::Replay, Scenario::Restart, Scenario::Detect],
+    };
+    for scenario in scenarios {
+        let result = match scenario {
+            Scenario::DurableAppend => durable_append::durable_append(&args).await?,
+            Scenario::Replay => replay::replay(&args).await?,
+            Scenario::Restart => restart::restart(&args).await?,
+            Scenario::Detect => detect::detect(&args).await?,
+        };
+        if args.json {
+            println!("{}", serde_json::to_string(&result)?);
+        } else {
+            println!("{}", serde_json::to_string_pretty(&result)?);
+        }
+    }
+    Ok(0)
+}
+
+fn temp_dir(args: &BenchArgs) -> Result<tempfile::TempDir> {
+    let dir = match &args.dir {
+        Some(dir) => tempfile::Builder::new().prefix("hale-bench-").tempdir_in(dir)?,
+        None => tempfile::Builder::new().prefix("hale-bench-").tempdir()?,
+    };
+    Ok(dir)
+}
+
+fn machine() -> Value {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    json!({ "cores": cores, "os": std::env::consts::OS, "arch": std::env::consts::ARCH })
+}
+
+/// Percentile of sorted microsecond samples, in milliseconds.
+fn percentile_ms(sorted_us: &[u32], fraction: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted_us.len() as f64 - 1.0) * fraction).round() as usize;
+    f64::from(sorted_us[index]) / 1000.0
+}
+
+/// p50, p99 and max of microsecond samples, in milliseconds.
+fn summary_ms(samples_us: &mut [u32]) -> Value {
+    samples_us.sort_unstable();
+    json!({
+        "p50_ms": percentile_ms(samples_us, 0.50),
+        "p99_ms": percentile_ms(samples_us, 0.99),
+        "max_ms": percentile_ms(samples_us, 1.0),
+    })
+}
+
+/// Microseconds of `duration`, saturating.
+fn micros(duration: std::time::Duration) -> u32 {
+    duration.as_micros().min(u128::from(u32::MAX)) as u32
+}
