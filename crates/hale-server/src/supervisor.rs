@@ -115,6 +115,8 @@ struct Keeper {
     supervisor_id: String,
     stop_grace: Duration,
     current: Option<Current>,
+    /// Whether this keeper has handled a spawn since hale started.
+    spawned_before: bool,
     exits_tx: mpsc::UnboundedSender<Exit>,
     exits: mpsc::UnboundedReceiver<Exit>,
     live: Arc<watch::Sender<usize>>,
@@ -175,6 +177,7 @@ impl Supervisor {
             supervisor_id: self.config.supervisor_id.clone(),
             stop_grace: self.config.stop_grace,
             current: None,
+            spawned_before: false,
             exits_tx,
             exits,
             live: self.live_tx.clone(),
@@ -354,7 +357,11 @@ impl Keeper {
             let old = current.incarnation;
             self.stop(old).await;
         }
-        if self.adopt(incarnation).await {
+        // Only the first spawn of a keeper can be an adoption (hale just started); later
+        // ones follow exits this keeper saw, and skip the read of the log it costs.
+        let first = !self.spawned_before;
+        self.spawned_before = true;
+        if first && self.adopt(incarnation).await {
             return;
         }
         let mut spec = self.agent.spec.clone();

@@ -117,7 +117,7 @@ enum Commands {
         #[arg(long, short = 'c', default_value = "hale.toml", env = "HALE_CONFIG")]
         config: PathBuf,
     },
-    /// Measure hale on this machine: durable-append, replay.
+    /// Measure hale on this machine: durable-append, replay, restart, detect (all if none is named).
     Bench(bench::BenchArgs),
 }
 
