@@ -75,6 +75,8 @@ pub struct Core {
     limits: Limits,
     /// Seeds the restart jitter (mixed with agent, incarnation and attempt).
     seed: u64,
+    /// This hale runs the managed agents' processes.
+    supervising: bool,
     settings: LivenessSettings,
     liveness: BTreeMap<AgentName, Liveness>,
     /// Errors agents reported, within the breaker window. Volatile.
@@ -94,11 +96,19 @@ impl Core {
             state,
             limits,
             seed: 0,
+            supervising: true,
             settings: LivenessSettings::default(),
             liveness: BTreeMap::new(),
             errors: BTreeMap::new(),
             effects: VecDeque::new(),
         }
+    }
+
+    /// Whether this hale runs the managed agents (`hale up`). Without it (`hale serve`),
+    /// `tick` neither restarts managed agents nor recruits for pools, and `Restart` is
+    /// refused: nobody would start the processes.
+    pub fn set_supervising(&mut self, supervising: bool) {
+        self.supervising = supervising;
     }
 
     /// Sets the seed of the restart jitter (the shell draws one at start).
@@ -129,6 +139,12 @@ impl Core {
     /// Checks `command` against the current state at time `now`; returns the events it
     /// causes (possibly none) or why it was refused. Changes nothing.
     pub fn decide(&self, command: &Command, now: Timestamp) -> Result<Vec<Event>, Rejection> {
+        if !self.supervising
+            && let Command::Restart { agent } | Command::StartManaged { agent } = command
+            && self.state.agent(agent.as_str()).is_some_and(|record| record.managed.is_some())
+        {
+            return Err(Rejection::NotSupervising { agent: agent.to_string() });
+        }
         decide::decide(&self.state, &self.limits, &self.settings, command, now, self.seed)
     }
 
@@ -271,14 +287,16 @@ impl Core {
     /// A suspect agent is challenged (an effect), once per suspicion.
     pub fn tick(&mut self, now: Timestamp) -> Vec<Command> {
         let mut commands = Vec::new();
-        for (agent, managed) in self.state.managed() {
+        for (agent, managed) in self.state.managed().filter(|_| self.supervising) {
             if let ManagedStatus::Backoff { due, .. } = managed.status
                 && due <= now
             {
                 commands.push(Command::StartManaged { agent: agent.clone() });
             }
         }
-        commands.extend(self.recruits());
+        if self.supervising {
+            commands.extend(self.recruits());
+        }
         let policy = &self.settings.breaker;
         for record in self.state.agents() {
             let agent = &record.name;

@@ -76,6 +76,9 @@ pub enum Rejection {
     /// A heartbeat's progress over [`PROGRESS_BYTES_MAX`](crate::PROGRESS_BYTES_MAX).
     #[error("the progress report is {size} bytes; the limit is {max}: keep bulk data in checkpoints")]
     ProgressTooLarge { size: usize, max: usize },
+    /// A start or restart of a managed agent asked of a hale that runs no agents.
+    #[error("this hale runs no agents (`hale serve`), so it cannot start {agent:?}; run `hale up -c hale.toml`")]
+    NotSupervising { agent: String },
     /// A pool that hale.toml does not declare.
     #[error("no role pool named {role:?}; declare it with [[role]] in hale.toml")]
     UnknownRole { role: String },
@@ -111,6 +114,7 @@ impl Rejection {
             Rejection::BadFraction { .. } => "bad_fraction",
             Rejection::ReasonTooLong { .. } => "reason_too_long",
             Rejection::UnknownRole { .. } => "unknown_role",
+            Rejection::NotSupervising { .. } => "not_supervising",
         }
     }
 }

@@ -529,3 +529,22 @@ fn a_managed_agent_cannot_start_a_run_of_its_own() {
     let resume = Hello { incarnation: Some(1), ..hello };
     assert!(core.execute(&Command::Hello(resume), at(6)).unwrap().is_empty());
 }
+
+#[test]
+fn a_hale_that_runs_no_agents_neither_restarts_nor_recruits() {
+    let mut core = running("a", spec(RestartPolicy::Always));
+    let pool = Command::DeclareRole {
+        role: RoleName::new("pool").unwrap(),
+        min: 1,
+        max: 1,
+        supervision: Supervision::default(),
+    };
+    core.execute(&pool, at(2)).unwrap();
+    core.set_supervising(false);
+    // A crash with backoff due later: nothing starts it, and no pool instance appears.
+    crash(&mut core, "a", at(10));
+    crash(&mut core, "a", at(20));
+    assert!(tick(&mut core, at(10_000_000)).is_empty());
+    let refused = core.execute(&Command::Restart { agent: name("a") }, at(10_000_001)).unwrap_err();
+    assert_eq!(refused.code(), "not_supervising");
+}

@@ -72,6 +72,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let mut recovered = recovered?;
     let mut core = recovered.core;
     core.set_seed(clock::seed());
+    core.set_supervising(config.supervise.is_some());
     core.set_liveness_settings(config.liveness.clone());
     // Runs that were heartbeating before this start get a grace period to come back.
     core.begin_grace(clock::now());

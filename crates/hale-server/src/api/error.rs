@@ -55,7 +55,8 @@ impl From<Rejection> for ApiError {
             | Rejection::TooManyRecoveryPoints { .. }
             | Rejection::IncarnationDown { .. }
             | Rejection::NotManaged { .. }
-            | Rejection::ManagedByHale { .. } => StatusCode::CONFLICT,
+            | Rejection::ManagedByHale { .. }
+            | Rejection::NotSupervising { .. } => StatusCode::CONFLICT,
             Rejection::PatchTooLarge { .. } | Rejection::StateTooLarge { .. } | Rejection::ProgressTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
