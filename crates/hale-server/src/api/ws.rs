@@ -128,11 +128,8 @@ impl Session {
             Err(error) => return ready(frame_error(bytes, &error)),
         };
         let id = frame.id();
-        if let ClientFrame::Heartbeat { progress, .. } = frame {
-            return self.heartbeat(id, progress).await;
-        }
-        if let ClientFrame::ReportError { .. } = frame {
-            return self.report_error(id).await;
+        if matches!(frame, ClientFrame::Heartbeat { .. } | ClientFrame::ReportError { .. }) {
+            return self.volatile(id, frame).await;
         }
         let command = match self.command(frame) {
             Ok(command) => command,
@@ -148,52 +145,31 @@ impl Session {
         Box::pin(answer(id, submitted))
     }
 
-    /// Errors are counted for the breaker, in memory: answered at once.
-    async fn report_error(&mut self, id: u64) -> Answer {
+    /// Heartbeats and error reports are volatile: answered as soon as the engine has seen
+    /// them, with no wait for the log (they change nothing durable).
+    async fn volatile(&mut self, id: u64, frame: ClientFrame) -> Answer {
+        let kind = if matches!(frame, ClientFrame::Heartbeat { .. }) { "heartbeat" } else { "report_error" };
         let Some(bound) = &self.bound else {
-            let error = ApiError::new(
-                axum::http::StatusCode::CONFLICT,
-                "hello_required",
-                "a report_error frame must follow a hello on the same session",
-                false,
-            );
-            return ready(ServerFrame::Error { id: Some(id), error: error.body });
+            return ready(ServerFrame::Error { id: Some(id), error: hello_required(kind).body });
         };
-        match self.app.engine.report_error(bound.agent.clone(), bound.incarnation).await {
-            Ok(()) => ready(ServerFrame::Ok { id }),
-            Err(error) => ready(ServerFrame::Error { id: Some(id), error: ApiError::from(error).body }),
-        }
-    }
-
-    /// Heartbeats are volatile: answered as soon as the engine has seen them, with no wait
-    /// for the log (they change nothing durable).
-    async fn heartbeat(&mut self, id: u64, progress: Option<hale_proto::ProgressBody>) -> Answer {
-        let Some(bound) = &self.bound else {
-            let error = ApiError::new(
-                axum::http::StatusCode::CONFLICT,
-                "hello_required",
-                "a heartbeat frame must follow a hello on the same session",
-                false,
-            );
-            return ready(ServerFrame::Error { id: Some(id), error: error.body });
+        let (agent, incarnation) = (bound.agent.clone(), bound.incarnation);
+        let engine = &self.app.engine;
+        let done = match frame {
+            ClientFrame::Heartbeat { progress, .. } => engine
+                .heartbeat(agent, incarnation, progress.map(convert::progress))
+                .await
+                .map(|()| ServerFrame::HeartbeatAck { id }),
+            _ => engine.report_error(agent, incarnation).await.map(|()| ServerFrame::Ok { id }),
         };
-        let progress = progress.map(convert::progress);
-        match self.app.engine.heartbeat(bound.agent.clone(), bound.incarnation, progress).await {
-            Ok(()) => ready(ServerFrame::HeartbeatAck { id }),
-            Err(error) => ready(ServerFrame::Error { id: Some(id), error: ApiError::from(error).body }),
-        }
+        ready(done.unwrap_or_else(|error| ServerFrame::Error { id: Some(id), error: ApiError::from(error).body }))
     }
 
     fn command(&self, frame: ClientFrame) -> Result<hale_core::Command, ApiError> {
         let bound = |kind: &str| {
-            self.bound.as_ref().map(|bound| (bound.agent.clone(), bound.incarnation)).ok_or_else(|| {
-                ApiError::new(
-                    axum::http::StatusCode::CONFLICT,
-                    "hello_required",
-                    format!("a {kind} frame must follow a hello on the same session"),
-                    false,
-                )
-            })
+            self.bound
+                .as_ref()
+                .map(|bound| (bound.agent.clone(), bound.incarnation))
+                .ok_or_else(|| hello_required(kind))
         };
         match frame {
             ClientFrame::Hello { agent, body, .. } => {
@@ -242,6 +218,16 @@ async fn answer(id: u64, submitted: Submitted) -> ServerFrame {
         Ok(EngineResponse::Done) => ServerFrame::Ok { id },
         Err(error) => ServerFrame::Error { id: Some(id), error: ApiError::from(error).body },
     }
+}
+
+/// The error for a frame that needs the session to have said hello first.
+fn hello_required(kind: &str) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::CONFLICT,
+        "hello_required",
+        format!("a {kind} frame must follow a hello on the same session"),
+        false,
+    )
 }
 
 fn ready(frame: ServerFrame) -> Answer {
