@@ -420,3 +420,48 @@ async fn an_agent_spinning_a_core_past_its_cpu_limit_is_restarted() {
     assert!(down.cause.starts_with("cpu ") && down.cause.contains("over its limit of 50%"), "{}", down.cause);
     assert!(hale.terminate().success());
 }
+
+#[tokio::test]
+async fn hale_logs_prints_and_follows_an_agents_output() {
+    let temp = tempfile::tempdir().unwrap();
+    let config = config(temp.path(), "", &[("chatty", &[], "")]);
+    let data = temp.path().join("data");
+    let hale = up(&config, &data, "127.0.0.1:0");
+    let admin = Admin::new(&hale.http_url());
+    running(&admin, "chatty", 1, 0).await;
+    let data_arg = data.to_str().unwrap();
+    let (code, out, err) = support::hale(&["logs", "chatty", "--data", data_arg, "-n", "5"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("demo-agent chatty (chatty): incarnation 1"), "{out}");
+    // -f keeps printing: a restart's first line shows up in the followed output.
+    let mut follow = std::process::Command::new(HALE)
+        .args(["logs", "chatty", "--data", data_arg, "-f"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = follow.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut seen = String::new();
+        let mut buffer = [0u8; 4096];
+        while !seen.contains("incarnation 2") {
+            match std::io::Read::read(&mut stdout, &mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.push_str(&String::from_utf8_lossy(&buffer[..n])),
+            }
+        }
+        seen
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    kill(pid_of(&agent(&admin, "chatty").await), Signal::SIGKILL).unwrap();
+    running(&admin, "chatty", 2, 0).await;
+    eventually("the followed log to show incarnation 2", 15, || async { reader.is_finished().then_some(()) }).await;
+    let seen = reader.join().unwrap();
+    assert!(seen.contains("demo-agent chatty (chatty): incarnation 2"), "{seen}");
+    let _ = follow.kill();
+    let _ = follow.wait();
+    // An agent with no log gets a clear error.
+    let (code, _, err) = support::hale(&["logs", "nobody", "--data", data_arg]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no log for agent \"nobody\""), "{err}");
+    assert!(hale.terminate().success());
+}
