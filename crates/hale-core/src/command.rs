@@ -2,6 +2,7 @@ use crate::health::{Reporter, Severity};
 use crate::liveness::Progress;
 use crate::names::{AgentName, PointName, RoleName};
 use crate::supervision::{Cause, ProcessRef, Supervision};
+use crate::tasks::TaskSpec;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -60,6 +61,20 @@ pub enum Command {
     /// The pool of `role` has fewer healthy agents than its minimum: start a new instance
     /// (from `tick`).
     Recruit { role: RoleName },
+    /// Queue a task (answered with its number; the same idempotency key, the same task).
+    SubmitTask { spec: TaskSpec },
+    /// Lease a pending task to an agent's incarnation (from `tick`).
+    AssignTask { task: u64, agent: AgentName, incarnation: u64 },
+    /// The lease holder finished a step.
+    CommitStep { task: u64, agent: AgentName, incarnation: u64, name: String, result: Value },
+    /// The lease holder finished the task.
+    CompleteTask { task: u64, agent: AgentName, incarnation: u64, result: Value },
+    /// The lease holder gave up on this attempt (retried if attempts are left and `retry`).
+    FailTask { task: u64, agent: AgentName, incarnation: u64, reason: String, retry: bool },
+    /// Stop the task wherever it is.
+    CancelTask { task: u64 },
+    /// The task is past its deadline (from `tick`).
+    ExpireTask { task: u64 },
 }
 
 /// The `hello` of a session.
@@ -88,7 +103,15 @@ impl Command {
     /// The agent this command concerns (none for commands about a role).
     pub fn agent(&self) -> Option<&AgentName> {
         Some(match self {
-            Command::DeclareRole { .. } | Command::Recruit { .. } => return None,
+            Command::DeclareRole { .. }
+            | Command::Recruit { .. }
+            | Command::SubmitTask { .. }
+            | Command::CancelTask { .. }
+            | Command::ExpireTask { .. } => return None,
+            Command::AssignTask { agent, .. }
+            | Command::CommitStep { agent, .. }
+            | Command::CompleteTask { agent, .. }
+            | Command::FailTask { agent, .. } => agent,
             Command::Hello(hello) => &hello.agent,
             Command::Checkpoint { agent, .. }
             | Command::MarkRecoveryPoint { agent, .. }

@@ -18,4 +18,8 @@ pub enum Effect {
     Challenge { agent: AgentName, incarnation: u64 },
     /// The agent failed for good (restart intensity exceeded): tell a human.
     Escalate { agent: AgentName, restarts: u32, window_ms: u64 },
+    /// Hand task `task` to the sessions of this incarnation (its lease is logged).
+    OfferTask { agent: AgentName, incarnation: u64, task: u64 },
+    /// Tell the holder of a cancelled task to stop working on it.
+    CancelTask { agent: AgentName, incarnation: u64, task: u64 },
 }

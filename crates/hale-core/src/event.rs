@@ -3,6 +3,7 @@ use crate::health::{Reporter, Severity};
 use crate::liveness::Progress;
 use crate::names::{AgentName, PointName, RoleName};
 use crate::supervision::{Cause, ProcessRef, Supervision};
+use crate::tasks::TaskSpec;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -18,55 +19,171 @@ use std::collections::BTreeMap;
 #[serde(rename_all = "snake_case")]
 pub enum Event {
     /// An agent was registered, or its role or labels changed.
-    AgentRegistered { agent: AgentName, role: RoleName, labels: BTreeMap<String, String> },
+    AgentRegistered {
+        agent: AgentName,
+        role: RoleName,
+        labels: BTreeMap<String, String>,
+    },
     /// A new run of the agent began; writes from earlier incarnations are refused from now on.
-    IncarnationStarted { agent: AgentName, incarnation: u64 },
+    IncarnationStarted {
+        agent: AgentName,
+        incarnation: u64,
+    },
     /// A merge patch was folded into the agent's state, making `version`.
-    Checkpointed { agent: AgentName, incarnation: u64, version: u64, patch: Value },
+    Checkpointed {
+        agent: AgentName,
+        incarnation: u64,
+        version: u64,
+        patch: Value,
+    },
     /// `version` was named `name`.
-    RecoveryPointMarked { agent: AgentName, incarnation: u64, name: PointName, version: u64 },
+    RecoveryPointMarked {
+        agent: AgentName,
+        incarnation: u64,
+        name: PointName,
+        version: u64,
+    },
     /// The state of `target_version` became the new `version`. The event carries that
     /// state, so replaying it never depends on how much history was retained.
-    RolledBack { agent: AgentName, incarnation: u64, target_version: u64, version: u64, state: Value },
+    RolledBack {
+        agent: AgentName,
+        incarnation: u64,
+        target_version: u64,
+        version: u64,
+        state: Value,
+    },
     /// hale.toml declares the agent as managed (or changed how it is supervised).
-    AgentDeclared { agent: AgentName, role: RoleName, labels: BTreeMap<String, String>, supervision: Supervision },
+    AgentDeclared {
+        agent: AgentName,
+        role: RoleName,
+        labels: BTreeMap<String, String>,
+        supervision: Supervision,
+    },
     /// The process of a managed incarnation was spawned: kept so that a restarted hale can
     /// tell whether it is still the same process and adopt it.
-    ProcessStarted { agent: AgentName, incarnation: u64, process: ProcessRef },
+    ProcessStarted {
+        agent: AgentName,
+        incarnation: u64,
+        process: ProcessRef,
+    },
     /// A detector declared the incarnation down. Its writes are refused from now on.
-    AgentDown { agent: AgentName, incarnation: u64, cause: Cause },
+    AgentDown {
+        agent: AgentName,
+        incarnation: u64,
+        cause: Cause,
+    },
     /// A restart was decided: restart number `attempt` within the intensity window, due at
     /// `due` (the time of the decision for the first, later ones after a backoff).
-    RestartScheduled { agent: AgentName, attempt: u32, due: Timestamp },
+    RestartScheduled {
+        agent: AgentName,
+        attempt: u32,
+        due: Timestamp,
+    },
     /// More than the allowed restarts within the window: no more restarts until the
     /// operator asks. This is the escalation.
-    AgentFailed { agent: AgentName, restarts: u32, window_ms: u64 },
+    AgentFailed {
+        agent: AgentName,
+        restarts: u32,
+        window_ms: u64,
+    },
     /// The operator asked for a restart, which also forgets the restart window.
-    RestartRequested { agent: AgentName },
+    RestartRequested {
+        agent: AgentName,
+    },
     /// Progress reported by heartbeats, logged when it changed and at a bounded rate.
-    ProgressReported { agent: AgentName, incarnation: u64, progress: Progress },
+    ProgressReported {
+        agent: AgentName,
+        incarnation: u64,
+        progress: Progress,
+    },
     /// An error spike opened the agent's circuit breaker until `until`.
-    BreakerOpened { agent: AgentName, errors: u32, until: Timestamp },
+    BreakerOpened {
+        agent: AgentName,
+        errors: u32,
+        until: Timestamp,
+    },
     /// The breaker's open time is over: probing.
-    BreakerHalfOpened { agent: AgentName },
+    BreakerHalfOpened {
+        agent: AgentName,
+    },
     /// A probe window passed without errors.
-    BreakerClosed { agent: AgentName },
+    BreakerClosed {
+        agent: AgentName,
+    },
     /// A policy violation by the agent, reported by itself, another agent or the operator.
-    ViolationReported { agent: AgentName, by: Reporter, severity: Severity, reason: String },
+    ViolationReported {
+        agent: AgentName,
+        by: Reporter,
+        severity: Severity,
+        reason: String,
+    },
     /// The agent gets no work until released.
-    Quarantined { agent: AgentName, by: Reporter, reason: String },
+    Quarantined {
+        agent: AgentName,
+        by: Reporter,
+        reason: String,
+    },
     /// The operator released the agent from quarantine (its violations are forgotten).
-    Released { agent: AgentName },
+    Released {
+        agent: AgentName,
+    },
     /// hale.toml declares a pool of interchangeable agents of `role`: hale keeps at least
     /// `min` healthy and starts at most `max`, each supervised as `supervision` says.
-    RoleDeclared { role: RoleName, min: u32, max: u32, supervision: Supervision },
+    RoleDeclared {
+        role: RoleName,
+        min: u32,
+        max: u32,
+        supervision: Supervision,
+    },
+    /// A task was accepted as number `task`.
+    TaskSubmitted {
+        task: u64,
+        spec: TaskSpec,
+    },
+    /// The task was leased to `incarnation` of `agent`, as attempt `attempt`.
+    TaskAssigned {
+        task: u64,
+        agent: AgentName,
+        incarnation: u64,
+        attempt: u32,
+    },
+    /// A step of the task is done; its result survives the attempt.
+    StepCommitted {
+        task: u64,
+        attempt: u32,
+        name: String,
+        result: Value,
+    },
+    TaskCompleted {
+        task: u64,
+        result: Value,
+    },
+    /// The attempt failed with attempts left: the task is pending again.
+    TaskRetried {
+        task: u64,
+        reason: String,
+    },
+    TaskFailed {
+        task: u64,
+        reason: String,
+    },
+    TaskCancelled {
+        task: u64,
+    },
 }
 
 impl Event {
     /// The agent this event concerns (none for a role's declaration).
     pub fn agent(&self) -> Option<&AgentName> {
         Some(match self {
-            Event::RoleDeclared { .. } => return None,
+            Event::RoleDeclared { .. }
+            | Event::TaskSubmitted { .. }
+            | Event::TaskAssigned { .. }
+            | Event::StepCommitted { .. }
+            | Event::TaskCompleted { .. }
+            | Event::TaskRetried { .. }
+            | Event::TaskFailed { .. }
+            | Event::TaskCancelled { .. } => return None,
             Event::AgentRegistered { agent, .. }
             | Event::IncarnationStarted { agent, .. }
             | Event::Checkpointed { agent, .. }
@@ -110,6 +227,13 @@ impl Event {
             Event::Quarantined { .. } => "quarantined",
             Event::Released { .. } => "released",
             Event::RoleDeclared { .. } => "role_declared",
+            Event::TaskSubmitted { .. } => "task_submitted",
+            Event::TaskAssigned { .. } => "task_assigned",
+            Event::StepCommitted { .. } => "step_committed",
+            Event::TaskCompleted { .. } => "task_completed",
+            Event::TaskRetried { .. } => "task_retried",
+            Event::TaskFailed { .. } => "task_failed",
+            Event::TaskCancelled { .. } => "task_cancelled",
         }
     }
 }

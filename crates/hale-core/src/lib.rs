@@ -29,6 +29,7 @@ mod rejection;
 mod rng;
 mod state;
 pub mod supervision;
+pub mod tasks;
 
 pub use command::{Command, Hello, RollbackTarget};
 pub use effect::Effect;
@@ -227,6 +228,21 @@ impl Core {
                     reason: format!("declared down: {cause}"),
                 });
             }
+            Event::TaskAssigned { task, agent, incarnation, .. } => {
+                self.effects.push_back(Effect::OfferTask {
+                    agent: agent.clone(),
+                    incarnation: *incarnation,
+                    task: *task,
+                });
+            }
+            Event::TaskCancelled { task } => {
+                if let Some(tasks::TaskStatus::Running { agent, incarnation, .. }) =
+                    self.state.tasks().get(*task).map(|found| &found.status)
+                {
+                    let (agent, incarnation) = (agent.clone(), *incarnation);
+                    self.effects.push_back(Effect::CancelTask { agent, incarnation, task: *task });
+                }
+            }
             Event::AgentFailed { agent, restarts, window_ms } => {
                 self.effects.push_back(Effect::Escalate {
                     agent: agent.clone(),
@@ -297,6 +313,7 @@ impl Core {
         if self.supervising {
             commands.extend(self.recruits());
         }
+        commands.extend(self.assignments(now));
         let policy = &self.settings.breaker;
         for record in self.state.agents() {
             let agent = &record.name;
@@ -370,6 +387,54 @@ impl Core {
         commands
     }
 
+    /// Pending tasks to the least-loaded eligible agent of their role, in priority order,
+    /// and tasks past their deadline. Eligible: its current run heartbeats and is alive
+    /// (not suspect, not reconnecting), not down, breaker closed, not quarantined, and
+    /// holds fewer than `tasks_per_agent_max` leases.
+    fn assignments(&self, now: Timestamp) -> Vec<Command> {
+        let mut commands = Vec::new();
+        let tasks = self.state.tasks();
+        for task in tasks.all().filter(|task| !task.status.is_final()) {
+            if task.spec.deadline.is_some_and(|deadline| deadline <= now) {
+                commands.push(Command::ExpireTask { task: task.id });
+            }
+        }
+        let capacity = self.settings.tasks_per_agent_max.max(1);
+        let mut load: BTreeMap<&AgentName, u32> = BTreeMap::new();
+        for task in tasks.all() {
+            if let tasks::TaskStatus::Running { agent, .. } = &task.status {
+                *load.entry(agent).or_default() += 1;
+            }
+        }
+        for task in tasks.pending() {
+            if task.spec.deadline.is_some_and(|deadline| deadline <= now) {
+                continue;
+            }
+            let eligible = self.state.agents().filter(|record| {
+                let live = self.liveness.get(&record.name);
+                record.role == task.spec.role
+                    && record.incarnation > 0
+                    && record.down.as_ref().is_none_or(|down| down.incarnation != record.incarnation)
+                    && record.health.quarantine.is_none()
+                    && record.health.breaker == health::Breaker::Closed
+                    && live.is_some_and(|live| live.incarnation == record.incarnation && live.health == Health::Alive)
+            });
+            let chosen = eligible
+                .map(|record| (load.get(&record.name).copied().unwrap_or(0), record))
+                .filter(|(held, _)| *held < capacity)
+                .min_by_key(|(held, _)| *held);
+            if let Some((_, record)) = chosen {
+                *load.entry(&record.name).or_default() += 1;
+                commands.push(Command::AssignTask {
+                    task: task.id,
+                    agent: record.name.clone(),
+                    incarnation: record.incarnation,
+                });
+            }
+        }
+        commands
+    }
+
     /// Pools below their minimum of healthy agents, with room under their maximum.
     fn recruits(&self) -> Vec<Command> {
         let mut commands = Vec::new();
@@ -422,5 +487,7 @@ impl Core {
 
 #[cfg(test)]
 mod supervision_tests;
+#[cfg(test)]
+mod tasks_tests;
 #[cfg(test)]
 mod tests;

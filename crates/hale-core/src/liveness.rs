@@ -136,6 +136,8 @@ pub struct LivenessSettings {
     pub progress_log_ms: u64,
     pub breaker: BreakerPolicy,
     pub quarantine: QuarantinePolicy,
+    /// Leases one agent holds at once.
+    pub tasks_per_agent_max: u32,
 }
 
 impl Default for LivenessSettings {
@@ -146,6 +148,7 @@ impl Default for LivenessSettings {
             progress_log_ms: 10_000,
             breaker: BreakerPolicy::default(),
             quarantine: QuarantinePolicy::default(),
+            tasks_per_agent_max: 1,
         }
     }
 }

@@ -79,6 +79,21 @@ pub enum Rejection {
     /// A start or restart of a managed agent asked of a hale that runs no agents.
     #[error("this hale runs no agents (`hale serve`), so it cannot start {agent:?}; run `hale up -c hale.toml`")]
     NotSupervising { agent: String },
+    /// No task has this number.
+    #[error("no task number {task}")]
+    UnknownTask { task: u64 },
+    /// A step, completion or failure from an incarnation that does not hold the task's
+    /// lease: it was declared down, or the task was reassigned or has ended.
+    #[error(
+        "incarnation {incarnation} of agent {agent:?} does not hold the lease of task {task}; drop the work, its result would not count"
+    )]
+    LeaseLost { task: u64, agent: String, incarnation: u64 },
+    /// A cancel of a task that has ended.
+    #[error("task {task} has already ended ({status})")]
+    TaskEnded { task: u64, status: String },
+    /// A task that cannot be run as submitted.
+    #[error("bad task: {reason}")]
+    BadTask { reason: String },
     /// A pool that hale.toml does not declare.
     #[error("no role pool named {role:?}; declare it with [[role]] in hale.toml")]
     UnknownRole { role: String },
@@ -115,6 +130,10 @@ impl Rejection {
             Rejection::ReasonTooLong { .. } => "reason_too_long",
             Rejection::UnknownRole { .. } => "unknown_role",
             Rejection::NotSupervising { .. } => "not_supervising",
+            Rejection::UnknownTask { .. } => "unknown_task",
+            Rejection::LeaseLost { .. } => "lease_lost",
+            Rejection::TaskEnded { .. } => "task_ended",
+            Rejection::BadTask { .. } => "bad_task",
         }
     }
 }

@@ -7,6 +7,7 @@ use crate::merge::merge_patch;
 use crate::names::{AgentName, PointName, RoleName};
 use crate::rejection::Rejection;
 use crate::supervision::{self, Cause, Managed, ManagedStatus, RolePool};
+use crate::tasks::{Step, TaskStatus, Tasks};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, VecDeque};
@@ -19,6 +20,8 @@ pub struct State {
     /// Pools declared in hale.toml.
     #[serde(default)]
     roles: BTreeMap<RoleName, RolePool>,
+    #[serde(default)]
+    tasks: Tasks,
 }
 
 /// Everything the log says about one agent.
@@ -122,6 +125,11 @@ impl State {
         self.agents.values()
     }
 
+    /// Every task.
+    pub fn tasks(&self) -> &Tasks {
+        &self.tasks
+    }
+
     /// Every role pool, in name order.
     pub fn roles(&self) -> impl Iterator<Item = (&RoleName, &RolePool)> {
         self.roles.iter()
@@ -144,6 +152,36 @@ impl State {
                 self.roles.insert(role, RolePool { min, max, supervision });
                 return;
             }
+            Event::TaskSubmitted { task, spec } => return self.tasks.submit(task, spec, at),
+            Event::TaskAssigned { task, agent, incarnation, attempt } => {
+                return self.tasks.set_status(task, TaskStatus::Running { agent, incarnation, attempt }, at);
+            }
+            Event::StepCommitted { task, attempt, name, result } => {
+                return self.tasks.commit_step(task, Step { name, result, attempt, at });
+            }
+            Event::TaskCompleted { task, result } => {
+                return self.tasks.set_status(task, TaskStatus::Completed { result }, at);
+            }
+            Event::TaskRetried { task, .. } => return self.tasks.set_status(task, TaskStatus::Pending, at),
+            Event::TaskFailed { task, reason } => {
+                return self.tasks.set_status(task, TaskStatus::Failed { reason }, at);
+            }
+            Event::TaskCancelled { task } => return self.tasks.set_status(task, TaskStatus::Cancelled, at),
+            // A lease belongs to an incarnation: it ends with it.
+            Event::AgentDown { ref agent, incarnation, ref cause } => {
+                self.tasks.release_leases(agent, Some(incarnation), &format!("agent {agent} down: {cause}"), at);
+            }
+            Event::IncarnationStarted { ref agent, incarnation } if incarnation > 1 => {
+                self.tasks.release_leases(
+                    agent,
+                    Some(incarnation - 1),
+                    &format!("agent {agent} started a new run"),
+                    at,
+                );
+            }
+            Event::Quarantined { ref agent, .. } => {
+                self.tasks.release_leases(agent, None, &format!("agent {agent} quarantined"), at);
+            }
             Event::AgentDeclared { agent, role, labels, supervision } => {
                 let record = self.register(&agent, at);
                 record.role = role;
@@ -163,9 +201,16 @@ impl State {
         };
         record.updated_at = at;
         match event {
-            Event::AgentRegistered { .. } | Event::AgentDeclared { .. } | Event::RoleDeclared { .. } => {
-                unreachable!("handled above")
-            }
+            Event::AgentRegistered { .. }
+            | Event::AgentDeclared { .. }
+            | Event::RoleDeclared { .. }
+            | Event::TaskSubmitted { .. }
+            | Event::TaskAssigned { .. }
+            | Event::StepCommitted { .. }
+            | Event::TaskCompleted { .. }
+            | Event::TaskRetried { .. }
+            | Event::TaskFailed { .. }
+            | Event::TaskCancelled { .. } => unreachable!("handled above"),
             Event::IncarnationStarted { incarnation, .. } => {
                 record.incarnation = incarnation;
                 if let Some(managed) = &mut record.managed {

@@ -491,7 +491,14 @@ fn respond(command: &Command, facts: Facts, record: Option<&AgentRecord>) -> Res
         | Command::Quarantine { .. }
         | Command::Release { .. }
         | Command::DeclareRole { .. }
-        | Command::Recruit { .. } => Response::Done,
+        | Command::Recruit { .. }
+        | Command::SubmitTask { .. }
+        | Command::AssignTask { .. }
+        | Command::CommitStep { .. }
+        | Command::CompleteTask { .. }
+        | Command::FailTask { .. }
+        | Command::CancelTask { .. }
+        | Command::ExpireTask { .. } => Response::Done,
     }
 }
 

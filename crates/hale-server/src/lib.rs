@@ -227,6 +227,10 @@ async fn route_effects(
                 sessions.push(&agent, incarnation, Push::Fenced { reason });
             }
             Effect::Challenge { agent, incarnation } => sessions.push(&agent, incarnation, Push::Challenge),
+            Effect::OfferTask { .. } | Effect::CancelTask { .. } => {
+                // Tasks are not served over the wire yet (issue 4): nothing submits them.
+                tracing::debug!(?effect, "task effects are not carried out yet");
+            }
             Effect::Escalate { agent, restarts, window_ms } => {
                 tracing::error!(%agent, restarts, window_ms, "agent FAILED: too many restarts within the window; not restarting until `hale restart {agent}`");
             }

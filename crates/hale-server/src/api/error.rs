@@ -44,10 +44,12 @@ impl From<Rejection> for ApiError {
             | Rejection::PatchNotObject { .. }
             | Rejection::PatchTooDeep { .. }
             | Rejection::BadFraction { .. }
-            | Rejection::ReasonTooLong { .. } => StatusCode::BAD_REQUEST,
-            Rejection::UnknownAgent { .. } | Rejection::UnknownRecoveryPoint { .. } | Rejection::UnknownRole { .. } => {
-                StatusCode::NOT_FOUND
-            }
+            | Rejection::ReasonTooLong { .. }
+            | Rejection::BadTask { .. } => StatusCode::BAD_REQUEST,
+            Rejection::UnknownAgent { .. }
+            | Rejection::UnknownRecoveryPoint { .. }
+            | Rejection::UnknownRole { .. }
+            | Rejection::UnknownTask { .. } => StatusCode::NOT_FOUND,
             Rejection::NotStarted { .. }
             | Rejection::StaleIncarnation { .. }
             | Rejection::UnknownIncarnation { .. }
@@ -56,7 +58,9 @@ impl From<Rejection> for ApiError {
             | Rejection::IncarnationDown { .. }
             | Rejection::NotManaged { .. }
             | Rejection::ManagedByHale { .. }
-            | Rejection::NotSupervising { .. } => StatusCode::CONFLICT,
+            | Rejection::NotSupervising { .. }
+            | Rejection::LeaseLost { .. }
+            | Rejection::TaskEnded { .. } => StatusCode::CONFLICT,
             Rejection::PatchTooLarge { .. } | Rejection::StateTooLarge { .. } | Rejection::ProgressTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }

@@ -222,6 +222,7 @@ impl Manifest {
             progress_log_ms: self.supervision.progress_log_ms,
             breaker: self.supervision.breaker.clone(),
             quarantine: self.supervision.quarantine.clone(),
+            ..LivenessSettings::default()
         }
     }
 
