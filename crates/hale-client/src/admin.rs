@@ -56,6 +56,28 @@ impl Admin {
         Ok(())
     }
 
+    /// Submits a task; returns its number (an earlier one's, for a known idempotency key).
+    pub async fn submit(&self, task: &hale_proto::HttpSubmitTask) -> Result<hale_proto::TaskSubmitted, ClientError> {
+        let body = serde_json::to_value(task).map_err(|error| ClientError::Protocol(error.to_string()))?;
+        self.send_json("/v1/tasks", &body).await
+    }
+
+    /// Every task.
+    pub async fn tasks(&self) -> Result<Vec<hale_proto::TaskInfo>, ClientError> {
+        self.get("/v1/tasks").await
+    }
+
+    /// One task, with its committed steps.
+    pub async fn task(&self, task: u64) -> Result<hale_proto::TaskInfo, ClientError> {
+        self.get(&format!("/v1/tasks/{task}")).await
+    }
+
+    /// Cancels a task wherever it is.
+    pub async fn cancel(&self, task: u64) -> Result<(), ClientError> {
+        let _: serde_json::Value = self.send(reqwest::Method::POST, &format!("/v1/tasks/{task}/cancel")).await?;
+        Ok(())
+    }
+
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.send(reqwest::Method::GET, path).await
     }

@@ -23,6 +23,6 @@ pub use admin::Admin;
 pub use agent::{Agent, AgentOptions, url_from_env};
 pub use error::ClientError;
 pub use hale_proto::{
-    AgentState, AgentSummary, DownSummary, ManagedSummary, ProgressBody, RecoveryPointInfo, RollbackTo, RolledBack,
-    Welcome,
+    AgentState, AgentSummary, DownSummary, HttpSubmitTask, ManagedSummary, ProgressBody, RecoveryPointInfo, RollbackTo,
+    RolledBack, TaskInfo, TaskSubmitted, Welcome,
 };

@@ -414,3 +414,85 @@ mod tests {
         assert!(frame.is_err());
     }
 }
+
+// ---- Tasks (issue 4, first part: HTTP only) ----------------------------------------------
+
+/// `POST /v1/tasks`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSubmitTask {
+    pub role: String,
+    /// `critical`, `high`, `normal` (default) or `background`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<String>,
+    #[serde(default)]
+    pub payload: Value,
+    /// Fails the task if it has not ended by then (ms since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+/// The answer to a submit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSubmitted {
+    pub task: u64,
+    /// False when an earlier task with the same idempotency key was returned.
+    pub new: bool,
+}
+
+/// `POST /v1/tasks/{task}/steps`, `/complete` and `/fail`: from the lease holder.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpTaskWrite {
+    pub agent: String,
+    pub incarnation: u64,
+    /// The step's name (`steps` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The step's or the task's result (`steps`, `complete`).
+    #[serde(default)]
+    pub result: Value,
+    /// Why the attempt failed (`fail` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Retry the task if it has attempts left (`fail` only; default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<bool>,
+}
+
+/// One committed step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepInfo {
+    pub name: String,
+    pub result: Value,
+    pub attempt: u32,
+    pub at_ms: u64,
+}
+
+/// A task as `GET /v1/tasks[/{task}]` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskInfo {
+    pub task: u64,
+    pub role: String,
+    pub priority: String,
+    /// `pending`, `running`, `completed`, `failed` or `cancelled`.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<u64>,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub payload: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub steps: Vec<StepInfo>,
+    pub submitted_at_ms: u64,
+    pub updated_at_ms: u64,
+}

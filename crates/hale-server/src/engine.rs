@@ -28,6 +28,11 @@ pub enum Response {
     RolledBack(RolledBack),
     /// A supervision command was carried out (it may have changed nothing).
     Done,
+    /// A task was accepted (`new`), or an earlier one with the same idempotency key found.
+    TaskSubmitted {
+        task: u64,
+        new: bool,
+    },
 }
 
 /// Why the engine did not carry out a request.
@@ -364,6 +369,17 @@ impl EngineTask {
         for event in events {
             self.core.apply_live(now, event);
         }
+        if let Command::SubmitTask { spec } = &command {
+            // A resubmit with a known key logs nothing and answers with the first task.
+            let task = facts.task.or_else(|| {
+                let key = spec.idempotency_key.as_deref()?;
+                self.core.state().tasks().by_key(key).map(|task| task.id)
+            });
+            return (
+                Ok(Response::TaskSubmitted { task: task.unwrap_or_default(), new: facts.task.is_some() }),
+                records,
+            );
+        }
         let record = command.agent().and_then(|agent| self.core.state().agent(agent.as_str()));
         (Ok(respond(&command, facts, record)), records)
     }
@@ -435,15 +451,18 @@ struct Facts {
     resumed: bool,
     /// The version a rollback returned to.
     target_version: Option<u64>,
+    /// The number a submitted task got.
+    task: Option<u64>,
 }
 
 impl Facts {
     fn of(events: &[Event]) -> Facts {
-        let mut facts = Facts { resumed: true, target_version: None };
+        let mut facts = Facts { resumed: true, target_version: None, task: None };
         for event in events {
             match event {
                 Event::IncarnationStarted { .. } => facts.resumed = false,
                 Event::RolledBack { target_version, .. } => facts.target_version = Some(*target_version),
+                Event::TaskSubmitted { task, .. } => facts.task = Some(*task),
                 _ => {}
             }
         }

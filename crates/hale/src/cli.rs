@@ -62,6 +62,45 @@ enum Commands {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// Submit a task for a role; prints its number.
+    Submit {
+        role: String,
+        /// The task's input, as JSON.
+        #[arg(long, default_value = "null")]
+        payload: String,
+        /// critical, high, normal or background.
+        #[arg(long, default_value = "normal")]
+        priority: String,
+        /// A second submit with the same key returns the first task.
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long, default_value_t = 3)]
+        max_attempts: u32,
+        /// Fail the task if it has not ended within this many seconds.
+        #[arg(long)]
+        deadline_secs: Option<u64>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// List the tasks.
+    Tasks {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Print one task with its committed steps.
+    Task {
+        task: u64,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Cancel a task wherever it is.
+    Cancel {
+        task: u64,
+        #[command(flatten)]
+        server: ServerArg,
+    },
     /// Print an agent's output (stdout and stderr), from its log files.
     Logs {
         agent: String,
@@ -195,6 +234,60 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Commands::Release { agent, server } => {
             Admin::new(&http_base(&server.server)).release(&agent).await?;
             println!("{agent}: released");
+            Ok(0)
+        }
+        Commands::Submit { role, payload, priority, key, max_attempts, deadline_secs, server } => {
+            let payload: serde_json::Value =
+                serde_json::from_str(&payload).context("--payload must be JSON (quote a string: '\"text\"')")?;
+            let deadline_ms = deadline_secs.map(|secs| {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                now.as_millis() as u64 + secs * 1000
+            });
+            let task = hale_client::HttpSubmitTask {
+                role,
+                priority: Some(priority),
+                payload,
+                deadline_ms,
+                max_attempts: Some(max_attempts),
+                idempotency_key: key,
+            };
+            let submitted = Admin::new(&http_base(&server.server)).submit(&task).await?;
+            let note = if submitted.new { "" } else { " (an earlier task with this key)" };
+            println!("task {}{note}", submitted.task);
+            Ok(0)
+        }
+        Commands::Tasks { json, server } => {
+            let tasks = Admin::new(&http_base(&server.server)).tasks().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&tasks)?);
+                return Ok(0);
+            }
+            println!(
+                "{:>6} {:<16} {:<10} {:<10} {:<24} {:>8} {:>5}",
+                "TASK", "ROLE", "PRIORITY", "STATUS", "AGENT", "ATTEMPTS", "STEPS"
+            );
+            for task in &tasks {
+                println!(
+                    "{:>6} {:<16} {:<10} {:<10} {:<24} {:>8} {:>5}",
+                    task.task,
+                    task.role,
+                    task.priority,
+                    task.status,
+                    task.agent.as_deref().unwrap_or("-"),
+                    format!("{}/{}", task.attempts, task.max_attempts),
+                    task.steps.len()
+                );
+            }
+            Ok(0)
+        }
+        Commands::Task { task, server } => {
+            let task = Admin::new(&http_base(&server.server)).task(task).await?;
+            println!("{}", serde_json::to_string_pretty(&task)?);
+            Ok(0)
+        }
+        Commands::Cancel { task, server } => {
+            Admin::new(&http_base(&server.server)).cancel(task).await?;
+            println!("task {task}: cancelled");
             Ok(0)
         }
         Commands::Logs { agent, follow, lines, config, data } => logs(&agent, follow, lines, config, data).await,

@@ -215,7 +215,7 @@ async fn answer(id: u64, submitted: Submitted) -> ServerFrame {
         Ok(EngineResponse::Checkpointed { version }) => ServerFrame::Checkpointed { id, version },
         Ok(EngineResponse::RecoveryPointMarked(point)) => ServerFrame::RecoveryPointMarked { id, point },
         Ok(EngineResponse::RolledBack(rolled_back)) => ServerFrame::RolledBack { id, rolled_back },
-        Ok(EngineResponse::Done) => ServerFrame::Ok { id },
+        Ok(EngineResponse::Done | EngineResponse::TaskSubmitted { .. }) => ServerFrame::Ok { id },
         Err(error) => ServerFrame::Error { id: Some(id), error: ApiError::from(error).body },
     }
 }

@@ -10,3 +10,4 @@ mod health;
 mod session;
 mod supervise;
 mod support;
+mod tasks;
