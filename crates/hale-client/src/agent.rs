@@ -2,7 +2,7 @@ use crate::error::ClientError;
 use futures_util::{SinkExt, StreamExt};
 use hale_proto::{
     CheckpointBody, ClientFrame, HelloBody, ProgressBody, RecoveryPointInfo, RollbackTo, RolledBack, SESSION_PATH,
-    ServerFrame, Welcome,
+    ServerFrame, TaskInfo, Welcome,
 };
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
@@ -69,6 +69,10 @@ struct Shared {
     ended: watch::Receiver<Option<String>>,
     /// Signalled when hale challenges this agent (it suspects it is dead).
     challenged: Arc<Notify>,
+    /// Tasks hale leased to this run, in the order offered.
+    tasks: tokio::sync::Mutex<mpsc::UnboundedReceiver<TaskInfo>>,
+    /// Tasks cancelled while this run held them.
+    cancelled: Arc<Mutex<std::collections::BTreeSet<u64>>>,
 }
 
 /// A session of one agent with hale. Clones share the session.
@@ -91,9 +95,52 @@ impl Agent {
         let next_id = Arc::new(AtomicU64::new(1));
         let (ended_tx, ended) = watch::channel(None);
         let challenged = Arc::new(Notify::new());
-        tokio::spawn(run_session(socket, queue, ended_tx, challenged.clone()));
+        let (tasks_tx, tasks) = mpsc::unbounded_channel();
+        let cancelled = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
+        let inbox = Inbox { challenged: challenged.clone(), tasks: tasks_tx, cancelled: cancelled.clone() };
+        tokio::spawn(run_session(socket, queue, ended_tx, inbox));
         let incarnation = Mutex::new(options.incarnation);
-        Ok(Agent { shared: Arc::new(Shared { options, next_id, outgoing, incarnation, ended, challenged }) })
+        let tasks = tokio::sync::Mutex::new(tasks);
+        Ok(Agent {
+            shared: Arc::new(Shared { options, next_id, outgoing, incarnation, ended, challenged, tasks, cancelled }),
+        })
+    }
+
+    /// The next task hale leases to this run (with the steps earlier attempts committed),
+    /// or `None` once the session has ended. A resumed run gets the tasks it still holds.
+    pub async fn next_task(&self) -> Option<TaskInfo> {
+        self.shared.tasks.lock().await.recv().await
+    }
+
+    /// Whether hale cancelled `task` while this run held it: stop working on it.
+    pub fn is_cancelled(&self, task: u64) -> bool {
+        self.shared.cancelled.lock().expect("cancelled lock").contains(&task)
+    }
+
+    /// Commits a step of a task this run holds; durable when it returns. A later attempt
+    /// (on this agent or another) is handed every committed step.
+    pub async fn commit_step(&self, task: u64, name: &str, result: Value) -> Result<(), ClientError> {
+        let frame = ClientFrame::CommitStep { id: self.next_id(), task, name: name.to_string(), result };
+        self.task_write(frame).await
+    }
+
+    /// Completes a task this run holds.
+    pub async fn complete(&self, task: u64, result: Value) -> Result<(), ClientError> {
+        self.task_write(ClientFrame::Complete { id: self.next_id(), task, result }).await
+    }
+
+    /// Fails this attempt at a task (retried while attempts are left, if `retry`).
+    pub async fn fail(&self, task: u64, reason: &str, retry: bool) -> Result<(), ClientError> {
+        self.task_write(ClientFrame::Fail { id: self.next_id(), task, reason: reason.to_string(), retry: Some(retry) })
+            .await
+    }
+
+    async fn task_write(&self, frame: ClientFrame) -> Result<(), ClientError> {
+        self.require_resumed("a task write")?;
+        match self.request(frame).await? {
+            ServerFrame::Ok { .. } => Ok(()),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Tells hale about an error this agent ran into (a failed tool call, a refusal…).
@@ -243,12 +290,19 @@ fn unexpected(frame: ServerFrame) -> ClientError {
 
 type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// Where unasked frames go.
+struct Inbox {
+    challenged: Arc<Notify>,
+    tasks: mpsc::UnboundedSender<TaskInfo>,
+    cancelled: Arc<Mutex<std::collections::BTreeSet<u64>>>,
+}
+
 /// Owns the socket: writes requests, matches answers to them by id, passes on challenges.
 async fn run_session(
     socket: Socket,
     mut queue: mpsc::Receiver<Outgoing>,
     ended: watch::Sender<Option<String>>,
-    challenged: Arc<Notify>,
+    inbox: Inbox,
 ) {
     let (mut sink, mut stream) = socket.split();
     let mut waiting: HashMap<u64, Reply> = HashMap::new();
@@ -314,7 +368,15 @@ async fn run_session(
                     ServerFrame::Error { id, .. } => *id,
                     ServerFrame::Challenge {} => {
                         // Not answered here: this task being alive proves only the socket.
-                        challenged.notify_one();
+                        inbox.challenged.notify_one();
+                        None
+                    }
+                    ServerFrame::Task { task } => {
+                        let _ = inbox.tasks.send(*task.clone());
+                        None
+                    }
+                    ServerFrame::TaskCancelled { task } => {
+                        inbox.cancelled.lock().expect("cancelled lock").insert(*task);
                         None
                     }
                     ServerFrame::Fenced { incarnation, reason } => {

@@ -66,6 +66,29 @@ pub enum ClientFrame {
         critical: bool,
         reason: String,
     },
+    /// A step of a task this run holds is done (durable when answered `ok`).
+    CommitStep {
+        id: u64,
+        task: u64,
+        name: String,
+        #[serde(default)]
+        result: Value,
+    },
+    /// The task this run holds is done.
+    Complete {
+        id: u64,
+        task: u64,
+        #[serde(default)]
+        result: Value,
+    },
+    /// This attempt at the task failed (retried while attempts are left, unless `retry` is false).
+    Fail {
+        id: u64,
+        task: u64,
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry: Option<bool>,
+    },
 }
 
 impl ClientFrame {
@@ -78,14 +101,27 @@ impl ClientFrame {
             | ClientFrame::Rollback { id, .. }
             | ClientFrame::Heartbeat { id, .. }
             | ClientFrame::ReportError { id, .. }
-            | ClientFrame::ReportViolation { id, .. } => *id,
+            | ClientFrame::ReportViolation { id, .. }
+            | ClientFrame::CommitStep { id, .. }
+            | ClientFrame::Complete { id, .. }
+            | ClientFrame::Fail { id, .. } => *id,
         }
     }
 }
 
 /// The frame types a client may send, for error messages.
-pub const CLIENT_FRAME_TYPES: [&str; 7] =
-    ["hello", "checkpoint", "recovery_point", "rollback", "heartbeat", "report_error", "report_violation"];
+pub const CLIENT_FRAME_TYPES: [&str; 10] = [
+    "hello",
+    "checkpoint",
+    "recovery_point",
+    "rollback",
+    "heartbeat",
+    "report_error",
+    "report_violation",
+    "commit_step",
+    "complete",
+    "fail",
+];
 
 /// Progress reported with a heartbeat; every member is optional.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -176,6 +212,15 @@ pub enum ServerFrame {
     Fenced {
         incarnation: u64,
         reason: String,
+    },
+    /// Unasked: a task leased to this run, with the steps earlier attempts committed.
+    Task {
+        #[serde(flatten)]
+        task: Box<TaskInfo>,
+    },
+    /// Unasked: a task this run holds was cancelled; stop working on it.
+    TaskCancelled {
+        task: u64,
     },
 }
 

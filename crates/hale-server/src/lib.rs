@@ -100,7 +100,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             Some(Arc::new(start_supervisor(&engine, supervise, &data_dir, local_addr).await?))
         }
     };
-    tokio::spawn(route_effects(effects, sessions.clone(), supervisor.clone()));
+    tokio::spawn(route_effects(effects, engine.clone(), sessions.clone(), supervisor.clone()));
     if let Some(supervisor) = &supervisor {
         supervisor.adopt_or_start().await.map_err(|error| ServerError::Supervise(error.to_string()))?;
     }
@@ -211,6 +211,7 @@ fn agent_address(listen: SocketAddr) -> SocketAddr {
 /// supervisor, fences and challenges through the sessions, escalations to the log.
 async fn route_effects(
     mut effects: tokio::sync::mpsc::UnboundedReceiver<Effect>,
+    engine: Engine,
     sessions: Arc<Sessions>,
     supervisor: Option<Arc<Supervisor>>,
 ) {
@@ -227,9 +228,15 @@ async fn route_effects(
                 sessions.push(&agent, incarnation, Push::Fenced { reason });
             }
             Effect::Challenge { agent, incarnation } => sessions.push(&agent, incarnation, Push::Challenge),
-            Effect::OfferTask { .. } | Effect::CancelTask { .. } => {
-                // Tasks are not served over the wire yet (issue 4): nothing submits them.
-                tracing::debug!(?effect, "task effects are not carried out yet");
+            Effect::OfferTask { agent, incarnation, task } => {
+                // An agent without a session finds it with GET /v1/agents/{agent}/tasks.
+                let info = engine.read(move |state| state.tasks().get(task).map(api::convert::task_info)).await;
+                if let Ok(Some(info)) = info {
+                    sessions.push(&agent, incarnation, Push::Task(Box::new(info)));
+                }
+            }
+            Effect::CancelTask { agent, incarnation, task } => {
+                sessions.push(&agent, incarnation, Push::TaskCancelled(task))
             }
             Effect::Escalate { agent, restarts, window_ms } => {
                 tracing::error!(%agent, restarts, window_ms, "agent FAILED: too many restarts within the window; not restarting until `hale restart {agent}`");

@@ -9,12 +9,16 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
 /// Something the server tells a session without being asked.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Push {
     /// The detector suspects the agent: answer with a heartbeat.
     Challenge,
     /// The session's incarnation was superseded or declared down: it is closed after this.
     Fenced { reason: String },
+    /// A task leased to this run.
+    Task(Box<hale_proto::TaskInfo>),
+    /// A task this run holds was cancelled.
+    TaskCancelled(u64),
 }
 
 /// Pushes queued per session before the oldest is dropped: a session that does not read

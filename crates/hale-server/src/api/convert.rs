@@ -55,3 +55,42 @@ pub fn describe_json_error(error: &serde_json::Error) -> String {
         Category::Io => format!("unreadable request: {error}"),
     }
 }
+
+/// A task as the wire shows it.
+pub fn task_info(task: &hale_core::tasks::Task) -> hale_proto::TaskInfo {
+    use hale_core::tasks::TaskStatus;
+    let (status, agent, incarnation, result, reason) = match &task.status {
+        TaskStatus::Pending => ("pending", None, None, None, None),
+        TaskStatus::Running { agent, incarnation, .. } => {
+            ("running", Some(agent.to_string()), Some(*incarnation), None, None)
+        }
+        TaskStatus::Completed { result } => ("completed", None, None, Some(result.clone()), None),
+        TaskStatus::Failed { reason } => ("failed", None, None, None, Some(reason.clone())),
+        TaskStatus::Cancelled => ("cancelled", None, None, None, None),
+    };
+    hale_proto::TaskInfo {
+        task: task.id,
+        role: task.spec.role.to_string(),
+        priority: format!("{:?}", task.spec.priority).to_lowercase(),
+        status: status.to_string(),
+        agent,
+        incarnation,
+        attempts: task.attempts,
+        max_attempts: task.spec.max_attempts,
+        payload: task.spec.payload.clone(),
+        result,
+        reason,
+        steps: task
+            .steps
+            .iter()
+            .map(|step| hale_proto::StepInfo {
+                name: step.name.clone(),
+                result: step.result.clone(),
+                attempt: step.attempt,
+                at_ms: step.at.0,
+            })
+            .collect(),
+        submitted_at_ms: task.submitted_at.0,
+        updated_at_ms: task.updated_at.0,
+    }
+}

@@ -319,44 +319,6 @@ fn respond(response: EngineResponse) -> Result<Response, ApiError> {
 
 // ---- Tasks -------------------------------------------------------------------------------
 
-fn task_info(task: &hale_core::tasks::Task) -> hale_proto::TaskInfo {
-    use hale_core::tasks::TaskStatus;
-    let (status, agent, incarnation, result, reason) = match &task.status {
-        TaskStatus::Pending => ("pending", None, None, None, None),
-        TaskStatus::Running { agent, incarnation, .. } => {
-            ("running", Some(agent.to_string()), Some(*incarnation), None, None)
-        }
-        TaskStatus::Completed { result } => ("completed", None, None, Some(result.clone()), None),
-        TaskStatus::Failed { reason } => ("failed", None, None, None, Some(reason.clone())),
-        TaskStatus::Cancelled => ("cancelled", None, None, None, None),
-    };
-    hale_proto::TaskInfo {
-        task: task.id,
-        role: task.spec.role.to_string(),
-        priority: format!("{:?}", task.spec.priority).to_lowercase(),
-        status: status.to_string(),
-        agent,
-        incarnation,
-        attempts: task.attempts,
-        max_attempts: task.spec.max_attempts,
-        payload: task.spec.payload.clone(),
-        result,
-        reason,
-        steps: task
-            .steps
-            .iter()
-            .map(|step| hale_proto::StepInfo {
-                name: step.name.clone(),
-                result: step.result.clone(),
-                attempt: step.attempt,
-                at_ms: step.at.0,
-            })
-            .collect(),
-        submitted_at_ms: task.submitted_at.0,
-        updated_at_ms: task.updated_at.0,
-    }
-}
-
 fn task_number(text: &str) -> Result<u64, ApiError> {
     text.parse().map_err(|_| ApiError::bad_request(format!("task {text:?} is not a task number")))
 }
@@ -389,7 +351,7 @@ async fn submit_task(
 }
 
 async fn list_tasks(State(app): State<AppState>) -> Result<Json<Vec<hale_proto::TaskInfo>>, ApiError> {
-    Ok(Json(app.engine.read(|state| state.tasks().all().map(task_info).collect()).await?))
+    Ok(Json(app.engine.read(|state| state.tasks().all().map(convert::task_info).collect()).await?))
 }
 
 async fn get_task(
@@ -397,7 +359,7 @@ async fn get_task(
     Path(task): Path<String>,
 ) -> Result<Json<hale_proto::TaskInfo>, ApiError> {
     let task = task_number(&task)?;
-    let found = app.engine.read(move |state| state.tasks().get(task).map(task_info)).await?;
+    let found = app.engine.read(move |state| state.tasks().get(task).map(convert::task_info)).await?;
     Ok(Json(found.ok_or(hale_core::Rejection::UnknownTask { task })?))
 }
 
@@ -415,7 +377,7 @@ async fn agent_tasks(
                 .tasks()
                 .running_on(&agent)
                 .filter(|task| matches!(task.status, hale_core::tasks::TaskStatus::Running { incarnation: held, .. } if held == incarnation))
-                .map(task_info)
+                .map(convert::task_info)
                 .collect()
         })
         .await?;

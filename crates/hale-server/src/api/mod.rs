@@ -1,6 +1,6 @@
 //! The network face of hale: the HTTP API and the WebSocket session endpoint.
 
-mod convert;
+pub(crate) mod convert;
 mod error;
 mod http;
 mod ws;

@@ -71,8 +71,13 @@ impl Session {
                 }
                 Some(push) = async { self.pushes.as_mut()?.recv().await }, if self.pushes.is_some() => {
                     match push {
-                        Push::Challenge => {
-                            if sink.send(encode(&ServerFrame::Challenge {})).await.is_err() {
+                        Push::Challenge | Push::Task(_) | Push::TaskCancelled(_) => {
+                            let frame = match push {
+                                Push::Task(task) => ServerFrame::Task { task },
+                                Push::TaskCancelled(task) => ServerFrame::TaskCancelled { task },
+                                _ => ServerFrame::Challenge {},
+                            };
+                            if sink.send(encode(&frame)).await.is_err() {
                                 return;
                             }
                         }
@@ -139,8 +144,28 @@ impl Session {
         if let Ok(EngineResponse::Welcome(welcome)) = submitted.peek() {
             let agent = AgentName::new(welcome.agent.clone()).expect("the core only welcomes valid names");
             let (attached, pushes) = self.app.sessions.attach(agent.clone(), welcome.incarnation);
-            self.bound = Some(Bound { agent, incarnation: welcome.incarnation, _attached: attached });
+            self.bound = Some(Bound { agent: agent.clone(), incarnation: welcome.incarnation, _attached: attached });
             self.pushes = Some(pushes);
+            // A resumed run gets the tasks it holds again (after its welcome, in order).
+            let (sessions, incarnation) = (self.app.sessions.clone(), welcome.incarnation);
+            let held = self
+                .app
+                .engine
+                .read(move |state| {
+                    state
+                        .tasks()
+                        .running_on(&agent)
+                        .filter(|task| matches!(task.status, hale_core::tasks::TaskStatus::Running { incarnation: leased, .. } if leased == incarnation))
+                        .map(convert::task_info)
+                        .collect::<Vec<_>>()
+                })
+                .await
+                .unwrap_or_default();
+            if let Some(bound) = &self.bound {
+                for task in held {
+                    sessions.push(&bound.agent, bound.incarnation, Push::Task(Box::new(task)));
+                }
+            }
         }
         Box::pin(answer(id, submitted))
     }
@@ -201,6 +226,18 @@ impl Session {
             ClientFrame::ReportViolation { agent, critical, reason, .. } => {
                 let (own, _) = bound("report_violation")?;
                 convert::violation(own, agent, critical, reason)
+            }
+            ClientFrame::CommitStep { task, name, result, .. } => {
+                let (agent, incarnation) = bound("commit_step")?;
+                Ok(hale_core::Command::CommitStep { task, agent, incarnation, name, result })
+            }
+            ClientFrame::Complete { task, result, .. } => {
+                let (agent, incarnation) = bound("complete")?;
+                Ok(hale_core::Command::CompleteTask { task, agent, incarnation, result })
+            }
+            ClientFrame::Fail { task, reason, retry, .. } => {
+                let (agent, incarnation) = bound("fail")?;
+                Ok(hale_core::Command::FailTask { task, agent, incarnation, reason, retry: retry.unwrap_or(true) })
             }
             ClientFrame::Heartbeat { .. } | ClientFrame::ReportError { .. } => {
                 unreachable!("handled before commands")

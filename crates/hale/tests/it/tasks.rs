@@ -78,3 +78,53 @@ async fn a_task_moves_with_its_steps_when_its_holder_goes_silent() {
     assert!(err.contains("task_ended"), "{err}");
     assert!(hale.terminate().success());
 }
+
+/// The same story over sessions: the task is pushed to the holder's session; when the
+/// holder stops beating (its socket still open) it is declared down and fenced, and the
+/// task with its steps is pushed to the other agent, which completes it.
+#[tokio::test]
+async fn tasks_are_pushed_over_sessions_and_move_when_the_holder_is_fenced() {
+    use hale_client::{Agent, AgentOptions};
+    let temp = tempfile::tempdir().unwrap();
+    let hale = serve(temp.path(), &[]);
+    let admin = Admin::new(&hale.http_url());
+    let a = Agent::connect(&hale.ws_url(), AgentOptions::new("writer-a", "writer")).await.unwrap();
+    let b = Agent::connect(&hale.ws_url(), AgentOptions::new("writer-b", "writer")).await.unwrap();
+    a.resume().await.unwrap();
+    b.resume().await.unwrap();
+    // Only a heartbeats for now, so only a is eligible.
+    a.heartbeat(None).await.unwrap();
+    let submit = hale_client::HttpSubmitTask {
+        role: "writer".into(),
+        priority: Some("critical".into()),
+        payload: json!({"topic": "tides"}),
+        deadline_ms: None,
+        max_attempts: Some(3),
+        idempotency_key: None,
+    };
+    let task = admin.submit(&submit).await.unwrap().task;
+    let offered = tokio::time::timeout(std::time::Duration::from_secs(10), a.next_task()).await.unwrap().unwrap();
+    assert_eq!((offered.task, offered.payload.clone(), offered.attempts), (task, json!({"topic": "tides"}), 1));
+    a.commit_step(task, "outline", json!(["intro", "moon"])).await.unwrap();
+    a.commit_step(task, "draft", json!("The moon pulls...")).await.unwrap();
+
+    // Now b beats and a goes silent with its socket open.
+    let beating = b.clone();
+    let keep_beating = tokio::spawn(async move {
+        while beating.heartbeat(None).await.is_ok() {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    });
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(15), a.ended()).await.unwrap();
+    assert!(ended.contains("fenced") && ended.contains("declared down"), "{ended}");
+    let moved = tokio::time::timeout(std::time::Duration::from_secs(10), b.next_task()).await.unwrap().unwrap();
+    assert_eq!((moved.task, moved.attempts), (task, 2));
+    let steps: Vec<&str> = moved.steps.iter().map(|step| step.name.as_str()).collect();
+    assert_eq!(steps, ["outline", "draft"], "b resumes after the last committed step");
+    assert!(a.complete(task, json!("zombie")).await.is_err(), "the fenced session can write nothing");
+    b.complete(task, json!("The moon pulls the sea.")).await.unwrap();
+    let done = admin.task(task).await.unwrap();
+    assert_eq!((done.status.as_str(), done.result), ("completed", Some(json!("The moon pulls the sea."))));
+    keep_beating.abort();
+    assert!(hale.terminate().success());
+}
