@@ -71,6 +71,18 @@ async fn bad_frames_get_typed_errors_and_change_nothing() {
         (text(json!({"type": "rollback", "id": 10, "to": {"version": 99}})), "version_not_retained"),
         (text(json!({"type": "rollback", "id": 11, "to": {"point": "nope"}})), "unknown_recovery_point"),
         (text(json!({"type": "hello", "id": 12, "agent": "other", "role": "r"})), "hello_repeated"),
+        (text(json!({"type": "heartbeat", "id": 15, "progress": {"fraction": 1.5}})), "bad_fraction"),
+        (
+            text(json!({"type": "heartbeat", "id": 16, "progress": {"message": "m".repeat(9_000)}})),
+            "progress_too_large",
+        ),
+        (text(json!({"type": "heartbeat", "id": 17, "progress": {"percent": 50}})), "bad_frame"),
+        (text(json!({"type": "heartbeat", "id": 18, "progress": {"fields": {"deep": nested(80)}}})), "patch_too_deep"),
+        (text(json!({"type": "report_violation", "id": 19, "reason": "r".repeat(2_000)})), "reason_too_long"),
+        (text(json!({"type": "report_violation", "id": 20, "agent": "ghost", "reason": "x"})), "unknown_agent"),
+        (text(json!({"type": "commit_step", "id": 21, "task": 99, "name": "s"})), "unknown_task"),
+        (text(json!({"type": "complete", "id": 22, "task": 99})), "unknown_task"),
+        (text(json!({"type": "fail", "id": 23, "task": 99, "reason": "r"})), "unknown_task"),
     ];
     for _round in 0..20 {
         for (message, code) in &cases {
@@ -148,6 +160,21 @@ fn bad_http_requests_get_typed_errors() {
     assert_eq!(post("/v1/agents/ghost/checkpoint", br#"{"incarnation":1,"patch":{}}"#), (404, json!("unknown_agent")));
     assert_eq!(post("/v1/agents/a/checkpoint", br#"{"incarnation":0,"patch":{}}"#), (409, json!("stale_incarnation")));
     assert_eq!(post("/v1/nowhere", b"{}"), (404, json!("not_found")));
+    assert_eq!(
+        post("/v1/agents/a/heartbeat", br#"{"incarnation":1,"progress":{"fraction":-1}}"#),
+        (400, json!("bad_fraction"))
+    );
+    assert_eq!(post("/v1/agents/a/restart", b""), (409, json!("not_managed")));
+    assert_eq!(post("/v1/agents/ghost/stop", b""), (404, json!("unknown_agent")));
+    assert_eq!(post("/v1/tasks", br#"{"role":"r","priority":"urgent"}"#), (400, json!("bad_request")));
+    assert_eq!(post("/v1/tasks", br#"{"role":"r","max_attempts":0}"#), (400, json!("bad_task")));
+    assert_eq!(post("/v1/tasks", br#"{"role":"r","idempotency_key":""}"#), (400, json!("bad_task")));
+    assert_eq!(post("/v1/tasks/99/complete", br#"{"agent":"a","incarnation":1}"#), (404, json!("unknown_task")));
+    assert_eq!(post("/v1/tasks/abc/cancel", b"").0, 400);
+    let (status, body) = hale.get("/v1/tasks/99");
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = hale.get("/v1/tasks");
+    assert_eq!((status, body.as_str()), (200, "[]"), "no task was accepted");
     let (status, body) = hale.get("/v1/agents/a/state?version=abc");
     assert_eq!(status, 400, "{body}");
     let (status, body) = hale.get("/v1/agents/a/state");
