@@ -392,45 +392,37 @@ impl Core {
     /// (not suspect, not reconnecting), not down, breaker closed, not quarantined, and
     /// holds fewer than `tasks_per_agent_max` leases.
     fn assignments(&self, now: Timestamp) -> Vec<Command> {
-        let mut commands = Vec::new();
         let tasks = self.state.tasks();
-        for task in tasks.all().filter(|task| !task.status.is_final()) {
-            if task.spec.deadline.is_some_and(|deadline| deadline <= now) {
-                commands.push(Command::ExpireTask { task: task.id });
-            }
+        let mut commands: Vec<Command> = tasks.past_deadline(now).map(|task| Command::ExpireTask { task }).collect();
+        if tasks.pending().next().is_none() {
+            return commands;
         }
-        let capacity = self.settings.tasks_per_agent_max.max(1);
-        let mut load: BTreeMap<&AgentName, u32> = BTreeMap::new();
-        for task in tasks.all() {
-            if let tasks::TaskStatus::Running { agent, .. } = &task.status {
-                *load.entry(agent).or_default() += 1;
+        // Eligible agents per role with their load, found once per tick. Only watched runs
+        // are in the liveness table, so that is where to look.
+        let capacity = self.settings.tasks_per_agent_max.max(1) as usize;
+        let mut eligible: BTreeMap<&RoleName, Vec<(usize, &AgentName, u64)>> = BTreeMap::new();
+        for (agent, live) in &self.liveness {
+            let Some(record) = self.state.agent(agent.as_str()) else { continue };
+            let fit = live.incarnation == record.incarnation
+                && live.health == Health::Alive
+                && record.down.as_ref().is_none_or(|down| down.incarnation != record.incarnation)
+                && record.health.quarantine.is_none()
+                && record.health.breaker == health::Breaker::Closed;
+            if fit {
+                eligible.entry(&record.role).or_default().push((tasks.load(agent), agent, record.incarnation));
             }
         }
         for task in tasks.pending() {
             if task.spec.deadline.is_some_and(|deadline| deadline <= now) {
                 continue;
             }
-            let eligible = self.state.agents().filter(|record| {
-                let live = self.liveness.get(&record.name);
-                record.role == task.spec.role
-                    && record.incarnation > 0
-                    && record.down.as_ref().is_none_or(|down| down.incarnation != record.incarnation)
-                    && record.health.quarantine.is_none()
-                    && record.health.breaker == health::Breaker::Closed
-                    && live.is_some_and(|live| live.incarnation == record.incarnation && live.health == Health::Alive)
-            });
-            let chosen = eligible
-                .map(|record| (load.get(&record.name).copied().unwrap_or(0), record))
-                .filter(|(held, _)| *held < capacity)
-                .min_by_key(|(held, _)| *held);
-            if let Some((_, record)) = chosen {
-                *load.entry(&record.name).or_default() += 1;
-                commands.push(Command::AssignTask {
-                    task: task.id,
-                    agent: record.name.clone(),
-                    incarnation: record.incarnation,
-                });
-            }
+            let Some(agents) = eligible.get_mut(&task.spec.role) else { continue };
+            let Some(chosen) = agents.iter_mut().filter(|(held, ..)| *held < capacity).min_by_key(|(held, ..)| *held)
+            else {
+                continue;
+            };
+            chosen.0 += 1;
+            commands.push(Command::AssignTask { task: task.id, agent: chosen.1.clone(), incarnation: chosen.2 });
         }
         commands
     }

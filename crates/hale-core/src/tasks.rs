@@ -108,6 +108,11 @@ pub struct Tasks {
     by_key: BTreeMap<String, u64>,
     /// Pending tasks in assignment order: priority, then submission.
     pending: BTreeSet<(Priority, u64)>,
+    /// Leases per agent, so that assignment, a down and a resume look at the agent's
+    /// tasks only, not at every task ever submitted.
+    leases: BTreeMap<AgentName, BTreeSet<u64>>,
+    /// Deadlines of tasks that have not ended, soonest first.
+    deadlines: BTreeSet<(Timestamp, u64)>,
 }
 
 impl Tasks {
@@ -138,9 +143,17 @@ impl Tasks {
 
     /// Tasks leased to `agent` (any incarnation).
     pub fn running_on<'a>(&'a self, agent: &'a AgentName) -> impl Iterator<Item = &'a Task> + 'a {
-        self.tasks
-            .values()
-            .filter(move |task| matches!(&task.status, TaskStatus::Running { agent: holder, .. } if holder == agent))
+        self.leases.get(agent).into_iter().flatten().filter_map(|id| self.tasks.get(id))
+    }
+
+    /// How many leases `agent` holds.
+    pub fn load(&self, agent: &AgentName) -> usize {
+        self.leases.get(agent).map_or(0, BTreeSet::len)
+    }
+
+    /// Tasks that have not ended and whose deadline is `now` or earlier.
+    pub fn past_deadline(&self, now: Timestamp) -> impl Iterator<Item = u64> + '_ {
+        self.deadlines.range(..=(now, u64::MAX)).map(|(_, id)| *id)
     }
 
     pub(crate) fn submit(&mut self, id: u64, spec: TaskSpec, at: Timestamp) {
@@ -149,6 +162,9 @@ impl Tasks {
             self.by_key.insert(key.clone(), id);
         }
         self.pending.insert((spec.priority, id));
+        if let Some(deadline) = spec.deadline {
+            self.deadlines.insert((deadline, id));
+        }
         let task = Task {
             id,
             spec,
@@ -164,8 +180,26 @@ impl Tasks {
     pub(crate) fn set_status(&mut self, id: u64, status: TaskStatus, at: Timestamp) {
         let Some(task) = self.tasks.get_mut(&id) else { return };
         self.pending.remove(&(task.spec.priority, id));
-        if status == TaskStatus::Pending {
-            self.pending.insert((task.spec.priority, id));
+        if let TaskStatus::Running { agent, .. } = &task.status
+            && let Some(held) = self.leases.get_mut(agent)
+        {
+            held.remove(&id);
+            if held.is_empty() {
+                self.leases.remove(agent);
+            }
+        }
+        match &status {
+            TaskStatus::Pending => {
+                self.pending.insert((task.spec.priority, id));
+            }
+            TaskStatus::Running { agent, .. } => {
+                self.leases.entry(agent.clone()).or_default().insert(id);
+            }
+            _ => {
+                if let Some(deadline) = task.spec.deadline {
+                    self.deadlines.remove(&(deadline, id));
+                }
+            }
         }
         if let TaskStatus::Running { attempt, .. } = &status {
             task.attempts = *attempt;
@@ -186,8 +220,7 @@ impl Tasks {
     /// agent quarantined): each task is pending again, or failed if out of attempts.
     pub(crate) fn release_leases(&mut self, agent: &AgentName, incarnation: Option<u64>, why: &str, at: Timestamp) {
         let held: Vec<(u64, u32, u32)> = self
-            .tasks
-            .values()
+            .running_on(agent)
             .filter_map(|task| match &task.status {
                 TaskStatus::Running { agent: holder, incarnation: leased, attempt }
                     if holder == agent && incarnation.is_none_or(|incarnation| incarnation == *leased) =>
