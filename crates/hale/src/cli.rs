@@ -118,7 +118,7 @@ enum Commands {
         data: Option<PathBuf>,
     },
     /// See hale heal a crew of six agents: one is SIGKILLed, one stalls; prints a timeline
-    /// of detection and recovery and exits by itself in about 25 s, leaving nothing running.
+    /// of detection and recovery and exits by itself in about 22 s, leaving nothing running.
     Demo(demo::DemoArgs),
     /// A small example agent that heartbeats with progress and checkpoints its work; it can
     /// misbehave on purpose (for tests and `hale demo`).
