@@ -72,6 +72,11 @@ impl Admin {
         self.get(&format!("/v1/tasks/{task}")).await
     }
 
+    /// The system mode, capacity per role and the queue (`hale status`).
+    pub async fn status(&self) -> Result<hale_proto::SystemStatus, ClientError> {
+        self.get("/v1/status").await
+    }
+
     /// Cancels a task wherever it is.
     pub async fn cancel(&self, task: u64) -> Result<(), ClientError> {
         let _: serde_json::Value = self.send(reqwest::Method::POST, &format!("/v1/tasks/{task}/cancel")).await?;

@@ -1,8 +1,8 @@
 use crate::error::ClientError;
 use futures_util::{SinkExt, StreamExt};
 use hale_proto::{
-    CheckpointBody, ClientFrame, HelloBody, ProgressBody, RecoveryPointInfo, RollbackTo, RolledBack, SESSION_PATH,
-    ServerFrame, TaskInfo, Welcome,
+    CheckpointBody, ClientFrame, HelloBody, HttpSubmitTask, LlmCallInfo, ProgressBody, RecoveryPointInfo, RollbackTo,
+    RolledBack, SESSION_PATH, ServerFrame, TaskInfo, Welcome,
 };
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
@@ -75,6 +75,15 @@ struct Shared {
     cancelled: Arc<Mutex<std::collections::BTreeSet<u64>>>,
 }
 
+/// What a committed step may carry besides its result.
+#[derive(Clone, Debug, Default)]
+pub struct StepExtras {
+    /// The model call behind the step, so a rerun can tell whether it would match.
+    pub llm: Option<LlmCallInfo>,
+    /// What undoes the step if the task is aborted (handed to a compensation task).
+    pub compensation: Option<Value>,
+}
+
 /// A session of one agent with hale. Clones share the session.
 #[derive(Clone)]
 pub struct Agent {
@@ -120,8 +129,60 @@ impl Agent {
     /// Commits a step of a task this run holds; durable when it returns. A later attempt
     /// (on this agent or another) is handed every committed step.
     pub async fn commit_step(&self, task: u64, name: &str, result: Value) -> Result<(), ClientError> {
-        let frame = ClientFrame::CommitStep { id: self.next_id(), task, name: name.to_string(), result };
+        self.commit(task, name, result, StepExtras::default()).await
+    }
+
+    /// Commits a step with the model call behind it and what would undo it (`extras`).
+    pub async fn commit(&self, task: u64, name: &str, result: Value, extras: StepExtras) -> Result<(), ClientError> {
+        let frame = ClientFrame::CommitStep {
+            id: self.next_id(),
+            task,
+            name: name.to_string(),
+            result,
+            llm: extras.llm,
+            compensation: extras.compensation,
+        };
         self.task_write(frame).await
+    }
+
+    /// Says a step with side effects is about to run; durable when it returns. If this run
+    /// is lost before it commits the step, the next attempt is handed the step as
+    /// `uncertain`: find out whether the side effect happened before doing it again.
+    pub async fn intend(&self, task: u64, name: &str) -> Result<(), ClientError> {
+        self.task_write(ClientFrame::IntendStep { id: self.next_id(), task, name: name.to_string() }).await
+    }
+
+    /// Submits a task (e.g. an orchestrator handing out work); returns its number once
+    /// durable, and whether it is new (false: the idempotency key named an earlier one).
+    pub async fn submit(&self, task: HttpSubmitTask) -> Result<(u64, bool), ClientError> {
+        self.require_resumed("submit")?;
+        match self.request(ClientFrame::Submit { id: self.next_id(), task }).await? {
+            ServerFrame::Submitted { task, new, .. } => Ok((task, new)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Reserves spending before an expensive call (for `task`, if given): refused
+    /// (`over_budget`) if it would take the agent or the task over its budget. Returns the
+    /// reservation to name in [`report_spend`](Agent::report_spend).
+    pub async fn reserve(&self, task: Option<u64>, tokens: u64, cost: u64) -> Result<u64, ClientError> {
+        self.require_resumed("reserve")?;
+        match self.request(ClientFrame::Reserve { id: self.next_id(), task, tokens, cost }).await? {
+            ServerFrame::Reserved { reservation, .. } => Ok(reservation),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Reports what was spent, settling `reservation`. Going over a budget is a breach:
+    /// hale opens this agent's breaker and moves its tasks to other agents.
+    pub async fn report_spend(
+        &self,
+        task: Option<u64>,
+        reservation: Option<u64>,
+        tokens: u64,
+        cost: u64,
+    ) -> Result<(), ClientError> {
+        self.task_write(ClientFrame::ReportSpend { id: self.next_id(), task, reservation, tokens, cost }).await
     }
 
     /// Completes a task this run holds.
@@ -364,6 +425,8 @@ async fn run_session(
                     | ServerFrame::RecoveryPointMarked { id, .. }
                     | ServerFrame::RolledBack { id, .. }
                     | ServerFrame::HeartbeatAck { id }
+                    | ServerFrame::Submitted { id, .. }
+                    | ServerFrame::Reserved { id, .. }
                     | ServerFrame::Ok { id } => Some(*id),
                     ServerFrame::Error { id, .. } => *id,
                     ServerFrame::Challenge {} => {

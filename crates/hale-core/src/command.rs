@@ -2,7 +2,7 @@ use crate::health::{Reporter, Severity};
 use crate::liveness::Progress;
 use crate::names::{AgentName, PointName, RoleName};
 use crate::supervision::{Cause, ProcessRef, Supervision};
-use crate::tasks::TaskSpec;
+use crate::tasks::{LlmCall, Mode, Spend, TaskSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -63,18 +63,44 @@ pub enum Command {
     Recruit { role: RoleName },
     /// Queue a task (answered with its number; the same idempotency key, the same task).
     SubmitTask { spec: TaskSpec },
-    /// Lease a pending task to an agent's incarnation (from `tick`).
-    AssignTask { task: u64, agent: AgentName, incarnation: u64 },
-    /// The lease holder finished a step.
-    CommitStep { task: u64, agent: AgentName, incarnation: u64, name: String, result: Value },
+    /// Lease a pending task to an agent's incarnation, at rung `rung` of its fallback
+    /// ladder (from `tick`).
+    AssignTask {
+        task: u64,
+        agent: AgentName,
+        incarnation: u64,
+        #[serde(default)]
+        rung: u32,
+    },
+    /// The lease holder is about to run a step with side effects.
+    IntendStep { task: u64, agent: AgentName, incarnation: u64, name: String },
+    /// The lease holder finished a step (with the model call behind it, and what would
+    /// undo it).
+    CommitStep {
+        task: u64,
+        agent: AgentName,
+        incarnation: u64,
+        name: String,
+        result: Value,
+        #[serde(default)]
+        llm: Option<LlmCall>,
+        #[serde(default)]
+        compensation: Option<Value>,
+    },
     /// The lease holder finished the task.
     CompleteTask { task: u64, agent: AgentName, incarnation: u64, result: Value },
     /// The lease holder gave up on this attempt (retried if attempts are left and `retry`).
     FailTask { task: u64, agent: AgentName, incarnation: u64, reason: String, retry: bool },
     /// Stop the task wherever it is.
     CancelTask { task: u64 },
-    /// The task is past its deadline (from `tick`).
+    /// The task is past its deadline or wall-time budget, or out of attempts (from `tick`).
     ExpireTask { task: u64 },
+    /// The system mode follows capacity (from `tick`).
+    SetMode { mode: Mode, serving: u32, roles: u32 },
+    /// The agent's run reserves spending before an expensive call (for `task`, if given).
+    Reserve { agent: AgentName, incarnation: u64, task: Option<u64>, spend: Spend },
+    /// The agent's run reports what it spent (settling `reservation`, if given).
+    ReportSpend { agent: AgentName, incarnation: u64, task: Option<u64>, reservation: Option<u64>, spend: Spend },
 }
 
 /// The `hello` of a session.
@@ -107,8 +133,12 @@ impl Command {
             | Command::Recruit { .. }
             | Command::SubmitTask { .. }
             | Command::CancelTask { .. }
-            | Command::ExpireTask { .. } => return None,
+            | Command::ExpireTask { .. }
+            | Command::SetMode { .. } => return None,
             Command::AssignTask { agent, .. }
+            | Command::IntendStep { agent, .. }
+            | Command::Reserve { agent, .. }
+            | Command::ReportSpend { agent, .. }
             | Command::CommitStep { agent, .. }
             | Command::CompleteTask { agent, .. }
             | Command::FailTask { agent, .. } => agent,

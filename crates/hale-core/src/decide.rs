@@ -10,7 +10,7 @@ use crate::names::{AgentName, validate_labels};
 use crate::rejection::Rejection;
 use crate::state::{AgentRecord, State};
 use crate::supervision::{self, Cause, ManagedStatus, RestartPlan};
-use crate::tasks::{Task, TaskStatus};
+use crate::{budget, tasks};
 use serde_json::Value;
 
 pub(crate) fn decide(
@@ -28,7 +28,15 @@ pub(crate) fn decide(
         | Command::CompleteTask { .. }
         | Command::FailTask { .. }
         | Command::CancelTask { .. }
-        | Command::ExpireTask { .. } => decide_task(state, command, now),
+        | Command::ExpireTask { .. }
+        | Command::IntendStep { .. } => tasks::decide_task(state, &settings.tasks, command, now),
+        Command::SetMode { mode, serving, roles } => {
+            if state.mode() == *mode {
+                return Ok(Vec::new());
+            }
+            Ok(vec![Event::ModeChanged { mode: *mode, serving: *serving, roles: *roles }])
+        }
+        Command::Reserve { .. } | Command::ReportSpend { .. } => budget::decide(state, settings, command, now),
         Command::DeclareRole { role, min, max, supervision } => {
             let unchanged = state.roles().any(|(name, pool)| {
                 name == role && pool.min == *min && pool.max == *max && pool.supervision == *supervision
@@ -420,116 +428,6 @@ fn decide_down(
         }
     }
     Ok(events)
-}
-
-/// The largest task payload, step or result, in bytes of JSON.
-pub const TASK_VALUE_BYTES_MAX: usize = 256 * 1024;
-
-fn check_task_value(what: &str, value: &Value) -> Result<(), Rejection> {
-    let size = json_size(value);
-    if size > TASK_VALUE_BYTES_MAX {
-        return Err(Rejection::BadTask {
-            reason: format!("the {what} is {size} bytes; the limit is {TASK_VALUE_BYTES_MAX}"),
-        });
-    }
-    let depth = json_depth(value);
-    if depth > PATCH_DEPTH_MAX {
-        return Err(Rejection::BadTask {
-            reason: format!("the {what} nests {depth} levels deep; the limit is {PATCH_DEPTH_MAX}"),
-        });
-    }
-    Ok(())
-}
-
-/// The task, if it exists and `incarnation` of `agent` holds its lease.
-fn leased<'s>(state: &'s State, task: u64, agent: &AgentName, incarnation: u64) -> Result<&'s Task, Rejection> {
-    let found = state.tasks().get(task).ok_or(Rejection::UnknownTask { task })?;
-    match &found.status {
-        TaskStatus::Running { agent: holder, incarnation: leased, .. } if holder == agent && *leased == incarnation => {
-            Ok(found)
-        }
-        _ => Err(Rejection::LeaseLost { task, agent: agent.to_string(), incarnation }),
-    }
-}
-
-fn decide_task(state: &State, command: &Command, now: Timestamp) -> Result<Vec<Event>, Rejection> {
-    match command {
-        Command::SubmitTask { spec } => {
-            if let Some(key) = &spec.idempotency_key {
-                if key.is_empty() || key.len() > 256 {
-                    return Err(Rejection::BadTask { reason: "an idempotency key has 1 to 256 bytes".into() });
-                }
-                if state.tasks().by_key(key).is_some() {
-                    return Ok(Vec::new());
-                }
-            }
-            if spec.max_attempts == 0 {
-                return Err(Rejection::BadTask { reason: "max_attempts must be at least 1".into() });
-            }
-            check_task_value("payload", &spec.payload)?;
-            Ok(vec![Event::TaskSubmitted { task: state.tasks().next_id(), spec: spec.clone() }])
-        }
-        Command::AssignTask { task, agent, incarnation } => {
-            let found = state.tasks().get(*task).ok_or(Rejection::UnknownTask { task: *task })?;
-            let record = running(state, agent, *incarnation)?;
-            if found.status != TaskStatus::Pending || record.role != found.spec.role {
-                return Ok(Vec::new());
-            }
-            Ok(vec![Event::TaskAssigned {
-                task: *task,
-                agent: agent.clone(),
-                incarnation: *incarnation,
-                attempt: found.attempts + 1,
-            }])
-        }
-        Command::CommitStep { task, agent, incarnation, name, result } => {
-            let found = leased(state, *task, agent, *incarnation)?;
-            if name.is_empty() || name.len() > 128 {
-                return Err(Rejection::BadTask { reason: "a step name has 1 to 128 bytes".into() });
-            }
-            check_task_value("step result", result)?;
-            Ok(vec![Event::StepCommitted {
-                task: *task,
-                attempt: found.attempts,
-                name: name.clone(),
-                result: result.clone(),
-            }])
-        }
-        Command::CompleteTask { task, agent, incarnation, result } => {
-            leased(state, *task, agent, *incarnation)?;
-            check_task_value("result", result)?;
-            Ok(vec![Event::TaskCompleted { task: *task, result: result.clone() }])
-        }
-        Command::FailTask { task, agent, incarnation, reason, retry } => {
-            let found = leased(state, *task, agent, *incarnation)?;
-            if *retry && found.attempts < found.spec.max_attempts {
-                Ok(vec![Event::TaskRetried { task: *task, reason: reason.clone() }])
-            } else {
-                let reason = if *retry {
-                    format!("out of attempts ({}); the last: {reason}", found.attempts)
-                } else {
-                    reason.clone()
-                };
-                Ok(vec![Event::TaskFailed { task: *task, reason }])
-            }
-        }
-        Command::CancelTask { task } => {
-            let found = state.tasks().get(*task).ok_or(Rejection::UnknownTask { task: *task })?;
-            if found.status.is_final() {
-                return Err(Rejection::TaskEnded { task: *task, status: format!("{:?}", found.status) });
-            }
-            Ok(vec![Event::TaskCancelled { task: *task }])
-        }
-        Command::ExpireTask { task } => {
-            let found = state.tasks().get(*task).ok_or(Rejection::UnknownTask { task: *task })?;
-            let past = found.spec.deadline.is_some_and(|deadline| deadline <= now);
-            if found.status.is_final() || !past {
-                return Ok(Vec::new());
-            }
-            Ok(vec![Event::TaskFailed { task: *task, reason: "past its deadline".into() }])
-        }
-        _ => unreachable!("decide_task gets task commands only"),
-    }
 }
 
 pub(crate) fn check_progress(progress: &Progress) -> Result<(), Rejection> {

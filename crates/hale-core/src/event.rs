@@ -3,7 +3,7 @@ use crate::health::{Reporter, Severity};
 use crate::liveness::Progress;
 use crate::names::{AgentName, PointName, RoleName};
 use crate::supervision::{Cause, ProcessRef, Supervision};
-use crate::tasks::TaskSpec;
+use crate::tasks::{Level, LlmCall, Mode, Outcome, Parent, Spend, TaskSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -135,17 +135,34 @@ pub enum Event {
         max: u32,
         supervision: Supervision,
     },
-    /// A task was accepted as number `task`.
+    /// A task was accepted as number `task` (a run of a shadowed task, or a compensation,
+    /// has a parent).
     TaskSubmitted {
         task: u64,
         spec: TaskSpec,
+        #[serde(default)]
+        parent: Option<Parent>,
     },
-    /// The task was leased to `incarnation` of `agent`, as attempt `attempt`.
+    /// The shadowed task runs as `children`, on distinct agents.
+    TaskShadowed {
+        task: u64,
+        children: Vec<u64>,
+    },
+    /// The task was leased to `incarnation` of `agent`, as attempt `attempt`, at rung
+    /// `rung` of its fallback ladder.
     TaskAssigned {
         task: u64,
         agent: AgentName,
         incarnation: u64,
         attempt: u32,
+        #[serde(default)]
+        rung: u32,
+    },
+    /// The holder is about to run a step with side effects.
+    StepIntended {
+        task: u64,
+        attempt: u32,
+        name: String,
     },
     /// A step of the task is done; its result survives the attempt.
     StepCommitted {
@@ -153,15 +170,24 @@ pub enum Event {
         attempt: u32,
         name: String,
         result: Value,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        llm: Option<LlmCall>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        compensation: Option<Value>,
     },
     TaskCompleted {
         task: u64,
         result: Value,
+        #[serde(default)]
+        level: Level,
     },
-    /// The attempt failed with attempts left: the task is pending again.
+    /// The attempt failed with attempts left: the task is pending again (from
+    /// `not_before`, when it backs off).
     TaskRetried {
         task: u64,
         reason: String,
+        #[serde(default)]
+        not_before: Option<Timestamp>,
     },
     TaskFailed {
         task: u64,
@@ -169,6 +195,57 @@ pub enum Event {
     },
     TaskCancelled {
         task: u64,
+    },
+    /// The task was aborted: task `child` undoes `step`; then the task ends as `outcome`.
+    TaskCompensating {
+        task: u64,
+        #[serde(flatten)]
+        outcome: Outcome,
+        step: String,
+        child: u64,
+    },
+    /// The compensation of `step` did not succeed; the ones before it still run.
+    CompensationFailed {
+        task: u64,
+        step: String,
+        reason: String,
+    },
+    /// How a quorum of a shadowed task's runs was reached (or missed).
+    TaskArbitrated {
+        task: u64,
+        agreed: Vec<u64>,
+        dissent: Vec<u64>,
+    },
+    /// The system mode changed: `serving` of `roles` roles have a healthy agent.
+    ModeChanged {
+        mode: Mode,
+        serving: u32,
+        roles: u32,
+    },
+    /// Spending reserved by a run, counted in the agent's period that began at `period`.
+    BudgetReserved {
+        reservation: u64,
+        agent: AgentName,
+        incarnation: u64,
+        task: Option<u64>,
+        spend: Spend,
+        period: Timestamp,
+    },
+    /// Spending reported by a run (settling `reservation`).
+    SpendReported {
+        agent: AgentName,
+        incarnation: u64,
+        task: Option<u64>,
+        reservation: Option<u64>,
+        spend: Spend,
+        period: Timestamp,
+    },
+    /// The agent's run went over its budget or its task's: its tasks are redistributed.
+    BudgetBreached {
+        agent: AgentName,
+        incarnation: u64,
+        task: Option<u64>,
+        detail: String,
     },
 }
 
@@ -183,7 +260,16 @@ impl Event {
             | Event::TaskCompleted { .. }
             | Event::TaskRetried { .. }
             | Event::TaskFailed { .. }
-            | Event::TaskCancelled { .. } => return None,
+            | Event::TaskCancelled { .. }
+            | Event::TaskShadowed { .. }
+            | Event::StepIntended { .. }
+            | Event::TaskCompensating { .. }
+            | Event::CompensationFailed { .. }
+            | Event::TaskArbitrated { .. }
+            | Event::ModeChanged { .. } => return None,
+            Event::BudgetReserved { agent, .. }
+            | Event::SpendReported { agent, .. }
+            | Event::BudgetBreached { agent, .. } => agent,
             Event::AgentRegistered { agent, .. }
             | Event::IncarnationStarted { agent, .. }
             | Event::Checkpointed { agent, .. }
@@ -234,6 +320,15 @@ impl Event {
             Event::TaskRetried { .. } => "task_retried",
             Event::TaskFailed { .. } => "task_failed",
             Event::TaskCancelled { .. } => "task_cancelled",
+            Event::TaskShadowed { .. } => "task_shadowed",
+            Event::StepIntended { .. } => "step_intended",
+            Event::TaskCompensating { .. } => "task_compensating",
+            Event::CompensationFailed { .. } => "compensation_failed",
+            Event::TaskArbitrated { .. } => "task_arbitrated",
+            Event::ModeChanged { .. } => "mode_changed",
+            Event::BudgetReserved { .. } => "budget_reserved",
+            Event::SpendReported { .. } => "spend_reported",
+            Event::BudgetBreached { .. } => "budget_breached",
         }
     }
 }

@@ -80,6 +80,8 @@ pub enum Reporter {
     Agent(AgentName),
     /// The operator.
     Operator,
+    /// hale itself (a budget breach).
+    Hale,
 }
 
 impl std::fmt::Display for Reporter {
@@ -88,6 +90,7 @@ impl std::fmt::Display for Reporter {
             Reporter::Itself => write!(f, "itself"),
             Reporter::Agent(agent) => write!(f, "agent {agent}"),
             Reporter::Operator => write!(f, "the operator"),
+            Reporter::Hale => write!(f, "hale"),
         }
     }
 }

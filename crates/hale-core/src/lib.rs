@@ -15,6 +15,7 @@
 //! depends on no async runtime or database crate. Time arrives as a [`Timestamp`] argument.
 //! The `clippy.toml` beside this crate's manifest holds that line.
 
+pub mod budget;
 mod command;
 mod decide;
 mod effect;
@@ -115,6 +116,11 @@ impl Core {
     /// Sets the seed of the restart jitter (the shell draws one at start).
     pub fn set_seed(&mut self, seed: u64) {
         self.seed = seed;
+    }
+
+    /// The task queue settings.
+    pub fn task_settings(&self) -> &tasks::TaskSettings {
+        &self.settings.tasks
     }
 
     /// Sets the detector and progress settings.
@@ -235,11 +241,10 @@ impl Core {
                     task: *task,
                 });
             }
-            Event::TaskCancelled { task } => {
-                if let Some(tasks::TaskStatus::Running { agent, incarnation, .. }) =
-                    self.state.tasks().get(*task).map(|found| &found.status)
-                {
-                    let (agent, incarnation) = (agent.clone(), *incarnation);
+            // The holder of a task that ends or is aborted under it must stop.
+            Event::TaskCancelled { task } | Event::TaskFailed { task, .. } | Event::TaskCompensating { task, .. } => {
+                if let Some((agent, incarnation)) = self.state.tasks().get(*task).and_then(|found| found.holder()) {
+                    let agent = agent.clone();
                     self.effects.push_back(Effect::CancelTask { agent, incarnation, task: *task });
                 }
             }
@@ -313,7 +318,7 @@ impl Core {
         if self.supervising {
             commands.extend(self.recruits());
         }
-        commands.extend(self.assignments(now));
+        commands.extend(self.dispatch(now));
         let policy = &self.settings.breaker;
         for record in self.state.agents() {
             let agent = &record.name;
@@ -387,44 +392,86 @@ impl Core {
         commands
     }
 
-    /// Pending tasks to the least-loaded eligible agent of their role, in priority order,
-    /// and tasks past their deadline. Eligible: its current run heartbeats and is alive
-    /// (not suspect, not reconnecting), not down, breaker closed, not quarantined, and
-    /// holds fewer than `tasks_per_agent_max` leases.
-    fn assignments(&self, now: Timestamp) -> Vec<Command> {
+    /// What the task queue calls for at `now`: tasks to fail (past their deadline or
+    /// wall-time budget, out of attempts), pending tasks to assign, and the system mode if
+    /// capacity changed it. `tick` includes these; the shell also calls this right after
+    /// a batch of commands, so that a lost agent's tasks move at once rather than at the
+    /// next tick.
+    pub fn dispatch(&self, now: Timestamp) -> Vec<Command> {
         let tasks = self.state.tasks();
-        let mut commands: Vec<Command> = tasks.past_deadline(now).map(|task| Command::ExpireTask { task }).collect();
-        if tasks.pending().next().is_none() {
-            return commands;
+        let mut commands: Vec<Command> = tasks.overdue(now).map(|task| Command::ExpireTask { task }).collect();
+        let (mut healthy, serving, roles) = self.capacity();
+        let mode = tasks::Mode::from_capacity(serving, roles);
+        if mode != self.state.mode() {
+            commands.push(Command::SetMode { mode, serving, roles });
         }
-        // Eligible agents per role with their load, found once per tick. Only watched runs
-        // are in the liveness table, so that is where to look.
-        let capacity = self.settings.tasks_per_agent_max.max(1) as usize;
-        let mut eligible: BTreeMap<&RoleName, Vec<(usize, &AgentName, u64)>> = BTreeMap::new();
-        for (agent, live) in &self.liveness {
-            let Some(record) = self.state.agent(agent.as_str()) else { continue };
-            let fit = live.incarnation == record.incarnation
-                && live.health == Health::Alive
-                && record.down.as_ref().is_none_or(|down| down.incarnation != record.incarnation)
-                && record.health.quarantine.is_none()
-                && record.health.breaker == health::Breaker::Closed;
-            if fit {
-                eligible.entry(&record.role).or_default().push((tasks.load(agent), agent, record.incarnation));
-            }
-        }
-        for task in tasks.pending() {
-            if task.spec.deadline.is_some_and(|deadline| deadline <= now) {
-                continue;
-            }
-            let Some(agents) = eligible.get_mut(&task.spec.role) else { continue };
-            let Some(chosen) = agents.iter_mut().filter(|(held, ..)| *held < capacity).min_by_key(|(held, ..)| *held)
-            else {
-                continue;
-            };
-            chosen.0 += 1;
-            commands.push(Command::AssignTask { task: task.id, agent: chosen.1.clone(), incarnation: chosen.2 });
-        }
+        let capacity = self.settings.tasks.per_agent_max.max(1) as usize;
+        commands.extend(tasks::plan(&self.state, tasks, &mut healthy, capacity, now));
         commands
+    }
+
+    /// How many roles have a healthy agent, of how many roles hale knows (see `Mode`).
+    pub fn serving(&self) -> (u32, u32) {
+        let (_, serving, roles) = self.capacity();
+        (serving, roles)
+    }
+
+    /// Whether `agent`'s current run may be given tasks now: it heartbeats and is alive
+    /// (not suspect, not reconnecting), is not down, its breaker is closed and it is not
+    /// quarantined.
+    pub fn can_take_tasks(&self, agent: &AgentName) -> bool {
+        self.state.agent(agent.as_str()).is_some_and(|record| self.takes_tasks(record))
+    }
+
+    fn takes_tasks(&self, record: &AgentRecord) -> bool {
+        self.liveness
+            .get(&record.name)
+            .is_some_and(|live| live.incarnation == record.incarnation && live.health == Health::Alive)
+            && record.down.as_ref().is_none_or(|down| down.incarnation != record.incarnation)
+            && record.health.quarantine.is_none()
+            && record.health.breaker == health::Breaker::Closed
+    }
+
+    /// The agents that may take tasks now, per role, and how many of the roles hale knows
+    /// have one. Healthy: its current run heartbeats and is alive (not suspect, not
+    /// reconnecting), not down, breaker closed, not quarantined. A role counts if a
+    /// managed agent, a watched run or a run that was lost (down, not stopped) has it; a
+    /// run reconnecting after a restart of hale,
+    /// or a managed agent starting, still counts as serving it (for the mode only).
+    fn capacity(&self) -> (BTreeMap<&RoleName, Vec<tasks::Candidate<'_>>>, u32, u32) {
+        let tasks = self.state.tasks();
+        let mut healthy: BTreeMap<&RoleName, Vec<tasks::Candidate<'_>>> = BTreeMap::new();
+        let mut roles: BTreeMap<&RoleName, bool> = BTreeMap::new();
+        for record in self.state.agents() {
+            let live = self.liveness.get(&record.name).filter(|live| live.incarnation == record.incarnation);
+            let managed = record.managed.as_ref();
+            let lost = record.down.as_ref().is_some_and(|down| {
+                down.incarnation == record.incarnation && down.cause != supervision::Cause::Stopped
+            });
+            if live.is_none() && managed.is_none() && !lost {
+                continue;
+            }
+            let up = record.down.as_ref().is_none_or(|down| down.incarnation != record.incarnation)
+                && record.health.quarantine.is_none()
+                && !matches!(record.health.breaker, health::Breaker::Open { .. });
+            let alive = live.is_some_and(|live| live.health == Health::Alive);
+            let coming = live.is_some_and(|live| live.health == Health::Reconnecting)
+                || (live.is_none()
+                    && managed.is_some_and(|managed| {
+                        matches!(managed.status, ManagedStatus::Starting | ManagedStatus::Running)
+                    }));
+            let serving = roles.entry(&record.role).or_default();
+            *serving |= up && (alive || coming);
+            if self.takes_tasks(record) {
+                healthy.entry(&record.role).or_default().push(tasks::Candidate {
+                    agent: &record.name,
+                    incarnation: record.incarnation,
+                    load: tasks.load(&record.name),
+                });
+            }
+        }
+        let serving = roles.values().filter(|serving| **serving).count() as u32;
+        (healthy, serving, roles.len() as u32)
     }
 
     /// Pools below their minimum of healthy agents, with room under their maximum.
@@ -479,7 +526,5 @@ impl Core {
 
 #[cfg(test)]
 mod supervision_tests;
-#[cfg(test)]
-mod tasks_tests;
 #[cfg(test)]
 mod tests;

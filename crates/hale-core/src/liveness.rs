@@ -136,8 +136,8 @@ pub struct LivenessSettings {
     pub progress_log_ms: u64,
     pub breaker: BreakerPolicy,
     pub quarantine: QuarantinePolicy,
-    /// Leases one agent holds at once.
-    pub tasks_per_agent_max: u32,
+    /// The task queue: leases per agent, load shedding, budget breaches.
+    pub tasks: crate::tasks::TaskSettings,
 }
 
 impl Default for LivenessSettings {
@@ -148,7 +148,7 @@ impl Default for LivenessSettings {
             progress_log_ms: 10_000,
             breaker: BreakerPolicy::default(),
             quarantine: QuarantinePolicy::default(),
-            tasks_per_agent_max: 1,
+            tasks: crate::tasks::TaskSettings::default(),
         }
     }
 }

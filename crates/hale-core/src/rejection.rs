@@ -94,6 +94,17 @@ pub enum Rejection {
     /// A task that cannot be run as submitted.
     #[error("bad task: {reason}")]
     BadTask { reason: String },
+    /// An intent for a step an earlier attempt already committed.
+    #[error("step {step:?} of task {task} is already done; use the result the task was handed")]
+    StepDone { task: u64, step: String },
+    /// A submission refused because the queue is saturated (retry after `retry_after_ms`).
+    #[error(
+        "hale is overloaded ({queued} queued tasks, mode {mode}): {priority} submissions are refused from {limit}; retry in {retry_after_ms} ms, or submit as critical if it is"
+    )]
+    Overloaded { priority: String, queued: u64, limit: u64, mode: String, retry_after_ms: u64 },
+    /// A reservation that would take the agent or the task over its budget.
+    #[error("the reservation would exceed the budget of {whose}: {detail}; spend less, or raise the budget")]
+    OverBudget { whose: String, detail: String },
     /// A pool that hale.toml does not declare.
     #[error("no role pool named {role:?}; declare it with [[role]] in hale.toml")]
     UnknownRole { role: String },
@@ -134,6 +145,9 @@ impl Rejection {
             Rejection::LeaseLost { .. } => "lease_lost",
             Rejection::TaskEnded { .. } => "task_ended",
             Rejection::BadTask { .. } => "bad_task",
+            Rejection::StepDone { .. } => "step_done",
+            Rejection::Overloaded { .. } => "overloaded",
+            Rejection::OverBudget { .. } => "over_budget",
         }
     }
 }

@@ -1,4 +1,5 @@
 use crate::Timestamp;
+use crate::budget::{Budgets, Reservation};
 use crate::event::Event;
 use crate::health::{Breaker, HealthRecord, Quarantine};
 use crate::limits::Limits;
@@ -7,7 +8,7 @@ use crate::merge::merge_patch;
 use crate::names::{AgentName, PointName, RoleName};
 use crate::rejection::Rejection;
 use crate::supervision::{self, Cause, Managed, ManagedStatus, RolePool};
-use crate::tasks::{Step, TaskStatus, Tasks};
+use crate::tasks::{Mode, Step, StepState, TaskStatus, Tasks};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, VecDeque};
@@ -22,6 +23,11 @@ pub struct State {
     roles: BTreeMap<RoleName, RolePool>,
     #[serde(default)]
     tasks: Tasks,
+    #[serde(default)]
+    budgets: Budgets,
+    /// The system mode, as last logged.
+    #[serde(default)]
+    mode: Mode,
 }
 
 /// Everything the log says about one agent.
@@ -130,6 +136,16 @@ impl State {
         &self.tasks
     }
 
+    /// Reservations and spending.
+    pub fn budgets(&self) -> &Budgets {
+        &self.budgets
+    }
+
+    /// The system mode, as last logged.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
     /// Every role pool, in name order.
     pub fn roles(&self) -> impl Iterator<Item = (&RoleName, &RolePool)> {
         self.roles.iter()
@@ -138,6 +154,17 @@ impl State {
     /// Every managed agent, in name order.
     pub(crate) fn managed(&self) -> impl Iterator<Item = (&AgentName, &Managed)> {
         self.agents.iter().filter_map(|(name, record)| record.managed.as_ref().map(|managed| (name, managed)))
+    }
+
+    /// A run of `agent` is over (all of its runs for `None`): its leases go back to the
+    /// queue and its reservations are dropped.
+    fn release_run(&mut self, agent: &AgentName, incarnation: Option<u64>, why: &str, at: Timestamp) {
+        self.tasks.release_leases(agent, incarnation, why, at);
+        for dropped in self.budgets.drop_run(agent, incarnation) {
+            if let Some(task) = dropped.task {
+                self.tasks.with_task(task, at, |found| found.reserved = found.reserved.minus(dropped.spend));
+            }
+        }
     }
 
     pub(crate) fn apply(&mut self, limits: &Limits, at: Timestamp, event: Event) {
@@ -152,35 +179,78 @@ impl State {
                 self.roles.insert(role, RolePool { min, max, supervision });
                 return;
             }
-            Event::TaskSubmitted { task, spec } => return self.tasks.submit(task, spec, at),
-            Event::TaskAssigned { task, agent, incarnation, attempt } => {
-                return self.tasks.set_status(task, TaskStatus::Running { agent, incarnation, attempt }, at);
+            Event::TaskSubmitted { task, spec, parent } => return self.tasks.submit(task, spec, parent, at),
+            Event::TaskShadowed { task, children } => {
+                return self.tasks.set_status(task, TaskStatus::Shadowed { children }, at);
             }
-            Event::StepCommitted { task, attempt, name, result } => {
-                return self.tasks.commit_step(task, Step { name, result, attempt, at });
+            Event::TaskAssigned { task, agent, incarnation, attempt, rung } => {
+                return self.tasks.assign(task, agent, incarnation, attempt, rung, at);
             }
-            Event::TaskCompleted { task, result } => {
-                return self.tasks.set_status(task, TaskStatus::Completed { result }, at);
+            Event::StepIntended { task, attempt, name } => {
+                let rung = self.tasks.get(task).map_or(0, |found| found.rung);
+                return self.tasks.intend_step(task, name, attempt, rung, at);
             }
-            Event::TaskRetried { task, .. } => return self.tasks.set_status(task, TaskStatus::Pending, at),
+            Event::StepCommitted { task, attempt, name, result, llm, compensation } => {
+                let rung = self.tasks.get(task).map_or(0, |found| found.rung);
+                let step = Step { name, state: StepState::Done, result, attempt, at, rung, llm, compensation };
+                return self.tasks.commit_step(task, step);
+            }
+            Event::TaskCompleted { task, result, level } => {
+                return self.tasks.set_status(task, TaskStatus::Completed { result, level }, at);
+            }
+            Event::TaskRetried { task, reason, not_before } => return self.tasks.retry(task, reason, not_before, at),
             Event::TaskFailed { task, reason } => {
                 return self.tasks.set_status(task, TaskStatus::Failed { reason }, at);
             }
             Event::TaskCancelled { task } => return self.tasks.set_status(task, TaskStatus::Cancelled, at),
+            Event::TaskCompensating { task, outcome, step, child } => {
+                return self.tasks.set_status(task, TaskStatus::Compensating { outcome, step, child }, at);
+            }
+            Event::CompensationFailed { task, step, reason } => {
+                return self.tasks.with_task(task, at, |found| {
+                    found.compensation_errors.push(format!("{step}: {reason}"));
+                });
+            }
+            Event::TaskArbitrated { task, agreed, dissent } => {
+                return self.tasks.with_task(task, at, |found| {
+                    found.arbitration = Some(crate::tasks::Arbitration { agreed, dissent });
+                });
+            }
+            Event::ModeChanged { mode, .. } => {
+                self.mode = mode;
+                return;
+            }
+            Event::BudgetReserved { reservation, agent, incarnation, task, spend, period } => {
+                if let Some(task) = task {
+                    self.tasks.with_task(task, at, |found| found.reserved = found.reserved.plus(spend));
+                }
+                self.budgets.reserve(reservation, Reservation { agent, incarnation, task, spend }, period);
+                return;
+            }
+            Event::SpendReported { agent, task, reservation, spend, period, .. } => {
+                if let Some(settled) = self.budgets.report(&agent, reservation, spend, period)
+                    && let Some(held) = settled.task
+                {
+                    self.tasks.with_task(held, at, |found| found.reserved = found.reserved.minus(settled.spend));
+                }
+                if let Some(task) = task {
+                    self.tasks.with_task(task, at, |found| found.spent = found.spent.plus(spend));
+                }
+                return;
+            }
+            Event::BudgetBreached { ref agent, incarnation, .. } => {
+                self.release_run(agent, Some(incarnation), &format!("agent {agent} went over budget"), at);
+                return;
+            }
             // A lease belongs to an incarnation: it ends with it.
             Event::AgentDown { ref agent, incarnation, ref cause } => {
-                self.tasks.release_leases(agent, Some(incarnation), &format!("agent {agent} down: {cause}"), at);
+                self.release_run(agent, Some(incarnation), &format!("agent {agent} down: {cause}"), at);
             }
             Event::IncarnationStarted { ref agent, incarnation } if incarnation > 1 => {
-                self.tasks.release_leases(
-                    agent,
-                    Some(incarnation - 1),
-                    &format!("agent {agent} started a new run"),
-                    at,
-                );
+                self.release_run(agent, Some(incarnation - 1), &format!("agent {agent} started a new run"), at);
             }
             Event::Quarantined { ref agent, .. } => {
-                self.tasks.release_leases(agent, None, &format!("agent {agent} quarantined"), at);
+                self.release_run(agent, None, &format!("agent {agent} quarantined"), at);
             }
             Event::AgentDeclared { agent, role, labels, supervision } => {
                 let record = self.register(&agent, at);
@@ -205,12 +275,21 @@ impl State {
             | Event::AgentDeclared { .. }
             | Event::RoleDeclared { .. }
             | Event::TaskSubmitted { .. }
+            | Event::TaskShadowed { .. }
             | Event::TaskAssigned { .. }
+            | Event::StepIntended { .. }
             | Event::StepCommitted { .. }
             | Event::TaskCompleted { .. }
             | Event::TaskRetried { .. }
             | Event::TaskFailed { .. }
-            | Event::TaskCancelled { .. } => unreachable!("handled above"),
+            | Event::TaskCancelled { .. }
+            | Event::TaskCompensating { .. }
+            | Event::CompensationFailed { .. }
+            | Event::TaskArbitrated { .. }
+            | Event::ModeChanged { .. }
+            | Event::BudgetReserved { .. }
+            | Event::SpendReported { .. }
+            | Event::BudgetBreached { .. } => unreachable!("handled above"),
             Event::IncarnationStarted { incarnation, .. } => {
                 record.incarnation = incarnation;
                 if let Some(managed) = &mut record.managed {

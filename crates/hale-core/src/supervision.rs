@@ -86,6 +86,9 @@ pub struct Supervision {
     pub group: Option<GroupMembership>,
     #[serde(default)]
     pub stall: StallPolicy,
+    /// What the agent may spend per period (tokens, cost units).
+    #[serde(default)]
+    pub budget: Option<crate::budget::AgentBudget>,
 }
 
 /// A process identity that survives pid reuse: the pid and its start time in clock ticks

@@ -66,6 +66,14 @@ pub enum ClientFrame {
         critical: bool,
         reason: String,
     },
+    /// A step of a task this run holds is about to run its side effects (durable when
+    /// answered `ok`). If the run is lost before `commit_step`, the next attempt gets the
+    /// step as `uncertain`.
+    IntendStep {
+        id: u64,
+        task: u64,
+        name: String,
+    },
     /// A step of a task this run holds is done (durable when answered `ok`).
     CommitStep {
         id: u64,
@@ -73,6 +81,40 @@ pub enum ClientFrame {
         name: String,
         #[serde(default)]
         result: Value,
+        /// The model call behind the step.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        llm: Option<LlmCallInfo>,
+        /// What undoes the step if the task is aborted (handed to a compensation task).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        compensation: Option<Value>,
+    },
+    /// Submit a task (answered `submitted` once durable), e.g. an orchestrator handing
+    /// out work.
+    Submit {
+        id: u64,
+        task: HttpSubmitTask,
+    },
+    /// Reserve spending before an expensive call (answered `reserved`).
+    Reserve {
+        id: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        task: Option<u64>,
+        #[serde(default)]
+        tokens: u64,
+        #[serde(default)]
+        cost: u64,
+    },
+    /// Report what was spent (settling `reservation`, if given).
+    ReportSpend {
+        id: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        task: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reservation: Option<u64>,
+        #[serde(default)]
+        tokens: u64,
+        #[serde(default)]
+        cost: u64,
     },
     /// The task this run holds is done.
     Complete {
@@ -103,6 +145,10 @@ impl ClientFrame {
             | ClientFrame::ReportError { id, .. }
             | ClientFrame::ReportViolation { id, .. }
             | ClientFrame::CommitStep { id, .. }
+            | ClientFrame::IntendStep { id, .. }
+            | ClientFrame::Reserve { id, .. }
+            | ClientFrame::Submit { id, .. }
+            | ClientFrame::ReportSpend { id, .. }
             | ClientFrame::Complete { id, .. }
             | ClientFrame::Fail { id, .. } => *id,
         }
@@ -110,7 +156,7 @@ impl ClientFrame {
 }
 
 /// The frame types a client may send, for error messages.
-pub const CLIENT_FRAME_TYPES: [&str; 10] = [
+pub const CLIENT_FRAME_TYPES: [&str; 14] = [
     "hello",
     "checkpoint",
     "recovery_point",
@@ -118,7 +164,11 @@ pub const CLIENT_FRAME_TYPES: [&str; 10] = [
     "heartbeat",
     "report_error",
     "report_violation",
+    "intend_step",
     "commit_step",
+    "submit",
+    "reserve",
+    "report_spend",
     "complete",
     "fail",
 ];
@@ -204,6 +254,17 @@ pub enum ServerFrame {
     /// The answer to `report_error` and `report_violation`.
     Ok {
         id: u64,
+    },
+    /// A task was accepted (`new`) or an earlier one with the same key returned.
+    Submitted {
+        id: u64,
+        task: u64,
+        new: bool,
+    },
+    /// A reservation was made.
+    Reserved {
+        id: u64,
+        reservation: u64,
     },
     /// Unasked: the detector suspects this agent; answer with a heartbeat.
     Challenge {},
@@ -460,10 +521,74 @@ mod tests {
     }
 }
 
-// ---- Tasks (issue 4, first part: HTTP only) ----------------------------------------------
+// ---- Tasks -------------------------------------------------------------------------------
+
+/// Run a task on several agents at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowSpec {
+    pub count: u32,
+    /// Equal results needed; absent: the first valid result wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quorum: Option<u32>,
+}
+
+/// A lower rung of a fallback ladder.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RungSpec {
+    pub role: String,
+    /// `optimal`, `good_enough` or `minimal`.
+    pub level: String,
+}
+
+/// Spending limits; absent ones are unlimited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<u64>,
+    /// Running time from the first assignment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wall_ms: Option<u64>,
+}
+
+/// Tokens and cost units, spent or reserved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpendBody {
+    #[serde(default)]
+    pub tokens: u64,
+    #[serde(default)]
+    pub cost: u64,
+}
+
+/// The model call behind a step.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmCallInfo {
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_in: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_out: Option<u64>,
+}
 
 /// `POST /v1/tasks`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSubmitTask {
     pub role: String,
@@ -479,6 +604,16 @@ pub struct HttpSubmitTask {
     pub max_attempts: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// Wait before a retry the agent asked for, doubled for each further attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_backoff_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowSpec>,
+    /// Lower rungs, in order, for when no healthy agent serves `role`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback: Vec<RungSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetSpec>,
 }
 
 /// The answer to a submit.
@@ -507,15 +642,82 @@ pub struct HttpTaskWrite {
     /// Retry the task if it has attempts left (`fail` only; default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<bool>,
+    /// The model call behind the step (`steps` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llm: Option<LlmCallInfo>,
+    /// What undoes the step (`steps` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensation: Option<Value>,
 }
 
-/// One committed step.
+/// `POST /v1/agents/{agent}/reservations` and `/spend`: from the agent's run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSpend {
+    pub incarnation: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<u64>,
+    /// The reservation this spending settles (`spend` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation: Option<u64>,
+    #[serde(default)]
+    pub tokens: u64,
+    #[serde(default)]
+    pub cost: u64,
+}
+
+/// The answer to a reservation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reserved {
+    pub reservation: u64,
+}
+
+/// `GET /v1/status`: what the whole system can do.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SystemStatus {
+    /// `optimal`, `degraded` or `minimal`.
+    pub mode: String,
+    /// Roles with a healthy agent, of all roles hale knows.
+    pub serving: u32,
+    pub roles: u32,
+    /// Per role: agents, healthy agents, leases held, tasks waiting.
+    pub per_role: Vec<RoleStatus>,
+    /// Tasks waiting for an agent, and the queue limits per priority.
+    pub queued: u64,
+    pub shed_background_at: u64,
+    pub shed_normal_at: u64,
+    pub shed_high_at: u64,
+    pub tasks_by_status: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleStatus {
+    pub role: String,
+    pub agents: u32,
+    pub healthy: u32,
+    pub leases: u32,
+    pub queued: u32,
+}
+
+/// One step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepInfo {
     pub name: String,
+    /// `done`, `intent` (begun by the attempt holding the lease) or `uncertain` (begun by
+    /// an attempt that was lost before it said done: reconcile, do not repeat blindly).
+    #[serde(default = "done")]
+    pub state: String,
     pub result: Value,
     pub attempt: u32,
     pub at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llm: Option<LlmCallInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensation: Option<Value>,
+}
+
+fn done() -> String {
+    "done".to_string()
 }
 
 /// A task as `GET /v1/tasks[/{task}]` shows it.
@@ -524,7 +726,8 @@ pub struct TaskInfo {
     pub task: u64,
     pub role: String,
     pub priority: String,
-    /// `pending`, `running`, `completed`, `failed` or `cancelled`.
+    /// `pending`, `running`, `shadowed`, `compensating`, `completed`, `failed` or
+    /// `cancelled`.
     pub status: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
@@ -540,4 +743,43 @@ pub struct TaskInfo {
     pub steps: Vec<StepInfo>,
     pub submitted_at_ms: u64,
     pub updated_at_ms: u64,
+    /// The level of the result, or of the running attempt: `optimal`, `good_enough` or
+    /// `minimal` (the rung of the fallback ladder whose role ran it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+    /// The role of the rung the current or last attempt ran at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ran_as: Option<String>,
+    /// `shadow` (a run of task `parent_task`) or `compensation` (undoes `compensates`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_task: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensates: Option<String>,
+    /// The runs of a shadowed task, or the compensation running now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<u64>,
+    /// A retry backing off until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback: Vec<RungSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetSpec>,
+    #[serde(default)]
+    pub spent: SpendBody,
+    #[serde(default)]
+    pub reserved: SpendBody,
+    /// Quorum: the runs that agreed and the ones that did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreed: Option<Vec<u64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dissent: Option<Vec<u64>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub compensation_errors: Vec<String>,
 }

@@ -33,6 +33,10 @@ pub enum Response {
         task: u64,
         new: bool,
     },
+    /// Spending was reserved as number `reservation`.
+    Reserved {
+        reservation: u64,
+    },
 }
 
 /// Why the engine did not carry out a request.
@@ -107,6 +111,7 @@ impl Engine {
         tokio::spawn(forward_effects(pending, effects));
         let durability = writer.durability();
         let task = EngineTask {
+            work_moved: false,
             core,
             next_seq: last_seq + 1,
             writer: Some(Arc::new(writer)),
@@ -255,6 +260,8 @@ struct EngineTask {
     last_snapshot: Instant,
     snapshot_in_flight: Option<tokio::task::JoinHandle<()>>,
     pending_effects: mpsc::UnboundedSender<(AppendAck, Vec<Effect>)>,
+    /// A command queued or freed work, or lost an agent: assign now, not at the next tick.
+    work_moved: bool,
 }
 
 impl EngineTask {
@@ -280,6 +287,9 @@ impl EngineTask {
                     let (outcome, records) = self.execute(&writer, command);
                     let ack = writer.append(records).await;
                     let _ = reply.send((outcome, ack));
+                    if self.work_moved {
+                        self.dispatch(&writer).await;
+                    }
                     self.flush_effects(&writer).await;
                     self.maybe_snapshot(false);
                 }
@@ -315,6 +325,32 @@ impl EngineTask {
                 }
             }
         }
+    }
+
+    /// Assigns what can be assigned right away (and fails what must fail), so that a lost
+    /// agent's tasks move within the command that lost it rather than at the next tick.
+    async fn dispatch(&mut self, writer: &Writer) {
+        // Each pass's commands can free more work (a cascade): bounded, the tick catches up.
+        for _ in 0..4 {
+            self.work_moved = false;
+            let commands = self.core.dispatch(clock::now());
+            if commands.is_empty() {
+                break;
+            }
+            let mut logged = 0;
+            for command in commands {
+                let (outcome, records) = self.execute(writer, command);
+                if let Err(error) = outcome {
+                    tracing::debug!(%error, "a dispatch command was refused");
+                }
+                logged += records.len();
+                drop(writer.append(records).await);
+            }
+            if logged == 0 || !self.work_moved {
+                break;
+            }
+        }
+        self.work_moved = false;
     }
 
     /// Runs what the core's timers and detectors ask for, like any other command.
@@ -365,6 +401,7 @@ impl EngineTask {
             .collect();
         self.events_since_snapshot += records.len() as u64;
         let facts = Facts::of(&events);
+        self.work_moved |= facts.moves_work;
         // Encoded already: the events' parts can move into the state.
         for event in events {
             self.core.apply_live(now, event);
@@ -379,6 +416,9 @@ impl EngineTask {
                 Ok(Response::TaskSubmitted { task: task.unwrap_or_default(), new: facts.task.is_some() }),
                 records,
             );
+        }
+        if let Some(reservation) = facts.reservation {
+            return (Ok(Response::Reserved { reservation }), records);
         }
         let record = command.agent().and_then(|agent| self.core.state().agent(agent.as_str()));
         (Ok(respond(&command, facts, record)), records)
@@ -453,18 +493,36 @@ struct Facts {
     target_version: Option<u64>,
     /// The number a submitted task got.
     task: Option<u64>,
+    /// The number a reservation got.
+    reservation: Option<u64>,
+    /// Work may have become assignable: a task queued or freed, an agent lost.
+    moves_work: bool,
 }
 
 impl Facts {
     fn of(events: &[Event]) -> Facts {
-        let mut facts = Facts { resumed: true, target_version: None, task: None };
+        let mut facts = Facts { resumed: true, target_version: None, task: None, reservation: None, moves_work: false };
         for event in events {
             match event {
                 Event::IncarnationStarted { .. } => facts.resumed = false,
                 Event::RolledBack { target_version, .. } => facts.target_version = Some(*target_version),
-                Event::TaskSubmitted { task, .. } => facts.task = Some(*task),
+                Event::TaskSubmitted { task, .. } => facts.task = facts.task.or(Some(*task)),
+                Event::BudgetReserved { reservation, .. } => facts.reservation = Some(*reservation),
                 _ => {}
             }
+            facts.moves_work |= matches!(
+                event,
+                Event::TaskSubmitted { .. }
+                    | Event::TaskRetried { .. }
+                    | Event::TaskCompleted { .. }
+                    | Event::TaskFailed { .. }
+                    | Event::TaskCancelled { .. }
+                    | Event::TaskCompensating { .. }
+                    | Event::AgentDown { .. }
+                    | Event::Quarantined { .. }
+                    | Event::BudgetBreached { .. }
+                    | Event::BreakerOpened { .. }
+            );
         }
         facts
     }
@@ -517,7 +575,11 @@ fn respond(command: &Command, facts: Facts, record: Option<&AgentRecord>) -> Res
         | Command::CompleteTask { .. }
         | Command::FailTask { .. }
         | Command::CancelTask { .. }
-        | Command::ExpireTask { .. } => Response::Done,
+        | Command::ExpireTask { .. }
+        | Command::IntendStep { .. }
+        | Command::SetMode { .. }
+        | Command::Reserve { .. }
+        | Command::ReportSpend { .. } => Response::Done,
     }
 }
 

@@ -230,7 +230,7 @@ async fn route_effects(
             Effect::Challenge { agent, incarnation } => sessions.push(&agent, incarnation, Push::Challenge),
             Effect::OfferTask { agent, incarnation, task } => {
                 // An agent without a session finds it with GET /v1/agents/{agent}/tasks.
-                let info = engine.read(move |state| state.tasks().get(task).map(api::convert::task_info)).await;
+                let info = engine.read(move |state| state.tasks().get(task).map(api::task_convert::task_info)).await;
                 if let Ok(Some(info)) = info {
                     sessions.push(&agent, incarnation, Push::Task(Box::new(info)));
                 }

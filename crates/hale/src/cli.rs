@@ -63,41 +63,27 @@ enum Commands {
         server: ServerArg,
     },
     /// Submit a task for a role; prints its number.
-    Submit {
-        role: String,
-        /// The task's input, as JSON.
-        #[arg(long, default_value = "null")]
-        payload: String,
-        /// critical, high, normal or background.
-        #[arg(long, default_value = "normal")]
-        priority: String,
-        /// A second submit with the same key returns the first task.
-        #[arg(long)]
-        key: Option<String>,
-        #[arg(long, default_value_t = 3)]
-        max_attempts: u32,
-        /// Fail the task if it has not ended within this many seconds.
-        #[arg(long)]
-        deadline_secs: Option<u64>,
-        #[command(flatten)]
-        server: ServerArg,
-    },
-    /// List the tasks.
-    Tasks {
+    Submit(crate::tasks_cli::SubmitArgs),
+    /// List the tasks, newest first.
+    Tasks(crate::tasks_cli::TasksArgs),
+    /// Print one task: its status, level, steps (with their model calls) and runs.
+    Task {
+        task: u64,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
         server: ServerArg,
     },
-    /// Print one task with its committed steps.
-    Task {
+    /// Cancel a task wherever it is (compensations run first, if it has any).
+    Cancel {
         task: u64,
         #[command(flatten)]
         server: ServerArg,
     },
-    /// Cancel a task wherever it is.
-    Cancel {
-        task: u64,
+    /// The system mode (optimal, degraded, minimal), capacity per role and the queue.
+    Status {
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -194,10 +180,10 @@ struct ServeArgs {
 }
 
 #[derive(Debug, clap::Args)]
-struct ServerArg {
+pub(crate) struct ServerArg {
     /// The hale to ask.
     #[arg(long, default_value = "http://127.0.0.1:7700", env = "HALE_URL")]
-    server: String,
+    pub(crate) server: String,
 }
 
 pub fn init_logging(cli: &Cli) {
@@ -236,60 +222,15 @@ pub async fn run(cli: Cli) -> Result<i32> {
             println!("{agent}: released");
             Ok(0)
         }
-        Commands::Submit { role, payload, priority, key, max_attempts, deadline_secs, server } => {
-            let payload: serde_json::Value =
-                serde_json::from_str(&payload).context("--payload must be JSON (quote a string: '\"text\"')")?;
-            let deadline_ms = deadline_secs.map(|secs| {
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-                now.as_millis() as u64 + secs * 1000
-            });
-            let task = hale_client::HttpSubmitTask {
-                role,
-                priority: Some(priority),
-                payload,
-                deadline_ms,
-                max_attempts: Some(max_attempts),
-                idempotency_key: key,
-            };
-            let submitted = Admin::new(&http_base(&server.server)).submit(&task).await?;
-            let note = if submitted.new { "" } else { " (an earlier task with this key)" };
-            println!("task {}{note}", submitted.task);
-            Ok(0)
-        }
-        Commands::Tasks { json, server } => {
-            let tasks = Admin::new(&http_base(&server.server)).tasks().await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&tasks)?);
-                return Ok(0);
-            }
-            println!(
-                "{:>6} {:<16} {:<10} {:<10} {:<24} {:>8} {:>5}",
-                "TASK", "ROLE", "PRIORITY", "STATUS", "AGENT", "ATTEMPTS", "STEPS"
-            );
-            for task in &tasks {
-                println!(
-                    "{:>6} {:<16} {:<10} {:<10} {:<24} {:>8} {:>5}",
-                    task.task,
-                    task.role,
-                    task.priority,
-                    task.status,
-                    task.agent.as_deref().unwrap_or("-"),
-                    format!("{}/{}", task.attempts, task.max_attempts),
-                    task.steps.len()
-                );
-            }
-            Ok(0)
-        }
-        Commands::Task { task, server } => {
-            let task = Admin::new(&http_base(&server.server)).task(task).await?;
-            println!("{}", serde_json::to_string_pretty(&task)?);
-            Ok(0)
-        }
+        Commands::Submit(args) => crate::tasks_cli::submit(args).await,
+        Commands::Tasks(args) => crate::tasks_cli::list(args).await,
+        Commands::Task { task, json, server } => crate::tasks_cli::show(task, json, &http_base(&server.server)).await,
         Commands::Cancel { task, server } => {
             Admin::new(&http_base(&server.server)).cancel(task).await?;
             println!("task {task}: cancelled");
             Ok(0)
         }
+        Commands::Status { json, server } => crate::tasks_cli::status(json, &http_base(&server.server)).await,
         Commands::Logs { agent, follow, lines, config, data } => logs(&agent, follow, lines, config, data).await,
         Commands::Demo(args) => demo::run(args).await,
         Commands::DemoAgent(args) => demo_agent::run(args).await,
@@ -316,7 +257,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
 }
 
 /// Accepts `ws://` or `http://` forms of the server address.
-fn http_base(server: &str) -> String {
+pub(crate) fn http_base(server: &str) -> String {
     if let Some(rest) = server.strip_prefix("ws://") {
         format!("http://{rest}")
     } else if let Some(rest) = server.strip_prefix("wss://") {

@@ -259,6 +259,7 @@ fn crew(args: &DemoArgs) -> Result<Supervise> {
                     intensity: Intensity::default(),
                     group: None,
                     stall: StallPolicy { beats: Some(STALL_BEATS), quiet_ms: None },
+                    budget: None,
                 },
                 process: ProcessSpec {
                     command: exe.to_string_lossy().into_owned(),

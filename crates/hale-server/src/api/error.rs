@@ -13,11 +13,17 @@ use hale_store::WriteError;
 pub struct ApiError {
     pub status: StatusCode,
     pub body: ErrorBody,
+    /// The `Retry-After` of a 503, in seconds (1 unless the rejection says).
+    pub retry_after_s: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>, retryable: bool) -> ApiError {
-        ApiError { status, body: ErrorBody { code: code.to_string(), message: message.into(), retryable } }
+        ApiError {
+            status,
+            body: ErrorBody { code: code.to_string(), message: message.into(), retryable },
+            retry_after_s: None,
+        }
     }
 
     /// The request is malformed: not JSON of the expected shape, or a query parameter
@@ -46,6 +52,7 @@ impl From<Rejection> for ApiError {
             | Rejection::BadFraction { .. }
             | Rejection::ReasonTooLong { .. }
             | Rejection::BadTask { .. } => StatusCode::BAD_REQUEST,
+            Rejection::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::UnknownAgent { .. }
             | Rejection::UnknownRecoveryPoint { .. }
             | Rejection::UnknownRole { .. }
@@ -60,13 +67,21 @@ impl From<Rejection> for ApiError {
             | Rejection::ManagedByHale { .. }
             | Rejection::NotSupervising { .. }
             | Rejection::LeaseLost { .. }
-            | Rejection::TaskEnded { .. } => StatusCode::CONFLICT,
+            | Rejection::TaskEnded { .. }
+            | Rejection::StepDone { .. }
+            | Rejection::OverBudget { .. } => StatusCode::CONFLICT,
             Rejection::PatchTooLarge { .. } | Rejection::StateTooLarge { .. } | Rejection::ProgressTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             Rejection::VersionNotRetained { .. } => StatusCode::GONE,
         };
-        ApiError::new(status, rejection.code(), rejection.to_string(), false)
+        let retry_after_ms = match &rejection {
+            Rejection::Overloaded { retry_after_ms, .. } => Some(*retry_after_ms),
+            _ => None,
+        };
+        let mut error = ApiError::new(status, rejection.code(), rejection.to_string(), retry_after_ms.is_some());
+        error.retry_after_s = retry_after_ms.map(|ms| ms.div_ceil(1000).max(1));
+        error
     }
 }
 
@@ -91,7 +106,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, axum::Json(HttpError { error: self.body })).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+            let seconds = self.retry_after_s.unwrap_or(1);
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(seconds));
         }
         response
     }

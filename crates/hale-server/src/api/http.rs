@@ -34,13 +34,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/agents/{agent}/violations", post(report_violation))
         .route("/v1/agents/{agent}/quarantine", post(quarantine))
         .route("/v1/agents/{agent}/release", post(release))
-        .route("/v1/agents/{agent}/tasks", get(agent_tasks))
-        .route("/v1/tasks", post(submit_task).get(list_tasks))
-        .route("/v1/tasks/{task}", get(get_task))
-        .route("/v1/tasks/{task}/cancel", post(cancel_task))
-        .route("/v1/tasks/{task}/steps", post(commit_step))
-        .route("/v1/tasks/{task}/complete", post(complete_task))
-        .route("/v1/tasks/{task}/fail", post(fail_task))
+        .merge(super::tasks::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint; see docs/protocol.md for the API") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -91,7 +85,7 @@ async fn readyz(State(app): State<AppState>) -> Response {
     "ready\n".into_response()
 }
 
-fn agent_name(agent: &str) -> Result<AgentName, ApiError> {
+pub(super) fn agent_name(agent: &str) -> Result<AgentName, ApiError> {
     Ok(AgentName::new(agent)?)
 }
 
@@ -306,7 +300,7 @@ async fn rollback(
     respond(app.engine.execute(command).await?)
 }
 
-fn respond(response: EngineResponse) -> Result<Response, ApiError> {
+pub(super) fn respond(response: EngineResponse) -> Result<Response, ApiError> {
     Ok(match response {
         EngineResponse::Welcome(welcome) => Json(*welcome).into_response(),
         EngineResponse::Checkpointed { version } => Json(Checkpointed { version }).into_response(),
@@ -314,121 +308,6 @@ fn respond(response: EngineResponse) -> Result<Response, ApiError> {
         EngineResponse::RolledBack(rolled_back) => Json(rolled_back).into_response(),
         EngineResponse::Done => Json(serde_json::json!({ "ok": true })).into_response(),
         EngineResponse::TaskSubmitted { task, new } => Json(hale_proto::TaskSubmitted { task, new }).into_response(),
+        EngineResponse::Reserved { reservation } => Json(hale_proto::Reserved { reservation }).into_response(),
     })
-}
-
-// ---- Tasks -------------------------------------------------------------------------------
-
-fn task_number(text: &str) -> Result<u64, ApiError> {
-    text.parse().map_err(|_| ApiError::bad_request(format!("task {text:?} is not a task number")))
-}
-
-async fn submit_task(
-    State(app): State<AppState>,
-    JsonBody(body): JsonBody<hale_proto::HttpSubmitTask>,
-) -> Result<Response, ApiError> {
-    use hale_core::tasks::{Priority, TaskSpec};
-    let priority = match body.priority.as_deref() {
-        None | Some("normal") => Priority::Normal,
-        Some("critical") => Priority::Critical,
-        Some("high") => Priority::High,
-        Some("background") => Priority::Background,
-        Some(other) => {
-            return Err(ApiError::bad_request(format!(
-                "priority {other:?} is not one of critical, high, normal, background"
-            )));
-        }
-    };
-    let spec = TaskSpec {
-        role: hale_core::RoleName::new(body.role)?,
-        priority,
-        payload: body.payload,
-        deadline: body.deadline_ms.map(hale_core::Timestamp),
-        max_attempts: body.max_attempts.unwrap_or(3),
-        idempotency_key: body.idempotency_key,
-    };
-    respond(app.engine.execute(hale_core::Command::SubmitTask { spec }).await?)
-}
-
-async fn list_tasks(State(app): State<AppState>) -> Result<Json<Vec<hale_proto::TaskInfo>>, ApiError> {
-    Ok(Json(app.engine.read(|state| state.tasks().all().map(convert::task_info).collect()).await?))
-}
-
-async fn get_task(
-    State(app): State<AppState>,
-    Path(task): Path<String>,
-) -> Result<Json<hale_proto::TaskInfo>, ApiError> {
-    let task = task_number(&task)?;
-    let found = app.engine.read(move |state| state.tasks().get(task).map(convert::task_info)).await?;
-    Ok(Json(found.ok_or(hale_core::Rejection::UnknownTask { task })?))
-}
-
-/// The tasks leased to the agent's current run: how an agent without a session asks for work.
-async fn agent_tasks(
-    State(app): State<AppState>,
-    Path(agent): Path<String>,
-) -> Result<Json<Vec<hale_proto::TaskInfo>>, ApiError> {
-    let agent = agent_name(&agent)?;
-    let found = app
-        .engine
-        .read(move |state| {
-            let incarnation = state.agent(agent.as_str()).map_or(0, |record| record.incarnation);
-            state
-                .tasks()
-                .running_on(&agent)
-                .filter(|task| matches!(task.status, hale_core::tasks::TaskStatus::Running { incarnation: held, .. } if held == incarnation))
-                .map(convert::task_info)
-                .collect()
-        })
-        .await?;
-    Ok(Json(found))
-}
-
-async fn cancel_task(State(app): State<AppState>, Path(task): Path<String>) -> Result<Response, ApiError> {
-    respond(app.engine.execute(hale_core::Command::CancelTask { task: task_number(&task)? }).await?)
-}
-
-async fn commit_step(
-    State(app): State<AppState>,
-    Path(task): Path<String>,
-    JsonBody(body): JsonBody<hale_proto::HttpTaskWrite>,
-) -> Result<Response, ApiError> {
-    let name = body.name.ok_or_else(|| ApiError::bad_request("a step needs a name"))?;
-    let command = hale_core::Command::CommitStep {
-        task: task_number(&task)?,
-        agent: agent_name(&body.agent)?,
-        incarnation: body.incarnation,
-        name,
-        result: body.result,
-    };
-    respond(app.engine.execute(command).await?)
-}
-
-async fn complete_task(
-    State(app): State<AppState>,
-    Path(task): Path<String>,
-    JsonBody(body): JsonBody<hale_proto::HttpTaskWrite>,
-) -> Result<Response, ApiError> {
-    let command = hale_core::Command::CompleteTask {
-        task: task_number(&task)?,
-        agent: agent_name(&body.agent)?,
-        incarnation: body.incarnation,
-        result: body.result,
-    };
-    respond(app.engine.execute(command).await?)
-}
-
-async fn fail_task(
-    State(app): State<AppState>,
-    Path(task): Path<String>,
-    JsonBody(body): JsonBody<hale_proto::HttpTaskWrite>,
-) -> Result<Response, ApiError> {
-    let command = hale_core::Command::FailTask {
-        task: task_number(&task)?,
-        agent: agent_name(&body.agent)?,
-        incarnation: body.incarnation,
-        reason: body.reason.unwrap_or_else(|| "failed by the agent".into()),
-        retry: body.retry.unwrap_or(true),
-    };
-    respond(app.engine.execute(command).await?)
 }

@@ -3,6 +3,8 @@
 pub(crate) mod convert;
 mod error;
 mod http;
+pub(crate) mod task_convert;
+mod tasks;
 mod ws;
 
 pub use error::ApiError;

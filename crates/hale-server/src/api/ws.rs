@@ -1,7 +1,7 @@
 //! The WebSocket session: JSON frames with request ids, pipelined, answered in order, each
 //! answer sent only once what it reports is durable.
 
-use super::{ApiError, AppState, convert};
+use super::{ApiError, AppState, convert, task_convert};
 use crate::engine::{Response as EngineResponse, Submitted};
 use crate::sessions::{Push, SessionGuard};
 use axum::extract::State;
@@ -155,8 +155,8 @@ impl Session {
                     state
                         .tasks()
                         .running_on(&agent)
-                        .filter(|task| matches!(task.status, hale_core::tasks::TaskStatus::Running { incarnation: leased, .. } if leased == incarnation))
-                        .map(convert::task_info)
+                        .filter(|task| task.holder().is_some_and(|(_, leased)| leased == incarnation))
+                        .map(task_convert::task_info)
                         .collect::<Vec<_>>()
                 })
                 .await
@@ -227,9 +227,27 @@ impl Session {
                 let (own, _) = bound("report_violation")?;
                 convert::violation(own, agent, critical, reason)
             }
-            ClientFrame::CommitStep { task, name, result, .. } => {
+            ClientFrame::IntendStep { task, name, .. } => {
+                let (agent, incarnation) = bound("intend_step")?;
+                Ok(hale_core::Command::IntendStep { task, agent, incarnation, name })
+            }
+            ClientFrame::CommitStep { task, name, result, llm, compensation, .. } => {
                 let (agent, incarnation) = bound("commit_step")?;
-                Ok(hale_core::Command::CommitStep { task, agent, incarnation, name, result })
+                let llm = llm.map(task_convert::llm);
+                Ok(hale_core::Command::CommitStep { task, agent, incarnation, name, result, llm, compensation })
+            }
+            ClientFrame::Submit { task, .. } => {
+                bound("submit")?;
+                Ok(hale_core::Command::SubmitTask { spec: task_convert::spec(task)? })
+            }
+            ClientFrame::Reserve { task, tokens, cost, .. } => {
+                let (agent, incarnation) = bound("reserve")?;
+                Ok(hale_core::Command::Reserve { agent, incarnation, task, spend: task_convert::spend(tokens, cost) })
+            }
+            ClientFrame::ReportSpend { task, reservation, tokens, cost, .. } => {
+                let (agent, incarnation) = bound("report_spend")?;
+                let spend = task_convert::spend(tokens, cost);
+                Ok(hale_core::Command::ReportSpend { agent, incarnation, task, reservation, spend })
             }
             ClientFrame::Complete { task, result, .. } => {
                 let (agent, incarnation) = bound("complete")?;
@@ -252,7 +270,9 @@ async fn answer(id: u64, submitted: Submitted) -> ServerFrame {
         Ok(EngineResponse::Checkpointed { version }) => ServerFrame::Checkpointed { id, version },
         Ok(EngineResponse::RecoveryPointMarked(point)) => ServerFrame::RecoveryPointMarked { id, point },
         Ok(EngineResponse::RolledBack(rolled_back)) => ServerFrame::RolledBack { id, rolled_back },
-        Ok(EngineResponse::Done | EngineResponse::TaskSubmitted { .. }) => ServerFrame::Ok { id },
+        Ok(EngineResponse::Done) => ServerFrame::Ok { id },
+        Ok(EngineResponse::TaskSubmitted { task, new }) => ServerFrame::Submitted { id, task, new },
+        Ok(EngineResponse::Reserved { reservation }) => ServerFrame::Reserved { id, reservation },
         Err(error) => ServerFrame::Error { id: Some(id), error: ApiError::from(error).body },
     }
 }

@@ -29,6 +29,7 @@ pub struct Manifest {
     pub limits: Limits,
     pub snapshots: SnapshotSection,
     pub supervision: SupervisionSection,
+    pub tasks: TasksSection,
     #[serde(rename = "agent")]
     pub agents: Vec<AgentSpec>,
     #[serde(rename = "group")]
@@ -103,6 +104,59 @@ impl Default for SupervisionSection {
     }
 }
 
+/// `[tasks]`: the task queue.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TasksSection {
+    /// Leases one agent holds at once.
+    pub per_agent_max: u32,
+    /// Queued tasks from which background submissions are refused (503, Retry-After).
+    pub shed_background_at: u64,
+    /// … normal submissions.
+    pub shed_normal_at: u64,
+    /// … high submissions. Critical ones are always accepted.
+    pub shed_high_at: u64,
+    /// The Retry-After of a refused submission.
+    pub retry_after_ms: u64,
+    /// A budget breach also quarantines the agent (it always opens its breaker).
+    pub quarantine_on_budget_breach: bool,
+}
+
+impl Default for TasksSection {
+    fn default() -> Self {
+        let core = hale_core::tasks::TaskSettings::default();
+        TasksSection {
+            per_agent_max: core.per_agent_max,
+            shed_background_at: core.shed_background_at,
+            shed_normal_at: core.shed_normal_at,
+            shed_high_at: core.shed_high_at,
+            retry_after_ms: core.retry_after_ms,
+            quarantine_on_budget_breach: core.quarantine_on_budget_breach,
+        }
+    }
+}
+
+/// `budget = { tokens = …, cost = …, period_ms = … }` of an agent.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSpec {
+    pub tokens: Option<u64>,
+    pub cost: Option<u64>,
+    /// Spending is counted per period (default an hour).
+    #[serde(default = "default_budget_period_ms")]
+    pub period_ms: u64,
+}
+
+fn default_budget_period_ms() -> u64 {
+    3_600_000
+}
+
+impl BudgetSpec {
+    fn core(&self) -> hale_core::budget::AgentBudget {
+        hale_core::budget::AgentBudget { tokens: self.tokens, cost: self.cost, period_ms: self.period_ms }
+    }
+}
+
 /// `[[agent]]`, and the `template` of a `[[role]]` (which has no `name`).
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -123,6 +177,8 @@ pub struct AgentSpec {
     pub health: Option<HealthProbe>,
     /// Overrides `[supervision.stall]` for this agent; `stall = {}` turns it off.
     pub stall: Option<StallPolicy>,
+    /// What the agent may spend per period.
+    pub budget: Option<BudgetSpec>,
 }
 
 /// Resource limits, applied at spawn where the kernel allows and watched from /proc.
@@ -222,7 +278,14 @@ impl Manifest {
             progress_log_ms: self.supervision.progress_log_ms,
             breaker: self.supervision.breaker.clone(),
             quarantine: self.supervision.quarantine.clone(),
-            ..LivenessSettings::default()
+            tasks: hale_core::tasks::TaskSettings {
+                per_agent_max: self.tasks.per_agent_max,
+                shed_background_at: self.tasks.shed_background_at,
+                shed_normal_at: self.tasks.shed_normal_at,
+                shed_high_at: self.tasks.shed_high_at,
+                retry_after_ms: self.tasks.retry_after_ms,
+                quarantine_on_budget_breach: self.tasks.quarantine_on_budget_breach,
+            },
         }
     }
 
@@ -259,6 +322,7 @@ impl Manifest {
                     intensity: self.supervision.intensity.clone(),
                     group,
                     stall: spec.stall.clone().unwrap_or_else(|| self.supervision.stall.clone()),
+                    budget: spec.budget.as_ref().map(BudgetSpec::core),
                 };
                 DeclaredAgent {
                     name,
@@ -292,6 +356,7 @@ impl Manifest {
                         intensity: self.supervision.intensity.clone(),
                         group: None,
                         stall: template.stall.clone().unwrap_or_else(|| self.supervision.stall.clone()),
+                        budget: template.budget.as_ref().map(BudgetSpec::core),
                     },
                     process: process_spec(template, base),
                     watch: ResourceWatch {

@@ -40,6 +40,7 @@ pub(super) async fn restart(args: &BenchArgs) -> Result<Value> {
         intensity: Intensity { restarts_max: 1_000_000, window_ms: 1 },
         group: None,
         stall: StallPolicy::default(),
+        budget: None,
     };
     let args_of_agent = vec!["demo-agent".to_string(), "bench".into(), "--step-ms".into(), STEP_MS.to_string()];
     let process =

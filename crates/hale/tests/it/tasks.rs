@@ -66,7 +66,8 @@ async fn a_task_moves_with_its_steps_when_its_holder_goes_silent() {
     assert_eq!(status, 200, "{answer}");
     let (code, out, err) = support::hale(&["task", &task.to_string(), "--server", &hale.http_url()]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("\"status\": \"completed\"") && out.contains("\"result\": \"a parser\""), "{out}");
+    assert!(out.contains("): completed") && out.contains("result    \"a parser\""), "{out}");
+    assert!(out.contains("step plan") && out.contains("level     optimal"), "{out}");
 
     // The log keeps it all across a restart.
     assert!(hale.terminate().success());
@@ -100,7 +101,7 @@ async fn tasks_are_pushed_over_sessions_and_move_when_the_holder_is_fenced() {
         payload: json!({"topic": "tides"}),
         deadline_ms: None,
         max_attempts: Some(3),
-        idempotency_key: None,
+        ..Default::default()
     };
     let task = admin.submit(&submit).await.unwrap().task;
     let offered = tokio::time::timeout(std::time::Duration::from_secs(10), a.next_task()).await.unwrap().unwrap();

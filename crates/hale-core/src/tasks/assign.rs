@@ -1,0 +1,65 @@
+//! Which pending task goes to which agent.
+
+use super::decide::shadow_siblings_on;
+use super::index::Tasks;
+use crate::Timestamp;
+use crate::command::Command;
+use crate::names::{AgentName, RoleName};
+use crate::state::State;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A healthy agent's current run, with the leases it holds.
+pub(crate) struct Candidate<'a> {
+    pub agent: &'a AgentName,
+    pub incarnation: u64,
+    pub load: usize,
+}
+
+/// Assignments for the pending tasks, in priority order: each goes to the least-loaded
+/// healthy agent with room, at the highest rung of its ladder that has a healthy agent at
+/// all. A rung whose agents are all busy is waited for, not skipped: falling back is for
+/// missing capacity, not for a queue. Runs of a shadowed task go to distinct agents.
+pub(crate) fn plan(
+    state: &State,
+    tasks: &Tasks,
+    healthy: &mut BTreeMap<&RoleName, Vec<Candidate<'_>>>,
+    capacity: usize,
+    now: Timestamp,
+) -> Vec<Command> {
+    let mut commands = Vec::new();
+    // Runs of shadowed tasks placed in this pass, which the state does not show yet.
+    let mut placed: BTreeSet<(u64, AgentName)> = BTreeSet::new();
+    for task in tasks.assignable(now) {
+        if task.due().is_some_and(|due| due <= now) {
+            continue;
+        }
+        for rung in 0..task.spec.rungs() {
+            let role = task.spec.rung(rung).expect("within the ladder").role;
+            let Some(agents) = healthy.get_mut(&role).filter(|agents| !agents.is_empty()) else { continue };
+            let chosen = agents
+                .iter_mut()
+                .filter(|candidate| candidate.load < capacity)
+                .filter(|candidate| !shadow_siblings_on(state, task, candidate.agent))
+                .filter(|candidate| {
+                    task.parent
+                        .as_ref()
+                        .is_none_or(|parent| !placed.contains(&(parent.task(), candidate.agent.clone())))
+                })
+                .min_by_key(|candidate| candidate.load);
+            if let Some(chosen) = chosen {
+                chosen.load += 1;
+                if let Some(parent) = &task.parent {
+                    placed.insert((parent.task(), chosen.agent.clone()));
+                }
+                commands.push(Command::AssignTask {
+                    task: task.id,
+                    agent: chosen.agent.clone(),
+                    incarnation: chosen.incarnation,
+                    rung,
+                });
+            }
+            break;
+        }
+    }
+    commands
+}

@@ -1,0 +1,240 @@
+//! The HTTP routes of tasks, budgets and the system status.
+
+use super::http::{JsonBody, agent_name, respond};
+use super::{ApiError, AppState, task_convert};
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hale_core::Command;
+use hale_proto::{HttpSpend, HttpSubmitTask, HttpTaskWrite, RoleStatus, SystemStatus, TaskInfo};
+use std::collections::{BTreeMap, HashMap};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/agents/{agent}/tasks", get(agent_tasks))
+        .route("/v1/agents/{agent}/reservations", post(reserve))
+        .route("/v1/agents/{agent}/spend", post(report_spend))
+        .route("/v1/tasks", post(submit_task).get(list_tasks))
+        .route("/v1/tasks/{task}", get(get_task))
+        .route("/v1/tasks/{task}/cancel", post(cancel_task))
+        .route("/v1/tasks/{task}/intents", post(intend_step))
+        .route("/v1/tasks/{task}/steps", post(commit_step))
+        .route("/v1/tasks/{task}/complete", post(complete_task))
+        .route("/v1/tasks/{task}/fail", post(fail_task))
+}
+
+fn task_number(text: &str) -> Result<u64, ApiError> {
+    text.parse().map_err(|_| ApiError::bad_request(format!("task {text:?} is not a task number")))
+}
+
+async fn submit_task(
+    State(app): State<AppState>,
+    JsonBody(body): JsonBody<HttpSubmitTask>,
+) -> Result<Response, ApiError> {
+    let spec = task_convert::spec(body)?;
+    respond(app.engine.execute(Command::SubmitTask { spec }).await?)
+}
+
+/// `GET /v1/tasks[?status=running&role=coder&limit=100]`, newest first.
+async fn list_tasks(
+    State(app): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<Vec<TaskInfo>>, ApiError> {
+    let limit = match query.get("limit") {
+        Some(text) => {
+            text.parse::<usize>().map_err(|_| ApiError::bad_request(format!("limit {text:?} is not a number")))?
+        }
+        None => 1_000,
+    };
+    let status = query.get("status").cloned();
+    let role = query.get("role").cloned();
+    let found = app
+        .engine
+        .read(move |state| {
+            state
+                .tasks()
+                .all()
+                .rev()
+                .filter(|task| status.as_deref().is_none_or(|wanted| task.status.word() == wanted))
+                .filter(|task| role.as_deref().is_none_or(|wanted| task.spec.role.as_str() == wanted))
+                .take(limit)
+                .map(task_convert::task_info)
+                .collect()
+        })
+        .await?;
+    Ok(Json(found))
+}
+
+async fn get_task(State(app): State<AppState>, Path(task): Path<String>) -> Result<Json<TaskInfo>, ApiError> {
+    let task = task_number(&task)?;
+    let found = app.engine.read(move |state| state.tasks().get(task).map(task_convert::task_info)).await?;
+    Ok(Json(found.ok_or(hale_core::Rejection::UnknownTask { task })?))
+}
+
+/// The tasks leased to the agent's current run: how an agent without a session asks for work.
+async fn agent_tasks(State(app): State<AppState>, Path(agent): Path<String>) -> Result<Json<Vec<TaskInfo>>, ApiError> {
+    let agent = agent_name(&agent)?;
+    let found = app
+        .engine
+        .read(move |state| {
+            let incarnation = state.agent(agent.as_str()).map_or(0, |record| record.incarnation);
+            state
+                .tasks()
+                .running_on(&agent)
+                .filter(|task| task.holder().is_some_and(|(_, held)| held == incarnation))
+                .map(task_convert::task_info)
+                .collect()
+        })
+        .await?;
+    Ok(Json(found))
+}
+
+async fn cancel_task(State(app): State<AppState>, Path(task): Path<String>) -> Result<Response, ApiError> {
+    respond(app.engine.execute(Command::CancelTask { task: task_number(&task)? }).await?)
+}
+
+async fn intend_step(
+    State(app): State<AppState>,
+    Path(task): Path<String>,
+    JsonBody(body): JsonBody<HttpTaskWrite>,
+) -> Result<Response, ApiError> {
+    let name = body.name.ok_or_else(|| ApiError::bad_request("an intent needs the step's name"))?;
+    let command = Command::IntendStep {
+        task: task_number(&task)?,
+        agent: agent_name(&body.agent)?,
+        incarnation: body.incarnation,
+        name,
+    };
+    respond(app.engine.execute(command).await?)
+}
+
+async fn commit_step(
+    State(app): State<AppState>,
+    Path(task): Path<String>,
+    JsonBody(body): JsonBody<HttpTaskWrite>,
+) -> Result<Response, ApiError> {
+    let name = body.name.ok_or_else(|| ApiError::bad_request("a step needs a name"))?;
+    let command = Command::CommitStep {
+        task: task_number(&task)?,
+        agent: agent_name(&body.agent)?,
+        incarnation: body.incarnation,
+        name,
+        result: body.result,
+        llm: body.llm.map(task_convert::llm),
+        compensation: body.compensation,
+    };
+    respond(app.engine.execute(command).await?)
+}
+
+async fn complete_task(
+    State(app): State<AppState>,
+    Path(task): Path<String>,
+    JsonBody(body): JsonBody<HttpTaskWrite>,
+) -> Result<Response, ApiError> {
+    let command = Command::CompleteTask {
+        task: task_number(&task)?,
+        agent: agent_name(&body.agent)?,
+        incarnation: body.incarnation,
+        result: body.result,
+    };
+    respond(app.engine.execute(command).await?)
+}
+
+async fn fail_task(
+    State(app): State<AppState>,
+    Path(task): Path<String>,
+    JsonBody(body): JsonBody<HttpTaskWrite>,
+) -> Result<Response, ApiError> {
+    let command = Command::FailTask {
+        task: task_number(&task)?,
+        agent: agent_name(&body.agent)?,
+        incarnation: body.incarnation,
+        reason: body.reason.unwrap_or_else(|| "failed by the agent".into()),
+        retry: body.retry.unwrap_or(true),
+    };
+    respond(app.engine.execute(command).await?)
+}
+
+async fn reserve(
+    State(app): State<AppState>,
+    Path(agent): Path<String>,
+    JsonBody(body): JsonBody<HttpSpend>,
+) -> Result<Response, ApiError> {
+    if body.reservation.is_some() {
+        return Err(ApiError::bad_request("a reservation names no reservation; report spending to /spend"));
+    }
+    let command = Command::Reserve {
+        agent: agent_name(&agent)?,
+        incarnation: body.incarnation,
+        task: body.task,
+        spend: task_convert::spend(body.tokens, body.cost),
+    };
+    respond(app.engine.execute(command).await?)
+}
+
+async fn report_spend(
+    State(app): State<AppState>,
+    Path(agent): Path<String>,
+    JsonBody(body): JsonBody<HttpSpend>,
+) -> Result<Response, ApiError> {
+    let command = Command::ReportSpend {
+        agent: agent_name(&agent)?,
+        incarnation: body.incarnation,
+        task: body.task,
+        reservation: body.reservation,
+        spend: task_convert::spend(body.tokens, body.cost),
+    };
+    respond(app.engine.execute(command).await?)
+}
+
+/// `GET /v1/status`: the system mode, capacity per role and the queue.
+async fn status(State(app): State<AppState>) -> Result<Json<SystemStatus>, ApiError> {
+    let found = app
+        .engine
+        .read_core(|core| {
+            let state = core.state();
+            let settings = core.task_settings();
+            let mut per_role: BTreeMap<String, RoleStatus> = BTreeMap::new();
+            for record in state.agents() {
+                let row = per_role.entry(record.role.to_string()).or_insert_with(|| RoleStatus {
+                    role: record.role.to_string(),
+                    agents: 0,
+                    healthy: 0,
+                    leases: 0,
+                    queued: 0,
+                });
+                row.agents += 1;
+                row.leases += state.tasks().load(&record.name) as u32;
+                if core.can_take_tasks(&record.name) {
+                    row.healthy += 1;
+                }
+            }
+            let mut by_status: BTreeMap<String, u64> = BTreeMap::new();
+            for task in state.tasks().all() {
+                *by_status.entry(task.status.word().to_string()).or_default() += 1;
+            }
+            for task in state.tasks().pending() {
+                let role = task.spec.role.to_string();
+                per_role
+                    .entry(role.clone())
+                    .or_insert_with(|| RoleStatus { role, agents: 0, healthy: 0, leases: 0, queued: 0 })
+                    .queued += 1;
+            }
+            let (serving, roles) = core.serving();
+            SystemStatus {
+                mode: state.mode().to_string(),
+                serving,
+                roles,
+                per_role: per_role.into_values().collect(),
+                queued: state.tasks().queued() as u64,
+                shed_background_at: settings.shed_background_at,
+                shed_normal_at: settings.shed_normal_at,
+                shed_high_at: settings.shed_high_at,
+                tasks_by_status: by_status,
+            }
+        })
+        .await?;
+    Ok(Json(found))
+}
