@@ -317,6 +317,11 @@ impl Agent {
         }
     }
 
+    /// The agent's name.
+    pub fn name(&self) -> &str {
+        &self.shared.options.agent
+    }
+
     /// The incarnation of this session's run, once resumed.
     pub fn incarnation(&self) -> Option<u64> {
         *self.shared.incarnation.lock().expect("incarnation lock")

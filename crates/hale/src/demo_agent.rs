@@ -1,11 +1,16 @@
 //! `hale demo-agent ROLE`: a small agent that hale can run. It resumes its state, then
 //! works in steps: each step it heartbeats with its progress and checkpoints the step.
 //!
+//! It also takes the tasks hale leases to it, one at a time: a task's payload says how
+//! many steps it has (`{"steps": 4}`, default 3), each committed with the model call
+//! behind it, and what to answer. A retry skips the steps an earlier attempt committed.
+//! A compensation task (`{"compensate": …}`) is answered at once.
+//!
 //! `--misbehave` makes it fail in one of the ways real agents do, so the detectors and
 //! the supervisor can be tested and demonstrated on a real process.
 
 use anyhow::{Context, Result, bail};
-use hale_client::{Agent, AgentOptions, ProgressBody};
+use hale_client::{Agent, AgentOptions, LlmCallInfo, ProgressBody, StepExtras, TaskInfo};
 use serde_json::json;
 use std::time::Duration;
 
@@ -63,6 +68,9 @@ pub struct DemoAgentArgs {
     /// Serve a health endpoint (any path; 200, or 503 when unhealthy) on this address.
     #[arg(long)]
     pub health_listen: Option<std::net::SocketAddr>,
+    /// Time per step of a task.
+    #[arg(long, default_value_t = 300)]
+    pub task_step_ms: u64,
 }
 
 pub async fn run(mut args: DemoAgentArgs) -> Result<i32> {
@@ -91,7 +99,7 @@ pub async fn run(mut args: DemoAgentArgs) -> Result<i32> {
         let unhealthy_after = (args.misbehave == Misbehave::Unhealthy).then(|| Duration::from_millis(args.after_ms));
         serve_health(listen, started, unhealthy_after).await?;
     }
-    let mut work = Work { args: &args, started, ballast: Vec::new(), spinning: false };
+    let mut work = Work { args: &args, started, ballast: Vec::new(), spinning: false, job: None };
     // Survive hale restarting: reconnect and resume the same run until hale says it is
     // over (fenced, or down). A real agent gets this from the client library.
     let mut delay = Duration::from_millis(50);
@@ -201,6 +209,8 @@ struct Work<'a> {
     started: tokio::time::Instant,
     ballast: Vec<Vec<u8>>,
     spinning: bool,
+    /// The task being worked on, and when its next step is due.
+    job: Option<(TaskInfo, tokio::time::Instant)>,
 }
 
 impl Work<'_> {
@@ -221,6 +231,14 @@ impl Work<'_> {
                     return Outcome::Exit(0);
                 }
                 reason = agent.ended() => return Outcome::Disconnected(reason),
+                offered = agent.next_task(), if self.job.is_none() => {
+                    if let Some(task) = offered {
+                        println!("demo-agent: took task {} (attempt {}, {} steps done before)", task.task, task.attempts, task.steps.iter().filter(|step| step.state == "done").count());
+                        let due = tokio::time::Instant::now() + Duration::from_millis(args.task_step_ms);
+                        self.job = Some((task, due));
+                    }
+                    continue;
+                }
             }
             let mut progressing = true;
             if self.started.elapsed() >= Duration::from_millis(args.after_ms) {
@@ -263,14 +281,25 @@ impl Work<'_> {
                 step += 1;
             }
             let steps = args.steps.max(1);
-            let progress = ProgressBody {
+            let mut progress = ProgressBody {
                 fraction: Some((step % steps) as f64 / steps as f64),
                 message: Some(format!("{} step {step}", args.role)),
                 task: Some(format!("{}-work-{}", args.role, step / steps)),
                 fields: serde_json::Map::new(),
             };
+            if progressing && let Some((task, _)) = &self.job {
+                let total = task_steps(task);
+                let done = task.steps.iter().filter(|step| step.state == "done").count() as u64;
+                progress.fraction = Some(done as f64 / total.max(1) as f64);
+                progress.message = Some(format!("task {} step {done}/{total}", task.task));
+                progress.task = Some(format!("task-{}", task.task));
+            }
             let sent = match agent.heartbeat(Some(progress)).await {
                 Ok(()) if progressing => agent.checkpoint(json!({ "step": step, "role": args.role })).await.map(|_| ()),
+                other => other,
+            };
+            let sent = match sent {
+                Ok(()) if progressing => self.task_step(agent).await,
                 other => other,
             };
             if let Err(error) = sent {
@@ -281,4 +310,98 @@ impl Work<'_> {
             }
         }
     }
+
+    /// One step of the task at hand, if one is due: the next step not yet done (an
+    /// uncertain one is checked, then committed), or the completion.
+    async fn task_step(&mut self, agent: &Agent) -> Result<(), hale_client::ClientError> {
+        let Some((task, due)) = &mut self.job else { return Ok(()) };
+        if tokio::time::Instant::now() < *due {
+            return Ok(());
+        }
+        *due += Duration::from_millis(self.args.task_step_ms);
+        let id = task.task;
+        if agent.is_cancelled(id) {
+            println!("demo-agent: task {id} was cancelled; dropping it");
+            self.job = None;
+            return Ok(());
+        }
+        let written = if let Some(undo) = task.payload.get("compensate") {
+            println!("demo-agent: undoing step {} of task {}", undo["step"], undo["task"]);
+            agent.complete(id, json!({ "undone": undo["step"] })).await.map(|()| true)
+        } else {
+            let total = task_steps(task);
+            let done = |name: &str| task.steps.iter().any(|step| step.name == name && step.state == "done");
+            match (1..=total).map(|n| format!("step-{n}")).find(|name| !done(name)) {
+                Some(name) => {
+                    if task.steps.iter().any(|step| step.name == name && step.state == "uncertain") {
+                        println!("demo-agent: {name} of task {id} is uncertain: checking whether it happened");
+                    }
+                    agent.intend(id, &name).await?;
+                    let result = json!({
+                        "by": agent_label(agent),
+                        "output": format!("{} output for {name}", self.args.role),
+                    });
+                    let extras = StepExtras {
+                        llm: Some(LlmCallInfo {
+                            model: format!("demo-{}", self.args.role),
+                            model_version: Some("1".into()),
+                            temperature: Some(0.0),
+                            prompt_hash: Some(format!("demo:{id}:{name}")),
+                            tokens_in: Some(100),
+                            tokens_out: Some(40),
+                            ..LlmCallInfo::default()
+                        }),
+                        compensation: task.payload.get("compensable").map(|_| json!({ "undo": name })),
+                    };
+                    match agent.commit(id, &name, result.clone(), extras).await {
+                        Ok(()) => {
+                            println!("demo-agent: task {id}: committed {name}");
+                            task.steps.retain(|step| step.name != name);
+                            task.steps.push(hale_client::StepInfo {
+                                name,
+                                state: "done".into(),
+                                result,
+                                attempt: task.attempts,
+                                at_ms: 0,
+                                llm: None,
+                                compensation: None,
+                            });
+                            Ok(false)
+                        }
+                        Err(error) => Err(error),
+                    }
+                }
+                None => {
+                    let answer =
+                        task.payload.get("answer").cloned().unwrap_or_else(|| json!(format!("{total} steps done")));
+                    println!("demo-agent: task {id}: complete");
+                    agent.complete(id, json!({ "answer": answer, "steps": total })).await.map(|()| true)
+                }
+            }
+        };
+        match written {
+            Ok(false) => Ok(()),
+            Ok(true) => {
+                self.job = None;
+                Ok(())
+            }
+            // The lease moved on (cancelled, or this run lost it): drop the task, keep going.
+            Err(error) if matches!(error.code(), Some("lease_lost" | "task_ended" | "step_done")) => {
+                println!("demo-agent: task {id}: {error}; dropping it");
+                self.job = None;
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
+    }
+}
+
+/// The steps a task's payload asks for (default 3).
+fn task_steps(task: &TaskInfo) -> u64 {
+    task.payload.get("steps").and_then(|steps| steps.as_u64()).unwrap_or(3).clamp(1, 1_000)
+}
+
+/// `agent/incarnation`, for step results.
+fn agent_label(agent: &Agent) -> String {
+    format!("{}/{}", agent.name(), agent.incarnation().unwrap_or(0))
 }

@@ -1,5 +1,5 @@
 //! `hale demo --json`: the README's main command runs to the end by itself, and its
-//! timeline shows each expected detection and recovery.
+//! timeline shows each expected detection and recovery, and the task story.
 
 use crate::support;
 use serde_json::Value;
@@ -34,6 +34,27 @@ fn the_demo_detects_and_heals_a_kill_and_a_stall_and_leaves_nothing_running() {
     assert_eq!(stalled["detector"], "stall");
     assert_eq!(entry(timeline, "restarted", "creative-writer")["incarnation"], 2);
     assert_eq!(entry(timeline, "resumed", "creative-writer")["continued"], true);
+
+    // The task story: the killed holder's task moved and finished from its last commit
+    // point; the fact-check was shadowed; the small model completed a task at good_enough.
+    let moved = timeline.iter().find(|entry| entry["kind"] == "task_moved").expect("a task_moved entry");
+    assert_eq!((moved["to"].as_str(), moved["committed_steps"].as_u64()), (Some("code-generator-2"), Some(2)));
+    assert!(moved["t_ms"].as_u64() >= killed["t_ms"].as_u64());
+    let completed: Vec<&Value> = timeline.iter().filter(|entry| entry["kind"] == "task_completed").collect();
+    assert_eq!(completed.len(), 2, "{timeline:#?}");
+    assert_eq!(
+        (completed[0]["from_last_commit"].as_bool(), completed[0]["steps_rerun"].as_bool()),
+        (Some(true), Some(false))
+    );
+    assert_eq!(
+        (completed[1]["level"].as_str(), completed[1]["by"].as_str()),
+        (Some("good_enough"), Some("code-generator-small"))
+    );
+    let shadow = timeline.iter().find(|entry| entry["kind"] == "shadow_completed").expect("a shadow_completed entry");
+    assert_eq!(shadow["agreed"], 2);
+    let modes: Vec<&str> =
+        timeline.iter().filter(|entry| entry["kind"] == "mode").filter_map(|entry| entry["mode"].as_str()).collect();
+    assert!(modes.windows(2).any(|pair| pair == ["degraded", "optimal"]), "{modes:?}");
 
     // Nobody else went down, and the stop left no agent process behind.
     let downs = timeline.iter().filter(|entry| entry["kind"] == "detected").count();

@@ -184,6 +184,12 @@ pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitSta
 
 /// A minimal HTTP/1.1 request on a fresh connection: status and body.
 pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    let (status, _, body) = http_full(addr, method, path, body);
+    (status, body)
+}
+
+/// Like [`http`], with the response's head (status line and headers) too.
+pub fn http_full(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String, String) {
     let mut stream = TcpStream::connect(addr).expect("connecting to hale");
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let head = format!(
@@ -197,8 +203,8 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, St
     let _ = stream.read_to_end(&mut response);
     let response = String::from_utf8_lossy(&response).to_string();
     let status = response.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
-    (status, body)
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (status, head.to_string(), body.to_string())
 }
 
 /// Runs `hale ARGS…` to completion: exit code, stdout, stderr.

@@ -129,3 +129,118 @@ async fn tasks_are_pushed_over_sessions_and_move_when_the_holder_is_fenced() {
     keep_beating.abort();
     assert!(hale.terminate().success());
 }
+
+/// The end-to-end story with real processes: two managed demo agents; the holder
+/// of a four-step task is SIGKILLed after committing two steps; the task finishes on the
+/// other agent from the last commit point (steps 1 and 2 are not run again), with the
+/// right result; the killed run's late completion is refused.
+#[tokio::test]
+async fn a_task_whose_holder_is_sigkilled_finishes_elsewhere_from_its_last_commit() {
+    let temp = tempfile::tempdir().unwrap();
+    let mut text = String::new();
+    for name in ["coder-1", "coder-2"] {
+        let args = ["demo-agent", "coder", "--step-ms", "100", "--task-step-ms", "400"];
+        text.push_str(&format!(
+            "[[agent]]\nname = \"{name}\"\nrole = \"coder\"\ncommand = \"{}\"\nargs = {}\nrestart = \"always\"\n\n",
+            support::HALE,
+            serde_json::to_string(&args).unwrap()
+        ));
+    }
+    let config = temp.path().join("hale.toml");
+    std::fs::write(&config, text).unwrap();
+    let hale = support::up(&config, &temp.path().join("data"), "127.0.0.1:0");
+    let admin = Admin::new(&hale.http_url());
+    eventually("both agents attached", 30, || async {
+        let agents = admin.agents().await.ok()?;
+        (agents.iter().filter(|agent| agent.attached).count() == 2).then_some(())
+    })
+    .await;
+
+    let submit = hale_client::HttpSubmitTask {
+        role: "coder".into(),
+        payload: json!({"steps": 4, "answer": "fn parse() {}"}),
+        ..Default::default()
+    };
+    let task = admin.submit(&submit).await.unwrap().task;
+    let holding = eventually("two steps committed", 30, || async {
+        let found = admin.task(task).await.ok()?;
+        let done = found.steps.iter().filter(|step| step.state == "done").count();
+        (found.status == "running" && done == 2).then_some(found)
+    })
+    .await;
+    let holder = holding.agent.clone().unwrap();
+    let incarnation = holding.incarnation.unwrap();
+    let summary = admin.agents().await.unwrap().into_iter().find(|agent| agent.agent == holder).unwrap();
+    let pid = summary.managed.as_ref().and_then(|managed| managed.pid).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+
+    let done = eventually("the task completed", 30, || async {
+        let found = admin.task(task).await.ok()?;
+        (found.status == "completed").then_some(found)
+    })
+    .await;
+    assert_eq!(done.result, Some(json!({"answer": "fn parse() {}", "steps": 4})));
+    let names: Vec<&str> = done.steps.iter().map(|step| step.name.as_str()).collect();
+    assert_eq!(names, ["step-1", "step-2", "step-3", "step-4"]);
+    let killed = format!("{holder}/{incarnation}");
+    for step in &done.steps[..2] {
+        // Committed by the killed run and never run again.
+        assert_eq!((step.attempt, step.result["by"].as_str()), (1, Some(killed.as_str())), "{step:?}");
+    }
+    for step in &done.steps[2..] {
+        assert_eq!(step.attempt, 2, "{step:?}");
+        let by = step.result["by"].as_str().unwrap();
+        assert!(!by.starts_with(&format!("{holder}/")), "step {} ran on the killed agent: {by}", step.name);
+        assert!(step.llm.as_ref().is_some_and(|llm| llm.model == "demo-coder"), "{step:?}");
+    }
+    assert_eq!(done.attempts, 2);
+    assert!(done.last_error.as_deref().is_some_and(|error| error.contains("down")), "{done:?}");
+
+    // What the killed run might still have sent is refused.
+    let late = json!({"agent": holder, "incarnation": incarnation, "result": "zombie"});
+    let (status, answer) = post(&hale, &format!("/v1/tasks/{task}/complete"), late);
+    assert_eq!(status, 409, "{answer}");
+    assert_eq!(answer["error"]["code"], "lease_lost");
+    assert_eq!(admin.task(task).await.unwrap().result, done.result);
+}
+
+/// Load shedding over HTTP: with the queue at its limits, background (then normal)
+/// submissions get 503 with Retry-After and a retryable `overloaded` error; critical ones
+/// are accepted; `hale status` shows the queue and its limits.
+#[tokio::test]
+async fn load_shedding_answers_503_for_background_while_critical_is_accepted() {
+    let temp = tempfile::tempdir().unwrap();
+    let config = temp.path().join("hale.toml");
+    std::fs::write(&config, "[tasks]\nshed_background_at = 2\nshed_normal_at = 3\nretry_after_ms = 5000\n").unwrap();
+    let hale = serve(&temp.path().join("data"), &["-c", config.to_str().unwrap()]);
+    let submit = |priority: &str| {
+        let body = json!({"role": "writer", "priority": priority, "payload": {"topic": "tides"}});
+        support::http_full(hale.addr, "POST", "/v1/tasks", body.to_string().as_bytes())
+    };
+    // No writer is connected, so everything queues.
+    for priority in ["normal", "background"] {
+        let (status, _, body) = submit(priority);
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, head, body) = submit("background");
+    assert_eq!(status, 503, "{body}");
+    assert!(head.to_ascii_lowercase().contains("retry-after: 5"), "{head}");
+    let error: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (error["error"]["code"].as_str(), error["error"]["retryable"].as_bool()),
+        (Some("overloaded"), Some(true))
+    );
+    assert!(error["error"]["message"].as_str().unwrap().contains("critical"), "{body}");
+    let (status, _, body) = submit("normal");
+    assert_eq!(status, 200, "normal is refused only from 3 queued: {body}");
+    let (status, _, body) = submit("normal");
+    assert_eq!(status, 503, "{body}");
+    for _ in 0..3 {
+        let (status, _, body) = submit("critical");
+        assert_eq!(status, 200, "critical work is never shed: {body}");
+    }
+    let (code, out, err) = support::hale(&["status", "--server", &hale.http_url()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("queue 6 waiting (background refused from 2, normal from 3"), "{out}");
+    assert!(out.contains("6 pending"), "{out}");
+}

@@ -1,20 +1,25 @@
-//! `hale demo`: a crew of six real agent processes under hale, two failures, and a
-//! timeline of how hale noticed and healed each.
+//! `hale demo`: a crew of nine real agent processes under hale, two failures, a few
+//! tasks, and a timeline of how hale noticed and healed each failure.
 //!
-//! The crew is `hale demo-agent` processes (data-analyst, code-generator, creative-writer,
-//! fact-checker, orchestrator and a backup orchestrator), each heartbeating with progress
-//! and checkpointing its step. Midway the demo SIGKILLs the code-generator; later the
-//! creative-writer stalls (it keeps heartbeating but makes no progress). The timeline says
-//! which detector saw each failure and how fast, the incarnation it was restarted as, the
-//! state version it resumed from, and that its work continued from there. Everything runs
-//! on a temporary data directory and is stopped at the end; the demo checks that no agent
-//! process is left.
+//! The crew is `hale demo-agent` processes (data-analyst, two code-generators and a
+//! small-model code-generator, creative-writer, two fact-checkers, orchestrator and a
+//! backup orchestrator), each heartbeating with progress and checkpointing its step. The
+//! task story (`tasks.rs`): a code task's holder is SIGKILLed after two committed steps and
+//! the task finishes on the other code-generator from its last commit point; a fact-check
+//! runs shadowed on both fact-checkers; with both code-generators stopped, a code task
+//! falls back to the small model and completes at `good_enough`. Later the creative-writer
+//! stalls (it keeps heartbeating but makes no progress). The timeline says which detector
+//! saw each failure and how fast, the incarnation it was restarted as, the state version it
+//! resumed from, and that its work continued from there. Everything runs on a temporary
+//! data directory and is stopped at the end; the demo checks that no agent process is left.
+
+mod tasks;
 
 use anyhow::{Context, Result};
 use hale_core::policy::{Backoff, Intensity};
 use hale_core::supervision::{Criticality, ManagedStatus, RestartPolicy, StallPolicy, Supervision};
 use hale_core::{AgentName, RoleName};
-use hale_server::process::{ProcessSpec, Signal, signal_group};
+use hale_server::process::ProcessSpec;
 use hale_server::{DeclaredAgent, ResourceWatch, ServerConfig, Supervise};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -25,9 +30,10 @@ pub struct DemoArgs {
     /// Print the timeline as JSON on stdout at the end (progress still goes to stderr).
     #[arg(long)]
     json: bool,
-    /// When to SIGKILL the code-generator, in seconds from the start.
-    #[arg(long, default_value_t = 6.0)]
-    kill_at: f64,
+    /// When the operator stops both code-generators (after the first code task is done),
+    /// in seconds from the start.
+    #[arg(long, default_value_t = 9.0)]
+    small_at: f64,
     /// When the creative-writer stops making progress, in seconds after it starts.
     #[arg(long, default_value_t = 11.0)]
     stall_at: f64,
@@ -36,8 +42,22 @@ pub struct DemoArgs {
     seconds: f64,
 }
 
-const CREW: [&str; 6] =
-    ["data-analyst", "code-generator", "creative-writer", "fact-checker", "orchestrator", "orchestrator-backup"];
+const CREW: [&str; 9] = [
+    "data-analyst",
+    "code-generator",
+    "code-generator-2",
+    "code-generator-small",
+    "creative-writer",
+    "fact-checker",
+    "fact-checker-2",
+    "orchestrator",
+    "orchestrator-backup",
+];
+
+/// The role of a crew member: its name without `-2` or `-backup`.
+fn role_of(agent: &str) -> &str {
+    agent.trim_end_matches("-backup").trim_end_matches("-2")
+}
 const STEP_MS: u64 = 100;
 const STALL_BEATS: u32 = 10;
 
@@ -71,7 +91,7 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
     );
 
     let mut last: BTreeMap<String, Seen> = BTreeMap::new();
-    let mut killed: Option<(Instant, u64, u64)> = None; // (when, incarnation, step before)
+    let mut story = tasks::TaskStory::default();
     let mut downs: BTreeMap<String, (u64, u64)> = BTreeMap::new(); // agent → (version, step) at its down
     let mut checks = Checks::default();
     let mut progressed: BTreeMap<String, Instant> = BTreeMap::new(); // agent → when its step last changed
@@ -84,14 +104,20 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
             if let Some((incarnation, detector, cause, at_ms)) = &seen.last_down
                 && before.is_none_or(|before| before.last_down.as_ref().map(|down| down.0) != Some(*incarnation))
             {
-                let after_ms = match (agent.as_str(), killed) {
-                    ("code-generator", Some((when, _, _))) => Some(ms_between(when, at_ms)),
+                let (version, step) = before.map_or((seen.version, seen.step), |before| (before.version, before.step));
+                downs.insert(agent.clone(), (version, step));
+                if detector == "operator" {
+                    // Stopped on purpose by the story: not a failure.
+                    continue;
+                }
+                let after_ms = match &story.victim {
+                    Some(victim) if victim.agent == *agent && victim.incarnation == *incarnation => {
+                        Some(ms_between(victim.at, at_ms))
+                    }
                     _ => None,
                 };
                 // For a stall: how long its progress had been standing still.
                 let still_ms = progressed.get(agent).map(|when| ms_between(*when, at_ms));
-                let (version, step) = before.map_or((seen.version, seen.step), |before| (before.version, before.step));
-                downs.insert(agent.clone(), (version, step));
                 let text = match (after_ms, still_ms) {
                     (Some(after), _) => format!(
                         "{agent}: incarnation {incarnation} DOWN, detected {after} ms after the kill by {detector}: {cause}"
@@ -148,7 +174,9 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
                         if continued { "work continued where it stopped" } else { "NOT a continuation" }
                     ),
                 );
-                checks.resumed(agent, continued);
+                if seen.incarnation == 2 {
+                    checks.resumed(agent, continued);
+                }
             }
         }
         for (agent, seen) in &now {
@@ -158,21 +186,7 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
         }
         last = now;
         let elapsed = started.elapsed().as_secs_f64();
-        if killed.is_none() && elapsed >= args.kill_at {
-            let victim = &last["code-generator"];
-            if let Some(pid) = victim.pid {
-                signal_group(pid, Signal::KILL).context("killing the code-generator")?;
-                killed = Some((Instant::now(), victim.incarnation, victim.step));
-                timeline.note(
-                    json!({ "kind": "killed", "agent": "code-generator", "pid": pid, "incarnation": victim.incarnation,
-                            "signal": "SIGKILL", "state_version": victim.version, "step": victim.step }),
-                    format!(
-                        "SIGKILL code-generator (pid {pid}, incarnation {}, at step {})",
-                        victim.incarnation, victim.step
-                    ),
-                );
-            }
-        }
+        story.advance(&server, &mut timeline, args.small_at, elapsed).await?;
         if !args.json && progress_shown.elapsed() >= Duration::from_secs(3) {
             progress_shown = Instant::now();
             let line: Vec<String> = CREW
@@ -195,17 +209,21 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
         json!({ "kind": "stopped", "agents_left_running": left }),
         format!("hale stopped; agent processes left running: {left}"),
     );
-    let passed = checks.all_passed(running, left);
+    let mut report = checks.report(running, left);
+    if let (Some(report), Some(story)) = (report.as_object_mut(), story.report().as_object()) {
+        report.extend(story.clone());
+    }
+    let passed = report.as_object().expect("an object").values().all(|ok| ok.as_bool() == Some(true));
     let summary = json!({
         "passed": passed,
-        "checks": checks.report(running, left),
+        "checks": report,
         "timeline": timeline.entries,
     });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         eprintln!();
-        for (check, ok) in checks.report(running, left).as_object().expect("an object") {
+        for (check, ok) in report.as_object().expect("an object") {
             eprintln!("  {} {check}", if ok.as_bool() == Some(true) { "ok  " } else { "FAIL" });
         }
         eprintln!("\n{}", if passed { "demo passed: every failure was detected and healed" } else { "demo FAILED" });
@@ -235,8 +253,15 @@ fn crew(args: &DemoArgs) -> Result<Supervise> {
     let agents = CREW
         .iter()
         .map(|agent| {
-            let mut demo_args =
-                vec!["demo-agent".to_string(), agent.to_string(), "--step-ms".into(), STEP_MS.to_string()];
+            let task_step_ms = if role_of(agent) == "code-generator" { 500 } else { 300 };
+            let mut demo_args = vec![
+                "demo-agent".to_string(),
+                agent.to_string(),
+                "--step-ms".into(),
+                STEP_MS.to_string(),
+                "--task-step-ms".into(),
+                task_step_ms.to_string(),
+            ];
             if *agent == "creative-writer" {
                 let after_ms = (args.stall_at * 1000.0) as u64;
                 demo_args.extend(
@@ -246,7 +271,7 @@ fn crew(args: &DemoArgs) -> Result<Supervise> {
             }
             let name = AgentName::new(*agent).expect("a valid name");
             DeclaredAgent {
-                role: RoleName::new(agent.trim_end_matches("-backup")).expect("a valid role"),
+                role: RoleName::new(role_of(agent)).expect("a valid role"),
                 labels: BTreeMap::from([("crew".to_string(), "demo".to_string())]),
                 supervision: Supervision {
                     restart: RestartPolicy::Always,
@@ -339,14 +364,14 @@ fn left_running(port: u16) -> usize {
         .count()
 }
 
-struct Timeline {
+pub(crate) struct Timeline {
     started: Instant,
     entries: Vec<Value>,
     json: bool,
 }
 
 impl Timeline {
-    fn note(&mut self, mut entry: Value, text: String) {
+    pub(crate) fn note(&mut self, mut entry: Value, text: String) {
         let t_ms = self.started.elapsed().as_millis() as u64;
         entry["t_ms"] = json!(t_ms);
         eprintln!("[{:5.1}s] {text}", t_ms as f64 / 1000.0);
@@ -388,12 +413,8 @@ impl Checks {
             "creative-writer stalled: detected by the stall detector": self.stall_detected,
             "creative-writer restarted as incarnation 2 and continued from its state": self.stalled_resumed,
             "no other agent was declared down": self.unexpected.is_empty(),
-            "all six agents running before the stop": running == CREW.len(),
+            "all nine agents running before the stop": running == CREW.len(),
             "no agent process left running after the stop": left == 0,
         })
-    }
-
-    fn all_passed(&self, running: usize, left: usize) -> bool {
-        self.report(running, left).as_object().expect("an object").values().all(|ok| ok.as_bool() == Some(true))
     }
 }
