@@ -401,6 +401,10 @@ impl Core {
         let tasks = self.state.tasks();
         let mut commands: Vec<Command> = tasks.overdue(now).map(|task| Command::ExpireTask { task }).collect();
         let (mut healthy, serving, roles) = self.capacity();
+        // An agent that has used its whole budget for this period gets no more work.
+        for candidates in healthy.values_mut() {
+            candidates.retain(|candidate| self.within_budget(candidate.agent, now));
+        }
         let mode = tasks::Mode::from_capacity(serving, roles);
         if mode != self.state.mode() {
             commands.push(Command::SetMode { mode, serving, roles });
@@ -421,6 +425,17 @@ impl Core {
     /// quarantined.
     pub fn can_take_tasks(&self, agent: &AgentName) -> bool {
         self.state.agent(agent.as_str()).is_some_and(|record| self.takes_tasks(record))
+    }
+
+    /// Whether `agent` has budget left in its current period (or has no budget).
+    fn within_budget(&self, agent: &AgentName, now: Timestamp) -> bool {
+        let Some(budget) = self.state.agent(agent.as_str()).and_then(|record| record.managed.as_ref()?.spec.budget)
+        else {
+            return true;
+        };
+        let (_, account) = self.state.budgets().agent_at(agent, &budget, now);
+        let used = account.spent.plus(account.reserved);
+        budget.tokens.is_none_or(|max| used.tokens < max) && budget.cost.is_none_or(|max| used.cost < max)
     }
 
     fn takes_tasks(&self, record: &AgentRecord) -> bool {

@@ -29,7 +29,13 @@ pub(crate) fn plan(
     let mut commands = Vec::new();
     // Runs of shadowed tasks placed in this pass, which the state does not show yet.
     let mut placed: BTreeSet<(u64, AgentName)> = BTreeSet::new();
+    // Room left in all: once none is, the rest of the queue waits (a long queue is not
+    // walked on every pass).
+    let mut room: usize = healthy.values().flatten().map(|candidate| capacity.saturating_sub(candidate.load)).sum();
     for task in tasks.assignable(now) {
+        if room == 0 {
+            break;
+        }
         if task.due().is_some_and(|due| due <= now) {
             continue;
         }
@@ -48,6 +54,7 @@ pub(crate) fn plan(
                 .min_by_key(|candidate| candidate.load);
             if let Some(chosen) = chosen {
                 chosen.load += 1;
+                room -= 1;
                 if let Some(parent) = &task.parent {
                     placed.insert((parent.task(), chosen.agent.clone()));
                 }

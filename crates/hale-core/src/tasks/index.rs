@@ -54,15 +54,23 @@ impl Tasks {
     }
 
     /// Pending tasks that may be assigned at `now`, in assignment order: priority, then
-    /// submission.
-    pub fn assignable(&self, now: Timestamp) -> Vec<&Task> {
-        let mut ids: Vec<(Priority, u64)> = self.pending.iter().copied().collect();
-        let due = self.waiting.range(..=(now, u64::MAX)).filter_map(|(_, id)| self.tasks.get(id));
-        ids.extend(due.map(|task| (task.spec.priority, task.id)));
-        if ids.len() > self.pending.len() {
-            ids.sort_unstable();
-        }
-        ids.into_iter().filter_map(|(_, id)| self.tasks.get(&id)).collect()
+    /// submission. Lazy: the queue is walked only as far as the caller goes.
+    pub fn assignable(&self, now: Timestamp) -> impl Iterator<Item = &Task> + '_ {
+        let mut due: Vec<(Priority, u64)> = self
+            .waiting
+            .range(..=(now, u64::MAX))
+            .filter_map(|(_, id)| self.tasks.get(id))
+            .map(|task| (task.spec.priority, task.id))
+            .collect();
+        due.sort_unstable();
+        let mut ready = self.pending.iter().copied().peekable();
+        let mut due = due.into_iter().peekable();
+        std::iter::from_fn(move || match (ready.peek(), due.peek()) {
+            (Some(a), Some(b)) if b < a => due.next(),
+            (Some(_), _) => ready.next(),
+            (None, _) => due.next(),
+        })
+        .filter_map(|(_, id)| self.tasks.get(&id))
     }
 
     /// Pending tasks in the order they are assigned (backing off or not).

@@ -602,6 +602,12 @@ fn an_agent_budget_counts_per_period_and_a_breach_can_quarantine() {
     core.execute(&report(80), at(1)).unwrap();
     let reserve = |cost| Command::Reserve { agent: name("a"), incarnation: 1, task: None, spend: spend(cost) };
     assert_eq!(core.execute(&reserve(30), at(2)).unwrap_err().code(), "over_budget");
+    // With its whole budget used, the agent gets no work (it would only breach).
+    core.heartbeat(at(2), &name("a"), 1, None).unwrap();
+    core.execute(&report(20), at(3)).unwrap();
+    let waiting = submit(&mut core, spec(Priority::Normal), at(4));
+    tick(&mut core, at(5));
+    assert_eq!(status(&core, waiting), TaskStatus::Pending, "an agent out of budget gets no work");
     // A new period starts a minute after the first spend.
     core.execute(&reserve(30), at(60_001)).unwrap();
     let events = core.execute(&report(120), at(60_002)).unwrap();
