@@ -81,6 +81,13 @@ async fn bad_frames_get_typed_errors_and_change_nothing() {
         (text(json!({"type": "report_violation", "id": 19, "reason": "r".repeat(2_000)})), "reason_too_long"),
         (text(json!({"type": "report_violation", "id": 20, "agent": "ghost", "reason": "x"})), "unknown_agent"),
         (text(json!({"type": "commit_step", "id": 21, "task": 99, "name": "s"})), "unknown_task"),
+        (text(json!({"type": "intend_step", "id": 31, "task": 99, "name": "s"})), "unknown_task"),
+        (text(json!({"type": "submit", "id": 32, "task": {"role": "r", "shadow": {"count": 1}}})), "bad_task"),
+        (text(json!({"type": "submit", "id": 33, "task": {"role": "r", "priority": "now"}})), "bad_request"),
+        (text(json!({"type": "submit", "id": 34, "task": {"role": "r", "max_attempts": 0}})), "bad_task"),
+        (text(json!({"type": "reserve", "id": 35, "task": 99, "tokens": 1})), "unknown_task"),
+        (text(json!({"type": "report_spend", "id": 36, "reservation": 5, "tokens": 1})), "bad_task"),
+        (text(json!({"type": "reserve", "id": 37, "tokens": -1})), "bad_frame"),
         (text(json!({"type": "complete", "id": 22, "task": 99})), "unknown_task"),
         (text(json!({"type": "fail", "id": 23, "task": 99, "reason": "r"})), "unknown_task"),
     ];
@@ -170,11 +177,40 @@ fn bad_http_requests_get_typed_errors() {
     assert_eq!(post("/v1/tasks", br#"{"role":"r","max_attempts":0}"#), (400, json!("bad_task")));
     assert_eq!(post("/v1/tasks", br#"{"role":"r","idempotency_key":""}"#), (400, json!("bad_task")));
     assert_eq!(post("/v1/tasks/99/complete", br#"{"agent":"a","incarnation":1}"#), (404, json!("unknown_task")));
+    assert_eq!(post("/v1/tasks", br#"{"role":"r","shadow":{"count":100}}"#), (400, json!("bad_task")));
+    assert_eq!(post("/v1/tasks", br#"{"role":"r","shadow":{"count":2,"quorum":3}}"#), (400, json!("bad_task")));
+    assert_eq!(post("/v1/tasks", br#"{"role":"r","shadow":{"count":2,"x":1}}"#), (400, json!("bad_request")));
+    assert_eq!(
+        post("/v1/tasks", br#"{"role":"r","fallback":[{"role":"s","level":"great"}]}"#),
+        (400, json!("bad_request"))
+    );
+    assert_eq!(post("/v1/tasks", br#"{"role":"r","fallback":[{"role":"bad name","level":"minimal"}]}"#).0, 400);
+    assert_eq!(post("/v1/tasks", br#"{"role":"r","budget":{"tokens":-1}}"#), (400, json!("bad_request")));
+    assert_eq!(post("/v1/tasks/99/intents", br#"{"agent":"a","incarnation":1}"#), (400, json!("bad_request")));
+    assert_eq!(
+        post("/v1/tasks/99/intents", br#"{"agent":"a","incarnation":1,"name":"s"}"#),
+        (404, json!("unknown_task"))
+    );
+    assert_eq!(post("/v1/agents/a/reservations", br#"{"incarnation":1,"tokens":5,"reservation":3}"#).0, 400);
+    assert_eq!(
+        post("/v1/agents/a/reservations", br#"{"incarnation":1,"task":99,"tokens":5}"#),
+        (404, json!("unknown_task"))
+    );
+    assert_eq!(
+        post("/v1/agents/a/spend", br#"{"incarnation":1,"reservation":42,"tokens":5}"#),
+        (400, json!("bad_task"))
+    );
+    assert_eq!(post("/v1/agents/a/spend", br#"{"incarnation":7,"tokens":5}"#), (409, json!("unknown_incarnation")));
     assert_eq!(post("/v1/tasks/abc/cancel", b"").0, 400);
     let (status, body) = hale.get("/v1/tasks/99");
     assert_eq!(status, 404, "{body}");
     let (status, body) = hale.get("/v1/tasks");
     assert_eq!((status, body.as_str()), (200, "[]"), "no task was accepted");
+    let (status, body) = hale.get("/v1/tasks?limit=abc");
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = hale.get("/v1/status");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["queued"], 0);
     let (status, body) = hale.get("/v1/agents/a/state?version=abc");
     assert_eq!(status, 400, "{body}");
     let (status, body) = hale.get("/v1/agents/a/state");
