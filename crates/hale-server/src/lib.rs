@@ -115,6 +115,15 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     };
     let router = api::router(app);
     let mut stop_serving = stopping;
+    // Frames are small and often go out back to back (an answer, then a pushed task): with
+    // Nagle's algorithm on, the second waits for the client's delayed ACK, about 40 ms.
+    // The bench of task throughput showed it (716 tasks/s, 44 ms per lease → 3,049/s off).
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::warn!(%error, "could not turn off Nagle's algorithm on a connection");
+        }
+    });
     let serving = tokio::spawn(async move {
         axum::serve(listener, router)
             .with_graceful_shutdown(async move {

@@ -2,12 +2,16 @@
 //! how; `--json` prints one JSON object per scenario on stdout.
 //!
 //! One file per scenario: `durable_append`, `replay`, `restart` (SIGKILL a supervised
-//! agent, time its return) and `detect` (silence a heartbeating agent, time its `down`).
+//! agent, time its return), `detect` (silence a heartbeating agent, time its `down`),
+//! `redeliver` (SIGKILL the agent holding a task, time until another run holds it) and
+//! `tasks` (task throughput, submitted to completed, with no-op agents).
 
 mod detect;
 mod durable_append;
+mod redeliver;
 mod replay;
 mod restart;
+mod tasks;
 
 use anyhow::Result;
 use serde_json::{Value, json};
@@ -42,16 +46,26 @@ pub struct BenchArgs {
     /// replay: events in the log to recover.
     #[arg(long, default_value_t = 1_000_000)]
     events: u64,
-    /// restart, detect: trials [default: 100 for restart, 20 for detect].
+    /// restart, detect, redeliver: trials [default: 100 for restart, 20 for detect, 50
+    /// for redeliver].
     #[arg(long)]
     trials: Option<usize>,
-    /// restart: how often the bench reads the engine's state while it waits for the agent
-    /// to come back, in microseconds.
+    /// restart, redeliver: how often the bench reads the engine's state while it waits for
+    /// the agent to come back (or its task to move), in microseconds.
     #[arg(long, default_value_t = 200)]
     poll_us: u64,
     /// detect: agents heartbeating over their own WebSocket sessions (1 s ± 200 ms).
     #[arg(long, default_value_t = 50)]
     detect_agents: usize,
+    /// tasks: agents completing tasks, each over its own WebSocket session, one lease each.
+    #[arg(long, default_value_t = 32)]
+    task_agents: usize,
+    /// tasks: tasks to submit.
+    #[arg(long, default_value_t = 5000)]
+    tasks: usize,
+    /// tasks: concurrent HTTP submitters, each one request at a time.
+    #[arg(long, default_value_t = 8)]
+    submitters: usize,
     /// Where to create the temporary data directory (default: the system's temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -73,6 +87,10 @@ enum Scenario {
     Restart,
     /// Silence a heartbeating agent; time from its last heartbeat until it is down.
     Detect,
+    /// SIGKILL a managed agent holding a task; time until the task runs on another agent.
+    Redeliver,
+    /// Task throughput: no-op agents complete tasks submitted over HTTP.
+    Tasks,
 }
 
 pub async fn run(args: BenchArgs) -> Result<i32> {
@@ -81,7 +99,14 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
     }
     let scenarios = match args.scenario {
         Some(scenario) => vec![scenario],
-        None => vec![Scenario::DurableAppend, Scenario::Replay, Scenario::Restart, Scenario::Detect],
+        None => vec![
+            Scenario::DurableAppend,
+            Scenario::Replay,
+            Scenario::Restart,
+            Scenario::Detect,
+            Scenario::Redeliver,
+            Scenario::Tasks,
+        ],
     };
     for scenario in scenarios {
         let result = match scenario {
@@ -89,6 +114,8 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
             Scenario::Replay => replay::replay(&args).await?,
             Scenario::Restart => restart::restart(&args).await?,
             Scenario::Detect => detect::detect(&args).await?,
+            Scenario::Redeliver => redeliver::redeliver(&args).await?,
+            Scenario::Tasks => tasks::tasks(&args).await?,
         };
         if args.json {
             println!("{}", serde_json::to_string(&result)?);
@@ -97,6 +124,23 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// The supervision of the benches' agents: restart always and at once (no backoff), with
+/// an intensity that never trips, so every kill is followed by an immediate restart.
+fn restart_at_once() -> hale_core::supervision::Supervision {
+    use hale_core::policy::{Backoff, Intensity};
+    use hale_core::supervision::{Criticality, RestartPolicy, StallPolicy, Supervision};
+    Supervision {
+        restart: RestartPolicy::Always,
+        criticality: Criticality::Normal,
+        backoff: Backoff { base_ms: 0, max_ms: 0 },
+        // A million restarts within 1 ms.
+        intensity: Intensity { restarts_max: 1_000_000, window_ms: 1 },
+        group: None,
+        stall: StallPolicy::default(),
+        budget: None,
+    }
 }
 
 fn temp_dir(args: &BenchArgs) -> Result<tempfile::TempDir> {

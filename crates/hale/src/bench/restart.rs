@@ -7,8 +7,7 @@
 
 use super::{BenchArgs, machine, micros, summary_ms, temp_dir};
 use anyhow::{Context, Result, bail};
-use hale_core::policy::{Backoff, Intensity};
-use hale_core::supervision::{Criticality, ManagedStatus, RestartPolicy, StallPolicy, Supervision};
+use hale_core::supervision::ManagedStatus;
 use hale_core::{AgentName, Rng, RoleName};
 use hale_server::engine::Engine;
 use hale_server::process::{ProcessSpec, Signal, signal_group};
@@ -31,17 +30,7 @@ pub(super) async fn restart(args: &BenchArgs) -> Result<Value> {
     let dir = temp_dir(args)?;
     let exe = std::env::current_exe().context("finding this hale binary, to run it as the agent")?;
     let agent = AgentName::new("bench-restart")?;
-    let supervision = Supervision {
-        restart: RestartPolicy::Always,
-        criticality: Criticality::Normal,
-        // Backoff off for the bench: every restart is immediate.
-        backoff: Backoff { base_ms: 0, max_ms: 0 },
-        // Never trips: a million restarts within 1 ms.
-        intensity: Intensity { restarts_max: 1_000_000, window_ms: 1 },
-        group: None,
-        stall: StallPolicy::default(),
-        budget: None,
-    };
+    let supervision = super::restart_at_once();
     let args_of_agent = vec!["demo-agent".to_string(), "bench".into(), "--step-ms".into(), STEP_MS.to_string()];
     let process =
         ProcessSpec { command: exe.to_string_lossy().into_owned(), args: args_of_agent, ..Default::default() };
