@@ -28,6 +28,8 @@ pub struct SkippedSnapshot {
     pub seq: u64,
     pub path: PathBuf,
     pub reason: String,
+    /// Written by an older hale, not damaged: expected once after an upgrade.
+    pub older: bool,
 }
 
 /// What recovery found and did.
@@ -65,7 +67,7 @@ pub fn recover(dir: &DataDir, options: &RecoveryOptions) -> Result<Recovered, St
     for file in snapshot::list(&dir.snapshot_dir())? {
         if file.seq > log_last {
             let reason = format!("it covers event {} but the log ends at {log_last}", file.seq);
-            report.skipped_snapshots.push(SkippedSnapshot { seq: file.seq, path: file.path, reason });
+            report.skipped_snapshots.push(SkippedSnapshot { seq: file.seq, path: file.path, reason, older: false });
             continue;
         }
         match snapshot::read(&file) {
@@ -76,8 +78,13 @@ pub fn recover(dir: &DataDir, options: &RecoveryOptions) -> Result<Recovered, St
             }
             Err(error) => {
                 let reason = error.to_string();
-                tracing::warn!(path = %file.path.display(), %reason, "skipping damaged snapshot");
-                report.skipped_snapshots.push(SkippedSnapshot { seq: file.seq, path: file.path, reason });
+                let older = matches!(error, snapshot::SnapshotError::Older(_));
+                if older {
+                    tracing::info!(path = %file.path.display(), %reason, "skipping a snapshot of an older hale");
+                } else {
+                    tracing::warn!(path = %file.path.display(), %reason, "skipping damaged snapshot");
+                }
+                report.skipped_snapshots.push(SkippedSnapshot { seq: file.seq, path: file.path, reason, older });
             }
         }
     }

@@ -13,6 +13,8 @@ pub struct SnapshotCheck {
     pub path: PathBuf,
     /// `None` if the snapshot verified and equals the replay of the log up to its seq.
     pub problem: Option<String>,
+    /// Written by an older hale (not a problem: recovery replays the log instead).
+    pub older: Option<String>,
 }
 
 /// Everything `verify` checked.
@@ -65,14 +67,19 @@ pub fn verify(
     let check_snapshots_up_to =
         |seq: u64, core: &Core, report: &mut VerifyReport, next: &mut std::iter::Peekable<_>| {
             while let Some(file) = next.next_if(|file: &snapshot::SnapshotFile| file.seq <= seq) {
+                let mut older = None;
                 let problem = match snapshot::read(&file) {
+                    Err(error @ snapshot::SnapshotError::Older(_)) => {
+                        older = Some(error.to_string());
+                        None
+                    }
                     Err(error) => Some(error.to_string()),
                     Ok(found) if &found.state != core.state() => {
                         Some(format!("differs from the replay of the log up to event {}", found.seq))
                     }
                     Ok(_) => None,
                 };
-                report.snapshots.push(SnapshotCheck { seq: file.seq, path: file.path, problem });
+                report.snapshots.push(SnapshotCheck { seq: file.seq, path: file.path, problem, older });
             }
         };
     log.scan(0, |record| -> Result<(), StoreError> {

@@ -308,7 +308,11 @@ async fn serve(args: ServeArgs, supervise: bool) -> Result<i32> {
         hale_server::start(config).await.with_context(|| format!("hale could not start on {}", data.display()))?;
     let report = server.recovery();
     for skipped in &report.skipped_snapshots {
-        tracing::warn!(seq = skipped.seq, path = %skipped.path.display(), reason = %skipped.reason, "skipped a snapshot");
+        if skipped.older {
+            tracing::info!(seq = skipped.seq, path = %skipped.path.display(), reason = %skipped.reason, "skipped a snapshot");
+        } else {
+            tracing::warn!(seq = skipped.seq, path = %skipped.path.display(), reason = %skipped.reason, "skipped a snapshot");
+        }
     }
     for (seq, reason) in &report.set_aside {
         tracing::error!(seq, %reason, "--repair set a damaged log record aside (kept in damaged_events)");
@@ -497,6 +501,12 @@ fn verify(data: &std::path::Path, json: bool) -> Result<i32> {
         }
         for snapshot in &report.snapshots {
             match &snapshot.problem {
+                None if snapshot.older.is_some() => println!(
+                    "snapshot at {}: {} ({})",
+                    snapshot.seq,
+                    snapshot.older.as_deref().unwrap_or_default(),
+                    snapshot.path.display()
+                ),
                 None => println!("snapshot at {}: ok ({})", snapshot.seq, snapshot.path.display()),
                 Some(problem) => {
                     println!("DAMAGED snapshot at {}: {problem} ({})", snapshot.seq, snapshot.path.display())
