@@ -7,12 +7,31 @@ use serde::de::DeserializeOwned;
 pub struct Admin {
     base: String,
     http: reqwest::Client,
+    token: Option<String>,
 }
 
 impl Admin {
-    /// A client of the hale at `base` (e.g. `http://127.0.0.1:7700`).
+    /// A client of the hale at `base` (e.g. `http://127.0.0.1:7700`), with no token yet.
     pub fn new(base: &str) -> Admin {
-        Admin { base: base.trim_end_matches('/').to_string(), http: reqwest::Client::new() }
+        Admin { base: base.trim_end_matches('/').to_string(), http: reqwest::Client::new(), token: None }
+    }
+
+    /// Sends `token` (the admin token, or an agent's) with every request.
+    pub fn with_token(mut self, token: impl Into<String>) -> Admin {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// New tokens for `agent` (`hale token issue`): its previous refresh token stops working.
+    pub async fn issue_tokens(&self, agent: &str) -> Result<hale_proto::TokenPair, ClientError> {
+        self.send(reqwest::Method::POST, &format!("/v1/agents/{agent}/tokens")).await
+    }
+
+    /// Revokes every token of `agent` and ends its sessions (`hale token revoke`).
+    pub async fn revoke_tokens(&self, agent: &str) -> Result<(), ClientError> {
+        let _: serde_json::Value =
+            self.send(reqwest::Method::POST, &format!("/v1/agents/{agent}/tokens/revoke")).await?;
+        Ok(())
     }
 
     /// Every agent hale knows.
@@ -101,6 +120,10 @@ impl Admin {
         path: &str,
     ) -> Result<T, ClientError> {
         let url = format!("{}{path}", self.base);
+        let request = match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
         let response = request.send().await.map_err(|error| ClientError::Connect {
             url: url.clone(),
             reason: format!("{error}; is `hale serve` running there? (set --server or HALE_URL)"),

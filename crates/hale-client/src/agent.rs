@@ -21,11 +21,90 @@ pub struct AgentOptions {
     /// Resume this run instead of starting a new one (a managed agent is told its
     /// incarnation by hale in `HALE_INCARNATION`).
     pub incarnation: Option<u64>,
+    /// The agent's tokens; shared by clones, so a refreshed token is used by the next
+    /// connection.
+    pub credentials: Credentials,
+}
+
+/// An agent's access token and, if it has one, its refresh token. Clones share them.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials(Arc<Mutex<Option<Held>>>);
+
+/// An access token, and the refresh token if one is held.
+type Held = (String, Option<String>);
+
+impl Credentials {
+    /// The access token, if any.
+    pub fn access(&self) -> Option<String> {
+        self.0.lock().expect("credentials lock").as_ref().map(|(access, _)| access.clone())
+    }
+
+    fn set(&self, access: String, refresh: Option<String>) {
+        *self.0.lock().expect("credentials lock") = Some((access, refresh));
+    }
+
+    /// Refreshes the tokens at the hale at `url` if the access token expires within a
+    /// minute and a refresh token is held.
+    pub async fn refresh_if_due(&self, url: &str, agent: &str) -> Result<(), ClientError> {
+        let held = self.0.lock().expect("credentials lock").clone();
+        let Some((access, Some(refresh))) = held else { return Ok(()) };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        if expires_at(&access).is_some_and(|exp| exp > now + 60) {
+            return Ok(());
+        }
+        let base = url.replacen("ws://", "http://", 1).replacen("wss://", "https://", 1);
+        let endpoint = format!("{}/v1/auth/refresh", base.trim_end_matches('/'));
+        let body = hale_proto::HttpRefresh { agent: agent.to_string(), refresh_token: refresh };
+        let response = reqwest::Client::new()
+            .post(&endpoint)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|error| ClientError::Connect { url: endpoint.clone(), reason: error.to_string() })?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(|error| ClientError::Closed(error.to_string()))?;
+        if !status.is_success() {
+            return Err(match serde_json::from_slice::<hale_proto::HttpError>(&bytes) {
+                Ok(error) => ClientError::Server(error.error),
+                Err(_) => ClientError::Protocol(format!("HTTP {status} from {endpoint}")),
+            });
+        }
+        let pair: hale_proto::TokenPair =
+            serde_json::from_slice(&bytes).map_err(|error| ClientError::Protocol(error.to_string()))?;
+        self.set(pair.access_token, Some(pair.refresh_token));
+        Ok(())
+    }
+}
+
+/// The `exp` of a JWT, read without checking it (the server checks).
+fn expires_at(token: &str) -> Option<u64> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    serde_json::from_slice::<Value>(&bytes).ok()?.get("exp")?.as_u64()
 }
 
 impl AgentOptions {
     pub fn new(agent: impl Into<String>, role: impl Into<String>) -> Self {
-        AgentOptions { agent: agent.into(), role: role.into(), labels: BTreeMap::new(), incarnation: None }
+        AgentOptions {
+            agent: agent.into(),
+            role: role.into(),
+            labels: BTreeMap::new(),
+            incarnation: None,
+            credentials: Credentials::default(),
+        }
+    }
+
+    /// Connects with this token: the agent's access token, or the admin token.
+    pub fn token(self, token: impl Into<String>) -> Self {
+        self.credentials.set(token.into(), None);
+        self
+    }
+
+    /// Connects with this access token and refreshes it with `refresh` when it is due.
+    pub fn tokens(self, access: impl Into<String>, refresh: impl Into<String>) -> Self {
+        self.credentials.set(access.into(), Some(refresh.into()));
+        self
     }
 
     pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
@@ -44,6 +123,9 @@ impl AgentOptions {
         let agent = std::env::var("HALE_AGENT").ok()?;
         let mut options = AgentOptions::new(agent, role);
         options.incarnation = std::env::var("HALE_INCARNATION").ok().and_then(|text| text.parse().ok());
+        if let Ok(access) = std::env::var("HALE_TOKEN") {
+            options.credentials.set(access, std::env::var("HALE_REFRESH_TOKEN").ok());
+        }
         Some(options)
     }
 }
@@ -95,9 +177,21 @@ impl Agent {
     /// to hale until [`resume`](Agent::resume).
     pub async fn connect(url: &str, options: AgentOptions) -> Result<Agent, ClientError> {
         let endpoint = format!("{}{SESSION_PATH}", url.trim_end_matches('/'));
+        options.credentials.refresh_if_due(url, &options.agent).await?;
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = endpoint
+            .as_str()
+            .into_client_request()
+            .map_err(|error| ClientError::Connect { url: endpoint.clone(), reason: error.to_string() })?;
+        if let Some(token) = options.credentials.access() {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| ClientError::Protocol("the token is not a valid header value".into()))?;
+            request.headers_mut().insert("authorization", value);
+        }
         // Small reads: tungstenite zero-fills its whole read buffer before each read.
         let config = WebSocketConfig::default().read_buffer_size(4 * 1024);
-        let (socket, _) = tokio_tungstenite::connect_async_with_config(&endpoint, Some(config), true)
+        let (socket, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true)
             .await
             .map_err(|error| ClientError::Connect { url: endpoint.clone(), reason: error.to_string() })?;
         let (outgoing, queue) = mpsc::channel(1024);
@@ -449,6 +543,9 @@ async fn run_session(
                     }
                     ServerFrame::Fenced { incarnation, reason } => {
                         break format!("fenced: incarnation {incarnation}: {reason}");
+                    }
+                    ServerFrame::SessionEnded { reason } => {
+                        break format!("ended by hale: {reason}");
                     }
                 };
                 if let Some(reply) = id.and_then(|id| waiting.remove(&id)) {

@@ -20,10 +20,10 @@ mod agent;
 mod error;
 
 pub use admin::Admin;
-pub use agent::{Agent, AgentOptions, StepExtras, url_from_env};
+pub use agent::{Agent, AgentOptions, Credentials, StepExtras, url_from_env};
 pub use error::ClientError;
 pub use hale_proto::{
     AgentState, AgentSummary, BudgetSpec, DownSummary, HttpSubmitTask, LlmCallInfo, ManagedSummary, ProgressBody,
     RecoveryPointInfo, RollbackTo, RolledBack, RungSpec, ShadowSpec, SpendBody, StepInfo, SystemStatus, TaskInfo,
-    TaskSubmitted, Welcome,
+    TaskSubmitted, TokenPair, Welcome,
 };

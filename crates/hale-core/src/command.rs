@@ -99,6 +99,12 @@ pub enum Command {
     SetMode { mode: Mode, serving: u32, roles: u32 },
     /// The agent's run reserves spending before an expensive call (for `task`, if given).
     Reserve { agent: AgentName, incarnation: u64, task: Option<u64>, spend: Spend },
+    /// New credentials for `agent`: the shell minted a refresh token and hands its hash.
+    IssueTokens { agent: AgentName, refresh_hash: String, expires_at: crate::Timestamp },
+    /// `agent` presents the refresh token hashing to `presented_hash` for a new one.
+    RefreshTokens { agent: AgentName, presented_hash: String, refresh_hash: String, expires_at: crate::Timestamp },
+    /// Every token of `agent` stops working (`hale token revoke`).
+    RevokeTokens { agent: AgentName, reason: String },
     /// The agent's run reports what it spent (settling `reservation`, if given).
     ReportSpend { agent: AgentName, incarnation: u64, task: Option<u64>, reservation: Option<u64>, spend: Spend },
 }
@@ -134,7 +140,10 @@ impl Command {
             | Command::SubmitTask { .. }
             | Command::CancelTask { .. }
             | Command::ExpireTask { .. }
-            | Command::SetMode { .. } => return None,
+            | Command::SetMode { .. }
+            | Command::IssueTokens { .. }
+            | Command::RefreshTokens { .. }
+            | Command::RevokeTokens { .. } => return None,
             Command::AssignTask { agent, .. }
             | Command::IntendStep { agent, .. }
             | Command::Reserve { agent, .. }

@@ -10,7 +10,7 @@ use crate::names::{AgentName, validate_labels};
 use crate::rejection::Rejection;
 use crate::state::{AgentRecord, State};
 use crate::supervision::{self, Cause, ManagedStatus, RestartPlan};
-use crate::{budget, tasks};
+use crate::{budget, credentials, tasks};
 use serde_json::Value;
 
 pub(crate) fn decide(
@@ -37,6 +37,9 @@ pub(crate) fn decide(
             Ok(vec![Event::ModeChanged { mode: *mode, serving: *serving, roles: *roles }])
         }
         Command::Reserve { .. } | Command::ReportSpend { .. } => budget::decide(state, settings, command, now),
+        Command::IssueTokens { .. } | Command::RefreshTokens { .. } | Command::RevokeTokens { .. } => {
+            credentials::decide(state, command, now)
+        }
         Command::DeclareRole { role, min, max, supervision } => {
             let unchanged = state.roles().any(|(name, pool)| {
                 name == role && pool.min == *min && pool.max == *max && pool.supervision == *supervision

@@ -240,6 +240,25 @@ pub enum Event {
         spend: Spend,
         period: Timestamp,
     },
+    /// Credentials were issued to `agent`: the hash of its refresh token (access tokens
+    /// of `generation` work).
+    TokensIssued {
+        agent: AgentName,
+        generation: u64,
+        refresh_hash: String,
+        expires_at: Timestamp,
+    },
+    /// The refresh token was rotated.
+    TokensRefreshed {
+        agent: AgentName,
+        refresh_hash: String,
+        expires_at: Timestamp,
+    },
+    /// Every token of `agent` stopped working; its sessions end.
+    TokensRevoked {
+        agent: AgentName,
+        reason: String,
+    },
     /// The agent's run went over its budget or its task's: its tasks are redistributed.
     BudgetBreached {
         agent: AgentName,
@@ -266,7 +285,10 @@ impl Event {
             | Event::TaskCompensating { .. }
             | Event::CompensationFailed { .. }
             | Event::TaskArbitrated { .. }
-            | Event::ModeChanged { .. } => return None,
+            | Event::ModeChanged { .. }
+            | Event::TokensIssued { .. }
+            | Event::TokensRefreshed { .. }
+            | Event::TokensRevoked { .. } => return None,
             Event::BudgetReserved { agent, .. }
             | Event::SpendReported { agent, .. }
             | Event::BudgetBreached { agent, .. } => agent,
@@ -329,6 +351,9 @@ impl Event {
             Event::BudgetReserved { .. } => "budget_reserved",
             Event::SpendReported { .. } => "spend_reported",
             Event::BudgetBreached { .. } => "budget_breached",
+            Event::TokensIssued { .. } => "tokens_issued",
+            Event::TokensRefreshed { .. } => "tokens_refreshed",
+            Event::TokensRevoked { .. } => "tokens_revoked",
         }
     }
 }

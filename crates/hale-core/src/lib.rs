@@ -17,6 +17,7 @@
 
 pub mod budget;
 mod command;
+pub mod credentials;
 mod decide;
 mod effect;
 mod event;
@@ -247,6 +248,16 @@ impl Core {
                     let agent = agent.clone();
                     self.effects.push_back(Effect::CancelTask { agent, incarnation, task: *task });
                 }
+            }
+            Event::TokensRevoked { agent, reason } => {
+                self.effects.push_back(Effect::EndSessions {
+                    agent: agent.clone(),
+                    reason: format!("tokens revoked: {reason}"),
+                });
+            }
+            Event::Quarantined { agent, reason, .. } => {
+                self.effects
+                    .push_back(Effect::EndSessions { agent: agent.clone(), reason: format!("quarantined: {reason}") });
             }
             Event::AgentFailed { agent, restarts, window_ms } => {
                 self.effects.push_back(Effect::Escalate {

@@ -105,6 +105,9 @@ pub enum Rejection {
     /// A reservation that would take the agent or the task over its budget.
     #[error("the reservation would exceed the budget of {whose}: {detail}; spend less, or raise the budget")]
     OverBudget { whose: String, detail: String },
+    /// A refresh that cannot be honoured.
+    #[error("refresh refused for agent {agent:?}: {reason}")]
+    RefreshRefused { agent: String, reason: String },
     /// A pool that hale.toml does not declare.
     #[error("no role pool named {role:?}; declare it with [[role]] in hale.toml")]
     UnknownRole { role: String },
@@ -148,6 +151,7 @@ impl Rejection {
             Rejection::StepDone { .. } => "step_done",
             Rejection::Overloaded { .. } => "overloaded",
             Rejection::OverBudget { .. } => "over_budget",
+            Rejection::RefreshRefused { .. } => "refresh_refused",
         }
     }
 }

@@ -28,6 +28,9 @@ pub struct State {
     /// The system mode, as last logged.
     #[serde(default)]
     mode: Mode,
+    /// Agent credentials (by name: an agent may get tokens before its first hello).
+    #[serde(default)]
+    credentials: BTreeMap<AgentName, crate::credentials::Credential>,
 }
 
 /// Everything the log says about one agent.
@@ -146,6 +149,16 @@ impl State {
         self.mode
     }
 
+    /// `agent`'s credentials, if any were issued or revoked.
+    pub fn credential(&self, agent: &AgentName) -> Option<&crate::credentials::Credential> {
+        self.credentials.get(agent)
+    }
+
+    /// Every agent's credentials.
+    pub fn credentials(&self) -> impl Iterator<Item = (&AgentName, &crate::credentials::Credential)> {
+        self.credentials.iter()
+    }
+
     /// Every role pool, in name order.
     pub fn roles(&self) -> impl Iterator<Item = (&RoleName, &RolePool)> {
         self.roles.iter()
@@ -220,6 +233,9 @@ impl State {
                 self.mode = mode;
                 return;
             }
+            Event::TokensIssued { .. } | Event::TokensRefreshed { .. } | Event::TokensRevoked { .. } => {
+                return crate::credentials::apply(&mut self.credentials, event);
+            }
             Event::BudgetReserved { reservation, agent, incarnation, task, spend, period } => {
                 if let Some(task) = task {
                     self.tasks.with_task(task, at, |found| found.reserved = found.reserved.plus(spend));
@@ -289,7 +305,10 @@ impl State {
             | Event::ModeChanged { .. }
             | Event::BudgetReserved { .. }
             | Event::SpendReported { .. }
-            | Event::BudgetBreached { .. } => unreachable!("handled above"),
+            | Event::BudgetBreached { .. }
+            | Event::TokensIssued { .. }
+            | Event::TokensRefreshed { .. }
+            | Event::TokensRevoked { .. } => unreachable!("handled above"),
             Event::IncarnationStarted { incarnation, .. } => {
                 record.incarnation = incarnation;
                 if let Some(managed) = &mut record.managed {

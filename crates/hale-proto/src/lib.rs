@@ -261,6 +261,11 @@ pub enum ServerFrame {
         task: u64,
         new: bool,
     },
+    /// Unasked: the agent's tokens were revoked or it was quarantined; the server closes
+    /// the session after this (code 4003).
+    SessionEnded {
+        reason: String,
+    },
     /// A reservation was made.
     Reserved {
         id: u64,
@@ -782,4 +787,34 @@ pub struct TaskInfo {
     pub dissent: Option<Vec<u64>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub compensation_errors: Vec<String>,
+}
+
+// ---- Tokens --------------------------------------------------------------------------------
+
+/// An agent's tokens, as `POST /v1/agents/{agent}/tokens` and `/v1/auth/refresh` answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenPair {
+    pub agent: String,
+    /// Sent as `Authorization: Bearer …`; short-lived.
+    pub access_token: String,
+    pub access_expires_at_ms: u64,
+    /// Traded at `POST /v1/auth/refresh` for a new pair; each works once.
+    pub refresh_token: String,
+    pub refresh_expires_at_ms: u64,
+}
+
+/// `POST /v1/auth/refresh`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpRefresh {
+    pub agent: String,
+    pub refresh_token: String,
+}
+
+/// `POST /v1/agents/{agent}/tokens/revoke` (optional body).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpRevoke {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }

@@ -35,6 +35,8 @@ pub struct ServerConfig {
     pub liveness: LivenessSettings,
     /// The agents to run (`hale up`); `None` runs none (`hale serve`).
     pub supervise: Option<Supervise>,
+    /// The admin token and token lifetimes.
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// What `hale up` runs, from hale.toml.
@@ -106,6 +108,7 @@ impl ServerConfig {
             session_in_flight_max: 1024,
             liveness: LivenessSettings::default(),
             supervise: None,
+            auth: crate::auth::AuthConfig::default(),
         }
     }
 }

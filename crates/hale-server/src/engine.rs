@@ -579,7 +579,10 @@ fn respond(command: &Command, facts: Facts, record: Option<&AgentRecord>) -> Res
         | Command::IntendStep { .. }
         | Command::SetMode { .. }
         | Command::Reserve { .. }
-        | Command::ReportSpend { .. } => Response::Done,
+        | Command::ReportSpend { .. }
+        | Command::IssueTokens { .. }
+        | Command::RefreshTokens { .. }
+        | Command::RevokeTokens { .. } => Response::Done,
     }
 }
 

@@ -7,6 +7,7 @@
 //! sessions, takes a final snapshot and flushes the log.
 
 pub mod api;
+pub mod auth;
 mod clock;
 mod config;
 pub mod engine;
@@ -43,6 +44,8 @@ pub enum ServerError {
     Logs { path: std::path::PathBuf, source: std::io::Error },
     #[error("cannot start supervising the agents of hale.toml: {0}")]
     Supervise(String),
+    #[error("cannot read or create the server's secrets: {0}; check the data directory's permissions")]
+    Secrets(String),
 }
 
 /// A server that is accepting connections.
@@ -56,6 +59,7 @@ pub struct RunningServer {
     data_dir: DataDir,
     supervisor: Option<Arc<Supervisor>>,
     stop_grace: Duration,
+    auth: Arc<auth::Auth>,
 }
 
 /// Recovers the data directory and starts serving.
@@ -77,6 +81,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     // Runs that were heartbeating before this start get a grace period to come back.
     core.begin_grace(clock::now());
     recovered.core = core;
+    let auth = Arc::new(
+        auth::Auth::open(data_dir.path(), config.auth.clone())
+            .map_err(|error| ServerError::Secrets(error.to_string()))?,
+    );
+    for (agent, credential) in recovered.core.state().credentials() {
+        auth.set_generation(agent, credential.generation);
+    }
     let writer = Writer::start(recovered.log, recovered.last_seq, WriterOptions::default());
     let policy = SnapshotPolicy {
         dir: snapshot_dir,
@@ -97,7 +108,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         None => None,
         Some(supervise) => {
             stop_grace = supervise.stop_grace;
-            Some(Arc::new(start_supervisor(&engine, supervise, &data_dir, local_addr).await?))
+            Some(Arc::new(start_supervisor(&engine, supervise, &data_dir, local_addr, auth.clone()).await?))
         }
     };
     tokio::spawn(route_effects(effects, engine.clone(), sessions.clone(), supervisor.clone()));
@@ -111,6 +122,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         frame_bytes_max: config.frame_bytes_max,
         body_bytes_max: config.body_bytes_max,
         session_in_flight_max: config.session_in_flight_max,
+        auth: auth.clone(),
         shutdown: stopping.clone(),
     };
     let router = api::router(app);
@@ -141,6 +153,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         data_dir,
         supervisor,
         stop_grace,
+        auth,
     })
 }
 
@@ -150,6 +163,7 @@ async fn start_supervisor(
     supervise: &Supervise,
     data_dir: &DataDir,
     local_addr: SocketAddr,
+    auth: Arc<auth::Auth>,
 ) -> Result<Supervisor, ServerError> {
     let logs_dir = data_dir.path().join("logs");
     std::fs::create_dir_all(&logs_dir).map_err(|source| ServerError::Logs { path: logs_dir.clone(), source })?;
@@ -196,6 +210,7 @@ async fn start_supervisor(
         log_bytes_max: supervise.log_bytes_max,
         logs_kept: supervise.logs_kept,
         hale_url: format!("ws://{}", agent_address(local_addr)),
+        auth: Some(auth),
         stop_grace: supervise.stop_grace,
         rotate_every: Duration::from_secs(5),
     };
@@ -247,6 +262,7 @@ async fn route_effects(
             Effect::CancelTask { agent, incarnation, task } => {
                 sessions.push(&agent, incarnation, Push::TaskCancelled(task))
             }
+            Effect::EndSessions { agent, reason } => sessions.end(&agent, &reason),
             Effect::Escalate { agent, restarts, window_ms } => {
                 tracing::error!(%agent, restarts, window_ms, "agent FAILED: too many restarts within the window; not restarting until `hale restart {agent}`");
             }
@@ -258,6 +274,16 @@ impl RunningServer {
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The admin token (for in-process callers: the demo, the benches).
+    pub fn admin_token(&self) -> &str {
+        self.auth.admin_token()
+    }
+
+    /// Mints tokens for `agent` and logs its refresh token (for in-process agents).
+    pub async fn issue_tokens(&self, agent: &hale_core::AgentName) -> Result<hale_proto::TokenPair, api::ApiError> {
+        api::tokens::issue_tokens(&self.auth, &self.engine, agent).await
     }
 
     /// What recovery found.

@@ -19,6 +19,8 @@ pub enum Push {
     Task(Box<hale_proto::TaskInfo>),
     /// A task this run holds was cancelled.
     TaskCancelled(u64),
+    /// The agent's tokens were revoked or it was quarantined: the session is closed.
+    Ended { reason: String },
 }
 
 /// Pushes queued per session before the oldest is dropped: a session that does not read
@@ -63,6 +65,20 @@ impl Sessions {
         let open = self.open.lock().expect("sessions lock");
         for (_, sender) in open.get(&(agent.clone(), incarnation)).into_iter().flatten() {
             let _ = sender.try_send(push.clone());
+        }
+    }
+}
+
+impl Sessions {
+    /// Ends every session of `agent`, whatever its incarnation.
+    pub fn end(&self, agent: &AgentName, reason: &str) {
+        let open = self.open.lock().expect("sessions lock");
+        for ((holder, _), senders) in open.iter() {
+            if holder == agent {
+                for (_, sender) in senders {
+                    let _ = sender.try_send(Push::Ended { reason: reason.to_string() });
+                }
+            }
         }
     }
 }

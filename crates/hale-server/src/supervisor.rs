@@ -71,6 +71,8 @@ pub struct SupervisorConfig {
     pub logs_dir: PathBuf,
     pub log_bytes_max: u64,
     pub logs_kept: usize,
+    /// Mints each agent's tokens at spawn (`HALE_TOKEN`, `HALE_REFRESH_TOKEN`).
+    pub auth: Option<Arc<crate::auth::Auth>>,
 }
 
 /// The running supervisor: one keeper per managed agent.
@@ -120,6 +122,7 @@ struct Keeper {
     exits_tx: mpsc::UnboundedSender<Exit>,
     exits: mpsc::UnboundedReceiver<Exit>,
     live: Arc<watch::Sender<usize>>,
+    auth: Option<Arc<crate::auth::Auth>>,
 }
 
 impl Supervisor {
@@ -181,6 +184,7 @@ impl Supervisor {
             exits_tx,
             exits,
             live: self.live_tx.clone(),
+            auth: self.config.auth.clone(),
         };
         tokio::spawn(keeper.run(effects));
         keepers.insert(name, effects_tx.clone());
@@ -369,6 +373,18 @@ impl Keeper {
         spec.env.insert("HALE_AGENT".into(), self.agent.name.to_string());
         spec.env.insert("HALE_INCARNATION".into(), incarnation.to_string());
         spec.env.insert("HALE_SUPERVISOR".into(), self.supervisor_id.clone());
+        if let Some(auth) = &self.auth {
+            // Its own tokens, for this agent only; the refresh token's hash is logged first.
+            match crate::api::tokens::issue_tokens(auth, &self.engine, &self.agent.name).await {
+                Ok(pair) => {
+                    spec.env.insert("HALE_TOKEN".into(), pair.access_token);
+                    spec.env.insert("HALE_REFRESH_TOKEN".into(), pair.refresh_token);
+                }
+                Err(error) => {
+                    tracing::error!(agent = %self.agent.name, error = %error.body.message, "could not issue the agent's tokens")
+                }
+            }
+        }
         let logs = self.agent.logs.clone();
         let spawned = tokio::task::spawn_blocking(move || process::spawn(&spec, &logs)).await;
         let agent = self.agent.name.clone();

@@ -80,6 +80,17 @@ enum Commands {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// An agent's tokens: `issue` prints new ones (as environment lines), `revoke` ends
+    /// them and the agent's sessions.
+    Token {
+        #[arg(value_enum)]
+        action: TokenAction,
+        agent: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
     /// The system mode (optimal, degraded, minimal), capacity per role and the queue.
     Status {
         #[arg(long)]
@@ -179,11 +190,44 @@ struct ServeArgs {
     history_len: Option<usize>,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum TokenAction {
+    Issue,
+    Revoke,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
 #[derive(Debug, clap::Args)]
 pub(crate) struct ServerArg {
     /// The hale to ask.
     #[arg(long, default_value = "http://127.0.0.1:7700", env = "HALE_URL")]
     pub(crate) server: String,
+    /// The token to send [default: the admin token in the data directory, admin.token].
+    #[arg(long, env = "HALE_TOKEN", hide_env_values = true)]
+    pub(crate) token: Option<String>,
+    /// The data directory whose admin.token to use when --token is not given.
+    #[arg(long = "data", env = "HALE_DATA", default_value = "hale-data")]
+    pub(crate) data: PathBuf,
+}
+
+impl ServerArg {
+    /// A client of the hale asked, with the token: `--token`/`HALE_TOKEN`, else the admin
+    /// token hale keeps in its data directory on this machine.
+    pub(crate) fn admin(&self) -> Admin {
+        let admin = Admin::new(&http_base(&self.server));
+        let found = self.token.clone().or_else(|| {
+            std::fs::read_to_string(self.data.join(hale_server::auth::ADMIN_TOKEN_FILE))
+                .ok()
+                .map(|text| text.trim().to_string())
+        });
+        match found {
+            Some(token) => admin.with_token(token),
+            None => admin,
+        }
+    }
 }
 
 pub fn init_logging(cli: &Cli) {
@@ -203,40 +247,60 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Commands::Serve(args) => serve(args, false).await,
         Commands::Up(args) => serve(args, true).await,
         Commands::Restart { agent, server } => {
-            let incarnation = Admin::new(&http_base(&server.server)).restart(&agent).await?;
+            let incarnation = server.admin().restart(&agent).await?;
             println!("{agent}: restarted as incarnation {incarnation}");
             Ok(0)
         }
         Commands::Stop { agent, server } => {
-            Admin::new(&http_base(&server.server)).stop(&agent).await?;
+            server.admin().stop(&agent).await?;
             println!("{agent}: stopped");
             Ok(0)
         }
         Commands::Quarantine { agent, reason, server } => {
-            Admin::new(&http_base(&server.server)).quarantine(&agent, &reason).await?;
+            server.admin().quarantine(&agent, &reason).await?;
             println!("{agent}: quarantined");
             Ok(0)
         }
         Commands::Release { agent, server } => {
-            Admin::new(&http_base(&server.server)).release(&agent).await?;
+            server.admin().release(&agent).await?;
             println!("{agent}: released");
             Ok(0)
         }
         Commands::Submit(args) => crate::tasks_cli::submit(args).await,
         Commands::Tasks(args) => crate::tasks_cli::list(args).await,
-        Commands::Task { task, json, server } => crate::tasks_cli::show(task, json, &http_base(&server.server)).await,
+        Commands::Task { task, json, server } => crate::tasks_cli::show(task, json, &server).await,
         Commands::Cancel { task, server } => {
-            Admin::new(&http_base(&server.server)).cancel(task).await?;
+            server.admin().cancel(task).await?;
             println!("task {task}: cancelled");
             Ok(0)
         }
-        Commands::Status { json, server } => crate::tasks_cli::status(json, &http_base(&server.server)).await,
+        Commands::Token { action: TokenAction::Issue, agent, json, server } => {
+            let pair = server.admin().issue_tokens(&agent).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&pair)?);
+            } else {
+                println!("HALE_AGENT={}", pair.agent);
+                println!("HALE_TOKEN={}", pair.access_token);
+                println!("HALE_REFRESH_TOKEN={}", pair.refresh_token);
+                eprintln!(
+                    "(the access token expires in {} s; the client refreshes it with the refresh token, which works once)",
+                    pair.access_expires_at_ms.saturating_sub(now_ms()) / 1000
+                );
+            }
+            Ok(0)
+        }
+        Commands::Token { action: TokenAction::Revoke, agent, server, .. } => {
+            server.admin().revoke_tokens(&agent).await?;
+            println!("{agent}: tokens revoked, sessions ended");
+            Ok(0)
+        }
+        Commands::Status { json, server } => crate::tasks_cli::status(json, &server).await,
         Commands::Logs { agent, follow, lines, config, data } => logs(&agent, follow, lines, config, data).await,
         Commands::Demo(args) => demo::run(args).await,
         Commands::DemoAgent(args) => demo_agent::run(args).await,
-        Commands::Agents { server, json } => agents(&server.server, json).await,
+        Commands::Agents { server, json } => agents(&server, json).await,
         Commands::State { agent, version, server } => {
-            let state = Admin::new(&http_base(&server.server)).state(&agent, version).await?;
+            let state = server.admin().state(&agent, version).await?;
             println!("{}", serde_json::to_string_pretty(&state)?);
             Ok(0)
         }
@@ -296,6 +360,20 @@ async fn serve(args: ServeArgs, supervise: bool) -> Result<i32> {
         Duration::from_secs(args.snapshot_every_secs.unwrap_or(manifest.snapshots.every_secs).max(1));
     config.snapshots_kept = manifest.snapshots.kept.max(1);
     config.liveness = liveness;
+    // The admin token: HALE_ADMIN_TOKEN, else [server] admin_token_file, else the one hale
+    // keeps (and makes at first start) in the data directory.
+    config.auth.admin_token = match (std::env::var("HALE_ADMIN_TOKEN"), &manifest.server.admin_token_file) {
+        (Ok(token), _) if !token.trim().is_empty() => Some(token.trim().to_string()),
+        (_, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| {
+                    format!("reading the admin token from {} ([server] admin_token_file)", path.display())
+                })?
+                .trim()
+                .to_string(),
+        ),
+        _ => None,
+    };
     if supervise {
         let path = config_path.as_deref().expect("hale up has a config path");
         let base = std::path::absolute(path)?.parent().map(PathBuf::from).unwrap_or_default();
@@ -399,8 +477,8 @@ async fn logs(agent: &str, follow: bool, lines: usize, config: Option<PathBuf>, 
     Ok(0)
 }
 
-async fn agents(server: &str, json: bool) -> Result<i32> {
-    let agents = Admin::new(&http_base(server)).agents().await?;
+async fn agents(server: &ServerArg, json: bool) -> Result<i32> {
+    let agents = server.admin().agents().await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&agents)?);
         return Ok(0);

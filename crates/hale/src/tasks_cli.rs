@@ -1,8 +1,7 @@
 //! `hale submit`, `tasks`, `task` and `status`.
 
-use crate::cli::{ServerArg, http_base};
+use crate::cli::ServerArg;
 use anyhow::{Context, Result, bail};
-use hale_client::Admin;
 use hale_client::{BudgetSpec, HttpSubmitTask, RungSpec, ShadowSpec, TaskInfo};
 
 #[derive(Debug, clap::Args)]
@@ -88,14 +87,14 @@ pub async fn submit(args: SubmitArgs) -> Result<i32> {
         fallback,
         budget,
     };
-    let submitted = Admin::new(&http_base(&args.server.server)).submit(&task).await?;
+    let submitted = args.server.admin().submit(&task).await?;
     let note = if submitted.new { "" } else { " (an earlier task with this key)" };
     println!("task {}{note}", submitted.task);
     Ok(0)
 }
 
 pub async fn list(args: TasksArgs) -> Result<i32> {
-    let mut tasks = Admin::new(&http_base(&args.server.server)).tasks().await?;
+    let mut tasks = args.server.admin().tasks().await?;
     if let Some(status) = &args.status {
         tasks.retain(|task| task.status == *status);
     }
@@ -139,8 +138,8 @@ fn note(task: &TaskInfo) -> String {
     }
 }
 
-pub async fn show(task: u64, json: bool, server: &str) -> Result<i32> {
-    let task = Admin::new(server).task(task).await?;
+pub async fn show(task: u64, json: bool, server: &ServerArg) -> Result<i32> {
+    let task = server.admin().task(task).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&task)?);
         return Ok(0);
@@ -201,8 +200,8 @@ pub async fn show(task: u64, json: bool, server: &str) -> Result<i32> {
     Ok(0)
 }
 
-pub async fn status(json: bool, server: &str) -> Result<i32> {
-    let status = Admin::new(server).status().await?;
+pub async fn status(json: bool, server: &ServerArg) -> Result<i32> {
+    let status = server.admin().status().await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(0);

@@ -52,6 +52,7 @@ impl From<Rejection> for ApiError {
             | Rejection::BadFraction { .. }
             | Rejection::ReasonTooLong { .. }
             | Rejection::BadTask { .. } => StatusCode::BAD_REQUEST,
+            Rejection::RefreshRefused { .. } => StatusCode::UNAUTHORIZED,
             Rejection::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::UnknownAgent { .. }
             | Rejection::UnknownRecoveryPoint { .. }

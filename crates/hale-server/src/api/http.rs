@@ -2,7 +2,9 @@
 //! the CLI uses.
 
 use super::{ApiError, AppState, convert};
+use crate::auth::Principal;
 use crate::engine::{self, Response as EngineResponse};
+use axum::Extension;
 use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -89,7 +91,11 @@ pub(super) fn agent_name(agent: &str) -> Result<AgentName, ApiError> {
     Ok(AgentName::new(agent)?)
 }
 
-async fn list_agents(State(app): State<AppState>) -> Result<Json<Vec<AgentSummary>>, ApiError> {
+async fn list_agents(
+    State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<Vec<AgentSummary>>, ApiError> {
+    principal.require_admin("listing every agent")?;
     let sessions = app.sessions.clone();
     let agents = app
         .engine
@@ -163,9 +169,11 @@ fn down_summary(down: &hale_core::Down) -> DownSummary {
 
 async fn heartbeat(
     State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(agent): Path<String>,
     JsonBody(body): JsonBody<HttpHeartbeat>,
 ) -> Result<Response, ApiError> {
+    principal.require_agent(&agent)?;
     let progress = body.progress.map(convert::progress);
     app.engine.heartbeat(agent_name(&agent)?, body.incarnation, progress).await?;
     Ok(Json(serde_json::json!({ "ok": true })).into_response())
@@ -174,9 +182,11 @@ async fn heartbeat(
 /// An error the agent ran into, for its breaker (volatile).
 async fn report_error(
     State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(agent): Path<String>,
     JsonBody(body): JsonBody<HttpErrorReport>,
 ) -> Result<Response, ApiError> {
+    principal.require_agent(&agent)?;
     app.engine.report_error(agent_name(&agent)?, body.incarnation).await?;
     Ok(Json(serde_json::json!({ "ok": true })).into_response())
 }
@@ -184,14 +194,26 @@ async fn report_error(
 /// A policy violation of the agent, by the operator or (`by`) another agent.
 async fn report_violation(
     State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(agent): Path<String>,
     JsonBody(body): JsonBody<HttpViolation>,
 ) -> Result<Response, ApiError> {
     use hale_core::health::{Reporter, Severity};
-    let by = match body.by {
-        Some(by) if by == agent => Reporter::Itself,
-        Some(by) => Reporter::Agent(agent_name(&by)?),
-        None => Reporter::Operator,
+    // An agent reports as itself: it cannot speak for the operator or another agent.
+    let by = match (&principal, body.by) {
+        (Principal::Agent { agent: own, .. }, Some(by)) if by != own.as_str() => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("this token belongs to agent {:?}; it cannot report as {by:?}", own.as_str()),
+                false,
+            ));
+        }
+        (Principal::Agent { agent: own, .. }, _) if own.as_str() == agent => Reporter::Itself,
+        (Principal::Agent { agent: own, .. }, _) => Reporter::Agent(own.clone()),
+        (Principal::Admin, Some(by)) if by == agent => Reporter::Itself,
+        (Principal::Admin, Some(by)) => Reporter::Agent(agent_name(&by)?),
+        (Principal::Admin, None) => Reporter::Operator,
     };
     let severity = if body.critical { Severity::Critical } else { Severity::Minor };
     let command = hale_core::Command::ReportViolation { agent: agent_name(&agent)?, by, severity, reason: body.reason };
@@ -202,27 +224,44 @@ async fn report_violation(
 /// `hale quarantine AGENT --reason`.
 async fn quarantine(
     State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(agent): Path<String>,
     JsonBody(body): JsonBody<HttpQuarantine>,
 ) -> Result<Response, ApiError> {
+    principal.require_admin("quarantine")?;
     app.engine.execute(hale_core::Command::Quarantine { agent: agent_name(&agent)?, reason: body.reason }).await?;
     Ok(Json(serde_json::json!({ "quarantined": true })).into_response())
 }
 
 /// `hale release AGENT`.
-async fn release(State(app): State<AppState>, Path(agent): Path<String>) -> Result<Response, ApiError> {
+async fn release(
+    State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(agent): Path<String>,
+) -> Result<Response, ApiError> {
+    principal.require_admin("release")?;
     app.engine.execute(hale_core::Command::Release { agent: agent_name(&agent)? }).await?;
     Ok(Json(serde_json::json!({ "released": true })).into_response())
 }
 
 /// `hale stop AGENT`: stop a managed agent and do not restart it.
-async fn stop(State(app): State<AppState>, Path(agent): Path<String>) -> Result<Response, ApiError> {
+async fn stop(
+    State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(agent): Path<String>,
+) -> Result<Response, ApiError> {
+    principal.require_admin("stop")?;
     app.engine.execute(hale_core::Command::Stop { agent: agent_name(&agent)? }).await?;
     Ok(Json(serde_json::json!({ "stopped": true })).into_response())
 }
 
 /// `hale restart AGENT`: restart now and forget the restart window.
-async fn restart(State(app): State<AppState>, Path(agent): Path<String>) -> Result<Response, ApiError> {
+async fn restart(
+    State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(agent): Path<String>,
+) -> Result<Response, ApiError> {
+    principal.require_admin("restart")?;
     let agent = agent_name(&agent)?;
     app.engine.execute(hale_core::Command::Restart { agent: agent.clone() }).await?;
     let incarnation =
@@ -232,9 +271,11 @@ async fn restart(State(app): State<AppState>, Path(agent): Path<String>) -> Resu
 
 async fn agent_state(
     State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(agent): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<AgentState>, ApiError> {
+    principal.require_agent(&agent)?;
     let agent = agent_name(&agent)?;
     let version = match query.get("version") {
         None => None,
@@ -266,36 +307,44 @@ async fn agent_state(
 
 async fn hello(
     State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(agent): Path<String>,
     JsonBody(body): JsonBody<HelloBody>,
 ) -> Result<Response, ApiError> {
+    principal.require_agent(&agent)?;
     let command = convert::hello(&agent, body)?;
     respond(app.engine.execute(command).await?)
 }
 
 async fn checkpoint(
     State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(agent): Path<String>,
     JsonBody(body): JsonBody<HttpCheckpoint>,
 ) -> Result<Response, ApiError> {
+    principal.require_agent(&agent)?;
     let command = convert::checkpoint(agent_name(&agent)?, body.incarnation, body.patch, body.expected_version);
     respond(app.engine.execute(command).await?)
 }
 
 async fn recovery_point(
     State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(agent): Path<String>,
     JsonBody(body): JsonBody<HttpRecoveryPoint>,
 ) -> Result<Response, ApiError> {
+    principal.require_agent(&agent)?;
     let command = convert::recovery_point(agent_name(&agent)?, body.incarnation, body.name)?;
     respond(app.engine.execute(command).await?)
 }
 
 async fn rollback(
     State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(agent): Path<String>,
     JsonBody(body): JsonBody<HttpRollback>,
 ) -> Result<Response, ApiError> {
+    principal.require_agent(&agent)?;
     let command = convert::rollback(agent_name(&agent)?, body.incarnation, body.to)?;
     respond(app.engine.execute(command).await?)
 }

@@ -5,13 +5,18 @@ mod error;
 mod http;
 pub(crate) mod task_convert;
 mod tasks;
+pub(crate) mod tokens;
 mod ws;
 
 pub use error::ApiError;
 
+use crate::auth::Auth;
 use crate::engine::Engine;
 use crate::sessions::Sessions;
 use axum::Router;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -23,11 +28,48 @@ pub struct AppState {
     pub frame_bytes_max: usize,
     pub body_bytes_max: usize,
     pub session_in_flight_max: usize,
+    pub auth: Arc<Auth>,
     /// Becomes true when the server begins shutting down; sessions close on it.
     pub shutdown: watch::Receiver<bool>,
 }
 
-/// All routes.
+/// All routes; every one but the probes and the refresh needs a token.
 pub fn router(state: AppState) -> Router {
-    http::routes().route(hale_proto::SESSION_PATH, axum::routing::get(ws::upgrade)).with_state(state)
+    http::routes()
+        .merge(tokens::routes())
+        .route(hale_proto::SESSION_PATH, axum::routing::get(ws::upgrade))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
+        .with_state(state)
+}
+
+/// Finds who is asking (`Authorization: Bearer TOKEN`, or `?access_token=` on the
+/// WebSocket path, for clients that cannot set headers) and hands it to the handler.
+async fn authenticate(State(app): State<AppState>, mut request: Request, next: Next) -> Result<Response, ApiError> {
+    let path = request.uri().path();
+    if matches!(path, "/healthz" | "/readyz" | "/v1/auth/refresh") {
+        return Ok(next.run(request).await);
+    }
+    let header = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
+        .map(|token| token.trim().to_string());
+    let query = (path == hale_proto::SESSION_PATH)
+        .then(|| request.uri().query())
+        .flatten()
+        .and_then(|query| query.split('&').find_map(|pair| pair.strip_prefix("access_token=")))
+        .map(str::to_string);
+    let Some(token) = header.or(query) else {
+        return Err(ApiError::new(
+            axum::http::StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "this endpoint needs a token (Authorization: Bearer TOKEN): the CLI finds the admin token in the data \
+             directory; an agent gets its own from `hale token issue AGENT`, or in HALE_TOKEN when hale runs it",
+            false,
+        ));
+    };
+    let principal = app.auth.authenticate(&token)?;
+    request.extensions_mut().insert(principal);
+    Ok(next.run(request).await)
 }

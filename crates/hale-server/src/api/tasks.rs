@@ -2,6 +2,8 @@
 
 use super::http::{JsonBody, agent_name, respond};
 use super::{ApiError, AppState, task_convert};
+use crate::auth::Principal;
+use axum::Extension;
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -31,8 +33,11 @@ fn task_number(text: &str) -> Result<u64, ApiError> {
 
 async fn submit_task(
     State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
     JsonBody(body): JsonBody<HttpSubmitTask>,
 ) -> Result<Response, ApiError> {
+    // Any agent may hand out work (an orchestrator does); the principal is not the role.
+    let _ = principal;
     let spec = task_convert::spec(body)?;
     respond(app.engine.execute(Command::SubmitTask { spec }).await?)
 }
@@ -40,8 +45,10 @@ async fn submit_task(
 /// `GET /v1/tasks[?status=running&role=coder&limit=100]`, newest first.
 async fn list_tasks(
     State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Vec<TaskInfo>>, ApiError> {
+    principal.require_admin("listing every task")?;
     let limit = match query.get("limit") {
         Some(text) => {
             text.parse::<usize>().map_err(|_| ApiError::bad_request(format!("limit {text:?} is not a number")))?
@@ -67,14 +74,38 @@ async fn list_tasks(
     Ok(Json(found))
 }
 
-async fn get_task(State(app): State<AppState>, Path(task): Path<String>) -> Result<Json<TaskInfo>, ApiError> {
+async fn get_task(
+    State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(task): Path<String>,
+) -> Result<Json<TaskInfo>, ApiError> {
     let task = task_number(&task)?;
-    let found = app.engine.read(move |state| state.tasks().get(task).map(task_convert::task_info)).await?;
-    Ok(Json(found.ok_or(hale_core::Rejection::UnknownTask { task })?))
+    let found = app
+        .engine
+        .read(move |state| {
+            state.tasks().get(task).map(|found| (found.last_holder.clone(), task_convert::task_info(found)))
+        })
+        .await?;
+    let (holder, info) = found.ok_or(hale_core::Rejection::UnknownTask { task })?;
+    // An agent sees the tasks it holds or held; the operator sees all.
+    if !matches!(principal, Principal::Admin) && !holder.is_some_and(|holder| principal.may_act_for(holder.as_str())) {
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("task {task} is not leased to this token's agent"),
+            false,
+        ));
+    }
+    Ok(Json(info))
 }
 
 /// The tasks leased to the agent's current run: how an agent without a session asks for work.
-async fn agent_tasks(State(app): State<AppState>, Path(agent): Path<String>) -> Result<Json<Vec<TaskInfo>>, ApiError> {
+async fn agent_tasks(
+    State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(agent): Path<String>,
+) -> Result<Json<Vec<TaskInfo>>, ApiError> {
+    principal.require_agent(&agent)?;
     let agent = agent_name(&agent)?;
     let found = app
         .engine
@@ -91,15 +122,22 @@ async fn agent_tasks(State(app): State<AppState>, Path(agent): Path<String>) -> 
     Ok(Json(found))
 }
 
-async fn cancel_task(State(app): State<AppState>, Path(task): Path<String>) -> Result<Response, ApiError> {
+async fn cancel_task(
+    State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(task): Path<String>,
+) -> Result<Response, ApiError> {
+    principal.require_admin("cancelling a task")?;
     respond(app.engine.execute(Command::CancelTask { task: task_number(&task)? }).await?)
 }
 
 async fn intend_step(
     State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(task): Path<String>,
     JsonBody(body): JsonBody<HttpTaskWrite>,
 ) -> Result<Response, ApiError> {
+    principal.require_agent(&body.agent)?;
     let name = body.name.ok_or_else(|| ApiError::bad_request("an intent needs the step's name"))?;
     let command = Command::IntendStep {
         task: task_number(&task)?,
@@ -112,9 +150,11 @@ async fn intend_step(
 
 async fn commit_step(
     State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(task): Path<String>,
     JsonBody(body): JsonBody<HttpTaskWrite>,
 ) -> Result<Response, ApiError> {
+    principal.require_agent(&body.agent)?;
     let name = body.name.ok_or_else(|| ApiError::bad_request("a step needs a name"))?;
     let command = Command::CommitStep {
         task: task_number(&task)?,
@@ -130,9 +170,11 @@ async fn commit_step(
 
 async fn complete_task(
     State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(task): Path<String>,
     JsonBody(body): JsonBody<HttpTaskWrite>,
 ) -> Result<Response, ApiError> {
+    principal.require_agent(&body.agent)?;
     let command = Command::CompleteTask {
         task: task_number(&task)?,
         agent: agent_name(&body.agent)?,
@@ -144,9 +186,11 @@ async fn complete_task(
 
 async fn fail_task(
     State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(task): Path<String>,
     JsonBody(body): JsonBody<HttpTaskWrite>,
 ) -> Result<Response, ApiError> {
+    principal.require_agent(&body.agent)?;
     let command = Command::FailTask {
         task: task_number(&task)?,
         agent: agent_name(&body.agent)?,
@@ -159,9 +203,11 @@ async fn fail_task(
 
 async fn reserve(
     State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(agent): Path<String>,
     JsonBody(body): JsonBody<HttpSpend>,
 ) -> Result<Response, ApiError> {
+    principal.require_agent(&agent)?;
     if body.reservation.is_some() {
         return Err(ApiError::bad_request("a reservation names no reservation; report spending to /spend"));
     }
@@ -176,9 +222,11 @@ async fn reserve(
 
 async fn report_spend(
     State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(agent): Path<String>,
     JsonBody(body): JsonBody<HttpSpend>,
 ) -> Result<Response, ApiError> {
+    principal.require_agent(&agent)?;
     let command = Command::ReportSpend {
         agent: agent_name(&agent)?,
         incarnation: body.incarnation,
@@ -190,7 +238,11 @@ async fn report_spend(
 }
 
 /// `GET /v1/status`: the system mode, capacity per role and the queue.
-async fn status(State(app): State<AppState>) -> Result<Json<SystemStatus>, ApiError> {
+async fn status(
+    State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<SystemStatus>, ApiError> {
+    principal.require_admin("the system status")?;
     let found = app
         .engine
         .read_core(|core| {

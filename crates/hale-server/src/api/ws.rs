@@ -15,7 +15,11 @@ use std::future::Future;
 use std::pin::Pin;
 use tokio::sync::mpsc;
 
-pub async fn upgrade(ws: WebSocketUpgrade, State(app): State<AppState>) -> Response {
+pub async fn upgrade(
+    ws: WebSocketUpgrade,
+    State(app): State<AppState>,
+    axum::Extension(principal): axum::Extension<crate::auth::Principal>,
+) -> Response {
     // tungstenite zero-fills the unused part of its read buffer before every read, so its
     // 128 KiB default costs a 128 KiB memset per small frame; profiled, that was a quarter
     // of all CPU under load. Most frames here are a few hundred bytes: 4 KiB reads suffice
@@ -23,7 +27,7 @@ pub async fn upgrade(ws: WebSocketUpgrade, State(app): State<AppState>) -> Respo
     ws.max_message_size(app.frame_bytes_max)
         .max_frame_size(app.frame_bytes_max)
         .read_buffer_size(4 * 1024)
-        .on_upgrade(move |socket| Session { app, bound: None, pushes: None }.run(socket))
+        .on_upgrade(move |socket| Session { app, principal, bound: None, pushes: None }.run(socket))
 }
 
 type Answer = Pin<Box<dyn Future<Output = ServerFrame> + Send>>;
@@ -37,6 +41,8 @@ struct Bound {
 
 struct Session {
     app: AppState,
+    /// Who opened the session (its token was checked at the upgrade).
+    principal: crate::auth::Principal,
     bound: Option<Bound>,
     /// What the server says unasked (challenges, fencing), once bound.
     pushes: Option<mpsc::Receiver<Push>>,
@@ -44,6 +50,8 @@ struct Session {
 
 /// Closes a session whose incarnation was fenced (application range 4000–4999).
 const CLOSE_FENCED: u16 = 4001;
+/// Closes a session whose agent's tokens were revoked or which was quarantined.
+const CLOSE_ENDED: u16 = 4003;
 
 impl Session {
     async fn run(mut self, socket: WebSocket) {
@@ -80,6 +88,17 @@ impl Session {
                             if sink.send(encode(&frame)).await.is_err() {
                                 return;
                             }
+                        }
+                        Push::Ended { reason } => {
+                            while let Some(frame) = answers.next().await {
+                                if sink.feed(encode(&frame)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            let _ = sink.feed(encode(&ServerFrame::SessionEnded { reason })).await;
+                            let close = CloseFrame { code: CLOSE_ENDED, reason: Utf8Bytes::from_static("session ended") };
+                            let _ = sink.send(Message::Close(Some(close))).await;
+                            return;
                         }
                         Push::Fenced { reason } => {
                             // Answers still owed go first: they were decided before the fence.
@@ -206,6 +225,18 @@ impl Session {
                             "this session already speaks for agent {:?}; open a new session to say hello again",
                             bound.agent.as_str()
                         ),
+                        false,
+                    ));
+                }
+                // A token acts for its own agent only, and only while it is not revoked.
+                self.principal.require_agent(&agent)?;
+                if let crate::auth::Principal::Agent { agent: own, generation, .. } = &self.principal
+                    && self.app.auth.generation_of(own) != *generation
+                {
+                    return Err(ApiError::new(
+                        axum::http::StatusCode::UNAUTHORIZED,
+                        "token_revoked",
+                        format!("the tokens of agent {:?} were revoked; ask the operator for new ones", own.as_str()),
                         false,
                     ));
                 }

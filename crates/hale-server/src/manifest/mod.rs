@@ -46,6 +46,9 @@ pub struct ServerSection {
     pub data: Option<PathBuf>,
     /// Listen address (default `127.0.0.1:7700`).
     pub listen: Option<SocketAddr>,
+    /// A file holding the admin token (default: `admin.token` in the data directory, made
+    /// at first start). `HALE_ADMIN_TOKEN` overrides both.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// `[snapshots]`.

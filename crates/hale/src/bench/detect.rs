@@ -86,9 +86,9 @@ pub(super) async fn detect(args: &BenchArgs) -> Result<Value> {
     let began = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     for index in 0..agents {
-        let (url, board) = (url.clone(), board.clone());
+        let (url, board, token) = (url.clone(), board.clone(), server.admin_token().to_string());
         let agent_seed = seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        workers.spawn(async move { keep_beating(&url, index, &board, agent_seed).await });
+        workers.spawn(async move { keep_beating(&url, &token, index, &board, agent_seed).await });
     }
     let outcome = watch_downs(&server, &board, &mut workers, agents, trials, seed).await;
     workers.shutdown().await;
@@ -161,10 +161,10 @@ pub(super) async fn detect(args: &BenchArgs) -> Result<Value> {
 
 /// One agent: run after run, heartbeat with jitter until told to go silent (then wait,
 /// socket open, until hale fences the run) or until hale ends the session.
-async fn keep_beating(url: &str, index: usize, board: &Shared, seed: u64) -> Result<()> {
+async fn keep_beating(url: &str, token: &str, index: usize, board: &Shared, seed: u64) -> Result<()> {
     let mut rng = Rng::new(seed);
     loop {
-        let agent = Agent::connect(url, AgentOptions::new(agent_name(index), "bench")).await?;
+        let agent = Agent::connect(url, AgentOptions::new(agent_name(index), "bench").token(token)).await?;
         let welcome = agent.resume().await?;
         let incarnation = welcome.incarnation;
         lock(board).slots[index] = Slot { incarnation, ..Slot::default() };

@@ -40,12 +40,21 @@ pub(super) async fn durable_append(args: &BenchArgs) -> Result<Value> {
         args.agents, args.in_flight, args.seconds,
     );
     let run = format!("{}", std::process::id());
+    // The admin token may act for any agent; an external hale's comes from HALE_TOKEN.
+    let token = match &server {
+        Some(server) => server.admin_token().to_string(),
+        None => std::env::var("HALE_TOKEN").unwrap_or_default(),
+    };
 
     let mut agents = Vec::with_capacity(args.agents);
     for index in 0..args.agents {
         agents.push(match args.transport {
             Transport::Websocket => {
-                let agent = Agent::connect(&url, AgentOptions::new(format!("bench-{run}-{index}"), "bench")).await?;
+                let agent = Agent::connect(
+                    &url,
+                    AgentOptions::new(format!("bench-{run}-{index}"), "bench").token(token.clone()),
+                )
+                .await?;
                 agent.resume().await?;
                 Writer::Session(agent)
             }

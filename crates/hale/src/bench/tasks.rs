@@ -52,7 +52,7 @@ pub(super) async fn tasks(args: &BenchArgs) -> Result<Value> {
     let mut sessions = Vec::with_capacity(agents_n);
     for index in 0..agents_n {
         let name = format!("noop-{run}-{index}");
-        let agent = Agent::connect(&ws_url, AgentOptions::new(name.clone(), ROLE)).await?;
+        let agent = Agent::connect(&ws_url, AgentOptions::new(name.clone(), ROLE).token(server.admin_token())).await?;
         agent.resume().await?;
         agent.heartbeat(None).await?;
         names.push(AgentName::new(name)?);
@@ -96,7 +96,7 @@ pub(super) async fn tasks(args: &BenchArgs) -> Result<Value> {
     }
 
     // Submit over HTTP from a few concurrent submitters, each one request at a time.
-    let admin = Admin::new(&http_url);
+    let admin = Admin::new(&http_url).with_token(server.admin_token());
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut submitters = tokio::task::JoinSet::new();

@@ -11,7 +11,10 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn open(url: &str) -> Socket {
-    tokio_tungstenite::connect_async(format!("{url}/v1/session")).await.unwrap().0
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("{url}/v1/session").into_client_request().unwrap();
+    request.headers_mut().insert("authorization", format!("Bearer {}", support::ADMIN).parse().unwrap());
+    tokio_tungstenite::connect_async(request).await.unwrap().0
 }
 
 async fn exchange(socket: &mut Socket, message: Message) -> Value {

@@ -3,7 +3,7 @@
 //! the record, until told --repair; `hale verify` reports both.
 
 use crate::support::{self, serve, serve_with};
-use hale_client::{Admin, Agent, AgentOptions};
+use hale_client::AgentOptions;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,7 +22,7 @@ fn snapshots(data: &Path) -> Vec<PathBuf> {
 /// cleanly (which snapshots again). Returns the final state.
 async fn populate(data: &Path) -> serde_json::Value {
     let hale = serve(data, &["--snapshot-every-events", "25"]);
-    let agent = Agent::connect(&hale.ws_url(), AgentOptions::new("victim", "r")).await.unwrap();
+    let agent = hale.connect(AgentOptions::new("victim", "r")).await;
     agent.resume().await.unwrap();
     for n in 1..=60 {
         agent.checkpoint(json!({ "marker": format!("MARK-{n:04}"), format!("k{}", n % 5): n })).await.unwrap();
@@ -31,7 +31,7 @@ async fn populate(data: &Path) -> serde_json::Value {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     }
-    let state = Admin::new(&hale.http_url()).state("victim", None).await.unwrap().state;
+    let state = hale.admin().state("victim", None).await.unwrap().state;
     drop(agent);
     assert!(hale.terminate().success());
     state
@@ -54,7 +54,7 @@ async fn a_damaged_newest_snapshot_falls_back_to_an_older_one() {
     flip(newest, length - 20); // inside the body
 
     let hale = serve(temp.path(), &[]);
-    let state = Admin::new(&hale.http_url()).state("victim", None).await.unwrap().state;
+    let state = hale.admin().state("victim", None).await.unwrap().state;
     assert_eq!(state, expected);
     assert!(hale.stderr_shows("skipping damaged snapshot"), "{}", hale.stderr());
     assert!(hale.terminate().success());
@@ -95,7 +95,7 @@ async fn a_damaged_log_record_is_refused_by_number_until_repair() {
 
     let hale = serve(temp.path(), &["--repair"]);
     assert!(hale.stderr_shows("set a damaged log record aside"), "{}", hale.stderr());
-    let state = Admin::new(&hale.http_url()).state("victim", None).await.unwrap();
+    let state = hale.admin().state("victim", None).await.unwrap();
     assert_eq!(state.state["marker"], json!("MARK-0060"));
     assert!(hale.terminate().success());
 

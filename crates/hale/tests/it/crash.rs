@@ -3,7 +3,7 @@
 //! acknowledged checkpoint must be there, and nothing may be ahead of what was sent.
 
 use crate::support::{self, serve};
-use hale_client::{Admin, Agent, AgentOptions};
+use hale_client::{Admin, AgentOptions};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -35,7 +35,7 @@ async fn every_acknowledged_checkpoint_survives_repeated_sigkill() {
 
     for cycle in 0..CYCLES {
         let hale = serve(temp.path(), &flags);
-        let admin = Admin::new(&hale.http_url());
+        let admin = hale.admin();
         // After the restart: every acknowledged checkpoint of the last cycle is there, and
         // the state is not ahead of what was sent.
         for (client, ledger) in ledgers.iter().enumerate() {
@@ -46,8 +46,7 @@ async fn every_acknowledged_checkpoint_survives_repeated_sigkill() {
 
         let mut workers = tokio::task::JoinSet::new();
         for (client, ledger) in ledgers.iter().enumerate() {
-            let agent =
-                Agent::connect(&hale.ws_url(), AgentOptions::new(format!("crash-{client}"), "crash")).await.unwrap();
+            let agent = hale.connect(AgentOptions::new(format!("crash-{client}"), "crash")).await;
             agent.resume().await.unwrap();
             for lane in 0..LANES {
                 let (agent, ledger) = (agent.clone(), ledger.clone());
@@ -79,7 +78,7 @@ async fn every_acknowledged_checkpoint_survives_repeated_sigkill() {
     let hale = serve(temp.path(), &flags);
     for (client, ledger) in ledgers.iter().enumerate() {
         let seen = ledger.lock().unwrap().clone();
-        check_after_restart(&Admin::new(&hale.http_url()), client, &seen, CYCLES, seed).await;
+        check_after_restart(&hale.admin(), client, &seen, CYCLES, seed).await;
     }
     assert!(hale.terminate().success());
     let (code, out, err) = support::hale(&["verify", "--data", temp.path().to_str().unwrap()]);

@@ -2,7 +2,7 @@
 //! acknowledged, hale says why, and a normal restart recovers everything acknowledged.
 
 use crate::support::{self, serve, serve_with};
-use hale_client::{Admin, Agent, AgentOptions};
+use hale_client::AgentOptions;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -32,7 +32,7 @@ async fn after_a_failed_fsync_nothing_is_acknowledged_and_restart_recovers() {
     let mut acked: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let mut agents = Vec::new();
     for index in 0..3 {
-        let agent = Agent::connect(&hale.ws_url(), AgentOptions::new(format!("fs-{index}"), "fs")).await.unwrap();
+        let agent = hale.connect(AgentOptions::new(format!("fs-{index}"), "fs")).await;
         agent.resume().await.unwrap();
         agents.push(agent);
     }
@@ -74,7 +74,7 @@ async fn after_a_failed_fsync_nothing_is_acknowledged_and_restart_recovers() {
 
     // A normal restart recovers every acknowledged checkpoint.
     let hale = serve(temp.path(), &[]);
-    let admin = Admin::new(&hale.http_url());
+    let admin = hale.admin();
     for (agent, (version, n)) in &acked {
         let current = admin.state(agent, None).await.unwrap();
         assert!(current.version >= *version, "{agent}: version {} < acknowledged {version}", current.version);

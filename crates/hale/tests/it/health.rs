@@ -1,7 +1,7 @@
 //! The circuit breaker and quarantine over real sessions and the CLI.
 
 use crate::support::{self, eventually, serve};
-use hale_client::{Admin, Agent, AgentOptions, AgentSummary};
+use hale_client::{Admin, AgentOptions, AgentSummary};
 
 async fn summary(admin: &Admin, name: &str) -> AgentSummary {
     admin.agents().await.unwrap().into_iter().find(|agent| agent.agent == name).unwrap()
@@ -11,8 +11,8 @@ async fn summary(admin: &Admin, name: &str) -> AgentSummary {
 async fn an_error_spike_opens_the_breaker() {
     let temp = tempfile::tempdir().unwrap();
     let hale = serve(temp.path(), &[]);
-    let admin = Admin::new(&hale.http_url());
-    let agent = Agent::connect(&hale.ws_url(), AgentOptions::new("flaky", "worker")).await.unwrap();
+    let admin = hale.admin();
+    let agent = hale.connect(AgentOptions::new("flaky", "worker")).await;
     agent.resume().await.unwrap();
     for n in 0..4 {
         agent.report_error(Some(&format!("tool call {n} failed"))).await.unwrap();
@@ -33,10 +33,10 @@ async fn an_error_spike_opens_the_breaker() {
 async fn violations_reported_by_another_agent_quarantine_until_released() {
     let temp = tempfile::tempdir().unwrap();
     let hale = serve(temp.path(), &[]);
-    let admin = Admin::new(&hale.http_url());
-    let writer = Agent::connect(&hale.ws_url(), AgentOptions::new("writer", "writer")).await.unwrap();
+    let admin = hale.admin();
+    let writer = hale.connect(AgentOptions::new("writer", "writer")).await;
     writer.resume().await.unwrap();
-    let checker = Agent::connect(&hale.ws_url(), AgentOptions::new("checker", "fact-checker")).await.unwrap();
+    let checker = hale.connect(AgentOptions::new("checker", "fact-checker")).await;
     checker.resume().await.unwrap();
 
     checker.report_violation(Some("writer"), false, "cited a paper that does not exist").await.unwrap();
@@ -58,7 +58,7 @@ async fn violations_reported_by_another_agent_quarantine_until_released() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(hale.terminate().success());
     let hale = serve(temp.path(), &[]);
-    let admin = Admin::new(&hale.http_url());
+    let admin = hale.admin();
     let quarantine = summary(&admin, "writer").await.quarantine.expect("still quarantined after a restart");
     assert_eq!((quarantine.by.as_str(), quarantine.reason.as_str()), ("the operator", "leaked an API key"));
     // An unknown agent and an oversized reason get clear errors.

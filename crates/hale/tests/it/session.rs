@@ -1,15 +1,14 @@
 //! The session protocol through the Rust client and over HTTP, fencing, graceful shutdown.
 
 use crate::support::{self, serve};
-use hale_client::{Admin, Agent, AgentOptions, RollbackTo};
+use hale_client::{AgentOptions, RollbackTo};
 use serde_json::json;
 
 #[tokio::test]
 async fn checkpoint_recovery_point_rollback_and_resume_after_restart() {
     let temp = tempfile::tempdir().unwrap();
     let hale = serve(temp.path(), &[]);
-    let agent =
-        Agent::connect(&hale.ws_url(), AgentOptions::new("writer-1", "writer").label("zone", "eu")).await.unwrap();
+    let agent = hale.connect(AgentOptions::new("writer-1", "writer").label("zone", "eu")).await;
     let welcome = agent.resume().await.unwrap();
     assert_eq!((welcome.incarnation, welcome.version, welcome.resumed), (1, 0, false));
     assert_eq!(welcome.state, json!({}));
@@ -28,7 +27,7 @@ async fn checkpoint_recovery_point_rollback_and_resume_after_restart() {
     assert_eq!(agent.checkpoint(json!({"deep": deepest["d"].clone()})).await.unwrap(), 4);
     agent.checkpoint(json!({"deep": null})).await.unwrap();
 
-    let admin = Admin::new(&hale.http_url());
+    let admin = hale.admin();
     let agents = admin.agents().await.unwrap();
     assert_eq!(agents.len(), 1);
     assert!(agents[0].attached);
@@ -42,8 +41,7 @@ async fn checkpoint_recovery_point_rollback_and_resume_after_restart() {
     assert!(snapshots >= 1, "SIGTERM must leave a snapshot");
 
     let hale = serve(temp.path(), &[]);
-    let agent =
-        Agent::connect(&hale.ws_url(), AgentOptions::new("writer-1", "writer").label("zone", "eu")).await.unwrap();
+    let agent = hale.connect(AgentOptions::new("writer-1", "writer").label("zone", "eu")).await;
     let welcome = agent.resume().await.unwrap();
     assert_eq!((welcome.incarnation, welcome.version, welcome.resumed), (2, 5, false));
     assert_eq!(welcome.state, json!({"plan": "outline", "files": {"a.rs": 1}}));
@@ -59,11 +57,11 @@ async fn checkpoint_recovery_point_rollback_and_resume_after_restart() {
 async fn a_new_incarnation_fences_the_old_one() {
     let temp = tempfile::tempdir().unwrap();
     let hale = serve(temp.path(), &[]);
-    let old = Agent::connect(&hale.ws_url(), AgentOptions::new("a", "r")).await.unwrap();
+    let old = hale.connect(AgentOptions::new("a", "r")).await;
     assert_eq!(old.resume().await.unwrap().incarnation, 1);
     old.checkpoint(json!({"by": "old"})).await.unwrap();
 
-    let new = Agent::connect(&hale.ws_url(), AgentOptions::new("a", "r")).await.unwrap();
+    let new = hale.connect(AgentOptions::new("a", "r")).await;
     assert_eq!(new.resume().await.unwrap().incarnation, 2);
     // The old session is told it was fenced and closed; its writes go nowhere.
     let ended = tokio::time::timeout(std::time::Duration::from_secs(10), old.ended()).await.unwrap();
@@ -76,11 +74,11 @@ async fn a_new_incarnation_fences_the_old_one() {
     assert_eq!(new.checkpoint(json!({"by": "new"})).await.unwrap(), 2);
 
     // A session that names the current incarnation resumes it; an older one is refused.
-    let again = Agent::connect(&hale.ws_url(), AgentOptions::new("a", "r").incarnation(2)).await.unwrap();
+    let again = hale.connect(AgentOptions::new("a", "r").incarnation(2)).await;
     let welcome = again.resume().await.unwrap();
     assert!(welcome.resumed);
     assert_eq!(welcome.state, json!({"by": "new"}));
-    let stale = Agent::connect(&hale.ws_url(), AgentOptions::new("a", "r").incarnation(1)).await.unwrap();
+    let stale = hale.connect(AgentOptions::new("a", "r").incarnation(1)).await;
     assert_eq!(stale.resume().await.unwrap_err().code(), Some("stale_incarnation"));
 }
 
@@ -88,7 +86,7 @@ async fn a_new_incarnation_fences_the_old_one() {
 async fn pipelined_checkpoints_are_answered_in_order() {
     let temp = tempfile::tempdir().unwrap();
     let hale = serve(temp.path(), &[]);
-    let agent = Agent::connect(&hale.ws_url(), AgentOptions::new("p", "r")).await.unwrap();
+    let agent = hale.connect(AgentOptions::new("p", "r")).await;
     agent.resume().await.unwrap();
     let futures: Vec<_> = (0..200).map(|n| agent.checkpoint(json!({ "n": n }))).collect();
     let versions: Vec<u64> = futures_util::future::join_all(futures).await.into_iter().map(Result::unwrap).collect();
@@ -144,7 +142,7 @@ fn a_second_server_on_the_same_data_is_refused() {
 async fn snapshots_are_taken_by_time_while_running() {
     let temp = tempfile::tempdir().unwrap();
     let hale = serve(temp.path(), &["--snapshot-every-secs", "1", "--snapshot-every-events", "1000000"]);
-    let agent = Agent::connect(&hale.ws_url(), AgentOptions::new("t", "r")).await.unwrap();
+    let agent = hale.connect(AgentOptions::new("t", "r")).await;
     agent.resume().await.unwrap();
     agent.checkpoint(json!({"n": 1})).await.unwrap();
     let snapshot_dir = temp.path().join("snapshots");
@@ -184,7 +182,7 @@ async fn hale_toml_is_checked_and_applied_with_flags_on_top() {
     std::fs::write(&good, "[server]\nlisten = \"127.0.0.1:1\"\n[limits]\npatch_bytes_max = 100\n").unwrap();
     // --listen (given by `serve`) overrides [server] listen; [limits] applies.
     let hale = serve(&temp.path().join("data"), &["-c", good.to_str().unwrap()]);
-    let agent = Agent::connect(&hale.ws_url(), AgentOptions::new("small", "r")).await.unwrap();
+    let agent = hale.connect(AgentOptions::new("small", "r")).await;
     agent.resume().await.unwrap();
     agent.checkpoint(json!({"x": 1})).await.unwrap();
     let refused = agent.checkpoint(json!({"x": "y".repeat(200)})).await.unwrap_err();

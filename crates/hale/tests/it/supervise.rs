@@ -81,7 +81,7 @@ async fn a_sigkilled_agent_is_restarted_as_a_new_incarnation_with_its_state() {
     let temp = tempfile::tempdir().unwrap();
     let config = config(temp.path(), "", &[("worker", &[], "restart = \"always\"")]);
     let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
-    let admin = Admin::new(&hale.http_url());
+    let admin = hale.admin();
     let before = running(&admin, "worker", 1, 5).await;
     kill(pid_of(&before), Signal::SIGKILL).unwrap();
 
@@ -111,7 +111,7 @@ async fn an_agent_that_crashes_at_start_fails_after_the_intensity_until_restarte
     let supervision = "[supervision.intensity]\nrestarts_max = 3\nwindow_ms = 60000\n[supervision.backoff]\nbase_ms = 10\nmax_ms = 50";
     let config = config(temp.path(), supervision, &[("crasher", &["--misbehave", "exit-now"], "")]);
     let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
-    let admin = Admin::new(&hale.http_url());
+    let admin = hale.admin();
     let failed = eventually("crasher failed", 30, || async {
         let agent = agent(&admin, "crasher").await;
         (agent.managed.as_ref().unwrap().status == "failed").then_some(agent)
@@ -156,7 +156,7 @@ async fn group_strategies_restart_siblings_as_otp_does() {
     text.push_str("[[group]]\nname = \"rest\"\nstrategy = \"rest-for-one\"\n");
     std::fs::write(&config_path, text).unwrap();
     let hale = up(&config_path, &temp.path().join("data"), "127.0.0.1:0");
-    let admin = Admin::new(&hale.http_url());
+    let admin = hale.admin();
     for name in &names {
         running(&admin, name, 1, 0).await;
     }
@@ -187,7 +187,7 @@ async fn agents_outlive_a_sigkilled_hale_and_are_adopted_without_restarts() {
     let data = temp.path().join("data");
     let listen = support::free_address();
     let hale = up(&config, &data, &listen);
-    let admin = Admin::new(&hale.http_url());
+    let admin = hale.admin();
     let mut before = Vec::new();
     for name in names {
         before.push(running(&admin, name, 1, 2).await);
@@ -241,7 +241,7 @@ async fn an_agent_that_ignores_sigterm_is_killed_after_the_grace_period() {
     let temp = tempfile::tempdir().unwrap();
     let config = config(temp.path(), "stop_grace_ms = 300", &[("stubborn", &["--misbehave", "ignore-sigterm"], "")]);
     let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
-    let admin = Admin::new(&hale.http_url());
+    let admin = hale.admin();
     let agent = running(&admin, "stubborn", 1, 0).await;
     let (code, out, err) = support::hale(&["stop", "stubborn", "--server", &hale.http_url()]);
     assert_eq!(code, 0, "{out}{err}");
@@ -263,7 +263,7 @@ async fn a_hung_agent_is_declared_down_by_the_heartbeat_detector_and_restarted()
         &[("hangs", &["--misbehave", "hang", "--after-ms", "1500"], "criticality = \"critical\"")],
     );
     let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
-    let admin = Admin::new(&hale.http_url());
+    let admin = hale.admin();
     let restarted = running(&admin, "hangs", 2, 0).await;
     let down = restarted.last_down.unwrap();
     assert_eq!((down.incarnation, down.detector.as_str()), (1, "heartbeat"), "{}", down.cause);
@@ -279,7 +279,7 @@ async fn a_stalled_agent_is_detected_and_restarted() {
         &[("stalls", &["--misbehave", "stall", "--after-ms", "1000"], "stall = { beats = 8 }")],
     );
     let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
-    let admin = Admin::new(&hale.http_url());
+    let admin = hale.admin();
     let restarted = running(&admin, "stalls", 2, 0).await;
     let down = restarted.last_down.unwrap();
     assert_eq!((down.incarnation, down.detector.as_str()), (1, "stall"), "{}", down.cause);
@@ -300,7 +300,7 @@ async fn an_agent_past_its_address_space_limit_dies_and_is_restarted() {
         )],
     );
     let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
-    let admin = Admin::new(&hale.http_url());
+    let admin = hale.admin();
     let restarted = running(&admin, "hungry", 2, 0).await;
     let down = restarted.last_down.clone().unwrap();
     assert_eq!(down.detector, "process_exit", "{}", down.cause);
@@ -326,7 +326,7 @@ async fn an_agent_over_its_resident_memory_limit_is_detected_and_restarted() {
         )],
     );
     let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
-    let admin = Admin::new(&hale.http_url());
+    let admin = hale.admin();
     let restarted = running(&admin, "bloats", 2, 0).await;
     let down = restarted.last_down.clone().unwrap();
     assert_eq!((down.incarnation, down.detector.as_str()), (1, "resource"), "{}", down.cause);
@@ -351,7 +351,7 @@ async fn a_pool_recruits_a_replacement_when_an_instance_fails() {
     let config = temp.path().join("hale.toml");
     std::fs::write(&config, text).unwrap();
     let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
-    let admin = Admin::new(&hale.http_url());
+    let admin = hale.admin();
     running(&admin, "worker-2", 1, 0).await;
     let failed = eventually("worker-1 failed", 30, || async {
         let agent = agent(&admin, "worker-1").await;
@@ -389,7 +389,7 @@ async fn an_agent_failing_its_health_probe_is_restarted() {
         )],
     );
     let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
-    let admin = Admin::new(&hale.http_url());
+    let admin = hale.admin();
     let restarted = running(&admin, "sickly", 2, 0).await;
     let down = restarted.last_down.clone().unwrap();
     assert_eq!((down.incarnation, down.detector.as_str()), (1, "health_probe"), "{}", down.cause);
@@ -413,7 +413,7 @@ async fn an_agent_spinning_a_core_past_its_cpu_limit_is_restarted() {
         )],
     );
     let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
-    let admin = Admin::new(&hale.http_url());
+    let admin = hale.admin();
     let restarted = running(&admin, "spinner", 2, 0).await;
     let down = restarted.last_down.clone().unwrap();
     assert_eq!((down.incarnation, down.detector.as_str()), (1, "resource"), "{}", down.cause);
@@ -427,7 +427,7 @@ async fn hale_logs_prints_and_follows_an_agents_output() {
     let config = config(temp.path(), "", &[("chatty", &[], "")]);
     let data = temp.path().join("data");
     let hale = up(&config, &data, "127.0.0.1:0");
-    let admin = Admin::new(&hale.http_url());
+    let admin = hale.admin();
     running(&admin, "chatty", 1, 0).await;
     let data_arg = data.to_str().unwrap();
     let (code, out, err) = support::hale(&["logs", "chatty", "--data", data_arg, "-n", "5"]);

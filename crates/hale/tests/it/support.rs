@@ -61,7 +61,14 @@ where
     }
 }
 
+/// The admin token every hale of these tests runs with (`HALE_ADMIN_TOKEN`), so the
+/// CLI, `Admin` and sessions can be given it. The auth tests start hale without it.
+pub const ADMIN: &str = "test-admin-token-6b1f0c2e9d";
+
 fn launch(mut command: Command) -> Result<Hale, String> {
+    if !command.get_envs().any(|(key, _)| key == "HALE_ADMIN_TOKEN") {
+        command.env("HALE_ADMIN_TOKEN", ADMIN);
+    }
     command
         .env("HALE_LOG", "info")
         .env_remove("RUST_BACKTRACE")
@@ -137,6 +144,17 @@ impl Hale {
         wait_with_timeout(&mut self.child, Duration::from_secs(30)).expect("hale did not exit within 30 s of SIGTERM")
     }
 
+    /// An HTTP client of this hale with the admin token.
+    pub fn admin(&self) -> hale_client::Admin {
+        hale_client::Admin::new(&self.http_url()).with_token(ADMIN)
+    }
+
+    /// A session of this hale for `options` (with the admin token, which may act for any
+    /// agent).
+    pub async fn connect(&self, options: hale_client::AgentOptions) -> hale_client::Agent {
+        hale_client::Agent::connect(&self.ws_url(), options.token(ADMIN)).await.expect("connecting a session")
+    }
+
     /// The HTTP status and body of `GET path`.
     pub fn get(&self, path: &str) -> (u16, String) {
         http(self.addr, "GET", path, b"")
@@ -182,7 +200,7 @@ pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitSta
     }
 }
 
-/// A minimal HTTP/1.1 request on a fresh connection: status and body.
+/// A minimal HTTP/1.1 request on a fresh connection, with the admin token: status and body.
 pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
     let (status, _, body) = http_full(addr, method, path, body);
     (status, body)
@@ -190,10 +208,16 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, St
 
 /// Like [`http`], with the response's head (status line and headers) too.
 pub fn http_full(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String, String) {
+    http_as(addr, Some(ADMIN), method, path, body)
+}
+
+/// A request with `token` (or none): status, head and body.
+pub fn http_as(addr: SocketAddr, token: Option<&str>, method: &str, path: &str, body: &[u8]) -> (u16, String, String) {
     let mut stream = TcpStream::connect(addr).expect("connecting to hale");
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let authorization = token.map(|token| format!("Authorization: Bearer {token}\r\n")).unwrap_or_default();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{authorization}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).unwrap();
@@ -207,9 +231,15 @@ pub fn http_full(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u1
     (status, head.to_string(), body.to_string())
 }
 
-/// Runs `hale ARGS…` to completion: exit code, stdout, stderr.
+/// Runs `hale ARGS…` to completion (with the tests' admin token in `HALE_TOKEN`): exit
+/// code, stdout, stderr.
 pub fn hale(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(HALE).args(args).env_remove("RUST_BACKTRACE").output().expect("running hale");
+    let output = Command::new(HALE)
+        .args(args)
+        .env("HALE_TOKEN", ADMIN)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("running hale");
     (
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stdout).to_string(),

@@ -4,7 +4,7 @@
 //! completion is refused, and the other completes it.
 
 use crate::support::{self, eventually, serve};
-use hale_client::Admin;
+
 use serde_json::{Value, json};
 
 fn post(hale: &support::Hale, path: &str, body: Value) -> (u16, Value) {
@@ -16,7 +16,7 @@ fn post(hale: &support::Hale, path: &str, body: Value) -> (u16, Value) {
 async fn a_task_moves_with_its_steps_when_its_holder_goes_silent() {
     let temp = tempfile::tempdir().unwrap();
     let hale = serve(temp.path(), &[]);
-    let admin = Admin::new(&hale.http_url());
+    let admin = hale.admin();
     for agent in ["coder-a", "coder-b"] {
         let (status, body) = post(&hale, &format!("/v1/agents/{agent}/hello"), json!({"role": "coder"}));
         assert_eq!(status, 200, "{body}");
@@ -72,7 +72,7 @@ async fn a_task_moves_with_its_steps_when_its_holder_goes_silent() {
     // The log keeps it all across a restart.
     assert!(hale.terminate().success());
     let hale = serve(temp.path(), &[]);
-    let found = Admin::new(&hale.http_url()).task(task).await.unwrap();
+    let found = hale.admin().task(task).await.unwrap();
     assert_eq!((found.status.as_str(), found.steps.len()), ("completed", 2));
     let (code, _, err) = support::hale(&["cancel", &task.to_string(), "--server", &hale.http_url()]);
     assert_eq!(code, 1);
@@ -85,12 +85,12 @@ async fn a_task_moves_with_its_steps_when_its_holder_goes_silent() {
 /// task with its steps is pushed to the other agent, which completes it.
 #[tokio::test]
 async fn tasks_are_pushed_over_sessions_and_move_when_the_holder_is_fenced() {
-    use hale_client::{Agent, AgentOptions};
+    use hale_client::AgentOptions;
     let temp = tempfile::tempdir().unwrap();
     let hale = serve(temp.path(), &[]);
-    let admin = Admin::new(&hale.http_url());
-    let a = Agent::connect(&hale.ws_url(), AgentOptions::new("writer-a", "writer")).await.unwrap();
-    let b = Agent::connect(&hale.ws_url(), AgentOptions::new("writer-b", "writer")).await.unwrap();
+    let admin = hale.admin();
+    let a = hale.connect(AgentOptions::new("writer-a", "writer")).await;
+    let b = hale.connect(AgentOptions::new("writer-b", "writer")).await;
     a.resume().await.unwrap();
     b.resume().await.unwrap();
     // Only a heartbeats for now, so only a is eligible.
@@ -149,7 +149,7 @@ async fn a_task_whose_holder_is_sigkilled_finishes_elsewhere_from_its_last_commi
     let config = temp.path().join("hale.toml");
     std::fs::write(&config, text).unwrap();
     let hale = support::up(&config, &temp.path().join("data"), "127.0.0.1:0");
-    let admin = Admin::new(&hale.http_url());
+    let admin = hale.admin();
     eventually("both agents attached", 30, || async {
         let agents = admin.agents().await.ok()?;
         (agents.iter().filter(|agent| agent.attached).count() == 2).then_some(())

@@ -1,0 +1,107 @@
+//! Issuing, refreshing and revoking agents' tokens.
+
+use super::http::{JsonBody, agent_name};
+use super::{ApiError, AppState};
+use crate::auth::{Auth, Principal, hash_refresh};
+use crate::engine::Engine;
+use axum::extract::{Path, State};
+use axum::routing::post;
+use axum::{Extension, Json, Router};
+use hale_core::{AgentName, Command, Timestamp};
+use hale_proto::{HttpRefresh, HttpRevoke, TokenPair};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/agents/{agent}/tokens", post(issue))
+        .route("/v1/agents/{agent}/tokens/revoke", post(revoke))
+        .route("/v1/auth/refresh", post(refresh))
+}
+
+/// `hale token issue AGENT`: a new access token and refresh token (the previous refresh
+/// token stops working; access tokens already out stay valid until they expire).
+async fn issue(
+    State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(agent): Path<String>,
+) -> Result<Json<TokenPair>, ApiError> {
+    principal.require_admin("issuing tokens")?;
+    Ok(Json(issue_tokens(&app.auth, &app.engine, &agent_name(&agent)?).await?))
+}
+
+/// Mints a pair for `agent` and logs its refresh token's hash (before the pair is handed
+/// out, so the refresh token works as soon as anyone has it).
+pub async fn issue_tokens(auth: &Auth, engine: &Engine, agent: &AgentName) -> Result<TokenPair, ApiError> {
+    let minted = auth.mint(agent);
+    let command = Command::IssueTokens {
+        agent: agent.clone(),
+        refresh_hash: minted.refresh_hash.clone(),
+        expires_at: Timestamp(minted.refresh_expires_at_ms),
+    };
+    engine.execute(command).await?;
+    Ok(TokenPair {
+        agent: agent.to_string(),
+        access_token: minted.access_token,
+        access_expires_at_ms: minted.access_expires_at_ms,
+        refresh_token: minted.refresh_token,
+        refresh_expires_at_ms: minted.refresh_expires_at_ms,
+    })
+}
+
+/// `hale token revoke AGENT`: every token of the agent stops working and its sessions end.
+async fn revoke(
+    State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(agent): Path<String>,
+    body: Option<Json<HttpRevoke>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    principal.require_admin("revoking tokens")?;
+    let agent = agent_name(&agent)?;
+    let reason = body.and_then(|Json(body)| body.reason).unwrap_or_else(|| "revoked by the operator".into());
+    app.engine.execute(Command::RevokeTokens { agent: agent.clone(), reason }).await?;
+    sync_generation(&app, &agent).await?;
+    Ok(Json(serde_json::json!({ "revoked": true })))
+}
+
+/// An agent trades its refresh token for a new pair (the old refresh token stops
+/// working; presenting it again revokes everything).
+async fn refresh(
+    State(app): State<AppState>,
+    JsonBody(body): JsonBody<HttpRefresh>,
+) -> Result<Json<TokenPair>, ApiError> {
+    let agent = agent_name(&body.agent)?;
+    let minted = app.auth.mint(&agent);
+    let command = Command::RefreshTokens {
+        agent: agent.clone(),
+        presented_hash: hash_refresh(&body.refresh_token),
+        refresh_hash: minted.refresh_hash.clone(),
+        expires_at: Timestamp(minted.refresh_expires_at_ms),
+    };
+    app.engine.execute(command).await?;
+    // A reused token revoked the chain instead of refreshing it.
+    if sync_generation(&app, &agent).await? {
+        return Err(ApiError::new(
+            axum::http::StatusCode::UNAUTHORIZED,
+            "token_revoked",
+            "this refresh token was already used, so it may have been copied: every token of the agent is revoked; ask the operator for new ones",
+            false,
+        ));
+    }
+    Ok(Json(TokenPair {
+        agent: agent.to_string(),
+        access_token: minted.access_token,
+        access_expires_at_ms: minted.access_expires_at_ms,
+        refresh_token: minted.refresh_token,
+        refresh_expires_at_ms: minted.refresh_expires_at_ms,
+    }))
+}
+
+/// Copies the agent's token generation from the log to the authenticator; returns
+/// whether it changed (a revoke happened).
+async fn sync_generation(app: &AppState, agent: &AgentName) -> Result<bool, ApiError> {
+    let name = agent.clone();
+    let generation =
+        app.engine.read(move |state| state.credential(&name).map_or(0, |credential| credential.generation)).await?;
+    let changed = app.auth.generation_of(agent) != generation;
+    app.auth.set_generation(agent, generation);
+    Ok(changed)
+}
