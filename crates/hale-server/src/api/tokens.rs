@@ -52,11 +52,18 @@ async fn revoke(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path(agent): Path<String>,
-    body: Option<Json<HttpRevoke>>,
+    body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     principal.require_admin("revoking tokens")?;
     let agent = agent_name(&agent)?;
-    let reason = body.and_then(|Json(body)| body.reason).unwrap_or_else(|| "revoked by the operator".into());
+    // The body is optional: `{"reason": "..."}`.
+    let body: HttpRevoke = if body.iter().all(u8::is_ascii_whitespace) {
+        HttpRevoke::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|error| ApiError::bad_request(super::convert::describe_json_error(&error)))?
+    };
+    let reason = body.reason.unwrap_or_else(|| "revoked by the operator".into());
     app.engine.execute(Command::RevokeTokens { agent: agent.clone(), reason }).await?;
     sync_generation(&app, &agent).await?;
     Ok(Json(serde_json::json!({ "revoked": true })))
