@@ -16,6 +16,12 @@ impl Admin {
         Admin { base: base.trim_end_matches('/').to_string(), http: reqwest::Client::new(), token: None }
     }
 
+    /// Verifies an `https://` hale against the certificates in `ca_file` (PEM).
+    pub fn with_ca_file(mut self, ca_file: &std::path::Path) -> Result<Admin, ClientError> {
+        self.http = crate::tls::http_client(Some(ca_file))?;
+        Ok(self)
+    }
+
     /// Sends `token` (the admin token, or an agent's) with every request.
     pub fn with_token(mut self, token: impl Into<String>) -> Admin {
         self.token = Some(token.into());

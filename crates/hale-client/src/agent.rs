@@ -24,6 +24,8 @@ pub struct AgentOptions {
     /// The agent's tokens; shared by clones, so a refreshed token is used by the next
     /// connection.
     pub credentials: Credentials,
+    /// What a `wss://` hale is verified against (`HALE_CA_FILE` for agents hale runs).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// An agent's access token and, if it has one, its refresh token. Clones share them.
@@ -45,7 +47,12 @@ impl Credentials {
 
     /// Refreshes the tokens at the hale at `url` if the access token expires within a
     /// minute and a refresh token is held.
-    pub async fn refresh_if_due(&self, url: &str, agent: &str) -> Result<(), ClientError> {
+    pub async fn refresh_if_due(
+        &self,
+        url: &str,
+        agent: &str,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<(), ClientError> {
         let held = self.0.lock().expect("credentials lock").clone();
         let Some((access, Some(refresh))) = held else { return Ok(()) };
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
@@ -55,7 +62,7 @@ impl Credentials {
         let base = url.replacen("ws://", "http://", 1).replacen("wss://", "https://", 1);
         let endpoint = format!("{}/v1/auth/refresh", base.trim_end_matches('/'));
         let body = hale_proto::HttpRefresh { agent: agent.to_string(), refresh_token: refresh };
-        let response = reqwest::Client::new()
+        let response = crate::tls::http_client(ca_file)?
             .post(&endpoint)
             .json(&body)
             .send()
@@ -92,7 +99,14 @@ impl AgentOptions {
             labels: BTreeMap::new(),
             incarnation: None,
             credentials: Credentials::default(),
+            ca_file: None,
         }
+    }
+
+    /// Verifies a `wss://` hale against the certificates in `path` (PEM).
+    pub fn ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
     }
 
     /// Connects with this token: the agent's access token, or the admin token.
@@ -123,6 +137,7 @@ impl AgentOptions {
         let agent = std::env::var("HALE_AGENT").ok()?;
         let mut options = AgentOptions::new(agent, role);
         options.incarnation = std::env::var("HALE_INCARNATION").ok().and_then(|text| text.parse().ok());
+        options.ca_file = std::env::var_os("HALE_CA_FILE").map(std::path::PathBuf::from);
         if let Ok(access) = std::env::var("HALE_TOKEN") {
             options.credentials.set(access, std::env::var("HALE_REFRESH_TOKEN").ok());
         }
@@ -177,7 +192,7 @@ impl Agent {
     /// to hale until [`resume`](Agent::resume).
     pub async fn connect(url: &str, options: AgentOptions) -> Result<Agent, ClientError> {
         let endpoint = format!("{}{SESSION_PATH}", url.trim_end_matches('/'));
-        options.credentials.refresh_if_due(url, &options.agent).await?;
+        options.credentials.refresh_if_due(url, &options.agent, options.ca_file.as_deref()).await?;
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let mut request = endpoint
             .as_str()
@@ -191,7 +206,18 @@ impl Agent {
         }
         // Small reads: tungstenite zero-fills its whole read buffer before each read.
         let config = WebSocketConfig::default().read_buffer_size(4 * 1024);
-        let (socket, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true)
+        let connector = match (url.starts_with("wss://"), &options.ca_file) {
+            (false, _) => None,
+            (true, Some(ca_file)) => Some(tokio_tungstenite::Connector::Rustls(crate::tls::client_config(ca_file)?)),
+            (true, None) => {
+                return Err(ClientError::Connect {
+                    url: endpoint,
+                    reason: "a wss:// hale is verified against a CA file: set AgentOptions::ca_file or HALE_CA_FILE"
+                        .into(),
+                });
+            }
+        };
+        let (socket, _) = tokio_tungstenite::connect_async_tls_with_config(request, Some(config), true, connector)
             .await
             .map_err(|error| ClientError::Connect { url: endpoint.clone(), reason: error.to_string() })?;
         let (outgoing, queue) = mpsc::channel(1024);

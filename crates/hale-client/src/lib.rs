@@ -18,6 +18,7 @@
 mod admin;
 mod agent;
 mod error;
+mod tls;
 
 pub use admin::Admin;
 pub use agent::{Agent, AgentOptions, Credentials, StepExtras, url_from_env};

@@ -37,6 +37,8 @@ pub struct ServerConfig {
     pub supervise: Option<Supervise>,
     /// The admin token and token lifetimes.
     pub auth: crate::auth::AuthConfig,
+    /// TLS on the listener; `None` is plain TCP (the default, for loopback).
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 /// What `hale up` runs, from hale.toml.
@@ -109,6 +111,7 @@ impl ServerConfig {
             liveness: LivenessSettings::default(),
             supervise: None,
             auth: crate::auth::AuthConfig::default(),
+            tls: None,
         }
     }
 }

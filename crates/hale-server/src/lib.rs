@@ -16,6 +16,7 @@ pub mod probe;
 pub mod process;
 mod sessions;
 pub mod supervisor;
+pub mod tls;
 
 pub use config::{DeclaredAgent, DeclaredRole, ResourceWatch, ServerConfig, Supervise};
 pub use sessions::{Push, Sessions};
@@ -46,6 +47,8 @@ pub enum ServerError {
     Supervise(String),
     #[error("cannot read or create the server's secrets: {0}; check the data directory's permissions")]
     Secrets(String),
+    #[error("{0}; check [server] tls_cert_file and tls_key_file (PEM)")]
+    Tls(String),
 }
 
 /// A server that is accepting connections.
@@ -98,6 +101,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let (effects_tx, effects) = tokio::sync::mpsc::unbounded_channel();
     let engine = Engine::start(recovered.core, recovered.last_seq, writer, policy, effects_tx);
 
+    let tls = match &config.tls {
+        Some(files) => Some(tls::acceptor(files).map_err(|error| ServerError::Tls(error.to_string()))?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
@@ -108,7 +115,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         None => None,
         Some(supervise) => {
             stop_grace = supervise.stop_grace;
-            Some(Arc::new(start_supervisor(&engine, supervise, &data_dir, local_addr, auth.clone()).await?))
+            Some(Arc::new(
+                start_supervisor(&engine, supervise, &data_dir, local_addr, auth.clone(), config.tls.as_ref()).await?,
+            ))
         }
     };
     tokio::spawn(route_effects(effects, engine.clone(), sessions.clone(), supervisor.clone()));
@@ -126,23 +135,26 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         shutdown: stopping.clone(),
     };
     let router = api::router(app);
-    let mut stop_serving = stopping;
-    // Frames are small and often go out back to back (an answer, then a pushed task): with
-    // Nagle's algorithm on, the second waits for the client's delayed ACK, about 40 ms.
-    // The bench of task throughput showed it (716 tasks/s, 44 ms per lease → 3,049/s off).
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|stream| {
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::warn!(%error, "could not turn off Nagle's algorithm on a connection");
+    let stop_serving = stopping;
+    let serving = match tls {
+        Some(acceptor) => {
+            let listener = tls::TlsListener::new(listener, acceptor).map_err(ServerError::Serve)?;
+            tokio::spawn(serve_until(listener, router, stop_serving))
         }
-    });
-    let serving = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = stop_serving.wait_for(|stopping| *stopping).await;
-            })
-            .await
-    });
+        None => {
+            // Frames are small and often go out back to back (an answer, then a pushed
+            // task): with Nagle's algorithm on, the second waits for the client's delayed
+            // ACK, about 40 ms. The bench of task throughput showed it (716 tasks/s, 44 ms
+            // per lease → 3,049/s off). The TLS listener sets it on its own.
+            use axum::serve::ListenerExt;
+            let listener = listener.tap_io(|stream| {
+                if let Err(error) = stream.set_nodelay(true) {
+                    tracing::warn!(%error, "could not turn off Nagle's algorithm on a connection");
+                }
+            });
+            tokio::spawn(serve_until(listener, router, stop_serving))
+        }
+    };
     Ok(RunningServer {
         local_addr,
         recovery: recovered.report,
@@ -164,6 +176,7 @@ async fn start_supervisor(
     data_dir: &DataDir,
     local_addr: SocketAddr,
     auth: Arc<auth::Auth>,
+    tls: Option<&tls::TlsFiles>,
 ) -> Result<Supervisor, ServerError> {
     let logs_dir = data_dir.path().join("logs");
     std::fs::create_dir_all(&logs_dir).map_err(|source| ServerError::Logs { path: logs_dir.clone(), source })?;
@@ -209,12 +222,26 @@ async fn start_supervisor(
             .into_owned(),
         log_bytes_max: supervise.log_bytes_max,
         logs_kept: supervise.logs_kept,
-        hale_url: format!("ws://{}", agent_address(local_addr)),
+        hale_url: format!("{}://{}", if tls.is_some() { "wss" } else { "ws" }, agent_address(local_addr)),
+        ca_file: tls.and_then(|files| files.ca_file.clone().or(Some(files.cert_file.clone()))),
         auth: Some(auth),
         stop_grace: supervise.stop_grace,
         rotate_every: Duration::from_secs(5),
     };
     Ok(Supervisor::start(engine.clone(), config))
+}
+
+/// Serves `router` on `listener` until `stop` turns true.
+async fn serve_until<L>(listener: L, router: axum::Router, mut stop: watch::Receiver<bool>) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|stopping| *stopping).await;
+        })
+        .await
 }
 
 /// The address agents on this machine connect to: the listen address, with an unspecified

@@ -73,6 +73,8 @@ pub struct SupervisorConfig {
     pub logs_kept: usize,
     /// Mints each agent's tokens at spawn (`HALE_TOKEN`, `HALE_REFRESH_TOKEN`).
     pub auth: Option<Arc<crate::auth::Auth>>,
+    /// What agents verify a TLS hale against (`HALE_CA_FILE`).
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The running supervisor: one keeper per managed agent.
@@ -123,6 +125,7 @@ struct Keeper {
     exits: mpsc::UnboundedReceiver<Exit>,
     live: Arc<watch::Sender<usize>>,
     auth: Option<Arc<crate::auth::Auth>>,
+    ca_file: Option<PathBuf>,
 }
 
 impl Supervisor {
@@ -185,6 +188,7 @@ impl Supervisor {
             exits,
             live: self.live_tx.clone(),
             auth: self.config.auth.clone(),
+            ca_file: self.config.ca_file.clone(),
         };
         tokio::spawn(keeper.run(effects));
         keepers.insert(name, effects_tx.clone());
@@ -373,6 +377,9 @@ impl Keeper {
         spec.env.insert("HALE_AGENT".into(), self.agent.name.to_string());
         spec.env.insert("HALE_INCARNATION".into(), incarnation.to_string());
         spec.env.insert("HALE_SUPERVISOR".into(), self.supervisor_id.clone());
+        if let Some(ca) = &self.ca_file {
+            spec.env.insert("HALE_CA_FILE".into(), ca.to_string_lossy().into_owned());
+        }
         if let Some(auth) = &self.auth {
             // Its own tokens, for this agent only; the refresh token's hash is logged first.
             match crate::api::tokens::issue_tokens(auth, &self.engine, &self.agent.name).await {

@@ -211,22 +211,28 @@ pub(crate) struct ServerArg {
     /// The data directory whose admin.token to use when --token is not given.
     #[arg(long = "data", env = "HALE_DATA", default_value = "hale-data")]
     pub(crate) data: PathBuf,
+    /// Verify an https:// hale against this CA file (PEM).
+    #[arg(long, env = "HALE_CA_FILE")]
+    pub(crate) ca_file: Option<PathBuf>,
 }
 
 impl ServerArg {
     /// A client of the hale asked, with the token: `--token`/`HALE_TOKEN`, else the admin
     /// token hale keeps in its data directory on this machine.
-    pub(crate) fn admin(&self) -> Admin {
-        let admin = Admin::new(&http_base(&self.server));
+    pub(crate) fn admin(&self) -> Result<Admin> {
+        let mut admin = Admin::new(&http_base(&self.server));
+        if let Some(ca_file) = &self.ca_file {
+            admin = admin.with_ca_file(ca_file)?;
+        }
         let found = self.token.clone().or_else(|| {
             std::fs::read_to_string(self.data.join(hale_server::auth::ADMIN_TOKEN_FILE))
                 .ok()
                 .map(|text| text.trim().to_string())
         });
-        match found {
+        Ok(match found {
             Some(token) => admin.with_token(token),
             None => admin,
-        }
+        })
     }
 }
 
@@ -247,22 +253,22 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Commands::Serve(args) => serve(args, false).await,
         Commands::Up(args) => serve(args, true).await,
         Commands::Restart { agent, server } => {
-            let incarnation = server.admin().restart(&agent).await?;
+            let incarnation = server.admin()?.restart(&agent).await?;
             println!("{agent}: restarted as incarnation {incarnation}");
             Ok(0)
         }
         Commands::Stop { agent, server } => {
-            server.admin().stop(&agent).await?;
+            server.admin()?.stop(&agent).await?;
             println!("{agent}: stopped");
             Ok(0)
         }
         Commands::Quarantine { agent, reason, server } => {
-            server.admin().quarantine(&agent, &reason).await?;
+            server.admin()?.quarantine(&agent, &reason).await?;
             println!("{agent}: quarantined");
             Ok(0)
         }
         Commands::Release { agent, server } => {
-            server.admin().release(&agent).await?;
+            server.admin()?.release(&agent).await?;
             println!("{agent}: released");
             Ok(0)
         }
@@ -270,12 +276,12 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Commands::Tasks(args) => crate::tasks_cli::list(args).await,
         Commands::Task { task, json, server } => crate::tasks_cli::show(task, json, &server).await,
         Commands::Cancel { task, server } => {
-            server.admin().cancel(task).await?;
+            server.admin()?.cancel(task).await?;
             println!("task {task}: cancelled");
             Ok(0)
         }
         Commands::Token { action: TokenAction::Issue, agent, json, server } => {
-            let pair = server.admin().issue_tokens(&agent).await?;
+            let pair = server.admin()?.issue_tokens(&agent).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&pair)?);
             } else {
@@ -290,7 +296,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Commands::Token { action: TokenAction::Revoke, agent, server, .. } => {
-            server.admin().revoke_tokens(&agent).await?;
+            server.admin()?.revoke_tokens(&agent).await?;
             println!("{agent}: tokens revoked, sessions ended");
             Ok(0)
         }
@@ -300,7 +306,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Commands::DemoAgent(args) => demo_agent::run(args).await,
         Commands::Agents { server, json } => agents(&server, json).await,
         Commands::State { agent, version, server } => {
-            let state = server.admin().state(&agent, version).await?;
+            let state = server.admin()?.state(&agent, version).await?;
             println!("{}", serde_json::to_string_pretty(&state)?);
             Ok(0)
         }
@@ -373,6 +379,15 @@ async fn serve(args: ServeArgs, supervise: bool) -> Result<i32> {
                 .to_string(),
         ),
         _ => None,
+    };
+    config.tls = match (&manifest.server.tls_cert_file, &manifest.server.tls_key_file) {
+        (Some(cert_file), Some(key_file)) => Some(hale_server::tls::TlsFiles {
+            cert_file: cert_file.clone(),
+            key_file: key_file.clone(),
+            ca_file: manifest.server.tls_ca_file.clone(),
+        }),
+        (None, None) => None,
+        _ => bail!("[server] needs both tls_cert_file and tls_key_file for TLS, or neither for plain TCP"),
     };
     if supervise {
         let path = config_path.as_deref().expect("hale up has a config path");
@@ -478,7 +493,7 @@ async fn logs(agent: &str, follow: bool, lines: usize, config: Option<PathBuf>, 
 }
 
 async fn agents(server: &ServerArg, json: bool) -> Result<i32> {
-    let agents = server.admin().agents().await?;
+    let agents = server.admin()?.agents().await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&agents)?);
         return Ok(0);

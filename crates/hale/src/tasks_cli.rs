@@ -87,14 +87,14 @@ pub async fn submit(args: SubmitArgs) -> Result<i32> {
         fallback,
         budget,
     };
-    let submitted = args.server.admin().submit(&task).await?;
+    let submitted = args.server.admin()?.submit(&task).await?;
     let note = if submitted.new { "" } else { " (an earlier task with this key)" };
     println!("task {}{note}", submitted.task);
     Ok(0)
 }
 
 pub async fn list(args: TasksArgs) -> Result<i32> {
-    let mut tasks = args.server.admin().tasks().await?;
+    let mut tasks = args.server.admin()?.tasks().await?;
     if let Some(status) = &args.status {
         tasks.retain(|task| task.status == *status);
     }
@@ -139,7 +139,7 @@ fn note(task: &TaskInfo) -> String {
 }
 
 pub async fn show(task: u64, json: bool, server: &ServerArg) -> Result<i32> {
-    let task = server.admin().task(task).await?;
+    let task = server.admin()?.task(task).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&task)?);
         return Ok(0);
@@ -201,7 +201,7 @@ pub async fn show(task: u64, json: bool, server: &ServerArg) -> Result<i32> {
 }
 
 pub async fn status(json: bool, server: &ServerArg) -> Result<i32> {
-    let status = server.admin().status().await?;
+    let status = server.admin()?.status().await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(0);

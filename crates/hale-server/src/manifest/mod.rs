@@ -49,6 +49,11 @@ pub struct ServerSection {
     /// A file holding the admin token (default: `admin.token` in the data directory, made
     /// at first start). `HALE_ADMIN_TOKEN` overrides both.
     pub admin_token_file: Option<PathBuf>,
+    /// TLS: the certificate chain and private key (PEM). Without them, plain TCP.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// What the agents hale runs verify it against (default: `tls_cert_file`).
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// `[snapshots]`.

@@ -12,3 +12,4 @@ mod session;
 mod supervise;
 mod support;
 mod tasks;
+mod tls;
