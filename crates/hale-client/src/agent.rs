@@ -1,15 +1,13 @@
 use crate::error::ClientError;
-use futures_util::{SinkExt, StreamExt};
 use hale_proto::{
     CheckpointBody, ClientFrame, HelloBody, HttpSubmitTask, LlmCallInfo, ProgressBody, RecoveryPointInfo, RollbackTo,
     RolledBack, SESSION_PATH, ServerFrame, TaskInfo, Welcome,
 };
 use serde_json::Value;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// Who the agent is.
@@ -26,6 +24,8 @@ pub struct AgentOptions {
     pub credentials: Credentials,
     /// What a `wss://` hale is verified against (`HALE_CA_FILE` for agents hale runs).
     pub ca_file: Option<std::path::PathBuf>,
+    /// Reconnect and resume the run when the connection drops; `None`: the session ends.
+    pub reconnect: Option<crate::session::Reconnect>,
 }
 
 /// An agent's access token and, if it has one, its refresh token. Clones share them.
@@ -100,7 +100,15 @@ impl AgentOptions {
             incarnation: None,
             credentials: Credentials::default(),
             ca_file: None,
+            reconnect: None,
         }
+    }
+
+    /// Reconnects (with backoff and full jitter) and resumes the run when the connection
+    /// drops, as `policy` says.
+    pub fn reconnect(mut self, policy: crate::session::Reconnect) -> Self {
+        self.reconnect = Some(policy);
+        self
     }
 
     /// Verifies a `wss://` hale against the certificates in `path` (PEM).
@@ -138,6 +146,8 @@ impl AgentOptions {
         let mut options = AgentOptions::new(agent, role);
         options.incarnation = std::env::var("HALE_INCARNATION").ok().and_then(|text| text.parse().ok());
         options.ca_file = std::env::var_os("HALE_CA_FILE").map(std::path::PathBuf::from);
+        // An agent hale runs outlives a restart of hale: it reconnects.
+        options.reconnect = Some(crate::session::Reconnect::default());
         if let Ok(access) = std::env::var("HALE_TOKEN") {
             options.credentials.set(access, std::env::var("HALE_REFRESH_TOKEN").ok());
         }
@@ -150,18 +160,52 @@ pub fn url_from_env() -> Option<String> {
     std::env::var("HALE_URL").ok()
 }
 
-type Reply = oneshot::Sender<Result<ServerFrame, ClientError>>;
+pub(crate) type Reply = oneshot::Sender<Result<ServerFrame, ClientError>>;
 
-struct Outgoing {
-    frame: ClientFrame,
-    reply: Reply,
+pub(crate) struct Outgoing {
+    pub(crate) frame: ClientFrame,
+    pub(crate) reply: Reply,
+}
+
+/// Opens the WebSocket of a session at `url`, refreshing the access token first if it is
+/// about to expire.
+pub(crate) async fn open_socket(url: &str, options: &AgentOptions) -> Result<Socket, ClientError> {
+    let endpoint = format!("{}{SESSION_PATH}", url.trim_end_matches('/'));
+    options.credentials.refresh_if_due(url, &options.agent, options.ca_file.as_deref()).await?;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = endpoint
+        .as_str()
+        .into_client_request()
+        .map_err(|error| ClientError::Connect { url: endpoint.clone(), reason: error.to_string() })?;
+    if let Some(token) = options.credentials.access() {
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ClientError::Protocol("the token is not a valid header value".into()))?;
+        request.headers_mut().insert("authorization", value);
+    }
+    // Small reads: tungstenite zero-fills its whole read buffer before each read.
+    let config = WebSocketConfig::default().read_buffer_size(4 * 1024);
+    let connector = match (url.starts_with("wss://"), &options.ca_file) {
+        (false, _) => None,
+        (true, Some(ca_file)) => Some(tokio_tungstenite::Connector::Rustls(crate::tls::client_config(ca_file)?)),
+        (true, None) => {
+            return Err(ClientError::Connect {
+                url: endpoint,
+                reason: "a wss:// hale is verified against a CA file: set AgentOptions::ca_file or HALE_CA_FILE".into(),
+            });
+        }
+    };
+    let (socket, _) = tokio_tungstenite::connect_async_tls_with_config(request, Some(config), true, connector)
+        .await
+        .map_err(|error| ClientError::Connect { url: endpoint.clone(), reason: error.to_string() })?;
+    Ok(socket)
 }
 
 struct Shared {
     options: AgentOptions,
     next_id: Arc<AtomicU64>,
     outgoing: mpsc::Sender<Outgoing>,
-    incarnation: Mutex<Option<u64>>,
+    incarnation: Arc<Mutex<Option<u64>>>,
     /// Why the session ended, once it has (e.g. `fenced: …`).
     ended: watch::Receiver<Option<String>>,
     /// Signalled when hale challenges this agent (it suspects it is dead).
@@ -191,35 +235,7 @@ impl Agent {
     /// Opens a session to the hale at `url` (e.g. `ws://127.0.0.1:7700`). Nothing is said
     /// to hale until [`resume`](Agent::resume).
     pub async fn connect(url: &str, options: AgentOptions) -> Result<Agent, ClientError> {
-        let endpoint = format!("{}{SESSION_PATH}", url.trim_end_matches('/'));
-        options.credentials.refresh_if_due(url, &options.agent, options.ca_file.as_deref()).await?;
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let mut request = endpoint
-            .as_str()
-            .into_client_request()
-            .map_err(|error| ClientError::Connect { url: endpoint.clone(), reason: error.to_string() })?;
-        if let Some(token) = options.credentials.access() {
-            let value = format!("Bearer {token}")
-                .parse()
-                .map_err(|_| ClientError::Protocol("the token is not a valid header value".into()))?;
-            request.headers_mut().insert("authorization", value);
-        }
-        // Small reads: tungstenite zero-fills its whole read buffer before each read.
-        let config = WebSocketConfig::default().read_buffer_size(4 * 1024);
-        let connector = match (url.starts_with("wss://"), &options.ca_file) {
-            (false, _) => None,
-            (true, Some(ca_file)) => Some(tokio_tungstenite::Connector::Rustls(crate::tls::client_config(ca_file)?)),
-            (true, None) => {
-                return Err(ClientError::Connect {
-                    url: endpoint,
-                    reason: "a wss:// hale is verified against a CA file: set AgentOptions::ca_file or HALE_CA_FILE"
-                        .into(),
-                });
-            }
-        };
-        let (socket, _) = tokio_tungstenite::connect_async_tls_with_config(request, Some(config), true, connector)
-            .await
-            .map_err(|error| ClientError::Connect { url: endpoint.clone(), reason: error.to_string() })?;
+        let socket = open_socket(url, &options).await?;
         let (outgoing, queue) = mpsc::channel(1024);
         let next_id = Arc::new(AtomicU64::new(1));
         let (ended_tx, ended) = watch::channel(None);
@@ -227,8 +243,14 @@ impl Agent {
         let (tasks_tx, tasks) = mpsc::unbounded_channel();
         let cancelled = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
         let inbox = Inbox { challenged: challenged.clone(), tasks: tasks_tx, cancelled: cancelled.clone() };
-        tokio::spawn(run_session(socket, queue, ended_tx, inbox));
-        let incarnation = Mutex::new(options.incarnation);
+        let incarnation = Arc::new(Mutex::new(options.incarnation));
+        let resilience = options.reconnect.clone().map(|policy| crate::session::Resilience {
+            urls: std::iter::once(url.to_string()).chain(policy.more_urls.iter().cloned()).collect(),
+            policy,
+            options: options.clone(),
+            incarnation: incarnation.clone(),
+        });
+        tokio::spawn(crate::session::run(socket, queue, ended_tx, inbox, resilience));
         let tasks = tokio::sync::Mutex::new(tasks);
         Ok(Agent {
             shared: Arc::new(Shared { options, next_id, outgoing, incarnation, ended, challenged, tasks, cancelled }),
@@ -474,119 +496,11 @@ fn unexpected(frame: ServerFrame) -> ClientError {
     ClientError::Protocol(format!("{frame:?}"))
 }
 
-type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+pub(crate) type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Where unasked frames go.
-struct Inbox {
-    challenged: Arc<Notify>,
-    tasks: mpsc::UnboundedSender<TaskInfo>,
-    cancelled: Arc<Mutex<std::collections::BTreeSet<u64>>>,
-}
-
-/// Owns the socket: writes requests, matches answers to them by id, passes on challenges.
-async fn run_session(
-    socket: Socket,
-    mut queue: mpsc::Receiver<Outgoing>,
-    ended: watch::Sender<Option<String>>,
-    inbox: Inbox,
-) {
-    let (mut sink, mut stream) = socket.split();
-    let mut waiting: HashMap<u64, Reply> = HashMap::new();
-    let reason = loop {
-        tokio::select! {
-            outgoing = queue.recv() => {
-                let Some(Outgoing { frame, reply }) = outgoing else {
-                    let _ = sink.send(Message::Close(None)).await;
-                    break "the agent handle was dropped".to_string();
-                };
-                // Write every request already queued, then flush once.
-                let mut batch = vec![(frame, reply)];
-                while let Ok(Outgoing { frame, reply }) = queue.try_recv() {
-                    batch.push((frame, reply));
-                }
-                let mut failed = None;
-                for (frame, reply) in batch {
-                    if failed.is_none() {
-                        let text = serde_json::to_string(&frame).expect("client frames always serialize");
-                        if let Err(error) = sink.feed(Message::text(text)).await {
-                            failed = Some(error.to_string());
-                        }
-                    }
-                    match &failed {
-                        None => {
-                            waiting.insert(frame.id(), reply);
-                        }
-                        Some(reason) => {
-                            let _ = reply.send(Err(ClientError::Closed(reason.clone())));
-                        }
-                    }
-                }
-                if failed.is_none()
-                    && let Err(error) = sink.flush().await
-                {
-                    failed = Some(error.to_string());
-                }
-                if let Some(reason) = failed {
-                    break reason;
-                }
-            }
-            message = stream.next() => {
-                let text = match message {
-                    Some(Ok(Message::Text(text))) => text,
-                    Some(Ok(Message::Close(frame))) => {
-                        break frame.map_or("closed by hale".to_string(), |frame| format!("closed by hale: {}", frame.reason));
-                    }
-                    Some(Ok(_)) => continue,
-                    Some(Err(error)) => break error.to_string(),
-                    None => break "connection closed".to_string(),
-                };
-                let frame: ServerFrame = match serde_json::from_str(&text) {
-                    Ok(frame) => frame,
-                    Err(error) => break format!("undecodable frame from hale: {error}"),
-                };
-                let id = match &frame {
-                    ServerFrame::Welcome { id, .. }
-                    | ServerFrame::Checkpointed { id, .. }
-                    | ServerFrame::RecoveryPointMarked { id, .. }
-                    | ServerFrame::RolledBack { id, .. }
-                    | ServerFrame::HeartbeatAck { id }
-                    | ServerFrame::Submitted { id, .. }
-                    | ServerFrame::Reserved { id, .. }
-                    | ServerFrame::Ok { id } => Some(*id),
-                    ServerFrame::Error { id, .. } => *id,
-                    ServerFrame::Challenge {} => {
-                        // Not answered here: this task being alive proves only the socket.
-                        inbox.challenged.notify_one();
-                        None
-                    }
-                    ServerFrame::Task { task } => {
-                        let _ = inbox.tasks.send(*task.clone());
-                        None
-                    }
-                    ServerFrame::TaskCancelled { task } => {
-                        inbox.cancelled.lock().expect("cancelled lock").insert(*task);
-                        None
-                    }
-                    ServerFrame::Fenced { incarnation, reason } => {
-                        break format!("fenced: incarnation {incarnation}: {reason}");
-                    }
-                    ServerFrame::SessionEnded { reason } => {
-                        break format!("ended by hale: {reason}");
-                    }
-                };
-                if let Some(reply) = id.and_then(|id| waiting.remove(&id)) {
-                    let _ = reply.send(Ok(frame));
-                }
-            }
-        }
-    };
-    let _ = ended.send(Some(reason.clone()));
-    for (_, reply) in waiting.drain() {
-        let _ = reply.send(Err(ClientError::Closed(reason.clone())));
-    }
-    // Requests queued after the end get the same answer.
-    queue.close();
-    while let Some(Outgoing { reply, .. }) = queue.recv().await {
-        let _ = reply.send(Err(ClientError::Closed(reason.clone())));
-    }
+pub(crate) struct Inbox {
+    pub(crate) challenged: Arc<Notify>,
+    pub(crate) tasks: mpsc::UnboundedSender<TaskInfo>,
+    pub(crate) cancelled: Arc<Mutex<std::collections::BTreeSet<u64>>>,
 }

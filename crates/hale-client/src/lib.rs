@@ -18,6 +18,7 @@
 mod admin;
 mod agent;
 mod error;
+mod session;
 mod tls;
 
 pub use admin::Admin;
@@ -28,3 +29,4 @@ pub use hale_proto::{
     RecoveryPointInfo, RollbackTo, RolledBack, RungSpec, ShadowSpec, SpendBody, StepInfo, SystemStatus, TaskInfo,
     TaskSubmitted, TokenPair, Welcome,
 };
+pub use session::Reconnect;

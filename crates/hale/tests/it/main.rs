@@ -8,6 +8,7 @@ mod crash;
 mod demo;
 mod fsync;
 mod health;
+mod resilience;
 mod session;
 mod supervise;
 mod support;

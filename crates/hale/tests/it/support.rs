@@ -30,6 +30,14 @@ pub fn serve_with(mut command: Command, data: &Path, extra: &[&str]) -> Result<H
     launch(command)
 }
 
+/// `hale serve --data DATA --listen LISTEN` (a fixed address, for a hale that must come
+/// back on it).
+pub fn serve_on(data: &Path, listen: &str) -> Hale {
+    let mut command = Command::new(HALE);
+    command.args(["serve", "--data"]).arg(data).args(["--listen", listen]);
+    launch(command).unwrap_or_else(|stderr| panic!("hale did not start:\n{stderr}"))
+}
+
 /// `hale up -c CONFIG --data DATA --listen LISTEN`, waiting until it listens (its agents
 /// are started by then).
 pub fn up(config: &Path, data: &Path, listen: &str) -> Hale {

@@ -1,0 +1,376 @@
+//! The task that owns a session's socket: writes requests, matches answers, hands on
+//! what hale says unasked, and, with a [`Reconnect`] policy, survives a lost connection.
+//!
+//! On a drop it reconnects with exponential backoff and full jitter, trying the addresses
+//! in turn, says hello with the run's incarnation (so the run resumes: same incarnation,
+//! same leases), and then settles what was sent but not answered:
+//!
+//! * a checkpoint: the welcome's version says whether it was applied. If it was, its
+//!   answer is made from that; if not, it is sent again expecting the version it was
+//!   meant to follow, so a state that moved in between is a `version_conflict` reported
+//!   to the caller, never silently overwritten;
+//! * step intents and commits, completions and failures, heartbeats and error reports are
+//!   sent again (a step commit replaces itself; the others are harmless twice);
+//! * a rollback, recovery point, submit without an idempotency key, reservation or spend
+//!   report fails with `Closed`: hale may or may not have applied it, and sending it again
+//!   could do it twice.
+//!
+//! Requests made while offline wait in the session's queue (1,024 at most; then callers
+//! wait) and go out in order once the run has resumed.
+
+use crate::agent::{AgentOptions, Inbox, Outgoing, Reply, Socket, open_socket};
+use crate::error::ClientError;
+use futures_util::{SinkExt, StreamExt};
+use hale_proto::{CheckpointBody, ClientFrame, HelloBody, ServerFrame};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::Message;
+
+/// How to come back after a lost connection.
+#[derive(Clone, Debug)]
+pub struct Reconnect {
+    /// The first wait; each further attempt doubles it, up to `cap`, and waits a uniformly
+    /// random time up to that (full jitter, so many clients do not come back in step).
+    pub base: Duration,
+    pub cap: Duration,
+    /// Give up after this many attempts in a row (`None`: never).
+    pub attempts: Option<u32>,
+    /// Addresses to try besides the one connected first, in turn (a cluster's members).
+    pub more_urls: Vec<String>,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Reconnect {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(10),
+            attempts: None,
+            more_urls: Vec::new(),
+        }
+    }
+}
+
+impl Reconnect {
+    /// The wait before attempt `attempt` (0-based): uniform in `0..=min(cap, base·2^attempt)`.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        use rand::Rng;
+        let ceiling = self.base.saturating_mul(1u32 << attempt.min(20)).min(self.cap);
+        let millis = ceiling.as_millis() as u64;
+        Duration::from_millis(if millis == 0 { 0 } else { rand::rng().random_range(0..=millis) })
+    }
+}
+
+/// What a session needs to reconnect.
+pub(crate) struct Resilience {
+    pub(crate) urls: Vec<String>,
+    pub(crate) policy: Reconnect,
+    pub(crate) options: AgentOptions,
+    pub(crate) incarnation: Arc<Mutex<Option<u64>>>,
+}
+
+/// A request sent and not yet answered.
+struct Pending {
+    frame: ClientFrame,
+    reply: Reply,
+    /// For a checkpoint: the version it makes, if that could be told when it was sent.
+    makes: Option<u64>,
+}
+
+/// Why a connection ended.
+enum Lost {
+    /// For good: fenced, ended by hale, or the handle dropped.
+    Final(String),
+    /// The connection broke: worth reconnecting.
+    Broken(String),
+}
+
+#[derive(Default)]
+struct Sent {
+    /// In send order (a counter, not the request id).
+    pending: BTreeMap<u64, Pending>,
+    by_id: std::collections::HashMap<u64, u64>,
+    order: u64,
+    /// The agent's version as last answered, and checkpoints sent since then.
+    version: Option<u64>,
+    /// A rollback in flight makes the versions of later checkpoints unknowable.
+    rollback_in_flight: bool,
+}
+
+impl Sent {
+    fn push(&mut self, frame: ClientFrame, reply: Reply) {
+        let makes = match &frame {
+            ClientFrame::Checkpoint { body, .. } if body.expected_version.is_none() && !self.rollback_in_flight => {
+                let before =
+                    self.pending.values().filter(|pending| matches!(pending.frame, ClientFrame::Checkpoint { .. }));
+                self.version.map(|version| version + 1 + before.count() as u64)
+            }
+            _ => None,
+        };
+        if matches!(frame, ClientFrame::Rollback { .. }) {
+            self.rollback_in_flight = true;
+        }
+        self.order += 1;
+        self.by_id.insert(frame.id(), self.order);
+        self.pending.insert(self.order, Pending { frame, reply, makes });
+    }
+
+    fn answer(&mut self, id: u64, frame: ServerFrame) {
+        match &frame {
+            ServerFrame::Welcome { welcome, .. } => self.version = Some(welcome.version),
+            ServerFrame::Checkpointed { version, .. } => self.version = Some(*version),
+            ServerFrame::RolledBack { rolled_back, .. } => {
+                self.version = Some(rolled_back.version);
+                self.rollback_in_flight = false;
+            }
+            _ => {}
+        }
+        if let Some(order) = self.by_id.remove(&id)
+            && let Some(pending) = self.pending.remove(&order)
+        {
+            let _ = pending.reply.send(Ok(frame));
+        }
+    }
+
+    fn fail_all(&mut self, reason: &str) {
+        for (_, pending) in std::mem::take(&mut self.pending) {
+            let _ = pending.reply.send(Err(ClientError::Closed(reason.to_string())));
+        }
+        self.by_id.clear();
+    }
+}
+
+pub(crate) async fn run(
+    socket: Socket,
+    mut queue: mpsc::Receiver<Outgoing>,
+    ended: watch::Sender<Option<String>>,
+    inbox: Inbox,
+    resilience: Option<Resilience>,
+) {
+    let mut sent = Sent::default();
+    let mut socket = socket;
+    let reason = loop {
+        let lost = pump(socket, &mut queue, &mut sent, &inbox).await;
+        let (reason, resilience) = match (lost, &resilience) {
+            (Lost::Final(reason), _) | (Lost::Broken(reason), None) => break reason,
+            (Lost::Broken(reason), Some(resilience)) => (reason, resilience),
+        };
+        tracing::info!(%reason, "lost hale; reconnecting");
+        match reconnect(resilience, &mut sent).await {
+            Ok(again) => socket = again,
+            Err(error) => break format!("{reason}; then could not come back: {error}"),
+        }
+    };
+    let _ = ended.send(Some(reason.clone()));
+    sent.fail_all(&reason);
+    // Requests queued after the end get the same answer.
+    queue.close();
+    while let Some(Outgoing { reply, .. }) = queue.recv().await {
+        let _ = reply.send(Err(ClientError::Closed(reason.clone())));
+    }
+}
+
+/// Carries requests and answers until the connection ends.
+async fn pump(socket: Socket, queue: &mut mpsc::Receiver<Outgoing>, sent: &mut Sent, inbox: &Inbox) -> Lost {
+    let (mut sink, mut stream) = socket.split();
+    loop {
+        tokio::select! {
+            outgoing = queue.recv() => {
+                let Some(Outgoing { frame, reply }) = outgoing else {
+                    let _ = sink.send(Message::Close(None)).await;
+                    return Lost::Final("the agent handle was dropped".to_string());
+                };
+                // Write every request already queued, then flush once.
+                let mut batch = vec![(frame, reply)];
+                while let Ok(Outgoing { frame, reply }) = queue.try_recv() {
+                    batch.push((frame, reply));
+                }
+                let mut failed = None;
+                for (frame, reply) in batch {
+                    if failed.is_none() {
+                        let text = serde_json::to_string(&frame).expect("client frames always serialize");
+                        if let Err(error) = sink.feed(Message::text(text)).await {
+                            failed = Some(error.to_string());
+                        }
+                    }
+                    // Kept even if the write failed: a reconnect settles it.
+                    sent.push(frame, reply);
+                }
+                if failed.is_none()
+                    && let Err(error) = sink.flush().await
+                {
+                    failed = Some(error.to_string());
+                }
+                if let Some(reason) = failed {
+                    return Lost::Broken(reason);
+                }
+            }
+            message = stream.next() => {
+                let text = match message {
+                    Some(Ok(Message::Text(text))) => text,
+                    Some(Ok(Message::Close(frame))) => {
+                        let reason = frame.map_or("closed by hale".to_string(), |frame| format!("closed by hale: {}", frame.reason));
+                        return Lost::Broken(reason);
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(error)) => return Lost::Broken(error.to_string()),
+                    None => return Lost::Broken("connection closed".to_string()),
+                };
+                let frame: ServerFrame = match serde_json::from_str(&text) {
+                    Ok(frame) => frame,
+                    Err(error) => return Lost::Final(format!("undecodable frame from hale: {error}")),
+                };
+                if let Some(lost) = deliver(frame, sent, inbox) {
+                    return lost;
+                }
+            }
+        }
+    }
+}
+
+/// Hands an answer to its caller, or an unasked frame to the inbox.
+fn deliver(frame: ServerFrame, sent: &mut Sent, inbox: &Inbox) -> Option<Lost> {
+    let id = match &frame {
+        ServerFrame::Welcome { id, .. }
+        | ServerFrame::Checkpointed { id, .. }
+        | ServerFrame::RecoveryPointMarked { id, .. }
+        | ServerFrame::RolledBack { id, .. }
+        | ServerFrame::HeartbeatAck { id }
+        | ServerFrame::Submitted { id, .. }
+        | ServerFrame::Reserved { id, .. }
+        | ServerFrame::Ok { id } => Some(*id),
+        ServerFrame::Error { id, .. } => *id,
+        ServerFrame::Challenge {} => {
+            // Not answered here: this task being alive proves only the socket.
+            inbox.challenged.notify_one();
+            None
+        }
+        ServerFrame::Task { task } => {
+            let _ = inbox.tasks.send(*task.clone());
+            None
+        }
+        ServerFrame::TaskCancelled { task } => {
+            inbox.cancelled.lock().expect("cancelled lock").insert(*task);
+            None
+        }
+        ServerFrame::Fenced { incarnation, reason } => {
+            return Some(Lost::Final(format!("fenced: incarnation {incarnation}: {reason}")));
+        }
+        ServerFrame::SessionEnded { reason } => return Some(Lost::Final(format!("ended by hale: {reason}"))),
+    };
+    if let Some(id) = id {
+        sent.answer(id, frame);
+    }
+    None
+}
+
+/// Connects again, resumes the run and settles what was in flight; the new socket is
+/// ready for more.
+async fn reconnect(resilience: &Resilience, sent: &mut Sent) -> Result<Socket, String> {
+    let incarnation = *resilience.incarnation.lock().expect("incarnation lock");
+    let mut attempt = 0u32;
+    loop {
+        if resilience.policy.attempts.is_some_and(|attempts| attempt >= attempts) {
+            return Err(format!("gave up after {attempt} attempts"));
+        }
+        tokio::time::sleep(resilience.policy.delay(attempt)).await;
+        let url = &resilience.urls[attempt as usize % resilience.urls.len()];
+        attempt += 1;
+        let mut socket = match open_socket(url, &resilience.options).await {
+            Ok(socket) => socket,
+            Err(error) => {
+                tracing::debug!(%url, %error, attempt, "reconnect attempt failed");
+                continue;
+            }
+        };
+        let Some(incarnation) = incarnation else {
+            // Never resumed: nothing to come back to; requests go out as they are.
+            return Ok(socket);
+        };
+        let options = &resilience.options;
+        let body =
+            HelloBody { role: options.role.clone(), labels: options.labels.clone(), incarnation: Some(incarnation) };
+        let hello = ClientFrame::Hello { id: 0, agent: options.agent.clone(), body };
+        let text = serde_json::to_string(&hello).expect("client frames always serialize");
+        if socket.send(Message::text(text)).await.is_err() {
+            continue;
+        }
+        let welcome = loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(text))) => match serde_json::from_str::<ServerFrame>(&text) {
+                    Ok(ServerFrame::Welcome { welcome, .. }) => break Some(welcome),
+                    // The run is over (fenced, down, superseded): coming back is not possible.
+                    Ok(ServerFrame::Error { error, .. }) => {
+                        return Err(format!("hale refused to resume run {incarnation}: {}", error.message));
+                    }
+                    Ok(_) => continue,
+                    Err(error) => return Err(format!("undecodable frame from hale: {error}")),
+                },
+                Some(Ok(_)) => continue,
+                _ => break None,
+            }
+        };
+        let Some(welcome) = welcome else { continue };
+        tracing::info!(incarnation, version = welcome.version, attempt, "resumed after reconnecting");
+        settle(&mut socket, sent, welcome.version).await.map_err(|error| error.to_string())?;
+        return Ok(socket);
+    }
+}
+
+/// Settles the requests in flight when the connection dropped, in order (see the module
+/// documentation), now that the resumed run is at `version`.
+async fn settle(
+    socket: &mut Socket,
+    sent: &mut Sent,
+    version: u64,
+) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    sent.version = Some(version);
+    sent.rollback_in_flight = false;
+    let pending = std::mem::take(&mut sent.pending);
+    sent.by_id.clear();
+    for (_, Pending { frame, reply, makes }) in pending {
+        let again = match frame {
+            ClientFrame::Checkpoint { id, body } => match makes {
+                Some(made) if made <= version => {
+                    let _ = reply.send(Ok(ServerFrame::Checkpointed { id, version: made }));
+                    continue;
+                }
+                Some(made) => ClientFrame::Checkpoint {
+                    id,
+                    body: CheckpointBody { patch: body.patch, expected_version: Some(made - 1) },
+                },
+                None if body.expected_version.is_some() => ClientFrame::Checkpoint { id, body },
+                None => {
+                    let _ = reply.send(Err(ClientError::Closed(
+                        "the connection was lost before hale answered a checkpoint sent after a rollback; it may or may not be applied: read the state".into(),
+                    )));
+                    continue;
+                }
+            },
+            frame @ (ClientFrame::CommitStep { .. }
+            | ClientFrame::IntendStep { .. }
+            | ClientFrame::Complete { .. }
+            | ClientFrame::Fail { .. }
+            | ClientFrame::Heartbeat { .. }
+            | ClientFrame::ReportError { .. }) => frame,
+            frame @ ClientFrame::Submit { .. } if submit_has_key(&frame) => frame,
+            frame => {
+                let what = serde_json::to_value(&frame).ok().and_then(|value| value["type"].as_str().map(String::from));
+                let _ = reply.send(Err(ClientError::Closed(format!(
+                    "the connection was lost before hale answered this {}; it may or may not have been applied, so it is not sent again",
+                    what.unwrap_or_default()
+                ))));
+                continue;
+            }
+        };
+        let text = serde_json::to_string(&again).expect("client frames always serialize");
+        socket.feed(Message::text(text)).await?;
+        sent.push(again, reply);
+    }
+    socket.flush().await
+}
+
+fn submit_has_key(frame: &ClientFrame) -> bool {
+    matches!(frame, ClientFrame::Submit { task, .. } if task.idempotency_key.is_some())
+}
