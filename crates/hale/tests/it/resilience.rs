@@ -62,3 +62,108 @@ async fn agents_reconnect_after_hale_is_sigkilled_and_no_checkpoint_is_lost_or_a
         assert!(acked.len() > 5, "steady-{index} barely worked: {}", acked.len());
     }
 }
+
+/// A TCP proxy in front of hale that the test can cut: open connections are dropped and
+/// new ones refused until it is restored. It records when connections were attempted.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    cut: Arc<AtomicBool>,
+    attempts: Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
+    generation: Arc<std::sync::atomic::AtomicU64>,
+}
+
+async fn proxy(target: std::net::SocketAddr) -> Proxy {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cut = Arc::new(AtomicBool::new(false));
+    let attempts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (cut_flag, log, current) = (cut.clone(), attempts.clone(), generation.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else { return };
+            log.lock().unwrap().push(std::time::Instant::now());
+            if cut_flag.load(Ordering::SeqCst) {
+                drop(client);
+                continue;
+            }
+            let mine = current.load(Ordering::SeqCst);
+            let current = current.clone();
+            tokio::spawn(async move {
+                let Ok(mut server) = tokio::net::TcpStream::connect(target).await else { return };
+                let copying = tokio::io::copy_bidirectional(&mut client, &mut server);
+                let severed = async {
+                    while current.load(Ordering::SeqCst) == mine {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                };
+                tokio::select! { _ = copying => {}, _ = severed => {} }
+            });
+        }
+    });
+    Proxy { addr, cut, attempts, generation }
+}
+
+impl Proxy {
+    fn sever(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_network_cut_is_ridden_out_with_jittered_backoff_and_buffered_writes_flushed_in_order() {
+    const CLIENTS: usize = 20;
+    let temp = tempfile::tempdir().unwrap();
+    let hale = support::serve(temp.path(), &[]);
+    let proxy = proxy(hale.addr).await;
+    let url = format!("ws://{}", proxy.addr);
+    let policy = Reconnect { base: Duration::from_millis(50), cap: Duration::from_millis(400), ..Reconnect::default() };
+    let mut agents = Vec::new();
+    for index in 0..CLIENTS {
+        let options = AgentOptions::new(format!("cut-{index}"), "r").token(ADMIN).reconnect(policy.clone());
+        let agent = Agent::connect(&url, options).await.unwrap();
+        agent.resume().await.unwrap();
+        agent.checkpoint(json!({"before": true})).await.unwrap();
+        agents.push(agent);
+    }
+    proxy.sever();
+    let severed_at = std::time::Instant::now();
+    // Written while the network is down: they wait in each client's queue.
+    let mut writes = tokio::task::JoinSet::new();
+    for (index, agent) in agents.iter().enumerate() {
+        let agent = agent.clone();
+        writes.spawn(async move {
+            let mut versions = Vec::new();
+            for n in 1..=5u64 {
+                versions.push((n, agent.checkpoint(json!({ format!("w{n}"): n })).await.unwrap()));
+            }
+            (index, versions)
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Each client retried on its own schedule: the first retries after the cut are spread.
+    let firsts: Vec<Duration> = {
+        let attempts = proxy.attempts.lock().unwrap();
+        attempts.iter().filter(|at| **at > severed_at).map(|at| at.duration_since(severed_at)).collect()
+    };
+    assert!(firsts.len() >= CLIENTS, "every client retried during the cut: {} attempts", firsts.len());
+    let mut sorted: Vec<u128> = firsts.iter().take(CLIENTS).map(Duration::as_millis).collect();
+    sorted.sort_unstable();
+    let spread = sorted[sorted.len() - 1] - sorted[0];
+    assert!(spread >= 20, "the first retries of {CLIENTS} clients came within {spread} ms: no jitter? {sorted:?}");
+    proxy.restore();
+    let admin = hale.admin();
+    while let Some(done) = writes.join_next().await {
+        let (index, versions) = done.unwrap();
+        // Flushed in order: w1..w5 made versions 2..6.
+        assert_eq!(versions, (1..=5).map(|n| (n, n + 1)).collect::<Vec<_>>(), "cut-{index}");
+        let state = admin.state(&format!("cut-{index}"), None).await.unwrap();
+        assert_eq!(state.version, 6, "cut-{index}: each write applied once");
+    }
+    println!("first reconnect attempts after the cut (ms): {sorted:?}");
+}
