@@ -39,6 +39,8 @@ pub struct ServerConfig {
     pub auth: crate::auth::AuthConfig,
     /// TLS on the listener; `None` is plain TCP (the default, for loopback).
     pub tls: Option<crate::tls::TlsFiles>,
+    /// How many connections may be open, and how soon each must speak.
+    pub connections: crate::limits::ConnectionLimits,
 }
 
 /// What `hale up` runs, from hale.toml.
@@ -112,6 +114,7 @@ impl ServerConfig {
             supervise: None,
             auth: crate::auth::AuthConfig::default(),
             tls: None,
+            connections: crate::limits::ConnectionLimits::default(),
         }
     }
 }

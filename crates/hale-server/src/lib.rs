@@ -11,6 +11,7 @@ pub mod auth;
 mod clock;
 mod config;
 pub mod engine;
+pub mod limits;
 pub mod manifest;
 pub mod probe;
 pub mod process;
@@ -105,9 +106,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         Some(files) => Some(tls::acceptor(files).map_err(|error| ServerError::Tls(error.to_string()))?),
         None => None,
     };
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+    let listener = bind(config.listen).map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     let local_addr = listener.local_addr().map_err(ServerError::Serve)?;
     let sessions = Arc::new(Sessions::default());
     let mut stop_grace = Duration::from_secs(5);
@@ -132,6 +131,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         body_bytes_max: config.body_bytes_max,
         session_in_flight_max: config.session_in_flight_max,
         auth: auth.clone(),
+        body_timeout: config.connections.body_timeout,
         shutdown: stopping.clone(),
     };
     let router = api::router(app);
@@ -142,16 +142,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             tokio::spawn(serve_until(listener, router, stop_serving))
         }
         None => {
-            // Frames are small and often go out back to back (an answer, then a pushed
-            // task): with Nagle's algorithm on, the second waits for the client's delayed
-            // ACK, about 40 ms. The bench of task throughput showed it (716 tasks/s, 44 ms
-            // per lease → 3,049/s off). The TLS listener sets it on its own.
-            use axum::serve::ListenerExt;
-            let listener = listener.tap_io(|stream| {
-                if let Err(error) = stream.set_nodelay(true) {
-                    tracing::warn!(%error, "could not turn off Nagle's algorithm on a connection");
-                }
-            });
+            // TCP_NODELAY is set on each connection: frames are small and often go out back
+            // to back (an answer, then a pushed task); with Nagle's algorithm on, the second
+            // waits for the client's delayed ACK, about 40 ms (the task throughput bench
+            // showed it: 716 tasks/s, 44 ms per lease → 3,049/s off).
+            let listener = limits::LimitedListener::new(listener, config.connections);
             tokio::spawn(serve_until(listener, router, stop_serving))
         }
     };
@@ -229,6 +224,16 @@ async fn start_supervisor(
         rotate_every: Duration::from_secs(5),
     };
     Ok(Supervisor::start(engine.clone(), config))
+}
+
+/// Listens on `addr` with a backlog of 4,096 (tokio's default is 1,024): a burst of new
+/// connections while the accept loop is descheduled is queued by the kernel rather than
+/// dropped, which costs each dropped client a one-second SYN retransmit.
+fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 /// Serves `router` on `listener` until `stop` turns true.

@@ -380,6 +380,13 @@ async fn serve(args: ServeArgs, supervise: bool) -> Result<i32> {
         ),
         _ => None,
     };
+    let server = &manifest.server;
+    let defaults = hale_server::limits::ConnectionLimits::default();
+    config.connections = hale_server::limits::ConnectionLimits {
+        max: server.connections_max.unwrap_or(defaults.max).max(1),
+        first_byte_timeout: server.first_byte_timeout_ms.map_or(defaults.first_byte_timeout, Duration::from_millis),
+        body_timeout: server.body_timeout_ms.map_or(defaults.body_timeout, Duration::from_millis),
+    };
     config.tls = match (&manifest.server.tls_cert_file, &manifest.server.tls_key_file) {
         (Some(cert_file), Some(key_file)) => Some(hale_server::tls::TlsFiles {
             cert_file: cert_file.clone(),

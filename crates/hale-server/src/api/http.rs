@@ -48,7 +48,7 @@ pub fn routes() -> Router<AppState> {
         })
 }
 
-/// A JSON request body, read with a size bound and parsed with typed errors.
+/// A JSON request body, read with a size bound and a time bound, parsed with typed errors.
 pub struct JsonBody<T>(pub T);
 
 impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
@@ -56,14 +56,26 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
         let limit = state.body_bytes_max;
-        let bytes = axum::body::to_bytes(request.into_body(), limit).await.map_err(|_| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!("the request body is larger than {limit} bytes (body_bytes_max)"),
-                false,
-            )
-        })?;
+        // A body trickled in slowly holds a connection: it must arrive within the time.
+        let timeout = state.body_timeout;
+        let read = tokio::time::timeout(timeout, axum::body::to_bytes(request.into_body(), limit)).await;
+        let bytes = read
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    format!("the request body did not arrive within {} ms; send it in one go", timeout.as_millis()),
+                    true,
+                )
+            })?
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("the request body is larger than {limit} bytes (body_bytes_max)"),
+                    false,
+                )
+            })?;
         serde_json::from_slice(&bytes)
             .map(JsonBody)
             .map_err(|error| ApiError::bad_request(convert::describe_json_error(&error)))

@@ -29,6 +29,8 @@ pub struct AppState {
     pub body_bytes_max: usize,
     pub session_in_flight_max: usize,
     pub auth: Arc<Auth>,
+    /// How long a request body may take to arrive.
+    pub body_timeout: std::time::Duration,
     /// Becomes true when the server begins shutting down; sessions close on it.
     pub shutdown: watch::Receiver<bool>,
 }

@@ -1,6 +1,7 @@
 //! End-to-end tests of the real `hale` binary: sessions over real loopback sockets, real
 //! signals, real files.
 
+mod abuse;
 mod auth;
 mod bad_input;
 mod corruption;
