@@ -4,10 +4,12 @@
 //! One file per scenario: `durable_append`, `replay`, `restart` (SIGKILL a supervised
 //! agent, time its return), `detect` (silence a heartbeating agent, time its `down`),
 //! `redeliver` (SIGKILL the agent holding a task, time until another run holds it) and
-//! `tasks` (task throughput, submitted to completed, with no-op agents).
+//! `tasks` (task throughput, submitted to completed, with no-op agents) and `reconnect`
+//! (restart hale under connected agents, time until all have resumed).
 
 mod detect;
 mod durable_append;
+mod reconnect;
 mod redeliver;
 mod replay;
 mod restart;
@@ -66,6 +68,12 @@ pub struct BenchArgs {
     /// tasks: concurrent HTTP submitters, each one request at a time.
     #[arg(long, default_value_t = 8)]
     submitters: usize,
+    /// reconnect: agents connected when hale restarts.
+    #[arg(long, default_value_t = 100)]
+    reconnect_clients: usize,
+    /// reconnect: restarts of hale.
+    #[arg(long, default_value_t = 5)]
+    restarts: usize,
     /// Where to create the temporary data directory (default: the system's temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -91,6 +99,8 @@ enum Scenario {
     Redeliver,
     /// Task throughput: no-op agents complete tasks submitted over HTTP.
     Tasks,
+    /// Restart hale under connected agents; time until every one has resumed.
+    Reconnect,
 }
 
 pub async fn run(args: BenchArgs) -> Result<i32> {
@@ -106,6 +116,7 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
             Scenario::Detect,
             Scenario::Redeliver,
             Scenario::Tasks,
+            Scenario::Reconnect,
         ],
     };
     for scenario in scenarios {
@@ -116,6 +127,7 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
             Scenario::Detect => detect::detect(&args).await?,
             Scenario::Redeliver => redeliver::redeliver(&args).await?,
             Scenario::Tasks => tasks::tasks(&args).await?,
+            Scenario::Reconnect => reconnect::reconnect(&args).await?,
         };
         if args.json {
             println!("{}", serde_json::to_string(&result)?);
