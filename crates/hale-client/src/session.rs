@@ -16,7 +16,8 @@
 //!   could do it twice.
 //!
 //! Requests made while offline wait in the session's queue (1,024 at most; then callers
-//! wait) and go out in order once the run has resumed.
+//! wait) and go out in order once the run has resumed. The tasks a resumed run is
+//! offered again are handed to the application once per attempt.
 
 use crate::agent::{AgentOptions, Inbox, Outgoing, Reply, Socket, open_socket};
 use crate::error::ClientError;
@@ -96,6 +97,9 @@ struct Sent {
     version: Option<u64>,
     /// A rollback in flight makes the versions of later checkpoints unknowable.
     rollback_in_flight: bool,
+    /// Tasks offered so far, by task and attempt: a resumed run is offered the tasks it
+    /// holds again, and the application should see each attempt once.
+    offered: std::collections::HashSet<(u64, u32)>,
 }
 
 impl Sent {
@@ -247,7 +251,9 @@ fn deliver(frame: ServerFrame, sent: &mut Sent, inbox: &Inbox) -> Option<Lost> {
             None
         }
         ServerFrame::Task { task } => {
-            let _ = inbox.tasks.send(*task.clone());
+            if sent.offered.insert((task.task, task.attempts)) {
+                let _ = inbox.tasks.send(*task.clone());
+            }
             None
         }
         ServerFrame::TaskCancelled { task } => {
