@@ -138,7 +138,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let stop_serving = stopping;
     let serving = match tls {
         Some(acceptor) => {
-            let listener = tls::TlsListener::new(listener, acceptor).map_err(ServerError::Serve)?;
+            let listener = tls::TlsListener::new(listener, acceptor, config.connections).map_err(ServerError::Serve)?;
             tokio::spawn(serve_until(listener, router, stop_serving))
         }
         None => {

@@ -61,23 +61,30 @@ impl axum::serve::Listener for LimitedListener {
                     continue;
                 }
             };
-            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            let Some(limited) = Limited::admit(stream, &self.slots, &self.limits) else {
                 // Said once per thousand, so a flood of connections is not also a flood of logs.
                 self.refused += 1;
                 if self.refused % 1000 == 1 {
                     tracing::warn!(%peer, max = self.limits.max, refused = self.refused, "too many open connections; closing new ones");
                 }
-                drop(stream);
                 continue;
             };
-            let _ = stream.set_nodelay(true);
-            let deadline = Box::pin(tokio::time::sleep(self.limits.first_byte_timeout));
-            return (Limited { stream, _permit: permit, deadline: Some(deadline) }, peer);
+            return (limited, peer);
         }
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
         self.listener.local_addr()
+    }
+}
+
+impl Limited {
+    /// Wraps an accepted connection, taking a slot of `slots` (or `None` if none is free).
+    pub fn admit(stream: TcpStream, slots: &Arc<Semaphore>, limits: &ConnectionLimits) -> Option<Limited> {
+        let permit = slots.clone().try_acquire_owned().ok()?;
+        let _ = stream.set_nodelay(true);
+        let deadline = Some(Box::pin(tokio::time::sleep(limits.first_byte_timeout)));
+        Some(Limited { stream, _permit: permit, deadline })
     }
 }
 

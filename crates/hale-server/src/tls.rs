@@ -4,11 +4,12 @@
 //! `HANDSHAKE_TIMEOUT`, so a client that opens a connection and says nothing holds one
 //! slot for a few seconds and never stops others from connecting.
 
+use crate::limits::{ConnectionLimits, Limited};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -61,12 +62,15 @@ pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
 
 /// A listener that hands axum connections once their TLS handshake is done.
 pub struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    ready: mpsc::Receiver<(TlsStream<Limited>, SocketAddr)>,
     local: SocketAddr,
 }
 
 impl TlsListener {
-    pub fn new(listener: TcpListener, acceptor: TlsAcceptor) -> std::io::Result<TlsListener> {
+    /// Connections are bounded as on plain TCP (`limits`): open ones hold a slot, and one
+    /// that sends nothing in time is closed; handshakes are bounded besides.
+    pub fn new(listener: TcpListener, acceptor: TlsAcceptor, limits: ConnectionLimits) -> std::io::Result<TlsListener> {
+        let connections = Arc::new(Semaphore::new(limits.max.max(1)));
         let local = listener.local_addr()?;
         let (done, ready) = mpsc::channel(HANDSHAKES_MAX);
         let slots = Arc::new(Semaphore::new(HANDSHAKES_MAX));
@@ -81,7 +85,10 @@ impl TlsListener {
                         continue;
                     }
                 };
-                let _ = stream.set_nodelay(true);
+                let Some(stream) = Limited::admit(stream, &connections, &limits) else {
+                    tracing::debug!(%peer, "too many open connections; closing a new one");
+                    continue;
+                };
                 let (acceptor, done) = (acceptor.clone(), done.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
@@ -100,7 +107,7 @@ impl TlsListener {
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = TlsStream<Limited>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {

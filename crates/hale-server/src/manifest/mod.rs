@@ -54,7 +54,7 @@ pub struct ServerSection {
     pub tls_key_file: Option<PathBuf>,
     /// What the agents hale runs verify it against (default: `tls_cert_file`).
     pub tls_ca_file: Option<PathBuf>,
-    /// Open connections at most (default 4096; plain TCP).
+    /// Open connections at most (default 4096, plain or TLS).
     pub connections_max: Option<usize>,
     /// A new connection must send its first byte within this (default 10000).
     pub first_byte_timeout_ms: Option<u64>,
