@@ -214,6 +214,8 @@ struct Shared {
     tasks: tokio::sync::Mutex<mpsc::UnboundedReceiver<TaskInfo>>,
     /// Tasks cancelled while this run held them.
     cancelled: Arc<Mutex<std::collections::BTreeSet<u64>>>,
+    /// Set to end the session cleanly.
+    close: watch::Sender<bool>,
 }
 
 /// What a committed step may carry besides its result.
@@ -250,10 +252,60 @@ impl Agent {
             options: options.clone(),
             incarnation: incarnation.clone(),
         });
-        tokio::spawn(crate::session::run(socket, queue, ended_tx, inbox, resilience));
+        let (close, closing) = watch::channel(false);
+        tokio::spawn(crate::session::run(socket, queue, ended_tx, inbox, resilience, closing));
         let tasks = tokio::sync::Mutex::new(tasks);
         Ok(Agent {
-            shared: Arc::new(Shared { options, next_id, outgoing, incarnation, ended, challenged, tasks, cancelled }),
+            shared: Arc::new(Shared {
+                options,
+                next_id,
+                outgoing,
+                incarnation,
+                ended,
+                challenged,
+                tasks,
+                cancelled,
+                close,
+            }),
+        })
+    }
+
+    /// Checkpoints `last` (if given), then closes the session cleanly: what was asked before
+    /// is answered first. For a graceful stop on SIGTERM:
+    /// `tokio::select! { _ = hale_client::sigterm() => agent.close(Some(state)).await?, … }`.
+    pub async fn close(&self, last: Option<Value>) -> Result<(), ClientError> {
+        if let Some(patch) = last {
+            self.checkpoint(patch).await?;
+        }
+        let _ = self.shared.close.send(true);
+        self.ended().await;
+        Ok(())
+    }
+
+    /// Heartbeats every `interval` with what `progress` reports, until the session ends.
+    /// It proves the process is alive, not that its work loop is: report progress that
+    /// the work loop moves (a counter, a step), so the stall detector still sees a loop
+    /// that stopped, and answer [`challenged`](Agent::challenged) from the work loop.
+    pub fn spawn_heartbeats(
+        &self,
+        interval: std::time::Duration,
+        progress: impl Fn() -> Option<ProgressBody> + Send + Sync + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    _ = agent.ended() => return,
+                }
+                if let Err(error) = agent.heartbeat(progress()).await
+                    && error.code().is_some()
+                {
+                    // Refused (fenced, down): the run is over; the session ends too.
+                    return;
+                }
+            }
         })
     }
 

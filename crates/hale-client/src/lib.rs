@@ -30,3 +30,11 @@ pub use hale_proto::{
     TaskSubmitted, TokenPair, Welcome,
 };
 pub use session::Reconnect;
+
+/// Resolves when this process gets SIGTERM (what hale sends to stop an agent it runs):
+/// the moment to checkpoint and [`Agent::close`].
+pub async fn sigterm() -> std::io::Result<()> {
+    let mut signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    signal.recv().await;
+    Ok(())
+}

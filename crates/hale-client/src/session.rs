@@ -151,11 +151,12 @@ pub(crate) async fn run(
     ended: watch::Sender<Option<String>>,
     inbox: Inbox,
     resilience: Option<Resilience>,
+    mut closing: watch::Receiver<bool>,
 ) {
     let mut sent = Sent::default();
     let mut socket = socket;
     let reason = loop {
-        let lost = pump(socket, &mut queue, &mut sent, &inbox).await;
+        let lost = pump(socket, &mut queue, &mut sent, &inbox, &mut closing).await;
         let (reason, resilience) = match (lost, &resilience) {
             (Lost::Final(reason), _) | (Lost::Broken(reason), None) => break reason,
             (Lost::Broken(reason), Some(resilience)) => (reason, resilience),
@@ -176,10 +177,24 @@ pub(crate) async fn run(
 }
 
 /// Carries requests and answers until the connection ends.
-async fn pump(socket: Socket, queue: &mut mpsc::Receiver<Outgoing>, sent: &mut Sent, inbox: &Inbox) -> Lost {
+async fn pump(
+    socket: Socket,
+    queue: &mut mpsc::Receiver<Outgoing>,
+    sent: &mut Sent,
+    inbox: &Inbox,
+    closing: &mut watch::Receiver<bool>,
+) -> Lost {
     let (mut sink, mut stream) = socket.split();
     loop {
         tokio::select! {
+            changed = closing.changed() => {
+                // Err: every handle was dropped, which ends the session too.
+                let close = changed.is_err() || *closing.borrow();
+                if close {
+                    let _ = sink.send(Message::Close(None)).await;
+                    return Lost::Final("closed by the agent".to_string());
+                }
+            }
             outgoing = queue.recv() => {
                 let Some(Outgoing { frame, reply }) = outgoing else {
                     let _ = sink.send(Message::Close(None)).await;

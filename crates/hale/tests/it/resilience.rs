@@ -167,3 +167,40 @@ async fn a_network_cut_is_ridden_out_with_jittered_backoff_and_buffered_writes_f
     }
     println!("first reconnect attempts after the cut (ms): {sorted:?}");
 }
+
+#[tokio::test]
+async fn a_heartbeat_task_reports_progress_and_close_checkpoints_then_ends_the_session_cleanly() {
+    let temp = tempfile::tempdir().unwrap();
+    let hale = support::serve(temp.path(), &[]);
+    let agent = hale.connect(AgentOptions::new("tidy", "r")).await;
+    agent.resume().await.unwrap();
+    let step = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = step.clone();
+    let beats = agent.spawn_heartbeats(Duration::from_millis(100), move || {
+        Some(hale_client::ProgressBody {
+            message: Some(format!("step {}", counter.load(Ordering::Relaxed))),
+            ..Default::default()
+        })
+    });
+    step.store(7, Ordering::Relaxed);
+    let admin = hale.admin();
+    support::eventually("the heartbeat task's progress is seen", 10, || async {
+        let agents = admin.agents().await.ok()?;
+        let tidy = agents.into_iter().find(|agent| agent.agent == "tidy")?;
+        (tidy.attached && tidy.progress.as_ref()?.message.as_deref() == Some("step 7")).then_some(())
+    })
+    .await;
+    agent.close(Some(json!({"stopped_at": 7}))).await.unwrap();
+    assert_eq!(agent.ended().await, "closed by the agent");
+    tokio::time::timeout(Duration::from_secs(5), beats)
+        .await
+        .expect("the heartbeat task ends with the session")
+        .unwrap();
+    let state = admin.state("tidy", None).await.unwrap();
+    assert_eq!(state.state["stopped_at"], json!(7));
+    support::eventually("the session is gone", 10, || async {
+        let tidy = admin.agents().await.ok()?.into_iter().find(|agent| agent.agent == "tidy")?;
+        (!tidy.attached).then_some(())
+    })
+    .await;
+}
