@@ -105,7 +105,11 @@ struct Sent {
 impl Sent {
     fn push(&mut self, frame: ClientFrame, reply: Reply) {
         let makes = match &frame {
-            ClientFrame::Checkpoint { body, .. } if body.expected_version.is_none() && !self.rollback_in_flight => {
+            // A checkpoint that expects a version can only make the next one.
+            ClientFrame::Checkpoint { body, .. } if body.expected_version.is_some() => {
+                body.expected_version.map(|expected| expected + 1)
+            }
+            ClientFrame::Checkpoint { .. } if !self.rollback_in_flight => {
                 let before =
                     self.pending.values().filter(|pending| matches!(pending.frame, ClientFrame::Checkpoint { .. }));
                 self.version.map(|version| version + 1 + before.count() as u64)
@@ -133,6 +137,16 @@ impl Sent {
         if let Some(order) = self.by_id.remove(&id)
             && let Some(pending) = self.pending.remove(&order)
         {
+            // A refused checkpoint made no version: the ones sent after it make one less.
+            if let (ServerFrame::Error { .. }, Some(refused)) = (&frame, pending.makes) {
+                for later in self.pending.range_mut(order..).map(|(_, later)| later) {
+                    let unpinned =
+                        matches!(&later.frame, ClientFrame::Checkpoint { body, .. } if body.expected_version.is_none());
+                    if unpinned && let Some(makes) = later.makes.as_mut().filter(|makes| **makes > refused) {
+                        *makes -= 1;
+                    }
+                }
+            }
             let _ = pending.reply.send(Ok(frame));
         }
     }
