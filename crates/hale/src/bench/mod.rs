@@ -4,11 +4,13 @@
 //! One file per scenario: `durable_append`, `replay`, `restart` (SIGKILL a supervised
 //! agent, time its return), `detect` (silence a heartbeating agent, time its `down`),
 //! `redeliver` (SIGKILL the agent holding a task, time until another run holds it) and
-//! `tasks` (task throughput, submitted to completed, with no-op agents) and `reconnect`
-//! (restart hale under connected agents, time until all have resumed).
+//! `tasks` (task throughput, submitted to completed, with no-op agents), `reconnect`
+//! (restart hale under connected agents, time until all have resumed) and `messages`
+//! (messages between two agents, each acked).
 
 mod detect;
 mod durable_append;
+mod messages;
 mod reconnect;
 mod redeliver;
 mod replay;
@@ -74,6 +76,12 @@ pub struct BenchArgs {
     /// reconnect: restarts of hale.
     #[arg(long, default_value_t = 5)]
     restarts: usize,
+    /// messages: messages to send from one agent to another.
+    #[arg(long, default_value_t = 20_000)]
+    messages: usize,
+    /// messages: sends in flight at once.
+    #[arg(long, default_value_t = 64)]
+    message_window: usize,
     /// Where to create the temporary data directory (default: the system's temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -101,6 +109,8 @@ enum Scenario {
     Tasks,
     /// Restart hale under connected agents; time until every one has resumed.
     Reconnect,
+    /// Messages between two agents, each acked; messages per second.
+    Messages,
 }
 
 pub async fn run(args: BenchArgs) -> Result<i32> {
@@ -117,6 +127,7 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
             Scenario::Redeliver,
             Scenario::Tasks,
             Scenario::Reconnect,
+            Scenario::Messages,
         ],
     };
     for scenario in scenarios {
@@ -128,6 +139,7 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
             Scenario::Redeliver => redeliver::redeliver(&args).await?,
             Scenario::Tasks => tasks::tasks(&args).await?,
             Scenario::Reconnect => reconnect::reconnect(&args).await?,
+            Scenario::Messages => messages::messages(&args).await?,
         };
         if args.json {
             println!("{}", serde_json::to_string(&result)?);
