@@ -144,6 +144,7 @@ class Session:
         self.end_reason: Optional[str] = None
         self.connected = False
         self._close_requested = asyncio.Event()
+        self._closing = False
         self._task: Optional["asyncio.Task[None]"] = None
         #: How often the connection was lost and the run resumed.
         self.reconnects = 0
@@ -231,6 +232,8 @@ class Session:
         for task in waiting:
             with contextlib.suppress(BaseException):
                 await task
+        if self._closing:
+            return _Lost(True, "closed by the agent")
         results = [task.result() for task in (reader, writer) if task in done]
         lost = next((result for result in results if result.final), results[0])
         if not lost.final:
@@ -248,6 +251,7 @@ class Session:
                 # Close: let what was sent be answered first, then say goodbye.
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._drained.wait(), 5.0)
+                self._closing = True
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(socket.close(), 2.0)
                 return _Lost(True, "closed by the agent")
