@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import logging
 import os
 import signal
 import uuid
@@ -698,7 +699,13 @@ async def run_until_sigterm(
     job.cancel()
     with contextlib.suppress(BaseException):
         await job
-    await agent.close(last_patch() if last_patch is not None else None)
+    try:
+        await agent.close(last_patch() if last_patch is not None else None)
+    except SessionClosed as error:
+        # The run is already over (e.g. hale fenced it as it stopped the agent): nothing
+        # more can be written for it.
+        logging.getLogger("hale").warning("could not checkpoint on SIGTERM: %s", error.message)
+        await agent.close()
     return True
 
 

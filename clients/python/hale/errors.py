@@ -85,7 +85,8 @@ class Fenced(SessionClosed):
     process should stop (a managed agent is replaced by hale)."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, Code.FENCED)
+        prefix = "fenced: "
+        super().__init__(message[len(prefix) :] if message.startswith(prefix) else message, Code.FENCED)
 
 
 class ConnectError(HaleError):
