@@ -9,6 +9,7 @@ mod crash;
 mod demo;
 mod fsync;
 mod health;
+mod python;
 mod resilience;
 mod session;
 mod supervise;
