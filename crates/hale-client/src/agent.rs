@@ -1,7 +1,7 @@
 use crate::error::ClientError;
 use hale_proto::{
-    CheckpointBody, ClientFrame, HelloBody, HttpSubmitTask, LlmCallInfo, ProgressBody, RecoveryPointInfo, RollbackTo,
-    RolledBack, SESSION_PATH, ServerFrame, TaskInfo, Welcome,
+    CheckpointBody, ClientFrame, HelloBody, HttpSubmitTask, LlmCallInfo, MessageInfo, ProgressBody, Recipient,
+    RecoveryPointInfo, RollbackTo, RolledBack, SESSION_PATH, SendBody, Sent, ServerFrame, TaskInfo, Welcome,
 };
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -214,6 +214,10 @@ struct Shared {
     tasks: tokio::sync::Mutex<mpsc::UnboundedReceiver<TaskInfo>>,
     /// Tasks cancelled while this run held them.
     cancelled: Arc<Mutex<std::collections::BTreeSet<u64>>>,
+    /// Messages from the mailbox, each sequence number once.
+    messages: tokio::sync::Mutex<mpsc::UnboundedReceiver<MessageInfo>>,
+    /// Makes the idempotency keys of sends unique to this session.
+    key_prefix: String,
     /// Set to end the session cleanly.
     close: watch::Sender<bool>,
 }
@@ -244,7 +248,13 @@ impl Agent {
         let challenged = Arc::new(Notify::new());
         let (tasks_tx, tasks) = mpsc::unbounded_channel();
         let cancelled = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
-        let inbox = Inbox { challenged: challenged.clone(), tasks: tasks_tx, cancelled: cancelled.clone() };
+        let (messages_tx, messages) = mpsc::unbounded_channel();
+        let inbox = Inbox {
+            challenged: challenged.clone(),
+            tasks: tasks_tx,
+            cancelled: cancelled.clone(),
+            messages: messages_tx,
+        };
         let incarnation = Arc::new(Mutex::new(options.incarnation));
         let resilience = options.reconnect.clone().map(|policy| crate::session::Resilience {
             urls: std::iter::once(url.to_string()).chain(policy.more_urls.iter().cloned()).collect(),
@@ -255,6 +265,8 @@ impl Agent {
         let (close, closing) = watch::channel(false);
         tokio::spawn(crate::session::run(socket, queue, ended_tx, inbox, resilience, closing));
         let tasks = tokio::sync::Mutex::new(tasks);
+        let messages = tokio::sync::Mutex::new(messages);
+        let key_prefix = format!("{}-{:016x}", options.agent, rand::random::<u64>());
         Ok(Agent {
             shared: Arc::new(Shared {
                 options,
@@ -265,6 +277,8 @@ impl Agent {
                 challenged,
                 tasks,
                 cancelled,
+                messages,
+                key_prefix,
                 close,
             }),
         })
@@ -313,6 +327,86 @@ impl Agent {
     /// or `None` once the session has ended. A resumed run gets the tasks it still holds.
     pub async fn next_task(&self) -> Option<TaskInfo> {
         self.shared.tasks.lock().await.recv().await
+    }
+
+    /// The next message from this agent's mailbox, or `None` once the session has ended.
+    /// Every message not yet acked is delivered again after a reconnect; this hands each
+    /// sequence number to the application once per process. [`ack`](Agent::ack) it once
+    /// acted on (and once what it changed is checkpointed): a message not acked when the
+    /// process dies is delivered to the next run.
+    pub async fn next_message(&self) -> Option<MessageInfo> {
+        self.shared.messages.lock().await.recv().await
+    }
+
+    /// Sends `body` to an agent or a role (`Recipient::Role`: one agent of it; see
+    /// docs/protocol.md) in `conversation` (a new one if `None`). Durable when it returns.
+    /// A send is retried safely across reconnects: it carries an idempotency key.
+    pub async fn send(&self, to: Recipient, conversation: Option<&str>, body: Value) -> Result<Sent, ClientError> {
+        let message = SendBody {
+            to,
+            conversation: conversation.map(str::to_string),
+            body,
+            reply_to: None,
+            expects_reply: false,
+            key: None,
+        };
+        self.send_message(message).await
+    }
+
+    /// Like [`send`](Agent::send), and the recipient owes a reply: until it sends one, the
+    /// message is among its pending replies, which it gets back when it resumes.
+    pub async fn ask(&self, to: Recipient, conversation: Option<&str>, body: Value) -> Result<Sent, ClientError> {
+        let message = SendBody {
+            to,
+            conversation: conversation.map(str::to_string),
+            body,
+            reply_to: None,
+            expects_reply: true,
+            key: None,
+        };
+        self.send_message(message).await
+    }
+
+    /// Answers `message` (to its sender, in its conversation).
+    pub async fn reply(&self, message: &MessageInfo, body: Value) -> Result<Sent, ClientError> {
+        let answer = SendBody {
+            to: Recipient::Agent(message.from.clone()),
+            conversation: Some(message.conversation.clone()),
+            body,
+            reply_to: Some(message.message),
+            expects_reply: false,
+            key: None,
+        };
+        self.send_message(answer).await
+    }
+
+    /// Sends a message with every option; a key is made up if none is given.
+    pub async fn send_message(&self, mut message: SendBody) -> Result<Sent, ClientError> {
+        self.require_resumed("send")?;
+        if message.key.is_none() {
+            message.key = Some(format!("{}-{}", self.shared.key_prefix, self.next_id()));
+        }
+        match self.request(ClientFrame::Send { id: self.next_id(), message }).await? {
+            ServerFrame::Sent { sent, .. } => Ok(sent),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Says message `seq` of the mailbox was acted on: it is not delivered again.
+    pub async fn ack(&self, seq: u64) -> Result<(), ClientError> {
+        self.task_write(ClientFrame::Ack { id: self.next_id(), seq }).await
+    }
+
+    /// Ends a conversation: what its participants owed in it is no longer pending.
+    pub async fn end_conversation(&self, conversation: &str) -> Result<(), ClientError> {
+        let frame = ClientFrame::EndConversation { id: self.next_id(), conversation: conversation.to_string() };
+        self.task_write(frame).await
+    }
+
+    /// The session id of this run (`agent/incarnation`), once resumed: the same across
+    /// reconnects, new when a new run starts.
+    pub fn session_id(&self) -> Option<String> {
+        self.incarnation().map(|incarnation| format!("{}/{incarnation}", self.name()))
     }
 
     /// Whether hale cancelled `task` while this run held it: stop working on it.
@@ -555,4 +649,5 @@ pub(crate) struct Inbox {
     pub(crate) challenged: Arc<Notify>,
     pub(crate) tasks: mpsc::UnboundedSender<TaskInfo>,
     pub(crate) cancelled: Arc<Mutex<std::collections::BTreeSet<u64>>>,
+    pub(crate) messages: mpsc::UnboundedSender<MessageInfo>,
 }

@@ -25,9 +25,9 @@ pub use admin::Admin;
 pub use agent::{Agent, AgentOptions, Credentials, StepExtras, url_from_env};
 pub use error::ClientError;
 pub use hale_proto::{
-    AgentState, AgentSummary, BudgetSpec, DownSummary, HttpSubmitTask, LlmCallInfo, ManagedSummary, ProgressBody,
-    RecoveryPointInfo, RollbackTo, RolledBack, RungSpec, ShadowSpec, SpendBody, StepInfo, SystemStatus, TaskInfo,
-    TaskSubmitted, TokenPair, Welcome,
+    AgentState, AgentSummary, BudgetSpec, ConversationInfo, DownSummary, HttpSubmitTask, LlmCallInfo, ManagedSummary,
+    MessageInfo, PendingReplyInfo, ProgressBody, Recipient, RecoveryPointInfo, RollbackTo, RolledBack, RungSpec,
+    SendBody, Sent, ShadowSpec, SpendBody, StepInfo, SystemStatus, TaskInfo, TaskSubmitted, TokenPair, Welcome,
 };
 pub use session::Reconnect;
 

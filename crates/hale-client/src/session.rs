@@ -100,6 +100,9 @@ struct Sent {
     /// Tasks offered so far, by task and attempt: a resumed run is offered the tasks it
     /// holds again, and the application should see each attempt once.
     offered: std::collections::HashSet<(u64, u32)>,
+    /// Mailbox sequence numbers handed to the application and not yet acked: a new
+    /// connection delivers every unacked message again, and these are dropped.
+    handed: std::collections::BTreeSet<u64>,
 }
 
 impl Sent {
@@ -146,6 +149,10 @@ impl Sent {
                         *makes -= 1;
                     }
                 }
+            }
+            // An acked message is never delivered again: forget its sequence number.
+            if let (ServerFrame::Ok { .. }, ClientFrame::Ack { seq, .. }) = (&frame, &pending.frame) {
+                self.handed.remove(seq);
             }
             let _ = pending.reply.send(Ok(frame));
         }
@@ -289,6 +296,13 @@ fn deliver(frame: ServerFrame, sent: &mut Sent, inbox: &Inbox) -> Option<Lost> {
             inbox.cancelled.lock().expect("cancelled lock").insert(*task);
             None
         }
+        ServerFrame::Message { message } => {
+            if sent.handed.insert(message.seq) {
+                let _ = inbox.messages.send(*message.clone());
+            }
+            None
+        }
+        ServerFrame::Sent { id, .. } => Some(*id),
         ServerFrame::Fenced { incarnation, reason } => {
             return Some(Lost::Final(format!("fenced: incarnation {incarnation}: {reason}")));
         }
@@ -388,7 +402,11 @@ async fn settle(
             | ClientFrame::Complete { .. }
             | ClientFrame::Fail { .. }
             | ClientFrame::Heartbeat { .. }
-            | ClientFrame::ReportError { .. }) => frame,
+            | ClientFrame::ReportError { .. }
+            | ClientFrame::Ack { .. }
+            | ClientFrame::EndConversation { .. }) => frame,
+            // Sends carry an idempotency key: the retry is answered with the first message.
+            frame @ ClientFrame::Send { .. } if send_has_key(&frame) => frame,
             frame @ ClientFrame::Submit { .. } if submit_has_key(&frame) => frame,
             frame => {
                 let what = serde_json::to_value(&frame).ok().and_then(|value| value["type"].as_str().map(String::from));
@@ -404,6 +422,10 @@ async fn settle(
         sent.push(again, reply);
     }
     socket.flush().await
+}
+
+fn send_has_key(frame: &ClientFrame) -> bool {
+    matches!(frame, ClientFrame::Send { message, .. } if message.key.is_some())
 }
 
 fn submit_has_key(frame: &ClientFrame) -> bool {

@@ -1,6 +1,6 @@
 use crate::health::{Reporter, Severity};
 use crate::liveness::Progress;
-use crate::names::{AgentName, PointName, RoleName};
+use crate::names::{AgentName, ConversationId, PointName, RoleName};
 use crate::supervision::{Cause, ProcessRef, Supervision};
 use crate::tasks::{LlmCall, Mode, Spend, TaskSpec};
 use serde::{Deserialize, Serialize};
@@ -107,6 +107,31 @@ pub enum Command {
     RevokeTokens { agent: AgentName, reason: String },
     /// The agent's run reports what it spent (settling `reservation`, if given).
     ReportSpend { agent: AgentName, incarnation: u64, task: Option<u64>, reservation: Option<u64>, spend: Spend },
+    /// The agent's run sends a message (in `conversation`, or a new one hale names).
+    SendMessage {
+        from: AgentName,
+        incarnation: u64,
+        to: Recipient,
+        conversation: Option<ConversationId>,
+        body: Value,
+        reply_to: Option<u64>,
+        expects_reply: bool,
+        /// The same key from the same sender: the same message, sent once.
+        key: Option<String>,
+    },
+    /// The agent's run has acted on message `seq` of its mailbox.
+    AckMessage { agent: AgentName, incarnation: u64, seq: u64 },
+    /// The agent ends a conversation it takes part in.
+    EndConversation { agent: AgentName, incarnation: u64, conversation: ConversationId },
+}
+
+/// Where a message goes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Recipient {
+    Agent(AgentName),
+    /// One agent of the role (see `mail`).
+    Role(RoleName),
 }
 
 /// The `hello` of a session.
@@ -150,7 +175,10 @@ impl Command {
             | Command::ReportSpend { agent, .. }
             | Command::CommitStep { agent, .. }
             | Command::CompleteTask { agent, .. }
-            | Command::FailTask { agent, .. } => agent,
+            | Command::FailTask { agent, .. }
+            | Command::AckMessage { agent, .. }
+            | Command::EndConversation { agent, .. } => agent,
+            Command::SendMessage { from, .. } => from,
             Command::Hello(hello) => &hello.agent,
             Command::Checkpoint { agent, .. }
             | Command::MarkRecoveryPoint { agent, .. }

@@ -10,7 +10,7 @@ use crate::names::{AgentName, validate_labels};
 use crate::rejection::Rejection;
 use crate::state::{AgentRecord, State};
 use crate::supervision::{self, Cause, ManagedStatus, RestartPlan};
-use crate::{budget, credentials, tasks};
+use crate::{budget, credentials, mail, tasks};
 use serde_json::Value;
 
 pub(crate) fn decide(
@@ -39,6 +39,9 @@ pub(crate) fn decide(
         Command::Reserve { .. } | Command::ReportSpend { .. } => budget::decide(state, settings, command, now),
         Command::IssueTokens { .. } | Command::RefreshTokens { .. } | Command::RevokeTokens { .. } => {
             credentials::decide(state, command, now)
+        }
+        Command::SendMessage { .. } | Command::AckMessage { .. } | Command::EndConversation { .. } => {
+            mail::decide(state, limits, command)
         }
         Command::DeclareRole { role, min, max, supervision } => {
             let unchanged = state.roles().any(|(name, pool)| {

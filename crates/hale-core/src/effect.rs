@@ -25,4 +25,6 @@ pub enum Effect {
     /// End every live session of the agent (its tokens were revoked, or it was
     /// quarantined).
     EndSessions { agent: AgentName, reason: String },
+    /// New mail for `agent`: its sessions should deliver what they have not yet.
+    DeliverMail { agent: AgentName },
 }

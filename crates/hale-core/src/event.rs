@@ -1,7 +1,7 @@
 use crate::Timestamp;
 use crate::health::{Reporter, Severity};
 use crate::liveness::Progress;
-use crate::names::{AgentName, PointName, RoleName};
+use crate::names::{AgentName, ConversationId, PointName, RoleName};
 use crate::supervision::{Cause, ProcessRef, Supervision};
 use crate::tasks::{Level, LlmCall, Mode, Outcome, Parent, Spend, TaskSpec};
 use serde::{Deserialize, Serialize};
@@ -266,6 +266,31 @@ pub enum Event {
         task: Option<u64>,
         detail: String,
     },
+    /// Message `id` was put in `to`'s mailbox as `seq` (sent at the record's time).
+    MessageSent {
+        id: u64,
+        seq: u64,
+        from: AgentName,
+        to: AgentName,
+        conversation: ConversationId,
+        body: Value,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply_to: Option<u64>,
+        #[serde(default)]
+        expects_reply: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
+    },
+    /// `agent` acted on message `seq` of its mailbox: it is not delivered again.
+    MessageAcked {
+        agent: AgentName,
+        seq: u64,
+    },
+    /// The conversation ended: what its participants owed in it is no longer pending.
+    ConversationEnded {
+        conversation: ConversationId,
+        by: AgentName,
+    },
 }
 
 impl Event {
@@ -288,7 +313,10 @@ impl Event {
             | Event::ModeChanged { .. }
             | Event::TokensIssued { .. }
             | Event::TokensRefreshed { .. }
-            | Event::TokensRevoked { .. } => return None,
+            | Event::TokensRevoked { .. }
+            | Event::MessageSent { .. }
+            | Event::ConversationEnded { .. } => return None,
+            Event::MessageAcked { agent, .. } => agent,
             Event::BudgetReserved { agent, .. }
             | Event::SpendReported { agent, .. }
             | Event::BudgetBreached { agent, .. } => agent,
@@ -354,6 +382,9 @@ impl Event {
             Event::TokensIssued { .. } => "tokens_issued",
             Event::TokensRefreshed { .. } => "tokens_refreshed",
             Event::TokensRevoked { .. } => "tokens_revoked",
+            Event::MessageSent { .. } => "message_sent",
+            Event::MessageAcked { .. } => "message_acked",
+            Event::ConversationEnded { .. } => "conversation_ended",
         }
     }
 }

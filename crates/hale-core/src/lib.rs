@@ -24,6 +24,7 @@ mod event;
 pub mod health;
 mod limits;
 mod liveness;
+pub mod mail;
 mod merge;
 mod names;
 pub mod policy;
@@ -33,13 +34,13 @@ mod state;
 pub mod supervision;
 pub mod tasks;
 
-pub use command::{Command, Hello, RollbackTarget};
+pub use command::{Command, Hello, Recipient, RollbackTarget};
 pub use effect::Effect;
 pub use event::Event;
 pub use limits::{Limits, PATCH_DEPTH_MAX};
 pub use liveness::{Health, Liveness, LivenessSettings, PROGRESS_BYTES_MAX, Progress};
 pub use merge::{json_depth, json_size, merge_patch, merged_size};
-pub use names::{AgentName, NameError, PointName, RoleName, validate_labels};
+pub use names::{AgentName, ConversationId, NameError, PointName, RoleName, validate_labels};
 pub use rejection::Rejection;
 pub use rng::Rng;
 pub use state::{AgentRecord, Down, ProgressRecord, RecoveryPoint, State};
@@ -259,6 +260,7 @@ impl Core {
                 self.effects
                     .push_back(Effect::EndSessions { agent: agent.clone(), reason: format!("quarantined: {reason}") });
             }
+            Event::MessageSent { to, .. } => self.effects.push_back(Effect::DeliverMail { agent: to.clone() }),
             Event::AgentFailed { agent, restarts, window_ms } => {
                 self.effects.push_back(Effect::Escalate {
                     agent: agent.clone(),

@@ -18,6 +18,12 @@ pub struct Limits {
     pub history_len: usize,
     /// Most named recovery points one agent may hold; re-marking a name replaces it.
     pub recovery_points_max: usize,
+    /// Most unacked messages one mailbox holds; sends past it are refused (`mailbox_full`).
+    pub mailbox_max: usize,
+    /// Largest message body, in bytes of compact JSON.
+    pub message_bytes_max: usize,
+    /// Most open conversations one agent takes part in.
+    pub conversations_max: usize,
 }
 
 impl Default for Limits {
@@ -28,6 +34,9 @@ impl Default for Limits {
             patch_depth_max: PATCH_DEPTH_MAX,
             history_len: 16,
             recovery_points_max: 64,
+            mailbox_max: 10_000,
+            message_bytes_max: 64 * 1024,
+            conversations_max: 1_000,
         }
     }
 }

@@ -111,6 +111,12 @@ name_type!(
     PointName,
     "recovery point"
 );
+name_type!(
+    /// The id of a conversation between agents, e.g. `review-42` (hale makes `c-N` when
+    /// a sender names none).
+    ConversationId,
+    "conversation"
+);
 
 /// Checks a label set: at most [`LABELS_MAX`] entries, keys named like agents and at most
 /// [`LABEL_KEY_BYTES_MAX`] bytes, values at most [`LABEL_VALUE_BYTES_MAX`] bytes.

@@ -117,6 +117,33 @@ pub enum Rejection {
     /// A progress fraction outside 0..=1.
     #[error("progress.fraction must be between 0 and 1, got {got}")]
     BadFraction { got: String },
+    /// A message body over `message_bytes_max`.
+    #[error(
+        "the message body is {size} bytes; the limit is {max} bytes (limits.message_bytes_max): send a reference to bulk data instead"
+    )]
+    MessageTooLarge { size: usize, max: usize },
+    /// A message that cannot be sent as given.
+    #[error("bad message: {reason}")]
+    BadMessage { reason: String },
+    /// Nobody to deliver a message to.
+    #[error("no recipient: {detail}")]
+    NoRecipient { detail: String },
+    /// The recipient's mailbox holds `mailbox_max` unacked messages.
+    #[error(
+        "the mailbox of agent {agent:?} is full ({max} unacked messages, limits.mailbox_max): retry once it has acked some"
+    )]
+    MailboxFull { agent: String, max: usize },
+    /// An ack or reply naming a message that does not exist.
+    #[error("unknown message: {detail}")]
+    UnknownMessage { detail: String },
+    /// Ending a conversation the agent takes no part in.
+    #[error("agent {agent:?} takes no part in conversation {conversation:?}")]
+    UnknownConversation { agent: String, conversation: String },
+    /// A new conversation for an agent that already has `conversations_max` open.
+    #[error(
+        "agent {agent:?} already takes part in {max} open conversations (limits.conversations_max): end some with end_conversation"
+    )]
+    TooManyConversations { agent: String, max: usize },
 }
 
 impl Rejection {
@@ -152,6 +179,13 @@ impl Rejection {
             Rejection::Overloaded { .. } => "overloaded",
             Rejection::OverBudget { .. } => "over_budget",
             Rejection::RefreshRefused { .. } => "refresh_refused",
+            Rejection::MessageTooLarge { .. } => "message_too_large",
+            Rejection::BadMessage { .. } => "bad_message",
+            Rejection::NoRecipient { .. } => "no_recipient",
+            Rejection::MailboxFull { .. } => "mailbox_full",
+            Rejection::UnknownMessage { .. } => "unknown_message",
+            Rejection::UnknownConversation { .. } => "unknown_conversation",
+            Rejection::TooManyConversations { .. } => "too_many_conversations",
         }
     }
 }

@@ -31,6 +31,9 @@ pub struct State {
     /// Agent credentials (by name: an agent may get tokens before its first hello).
     #[serde(default)]
     credentials: BTreeMap<AgentName, crate::credentials::Credential>,
+    /// Mailboxes and conversations.
+    #[serde(default)]
+    mail: crate::mail::Mail,
 }
 
 /// Everything the log says about one agent.
@@ -149,6 +152,11 @@ impl State {
         self.mode
     }
 
+    /// Mailboxes and conversations.
+    pub fn mail(&self) -> &crate::mail::Mail {
+        &self.mail
+    }
+
     /// `agent`'s credentials, if any were issued or revoked.
     pub fn credential(&self, agent: &AgentName) -> Option<&crate::credentials::Credential> {
         self.credentials.get(agent)
@@ -236,6 +244,9 @@ impl State {
             Event::TokensIssued { .. } | Event::TokensRefreshed { .. } | Event::TokensRevoked { .. } => {
                 return crate::credentials::apply(&mut self.credentials, event);
             }
+            Event::MessageSent { .. } | Event::MessageAcked { .. } | Event::ConversationEnded { .. } => {
+                return crate::mail::apply(&mut self.mail, at, event);
+            }
             Event::BudgetReserved { reservation, agent, incarnation, task, spend, period } => {
                 if let Some(task) = task {
                     self.tasks.with_task(task, at, |found| found.reserved = found.reserved.plus(spend));
@@ -308,7 +319,10 @@ impl State {
             | Event::BudgetBreached { .. }
             | Event::TokensIssued { .. }
             | Event::TokensRefreshed { .. }
-            | Event::TokensRevoked { .. } => unreachable!("handled above"),
+            | Event::TokensRevoked { .. }
+            | Event::MessageSent { .. }
+            | Event::MessageAcked { .. }
+            | Event::ConversationEnded { .. } => unreachable!("handled above"),
             Event::IncarnationStarted { incarnation, .. } => {
                 record.incarnation = incarnation;
                 if let Some(managed) = &mut record.managed {

@@ -131,6 +131,138 @@ pub enum ClientFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         retry: Option<bool>,
     },
+    /// Send a message to an agent or a role (answered `sent` once durable).
+    Send {
+        id: u64,
+        #[serde(flatten)]
+        message: SendBody,
+    },
+    /// This session's agent has acted on message `seq` of its mailbox (answered `ok`).
+    Ack {
+        id: u64,
+        seq: u64,
+    },
+    /// End a conversation this agent takes part in (answered `ok`).
+    EndConversation {
+        id: u64,
+        conversation: String,
+    },
+}
+
+/// A message to send: `to` is `{"agent": "writer-1"}` or `{"role": "writer"}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendBody {
+    pub to: Recipient,
+    /// The conversation it belongs to; hale starts a new one (`c-N`) if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation: Option<String>,
+    #[serde(default)]
+    pub body: Value,
+    /// The message this one answers (it is no longer pending for the sender).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<u64>,
+    /// The sender waits for an answer.
+    #[serde(default)]
+    pub expects_reply: bool,
+    /// An idempotency key: a send retried with the same key sends nothing new and is
+    /// answered with the first message (`new: false`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// Where a message goes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Recipient {
+    Agent(String),
+    Role(String),
+}
+
+/// The answer to a send.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sent {
+    /// The message's id, unique across hale.
+    pub message: u64,
+    /// The agent it went to (for a role, the one chosen).
+    pub to: String,
+    /// Its sequence number in the recipient's mailbox.
+    pub seq: u64,
+    pub conversation: String,
+    /// False when an earlier send with the same key was found.
+    pub new: bool,
+}
+
+/// A message delivered from a mailbox.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MessageInfo {
+    pub seq: u64,
+    pub message: u64,
+    pub from: String,
+    pub conversation: String,
+    pub body: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<u64>,
+    #[serde(default)]
+    pub expects_reply: bool,
+    pub sent_at_ms: u64,
+}
+
+/// A conversation the agent takes part in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConversationInfo {
+    pub id: String,
+    pub participants: Vec<String>,
+    pub started_at_ms: u64,
+    pub last_at_ms: u64,
+    pub messages: u64,
+}
+
+/// A message that waits for the agent's reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingReplyInfo {
+    pub message: u64,
+    pub seq: u64,
+    pub from: String,
+    pub conversation: String,
+    pub sent_at_ms: u64,
+}
+
+/// `GET /v1/agents/{agent}/mailbox`: the unacked messages (after `after`, at most
+/// `limit`), the open conversations and the pending replies.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Mailbox {
+    pub agent: String,
+    /// The last sequence number given out.
+    pub last_seq: u64,
+    pub unacked: u64,
+    pub messages: Vec<MessageInfo>,
+    pub conversations: Vec<ConversationInfo>,
+    pub pending_replies: Vec<PendingReplyInfo>,
+}
+
+/// `POST /v1/agents/{agent}/messages`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSend {
+    pub incarnation: u64,
+    #[serde(flatten)]
+    pub message: SendBody,
+}
+
+/// `POST /v1/agents/{agent}/mailbox/ack`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpAck {
+    pub incarnation: u64,
+    pub seq: u64,
+}
+
+/// `POST /v1/agents/{agent}/conversations/{conversation}/end`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpEndConversation {
+    pub incarnation: u64,
 }
 
 impl ClientFrame {
@@ -150,13 +282,16 @@ impl ClientFrame {
             | ClientFrame::Submit { id, .. }
             | ClientFrame::ReportSpend { id, .. }
             | ClientFrame::Complete { id, .. }
-            | ClientFrame::Fail { id, .. } => *id,
+            | ClientFrame::Fail { id, .. }
+            | ClientFrame::Send { id, .. }
+            | ClientFrame::Ack { id, .. }
+            | ClientFrame::EndConversation { id, .. } => *id,
         }
     }
 }
 
 /// The frame types a client may send, for error messages.
-pub const CLIENT_FRAME_TYPES: [&str; 14] = [
+pub const CLIENT_FRAME_TYPES: [&str; 17] = [
     "hello",
     "checkpoint",
     "recovery_point",
@@ -171,6 +306,9 @@ pub const CLIENT_FRAME_TYPES: [&str; 14] = [
     "report_spend",
     "complete",
     "fail",
+    "send",
+    "ack",
+    "end_conversation",
 ];
 
 /// Progress reported with a heartbeat; every member is optional.
@@ -288,6 +426,18 @@ pub enum ServerFrame {
     TaskCancelled {
         task: u64,
     },
+    /// The answer to `send`.
+    Sent {
+        id: u64,
+        #[serde(flatten)]
+        sent: Sent,
+    },
+    /// Unasked: a message from the agent's mailbox. Every unacked one is delivered again
+    /// to each new session, in `seq` order: drop a `seq` already handled.
+    Message {
+        #[serde(flatten)]
+        message: Box<MessageInfo>,
+    },
 }
 
 /// Everything an agent needs to resume.
@@ -306,6 +456,18 @@ pub struct Welcome {
     pub recovery_points: Vec<RecoveryPointInfo>,
     /// The versions still retained for rollback by number, oldest first.
     pub history: Vec<u64>,
+    /// The run's session id (`agent/incarnation`): the same across reconnects of the run.
+    #[serde(default)]
+    pub session: String,
+    /// How many messages wait in the mailbox; they follow the welcome as `message` frames.
+    #[serde(default)]
+    pub unacked: u64,
+    /// The conversations the agent takes part in.
+    #[serde(default)]
+    pub conversations: Vec<ConversationInfo>,
+    /// The messages that still wait for the agent's reply.
+    #[serde(default)]
+    pub pending_replies: Vec<PendingReplyInfo>,
 }
 
 /// A named recovery point.

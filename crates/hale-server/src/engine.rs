@@ -37,6 +37,8 @@ pub enum Response {
     Reserved {
         reservation: u64,
     },
+    /// A message was sent (`new`), or an earlier send with the same key found.
+    Sent(hale_proto::Sent),
 }
 
 /// Why the engine did not carry out a request.
@@ -420,8 +422,12 @@ impl EngineTask {
         if let Some(reservation) = facts.reservation {
             return (Ok(Response::Reserved { reservation }), records);
         }
-        let record = command.agent().and_then(|agent| self.core.state().agent(agent.as_str()));
-        (Ok(respond(&command, facts, record)), records)
+        if let Command::SendMessage { from, key, .. } = &command {
+            return (Ok(Response::Sent(sent(self.core.state(), from, key.as_deref(), facts.sent))), records);
+        }
+        let state = self.core.state();
+        let record = command.agent().and_then(|agent| state.agent(agent.as_str()));
+        (Ok(respond(state, &command, facts, record)), records)
     }
 
     /// Starts a snapshot if the policy says so (or `force`) and none is being written.
@@ -495,19 +501,31 @@ struct Facts {
     task: Option<u64>,
     /// The number a reservation got.
     reservation: Option<u64>,
+    /// What a send made.
+    sent: Option<hale_proto::Sent>,
     /// Work may have become assignable: a task queued or freed, an agent lost.
     moves_work: bool,
 }
 
 impl Facts {
     fn of(events: &[Event]) -> Facts {
-        let mut facts = Facts { resumed: true, target_version: None, task: None, reservation: None, moves_work: false };
+        let mut facts =
+            Facts { resumed: true, target_version: None, task: None, reservation: None, sent: None, moves_work: false };
         for event in events {
             match event {
                 Event::IncarnationStarted { .. } => facts.resumed = false,
                 Event::RolledBack { target_version, .. } => facts.target_version = Some(*target_version),
                 Event::TaskSubmitted { task, .. } => facts.task = facts.task.or(Some(*task)),
                 Event::BudgetReserved { reservation, .. } => facts.reservation = Some(*reservation),
+                Event::MessageSent { id, seq, to, conversation, .. } => {
+                    facts.sent = Some(hale_proto::Sent {
+                        message: *id,
+                        to: to.to_string(),
+                        seq: *seq,
+                        conversation: conversation.to_string(),
+                        new: true,
+                    })
+                }
                 _ => {}
             }
             facts.moves_work |= matches!(
@@ -528,15 +546,30 @@ impl Facts {
     }
 }
 
+/// The answer to a send: what it made, or (a retry with a known key) what the first made.
+fn sent(state: &State, from: &AgentName, key: Option<&str>, made: Option<hale_proto::Sent>) -> hale_proto::Sent {
+    made.or_else(|| {
+        let first = state.mail().mailbox(from.as_str())?.sent_with_key(key?)?;
+        Some(hale_proto::Sent {
+            message: first.message,
+            to: first.to.to_string(),
+            seq: first.seq,
+            conversation: first.conversation.to_string(),
+            new: false,
+        })
+    })
+    .expect("a send that logs nothing is a retry of a remembered key")
+}
+
 /// The answer to a command that succeeded, from the state after its events.
-fn respond(command: &Command, facts: Facts, record: Option<&AgentRecord>) -> Response {
+fn respond(state: &State, command: &Command, facts: Facts, record: Option<&AgentRecord>) -> Response {
     let data = matches!(
         command,
         Command::Hello(_) | Command::Checkpoint { .. } | Command::MarkRecoveryPoint { .. } | Command::Rollback { .. }
     );
     let Some(record) = record.filter(|_| data) else { return Response::Done };
     match command {
-        Command::Hello(_) => Response::Welcome(Box::new(welcome(record, facts.resumed))),
+        Command::Hello(_) => Response::Welcome(Box::new(welcome(state, record, facts.resumed))),
         Command::Checkpoint { .. } => Response::Checkpointed { version: record.version() },
         Command::MarkRecoveryPoint { name, .. } => {
             let point = &record.recovery_points[name];
@@ -582,12 +615,16 @@ fn respond(command: &Command, facts: Facts, record: Option<&AgentRecord>) -> Res
         | Command::ReportSpend { .. }
         | Command::IssueTokens { .. }
         | Command::RefreshTokens { .. }
-        | Command::RevokeTokens { .. } => Response::Done,
+        | Command::RevokeTokens { .. }
+        | Command::SendMessage { .. }
+        | Command::AckMessage { .. }
+        | Command::EndConversation { .. } => Response::Done,
     }
 }
 
-/// Everything an agent needs to resume, from its record.
-pub fn welcome(record: &AgentRecord, resumed: bool) -> Welcome {
+/// Everything an agent needs to resume, from its record and its mailbox.
+pub fn welcome(state: &State, record: &AgentRecord, resumed: bool) -> Welcome {
+    let mailbox = crate::api::mail::summary(state, &record.name);
     Welcome {
         protocol: hale_proto::PROTOCOL_VERSION,
         agent: record.name.to_string(),
@@ -599,6 +636,10 @@ pub fn welcome(record: &AgentRecord, resumed: bool) -> Welcome {
         state: serde_json::Value::clone(record.state()),
         recovery_points: recovery_points(record),
         history: record.history().collect(),
+        session: format!("{}/{}", record.name, record.incarnation),
+        unacked: mailbox.unacked,
+        conversations: mailbox.conversations,
+        pending_replies: mailbox.pending_replies,
     }
 }
 

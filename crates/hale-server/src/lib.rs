@@ -295,6 +295,7 @@ async fn route_effects(
                 sessions.push(&agent, incarnation, Push::TaskCancelled(task))
             }
             Effect::EndSessions { agent, reason } => sessions.end(&agent, &reason),
+            Effect::DeliverMail { agent } => sessions.ring(&agent),
             Effect::Escalate { agent, restarts, window_ms } => {
                 tracing::error!(%agent, restarts, window_ms, "agent FAILED: too many restarts within the window; not restarting until `hale restart {agent}`");
             }

@@ -6,7 +6,7 @@ use hale_core::AgentName;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 /// Something the server tells a session without being asked.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,11 +30,15 @@ const PUSHES_QUEUED_MAX: usize = 16;
 type Key = (AgentName, u64);
 /// Each open session of one incarnation: its id and where its pushes go.
 type Open = Vec<(u64, mpsc::Sender<Push>)>;
+/// The mail bells of one agent's open sessions, by session id.
+type Bells = Vec<(u64, Arc<Notify>)>;
 
 /// Open sessions per agent and incarnation.
 #[derive(Debug, Default)]
 pub struct Sessions {
     open: Mutex<HashMap<Key, Open>>,
+    /// The mail bells of each agent's open sessions, by session id.
+    bells: Mutex<HashMap<AgentName, Bells>>,
     next_id: AtomicU64,
 }
 
@@ -46,13 +50,31 @@ pub struct SessionGuard {
 }
 
 impl Sessions {
-    /// Records a session of `agent`'s `incarnation`; pushes for it arrive on the receiver.
-    pub fn attach(self: &Arc<Self>, agent: AgentName, incarnation: u64) -> (SessionGuard, mpsc::Receiver<Push>) {
+    /// Records a session of `agent`'s `incarnation`; pushes for it arrive on the receiver,
+    /// and the bell rings when its agent has new mail.
+    ///
+    /// Mail is not pushed through the bounded queue, where a burst would drop it: the bell
+    /// only says "read the mailbox", and ringing it twice before it is heard is one ring.
+    pub fn attach(
+        self: &Arc<Self>,
+        agent: AgentName,
+        incarnation: u64,
+    ) -> (SessionGuard, mpsc::Receiver<Push>, Arc<Notify>) {
         let key = (agent, incarnation);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = mpsc::channel(PUSHES_QUEUED_MAX);
+        let bell = Arc::new(Notify::new());
         self.open.lock().expect("sessions lock").entry(key.clone()).or_default().push((id, sender));
-        (SessionGuard { sessions: self.clone(), key, id }, receiver)
+        self.bells.lock().expect("bells lock").entry(key.0.clone()).or_default().push((id, bell.clone()));
+        (SessionGuard { sessions: self.clone(), key, id }, receiver, bell)
+    }
+
+    /// Rings the mail bell of every session of `agent`, whatever its incarnation.
+    pub fn ring(&self, agent: &AgentName) {
+        let bells = self.bells.lock().expect("bells lock");
+        for (_, bell) in bells.get(agent).into_iter().flatten() {
+            bell.notify_one();
+        }
     }
 
     /// Whether a session of `agent`'s `incarnation` is open.
@@ -90,6 +112,14 @@ impl Drop for SessionGuard {
             senders.retain(|(id, _)| *id != self.id);
             if senders.is_empty() {
                 open.remove(&self.key);
+            }
+        }
+        drop(open);
+        let mut bells = self.sessions.bells.lock().expect("bells lock");
+        if let Some(rung) = bells.get_mut(&self.key.0) {
+            rung.retain(|(id, _)| *id != self.id);
+            if rung.is_empty() {
+                bells.remove(&self.key.0);
             }
         }
     }

@@ -51,13 +51,18 @@ impl From<Rejection> for ApiError {
             | Rejection::PatchTooDeep { .. }
             | Rejection::BadFraction { .. }
             | Rejection::ReasonTooLong { .. }
-            | Rejection::BadTask { .. } => StatusCode::BAD_REQUEST,
+            | Rejection::BadTask { .. }
+            | Rejection::BadMessage { .. } => StatusCode::BAD_REQUEST,
             Rejection::RefreshRefused { .. } => StatusCode::UNAUTHORIZED,
             Rejection::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::UnknownAgent { .. }
             | Rejection::UnknownRecoveryPoint { .. }
             | Rejection::UnknownRole { .. }
-            | Rejection::UnknownTask { .. } => StatusCode::NOT_FOUND,
+            | Rejection::UnknownTask { .. }
+            | Rejection::NoRecipient { .. }
+            | Rejection::UnknownMessage { .. }
+            | Rejection::UnknownConversation { .. } => StatusCode::NOT_FOUND,
+            Rejection::MailboxFull { .. } | Rejection::TooManyConversations { .. } => StatusCode::TOO_MANY_REQUESTS,
             Rejection::NotStarted { .. }
             | Rejection::StaleIncarnation { .. }
             | Rejection::UnknownIncarnation { .. }
@@ -71,16 +76,18 @@ impl From<Rejection> for ApiError {
             | Rejection::TaskEnded { .. }
             | Rejection::StepDone { .. }
             | Rejection::OverBudget { .. } => StatusCode::CONFLICT,
-            Rejection::PatchTooLarge { .. } | Rejection::StateTooLarge { .. } | Rejection::ProgressTooLarge { .. } => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
+            Rejection::PatchTooLarge { .. }
+            | Rejection::StateTooLarge { .. }
+            | Rejection::ProgressTooLarge { .. }
+            | Rejection::MessageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::VersionNotRetained { .. } => StatusCode::GONE,
         };
         let retry_after_ms = match &rejection {
             Rejection::Overloaded { retry_after_ms, .. } => Some(*retry_after_ms),
             _ => None,
         };
-        let mut error = ApiError::new(status, rejection.code(), rejection.to_string(), retry_after_ms.is_some());
+        let retryable = retry_after_ms.is_some() || matches!(rejection, Rejection::MailboxFull { .. });
+        let mut error = ApiError::new(status, rejection.code(), rejection.to_string(), retryable);
         error.retry_after_s = retry_after_ms.map(|ms| ms.div_ceil(1000).max(1));
         error
     }

@@ -37,6 +37,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/agents/{agent}/quarantine", post(quarantine))
         .route("/v1/agents/{agent}/release", post(release))
         .merge(super::tasks::routes())
+        .merge(super::mail::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint; see docs/protocol.md for the API") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -370,5 +371,6 @@ pub(super) fn respond(response: EngineResponse) -> Result<Response, ApiError> {
         EngineResponse::Done => Json(serde_json::json!({ "ok": true })).into_response(),
         EngineResponse::TaskSubmitted { task, new } => Json(hale_proto::TaskSubmitted { task, new }).into_response(),
         EngineResponse::Reserved { reservation } => Json(hale_proto::Reserved { reservation }).into_response(),
+        EngineResponse::Sent(sent) => Json(sent).into_response(),
     })
 }

@@ -3,6 +3,7 @@
 pub(crate) mod convert;
 mod error;
 mod http;
+pub(crate) mod mail;
 pub(crate) mod task_convert;
 mod tasks;
 pub(crate) mod tokens;

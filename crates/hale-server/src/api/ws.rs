@@ -1,7 +1,7 @@
 //! The WebSocket session: JSON frames with request ids, pipelined, answered in order, each
 //! answer sent only once what it reports is durable.
 
-use super::{ApiError, AppState, convert, task_convert};
+use super::{ApiError, AppState, convert, mail, task_convert};
 use crate::engine::{Response as EngineResponse, Submitted};
 use crate::sessions::{Push, SessionGuard};
 use axum::extract::State;
@@ -13,7 +13,8 @@ use hale_core::AgentName;
 use hale_proto::{CLIENT_FRAME_TYPES, ClientFrame, ServerFrame};
 use std::future::Future;
 use std::pin::Pin;
-use tokio::sync::mpsc;
+use std::sync::Arc;
+use tokio::sync::{Notify, mpsc};
 
 pub async fn upgrade(
     ws: WebSocketUpgrade,
@@ -27,10 +28,11 @@ pub async fn upgrade(
     ws.max_message_size(app.frame_bytes_max)
         .max_frame_size(app.frame_bytes_max)
         .read_buffer_size(4 * 1024)
-        .on_upgrade(move |socket| Session { app, principal, bound: None, pushes: None }.run(socket))
+        .on_upgrade(move |socket| Session { app, principal, bound: None, pushes: None, bell: None }.run(socket))
 }
 
 type Answer = Pin<Box<dyn Future<Output = ServerFrame> + Send>>;
+type MailRead = Pin<Box<dyn Future<Output = Vec<hale_proto::MessageInfo>> + Send>>;
 
 /// The agent run a session speaks for, fixed by its hello.
 struct Bound {
@@ -46,6 +48,32 @@ struct Session {
     bound: Option<Bound>,
     /// What the server says unasked (challenges, fencing), once bound.
     pushes: Option<mpsc::Receiver<Push>>,
+    /// Rings when the agent has new mail, once bound.
+    bell: Option<Arc<Notify>>,
+}
+
+/// Delivers the mailbox over a session: once the welcome is out, every unacked message
+/// in `seq` order, then each new one as the bell rings. A read goes through the engine, so
+/// what it returns is durable; the cursor keeps a session from sending a message twice
+/// (a new session starts from the oldest unacked).
+struct Delivery {
+    /// The welcome has been written: messages may follow it.
+    open: bool,
+    /// The last `seq` written on this session.
+    cursor: u64,
+    read: Option<MailRead>,
+}
+
+impl Delivery {
+    fn start(&mut self, app: &AppState, agent: &AgentName) {
+        let (engine, agent, after) = (app.engine.clone(), agent.clone(), self.cursor);
+        self.read = Some(Box::pin(async move {
+            engine
+                .read(move |state| mail::unacked(state, agent.as_str(), after, mail::READ_BATCH_MAX))
+                .await
+                .unwrap_or_default()
+        }));
+    }
 }
 
 /// Closes a session whose incarnation was fenced (application range 4000–4999).
@@ -59,22 +87,52 @@ impl Session {
         let mut answers: FuturesOrdered<Answer> = FuturesOrdered::new();
         let mut shutdown = self.app.shutdown.clone();
         let in_flight_max = self.app.session_in_flight_max;
+        let mut delivery = Delivery { open: false, cursor: 0, read: None };
         loop {
             tokio::select! {
                 biased;
                 Some(frame) = answers.next(), if !answers.is_empty() => {
                     // Write every answer that is ready, then flush once: one syscall for
                     // a whole group commit's worth of answers instead of one per frame.
+                    let mut welcomed = matches!(frame, ServerFrame::Welcome { .. });
                     if sink.feed(encode(&frame)).await.is_err() {
                         return;
                     }
                     while let Some(Some(frame)) = answers.next().now_or_never() {
+                        welcomed |= matches!(frame, ServerFrame::Welcome { .. });
                         if sink.feed(encode(&frame)).await.is_err() {
                             return;
                         }
                     }
                     if sink.flush().await.is_err() {
                         return;
+                    }
+                    if welcomed && !delivery.open && let Some(bound) = &self.bound {
+                        delivery.open = true;
+                        delivery.start(&self.app, &bound.agent);
+                    }
+                }
+                messages = async { delivery.read.as_mut().expect("guarded").await }, if delivery.read.is_some() => {
+                    delivery.read = None;
+                    let full = messages.len() == mail::READ_BATCH_MAX;
+                    for message in messages {
+                        delivery.cursor = delivery.cursor.max(message.seq);
+                        let frame = ServerFrame::Message { message: Box::new(message) };
+                        if sink.feed(encode(&frame)).await.is_err() {
+                            return;
+                        }
+                    }
+                    if sink.flush().await.is_err() {
+                        return;
+                    }
+                    if full && let Some(bound) = &self.bound {
+                        delivery.start(&self.app, &bound.agent);
+                    }
+                }
+                () = async { self.bell.as_ref().expect("guarded").notified().await },
+                    if delivery.open && delivery.read.is_none() && self.bell.is_some() => {
+                    if let Some(bound) = &self.bound {
+                        delivery.start(&self.app, &bound.agent);
                     }
                 }
                 Some(push) = async { self.pushes.as_mut()?.recv().await }, if self.pushes.is_some() => {
@@ -162,9 +220,10 @@ impl Session {
         let submitted = self.app.engine.submit(command).await;
         if let Ok(EngineResponse::Welcome(welcome)) = submitted.peek() {
             let agent = AgentName::new(welcome.agent.clone()).expect("the core only welcomes valid names");
-            let (attached, pushes) = self.app.sessions.attach(agent.clone(), welcome.incarnation);
+            let (attached, pushes, bell) = self.app.sessions.attach(agent.clone(), welcome.incarnation);
             self.bound = Some(Bound { agent: agent.clone(), incarnation: welcome.incarnation, _attached: attached });
             self.pushes = Some(pushes);
+            self.bell = Some(bell);
             // A resumed run gets the tasks it holds again (after its welcome, in order).
             let (sessions, incarnation) = (self.app.sessions.clone(), welcome.incarnation);
             let held = self
@@ -288,6 +347,18 @@ impl Session {
                 let (agent, incarnation) = bound("fail")?;
                 Ok(hale_core::Command::FailTask { task, agent, incarnation, reason, retry: retry.unwrap_or(true) })
             }
+            ClientFrame::Send { message, .. } => {
+                let (agent, incarnation) = bound("send")?;
+                mail::send_command(agent, incarnation, message)
+            }
+            ClientFrame::Ack { seq, .. } => {
+                let (agent, incarnation) = bound("ack")?;
+                Ok(hale_core::Command::AckMessage { agent, incarnation, seq })
+            }
+            ClientFrame::EndConversation { conversation, .. } => {
+                let (agent, incarnation) = bound("end_conversation")?;
+                mail::end_command(agent, incarnation, conversation)
+            }
             ClientFrame::Heartbeat { .. } | ClientFrame::ReportError { .. } => {
                 unreachable!("handled before commands")
             }
@@ -304,6 +375,7 @@ async fn answer(id: u64, submitted: Submitted) -> ServerFrame {
         Ok(EngineResponse::Done) => ServerFrame::Ok { id },
         Ok(EngineResponse::TaskSubmitted { task, new }) => ServerFrame::Submitted { id, task, new },
         Ok(EngineResponse::Reserved { reservation }) => ServerFrame::Reserved { id, reservation },
+        Ok(EngineResponse::Sent(sent)) => ServerFrame::Sent { id, sent },
         Err(error) => ServerFrame::Error { id: Some(id), error: ApiError::from(error).body },
     }
 }

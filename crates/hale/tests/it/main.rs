@@ -9,6 +9,7 @@ mod crash;
 mod demo;
 mod fsync;
 mod health;
+mod messaging;
 mod python;
 mod resilience;
 mod session;
