@@ -123,6 +123,8 @@ class Conversation:
     id: str
     participants: List[str]
     last_at_ms: Optional[int]
+    started_at_ms: Optional[int]
+    messages: Optional[int]
     raw: Mapping[str, JSON] = field(repr=False, compare=False)
 
     @staticmethod
@@ -131,6 +133,8 @@ class Conversation:
             str(raw.get("id", "")),
             [str(p) for p in raw.get("participants") or []],
             _opt_int(raw.get("last_at_ms")),
+            _opt_int(raw.get("started_at_ms")),
+            _opt_int(raw.get("messages")),
             raw,
         )
 
@@ -171,6 +175,8 @@ class Welcome:
     recovery_points: List[RecoveryPoint]
     history: List[int]
     session: Optional[str]
+    #: How many messages wait in the mailbox; they follow the welcome as messages.
+    unacked: int
     conversations: List[Conversation]
     pending_replies: List[PendingReply]
     raw: Mapping[str, JSON] = field(repr=False, compare=False)
@@ -188,7 +194,8 @@ class Welcome:
             state=dict(raw.get("state") or {}),
             recovery_points=[RecoveryPoint.from_json(p) for p in raw.get("recovery_points") or []],
             history=[int(v) for v in raw.get("history") or []],
-            session=_opt_str(raw.get("session")),
+            session=_opt_str(raw.get("session")) or None,
+            unacked=int(raw.get("unacked", 0)),
             conversations=[Conversation.from_json(c) for c in raw.get("conversations") or []],
             pending_replies=[PendingReply.from_json(p) for p in raw.get("pending_replies") or []],
             raw=raw,

@@ -32,12 +32,21 @@ def free_address() -> str:
 class Hale:
     """A running ``hale serve`` (or ``hale up``)."""
 
-    def __init__(self, data: Path, listen: str = "127.0.0.1:0", up: Optional[Path] = None, env: Optional[Dict[str, str]] = None) -> None:
+    def __init__(
+        self,
+        data: Path,
+        listen: str = "127.0.0.1:0",
+        up: Optional[Path] = None,
+        env: Optional[Dict[str, str]] = None,
+        config: Optional[Path] = None,
+    ) -> None:
         if not Path(HALE_BIN).exists():
             raise RuntimeError(f"no hale binary at {HALE_BIN}: run `cargo build -p hale` or set HALE_BIN")
         self.data = data
         args = [HALE_BIN]
         args += ["up", "-c", str(up)] if up is not None else ["serve"]
+        if config is not None:
+            args += ["-c", str(config)]
         args += ["--data", str(data), "--listen", listen]
         environment = dict(os.environ, HALE_ADMIN_TOKEN=ADMIN, HALE_LOG="info")
         environment.update(env or {})
