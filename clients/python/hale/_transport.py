@@ -153,7 +153,9 @@ class Credentials:
 
 
 def _refusal(error: BaseException) -> Optional[HaleError]:
-    """The error hale gave for a refused WebSocket upgrade (401, 403), if it was that."""
+    """The error hale gave for a refused WebSocket upgrade (401, 403), if it was that.
+    websockets 12 does not keep the body: then the code is only a guess from the status
+    and ``known`` is set false on the error."""
     response = getattr(error, "response", None)
     status = getattr(response, "status_code", None) or getattr(error, "status_code", None)
     if status not in (401, 403):
@@ -167,7 +169,9 @@ def _refusal(error: BaseException) -> Optional[HaleError]:
         return HaleError.from_body(decoded["error"])
     # websockets 12 does not keep the body: say what the status means.
     code = Code.UNAUTHENTICATED if status == 401 else Code.FORBIDDEN
-    return AuthError(code, f"hale refused the session with HTTP {status}", False)
+    guessed = AuthError(code, f"hale refused the session with HTTP {status}", False)
+    guessed.known = False
+    return guessed
 
 
 async def open_socket(url: str, agent: str, credentials: Credentials, ca_file: Optional[str]) -> Any:
@@ -198,7 +202,8 @@ async def open_socket(url: str, agent: str, credentials: Credentials, ca_file: O
             refused = _refusal(error)
             if refused is None:
                 raise ConnectError(f"{endpoint}: {error}") from error
-            if refused.code == Code.TOKEN_EXPIRED and attempt == 0 and credentials.refresh_token:
+            expired = refused.code == Code.TOKEN_EXPIRED or (refused.code == Code.UNAUTHENTICATED and not refused.known)
+            if expired and attempt == 0 and credentials.refresh_token:
                 await credentials.refresh(url, agent, ca_file, force=True)
                 continue
             raise refused from error

@@ -59,6 +59,8 @@ class HaleError(Exception):
         self.code = code
         self.message = message
         self.retryable = retryable
+        #: False when the code is the client's guess (hale's answer could not be read).
+        self.known = True
 
     @staticmethod
     def from_body(body: Mapping[str, Any]) -> HaleError:
