@@ -1,0 +1,93 @@
+"""Python client for hale, the runtime that keeps AI agents alive.
+
+::
+
+    import asyncio, hale
+
+    async def main() -> None:
+        agent = await hale.Agent.from_env()          # or Agent.connect(url, name, role, token=...)
+        state = agent.welcome.state                  # where the last run stopped
+        await agent.checkpoint({"step": 1})          # durable when it returns
+        async for task in agent.tasks():
+            async with agent.step(task, "draft") as step:
+                step.result = {"text": "..."}
+            await agent.complete(task.task, {"ok": True})
+
+    asyncio.run(main())
+"""
+
+from .agent import Agent, StepContext, install_sigterm, merge_patch, run_until_sigterm
+from .errors import (
+    AuthError,
+    Code,
+    ConnectError,
+    Fenced,
+    HaleError,
+    IncarnationDown,
+    LeaseLost,
+    MailboxFull,
+    NoRecipient,
+    OverBudget,
+    ProtocolError,
+    ServerError,
+    SessionClosed,
+    StaleIncarnation,
+    UnknownMessage,
+    VersionConflict,
+)
+from .types import (
+    JSON,
+    Conversation,
+    LlmCall,
+    Message,
+    PendingReply,
+    Progress,
+    Reconnect,
+    RecoveryPoint,
+    RolledBack,
+    SentMessage,
+    Step,
+    Submitted,
+    Task,
+    Welcome,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Agent",
+    "AuthError",
+    "Code",
+    "ConnectError",
+    "Conversation",
+    "Fenced",
+    "HaleError",
+    "IncarnationDown",
+    "JSON",
+    "LeaseLost",
+    "LlmCall",
+    "MailboxFull",
+    "Message",
+    "NoRecipient",
+    "OverBudget",
+    "PendingReply",
+    "Progress",
+    "ProtocolError",
+    "Reconnect",
+    "RecoveryPoint",
+    "RolledBack",
+    "SentMessage",
+    "ServerError",
+    "SessionClosed",
+    "StaleIncarnation",
+    "Step",
+    "StepContext",
+    "Submitted",
+    "Task",
+    "UnknownMessage",
+    "VersionConflict",
+    "Welcome",
+    "install_sigterm",
+    "merge_patch",
+    "run_until_sigterm",
+]

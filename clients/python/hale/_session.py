@@ -1,0 +1,483 @@
+"""The task that owns a session's socket: writes requests, matches answers by id, hands on
+what hale says unasked and, with a :class:`Reconnect` policy, survives a lost connection.
+
+This follows the Rust client (crates/hale-client/src/session.rs). On a drop it reconnects
+with exponential backoff and full jitter, trying the addresses in turn, says hello with
+the run's incarnation (so the run resumes: same incarnation, same leases), and settles
+what was sent but not answered:
+
+* a checkpoint: the welcome's version says whether it was applied. If it was, its answer
+  is made from that; if not, it is sent again expecting the version it was meant to
+  follow, so a state that moved in between is a ``version_conflict`` reported to the
+  caller, never silently overwritten;
+* step intents and commits, completions and failures, heartbeats, error reports,
+  messages (they carry an idempotency key), acks and conversation ends are sent again;
+* a rollback, recovery point, submit without an idempotency key, reservation, spend
+  report or violation report fails with ``closed``: hale may or may not have applied it,
+  and sending it again could do it twice.
+
+Requests made while offline wait in the session's queue (1,024 at most; then callers
+wait) and go out in order once the run has resumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import OrderedDict, deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
+
+from . import _transport
+from .errors import Code, ConnectError, Fenced, HaleError, SessionClosed
+from .types import Reconnect
+
+log = logging.getLogger("hale")
+
+Frame = Dict[str, Any]
+QUEUE_MAX = 1024
+
+#: Frames that are safe to send again after a reconnect.
+_RESENT = frozenset(
+    {
+        "commit_step",
+        "intend_step",
+        "complete",
+        "fail",
+        "heartbeat",
+        "report_error",
+        "send",
+        "ack",
+        "end_conversation",
+    }
+)
+_RUN_OVER = frozenset({Code.STALE_INCARNATION, Code.INCARNATION_DOWN, "unknown_incarnation"})
+
+
+class _Outgoing:
+    __slots__ = ("frame", "future")
+
+    def __init__(self, frame: Optional[Frame], future: Optional["asyncio.Future[Frame]"]) -> None:
+        self.frame = frame  # None: the close marker
+        self.future = future
+
+
+class _Pending:
+    __slots__ = ("frame", "future", "makes")
+
+    def __init__(self, frame: Frame, future: "asyncio.Future[Frame]", makes: Optional[int]) -> None:
+        self.frame = frame
+        self.future = future
+        #: For a checkpoint: the version it makes, if that could be told when it was sent.
+        self.makes = makes
+
+
+class _Lost:
+    __slots__ = ("final", "reason")
+
+    def __init__(self, final: bool, reason: str) -> None:
+        self.final = final
+        self.reason = reason
+
+
+class _GiveUp(Exception):
+    pass
+
+
+def _resolve(future: Optional["asyncio.Future[Frame]"], frame: Frame) -> None:
+    if future is not None and not future.done():
+        future.set_result(frame)
+
+
+def _reject(future: Optional["asyncio.Future[Frame]"], error: BaseException) -> None:
+    if future is not None and not future.done():
+        future.set_exception(error)
+        # Retrieved here so a caller that gave up does not make asyncio warn.
+        future.exception()
+
+
+def closed_error(reason: str) -> SessionClosed:
+    return Fenced(reason) if reason.startswith("fenced") else SessionClosed(reason)
+
+
+class Session:
+    def __init__(
+        self,
+        urls: Sequence[str],
+        agent: str,
+        hello: Callable[[], Frame],
+        credentials: _transport.Credentials,
+        ca_file: Optional[str],
+        policy: Optional[Reconnect],
+        on_welcome: Callable[[Frame], None],
+        on_unasked: Callable[[Frame], None],
+    ) -> None:
+        self.urls = list(urls)
+        self.agent = agent
+        self._hello = hello
+        self.credentials = credentials
+        self.ca_file = ca_file
+        self.policy = policy
+        self._on_welcome = on_welcome
+        self._on_unasked = on_unasked
+        self.incarnation: Optional[int] = None
+        # Outgoing requests not yet written (the offline queue).
+        self._queue: Deque[_Outgoing] = deque()
+        self._wake = asyncio.Event()
+        self._space = asyncio.Event()
+        # Sent and not yet answered, in send order.
+        self._pending: "OrderedDict[int, _Pending]" = OrderedDict()
+        self._by_id: Dict[int, int] = {}
+        self._order = 0
+        self._drained = asyncio.Event()
+        self._drained.set()
+        #: The agent's version as last answered.
+        self.version: Optional[int] = None
+        self._rollback_in_flight = False
+        #: Tasks offered so far, by (task, attempt): a resumed run is offered again the tasks
+        #: it holds, and the application sees each attempt once.
+        self.offered: Set[Tuple[int, int]] = set()
+        #: Mailbox sequence numbers handed to the application and not yet acknowledged.
+        self.delivered: Set[int] = set()
+        self.ended = asyncio.Event()
+        self.end_reason: Optional[str] = None
+        self.connected = False
+        self._close_requested = asyncio.Event()
+        self._closing = False
+        self._task: Optional["asyncio.Task[None]"] = None
+        #: How often the connection was lost and the run resumed.
+        self.reconnects = 0
+        #: (attempt, delay in seconds) of every reconnect wait, for diagnostics.
+        self.backoffs: List[Tuple[int, float]] = []
+
+    # ---- the application side ----------------------------------------------------------
+
+    def start(self, socket: Any) -> None:
+        self.connected = True
+        self._task = asyncio.ensure_future(self._run(socket))
+
+    async def request(self, frame: Frame) -> Frame:
+        """Sends ``frame`` (in order, pipelined) and returns its answer frame (which may be
+        an ``error``). Raises :class:`SessionClosed` if the session ends first."""
+        while len(self._queue) >= QUEUE_MAX and not self.ended.is_set():
+            self._space.clear()
+            await self._space.wait()
+        if self.ended.is_set():
+            raise closed_error(self.end_reason or "the session has ended")
+        future: "asyncio.Future[Frame]" = asyncio.get_running_loop().create_future()
+        self._queue.append(_Outgoing(frame, future))
+        self._wake.set()
+        return await future
+
+    async def close(self) -> None:
+        """Ends the session cleanly once what was sent before is answered."""
+        if self.ended.is_set():
+            return
+        self._close_requested.set()
+        self._queue.append(_Outgoing(None, None))
+        self._wake.set()
+        await self.ended.wait()
+
+    def queued(self) -> int:
+        """Requests waiting to be written (e.g. while offline)."""
+        return len(self._queue)
+
+    # ---- the session task ----------------------------------------------------------------
+
+    async def _run(self, socket: Any) -> None:
+        reason = "the session task ended"
+        try:
+            while True:
+                lost = await self._pump(socket)
+                self.connected = False
+                if lost.final or self.policy is None:
+                    reason = lost.reason
+                    break
+                log.info("lost hale (%s); reconnecting", lost.reason)
+                try:
+                    socket = await self._reconnect()
+                except _GiveUp as error:
+                    reason = str(error)
+                    if not reason.startswith(("fenced", "closed by the agent")):
+                        reason = f"{lost.reason}; then could not come back: {reason}"
+                    break
+                self.connected = True
+        except Exception as error:  # a bug here must not leave callers waiting forever
+            log.exception("the hale session task failed")
+            reason = f"the session task failed: {error!r}"
+        finally:
+            self._end(reason)
+
+    def _end(self, reason: str) -> None:
+        self.connected = False
+        self.end_reason = reason
+        self.ended.set()
+        self._space.set()
+        error = closed_error(reason)
+        for pending in self._pending.values():
+            _reject(pending.future, error)
+        self._pending.clear()
+        self._by_id.clear()
+        self._drained.set()
+        while self._queue:
+            _reject(self._queue.popleft().future, error)
+
+    async def _pump(self, socket: Any) -> _Lost:
+        reader = asyncio.ensure_future(self._read(socket))
+        writer = asyncio.ensure_future(self._write(socket))
+        done, waiting = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+        for task in waiting:
+            task.cancel()
+        for task in waiting:
+            with contextlib.suppress(BaseException):
+                await task
+        if self._closing:
+            return _Lost(True, "closed by the agent")
+        results = [task.result() for task in (reader, writer) if task in done]
+        lost = next((result for result in results if result.final), results[0])
+        if not lost.final:
+            _abort(socket)
+        return lost
+
+    async def _write(self, socket: Any) -> _Lost:
+        while True:
+            while not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            item = self._queue.popleft()
+            self._space.set()
+            if item.frame is None:
+                # Close: let what was sent be answered first, then say goodbye.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._drained.wait(), 5.0)
+                self._closing = True
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(socket.close(), 2.0)
+                return _Lost(True, "closed by the agent")
+            future = item.future
+            assert future is not None
+            # Kept before it is written: if the write fails, a reconnect settles it.
+            self._push(item.frame, future)
+            try:
+                await socket.send(json.dumps(item.frame))
+            except _transport.ConnectionClosed as error:
+                return _Lost(False, _describe(error))
+            except OSError as error:
+                return _Lost(False, str(error))
+
+    async def _read(self, socket: Any) -> _Lost:
+        while True:
+            try:
+                text = await socket.recv()
+            except _transport.ConnectionClosed as error:
+                code = error.rcvd.code if error.rcvd is not None else None
+                if code == 4001:
+                    return _Lost(True, f"fenced: {_describe(error)}")
+                if code == 4003:
+                    return _Lost(True, f"ended by hale: {_describe(error)}")
+                return _Lost(False, _describe(error))
+            except OSError as error:
+                return _Lost(False, str(error))
+            try:
+                frame = json.loads(text)
+            except ValueError as error:
+                return _Lost(True, f"undecodable frame from hale: {error}")
+            if not isinstance(frame, dict):
+                return _Lost(True, f"unexpected frame from hale: {text!r}")
+            lost = self._deliver(frame)
+            if lost is not None:
+                return lost
+
+    def _deliver(self, frame: Frame) -> Optional[_Lost]:
+        kind = frame.get("type")
+        if kind == "fenced":
+            return _Lost(True, f"fenced: incarnation {frame.get('incarnation')}: {frame.get('reason')}")
+        if kind == "session_ended":
+            return _Lost(True, f"ended by hale: {frame.get('reason')}")
+        if kind == "task":
+            key = (int(frame.get("task", 0)), int(frame.get("attempts", 0)))
+            if key in self.offered:
+                return None
+            self.offered.add(key)
+        elif kind == "message":
+            seq = frame.get("seq")
+            if not isinstance(seq, int) or seq in self.delivered:
+                return None
+            self.delivered.add(seq)
+        ident = frame.get("id")
+        if isinstance(ident, int) and not isinstance(ident, bool) and kind not in ("task", "message"):
+            self._answer(ident, frame)
+        elif kind in ("challenge", "task", "task_cancelled", "message"):
+            self._on_unasked(frame)
+        elif kind == "error":
+            log.warning("hale refused a frame it could not read an id from: %s", frame.get("message"))
+        return None
+
+    # ---- in-flight bookkeeping -------------------------------------------------------------
+
+    def _push(self, frame: Frame, future: "asyncio.Future[Frame]") -> None:
+        makes: Optional[int] = None
+        kind = frame.get("type")
+        if kind == "checkpoint":
+            expected = frame.get("expected_version")
+            if expected is not None:
+                # A checkpoint that expects a version can only make the next one.
+                makes = int(expected) + 1
+            elif not self._rollback_in_flight and self.version is not None:
+                before = sum(1 for p in self._pending.values() if p.frame.get("type") == "checkpoint")
+                makes = self.version + 1 + before
+        elif kind == "rollback":
+            self._rollback_in_flight = True
+        self._order += 1
+        self._by_id[int(frame["id"])] = self._order
+        self._pending[self._order] = _Pending(frame, future, makes)
+        self._drained.clear()
+
+    def _answer(self, ident: int, frame: Frame) -> None:
+        kind = frame.get("type")
+        if kind in ("welcome", "checkpointed") and isinstance(frame.get("version"), int):
+            self.version = int(frame["version"])
+        elif kind == "rolled_back" and isinstance(frame.get("version"), int):
+            self.version = int(frame["version"])
+            self._rollback_in_flight = False
+        order = self._by_id.pop(ident, None)
+        if order is None or order not in self._pending:
+            return
+        pending = self._pending.pop(order)
+        if kind == "error" and pending.makes is not None:
+            # A refused checkpoint made no version: the ones sent after it make one less.
+            refused = pending.makes
+            for later_order, later in self._pending.items():
+                if later_order < order:
+                    continue
+                unpinned = later.frame.get("type") == "checkpoint" and later.frame.get("expected_version") is None
+                if unpinned and later.makes is not None and later.makes > refused:
+                    later.makes -= 1
+        if not self._pending:
+            self._drained.set()
+        _resolve(pending.future, frame)
+
+    # ---- coming back -----------------------------------------------------------------------
+
+    async def _reconnect(self) -> Any:
+        policy = self.policy
+        assert policy is not None
+        attempt = 0
+        while True:
+            if self._close_requested.is_set():
+                raise _GiveUp("closed by the agent")
+            if policy.attempts is not None and attempt >= policy.attempts:
+                raise _GiveUp(f"gave up after {attempt} attempts")
+            delay = policy.delay(attempt)
+            self.backoffs.append((attempt, delay))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._close_requested.wait(), delay)
+            if self._close_requested.is_set():
+                raise _GiveUp("closed by the agent")
+            url = self.urls[attempt % len(self.urls)]
+            attempt += 1
+            try:
+                socket = await _transport.open_socket(url, self.agent, self.credentials, self.ca_file)
+            except ConnectError as error:
+                log.debug("reconnect attempt %d to %s failed: %s", attempt, url, error)
+                continue
+            except HaleError as error:
+                raise _GiveUp(f"hale refused the agent's tokens: {error}") from error
+            if self.incarnation is None:
+                # Never resumed: nothing to come back to; requests go out as they are.
+                return socket
+            try:
+                welcome = await self._resume(socket)
+            except _transport.ConnectionClosed:
+                continue
+            except (OSError, asyncio.TimeoutError):
+                _abort(socket)
+                continue
+            log.info("resumed run %s at version %s after %d attempts", self.incarnation, welcome.get("version"), attempt)
+            self._on_welcome(welcome)
+            try:
+                await self._settle(socket, int(welcome.get("version", 0)))
+            except (_transport.ConnectionClosed, OSError):
+                # What was resent is pending again; the next connection settles it.
+                _abort(socket)
+                continue
+            self.reconnects += 1
+            return socket
+
+    async def _resume(self, socket: Any) -> Frame:
+        hello = self._hello()
+        hello["id"] = 0
+        hello["incarnation"] = self.incarnation
+        await socket.send(json.dumps(hello))
+        while True:
+            text = await asyncio.wait_for(socket.recv(), 10.0)
+            try:
+                frame = json.loads(text)
+            except ValueError as error:
+                raise _GiveUp(f"undecodable frame from hale: {error}") from error
+            if not isinstance(frame, dict):
+                continue
+            if frame.get("type") == "welcome":
+                return frame
+            if frame.get("type") == "error":
+                _abort(socket)
+                code = str(frame.get("code"))
+                prefix = "fenced: " if code in _RUN_OVER else ""
+                raise _GiveUp(f"{prefix}hale refused to resume run {self.incarnation} ({code}): {frame.get('message')}")
+
+    async def _settle(self, socket: Any, version: int) -> None:
+        self.version = version
+        self._rollback_in_flight = False
+        pending = list(self._pending.values())
+        self._pending.clear()
+        self._by_id.clear()
+        self._drained.set()
+        again: List[Tuple[Frame, "asyncio.Future[Frame]"]] = []
+        for item in pending:
+            frame, future, made = item.frame, item.future, item.makes
+            kind = frame.get("type")
+            if kind == "checkpoint":
+                if made is not None and made <= version:
+                    _resolve(future, {"type": "checkpointed", "id": frame["id"], "version": made})
+                    continue
+                if made is not None:
+                    frame = dict(frame, expected_version=made - 1)
+                elif frame.get("expected_version") is None:
+                    _reject(
+                        future,
+                        SessionClosed(
+                            "the connection was lost before hale answered a checkpoint sent after a rollback; "
+                            "it may or may not be applied: read the state"
+                        ),
+                    )
+                    continue
+            elif kind in _RESENT or (kind == "submit" and (frame.get("task") or {}).get("idempotency_key")):
+                pass
+            else:
+                _reject(
+                    future,
+                    SessionClosed(
+                        f"the connection was lost before hale answered this {kind}; it may or may not "
+                        "have been applied, so it is not sent again"
+                    ),
+                )
+                continue
+            again.append((frame, future))
+        for frame, future in again:
+            self._push(frame, future)
+        for frame, _ in again:
+            await socket.send(json.dumps(frame))
+
+
+def _describe(error: _transport.ConnectionClosed) -> str:
+    if error.rcvd is not None:
+        return f"closed by hale ({error.rcvd.code}): {error.rcvd.reason}"
+    return "connection lost"
+
+
+def _abort(socket: Any) -> None:
+    transport = getattr(socket, "transport", None)
+    if transport is not None:
+        with contextlib.suppress(Exception):
+            transport.abort()

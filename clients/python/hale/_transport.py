@@ -1,0 +1,212 @@
+"""Opening sockets and the few HTTP calls the client makes (urllib, in a thread)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import inspect
+import json
+import ssl
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from .errors import AuthError, Code, ConnectError, HaleError, ProtocolError
+
+try:  # websockets >= 13: the asyncio implementation.
+    from websockets.asyncio.client import connect as _ws_connect
+
+    _NEW_API = True
+except ImportError:  # pragma: no cover - websockets 12: the legacy implementation.
+    from websockets.client import connect as _ws_connect  # type: ignore[no-redef, attr-defined, unused-ignore]
+
+    _NEW_API = False
+
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+SESSION_PATH = "/v1/session"
+#: Largest message accepted from hale: a welcome or rollback carries a whole state (4 MiB
+#: by default, more if the server allows it).
+MAX_MESSAGE = 64 * 1024 * 1024
+
+_CONNECT_PARAMS = set(inspect.signature(_ws_connect).parameters)
+
+__all__ = ["ConnectionClosed", "Credentials", "open_socket", "http_json", "MAX_MESSAGE"]
+
+
+def http_base(url: str) -> str:
+    """The HTTP base address of the hale whose WebSocket address is ``url``."""
+    if url.startswith("wss://"):
+        url = "https://" + url[len("wss://") :]
+    elif url.startswith("ws://"):
+        url = "http://" + url[len("ws://") :]
+    return url.rstrip("/")
+
+
+def _ssl_context(url: str, ca_file: Optional[str]) -> Optional[ssl.SSLContext]:
+    if not (url.startswith("wss://") or url.startswith("https://")):
+        return None
+    if ca_file is None:
+        raise ConnectError(
+            f"{url}: a TLS hale is verified against a CA file: pass ca_file= or set HALE_CA_FILE"
+        )
+    return ssl.create_default_context(cafile=ca_file)
+
+
+def jwt_expiry(token: str) -> Optional[int]:
+    """The ``exp`` of a JWT, read without checking it (hale checks)."""
+    try:
+        payload = token.split(".")[1]
+        payload += "=" * (-len(payload) % 4)
+        exp = json.loads(base64.urlsafe_b64decode(payload)).get("exp")
+        return int(exp) if isinstance(exp, int) else None
+    except (IndexError, ValueError, AttributeError):
+        return None
+
+
+def _http_blocking(
+    method: str,
+    url: str,
+    body: Optional[Mapping[str, Any]],
+    token: Optional[str],
+    ca_file: Optional[str],
+    timeout: float,
+) -> Tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    context = _ssl_context(url, ca_file)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as error:
+        status, raw = error.code, error.read()
+    except (urllib.error.URLError, OSError) as error:
+        raise ConnectError(f"{url}: {error}") from error
+    try:
+        decoded = json.loads(raw) if raw else None
+    except ValueError:
+        decoded = raw.decode(errors="replace")
+    return status, decoded
+
+
+async def http_json(
+    method: str,
+    url: str,
+    body: Optional[Mapping[str, Any]] = None,
+    *,
+    token: Optional[str] = None,
+    ca_file: Optional[str] = None,
+    timeout: float = 10.0,
+) -> Any:
+    """``method url`` with a JSON body; the decoded answer, or the error it reports."""
+    loop = asyncio.get_running_loop()
+    status, decoded = await loop.run_in_executor(
+        None, _http_blocking, method, url, body, token, ca_file, timeout
+    )
+    if 200 <= status < 300:
+        return decoded
+    if isinstance(decoded, dict) and isinstance(decoded.get("error"), dict):
+        raise HaleError.from_body(decoded["error"])
+    raise ProtocolError(f"HTTP {status} from {url}: {decoded!r}")
+
+
+class Credentials:
+    """An agent's access token and, if held, its refresh token; refreshed (rotated) at
+    ``POST /v1/auth/refresh`` when the access token is due to expire."""
+
+    def __init__(
+        self, access: Optional[str], refresh: Optional[str], refresh_ahead: float = 60.0
+    ) -> None:
+        self.access = access
+        self.refresh_token = refresh
+        self.refresh_ahead = refresh_ahead
+        self.refreshes = 0
+        self._lock = asyncio.Lock()
+
+    def due(self) -> bool:
+        if self.access is None or self.refresh_token is None:
+            return False
+        exp = jwt_expiry(self.access)
+        return exp is not None and exp <= time.time() + self.refresh_ahead
+
+    async def refresh(self, url: str, agent: str, ca_file: Optional[str], force: bool = False) -> bool:
+        """Trades the refresh token for a new pair if due (or ``force``). True if it did."""
+        async with self._lock:
+            if self.refresh_token is None or not (force or self.due()):
+                return False
+            answer = await http_json(
+                "POST",
+                f"{http_base(url)}/v1/auth/refresh",
+                {"agent": agent, "refresh_token": self.refresh_token},
+                ca_file=ca_file,
+            )
+            if not isinstance(answer, dict) or "access_token" not in answer:
+                raise ProtocolError(f"unexpected answer to a token refresh: {answer!r}")
+            self.access = str(answer["access_token"])
+            self.refresh_token = str(answer.get("refresh_token", self.refresh_token))
+            self.refreshes += 1
+            return True
+
+
+def _refusal(error: BaseException) -> Optional[HaleError]:
+    """The error hale gave for a refused WebSocket upgrade (401, 403), if it was that.
+    websockets 12 does not keep the body: then the code is only a guess from the status
+    and ``known`` is set false on the error."""
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None) or getattr(error, "status_code", None)
+    if status not in (401, 403):
+        return None
+    body = getattr(response, "body", None)
+    try:
+        decoded = json.loads(body) if body else None
+    except ValueError:
+        decoded = None
+    if isinstance(decoded, dict) and isinstance(decoded.get("error"), dict):
+        return HaleError.from_body(decoded["error"])
+    # websockets 12 does not keep the body: say what the status means.
+    code = Code.UNAUTHENTICATED if status == 401 else Code.FORBIDDEN
+    guessed = AuthError(code, f"hale refused the session with HTTP {status}", False)
+    guessed.known = False
+    return guessed
+
+
+async def open_socket(url: str, agent: str, credentials: Credentials, ca_file: Optional[str]) -> Any:
+    """Opens a session's WebSocket at ``url`` (refreshing the access token first if it is
+    due, and once more if hale says it expired). Raises :class:`ConnectError` if hale
+    cannot be reached and :class:`AuthError` if it refuses the tokens."""
+    endpoint = f"{url.rstrip('/')}{SESSION_PATH}"
+    context = _ssl_context(url, ca_file)
+    await credentials.refresh(url, agent, ca_file)
+    for attempt in range(2):
+        headers: Dict[str, str] = {}
+        if credentials.access:
+            headers["Authorization"] = f"Bearer {credentials.access}"
+        kwargs: Dict[str, Any] = {
+            "max_size": MAX_MESSAGE,
+            "compression": None,
+            "open_timeout": 10,
+            "close_timeout": 2,
+        }
+        kwargs["additional_headers" if _NEW_API else "extra_headers"] = headers
+        if "proxy" in _CONNECT_PARAMS:
+            kwargs["proxy"] = None
+        if context is not None:
+            kwargs["ssl"] = context
+        try:
+            return await _ws_connect(endpoint, **kwargs)
+        except InvalidHandshake as error:
+            refused = _refusal(error)
+            if refused is None:
+                raise ConnectError(f"{endpoint}: {error}") from error
+            expired = refused.code == Code.TOKEN_EXPIRED or (refused.code == Code.UNAUTHENTICATED and not refused.known)
+            if expired and attempt == 0 and credentials.refresh_token:
+                await credentials.refresh(url, agent, ca_file, force=True)
+                continue
+            raise refused from error
+        except (OSError, asyncio.TimeoutError) as error:
+            raise ConnectError(f"{endpoint}: {error}") from error
+    raise ConnectError(f"{endpoint}: the refreshed token was refused too")  # pragma: no cover

@@ -1,0 +1,77 @@
+"""Tokens: an agent's own token, another agent's name, refresh ahead of expiry and on
+token_expired, a copied refresh token revoking everything."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import time
+from typing import Any, Dict
+
+import pytest
+
+import hale
+from support import Hale, run
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def reissue(server: Hale, token: str, **claims: Any) -> str:
+    """``token`` with some claims changed, signed again with the server's own key."""
+    key = (server.data / "signing.key").read_text().strip().encode()
+    header, payload, _ = token.split(".")
+    body: Dict[str, Any] = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    body.update(claims)
+    signed = f"{header}.{b64(json.dumps(body).encode())}"
+    signature = hmac.new(key, signed.encode(), hashlib.sha256).digest()
+    return f"{signed}.{b64(signature)}"
+
+
+@run
+async def test_an_agent_token_acts_for_its_own_agent_only(server: Hale) -> None:
+    bob = server.issue_tokens("bob")
+    agent = await hale.Agent.connect(server.ws_url, "bob", "r", token=bob["access_token"])
+    assert await agent.checkpoint({"mine": True}) == 1
+    await agent.close()
+    with pytest.raises(hale.AuthError) as refused:
+        await hale.Agent.connect(server.ws_url, "alice", "r", token=bob["access_token"])
+    assert refused.value.code == "forbidden"
+    with pytest.raises(hale.AuthError) as anonymous:
+        await hale.Agent.connect(server.ws_url, "bob", "r")
+    assert anonymous.value.code == "unauthenticated"
+    with pytest.raises(hale.ConnectError):
+        await hale.Agent.connect("ws://127.0.0.1:9", "bob", "r", token=bob["access_token"])
+
+
+@run
+async def test_tokens_are_refreshed_ahead_of_expiry_and_when_hale_says_expired(server: Hale) -> None:
+    pair = server.issue_tokens("carol")
+    now = int(time.time())
+    expired = reissue(server, pair["access_token"], iat=now - 1200, nbf=now - 1200, exp=now - 300)
+    # Ahead of expiry: the client sees the token is due and refreshes before connecting.
+    agent = await hale.Agent.connect(server.ws_url, "carol", "r", token=expired, refresh_token=pair["refresh_token"])
+    assert agent.token_refreshes == 1 and agent.token != expired
+    await agent.checkpoint({"a": 1})
+    await agent.close()
+
+    # On token_expired: a client that did not think the token due (a skewed clock, here a
+    # negative margin) is told so by hale, refreshes and connects.
+    current = server.issue_tokens("carol")
+    expired = reissue(server, current["access_token"], iat=now - 1200, nbf=now - 1200, exp=now - 300)
+    agent = await hale.Agent.connect(
+        server.ws_url, "carol", "r", token=expired, refresh_token=current["refresh_token"], refresh_ahead=-3600
+    )
+    assert agent.token_refreshes == 1
+    assert await agent.checkpoint({"b": 2}) == 2
+
+    # The refresh token was rotated: presenting the old one again looks like a copy, and
+    # hale revokes every token of the agent, which ends its session.
+    status, answer = server.http("POST", "/v1/auth/refresh", {"agent": "carol", "refresh_token": current["refresh_token"]}, token=None)
+    assert status == 401 and answer["error"]["code"] == "token_revoked", answer
+    reason = await asyncio.wait_for(agent.ended(), 10)
+    assert "ended by hale" in reason, reason

@@ -1,0 +1,55 @@
+"""Pieces that need no server."""
+
+from __future__ import annotations
+
+import hale
+from hale._transport import jwt_expiry
+
+
+def test_merge_patch_follows_rfc_7396() -> None:
+    target = {"a": "b", "c": {"d": "e", "f": "g"}}
+    patch = {"a": "z", "c": {"f": None}}
+    assert hale.merge_patch(target, patch) == {"a": "z", "c": {"d": "e"}}
+    assert target == {"a": "b", "c": {"d": "e", "f": "g"}}, "the target is not changed"
+    assert hale.merge_patch({"a": [1, 2]}, {"a": [3]}) == {"a": [3]}
+    assert hale.merge_patch({"a": 1}, {"b": {"c": None}}) == {"a": 1, "b": {}}
+
+
+def test_backoff_is_full_jitter_under_a_doubling_cap() -> None:
+    policy = hale.Reconnect(base=0.1, cap=1.0)
+    for attempt, ceiling in [(0, 0.1), (1, 0.2), (2, 0.4), (3, 0.8), (4, 1.0), (30, 1.0)]:
+        waits = [policy.delay(attempt) for _ in range(200)]
+        assert all(0 <= wait <= ceiling for wait in waits), (attempt, max(waits))
+        assert max(waits) > ceiling * 0.7 and min(waits) < ceiling * 0.3, "not spread over the whole range"
+    assert hale.Reconnect(base=0.0).delay(5) == 0.0
+
+
+def test_errors_map_codes_to_types() -> None:
+    error = hale.HaleError.from_body({"code": "version_conflict", "message": "m", "retryable": False})
+    assert isinstance(error, hale.VersionConflict) and error.code == hale.Code.VERSION_CONFLICT
+    other = hale.HaleError.from_body({"code": "something_new", "message": "m"})
+    assert type(other) is hale.ServerError and other.code == "something_new"
+    fenced = hale.Fenced("fenced: incarnation 1: declared down")
+    assert isinstance(fenced, hale.SessionClosed) and fenced.code == "fenced"
+    assert str(fenced) == "fenced: incarnation 1: declared down"
+
+
+def test_jwt_expiry_is_read_without_checking() -> None:
+    token = "eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjE3MDAwMDAwMDB9.sig"
+    assert jwt_expiry(token) == 1700000000
+    assert jwt_expiry("not a token") is None
+
+
+def test_task_and_welcome_records_read_frames() -> None:
+    task = hale.Task.from_json(
+        {
+            "task": 7,
+            "role": "coder",
+            "attempts": 2,
+            "payload": {"x": 1},
+            "steps": [{"name": "plan", "result": 1, "attempt": 1, "at_ms": 5}, {"name": "pr", "state": "uncertain", "result": None, "attempt": 1, "at_ms": 6}],
+        }
+    )
+    assert task.done("plan") and not task.done("pr") and task.step("pr") is not None
+    welcome = hale.Welcome.from_json({"agent": "a", "incarnation": 3, "session": "a/3", "pending_replies": [{"message": 9, "seq": 2, "from": "b", "conversation": "c"}]})
+    assert welcome.session == "a/3" and welcome.pending_replies[0].sender == "b"
