@@ -216,7 +216,7 @@ pub(crate) fn decide(
         }
         Command::Hello(hello) => decide_hello(state, hello),
         Command::Checkpoint { agent, incarnation, patch, expected_version } => {
-            let record = running(state, agent, *incarnation)?;
+            let record = stopping_or_running(state, agent, *incarnation)?;
             if let Some(expected) = expected_version
                 && *expected != record.version()
             {
@@ -364,6 +364,25 @@ pub(crate) fn running<'s>(state: &'s State, agent: &AgentName, incarnation: u64)
         });
     }
     Ok(record)
+}
+
+/// Like [`running`], but a run stopped on purpose (`hale stop`, hale stopping) may still
+/// checkpoint: it was sent SIGTERM to save its last state and close. No newer run can
+/// exist without a new incarnation, which fences it as always.
+fn stopping_or_running<'s>(
+    state: &'s State,
+    agent: &AgentName,
+    incarnation: u64,
+) -> Result<&'s AgentRecord, Rejection> {
+    match running(state, agent, incarnation) {
+        Err(Rejection::IncarnationDown { .. })
+            if state.agent(agent.as_str()).and_then(|record| record.down.as_ref()).map(|down| &down.cause)
+                == Some(&Cause::Stopped) =>
+        {
+            Ok(state.agent(agent.as_str()).expect("running found it"))
+        }
+        other => other,
+    }
 }
 
 /// The largest reason text of a violation or quarantine.

@@ -230,6 +230,11 @@ impl Core {
                 if managed.is_some() && cause.process_may_live() {
                     self.effects.push_back(Effect::Stop { agent: agent.clone(), incarnation: *incarnation });
                 }
+                // A managed run stopped on purpose gets SIGTERM with its session open, so it
+                // can checkpoint its last state and close (see `stopping_or_running`).
+                if managed.is_some() && *cause == Cause::Stopped {
+                    return;
+                }
                 self.effects.push_back(Effect::Fence {
                     agent: agent.clone(),
                     incarnation: *incarnation,

@@ -228,6 +228,10 @@ impl Work<'_> {
                         continue;
                     }
                     println!("demo-agent: SIGTERM, stopping at step {step}");
+                    // The last state, then a clean close.
+                    if let Err(error) = agent.close(Some(json!({ "step": step, "stopped_at_step": step }))).await {
+                        println!("demo-agent: the last checkpoint failed: {error}");
+                    }
                     return Outcome::Exit(0);
                 }
                 reason = agent.ended() => return Outcome::Disconnected(reason),

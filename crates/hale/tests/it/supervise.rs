@@ -255,6 +255,27 @@ async fn an_agent_that_ignores_sigterm_is_killed_after_the_grace_period() {
 }
 
 #[tokio::test]
+async fn an_agent_stopped_with_hale_stop_saves_its_last_checkpoint_and_closes() {
+    let temp = tempfile::tempdir().unwrap();
+    let config = config(temp.path(), "stop_grace_ms = 5000", &[("tidy", &[], "")]);
+    let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
+    let admin = hale.admin();
+    let agent = running(&admin, "tidy", 1, 0).await;
+    admin.stop("tidy").await.unwrap();
+    eventually("tidy gone", 10, || async { (!alive(pid_of(&agent))).then_some(()) }).await;
+    // Its SIGTERM handler checkpointed the step it stopped at and closed: not fenced first,
+    // not killed after the grace.
+    let state = admin.state("tidy", None).await.unwrap();
+    assert!(state.state["stopped_at_step"].is_u64(), "{}", state.state);
+    assert_eq!(state.state["stopped_at_step"], state.state["step"]);
+    let logs = std::fs::read_to_string(temp.path().join("data/logs/tidy.log")).unwrap();
+    assert!(!logs.contains("the last checkpoint failed"), "{logs}");
+    assert!(!hale.stderr_shows("still running after the grace period"), "{}", hale.stderr());
+    assert_eq!(self::agent(&admin, "tidy").await.managed.unwrap().status, "stopped");
+    assert!(hale.terminate().success());
+}
+
+#[tokio::test]
 async fn a_hung_agent_is_declared_down_by_the_heartbeat_detector_and_restarted() {
     let temp = tempfile::tempdir().unwrap();
     let config = config(
