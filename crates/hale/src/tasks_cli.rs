@@ -166,12 +166,27 @@ pub async fn show(task: u64, json: bool, server: &ServerArg) -> Result<i32> {
         println!("  note      {extra}");
     }
     if let (Some(agreed), Some(dissent)) = (&task.agreed, &task.dissent) {
-        println!("  quorum    agreed {agreed:?}, dissent {dissent:?}");
+        let list = |tasks: &[u64]| {
+            if tasks.is_empty() {
+                return "none".to_string();
+            }
+            tasks.iter().map(|task| format!("task {task}")).collect::<Vec<_>>().join(", ")
+        };
+        println!("  quorum    agreed: {}; dissent: {}", list(agreed), list(dissent));
     }
     if task.budget.is_some() || task.spent.tokens + task.spent.cost > 0 {
+        let budget = match &task.budget {
+            Some(budget) => format!(
+                "budget {} tokens, {} cost{}",
+                or_dash(budget.tokens),
+                or_dash(budget.cost),
+                budget.wall_ms.map_or(String::new(), |ms| format!(", {ms} ms wall"))
+            ),
+            None => "no budget".to_string(),
+        };
         println!(
-            "  spent     {} tokens, {} cost (reserved {} / {}); budget {:?}",
-            task.spent.tokens, task.spent.cost, task.reserved.tokens, task.reserved.cost, task.budget
+            "  spent     {} tokens, {} cost (reserved {} / {}); {budget}",
+            task.spent.tokens, task.spent.cost, task.reserved.tokens, task.reserved.cost
         );
     }
     for error in &task.compensation_errors {
@@ -182,12 +197,12 @@ pub async fn show(task: u64, json: bool, server: &ServerArg) -> Result<i32> {
         println!("  step {:<20} {:<9} attempt {} {}", step.name, step.state, step.attempt, step.result);
         if let Some(llm) = &step.llm {
             println!(
-                "       model {} {} temperature {:?} top_p {:?} seed {:?} prompt {} tokens {}/{}",
+                "       model {} {} temperature {} top_p {} seed {} prompt {} tokens {}/{}",
                 llm.model,
                 llm.model_version.as_deref().unwrap_or("-"),
-                llm.temperature,
-                llm.top_p,
-                llm.seed,
+                or_dash(llm.temperature),
+                or_dash(llm.top_p),
+                or_dash(llm.seed),
                 llm.prompt_hash.as_deref().unwrap_or("-"),
                 llm.tokens_in.map_or("-".to_string(), |n| n.to_string()),
                 llm.tokens_out.map_or("-".to_string(), |n| n.to_string()),
@@ -198,6 +213,11 @@ pub async fn show(task: u64, json: bool, server: &ServerArg) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// A value, or `-` when it is not set.
+fn or_dash<T: std::fmt::Display>(value: Option<T>) -> String {
+    value.map_or_else(|| "-".to_string(), |value| value.to_string())
 }
 
 pub async fn status(json: bool, server: &ServerArg) -> Result<i32> {

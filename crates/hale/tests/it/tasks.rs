@@ -68,6 +68,7 @@ async fn a_task_moves_with_its_steps_when_its_holder_goes_silent() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("): completed") && out.contains("result    \"a parser\""), "{out}");
     assert!(out.contains("step plan") && out.contains("level     optimal"), "{out}");
+    assert!(!out.contains("Some(") && !out.contains("None"), "no Rust debug text: {out}");
 
     // The log keeps it all across a restart.
     assert!(hale.terminate().success());
