@@ -373,7 +373,7 @@ impl Core {
                 }
                 continue;
             }
-            let phi = live.phi(now);
+            let phi = live.phi_if_late(now);
             let silent_ms = now.0.saturating_sub(live.last_beat.0);
             if phi >= threshold {
                 commands.push(down(Cause::HeartbeatsLost { silent_ms, phi: (phi * 10.0).round() / 10.0 }));

@@ -119,6 +119,18 @@ impl Liveness {
         self.detector.phi(now, &self.config)
     }
 
+    /// phi at `now` for the tick's decisions: 0 while the silence is within the expected
+    /// interval (phi is below 0.3 there, and the thresholds are above it), so the tick over
+    /// thousands of runs computes phi only for the ones that are late.
+    pub(crate) fn phi_if_late(&self, now: Timestamp) -> f64 {
+        const BELOW: f64 = std::f64::consts::LOG10_2;
+        let thresholds_above = self.config.suspect_threshold > BELOW && self.config.threshold > BELOW;
+        if thresholds_above && self.detector.within_expected(now, &self.config) {
+            return 0.0;
+        }
+        self.phi(now)
+    }
+
     /// Whether progress should be logged now: it changed, and the last log of it is at
     /// least `interval_ms` old.
     pub(crate) fn progress_due(&self, now: Timestamp, interval_ms: u64) -> bool {

@@ -88,6 +88,19 @@ impl PhiDetector {
         if elapsed > expected { -(e / (1.0 + e)).log10() } else { -(1.0 - 1.0 / (1.0 + e)).log10() }
     }
 
+    /// Whether the silence at `now` is still within the expected interval (mean plus the
+    /// acceptable pause): phi is then below log10(2) ≈ 0.3, under any sensible threshold.
+    /// A cheap test (no `exp`, no `log`) for the tick, which looks at every watched run.
+    pub fn within_expected(&self, now: Timestamp, config: &PhiConfig) -> bool {
+        let Some(last) = self.last else { return true };
+        let count = self.intervals.len() as u64;
+        if count == 0 {
+            return false;
+        }
+        let expected = self.sum / count + config.acceptable_pause_ms;
+        now.0.saturating_sub(last.0) < expected
+    }
+
     /// Whether phi at `now` has reached the suspicion threshold.
     pub fn is_suspect(&self, now: Timestamp, config: &PhiConfig) -> bool {
         self.phi(now, config) >= config.suspect_threshold
@@ -132,6 +145,23 @@ mod tests {
     fn no_heartbeat_yet_means_no_suspicion() {
         let config = PhiConfig::default();
         assert_eq!(PhiDetector::new(&config).phi(Timestamp(1_000_000), &config), 0.0);
+    }
+
+    #[test]
+    fn within_expected_means_phi_is_below_every_sensible_threshold() {
+        let config = PhiConfig::default();
+        for seed in 0..20 {
+            let (detector, last) = beating(&config, 60, 200, seed);
+            for silence in (0..5_000).step_by(7) {
+                let now = Timestamp(last.0 + silence);
+                if detector.within_expected(now, &config) {
+                    let phi = detector.phi(now, &config);
+                    assert!(phi < std::f64::consts::LOG10_2, "seed {seed}, {silence} ms: phi {phi}");
+                }
+            }
+            // And it stops being within once the silence is long: the tick then computes phi.
+            assert!(!detector.within_expected(Timestamp(last.0 + 3_000), &config));
+        }
     }
 
     #[test]

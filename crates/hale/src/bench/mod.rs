@@ -10,6 +10,7 @@
 
 mod detect;
 mod durable_append;
+mod heartbeat_capacity;
 mod messages;
 mod reconnect;
 mod redeliver;
@@ -76,6 +77,12 @@ pub struct BenchArgs {
     /// reconnect: restarts of hale.
     #[arg(long, default_value_t = 5)]
     restarts: usize,
+    /// heartbeat-capacity: the agent counts to try, in order, until one falls behind.
+    #[arg(long, default_value = "1000,2000,5000,10000,20000,30000,50000,75000,100000")]
+    capacity_steps: String,
+    /// heartbeat-capacity: seconds measured at each step (after 2 s of warm-up).
+    #[arg(long, default_value_t = 5.0)]
+    capacity_seconds: f64,
     /// messages: messages to send from one agent to another.
     #[arg(long, default_value_t = 20_000)]
     messages: usize,
@@ -111,6 +118,8 @@ enum Scenario {
     Reconnect,
     /// Messages between two agents, each acked; messages per second.
     Messages,
+    /// How many agents beating at 1 Hz one hale holds before heartbeats fall behind.
+    HeartbeatCapacity,
 }
 
 pub async fn run(args: BenchArgs) -> Result<i32> {
@@ -128,6 +137,7 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
             Scenario::Tasks,
             Scenario::Reconnect,
             Scenario::Messages,
+            Scenario::HeartbeatCapacity,
         ],
     };
     for scenario in scenarios {
@@ -140,6 +150,7 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
             Scenario::Tasks => tasks::tasks(&args).await?,
             Scenario::Reconnect => reconnect::reconnect(&args).await?,
             Scenario::Messages => messages::messages(&args).await?,
+            Scenario::HeartbeatCapacity => heartbeat_capacity::heartbeat_capacity(&args).await?,
         };
         if args.json {
             println!("{}", serde_json::to_string(&result)?);
