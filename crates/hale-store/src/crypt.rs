@@ -36,13 +36,13 @@ pub enum KeyError {
     #[error("key id {0:?} is not valid: an id is 1 to 64 letters, digits, '.', '_' or '-' (for example k1 or 2026-11)")]
     BadId(String),
     #[error(
-        "entry {entry}: expected ID:BASE64 (a key id, a colon, and 32 random bytes in standard base64, as `hale keygen` prints), found {found}"
+        "{at}: expected ID:BASE64 (a key id, a colon, and 32 random bytes in standard base64, as `hale keygen` prints), found {found}"
     )]
-    Malformed { entry: usize, found: String },
-    #[error("entry {entry}: the key of {id:?} is not valid base64 ({reason}); `hale keygen` prints a valid key line")]
-    Base64 { entry: usize, id: String, reason: String },
-    #[error("entry {entry}: the key of {id:?} is {len} bytes; a key is exactly 32 bytes (`hale keygen` makes one)")]
-    Length { entry: usize, id: String, len: usize },
+    Malformed { at: String, found: String },
+    #[error("{at}: the key of {id:?} is not valid base64 ({reason}); `hale keygen` prints a valid key line")]
+    Base64 { at: String, id: String, reason: String },
+    #[error("{at}: the key of {id:?} is {len} bytes; a key is exactly 32 bytes (`hale keygen` makes one)")]
+    Length { at: String, id: String, len: usize },
     #[error("key id {0:?} is given twice; every key needs its own id")]
     Duplicate(String),
     #[error("no key found: expected one ID:BASE64 per line, the current key first")]
@@ -144,25 +144,31 @@ impl Keyring {
     /// first. Blank lines and lines starting with `#` are skipped.
     pub fn parse(text: &str) -> Result<Keyring, KeyError> {
         let mut keys = Vec::new();
-        let entries = text.split(['\n', ',']).map(str::trim).filter(|e| !e.is_empty() && !e.starts_with('#'));
-        for (index, entry) in entries.enumerate() {
-            let number = index + 1;
-            let Some((id, encoded)) = entry.split_once(':') else {
-                return Err(KeyError::Malformed { entry: number, found: describe(entry) });
-            };
-            let (id, encoded) = (id.trim(), encoded.trim());
-            check_id(id)?;
-            let bytes = BASE64.decode(encoded).map_err(|error| KeyError::Base64 {
-                entry: number,
-                id: id.to_string(),
-                reason: error.to_string(),
-            })?;
-            let bytes: [u8; KEY_LEN] = bytes.as_slice().try_into().map_err(|_| KeyError::Length {
-                entry: number,
-                id: id.to_string(),
-                len: bytes.len(),
-            })?;
-            keys.push(Key::new(id, &bytes)?);
+        let one_line = !text.trim().contains('\n');
+        for (line, content) in text.lines().enumerate() {
+            if content.trim_start().starts_with('#') {
+                continue;
+            }
+            let entries = content.split(',').map(str::trim).filter(|entry| !entry.is_empty());
+            for (index, entry) in entries.enumerate() {
+                let at = if one_line { format!("entry {}", index + 1) } else { format!("line {}", line + 1) };
+                let Some((id, encoded)) = entry.split_once(':') else {
+                    return Err(KeyError::Malformed { at, found: describe(entry) });
+                };
+                let (id, encoded) = (id.trim(), encoded.trim());
+                check_id(id)?;
+                let bytes = BASE64.decode(encoded).map_err(|error| KeyError::Base64 {
+                    at: at.clone(),
+                    id: id.to_string(),
+                    reason: error.to_string(),
+                })?;
+                let bytes: [u8; KEY_LEN] = bytes.as_slice().try_into().map_err(|_| KeyError::Length {
+                    at,
+                    id: id.to_string(),
+                    len: bytes.len(),
+                })?;
+                keys.push(Key::new(id, &bytes)?);
+            }
         }
         let mut keys = keys.into_iter();
         let current = keys.next().ok_or(KeyError::Empty)?;
@@ -243,7 +249,11 @@ mod tests {
         assert_eq!(Keyring::parse(&format!("{a},{b}")).unwrap().current().id(), "new");
 
         assert_eq!(Keyring::parse(" \n# nothing\n").unwrap_err(), KeyError::Empty);
-        assert!(matches!(Keyring::parse("justbase64"), Err(KeyError::Malformed { entry: 1, .. })));
+        assert!(matches!(Keyring::parse("justbase64"), Err(KeyError::Malformed { at, .. }) if at == "entry 1"));
+        let second = Keyring::parse(&format!("{a}, nocolon")).unwrap_err();
+        assert!(matches!(&second, KeyError::Malformed { at, .. } if at == "entry 2"), "{second}");
+        let on_line_3 = Keyring::parse(&format!("# keys\n{a}\nk9:AAAA\n")).unwrap_err();
+        assert!(matches!(&on_line_3, KeyError::Length { at, .. } if at == "line 3"), "{on_line_3}");
         assert!(matches!(Keyring::parse("bad id:AAAA"), Err(KeyError::BadId(_))));
         assert!(matches!(Keyring::parse("k:AAAA"), Err(KeyError::Length { len: 3, .. })));
         assert!(matches!(Keyring::parse("k:!!"), Err(KeyError::Base64 { .. })));

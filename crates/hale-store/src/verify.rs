@@ -102,8 +102,9 @@ pub fn verify_with(
                     older = Some(error.to_string());
                     None
                 }
-                Err(error) if error.key_problem().is_some() && keys.is_none() => {
-                    not_compared = Some(format!("{error}; its checksum verified"));
+                Err(error) if keys.is_none() && error.key_problem().is_some() => {
+                    let key_id = error.key_problem().map(|(id, _)| id).unwrap_or_default();
+                    not_compared = Some(format!("encrypted with key '{key_id}', and no key was given"));
                     None
                 }
                 Err(error) => match snapshot_key_error(&file, &error) {

@@ -64,7 +64,7 @@ fn replay_blocking(path: &std::path::Path, events: u64) -> Result<Value> {
     let build_seconds = build_started.elapsed().as_secs_f64();
     eprintln!("replay: built in {build_seconds:.1} s; recovering cold (no snapshot)");
 
-    let options = RecoveryOptions { limits: Limits::default(), repair: false, now: at };
+    let options = RecoveryOptions { limits: Limits::default(), repair: false, now: at, keys: None };
     let cold_started = Instant::now();
     let cold = recover(&data_dir, &options)?;
     let cold_seconds = cold_started.elapsed().as_secs_f64();
