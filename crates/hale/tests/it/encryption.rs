@@ -92,6 +92,10 @@ fn digest(files: &[(PathBuf, Vec<u8>)]) -> Vec<(PathBuf, usize, u64)> {
         .collect()
 }
 
+fn is_snapshot(path: &Path) -> bool {
+    path.extension().is_some_and(|ext| ext == "bin")
+}
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|window| window == needle)
 }
@@ -100,13 +104,13 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// found, which shows the scan reads the files the records are in.
 fn assert_nothing_readable(data: &Path, key_id: &str) {
     let files = stored_files(data);
-    assert!(files.iter().any(|(path, _)| path.extension().is_some_and(|ext| ext == "bin")), "no snapshot: {files:?}");
+    assert!(files.iter().any(|(path, _)| is_snapshot(path)), "no snapshot in {}", data.display());
     for (path, bytes) in &files {
         for secret in SECRETS {
             assert!(!contains(bytes, secret.as_bytes()), "{secret:?} is readable in {}", path.display());
         }
     }
-    let db: Vec<u8> = files.iter().filter(|(path, _)| !path.ends_with(".bin")).flat_map(|(_, b)| b.clone()).collect();
+    let db: Vec<u8> = files.iter().filter(|(path, _)| !is_snapshot(path)).flat_map(|(_, b)| b.clone()).collect();
     assert!(contains(&db, key_id.as_bytes()), "key id {key_id:?} not found: the scan missed the records");
 }
 
@@ -127,11 +131,7 @@ fn key_ids(data: &Path) -> (Vec<(Option<String>, i64)>, Option<String>) {
 
 /// The key id in the header of the newest snapshot.
 fn newest_snapshot_key(data: &Path) -> String {
-    let (_, bytes) = stored_files(data)
-        .into_iter()
-        .filter(|(path, _)| path.ends_with(".bin") || path.extension().is_some_and(|e| e == "bin"))
-        .last()
-        .unwrap();
+    let (_, bytes) = stored_files(data).into_iter().rfind(|(path, _)| is_snapshot(path)).unwrap();
     let len = bytes[40] as usize;
     String::from_utf8(bytes[41..41 + len].to_vec()).unwrap()
 }
@@ -165,7 +165,7 @@ async fn payloads_are_unreadable_at_rest_and_a_wrong_or_missing_key_is_refused()
     assert_eq!(expected.state["note"], "SECRET-PAYLOAD-4711");
     // Snapshots are taken every 4 events: let one be written.
     support::eventually("a snapshot", 10, || async {
-        stored_files(&data).iter().any(|(path, _)| path.extension().is_some_and(|e| e == "bin")).then_some(())
+        stored_files(&data).iter().any(|(path, _)| is_snapshot(path)).then_some(())
     })
     .await;
     drop(agent);
