@@ -263,3 +263,61 @@ mod tests {
         assert_eq!(record.open(Some(&ring)), Err(RecordError::Format((FORMAT + 1) | ENCRYPTED)));
     }
 }
+
+#[cfg(test)]
+mod cost {
+    use super::*;
+    use hale_core::AgentName;
+
+    /// What sealing and opening cost per record, beside plain encoding and decoding:
+    /// `cargo test -p hale-store --release record::cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a test"]
+    fn per_record_cost() {
+        let key = Key::new("k1", &[7; 32]).unwrap();
+        let keys = Keyring::new(key.clone(), []).unwrap();
+        let event = Event::Checkpointed {
+            agent: AgentName::new("bench-12345-17").unwrap(),
+            incarnation: 1,
+            version: 42,
+            patch: serde_json::json!({"lane": 3, "n": 12345, "note": "step done"}),
+        };
+        const N: u64 = 200_000;
+        {
+            use rand::RngCore;
+            let mut nonce = [0u8; 24];
+            let started = std::time::Instant::now();
+            for _ in 0..N {
+                rand::rng().fill_bytes(&mut nonce);
+                std::hint::black_box(&nonce);
+            }
+            println!("nonce: {:.3} µs", started.elapsed().as_secs_f64() * 1e6 / N as f64);
+            let mut buffer = vec![0u8; 24 + 120];
+            let started = std::time::Instant::now();
+            for _ in 0..N {
+                buffer.truncate(24 + 120);
+                key.seal_in_place(b"hale-record0123456789012345678", &mut buffer, 0);
+                std::hint::black_box(&buffer);
+            }
+            println!("seal 120 bytes: {:.3} µs", started.elapsed().as_secs_f64() * 1e6 / N as f64);
+        }
+        for sealed in [false, true] {
+            let key = sealed.then_some(&key);
+            let started = std::time::Instant::now();
+            let records: Vec<Record> =
+                (1..=N).map(|seq| Record::encode_with(seq, Timestamp(seq), &event, key)).collect();
+            let encode = started.elapsed();
+            let started = std::time::Instant::now();
+            for record in &records {
+                std::hint::black_box(record.open(Some(&keys)).unwrap());
+            }
+            let decode = started.elapsed();
+            println!(
+                "sealed={sealed}: encode {:.2} µs/record, decode {:.2} µs/record, body {} bytes",
+                encode.as_secs_f64() * 1e6 / N as f64,
+                decode.as_secs_f64() * 1e6 / N as f64,
+                records[0].body.len()
+            );
+        }
+    }
+}
