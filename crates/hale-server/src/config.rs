@@ -41,6 +41,9 @@ pub struct ServerConfig {
     pub tls: Option<crate::tls::TlsFiles>,
     /// How many connections may be open, and how soon each must speak.
     pub connections: crate::limits::ConnectionLimits,
+    /// Encryption at rest: records and snapshots are sealed with the current key; every
+    /// key opens what it sealed. `None`: plaintext (sealed data then refuses to start).
+    pub encryption: Option<std::sync::Arc<hale_store::Keyring>>,
 }
 
 /// What `hale up` runs, from hale.toml.
@@ -115,6 +118,7 @@ impl ServerConfig {
             auth: crate::auth::AuthConfig::default(),
             tls: None,
             connections: crate::limits::ConnectionLimits::default(),
+            encryption: None,
         }
     }
 }

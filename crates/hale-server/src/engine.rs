@@ -11,7 +11,7 @@
 use crate::clock;
 use hale_core::{AgentName, AgentRecord, Command, Core, Effect, Event, Progress, Rejection, State};
 use hale_proto::{RecoveryPointInfo, RolledBack, Welcome};
-use hale_store::{AppendAck, Durability, Record, WriteError, Writer, snapshot};
+use hale_store::{AppendAck, Durability, Key, Record, WriteError, Writer, snapshot};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -101,12 +101,14 @@ pub const TICK: Duration = Duration::from_millis(50);
 impl Engine {
     /// Starts the engine task over a recovered core whose last event is `last_seq`.
     /// Effects go to `effects`, each only once the events that caused it are durable.
+    /// With `key`, every record and snapshot is sealed with it (encryption at rest).
     pub fn start(
         core: Core,
         last_seq: u64,
         writer: Writer,
         policy: SnapshotPolicy,
         effects: mpsc::UnboundedSender<Effect>,
+        key: Option<Key>,
     ) -> Engine {
         let (requests, receiver) = mpsc::channel(4096);
         let (pending_effects, pending) = mpsc::unbounded_channel();
@@ -122,6 +124,7 @@ impl Engine {
             last_snapshot: Instant::now(),
             snapshot_in_flight: None,
             pending_effects,
+            key,
         };
         tokio::spawn(task.run(receiver));
         Engine { requests, durability }
@@ -264,6 +267,8 @@ struct EngineTask {
     pending_effects: mpsc::UnboundedSender<(AppendAck, Vec<Effect>)>,
     /// A command queued or freed work, or lost an agent: assign now, not at the next tick.
     work_moved: bool,
+    /// Records and snapshots are sealed with this key (encryption at rest), if set.
+    key: Option<Key>,
 }
 
 impl EngineTask {
@@ -396,7 +401,7 @@ impl EngineTask {
         let records: Vec<Record> = events
             .iter()
             .map(|event| {
-                let record = Record::encode(self.next_seq, now, event);
+                let record = Record::encode_with(self.next_seq, now, event, self.key.as_ref());
                 self.next_seq += 1;
                 record
             })
@@ -449,6 +454,7 @@ impl EngineTask {
         let seq = self.next_seq - 1;
         let state = self.core.state().clone();
         let policy = self.policy.clone();
+        let key = self.key.clone();
         self.events_since_snapshot = 0;
         self.last_snapshot = Instant::now();
         self.snapshot_in_flight = Some(tokio::spawn(async move {
@@ -459,7 +465,7 @@ impl EngineTask {
                 return;
             }
             let written = tokio::task::spawn_blocking(move || -> Result<(PathBuf, usize), hale_store::StoreError> {
-                let encoded = snapshot::encode(seq, clock::now(), &state);
+                let encoded = snapshot::encode_with(seq, clock::now(), &state, key.as_ref());
                 let path = snapshot::write(&policy.dir, seq, &encoded)?;
                 snapshot::prune(&policy.dir, policy.kept)?;
                 Ok((path, encoded.len()))

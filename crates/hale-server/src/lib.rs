@@ -69,7 +69,12 @@ pub struct RunningServer {
 /// Recovers the data directory and starts serving.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let data_dir = DataDir::open(&config.data_dir)?;
-    let options = RecoveryOptions { limits: config.limits.clone(), repair: config.repair, now: clock::now() };
+    let options = RecoveryOptions {
+        limits: config.limits.clone(),
+        repair: config.repair,
+        now: clock::now(),
+        keys: config.encryption.clone(),
+    };
     let snapshot_dir = data_dir.snapshot_dir();
     let (data_dir, recovered) = tokio::task::spawn_blocking(move || {
         let recovered = hale_store::recover(&data_dir, &options);
@@ -100,7 +105,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         kept: config.snapshots_kept,
     };
     let (effects_tx, effects) = tokio::sync::mpsc::unbounded_channel();
-    let engine = Engine::start(recovered.core, recovered.last_seq, writer, policy, effects_tx);
+    let key = config.encryption.as_ref().map(|keys| keys.current().clone());
+    if let Some(key) = &key {
+        tracing::info!(key_id = key.id(), "encryption at rest: new records and snapshots are sealed with this key");
+    }
+    let engine = Engine::start(recovered.core, recovered.last_seq, writer, policy, effects_tx, key);
 
     let tls = match &config.tls {
         Some(files) => Some(tls::acceptor(files).map_err(|error| ServerError::Tls(error.to_string()))?),

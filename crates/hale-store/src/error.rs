@@ -29,6 +29,17 @@ pub enum StoreError {
         "log record {seq} is missing (the log jumps from {prev} to {next}). Run `hale verify --data DIR`; start with --repair to accept the gap"
     )]
     MissingRecord { seq: u64, prev: u64, next: u64 },
+    /// Records or a snapshot are sealed with a key that is not configured. Not damage:
+    /// nothing is set aside, hale does not start.
+    #[error(
+        "{what} is encrypted with key '{key_id}', which is not configured: give it in [server] encryption_key_file or HALE_ENCRYPTION_KEY (keep every key the data directory was written with, the one for new writes first). Nothing was changed"
+    )]
+    KeyNotConfigured { what: String, key_id: String },
+    /// The key configured under a key id does not open what that id sealed.
+    #[error(
+        "key '{key_id}' does not decrypt {what}: wrong key. The key configured as '{key_id}' is not the one this data directory was written with; configure the right one. Nothing was changed"
+    )]
+    WrongKey { what: String, key_id: String },
     /// The log was written by a newer hale.
     #[error("the log was written in format {found}, newer than this hale understands ({supported}); upgrade hale")]
     NewerFormat { found: u32, supported: u32 },

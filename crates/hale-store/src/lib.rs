@@ -5,7 +5,9 @@
 //! * [`Log`]: the `events` table of an embedded SQLite database in WAL mode with
 //!   `synchronous = FULL`, so a committed transaction has been fsync'd and survives power
 //!   loss. Every row is a [`Record`]: sequence number, time, format version, body and a
-//!   crc32c over all four.
+//!   crc32c over all four (and the key id of a sealed record).
+//! * [`crypt`]: encryption at rest. With a [`Keyring`], every record body and snapshot is
+//!   sealed with XChaCha20-Poly1305 under the current key, and names its key by id.
 //! * [`Writer`]: the one thread that appends. It drains every pending append, commits them
 //!   in one transaction (one fsync), then acknowledges each; after a failed commit it
 //!   refuses every later append, because memory is now ahead of disk.
@@ -16,6 +18,7 @@
 //! Architecture invariant: nothing here decides anything. The store persists and reads
 //! back `hale_core::Event`s and `hale_core::State`s; what they mean is the core's business.
 
+pub mod crypt;
 mod data_dir;
 mod error;
 mod log;
@@ -25,10 +28,11 @@ pub mod snapshot;
 mod verify;
 mod writer;
 
+pub use crypt::{Key, KeyError, Keyring, generate_key_line};
 pub use data_dir::DataDir;
 pub use error::StoreError;
 pub use log::Log;
-pub use record::{FORMAT, Record, RecordError};
-pub use recovery::{Recovered, RecoveryOptions, RecoveryReport, SkippedSnapshot, recover};
-pub use verify::{SnapshotCheck, VerifyReport, verify};
+pub use record::{ENCRYPTED, FORMAT, Record, RecordError};
+pub use recovery::{Recovered, RecoveryOptions, RecoveryReport, SkippedSnapshot, check_keys, recover};
+pub use verify::{SnapshotCheck, VerifyReport, verify, verify_with};
 pub use writer::{AppendAck, Durability, WriteError, Writer, WriterOptions};

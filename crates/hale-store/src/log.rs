@@ -1,8 +1,9 @@
 use crate::error::StoreError;
 use crate::record::Record;
 use hale_core::Timestamp;
-use rusqlite::{Connection, OpenFlags, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::path::Path;
+use std::sync::Arc;
 
 /// The log table of the SQLite database.
 ///
@@ -12,6 +13,10 @@ use std::path::Path;
 /// frame checksums, and it only ever holds transactions nobody was told about.
 pub struct Log {
     conn: Connection,
+    /// Whether `events` has the `key_id` column (a read-only log of an older hale may not).
+    has_key_id: bool,
+    /// Key ids already in `encryption_keys`.
+    known_keys: Vec<Arc<str>>,
 }
 
 const SCHEMA: &str = "
@@ -20,7 +25,8 @@ CREATE TABLE IF NOT EXISTS events (
     at_ms  INTEGER NOT NULL,
     format INTEGER NOT NULL,
     body   BLOB    NOT NULL,
-    crc    INTEGER NOT NULL
+    crc    INTEGER NOT NULL,
+    key_id TEXT
 ) STRICT;
 CREATE TABLE IF NOT EXISTS damaged_events (
     seq       INTEGER PRIMARY KEY,
@@ -29,9 +35,38 @@ CREATE TABLE IF NOT EXISTS damaged_events (
     body      BLOB,
     crc       INTEGER,
     reason    TEXT NOT NULL,
-    set_aside_at_ms INTEGER NOT NULL
+    set_aside_at_ms INTEGER NOT NULL,
+    key_id    TEXT
+) STRICT;
+CREATE TABLE IF NOT EXISTS encryption_keys (
+    key_id    TEXT PRIMARY KEY,
+    first_seq INTEGER NOT NULL
 ) STRICT;
 ";
+
+/// `key_id` (encryption at rest) came after the first logs were written: such a log gets
+/// the column, NULL (plaintext) in every row it already holds.
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    for table in ["events", "damaged_events"] {
+        if !has_column(conn, table, "key_id")? {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN key_id TEXT"))?;
+        }
+    }
+    Ok(())
+}
+
+fn has_column(conn: &Connection, table: &str, column: &str) -> Result<bool, StoreError> {
+    let mut info = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+    let names = info.query_map([], |row| row.get::<_, String>(1))?.collect::<Result<Vec<_>, _>>()?;
+    Ok(names.iter().any(|name| name == column))
+}
+
+fn has_table(conn: &Connection, table: &str) -> Result<bool, StoreError> {
+    let found: Option<i64> = conn
+        .query_row("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1", [table], |row| row.get(0))
+        .optional()?;
+    Ok(found.is_some())
+}
 
 impl Log {
     /// Opens (creating if needed) the log database at `path` for reading and writing.
@@ -40,22 +75,32 @@ impl Log {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Log { conn })
+        migrate(&conn)?;
+        Log::with(conn, true)
+    }
+
+    fn with(conn: Connection, has_key_id: bool) -> Result<Log, StoreError> {
+        let mut log = Log { conn, has_key_id, known_keys: Vec::new() };
+        log.known_keys = log.key_uses()?.into_iter().map(|(id, _)| Arc::from(id)).collect();
+        Ok(log)
     }
 
     /// Opens an existing log database read-only (for `verify`).
     pub fn open_read_only(path: &Path) -> Result<Log, StoreError> {
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-        Ok(Log { conn })
+        let has_key_id = has_column(&conn, "events", "key_id")?;
+        Log::with(conn, has_key_id)
     }
 
     /// Appends `records` in one transaction; returns once it is committed and fsync'd.
     /// Every record's checksum is verified before it is written.
     pub fn append(&mut self, records: &[Record]) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
+        let mut new_keys: Vec<Arc<str>> = Vec::new();
         {
-            let mut insert =
-                tx.prepare_cached("INSERT INTO events (seq, at_ms, format, body, crc) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO events (seq, at_ms, format, body, crc, key_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
             for record in records {
                 if let Err(error) = record.check() {
                     return Err(StoreError::CorruptRecord {
@@ -68,12 +113,53 @@ impl Log {
                     record.at.0 as i64,
                     record.format,
                     record.body,
-                    record.crc
+                    record.crc,
+                    record.key_id.as_deref()
                 ])?;
+                if let Some(key_id) = &record.key_id
+                    && !self.known_keys.contains(key_id)
+                    && !new_keys.contains(key_id)
+                {
+                    // The first record a key sealed: where start checks that key.
+                    tx.execute(
+                        "INSERT OR IGNORE INTO encryption_keys (key_id, first_seq) VALUES (?1, ?2)",
+                        params![&**key_id, record.seq as i64],
+                    )?;
+                    new_keys.push(key_id.clone());
+                }
             }
         }
         tx.commit()?;
+        self.known_keys.extend(new_keys);
         Ok(())
+    }
+
+    /// Every key id that sealed records, with the first record it sealed.
+    pub fn key_uses(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        if !has_table(&self.conn, "encryption_keys")? {
+            return Ok(Vec::new());
+        }
+        let mut select = self.conn.prepare("SELECT key_id, first_seq FROM encryption_keys ORDER BY first_seq")?;
+        let uses = select
+            .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(uses)
+    }
+
+    /// The first record at or after `from` sealed with `key_id`.
+    pub fn first_sealed_with(&self, key_id: &str, from: u64) -> Result<Option<Record>, StoreError> {
+        if !self.has_key_id {
+            return Ok(None);
+        }
+        let record = self
+            .conn
+            .query_row(
+                "SELECT seq, at_ms, format, body, crc, key_id FROM events WHERE seq >= ?1 AND key_id = ?2 ORDER BY seq LIMIT 1",
+                params![from as i64, key_id],
+                |row| read_record(row, &mut None),
+            )
+            .optional()?;
+        Ok(record)
     }
 
     /// The highest sequence number in the log, 0 if it is empty.
@@ -95,19 +181,17 @@ impl Log {
         after: u64,
         mut visit: impl FnMut(Record) -> Result<(), E>,
     ) -> Result<(), E> {
-        let mut select = self
-            .conn
-            .prepare_cached("SELECT seq, at_ms, format, body, crc FROM events WHERE seq > ?1 ORDER BY seq")
-            .map_err(StoreError::from)?;
+        let sql = if self.has_key_id {
+            "SELECT seq, at_ms, format, body, crc, key_id FROM events WHERE seq > ?1 ORDER BY seq"
+        } else {
+            "SELECT seq, at_ms, format, body, crc, NULL FROM events WHERE seq > ?1 ORDER BY seq"
+        };
+        let mut select = self.conn.prepare_cached(sql).map_err(StoreError::from)?;
         let mut rows = select.query([after as i64]).map_err(StoreError::from)?;
+        // Records of one key share its id: one allocation per run of the same key.
+        let mut last_key: Option<Arc<str>> = None;
         while let Some(row) = rows.next().map_err(StoreError::from)? {
-            let record = Record {
-                seq: row.get::<_, i64>(0).map_err(StoreError::from)? as u64,
-                at: Timestamp(row.get::<_, i64>(1).map_err(StoreError::from)? as u64),
-                format: row.get(2).map_err(StoreError::from)?,
-                body: row.get(3).map_err(StoreError::from)?,
-                crc: row.get(4).map_err(StoreError::from)?,
-            };
+            let record = read_record(row, &mut last_key).map_err(StoreError::from)?;
             visit(record)?;
         }
         Ok(())
@@ -125,8 +209,8 @@ impl Log {
     pub fn set_aside(&mut self, seq: u64, reason: &str, now: Timestamp) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         let moved = tx.execute(
-            "INSERT INTO damaged_events (seq, at_ms, format, body, crc, reason, set_aside_at_ms)
-             SELECT seq, at_ms, format, body, crc, ?2, ?3 FROM events WHERE seq = ?1",
+            "INSERT INTO damaged_events (seq, at_ms, format, body, crc, key_id, reason, set_aside_at_ms)
+             SELECT seq, at_ms, format, body, crc, key_id, ?2, ?3 FROM events WHERE seq = ?1",
             params![seq as i64, reason, now.0 as i64],
         )?;
         if moved == 0 {
@@ -139,4 +223,31 @@ impl Log {
         tx.commit()?;
         Ok(())
     }
+}
+
+/// One row of `seq, at_ms, format, body, crc, key_id`; `last_key` is reused while
+/// consecutive rows name the same key.
+fn read_record(row: &rusqlite::Row<'_>, last_key: &mut Option<Arc<str>>) -> rusqlite::Result<Record> {
+    let key_id = match row.get_ref(5)? {
+        rusqlite::types::ValueRef::Null => None,
+        value => {
+            let text = value.as_str()?;
+            match last_key {
+                Some(last) if &**last == text => Some(last.clone()),
+                _ => {
+                    let key: Arc<str> = Arc::from(text);
+                    *last_key = Some(key.clone());
+                    Some(key)
+                }
+            }
+        }
+    };
+    Ok(Record {
+        seq: row.get::<_, i64>(0)? as u64,
+        at: Timestamp(row.get::<_, i64>(1)? as u64),
+        format: row.get(2)?,
+        body: row.get(3)?,
+        crc: row.get(4)?,
+        key_id,
+    })
 }

@@ -1,13 +1,15 @@
 //! Recovery: the newest snapshot that verifies, then every event after it.
 
+use crate::crypt::Keyring;
 use crate::data_dir::DataDir;
 use crate::error::StoreError;
 use crate::log::Log;
-use crate::record::{FORMAT, RecordError};
+use crate::record::{ENCRYPTED, FORMAT, RecordError};
 use crate::snapshot;
 use hale_core::{Core, Event, Limits, State, Timestamp};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::thread::JoinHandle;
 
@@ -20,6 +22,10 @@ pub struct RecoveryOptions {
     pub repair: bool,
     /// The time to record on records set aside.
     pub now: Timestamp,
+    /// The keys sealed records and snapshots are opened with (encryption at rest). A
+    /// missing or wrong key stops recovery with an error naming the key; it is never
+    /// taken for damage.
+    pub keys: Option<Arc<Keyring>>,
 }
 
 /// A snapshot that recovery could not use, and why.
@@ -61,6 +67,8 @@ pub fn recover(dir: &DataDir, options: &RecoveryOptions) -> Result<Recovered, St
     let log_last = log.last_seq()?;
     let previously_set_aside = log.damaged_seqs()?;
     let mut report = RecoveryReport { previously_set_aside: previously_set_aside.clone(), ..Default::default() };
+    let keys = options.keys.as_deref();
+    check_keys(&log, keys)?;
 
     snapshot::remove_partial(&dir.snapshot_dir())?;
     let mut start = (0, State::default());
@@ -70,13 +78,16 @@ pub fn recover(dir: &DataDir, options: &RecoveryOptions) -> Result<Recovered, St
             report.skipped_snapshots.push(SkippedSnapshot { seq: file.seq, path: file.path, reason, older: false });
             continue;
         }
-        match snapshot::read(&file) {
+        match snapshot::read_with(&file, keys) {
             Ok(found) => {
                 start = (found.seq, found.state);
                 report.snapshot_seq = Some(found.seq);
                 break;
             }
             Err(error) => {
+                if let Some(fatal) = snapshot_key_error(&file, &error) {
+                    return Err(fatal);
+                }
                 let reason = error.to_string();
                 let older = matches!(error, snapshot::SnapshotError::Older(_));
                 if older {
@@ -96,7 +107,7 @@ pub fn recover(dir: &DataDir, options: &RecoveryOptions) -> Result<Recovered, St
     let mut expected = snapshot_seq + 1;
     let mut last_seq = snapshot_seq;
     // Reading, checksumming and decoding run on a second thread while this one folds.
-    let (chunks, reader) = read_ahead(log, snapshot_seq);
+    let (chunks, reader) = read_ahead(log, snapshot_seq, options.keys.clone());
     let mut fatal = None;
     'replay: for chunk in chunks.iter() {
         for decoded in chunk {
@@ -118,8 +129,13 @@ pub fn recover(dir: &DataDir, options: &RecoveryOptions) -> Result<Recovered, St
                 }
                 // A newer hale wrote this record: it is not damage, and --repair must
                 // never set it aside.
-                Err(RecordError::Format(found)) if found > FORMAT => {
-                    fatal = Some(StoreError::NewerFormat { found, supported: FORMAT });
+                Err(RecordError::Format(found)) if found & !ENCRYPTED > FORMAT => {
+                    fatal = Some(StoreError::NewerFormat { found: found & !ENCRYPTED, supported: FORMAT });
+                    break 'replay;
+                }
+                // A key problem is not damage either: never set aside, hale does not start.
+                Err(error) if error.is_key_problem() => {
+                    fatal = Some(record_key_error(decoded.seq, error));
                     break 'replay;
                 }
                 Err(error) if options.repair => problems.push((decoded.seq, error.to_string())),
@@ -147,6 +163,43 @@ pub fn recover(dir: &DataDir, options: &RecoveryOptions) -> Result<Recovered, St
     Ok(Recovered { core, log, last_seq: last_seq.max(log_last), report })
 }
 
+/// Checks, before anything is read or replayed, that every key the log was sealed with is
+/// configured and opens the first record it sealed: a missing or wrong key is told at
+/// once, naming the key and the record, and nothing is changed.
+pub fn check_keys(log: &Log, keys: Option<&Keyring>) -> Result<(), StoreError> {
+    for (key_id, first_seq) in log.key_uses()? {
+        if keys.and_then(|keys| keys.get(&key_id)).is_none() {
+            return Err(StoreError::KeyNotConfigured { what: format!("record {first_seq}"), key_id });
+        }
+        // A record that fails its checksum is damage, for replay (and --repair) to handle.
+        if let Some(record) = log.first_sealed_with(&key_id, first_seq)?
+            && record.check().is_ok()
+            && let Err(error) = record.open(keys)
+            && error.is_key_problem()
+        {
+            return Err(record_key_error(record.seq, error));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn record_key_error(seq: u64, error: RecordError) -> StoreError {
+    let what = format!("record {seq}");
+    match error {
+        RecordError::KeyNotConfigured(key_id) => StoreError::KeyNotConfigured { what, key_id },
+        RecordError::WrongKey(key_id) => StoreError::WrongKey { what, key_id },
+        other => StoreError::CorruptRecord { seq, reason: other.to_string() },
+    }
+}
+
+/// The error that stops recovery, if reading the snapshot failed for want of its key.
+pub(crate) fn snapshot_key_error(file: &snapshot::SnapshotFile, error: &snapshot::SnapshotError) -> Option<StoreError> {
+    let (key_id, wrong) = error.key_problem()?;
+    let what = format!("snapshot {} ({})", file.seq, file.path.display());
+    let key_id = key_id.to_string();
+    Some(if wrong { StoreError::WrongKey { what, key_id } } else { StoreError::KeyNotConfigured { what, key_id } })
+}
+
 /// One record as the reader thread decoded it.
 struct Decoded {
     seq: u64,
@@ -162,7 +215,7 @@ type Reader = JoinHandle<(Log, Result<(), StoreError>)>;
 /// Reads, checks and decodes every record after `after` on a thread of its own, handing
 /// them over in chunks through a bounded channel; the thread gives the log back when done
 /// (early, if the receiver is dropped).
-fn read_ahead(log: Log, after: u64) -> (Receiver<Vec<Decoded>>, Reader) {
+fn read_ahead(log: Log, after: u64, keys: Option<Arc<Keyring>>) -> (Receiver<Vec<Decoded>>, Reader) {
     let (sender, chunks) = sync_channel::<Vec<Decoded>>(8);
     let reader = std::thread::Builder::new()
         .name("hale-replay".into())
@@ -178,7 +231,7 @@ fn read_ahead(log: Log, after: u64) -> (Receiver<Vec<Decoded>>, Reader) {
             }
             let mut chunk = Vec::with_capacity(CHUNK);
             let scanned = log.scan(after, |record| -> Result<(), Stop> {
-                chunk.push(Decoded { seq: record.seq, at: record.at, event: record.decode() });
+                chunk.push(Decoded { seq: record.seq, at: record.at, event: record.open(keys.as_deref()) });
                 if chunk.len() == CHUNK {
                     sender
                         .send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)))

@@ -5,8 +5,15 @@
 //! everything before it and the body, then the body (the state as JSON). Written to a
 //! temporary file, fsync'd, renamed into place, and the directory fsync'd, so a snapshot
 //! either exists whole or not at all; a damaged one fails its checksum and is skipped.
+//!
+//! Sealed (encryption at rest): the format has [`ENCRYPTED`] set and the body is the key
+//! id's length `u8`, the key id, then `nonce || ciphertext || tag` (see [`crate::crypt`])
+//! with everything before the checksum and the key id as associated data. The checksum
+//! covers the stored bytes, so `verify` finds damage without the key.
 
+use crate::crypt::{Key, Keyring, NONCE_LEN, TAG_LEN};
 use crate::error::StoreError;
+use crate::record::ENCRYPTED;
 use hale_core::{State, Timestamp};
 use std::fs::File;
 use std::io::Write;
@@ -33,6 +40,8 @@ pub struct Snapshot {
     pub created: Timestamp,
     pub state: State,
     pub bytes: u64,
+    /// The key it was sealed with, if it was.
+    pub key_id: Option<String>,
 }
 
 /// Why a snapshot file cannot be used.
@@ -56,6 +65,23 @@ pub enum SnapshotError {
     Misnamed { header: u64, name: u64 },
     #[error("undecodable state: {0}")]
     Body(String),
+    /// Sealed with a key that is not configured. Not damage.
+    #[error("it is encrypted with key '{0}', which is not configured")]
+    KeyNotConfigured(String),
+    /// The key configured under its key id does not open it (its checksum matched).
+    #[error("key '{0}' does not decrypt it: wrong key")]
+    WrongKey(String),
+}
+
+impl SnapshotError {
+    /// A key problem, not damage: recovery must stop rather than pass the snapshot over.
+    pub fn key_problem(&self) -> Option<(&str, bool)> {
+        match self {
+            SnapshotError::KeyNotConfigured(id) => Some((id, false)),
+            SnapshotError::WrongKey(id) => Some((id, true)),
+            _ => None,
+        }
+    }
 }
 
 /// The snapshot files in `dir`, newest (highest sequence number) first.
@@ -82,7 +108,36 @@ pub fn list(dir: &Path) -> Result<Vec<SnapshotFile>, StoreError> {
     Ok(found)
 }
 
-/// Serializes `state` (everything up to event `seq`) to its file format.
+/// Serializes `state` (everything up to event `seq`) to its file format, sealed with `key`
+/// if one is given.
+pub fn encode_with(seq: u64, created: Timestamp, state: &State, key: Option<&Key>) -> Vec<u8> {
+    let Some(key) = key else { return encode(seq, created, state) };
+    let id = key.id().as_bytes();
+    let start = HEADER_LEN + 1 + id.len();
+    let mut bytes = Vec::with_capacity(start + NONCE_LEN + 4096);
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&(SNAPSHOT_FORMAT | ENCRYPTED).to_le_bytes());
+    bytes.extend_from_slice(&seq.to_le_bytes());
+    bytes.extend_from_slice(&created.0.to_le_bytes());
+    bytes.extend_from_slice(&[0; 8 + 4]); // length and checksum, below
+    bytes.push(id.len() as u8);
+    bytes.extend_from_slice(id);
+    bytes.resize(start + NONCE_LEN, 0);
+    serde_json::to_writer(&mut bytes, state).expect("states always serialize");
+    let length = (bytes.len() + TAG_LEN - HEADER_LEN) as u64;
+    bytes[28..36].copy_from_slice(&length.to_le_bytes());
+    let associated = snapshot_associated(&bytes[..36], id);
+    key.seal_in_place(&associated, &mut bytes, start);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&bytes[..36]), &bytes[HEADER_LEN..]);
+    bytes[36..40].copy_from_slice(&crc.to_le_bytes());
+    bytes
+}
+
+fn snapshot_associated(header: &[u8], key_id: &[u8]) -> Vec<u8> {
+    [b"hale-snapshot", header, key_id].concat()
+}
+
+/// Serializes `state` (everything up to event `seq`) to its file format, in plaintext.
 pub fn encode(seq: u64, created: Timestamp, state: &State) -> Vec<u8> {
     let body = serde_json::to_vec(state).expect("states always serialize");
     let mut bytes = Vec::with_capacity(HEADER_LEN + body.len());
@@ -111,18 +166,33 @@ pub fn write(dir: &Path, seq: u64, encoded: &[u8]) -> Result<PathBuf, StoreError
     Ok(path)
 }
 
-/// Reads and verifies one snapshot file.
+/// Reads and verifies one plaintext snapshot file.
 pub fn read(file: &SnapshotFile) -> Result<Snapshot, SnapshotError> {
+    read_with(file, None)
+}
+
+/// Reads and verifies one snapshot file, opening it with `keys` if it is sealed.
+pub fn read_with(file: &SnapshotFile, keys: Option<&Keyring>) -> Result<Snapshot, SnapshotError> {
     let bytes = std::fs::read(&file.path)?;
-    let (seq, created, state) = decode(&bytes)?;
+    let (seq, created, state, key_id) = decode_sealed(&bytes, keys)?;
     if seq != file.seq {
         return Err(SnapshotError::Misnamed { header: seq, name: file.seq });
     }
-    Ok(Snapshot { seq, created, state, bytes: bytes.len() as u64 })
+    Ok(Snapshot { seq, created, state, bytes: bytes.len() as u64, key_id })
 }
 
-/// Verifies and decodes a snapshot's bytes.
+/// Verifies and decodes a plaintext snapshot's bytes.
 pub fn decode(bytes: &[u8]) -> Result<(u64, Timestamp, State), SnapshotError> {
+    let (seq, created, state, _) = decode_sealed(bytes, None)?;
+    Ok((seq, created, state))
+}
+
+/// Verifies and decodes a snapshot's bytes, opening them with `keys` if they are sealed;
+/// also says which key sealed them.
+pub fn decode_sealed(
+    bytes: &[u8],
+    keys: Option<&Keyring>,
+) -> Result<(u64, Timestamp, State, Option<String>), SnapshotError> {
     if bytes.len() < HEADER_LEN {
         return Err(SnapshotError::Short(bytes.len()));
     }
@@ -143,14 +213,35 @@ pub fn decode(bytes: &[u8]) -> Result<(u64, Timestamp, State), SnapshotError> {
     if computed != stored {
         return Err(SnapshotError::Checksum { stored, computed });
     }
-    if format < SNAPSHOT_FORMAT {
+    let sealed = format & ENCRYPTED != 0;
+    let base = format & !ENCRYPTED;
+    if base < SNAPSHOT_FORMAT {
         return Err(SnapshotError::Older(format));
     }
-    if format != SNAPSHOT_FORMAT {
+    if base != SNAPSHOT_FORMAT {
         return Err(SnapshotError::Format(format));
     }
+    let (plain, key_id);
+    let body = if sealed {
+        let Some((&id_len, rest)) = body.split_first() else {
+            return Err(SnapshotError::Body("no key id".into()));
+        };
+        let Some((id, sealed_body)) = rest.split_at_checked(id_len as usize) else {
+            return Err(SnapshotError::Body("key id cut short".into()));
+        };
+        let id = std::str::from_utf8(id).map_err(|_| SnapshotError::Body("key id not UTF-8".into()))?;
+        let key = keys.and_then(|keys| keys.get(id)).ok_or_else(|| SnapshotError::KeyNotConfigured(id.into()))?;
+        plain = key
+            .open(&snapshot_associated(&header[..36], id.as_bytes()), sealed_body)
+            .map_err(|_| SnapshotError::WrongKey(id.into()))?;
+        key_id = Some(id.to_string());
+        &plain[..]
+    } else {
+        key_id = None;
+        body
+    };
     let state = serde_json::from_slice(body).map_err(|error| SnapshotError::Body(error.to_string()))?;
-    Ok((seq, created, state))
+    Ok((seq, created, state, key_id))
 }
 
 /// Deletes temporary files of snapshots whose writing was interrupted by a crash.
@@ -221,5 +312,57 @@ mod tests {
         prune(dir.path(), 2).unwrap();
         let seqs: Vec<u64> = list(dir.path()).unwrap().iter().map(|file| file.seq).collect();
         assert_eq!(seqs, [20, 15]);
+    }
+
+    fn ring(pairs: &[(&str, u8)]) -> Keyring {
+        let mut keys = pairs.iter().map(|(id, byte)| Key::new(id, &[*byte; 32]).unwrap());
+        let current = keys.next().unwrap();
+        Keyring::new(current, keys).unwrap()
+    }
+
+    #[test]
+    fn a_sealed_snapshot_round_trips_names_its_key_and_every_byte_matters() {
+        let keys = ring(&[("k1", 1)]);
+        let mut core = hale_core::Core::new(hale_core::Limits::default());
+        let hello = hale_core::Hello {
+            agent: hale_core::AgentName::new("SECRET-AGENT-4711").unwrap(),
+            role: hale_core::RoleName::new("worker").unwrap(),
+            labels: Default::default(),
+            incarnation: None,
+        };
+        core.execute(&hale_core::Command::Hello(hello), Timestamp(1)).unwrap();
+        let state = core.into_state();
+        let encoded = encode_with(42, Timestamp(7), &state, Some(keys.current()));
+        assert!(!encoded.windows(11).any(|w| w == b"SECRET-AGEN"), "plaintext in a sealed snapshot");
+        let (seq, created, decoded, key_id) = decode_sealed(&encoded, Some(&keys)).unwrap();
+        assert_eq!((seq, created, key_id.as_deref()), (42, Timestamp(7), Some("k1")));
+        assert_eq!(decoded, state);
+        assert!(matches!(decode_sealed(&encoded, None), Err(SnapshotError::KeyNotConfigured(id)) if id == "k1"));
+        assert!(matches!(decode(&encoded), Err(SnapshotError::KeyNotConfigured(_))));
+        let wrong = ring(&[("k1", 2)]);
+        assert!(matches!(decode_sealed(&encoded, Some(&wrong)), Err(SnapshotError::WrongKey(id)) if id == "k1"));
+        // An older key in the ring still opens it.
+        assert!(decode_sealed(&encoded, Some(&ring(&[("k2", 2), ("k1", 1)]))).is_ok());
+        for index in 0..encoded.len() {
+            let mut damaged = encoded.clone();
+            damaged[index] ^= 0x40;
+            assert!(
+                matches!(decode_sealed(&damaged, Some(&keys)), Err(error) if error.key_problem().is_none()),
+                "flipping byte {index} went unnoticed, or was taken for a key problem"
+            );
+        }
+        // A plaintext snapshot still reads with a ring.
+        let plain = encode_with(42, Timestamp(7), &state, None);
+        assert_eq!(decode_sealed(&plain, Some(&keys)).unwrap().3, None);
+    }
+
+    #[test]
+    fn a_sealed_snapshot_of_an_older_format_is_still_older() {
+        let keys = ring(&[("k1", 1)]);
+        let mut encoded = encode_with(42, Timestamp(7), &State::default(), Some(keys.current()));
+        encoded[8..12].copy_from_slice(&((SNAPSHOT_FORMAT - 1) | ENCRYPTED).to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&encoded[..36]), &encoded[HEADER_LEN..]);
+        encoded[36..40].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(decode_sealed(&encoded, Some(&keys)), Err(SnapshotError::Older(_))));
     }
 }

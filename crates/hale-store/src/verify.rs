@@ -1,7 +1,9 @@
 //! `hale verify`: an offline check of a data directory.
 
+use crate::crypt::Keyring;
 use crate::error::StoreError;
 use crate::log::Log;
+use crate::recovery::{check_keys, record_key_error, snapshot_key_error};
 use crate::snapshot;
 use hale_core::{Core, Limits};
 use std::path::{Path, PathBuf};
@@ -15,6 +17,8 @@ pub struct SnapshotCheck {
     pub problem: Option<String>,
     /// Written by an older hale (not a problem: recovery replays the log instead).
     pub older: Option<String>,
+    /// Why it was checksummed but not compared with the log (encrypted, and no key given).
+    pub not_compared: Option<String>,
 }
 
 /// Everything `verify` checked.
@@ -31,6 +35,13 @@ pub struct VerifyReport {
     pub set_aside: Vec<u64>,
     pub snapshots: Vec<SnapshotCheck>,
     pub agents: usize,
+    /// Records stored encrypted (their checksums are checked with or without a key).
+    pub encrypted: u64,
+    /// Encrypted records not decrypted, for want of the key: their events were not
+    /// checked, and no state after the first of them was compared.
+    pub not_decrypted: u64,
+    /// The key ids the log's records are sealed with, sorted.
+    pub key_ids: Vec<String>,
 }
 
 impl VerifyReport {
@@ -49,13 +60,25 @@ impl VerifyReport {
 
 /// Checks every record's checksum and decoding, the sequence for gaps, and every snapshot
 /// against a replay of the log from scratch. `progress(done, total)` is called as records
-/// are read. Reads only: the data directory is not changed.
-pub fn verify(
+/// are read. Reads only: the data directory is not changed. Encrypted records and
+/// snapshots are only checksummed: see [`verify_with`].
+pub fn verify(data_dir: &Path, limits: &Limits, progress: impl FnMut(u64, u64)) -> Result<VerifyReport, StoreError> {
+    verify_with(data_dir, limits, None, progress)
+}
+
+/// [`verify`], decrypting encrypted records and snapshots with `keys`. With keys, a key
+/// the data needs that is missing or wrong is an error, as at start; without, encrypted
+/// data is checked by its checksums alone.
+pub fn verify_with(
     data_dir: &Path,
     limits: &Limits,
+    keys: Option<&Keyring>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<VerifyReport, StoreError> {
     let log = Log::open_read_only(&data_dir.join("hale.db"))?;
+    if keys.is_some() {
+        check_keys(&log, keys)?;
+    }
     let total = log.count()?;
     let mut report = VerifyReport { set_aside: log.damaged_seqs()?, ..Default::default() };
     let mut snapshots = snapshot::list(&data_dir.join("snapshots"))?;
@@ -64,26 +87,46 @@ pub fn verify(
 
     let mut core = Core::new(limits.clone());
     let mut expected = 1;
-    let check_snapshots_up_to =
-        |seq: u64, core: &Core, report: &mut VerifyReport, next: &mut std::iter::Peekable<_>| {
-            while let Some(file) = next.next_if(|file: &snapshot::SnapshotFile| file.seq <= seq) {
-                let mut older = None;
-                let problem = match snapshot::read(&file) {
-                    Err(error @ snapshot::SnapshotError::Older(_)) => {
-                        older = Some(error.to_string());
-                        None
-                    }
-                    Err(error) => Some(error.to_string()),
-                    Ok(found) if &found.state != core.state() => {
-                        Some(format!("differs from the replay of the log up to event {}", found.seq))
-                    }
-                    Ok(_) => None,
-                };
-                report.snapshots.push(SnapshotCheck { seq: file.seq, path: file.path, problem, older });
-            }
-        };
+    // Set once an encrypted record could not be decrypted: the fold is incomplete from there.
+    let mut incomplete = false;
+    let check_snapshots_up_to = |seq: u64,
+                                 core: &Core,
+                                 incomplete: bool,
+                                 report: &mut VerifyReport,
+                                 next: &mut std::iter::Peekable<_>|
+     -> Result<(), StoreError> {
+        while let Some(file) = next.next_if(|file: &snapshot::SnapshotFile| file.seq <= seq) {
+            let (mut older, mut not_compared) = (None, None);
+            let problem = match snapshot::read_with(&file, keys) {
+                Err(error @ snapshot::SnapshotError::Older(_)) => {
+                    older = Some(error.to_string());
+                    None
+                }
+                Err(error) if keys.is_none() && error.key_problem().is_some() => {
+                    let key_id = error.key_problem().map(|(id, _)| id).unwrap_or_default();
+                    not_compared = Some(format!("encrypted with key '{key_id}', and no key was given"));
+                    None
+                }
+                Err(error) => match snapshot_key_error(&file, &error) {
+                    Some(fatal) => return Err(fatal),
+                    None => Some(error.to_string()),
+                },
+                Ok(_) if incomplete => {
+                    not_compared = Some("encrypted records before it were not decrypted".to_string());
+                    None
+                }
+                Ok(found) if &found.state != core.state() => {
+                    Some(format!("differs from the replay of the log up to event {}", found.seq))
+                }
+                Ok(_) => None,
+            };
+            report.snapshots.push(SnapshotCheck { seq: file.seq, path: file.path, problem, older, not_compared });
+        }
+        Ok(())
+    };
+    let mut key_ids = std::collections::BTreeSet::new();
     log.scan(0, |record| -> Result<(), StoreError> {
-        check_snapshots_up_to(record.seq.saturating_sub(1), &core, &mut report, &mut next_snapshot);
+        check_snapshots_up_to(record.seq.saturating_sub(1), &core, incomplete, &mut report, &mut next_snapshot)?;
         while expected < record.seq {
             if !report.set_aside.contains(&expected) {
                 report.missing.push(expected);
@@ -94,8 +137,19 @@ pub fn verify(
         report.first_seq.get_or_insert(record.seq);
         report.last_seq = Some(record.seq);
         report.records += 1;
-        match record.decode() {
+        if let Some(key_id) = &record.key_id {
+            report.encrypted += 1;
+            if !key_ids.contains(&**key_id) {
+                key_ids.insert(key_id.to_string());
+            }
+        }
+        match record.open(keys) {
             Ok(event) => core.apply(record.at, &event),
+            Err(error) if error.is_key_problem() && keys.is_none() => {
+                report.not_decrypted += 1;
+                incomplete = true;
+            }
+            Err(error) if error.is_key_problem() => return Err(record_key_error(record.seq, error)),
             Err(error) => report.corrupt.push((record.seq, error.to_string())),
         }
         if report.records.is_multiple_of(10_000) {
@@ -103,7 +157,8 @@ pub fn verify(
         }
         Ok(())
     })?;
-    check_snapshots_up_to(u64::MAX, &core, &mut report, &mut next_snapshot);
+    check_snapshots_up_to(u64::MAX, &core, incomplete, &mut report, &mut next_snapshot)?;
+    report.key_ids = key_ids.into_iter().collect();
     // A snapshot past the end of the log claims events the log does not hold.
     let last = report.last_seq.unwrap_or(0);
     for check in &mut report.snapshots {

@@ -1,13 +1,14 @@
 use crate::bench;
 use crate::demo;
 use crate::demo_agent;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use hale_client::Admin;
 use hale_server::ServerConfig;
 use hale_server::manifest::Manifest;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// hale keeps AI agents alive: durable agent state, checkpoints and recovery points over a
@@ -146,6 +147,18 @@ enum Commands {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Decrypt encrypted records and snapshots with these keys (ID:BASE64 lines), to
+        /// check their events too; `HALE_ENCRYPTION_KEY` overrides it. Without a key,
+        /// encrypted data is checked by its checksums alone.
+        #[arg(long, env = "HALE_ENCRYPTION_KEY_FILE")]
+        encryption_key_file: Option<PathBuf>,
+    },
+    /// Print a new key for encryption at rest, as a line `ID:BASE64` (32 random bytes) for
+    /// [server] encryption_key_file or HALE_ENCRYPTION_KEY.
+    Keygen {
+        /// The key's id, stored beside everything it encrypts [default: k<unix seconds>].
+        #[arg(long)]
+        id: Option<String>,
     },
     /// Validate a hale.toml: unknown keys, bad values and inconsistencies are reported
     /// with their line. Exits 1 if the file is refused.
@@ -188,6 +201,10 @@ struct ServeArgs {
     /// Versions of each agent's state kept for rollback [default: 16].
     #[arg(long, env = "HALE_HISTORY_LEN")]
     history_len: Option<usize>,
+    /// Encryption at rest: a file of keys, `ID:BASE64` per line, the one for new writes
+    /// first (overrides [server] encryption_key_file; `HALE_ENCRYPTION_KEY` overrides both).
+    #[arg(long, env = "HALE_ENCRYPTION_KEY_FILE")]
+    encryption_key_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -310,9 +327,16 @@ pub async fn run(cli: Cli) -> Result<i32> {
             println!("{}", serde_json::to_string_pretty(&state)?);
             Ok(0)
         }
-        Commands::Verify { data, json } => verify(&data, json),
+        Commands::Verify { data, json, encryption_key_file } => verify(&data, json, encryption_key_file.as_deref()),
+        Commands::Keygen { id } => {
+            let id = id.unwrap_or_else(|| format!("k{}", now_ms() / 1000));
+            println!("{}", hale_store::generate_key_line(&id)?);
+            Ok(0)
+        }
         Commands::Check { config } => {
             let manifest = Manifest::load(&config)?;
+            // Relative to where hale runs, as `hale serve` reads it.
+            load_keys(manifest.server.encryption_key_file.as_deref())?;
             println!(
                 "{}: ok ({} agents, {} groups, {} roles)",
                 config.display(),
@@ -396,6 +420,8 @@ async fn serve(args: ServeArgs, supervise: bool) -> Result<i32> {
         (None, None) => None,
         _ => bail!("[server] needs both tls_cert_file and tls_key_file for TLS, or neither for plain TCP"),
     };
+    config.encryption =
+        load_keys(args.encryption_key_file.as_deref().or(manifest.server.encryption_key_file.as_deref()))?;
     if supervise {
         let path = config_path.as_deref().expect("hale up has a config path");
         let base = std::path::absolute(path)?.parent().map(PathBuf::from).unwrap_or_default();
@@ -555,12 +581,39 @@ async fn agents(server: &ServerArg, json: bool) -> Result<i32> {
     Ok(0)
 }
 
-fn verify(data: &std::path::Path, json: bool) -> Result<i32> {
+/// The keys for encryption at rest: `HALE_ENCRYPTION_KEY` (entries separated by commas or
+/// newlines), else the key file; `None` if neither is given.
+fn load_keys(file: Option<&Path>) -> Result<Option<Arc<hale_store::Keyring>>> {
+    if let Ok(text) = std::env::var("HALE_ENCRYPTION_KEY")
+        && !text.trim().is_empty()
+    {
+        let keys = hale_store::Keyring::parse(&text)
+            .map_err(|error| anyhow!("HALE_ENCRYPTION_KEY is not a valid key list: {error}"))?;
+        return Ok(Some(Arc::new(keys)));
+    }
+    let Some(path) = file else { return Ok(None) };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the encryption keys from {} (encryption_key_file)", path.display()))?;
+    let keys = hale_store::Keyring::parse(&text)
+        .map_err(|error| anyhow!("the encryption key file {} is not valid: {error}", path.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(path = %path.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "the encryption key file can be read by other users; chmod 600 it");
+        }
+    }
+    Ok(Some(Arc::new(keys)))
+}
+
+fn verify(data: &std::path::Path, json: bool, key_file: Option<&Path>) -> Result<i32> {
     if !data.join("hale.db").exists() {
         bail!("{} holds no hale log (no hale.db); pass the directory `hale serve --data` used", data.display());
     }
     let limits = hale_core::Limits::default();
-    let report = hale_store::verify(data, &limits, |done, total| {
+    let keys = load_keys(key_file)?;
+    let report = hale_store::verify_with(data, &limits, keys.as_deref(), |done, total| {
         if let Some(percent) = (done * 100).checked_div(total) {
             eprint!("\rverifying: {done}/{total} records ({percent}%)");
         }
@@ -570,7 +623,7 @@ fn verify(data: &std::path::Path, json: bool) -> Result<i32> {
         let snapshots: Vec<_> = report
             .snapshots
             .iter()
-            .map(|s| serde_json::json!({"seq": s.seq, "path": s.path, "problem": s.problem}))
+            .map(|s| serde_json::json!({"seq": s.seq, "path": s.path, "problem": s.problem, "not_compared": s.not_compared}))
             .collect();
         let value = serde_json::json!({
             "clean": report.is_clean(),
@@ -582,6 +635,9 @@ fn verify(data: &std::path::Path, json: bool) -> Result<i32> {
             "set_aside": report.set_aside,
             "snapshots": snapshots,
             "agents": report.agents,
+            "encrypted": report.encrypted,
+            "not_decrypted": report.not_decrypted,
+            "key_ids": report.key_ids,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
@@ -589,6 +645,15 @@ fn verify(data: &std::path::Path, json: bool) -> Result<i32> {
         match (report.first_seq, report.last_seq) {
             (Some(first), Some(last)) => println!("log: {} records, seq {first}..={last}", report.records),
             _ => println!("log: empty"),
+        }
+        if report.encrypted > 0 {
+            println!("encrypted: {} records, with keys {}", report.encrypted, report.key_ids.join(", "));
+        }
+        if report.not_decrypted > 0 {
+            println!(
+                "not decrypted (no key given): {} records; their checksums verified, their events not checked",
+                report.not_decrypted
+            );
         }
         for (seq, reason) in &report.corrupt {
             println!("CORRUPT record {seq}: {reason}");
@@ -605,6 +670,12 @@ fn verify(data: &std::path::Path, json: bool) -> Result<i32> {
                     "snapshot at {}: {} ({})",
                     snapshot.seq,
                     snapshot.older.as_deref().unwrap_or_default(),
+                    snapshot.path.display()
+                ),
+                None if snapshot.not_compared.is_some() => println!(
+                    "snapshot at {}: checksum ok, not compared: {} ({})",
+                    snapshot.seq,
+                    snapshot.not_compared.as_deref().unwrap_or_default(),
                     snapshot.path.display()
                 ),
                 None => println!("snapshot at {}: ok ({})", snapshot.seq, snapshot.path.display()),

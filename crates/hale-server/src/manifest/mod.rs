@@ -60,6 +60,9 @@ pub struct ServerSection {
     pub first_byte_timeout_ms: Option<u64>,
     /// A request body must arrive within this (default 10000).
     pub body_timeout_ms: Option<u64>,
+    /// Encryption at rest: a file of keys, `ID:BASE64` one per line, the key for new
+    /// writes first (`hale keygen` prints one). `HALE_ENCRYPTION_KEY` overrides it.
+    pub encryption_key_file: Option<PathBuf>,
 }
 
 /// `[snapshots]`.

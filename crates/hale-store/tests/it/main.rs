@@ -41,7 +41,7 @@ fn write_log(dir: &DataDir, records: &[Record]) {
 }
 
 fn options() -> RecoveryOptions {
-    RecoveryOptions { limits: Limits::default(), repair: false, now: T }
+    RecoveryOptions { limits: Limits::default(), repair: false, now: T, keys: None }
 }
 
 /// Snapshot of the fold of `records[..seq]`.
@@ -216,3 +216,5 @@ fn a_record_from_a_newer_hale_is_refused_even_with_repair() {
         assert!(refused.to_string().contains("upgrade hale"), "{refused}");
     }
 }
+
+mod encryption;

@@ -1,6 +1,6 @@
 //! `durable-append`: agents checkpoint as fast as hale acknowledges, each ack after fsync.
 
-use super::{BenchArgs, Transport, machine, percentile_ms, temp_dir};
+use super::{BenchArgs, Transport, bench_keys, machine, percentile_ms, temp_dir};
 use anyhow::{Context, Result, bail};
 use hale_client::{Agent, AgentOptions};
 use hale_core::{AgentName, Command, Hello, RoleName};
@@ -21,10 +21,12 @@ pub(super) async fn durable_append(args: &BenchArgs) -> Result<Value> {
         Some(_) if args.transport == Transport::Engine => {
             bail!("--transport engine needs the in-process server; drop --server")
         }
+        Some(_) if args.encrypt => bail!("--encrypt configures the in-process server; give the external one its key"),
         Some(_) => None,
         None => {
             let mut config = ServerConfig::new(dir.path(), "127.0.0.1:0".parse()?);
             config.snapshot_every_events = 1_000_000;
+            config.encryption = bench_keys(args)?;
             Some(hale_server::start(config).await?)
         }
     };
@@ -36,8 +38,11 @@ pub(super) async fn durable_append(args: &BenchArgs) -> Result<Value> {
     let where_ =
         if server.is_some() { format!("in this process, data in {}", dir.path().display()) } else { "external".into() };
     eprintln!(
-        "durable-append: {} agents x {} in flight, {} s measured after 1 s warm-up, server {where_} at {url}",
-        args.agents, args.in_flight, args.seconds,
+        "durable-append: {} agents x {} in flight, {} s measured after 1 s warm-up, server {where_} at {url}{}",
+        args.agents,
+        args.in_flight,
+        args.seconds,
+        if args.encrypt { ", encryption at rest on" } else { "" },
     );
     let run = format!("{}", std::process::id());
     // The admin token may act for any agent; an external hale's comes from HALE_TOKEN.
@@ -129,6 +134,7 @@ pub(super) async fn durable_append(args: &BenchArgs) -> Result<Value> {
                 (Transport::Engine, _) => "none: the server's engine called in-process (no sockets, no JSON frames)",
             },
             "durability": "SQLite WAL, synchronous=FULL: every ack after fsync",
+            "encrypted": args.encrypt,
             "warmup_s": 1,
         },
         "machine": machine(),

@@ -92,6 +92,10 @@ pub struct BenchArgs {
     /// Where to create the temporary data directory (default: the system's temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// durable-append, replay: encryption at rest with a fresh random key (to measure
+    /// what sealing and opening every record costs).
+    #[arg(long)]
+    encrypt: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -184,6 +188,15 @@ fn temp_dir(args: &BenchArgs) -> Result<tempfile::TempDir> {
         None => tempfile::Builder::new().prefix("hale-bench-").tempdir()?,
     };
     Ok(dir)
+}
+
+/// A fresh random key for `--encrypt`, or none.
+fn bench_keys(args: &BenchArgs) -> Result<Option<std::sync::Arc<hale_store::Keyring>>> {
+    if !args.encrypt {
+        return Ok(None);
+    }
+    let line = hale_store::generate_key_line("bench")?;
+    Ok(Some(std::sync::Arc::new(hale_store::Keyring::parse(&line)?)))
 }
 
 fn machine() -> Value {

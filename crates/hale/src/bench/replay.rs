@@ -1,6 +1,6 @@
 //! `replay`: recovery of a large log, cold and from a snapshot.
 
-use super::{BenchArgs, machine, temp_dir};
+use super::{BenchArgs, bench_keys, machine, temp_dir};
 use anyhow::{Result, bail};
 use hale_core::{AgentName, Command, Core, Hello, Limits, RoleName, Timestamp};
 use hale_store::{DataDir, Log, Record, RecoveryOptions, recover, snapshot};
@@ -15,10 +15,16 @@ pub(super) async fn replay(args: &BenchArgs) -> Result<Value> {
     let events = args.events;
     let dir = temp_dir(args)?;
     let path = dir.path().to_path_buf();
-    tokio::task::spawn_blocking(move || replay_blocking(&path, events)).await?
+    let keys = bench_keys(args)?;
+    tokio::task::spawn_blocking(move || replay_blocking(&path, events, keys)).await?
 }
 
-fn replay_blocking(path: &std::path::Path, events: u64) -> Result<Value> {
+fn replay_blocking(
+    path: &std::path::Path,
+    events: u64,
+    keys: Option<std::sync::Arc<hale_store::Keyring>>,
+) -> Result<Value> {
+    let key = keys.as_ref().map(|keys| keys.current().clone());
     const AGENTS: u64 = 1_000;
     eprintln!("replay: building a log of {events} events for {AGENTS} agents in {}", path.display());
     let build_started = Instant::now();
@@ -31,7 +37,7 @@ fn replay_blocking(path: &std::path::Path, events: u64) -> Result<Value> {
     let mut push = |core: &mut Core, command: Command, batch: &mut Vec<Record>, log: &mut Log| -> Result<()> {
         for event in core.execute(&command, at).map_err(|rejection| anyhow::anyhow!("{rejection}"))? {
             seq += 1;
-            batch.push(Record::encode(seq, at, &event));
+            batch.push(Record::encode_with(seq, at, &event, key.as_ref()));
         }
         if batch.len() >= 50_000 {
             log.append(batch)?;
@@ -64,7 +70,7 @@ fn replay_blocking(path: &std::path::Path, events: u64) -> Result<Value> {
     let build_seconds = build_started.elapsed().as_secs_f64();
     eprintln!("replay: built in {build_seconds:.1} s; recovering cold (no snapshot)");
 
-    let options = RecoveryOptions { limits: Limits::default(), repair: false, now: at };
+    let options = RecoveryOptions { limits: Limits::default(), repair: false, now: at, keys: keys.clone() };
     let cold_started = Instant::now();
     let cold = recover(&data_dir, &options)?;
     let cold_seconds = cold_started.elapsed().as_secs_f64();
@@ -72,7 +78,7 @@ fn replay_blocking(path: &std::path::Path, events: u64) -> Result<Value> {
         bail!("cold recovery did not reproduce the state ({} events replayed)", cold.report.replayed);
     }
     let last_seq = cold.last_seq;
-    let encoded = snapshot::encode(last_seq, at, cold.core.state());
+    let encoded = snapshot::encode_with(last_seq, at, cold.core.state(), key.as_ref());
     snapshot::write(&data_dir.snapshot_dir(), last_seq, &encoded)?;
     drop(cold);
 
@@ -97,6 +103,7 @@ fn replay_blocking(path: &std::path::Path, events: u64) -> Result<Value> {
             "events": last_seq,
             "event": "checkpointed, patch {\"step\":N,\"note\":\"step done\",\"files\":{\"fK\":N}}",
             "history_len": Limits::default().history_len,
+            "encrypted": keys.is_some(),
             "cold": "open the log, read, checksum, decode and fold every event",
             "snapshot": "read, checksum and decode a snapshot of the final state; replay nothing",
         },

@@ -7,6 +7,7 @@ mod bad_input;
 mod corruption;
 mod crash;
 mod demo;
+mod encryption;
 mod fsync;
 mod health;
 mod messaging;
