@@ -136,7 +136,7 @@ async fn measure(args: &BenchArgs, steps: &[usize], seconds: f64, transport: Tra
                 joining.spawn(async move {
                     match transport {
                         Transport::Engine => register(&engine, &name).await.map(Beater::Engine),
-                        Transport::Websocket => connect(&url, &token, &name).await.map(Beater::Socket),
+                        Transport::Websocket => connect(&url, &token, &name).await.map(|socket| Beater::Socket(Box::new(socket))),
                     }
                 });
             }
@@ -190,7 +190,7 @@ async fn measure(args: &BenchArgs, steps: &[usize], seconds: f64, transport: Tra
 
 enum Beater {
     Engine((Engine, AgentName, u64)),
-    Socket(tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>),
+    Socket(Box<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>>),
 }
 
 async fn register(engine: &Engine, name: &str) -> Result<(Engine, AgentName, u64)> {
