@@ -41,6 +41,8 @@ pub struct ServerConfig {
     pub tls: Option<crate::tls::TlsFiles>,
     /// How many connections may be open, and how soon each must speak.
     pub connections: crate::limits::ConnectionLimits,
+    /// Who may scrape `GET /metrics` besides the admin token.
+    pub metrics: crate::metrics::MetricsAccess,
 }
 
 /// What `hale up` runs, from hale.toml.
@@ -115,6 +117,7 @@ impl ServerConfig {
             auth: crate::auth::AuthConfig::default(),
             tls: None,
             connections: crate::limits::ConnectionLimits::default(),
+            metrics: crate::metrics::MetricsAccess::default(),
         }
     }
 }

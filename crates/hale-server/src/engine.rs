@@ -9,6 +9,7 @@
 //! client ever sees a fact that a crash could take back.
 
 use crate::clock;
+use crate::metrics::Metrics;
 use hale_core::{AgentName, AgentRecord, Command, Core, Effect, Event, Progress, Rejection, State};
 use hale_proto::{RecoveryPointInfo, RolledBack, Welcome};
 use hale_store::{AppendAck, Durability, Record, WriteError, Writer, snapshot};
@@ -101,12 +102,14 @@ pub const TICK: Duration = Duration::from_millis(50);
 impl Engine {
     /// Starts the engine task over a recovered core whose last event is `last_seq`.
     /// Effects go to `effects`, each only once the events that caused it are durable.
+    /// `metrics` is told of every event as it is applied, and of runs that speak.
     pub fn start(
         core: Core,
         last_seq: u64,
         writer: Writer,
         policy: SnapshotPolicy,
         effects: mpsc::UnboundedSender<Effect>,
+        metrics: Arc<Metrics>,
     ) -> Engine {
         let (requests, receiver) = mpsc::channel(4096);
         let (pending_effects, pending) = mpsc::unbounded_channel();
@@ -122,6 +125,7 @@ impl Engine {
             last_snapshot: Instant::now(),
             snapshot_in_flight: None,
             pending_effects,
+            metrics,
         };
         tokio::spawn(task.run(receiver));
         Engine { requests, durability }
@@ -264,6 +268,8 @@ struct EngineTask {
     pending_effects: mpsc::UnboundedSender<(AppendAck, Vec<Effect>)>,
     /// A command queued or freed work, or lost an agent: assign now, not at the next tick.
     work_moved: bool,
+    /// Counts events as they are applied (see `crate::metrics`).
+    metrics: Arc<Metrics>,
 }
 
 impl EngineTask {
@@ -296,7 +302,12 @@ impl EngineTask {
                     self.maybe_snapshot(false);
                 }
                 Request::Heartbeat { agent, incarnation, progress, reply } => {
-                    let _ = reply.send(self.core.heartbeat(clock::now(), &agent, incarnation, progress));
+                    let now = clock::now();
+                    let beat = self.core.heartbeat(now, &agent, incarnation, progress);
+                    if beat.is_ok() {
+                        self.metrics.resumed(&agent, incarnation, now);
+                    }
+                    let _ = reply.send(beat);
                     // A challenge answered, or not: effects of heartbeats are volatile.
                     if let Some(writer) = self.writer.clone() {
                         self.flush_effects(&writer).await;
@@ -391,8 +402,15 @@ impl EngineTask {
         let now = clock::now();
         let events = match self.core.decide(&command, now) {
             Ok(events) => events,
-            Err(rejection) => return (Err(rejection.into()), Vec::new()),
+            Err(rejection) => {
+                if let Rejection::Overloaded { priority, .. } = &rejection {
+                    self.metrics.shed(priority);
+                }
+                return (Err(rejection.into()), Vec::new());
+            }
         };
+        // Counted as applied: a log failure after this stops hale taking writes at all.
+        self.metrics.observe(&self.core, now, &events);
         let records: Vec<Record> = events
             .iter()
             .map(|event| {
@@ -427,6 +445,9 @@ impl EngineTask {
         }
         let state = self.core.state();
         let record = command.agent().and_then(|agent| state.agent(agent.as_str()));
+        if let (Command::Hello(hello), Some(record)) = (&command, record) {
+            self.metrics.resumed(&hello.agent, record.incarnation, now);
+        }
         (Ok(respond(state, &command, facts, record)), records)
     }
 

@@ -31,4 +31,4 @@ pub use log::Log;
 pub use record::{FORMAT, Record, RecordError};
 pub use recovery::{Recovered, RecoveryOptions, RecoveryReport, SkippedSnapshot, recover};
 pub use verify::{SnapshotCheck, VerifyReport, verify};
-pub use writer::{AppendAck, Durability, WriteError, Writer, WriterOptions};
+pub use writer::{AppendAck, CommitHook, Durability, WriteError, Writer, WriterOptions};
