@@ -60,6 +60,11 @@ pub struct ServerSection {
     pub first_byte_timeout_ms: Option<u64>,
     /// A request body must arrive within this (default 10000).
     pub body_timeout_ms: Option<u64>,
+    /// A file holding a token that may read `GET /metrics` and nothing else (for
+    /// Prometheus, which cannot refresh short-lived agent tokens).
+    pub metrics_token_file: Option<PathBuf>,
+    /// Serve `GET /metrics` without any token (default false).
+    pub metrics_public: Option<bool>,
 }
 
 /// `[snapshots]`.

@@ -10,6 +10,7 @@ mod demo;
 mod fsync;
 mod health;
 mod messaging;
+mod metrics;
 mod python;
 mod resilience;
 mod session;
