@@ -278,7 +278,11 @@ impl Metrics {
             "Runs declared down by the stall detectors (progress or checkpoints)",
             self.stalls.clone(),
         );
-        registry.register("agent_breaker_opens", "Times an agent's circuit breaker opened", self.breaker_opened.clone());
+        registry.register(
+            "agent_breaker_opens",
+            "Times an agent's circuit breaker opened",
+            self.breaker_opened.clone(),
+        );
         registry.register("agent_spend_tokens", "Tokens agents reported spending", self.spend_tokens.clone());
         registry.register("agent_spend_cost", "Cost units agents reported spending", self.spend_cost.clone());
         registry.register("tasks_submitted", "Tasks accepted", self.tasks_submitted.clone());
@@ -515,7 +519,8 @@ impl Metrics {
     /// The newest snapshot file's size and age.
     fn newest_snapshot(&self) -> (Option<u64>, Option<Duration>) {
         let dir = self.snapshot_dir.lock().expect("metrics lock").clone();
-        let Some(newest) = dir.and_then(|dir| hale_store::snapshot::list(&dir).ok()).and_then(|files| files.into_iter().next())
+        let Some(newest) =
+            dir.and_then(|dir| hale_store::snapshot::list(&dir).ok()).and_then(|files| files.into_iter().next())
         else {
             return (None, None);
         };

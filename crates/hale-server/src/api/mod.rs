@@ -67,7 +67,8 @@ async fn authenticate(State(app): State<AppState>, mut request: Request, next: N
         .map(|token| token.trim().to_string());
     if path == "/metrics" {
         let access = &app.metrics_access;
-        let metrics_token = |given: &str| access.token.as_deref().is_some_and(|own| crate::auth::same_secret(given, own));
+        let metrics_token =
+            |given: &str| access.token.as_deref().is_some_and(|own| crate::auth::same_secret(given, own));
         if access.public || header.as_deref().is_some_and(metrics_token) {
             return Ok(next.run(request).await);
         }

@@ -167,7 +167,8 @@ async fn metrics_take_their_own_token_or_none_when_public() {
     let token_file = temp.path().join("metrics.token");
     std::fs::write(&token_file, "scrape-me-3f9a\n").unwrap();
     let config = temp.path().join("hale.toml");
-    std::fs::write(&config, format!("[server]\nmetrics_token_file = {:?}\n", token_file.display().to_string())).unwrap();
+    std::fs::write(&config, format!("[server]\nmetrics_token_file = {:?}\n", token_file.display().to_string()))
+        .unwrap();
     let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
     let (status, _, text) = http_as(hale.addr, Some("scrape-me-3f9a"), "GET", "/metrics", b"");
     assert_eq!(status, 200, "{text}");
