@@ -501,8 +501,10 @@ impl Gauges {
         registry.register("process_open_fds", "File descriptors hale has open", fds);
 
         let agent_rss: Family<Labels, Gauge> = Family::default();
+        let pids: Vec<u32> = self.pids.values().copied().collect();
+        let usage = if pids.is_empty() { Default::default() } else { crate::process::groups_usage(&pids) };
         for (agent, pid) in &self.pids {
-            if let Some(usage) = crate::process::group_usage(*pid) {
+            if let Some(usage) = usage.get(pid) {
                 agent_rss.get_or_create(&vec![("agent".into(), agent.clone())]).set(usage.rss_bytes as i64);
             }
         }
