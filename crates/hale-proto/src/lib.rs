@@ -855,6 +855,19 @@ pub struct SystemStatus {
     pub shed_normal_at: u64,
     pub shed_high_at: u64,
     pub tasks_by_status: std::collections::BTreeMap<String, u64>,
+    /// Agents by state: a managed agent's supervision status (`running`, `backoff`,
+    /// `failed`, …), an attached agent's liveness (`alive`, `suspect`, `down`,
+    /// `disconnected`, …), `quarantined` before either.
+    #[serde(default)]
+    pub agents_by_state: std::collections::BTreeMap<String, u64>,
+    /// Recoveries (an agent declared down, then a later run of it speaking) in the last
+    /// hour this hale has been up, and their time to recovery.
+    #[serde(default)]
+    pub recoveries_last_hour: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mttr_p50_seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mttr_p99_seconds: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -44,6 +44,8 @@ pub struct ServerConfig {
     /// Encryption at rest: records and snapshots are sealed with the current key; every
     /// key opens what it sealed. `None`: plaintext (sealed data then refuses to start).
     pub encryption: Option<std::sync::Arc<hale_store::Keyring>>,
+    /// Who may scrape `GET /metrics` besides the admin token.
+    pub metrics: crate::metrics::MetricsAccess,
 }
 
 /// What `hale up` runs, from hale.toml.
@@ -119,6 +121,7 @@ impl ServerConfig {
             tls: None,
             connections: crate::limits::ConnectionLimits::default(),
             encryption: None,
+            metrics: crate::metrics::MetricsAccess::default(),
         }
     }
 }

@@ -9,6 +9,7 @@
 //! client ever sees a fact that a crash could take back.
 
 use crate::clock;
+use crate::metrics::Metrics;
 use hale_core::{AgentName, AgentRecord, Command, Core, Effect, Event, Progress, Rejection, State};
 use hale_proto::{RecoveryPointInfo, RolledBack, Welcome};
 use hale_store::{AppendAck, Durability, Key, Record, WriteError, Writer, snapshot};
@@ -102,6 +103,7 @@ impl Engine {
     /// Starts the engine task over a recovered core whose last event is `last_seq`.
     /// Effects go to `effects`, each only once the events that caused it are durable.
     /// With `key`, every record and snapshot is sealed with it (encryption at rest).
+    /// `metrics` is told of every event as it is applied, and of runs that speak.
     pub fn start(
         core: Core,
         last_seq: u64,
@@ -109,6 +111,7 @@ impl Engine {
         policy: SnapshotPolicy,
         effects: mpsc::UnboundedSender<Effect>,
         key: Option<Key>,
+        metrics: Arc<Metrics>,
     ) -> Engine {
         let (requests, receiver) = mpsc::channel(4096);
         let (pending_effects, pending) = mpsc::unbounded_channel();
@@ -125,6 +128,7 @@ impl Engine {
             snapshot_in_flight: None,
             pending_effects,
             key,
+            metrics,
         };
         tokio::spawn(task.run(receiver));
         Engine { requests, durability }
@@ -269,6 +273,8 @@ struct EngineTask {
     work_moved: bool,
     /// Records and snapshots are sealed with this key (encryption at rest), if set.
     key: Option<Key>,
+    /// Counts events as they are applied (see `crate::metrics`).
+    metrics: Arc<Metrics>,
 }
 
 impl EngineTask {
@@ -301,7 +307,12 @@ impl EngineTask {
                     self.maybe_snapshot(false);
                 }
                 Request::Heartbeat { agent, incarnation, progress, reply } => {
-                    let _ = reply.send(self.core.heartbeat(clock::now(), &agent, incarnation, progress));
+                    let now = clock::now();
+                    let beat = self.core.heartbeat(now, &agent, incarnation, progress);
+                    if beat.is_ok() {
+                        self.metrics.resumed(&agent, incarnation, now);
+                    }
+                    let _ = reply.send(beat);
                     // A challenge answered, or not: effects of heartbeats are volatile.
                     if let Some(writer) = self.writer.clone() {
                         self.flush_effects(&writer).await;
@@ -396,8 +407,15 @@ impl EngineTask {
         let now = clock::now();
         let events = match self.core.decide(&command, now) {
             Ok(events) => events,
-            Err(rejection) => return (Err(rejection.into()), Vec::new()),
+            Err(rejection) => {
+                if let Rejection::Overloaded { priority, .. } = &rejection {
+                    self.metrics.shed(priority);
+                }
+                return (Err(rejection.into()), Vec::new());
+            }
         };
+        // Counted as applied: a log failure after this stops hale taking writes at all.
+        self.metrics.observe(&self.core, now, &events);
         let records: Vec<Record> = events
             .iter()
             .map(|event| {
@@ -432,6 +450,9 @@ impl EngineTask {
         }
         let state = self.core.state();
         let record = command.agent().and_then(|agent| state.agent(agent.as_str()));
+        if let (Command::Hello(hello), Some(record)) = (&command, record) {
+            self.metrics.resumed(&hello.agent, record.incarnation, now);
+        }
         (Ok(respond(state, &command, facts, record)), records)
     }
 

@@ -13,6 +13,7 @@ mod config;
 pub mod engine;
 pub mod limits;
 pub mod manifest;
+pub mod metrics;
 pub mod probe;
 pub mod process;
 mod sessions;
@@ -97,7 +98,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     for (agent, credential) in recovered.core.state().credentials() {
         auth.set_generation(agent, credential.generation);
     }
-    let writer = Writer::start(recovered.log, recovered.last_seq, WriterOptions::default());
+    let report = &recovered.report;
+    let metrics = Arc::new(metrics::Metrics::new(
+        report.set_aside.len() as u64,
+        report.previously_set_aside.len() as u64,
+        snapshot_dir.clone(),
+    ));
+    let writer_options = WriterOptions { on_commit: Some(metrics.commit_hook()), ..WriterOptions::default() };
+    let writer = Writer::start(recovered.log, recovered.last_seq, writer_options);
     let policy = SnapshotPolicy {
         dir: snapshot_dir,
         every_events: config.snapshot_every_events.max(1),
@@ -109,7 +117,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     if let Some(key) = &key {
         tracing::info!(key_id = key.id(), "encryption at rest: new records and snapshots are sealed with this key");
     }
-    let engine = Engine::start(recovered.core, recovered.last_seq, writer, policy, effects_tx, key);
+    let engine = Engine::start(recovered.core, recovered.last_seq, writer, policy, effects_tx, key, metrics.clone());
 
     let tls = match &config.tls {
         Some(files) => Some(tls::acceptor(files).map_err(|error| ServerError::Tls(error.to_string()))?),
@@ -142,6 +150,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         auth: auth.clone(),
         body_timeout: config.connections.body_timeout,
         shutdown: stopping.clone(),
+        metrics,
+        metrics_access: Arc::new(config.metrics.clone()),
     };
     let router = api::router(app);
     let stop_serving = stopping;

@@ -35,4 +35,4 @@ pub use log::Log;
 pub use record::{ENCRYPTED, FORMAT, Record, RecordError};
 pub use recovery::{Recovered, RecoveryOptions, RecoveryReport, SkippedSnapshot, check_keys, recover};
 pub use verify::{SnapshotCheck, VerifyReport, verify, verify_with};
-pub use writer::{AppendAck, Durability, WriteError, Writer, WriterOptions};
+pub use writer::{AppendAck, CommitHook, Durability, WriteError, Writer, WriterOptions};

@@ -4,6 +4,7 @@ use crate::log::Log;
 use crate::record::Record;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// Tuning of the writer.
@@ -13,11 +14,25 @@ pub struct WriterOptions {
     pub queue_len_max: usize,
     /// Most records committed in one transaction.
     pub batch_records_max: usize,
+    /// Told of every commit that wrote records (for metrics); it decides nothing.
+    pub on_commit: Option<CommitHook>,
 }
 
 impl Default for WriterOptions {
     fn default() -> Self {
-        WriterOptions { queue_len_max: 65_536, batch_records_max: 16_384 }
+        WriterOptions { queue_len_max: 65_536, batch_records_max: 16_384, on_commit: None }
+    }
+}
+
+/// Called on the writer thread after each successful commit with the number of records
+/// and how long the commit (transaction and fsync) took. It must be quick: it delays the
+/// acknowledgements of that batch.
+#[derive(Clone)]
+pub struct CommitHook(pub Arc<dyn Fn(usize, Duration) + Send + Sync>);
+
+impl std::fmt::Debug for CommitHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CommitHook")
     }
 }
 
@@ -128,9 +143,13 @@ fn run(
         for append in &mut pending {
             records.append(&mut append.records);
         }
+        let began = Instant::now();
         let result = if records.is_empty() { Ok(()) } else { log.append(&records) };
         match result {
             Ok(()) => {
+                if let Some(hook) = options.on_commit.as_ref().filter(|_| !records.is_empty()) {
+                    (hook.0)(records.len(), began.elapsed());
+                }
                 if let Some(last) = records.last() {
                     durability.send_modify(|d| d.durable_seq = last.seq);
                 }

@@ -405,6 +405,21 @@ async fn serve(args: ServeArgs, supervise: bool) -> Result<i32> {
         _ => None,
     };
     let server = &manifest.server;
+    config.metrics = hale_server::metrics::MetricsAccess {
+        public: server.metrics_public.unwrap_or(false),
+        token: match &server.metrics_token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| {
+                        format!("reading the metrics token from {} ([server] metrics_token_file)", path.display())
+                    })?
+                    .trim()
+                    .to_string(),
+            )
+            .filter(|token| !token.is_empty()),
+            None => None,
+        },
+    };
     let defaults = hale_server::limits::ConnectionLimits::default();
     config.connections = hale_server::limits::ConnectionLimits {
         max: server.connections_max.unwrap_or(defaults.max).max(1),

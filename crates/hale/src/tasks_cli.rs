@@ -231,8 +231,17 @@ pub async fn status(json: bool, server: &ServerArg) -> Result<i32> {
         "queue {} waiting (background refused from {}, normal from {}, high from {}; critical always accepted)",
         status.queued, status.shed_background_at, status.shed_normal_at, status.shed_high_at
     );
+    let agents: Vec<String> = status.agents_by_state.iter().map(|(word, count)| format!("{count} {word}")).collect();
+    println!("agents {}", if agents.is_empty() { "none".to_string() } else { agents.join(", ") });
     let counts: Vec<String> = status.tasks_by_status.iter().map(|(word, count)| format!("{count} {word}")).collect();
     println!("tasks {}", if counts.is_empty() { "none".to_string() } else { counts.join(", ") });
+    match (status.mttr_p50_seconds, status.mttr_p99_seconds) {
+        (Some(p50), Some(p99)) => println!(
+            "recovery {} in the last hour: time to recovery p50 {p50:.2} s, p99 {p99:.2} s",
+            status.recoveries_last_hour
+        ),
+        _ => println!("recovery none in the last hour"),
+    }
     println!("{:<24} {:>6} {:>8} {:>7} {:>7}", "ROLE", "AGENTS", "HEALTHY", "LEASES", "QUEUED");
     for role in &status.per_role {
         println!("{:<24} {:>6} {:>8} {:>7} {:>7}", role.role, role.agents, role.healthy, role.leases, role.queued);

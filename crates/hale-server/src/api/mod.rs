@@ -4,6 +4,7 @@ pub(crate) mod convert;
 mod error;
 mod http;
 pub(crate) mod mail;
+mod metrics;
 pub(crate) mod task_convert;
 mod tasks;
 pub(crate) mod tokens;
@@ -34,12 +35,18 @@ pub struct AppState {
     pub body_timeout: std::time::Duration,
     /// Becomes true when the server begins shutting down; sessions close on it.
     pub shutdown: watch::Receiver<bool>,
+    /// Counters and histograms for `GET /metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Who besides the admin may scrape `GET /metrics`.
+    pub metrics_access: Arc<crate::metrics::MetricsAccess>,
 }
 
-/// All routes; every one but the probes and the refresh needs a token.
+/// All routes; every one but the probes and the refresh needs a token (`/metrics` may
+/// take its own token, or none when `metrics_public`).
 pub fn router(state: AppState) -> Router {
     http::routes()
         .merge(tokens::routes())
+        .route("/metrics", axum::routing::get(metrics::scrape))
         .route(hale_proto::SESSION_PATH, axum::routing::get(ws::upgrade))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state)
@@ -58,6 +65,14 @@ async fn authenticate(State(app): State<AppState>, mut request: Request, next: N
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
         .map(|token| token.trim().to_string());
+    if path == "/metrics" {
+        let access = &app.metrics_access;
+        let metrics_token =
+            |given: &str| access.token.as_deref().is_some_and(|own| crate::auth::same_secret(given, own));
+        if access.public || header.as_deref().is_some_and(metrics_token) {
+            return Ok(next.run(request).await);
+        }
+    }
     let query = (path == hale_proto::SESSION_PATH)
         .then(|| request.uri().query())
         .flatten()

@@ -285,8 +285,13 @@ async fn status(
                 shed_normal_at: settings.shed_normal_at,
                 shed_high_at: settings.shed_high_at,
                 tasks_by_status: by_status,
+                agents_by_state: crate::metrics::Gauges::read(core).agents_by_state(),
+                recoveries_last_hour: 0,
+                mttr_p50_seconds: None,
+                mttr_p99_seconds: None,
             }
         })
         .await?;
-    Ok(Json(found))
+    let (recoveries, p50, p99) = app.metrics.recent_recoveries(crate::clock::now());
+    Ok(Json(SystemStatus { recoveries_last_hour: recoveries, mttr_p50_seconds: p50, mttr_p99_seconds: p99, ..found }))
 }

@@ -63,6 +63,11 @@ pub struct ServerSection {
     /// Encryption at rest: a file of keys, `ID:BASE64` one per line, the key for new
     /// writes first (`hale keygen` prints one). `HALE_ENCRYPTION_KEY` overrides it.
     pub encryption_key_file: Option<PathBuf>,
+    /// A file holding a token that may read `GET /metrics` and nothing else (for
+    /// Prometheus, which cannot refresh short-lived agent tokens).
+    pub metrics_token_file: Option<PathBuf>,
+    /// Serve `GET /metrics` without any token (default false).
+    pub metrics_public: Option<bool>,
 }
 
 /// `[snapshots]`.

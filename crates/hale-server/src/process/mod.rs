@@ -26,7 +26,7 @@ mod tests;
 
 pub use control::{signal_group, wait_adopted_exit, wait_adopted_exit_of};
 pub use logs::{AgentLogs, follow, tail};
-pub use proc_fs::{Found, find_agents, group_usage, is_same_process, start_ticks, usage};
+pub use proc_fs::{Found, find_agents, group_usage, groups_usage, is_same_process, start_ticks, usage};
 /// The signals [`signal_group`] sends, re-exported so the supervisor need not name rustix.
 pub use rustix::process::Signal;
 pub use spawn::{SpawnError, spawn};

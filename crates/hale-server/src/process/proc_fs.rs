@@ -114,6 +114,33 @@ pub fn group_usage(pgid: u32) -> Option<Usage> {
     Some(total)
 }
 
+/// Like [`group_usage`] for many process groups at once, with one scan of `/proc` (for a
+/// metrics scrape, which would otherwise scan it once per agent). Groups whose leader is
+/// gone are left out.
+pub fn groups_usage(pgids: &[u32]) -> std::collections::BTreeMap<u32, Usage> {
+    let mut totals: std::collections::BTreeMap<u32, Usage> =
+        pgids.iter().filter_map(|pgid| Some((*pgid, usage(*pgid)?))).collect();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return totals };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else { continue };
+        if totals.contains_key(&pid) {
+            continue;
+        }
+        let Some(pgid) = read_stat(pid).ok().filter(Stat::is_alive).and_then(|stat| u32::try_from(stat.pgrp).ok())
+        else {
+            continue;
+        };
+        if totals.contains_key(&pgid)
+            && let Some(member) = usage(pid)
+            && let Some(total) = totals.get_mut(&pgid)
+        {
+            total.rss_bytes = total.rss_bytes.saturating_add(member.rss_bytes);
+            total.cpu_ms = total.cpu_ms.saturating_add(member.cpu_ms);
+        }
+    }
+    totals
+}
+
 /// A live process that a hale started for an agent, found by its environment.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Found {

@@ -11,6 +11,7 @@ mod encryption;
 mod fsync;
 mod health;
 mod messaging;
+mod metrics;
 mod python;
 mod resilience;
 mod session;
