@@ -6,6 +6,9 @@ use crate::snapshot;
 use hale_core::{Core, Limits};
 use std::path::{Path, PathBuf};
 
+/// Records between two calls of `progress`.
+const PROGRESS_EVERY: u64 = 1_000;
+
 /// What `verify` found about one snapshot.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotCheck {
@@ -50,15 +53,25 @@ impl VerifyReport {
 /// Checks every record's checksum and decoding, the sequence for gaps, and every snapshot
 /// against a replay of the log from scratch. `progress(done, total)` is called as records
 /// are read. Reads only: the data directory is not changed.
-pub fn verify(
-    data_dir: &Path,
+pub fn verify(data_dir: &Path, limits: &Limits, progress: impl FnMut(u64, u64)) -> Result<VerifyReport, StoreError> {
+    verify_log(&data_dir.join("hale.db"), Some(&data_dir.join("snapshots")), limits, progress)
+}
+
+/// [`verify`] of the log database at `log_path`, and of the snapshots in `snapshot_dir`
+/// if given (a backup file has none).
+pub(crate) fn verify_log(
+    log_path: &Path,
+    snapshot_dir: Option<&Path>,
     limits: &Limits,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<VerifyReport, StoreError> {
-    let log = Log::open_read_only(&data_dir.join("hale.db"))?;
+    let log = Log::open_read_only(log_path)?;
     let total = log.count()?;
     let mut report = VerifyReport { set_aside: log.damaged_seqs()?, ..Default::default() };
-    let mut snapshots = snapshot::list(&data_dir.join("snapshots"))?;
+    let mut snapshots = match snapshot_dir {
+        Some(dir) => snapshot::list(dir)?,
+        None => Vec::new(),
+    };
     snapshots.reverse(); // oldest first, in replay order
     let mut next_snapshot = snapshots.into_iter().peekable();
 
@@ -98,7 +111,7 @@ pub fn verify(
             Ok(event) => core.apply(record.at, &event),
             Err(error) => report.corrupt.push((record.seq, error.to_string())),
         }
-        if report.records.is_multiple_of(10_000) {
+        if report.records.is_multiple_of(PROGRESS_EVERY) {
             progress(report.records, total);
         }
         Ok(())
