@@ -41,6 +41,16 @@ pub struct ServerConfig {
     pub tls: Option<crate::tls::TlsFiles>,
     /// How many connections may be open, and how soon each must speak.
     pub connections: crate::limits::ConnectionLimits,
+    /// Automatic backups (`[backup]`); `None` takes none.
+    pub backup: Option<BackupSchedule>,
+}
+
+/// Automatic backups: one every `every` into `dir`, the newest `keep` kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupSchedule {
+    pub dir: PathBuf,
+    pub every: Duration,
+    pub keep: usize,
 }
 
 /// What `hale up` runs, from hale.toml.
@@ -115,6 +125,7 @@ impl ServerConfig {
             auth: crate::auth::AuthConfig::default(),
             tls: None,
             connections: crate::limits::ConnectionLimits::default(),
+            backup: None,
         }
     }
 }

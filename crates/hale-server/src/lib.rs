@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod backup;
 mod clock;
 mod config;
 pub mod engine;
@@ -19,7 +20,7 @@ mod sessions;
 pub mod supervisor;
 pub mod tls;
 
-pub use config::{DeclaredAgent, DeclaredRole, ResourceWatch, ServerConfig, Supervise};
+pub use config::{BackupSchedule, DeclaredAgent, DeclaredRole, ResourceWatch, ServerConfig, Supervise};
 pub use sessions::{Push, Sessions};
 
 use engine::{Engine, SnapshotPolicy};
@@ -50,6 +51,8 @@ pub enum ServerError {
     Secrets(String),
     #[error("{0}; check [server] tls_cert_file and tls_key_file (PEM)")]
     Tls(String),
+    #[error("cannot create the backup directory {}: {source}; check [backup] dir", .path.display())]
+    BackupDir { path: std::path::PathBuf, source: std::io::Error },
 }
 
 /// A server that is accepting connections.
@@ -64,6 +67,8 @@ pub struct RunningServer {
     supervisor: Option<Arc<Supervisor>>,
     stop_grace: Duration,
     auth: Arc<auth::Auth>,
+    backups: Arc<backup::Backups>,
+    scheduled_backups: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Recovers the data directory and starts serving.
@@ -124,6 +129,16 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         supervisor.adopt_or_start().await.map_err(|error| ServerError::Supervise(error.to_string()))?;
     }
     let (shutdown, stopping) = watch::channel(false);
+    let backups = Arc::new(backup::Backups::new(data_dir.log_path()));
+    let scheduled_backups = match &config.backup {
+        None => None,
+        Some(schedule) => {
+            std::fs::create_dir_all(&schedule.dir)
+                .map_err(|source| ServerError::BackupDir { path: schedule.dir.clone(), source })?;
+            tracing::info!(dir = %schedule.dir.display(), every_s = schedule.every.as_secs(), keep = schedule.keep, "automatic backups on");
+            Some(tokio::spawn(backup::run_schedule(backups.clone(), schedule.clone(), stopping.clone())))
+        }
+    };
     let app = api::AppState {
         engine: engine.clone(),
         sessions,
@@ -133,6 +148,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         auth: auth.clone(),
         body_timeout: config.connections.body_timeout,
         shutdown: stopping.clone(),
+        backups: backups.clone(),
     };
     let router = api::router(app);
     let stop_serving = stopping;
@@ -161,6 +177,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         supervisor,
         stop_grace,
         auth,
+        backups,
+        scheduled_backups,
     })
 }
 
@@ -348,6 +366,11 @@ impl RunningServer {
             supervisor.stop_all(self.stop_grace).await;
         }
         let _ = self.shutdown.send(true);
+        // A backup in progress stops at its next step and leaves no file.
+        self.backups.cancel();
+        if let Some(scheduled) = self.scheduled_backups {
+            let _ = scheduled.await;
+        }
         let mut serving = self.serving;
         let served = match tokio::time::timeout(Duration::from_secs(10), &mut serving).await {
             Ok(result) => result.expect("the server task does not panic"),

@@ -1,5 +1,6 @@
 //! The network face of hale: the HTTP API and the WebSocket session endpoint.
 
+mod backups;
 pub(crate) mod convert;
 mod error;
 mod http;
@@ -34,12 +35,15 @@ pub struct AppState {
     pub body_timeout: std::time::Duration,
     /// Becomes true when the server begins shutting down; sessions close on it.
     pub shutdown: watch::Receiver<bool>,
+    /// Online backups of the log.
+    pub backups: Arc<crate::backup::Backups>,
 }
 
 /// All routes; every one but the probes and the refresh needs a token.
 pub fn router(state: AppState) -> Router {
     http::routes()
         .merge(tokens::routes())
+        .merge(backups::routes())
         .route(hale_proto::SESSION_PATH, axum::routing::get(ws::upgrade))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state)
