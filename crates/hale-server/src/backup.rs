@@ -42,7 +42,9 @@ impl Backups {
         let log_path = self.log_path.clone();
         let cancel = self.cancel.clone();
         let report = tokio::task::spawn_blocking(move || {
-            hale_store::backup(&log_path, &target, PAGES_PER_STEP, |done| !cancel.load(Ordering::Relaxed) && progress(done))
+            hale_store::backup(&log_path, &target, PAGES_PER_STEP, |done| {
+                !cancel.load(Ordering::Relaxed) && progress(done)
+            })
         })
         .await
         .expect("a backup does not panic")?;

@@ -74,11 +74,7 @@ pub fn backup(
 
 /// Checks a backup file read-only: every record's checksum and decoding, and the sequence
 /// for gaps (as `verify` does for a data directory).
-pub fn verify_backup(
-    path: &Path,
-    limits: &Limits,
-    progress: impl FnMut(u64, u64),
-) -> Result<VerifyReport, StoreError> {
+pub fn verify_backup(path: &Path, limits: &Limits, progress: impl FnMut(u64, u64)) -> Result<VerifyReport, StoreError> {
     if !path.is_file() {
         return Err(StoreError::Io {
             action: "open",
@@ -277,7 +273,8 @@ fn copy(
             let step = backup.step(pages_per_step.max(1))?;
             let done = backup.progress();
             let total = done.pagecount.max(0) as u64;
-            let copied = CopyProgress { pages_done: total - (done.remaining.max(0) as u64).min(total), pages_total: total };
+            let copied =
+                CopyProgress { pages_done: total - (done.remaining.max(0) as u64).min(total), pages_total: total };
             match step {
                 StepResult::Done => {
                     progress(CopyProgress { pages_done: total, pages_total: total });

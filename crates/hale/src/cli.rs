@@ -635,10 +635,7 @@ fn verify(data: &std::path::Path, file: Option<&std::path::Path>, json: bool) ->
         Some(file) => hale_store::verify_backup(file, &limits, |done, total| bar.set(done, total)),
         None => {
             if !data.join("hale.db").exists() {
-                bail!(
-                    "{} holds no hale log (no hale.db); pass the directory `hale serve --data` used",
-                    data.display()
-                );
+                bail!("{} holds no hale log (no hale.db); pass the directory `hale serve --data` used", data.display());
             }
             hale_store::verify(data, &limits, |done, total| bar.set(done, total))
         }

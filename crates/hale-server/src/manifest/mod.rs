@@ -533,7 +533,10 @@ impl Manifest {
                 Some(_) => {}
             }
             if let Some(every) = section.every_s.as_ref().filter(|every| *every.get_ref() == 0) {
-                return Err((line_of(every.span()), "backup.every_s must be at least 1 (seconds between backups)".into()));
+                return Err((
+                    line_of(every.span()),
+                    "backup.every_s must be at least 1 (seconds between backups)".into(),
+                ));
             }
             if let Some(keep) = section.keep.as_ref().filter(|keep| *keep.get_ref() == 0) {
                 return Err((

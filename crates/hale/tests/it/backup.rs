@@ -13,9 +13,9 @@ use std::time::Duration;
 
 const AGENTS: usize = 6;
 
-/// The padding of checkpoint `n`: about 1 KiB, so the log grows past a few backup steps.
+/// The padding of checkpoint `n`: about 4 KiB, so the log grows past several backup steps.
 fn pad(n: u64) -> String {
-    format!("{n:08}{}", "x".repeat(1024))
+    format!("{n:08}{}", "x".repeat(4096))
 }
 
 /// The state after checkpoints 1..=version of the load below.
@@ -73,7 +73,7 @@ async fn a_backup_under_write_load_restores_to_one_consistent_moment() {
         });
     }
     // Enough log that the backup takes several steps of 256 pages while the load goes on.
-    support::eventually("the log grows past 4 MiB", 60, || async { (size_of_log(&live) > 4 << 20).then_some(()) })
+    support::eventually("the log grows past 8 MiB", 60, || async { (size_of_log(&live) > 8 << 20).then_some(()) })
         .await;
 
     let backup = temp.path().join("backups/live.db");
@@ -86,7 +86,7 @@ async fn a_backup_under_write_load_restores_to_one_consistent_moment() {
     assert_eq!(code, 0, "hale backup failed:\n{out}\n{err}");
     assert!(out.contains("backup written"), "{out}");
     assert!(err.contains("backing up [") && err.contains("100%"), "no progress bar on stderr: {err}");
-    assert!(std::fs::metadata(&backup).unwrap().len() > 256 * 4096, "the backup fits in one step");
+    assert!(std::fs::metadata(&backup).unwrap().len() > 4 * 256 * 4096, "the backup takes few steps");
     assert!(!backup.with_file_name("live.db-wal").exists(), "a backup is one file");
     // The load went on after the backup began.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -114,6 +114,7 @@ async fn a_backup_under_write_load_restores_to_one_consistent_moment() {
 
     let hale = support::serve(&restored, &[]);
     let admin = hale.admin();
+    let mut committed_during = 0;
     for index in 0..AGENTS {
         let state = admin.state(&format!("loaded-{index}"), None).await.unwrap();
         let (low, high) = (acked_before[index], sent_after[index]);
@@ -123,7 +124,15 @@ async fn a_backup_under_write_load_restores_to_one_consistent_moment() {
             state.version
         );
         assert_eq!(state.state, expected_state(state.version), "loaded-{index}: state at version {}", state.version);
+        println!(
+            "loaded-{index}: acknowledged {low} before the backup, sent {high} by its end, restored {}",
+            state.version
+        );
+        // One checkpoint in flight per agent: sent two past the restored version means the
+        // one after it was acknowledged while the backup ran.
+        committed_during += u64::from(high > state.version + 1);
     }
+    assert!(committed_during > 0, "no agent's write went through while the backup ran: was the writer blocked?");
     assert!(hale.terminate().success());
 }
 
