@@ -285,9 +285,9 @@ fn copy(
                         return Err(StoreError::Cancelled);
                     }
                 }
-                // The destination is private and the source is read inside a transaction
-                // already open, so this is rare; wait as rusqlite's own loop does.
-                StepResult::Busy | StepResult::Locked => std::thread::sleep(Duration::from_millis(10)),
+                // Busy or Locked (the enum is non-exhaustive): the destination is private and
+                // the source is read inside a transaction already open, so this is rare;
+                // wait as rusqlite's own loop does.
                 _ => std::thread::sleep(Duration::from_millis(10)),
             }
         }

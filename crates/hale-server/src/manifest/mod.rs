@@ -4,7 +4,7 @@
 //! error that names the key and its line; so is anything that parses but makes no sense
 //! (an agent in a group that does not exist, a pool whose minimum exceeds its maximum…).
 //! `hale check -c hale.toml` runs exactly this validation. `hale serve -c` applies the
-//! `[server]`, `[limits]` and `[snapshots]` sections; `hale up -c` also runs the agents
+//! `[server]`, `[limits]`, `[snapshots]` and `[backup]` sections; `hale up -c` also runs the agents
 //! ([`Manifest::supervise`]).
 
 use crate::config::{DeclaredAgent, DeclaredRole, ResourceWatch, Supervise};

@@ -40,6 +40,8 @@ fn the_shipped_example_is_valid_and_means_what_it_says() {
     assert_eq!(declared.process.workdir.as_deref(), Some(Path::new("/etc/hale")));
     assert_eq!(declared.supervision.stall, StallPolicy { beats: Some(30), quiet_ms: None });
     assert_eq!(supervise.log_bytes_max, 10 * 1024 * 1024);
+    let backup = manifest.backup_schedule().unwrap();
+    assert_eq!((backup.dir.as_path(), backup.every.as_secs(), backup.keep), (Path::new("hale-backups"), 3600, 24));
 }
 
 #[test]
