@@ -108,6 +108,52 @@ impl Admin {
         Ok(())
     }
 
+    /// Has hale back its log up into `path`, a new file on the server's machine (absolute),
+    /// while it keeps running. `progress(pages_done, pages_total)` is called as the copy
+    /// goes. Returns once the backup file is complete and fsync'd.
+    pub async fn backup(
+        &self,
+        path: &str,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<hale_proto::BackupDone, ClientError> {
+        use hale_proto::BackupLine;
+        let url = format!("{}/v1/backups", self.base);
+        let mut request = self.http.post(&url).json(&hale_proto::HttpBackup { path: path.to_string() });
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let mut response = request.send().await.map_err(|error| ClientError::Connect {
+            url: url.clone(),
+            reason: format!("{error}; is `hale serve` running there? (set --server or HALE_URL)"),
+        })?;
+        let status = response.status();
+        if !status.is_success() {
+            let bytes = response.bytes().await.map_err(|error| ClientError::Closed(error.to_string()))?;
+            return match serde_json::from_slice::<HttpError>(&bytes) {
+                Ok(error) => Err(ClientError::Server(error.error)),
+                Err(_) => Err(ClientError::Protocol(format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)))),
+            };
+        }
+        // Newline-delimited JSON: progress lines, then one `done` or `error`.
+        let mut pending: Vec<u8> = Vec::new();
+        loop {
+            let chunk = response.chunk().await.map_err(|error| ClientError::Closed(error.to_string()))?;
+            let Some(chunk) = chunk else {
+                return Err(ClientError::Closed("the backup's answer ended before it said how the backup went".into()));
+            };
+            pending.extend_from_slice(&chunk);
+            while let Some(end) = pending.iter().position(|byte| *byte == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                match serde_json::from_slice::<BackupLine>(&line) {
+                    Ok(BackupLine::Progress { pages_done, pages_total }) => progress(pages_done, pages_total),
+                    Ok(BackupLine::Done(done)) => return Ok(done),
+                    Ok(BackupLine::Error(error)) => return Err(ClientError::Server(error)),
+                    Err(error) => return Err(ClientError::Protocol(format!("a backup progress line: {error}"))),
+                }
+            }
+        }
+    }
+
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.send(reqwest::Method::GET, path).await
     }

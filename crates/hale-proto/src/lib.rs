@@ -993,3 +993,33 @@ pub struct HttpRevoke {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
+
+/// `POST /v1/backups`: where the server writes the backup, an absolute path on its machine.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpBackup {
+    pub path: String,
+}
+
+/// One line of the answer to `POST /v1/backups` (newline-delimited JSON): progress lines
+/// while the copy runs, then exactly one `done` or `error`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackupLine {
+    Progress { pages_done: u64, pages_total: u64 },
+    Done(BackupDone),
+    Error(ErrorBody),
+}
+
+/// A finished backup.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupDone {
+    pub path: String,
+    pub bytes: u64,
+    pub pages: u64,
+    /// Records in the backup and the last one's sequence number: the log as it was
+    /// committed when the backup began.
+    pub records: u64,
+    pub last_seq: u64,
+    pub elapsed_ms: u64,
+}

@@ -46,6 +46,16 @@ pub struct ServerConfig {
     pub encryption: Option<std::sync::Arc<hale_store::Keyring>>,
     /// Who may scrape `GET /metrics` besides the admin token.
     pub metrics: crate::metrics::MetricsAccess,
+    /// Automatic backups (`[backup]`); `None` takes none.
+    pub backup: Option<BackupSchedule>,
+}
+
+/// Automatic backups: one every `every` into `dir`, the newest `keep` kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupSchedule {
+    pub dir: PathBuf,
+    pub every: Duration,
+    pub keep: usize,
 }
 
 /// What `hale up` runs, from hale.toml.
@@ -122,6 +132,7 @@ impl ServerConfig {
             connections: crate::limits::ConnectionLimits::default(),
             encryption: None,
             metrics: crate::metrics::MetricsAccess::default(),
+            backup: None,
         }
     }
 }

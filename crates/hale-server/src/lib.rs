@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod backup;
 mod clock;
 mod config;
 pub mod engine;
@@ -20,7 +21,7 @@ mod sessions;
 pub mod supervisor;
 pub mod tls;
 
-pub use config::{DeclaredAgent, DeclaredRole, ResourceWatch, ServerConfig, Supervise};
+pub use config::{BackupSchedule, DeclaredAgent, DeclaredRole, ResourceWatch, ServerConfig, Supervise};
 pub use sessions::{Push, Sessions};
 
 use engine::{Engine, SnapshotPolicy};
@@ -51,6 +52,8 @@ pub enum ServerError {
     Secrets(String),
     #[error("{0}; check [server] tls_cert_file and tls_key_file (PEM)")]
     Tls(String),
+    #[error("cannot create the backup directory {}: {source}; check [backup] dir", .path.display())]
+    BackupDir { path: std::path::PathBuf, source: std::io::Error },
 }
 
 /// A server that is accepting connections.
@@ -65,6 +68,8 @@ pub struct RunningServer {
     supervisor: Option<Arc<Supervisor>>,
     stop_grace: Duration,
     auth: Arc<auth::Auth>,
+    backups: Arc<backup::Backups>,
+    scheduled_backups: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Recovers the data directory and starts serving.
@@ -141,6 +146,16 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         supervisor.adopt_or_start().await.map_err(|error| ServerError::Supervise(error.to_string()))?;
     }
     let (shutdown, stopping) = watch::channel(false);
+    let backups = Arc::new(backup::Backups::new(data_dir.log_path()));
+    let scheduled_backups = match &config.backup {
+        None => None,
+        Some(schedule) => {
+            std::fs::create_dir_all(&schedule.dir)
+                .map_err(|source| ServerError::BackupDir { path: schedule.dir.clone(), source })?;
+            tracing::info!(dir = %schedule.dir.display(), every_s = schedule.every.as_secs(), keep = schedule.keep, "automatic backups on");
+            Some(tokio::spawn(backup::run_schedule(backups.clone(), schedule.clone(), stopping.clone())))
+        }
+    };
     let app = api::AppState {
         engine: engine.clone(),
         sessions,
@@ -152,6 +167,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         shutdown: stopping.clone(),
         metrics,
         metrics_access: Arc::new(config.metrics.clone()),
+        backups: backups.clone(),
     };
     let router = api::router(app);
     let stop_serving = stopping;
@@ -180,6 +196,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         supervisor,
         stop_grace,
         auth,
+        backups,
+        scheduled_backups,
     })
 }
 
@@ -367,6 +385,11 @@ impl RunningServer {
             supervisor.stop_all(self.stop_grace).await;
         }
         let _ = self.shutdown.send(true);
+        // A backup in progress stops at its next step and leaves no file.
+        self.backups.cancel();
+        if let Some(scheduled) = self.scheduled_backups {
+            let _ = scheduled.await;
+        }
         let mut serving = self.serving;
         let served = match tokio::time::timeout(Duration::from_secs(10), &mut serving).await {
             Ok(result) => result.expect("the server task does not panic"),

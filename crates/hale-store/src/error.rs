@@ -43,6 +43,20 @@ pub enum StoreError {
     /// The log was written by a newer hale.
     #[error("the log was written in format {found}, newer than this hale understands ({supported}); upgrade hale")]
     NewerFormat { found: u32, supported: u32 },
+    /// A backup would replace a file that exists.
+    #[error("{path} exists; a backup never replaces a file: name a new one, or move the old one away")]
+    BackupExists { path: PathBuf },
+    /// A backup was cancelled before it finished (nothing was left behind).
+    #[error("the backup was cancelled before it finished; no file was written")]
+    Cancelled,
+    /// A restore into a directory that already holds a data directory's files.
+    #[error(
+        "{dir} is not empty (it holds {entries}); restore into a new directory, or pass --force to move its log and snapshots aside (into {dir}/replaced-<time>/) first"
+    )]
+    NotEmpty { dir: PathBuf, entries: String },
+    /// A backup whose records fail their checks; nothing was restored.
+    #[error("the backup {path} is damaged: {problems}. Nothing was restored; use another backup")]
+    DamagedBackup { path: PathBuf, problems: String },
 }
 
 impl StoreError {

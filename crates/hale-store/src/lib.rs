@@ -13,11 +13,15 @@
 //!   refuses every later append, because memory is now ahead of disk.
 //! * [`snapshot`]: whole-state snapshots in files, checksummed, written atomically.
 //! * [`recover`]: newest valid snapshot plus replay of the events after it.
-//! * [`verify`]: an offline check of every record and snapshot.
+//! * [`verify`]: an offline check of every record and snapshot ([`verify_backup`]: of a
+//!   backup file).
+//! * [`backup()`]: an online, consistent copy of the log while the writer commits;
+//!   [`restore`] installs one into a data directory no hale holds, after checking it.
 //!
 //! Architecture invariant: nothing here decides anything. The store persists and reads
 //! back `hale_core::Event`s and `hale_core::State`s; what they mean is the core's business.
 
+pub mod backup;
 pub mod crypt;
 mod data_dir;
 mod error;
@@ -28,6 +32,10 @@ pub mod snapshot;
 mod verify;
 mod writer;
 
+pub use backup::{
+    BackupReport, CopyProgress, PAGES_PER_STEP, RestoreOptions, RestoreProgress, RestoreReport, backup, restore,
+    verify_backup,
+};
 pub use crypt::{Key, KeyError, Keyring, generate_key_line};
 pub use data_dir::DataDir;
 pub use error::StoreError;

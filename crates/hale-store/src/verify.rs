@@ -8,6 +8,9 @@ use crate::snapshot;
 use hale_core::{Core, Limits};
 use std::path::{Path, PathBuf};
 
+/// Records between two calls of `progress`.
+const PROGRESS_EVERY: u64 = 1_000;
+
 /// What `verify` found about one snapshot.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotCheck {
@@ -73,15 +76,30 @@ pub fn verify_with(
     data_dir: &Path,
     limits: &Limits,
     keys: Option<&Keyring>,
+    progress: impl FnMut(u64, u64),
+) -> Result<VerifyReport, StoreError> {
+    verify_log(&data_dir.join("hale.db"), Some(&data_dir.join("snapshots")), limits, keys, progress)
+}
+
+/// [`verify_with`] of the log database at `log_path`, and of the snapshots in
+/// `snapshot_dir` if given (a backup file has none).
+pub(crate) fn verify_log(
+    log_path: &Path,
+    snapshot_dir: Option<&Path>,
+    limits: &Limits,
+    keys: Option<&Keyring>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<VerifyReport, StoreError> {
-    let log = Log::open_read_only(&data_dir.join("hale.db"))?;
+    let log = Log::open_read_only(log_path)?;
     if keys.is_some() {
         check_keys(&log, keys)?;
     }
     let total = log.count()?;
     let mut report = VerifyReport { set_aside: log.damaged_seqs()?, ..Default::default() };
-    let mut snapshots = snapshot::list(&data_dir.join("snapshots"))?;
+    let mut snapshots = match snapshot_dir {
+        Some(dir) => snapshot::list(dir)?,
+        None => Vec::new(),
+    };
     snapshots.reverse(); // oldest first, in replay order
     let mut next_snapshot = snapshots.into_iter().peekable();
 
@@ -152,7 +170,7 @@ pub fn verify_with(
             Err(error) if error.is_key_problem() => return Err(record_key_error(record.seq, error)),
             Err(error) => report.corrupt.push((record.seq, error.to_string())),
         }
-        if report.records.is_multiple_of(10_000) {
+        if report.records.is_multiple_of(PROGRESS_EVERY) {
             progress(report.records, total);
         }
         Ok(())

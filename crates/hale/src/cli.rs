@@ -139,11 +139,14 @@ enum Commands {
         #[command(flatten)]
         server: ServerArg,
     },
-    /// Check every record and snapshot of a data directory and print what was found.
-    /// Reads only; exits 1 if anything is damaged.
+    /// Check every record and snapshot of a data directory (or every record of a backup
+    /// file, with --file) and print what was found. Reads only; exits 1 if anything is damaged.
     Verify {
         #[arg(long, default_value = "hale-data", env = "HALE_DATA")]
         data: PathBuf,
+        /// Check this backup file instead of a data directory.
+        #[arg(long)]
+        file: Option<PathBuf>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -159,6 +162,26 @@ enum Commands {
         /// The key's id, stored beside everything it encrypts [default: k<unix seconds>].
         #[arg(long)]
         id: Option<String>,
+    },
+    /// Back the log up into FILE while hale runs: a consistent copy of the log as it was
+    /// when the backup began, in one file. hale writes it, so FILE is a path on the
+    /// server's machine (a relative one is taken from this directory); it must not exist.
+    Backup {
+        file: PathBuf,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Install a backup as the log of a data directory, after checking every record of
+    /// it. Refused while a hale runs on the directory; refused for a directory that is not
+    /// empty unless --force (which moves its log and snapshots aside, never deletes them).
+    Restore {
+        file: PathBuf,
+        /// The data directory to restore into.
+        #[arg(long, env = "HALE_DATA")]
+        data: PathBuf,
+        /// Restore over an existing log (moved into DATA/replaced-<time>/ first).
+        #[arg(long)]
+        force: bool,
     },
     /// Validate a hale.toml: unknown keys, bad values and inconsistencies are reported
     /// with their line. Exits 1 if the file is refused.
@@ -327,12 +350,16 @@ pub async fn run(cli: Cli) -> Result<i32> {
             println!("{}", serde_json::to_string_pretty(&state)?);
             Ok(0)
         }
-        Commands::Verify { data, json, encryption_key_file } => verify(&data, json, encryption_key_file.as_deref()),
         Commands::Keygen { id } => {
             let id = id.unwrap_or_else(|| format!("k{}", now_ms() / 1000));
             println!("{}", hale_store::generate_key_line(&id)?);
             Ok(0)
         }
+        Commands::Verify { data, file, json, encryption_key_file } => {
+            verify(&data, file.as_deref(), json, encryption_key_file.as_deref())
+        }
+        Commands::Backup { file, server } => backup(&file, &server).await,
+        Commands::Restore { file, data, force } => restore(&file, &data, force),
         Commands::Check { config } => {
             let manifest = Manifest::load(&config)?;
             // Relative to where hale runs, as `hale serve` reads it.
@@ -390,6 +417,7 @@ async fn serve(args: ServeArgs, supervise: bool) -> Result<i32> {
         Duration::from_secs(args.snapshot_every_secs.unwrap_or(manifest.snapshots.every_secs).max(1));
     config.snapshots_kept = manifest.snapshots.kept.max(1);
     config.liveness = liveness;
+    config.backup = manifest.backup_schedule();
     // The admin token: HALE_ADMIN_TOKEN, else [server] admin_token_file, else the one hale
     // keeps (and makes at first start) in the data directory.
     config.auth.admin_token = match (std::env::var("HALE_ADMIN_TOKEN"), &manifest.server.admin_token_file) {
@@ -622,18 +650,68 @@ fn load_keys(file: Option<&Path>) -> Result<Option<Arc<hale_store::Keyring>>> {
     Ok(Some(Arc::new(keys)))
 }
 
-fn verify(data: &std::path::Path, json: bool, key_file: Option<&Path>) -> Result<i32> {
-    if !data.join("hale.db").exists() {
-        bail!("{} holds no hale log (no hale.db); pass the directory `hale serve --data` used", data.display());
+async fn backup(file: &std::path::Path, server: &ServerArg) -> Result<i32> {
+    // hale resolves nothing against its own working directory: send an absolute path.
+    let file = std::path::absolute(file)?;
+    let path = file.to_str().context("the backup path is not UTF-8")?;
+    let mut bar = crate::progress::Bar::new("backing up", "pages");
+    let done = server.admin()?.backup(path, |done, total| bar.set(done, total)).await;
+    bar.finish();
+    let done = done.with_context(|| format!("backing up into {path}"))?;
+    println!(
+        "backup written: {} ({} records, last seq {}, {:.1} MiB, {} ms)",
+        done.path,
+        done.records,
+        done.last_seq,
+        done.bytes as f64 / (1024.0 * 1024.0),
+        done.elapsed_ms
+    );
+    Ok(0)
+}
+
+fn restore(file: &std::path::Path, data: &std::path::Path, force: bool) -> Result<i32> {
+    let options = hale_store::RestoreOptions { limits: hale_core::Limits::default(), force, now_ms: now_ms() };
+    let mut copying = crate::progress::Bar::new("copying  ", "pages");
+    let mut verifying = crate::progress::Bar::new("verifying", "records");
+    let report = hale_store::restore(file, data, &options, |progress| match progress {
+        hale_store::RestoreProgress::Copying(done) => copying.set(done.pages_done, done.pages_total),
+        hale_store::RestoreProgress::Verifying { records_done, records_total } => {
+            copying.finish();
+            verifying.set(records_done, records_total)
+        }
+    });
+    copying.finish();
+    verifying.finish();
+    let report = report.with_context(|| format!("restoring {} into {}", file.display(), data.display()))?;
+    if let Some(replaced) = &report.replaced {
+        println!("the previous log and snapshots were moved to {}", replaced.display());
     }
+    println!(
+        "restored {} into {}: {} records, last seq {}, {} agents; start hale on it (it replays the log and takes new snapshots)",
+        file.display(),
+        data.display(),
+        report.records,
+        report.last_seq,
+        report.agents
+    );
+    Ok(0)
+}
+
+fn verify(data: &std::path::Path, file: Option<&std::path::Path>, json: bool, key_file: Option<&Path>) -> Result<i32> {
     let limits = hale_core::Limits::default();
     let keys = load_keys(key_file)?;
-    let report = hale_store::verify_with(data, &limits, keys.as_deref(), |done, total| {
-        if let Some(percent) = (done * 100).checked_div(total) {
-            eprint!("\rverifying: {done}/{total} records ({percent}%)");
+    let mut bar = crate::progress::Bar::new("verifying", "records");
+    let report = match file {
+        Some(file) => hale_store::verify_backup(file, &limits, |done, total| bar.set(done, total)),
+        None => {
+            if !data.join("hale.db").exists() {
+                bail!("{} holds no hale log (no hale.db); pass the directory `hale serve --data` used", data.display());
+            }
+            hale_store::verify_with(data, &limits, keys.as_deref(), |done, total| bar.set(done, total))
         }
-    })?;
-    eprintln!();
+    };
+    bar.finish();
+    let report = report?;
     if json {
         let snapshots: Vec<_> = report
             .snapshots
@@ -656,7 +734,10 @@ fn verify(data: &std::path::Path, json: bool, key_file: Option<&Path>) -> Result
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
-        println!("data directory: {}", data.display());
+        match file {
+            Some(file) => println!("backup file: {}", file.display()),
+            None => println!("data directory: {}", data.display()),
+        }
         match (report.first_seq, report.last_seq) {
             (Some(first), Some(last)) => println!("log: {} records, seq {first}..={last}", report.records),
             _ => println!("log: empty"),

@@ -1,5 +1,6 @@
 //! The network face of hale: the HTTP API and the WebSocket session endpoint.
 
+mod backups;
 pub(crate) mod convert;
 mod error;
 mod http;
@@ -39,6 +40,8 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Who besides the admin may scrape `GET /metrics`.
     pub metrics_access: Arc<crate::metrics::MetricsAccess>,
+    /// Online backups of the log.
+    pub backups: Arc<crate::backup::Backups>,
 }
 
 /// All routes; every one but the probes and the refresh needs a token (`/metrics` may
@@ -47,6 +50,7 @@ pub fn router(state: AppState) -> Router {
     http::routes()
         .merge(tokens::routes())
         .route("/metrics", axum::routing::get(metrics::scrape))
+        .merge(backups::routes())
         .route(hale_proto::SESSION_PATH, axum::routing::get(ws::upgrade))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state)

@@ -4,7 +4,7 @@
 //! error that names the key and its line; so is anything that parses but makes no sense
 //! (an agent in a group that does not exist, a pool whose minimum exceeds its maximum…).
 //! `hale check -c hale.toml` runs exactly this validation. `hale serve -c` applies the
-//! `[server]`, `[limits]` and `[snapshots]` sections; `hale up -c` also runs the agents
+//! `[server]`, `[limits]`, `[snapshots]` and `[backup]` sections; `hale up -c` also runs the agents
 //! ([`Manifest::supervise`]).
 
 use crate::config::{DeclaredAgent, DeclaredRole, ResourceWatch, Supervise};
@@ -30,6 +30,8 @@ pub struct Manifest {
     pub snapshots: SnapshotSection,
     pub supervision: SupervisionSection,
     pub tasks: TasksSection,
+    /// `[backup]`: automatic backups; absent, none are taken.
+    pub backup: Option<Spanned<BackupSection>>,
     #[serde(rename = "agent")]
     pub agents: Vec<AgentSpec>,
     #[serde(rename = "group")]
@@ -83,6 +85,24 @@ impl Default for SnapshotSection {
     fn default() -> Self {
         SnapshotSection { every_events: 10_000, every_secs: 60, kept: 3 }
     }
+}
+
+/// `[backup]`: a backup of the log into `dir` every `every_s` seconds, the newest `keep`
+/// kept (older `hale-backup-*.db` files there are removed).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackupSection {
+    /// Required. Relative to the directory hale runs in, like `[server] data`.
+    pub dir: Option<Spanned<PathBuf>>,
+    /// Default 3600.
+    pub every_s: Option<Spanned<u64>>,
+    /// Default 24.
+    pub keep: Option<Spanned<u64>>,
+}
+
+impl BackupSection {
+    pub const EVERY_S_DEFAULT: u64 = 3600;
+    pub const KEEP_DEFAULT: u64 = 24;
 }
 
 /// `[supervision]`: defaults for every managed agent.
@@ -311,6 +331,18 @@ impl Manifest {
         }
     }
 
+    /// The automatic backups of `[backup]`, if the section is there.
+    pub fn backup_schedule(&self) -> Option<crate::config::BackupSchedule> {
+        let section = self.backup.as_ref()?.get_ref();
+        Some(crate::config::BackupSchedule {
+            dir: section.dir.as_ref().expect("validated").get_ref().clone(),
+            every: std::time::Duration::from_secs(
+                section.every_s.as_ref().map_or(BackupSection::EVERY_S_DEFAULT, |every| *every.get_ref()),
+            ),
+            keep: section.keep.as_ref().map_or(BackupSection::KEEP_DEFAULT, |keep| *keep.get_ref()) as usize,
+        })
+    }
+
     /// What `hale up` runs: every `[[agent]]`, with paths relative to `base` (the
     /// directory of hale.toml).
     pub fn supervise(&self, base: &Path) -> Supervise {
@@ -493,6 +525,33 @@ impl Manifest {
         }
         if self.supervision.detector.suspect_threshold > self.supervision.detector.threshold {
             return Err((1, "supervision.detector.suspect_threshold must not exceed threshold".into()));
+        }
+        if let Some(backup) = &self.backup {
+            let section = backup.get_ref();
+            match &section.dir {
+                None => {
+                    return Err((
+                        line_of(backup.span()),
+                        "[backup] needs dir = \"...\": the directory the backups are written to".into(),
+                    ));
+                }
+                Some(dir) if dir.get_ref().as_os_str().is_empty() => {
+                    return Err((line_of(dir.span()), "backup.dir is empty; name a directory".into()));
+                }
+                Some(_) => {}
+            }
+            if let Some(every) = section.every_s.as_ref().filter(|every| *every.get_ref() == 0) {
+                return Err((
+                    line_of(every.span()),
+                    "backup.every_s must be at least 1 (seconds between backups)".into(),
+                ));
+            }
+            if let Some(keep) = section.keep.as_ref().filter(|keep| *keep.get_ref() == 0) {
+                return Err((
+                    line_of(keep.span()),
+                    "backup.keep must be at least 1; leave [backup] out to take no automatic backups".into(),
+                ));
+            }
         }
         if self.limits.history_len == 0 {
             return Err((1, "limits.history_len must be at least 1 (the current version)".into()));

@@ -40,6 +40,8 @@ fn the_shipped_example_is_valid_and_means_what_it_says() {
     assert_eq!(declared.process.workdir.as_deref(), Some(Path::new("/etc/hale")));
     assert_eq!(declared.supervision.stall, StallPolicy { beats: Some(30), quiet_ms: None });
     assert_eq!(supervise.log_bytes_max, 10 * 1024 * 1024);
+    let backup = manifest.backup_schedule().unwrap();
+    assert_eq!((backup.dir.as_path(), backup.every.as_secs(), backup.keep), (Path::new("hale-backups"), 3600, 24));
 }
 
 #[test]
@@ -98,4 +100,26 @@ fn criticality_sets_the_heartbeat_interval() {
     assert_eq!(Criticality::Critical.heartbeat_interval_ms(), 500);
     assert_eq!(Criticality::Normal.heartbeat_interval_ms(), 1_000);
     assert_eq!(Criticality::Background.heartbeat_interval_ms(), 5_000);
+}
+
+#[test]
+fn the_backup_section_is_parsed_and_checked_with_lines() {
+    assert_eq!(parse("").unwrap().backup_schedule(), None);
+    let schedule = parse("[backup]\ndir = \"/var/backups/hale\"\n").unwrap().backup_schedule().unwrap();
+    assert_eq!(schedule.dir, Path::new("/var/backups/hale"));
+    assert_eq!((schedule.every.as_secs(), schedule.keep), (3600, 24));
+    let schedule = parse("[backup]\ndir = \"b\"\nevery_s = 60\nkeep = 3\n").unwrap().backup_schedule().unwrap();
+    assert_eq!((schedule.every.as_secs(), schedule.keep), (60, 3));
+    let cases = [
+        ("[server]\n\n[backup]\nevery_s = 5\n", "line 3", "needs dir"),
+        ("[backup]\ndir = \"b\"\nevery_s = 0\n", "line 3", "every_s must be at least 1"),
+        ("[backup]\ndir = \"b\"\n\nkeep = 0\n", "line 4", "keep must be at least 1"),
+        ("[backup]\ndir = \"\"\n", "line 2", "empty"),
+        ("[backup]\ndir = \"b\"\nevery = 5\n", "line 3", "every"),
+        ("[backup]\ndir = \"b\"\nkeep = -1\n", "line 3", "keep"),
+    ];
+    for (text, line, words) in cases {
+        let message = error(text);
+        assert!(message.contains(line) && message.contains(words), "{text:?} gave: {message}");
+    }
 }

@@ -3,6 +3,7 @@
 
 mod abuse;
 mod auth;
+mod backup;
 mod bad_input;
 mod corruption;
 mod crash;

@@ -1,0 +1,114 @@
+//! `POST /v1/backups`: an online backup, written by the server to a path on its machine,
+//! with progress streamed back as newline-delimited JSON.
+//!
+//! The server writes the file rather than streaming it to the client: SQLite's backup API
+//! copies into a database file, so streaming would mean a temporary copy on the server
+//! and the whole log over the wire; the common case is the CLI on the same machine, and a
+//! backup made elsewhere is a file one can copy afterwards.
+
+use super::http::JsonBody;
+use super::{ApiError, AppState};
+use crate::auth::Principal;
+use axum::Extension;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Router, body::Body};
+use hale_proto::{BackupDone, BackupLine, ErrorBody, HttpBackup};
+use hale_store::StoreError;
+use std::convert::Infallible;
+use std::path::PathBuf;
+
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/v1/backups", post(create))
+}
+
+/// Progress lines waiting for a slow reader; past this they are dropped (the final line
+/// never is).
+const LINES_QUEUED_MAX: usize = 64;
+
+async fn create(
+    State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    JsonBody(body): JsonBody<HttpBackup>,
+) -> Result<Response, ApiError> {
+    principal.require_admin("taking a backup")?;
+    let target = PathBuf::from(&body.path);
+    if !target.is_absolute() {
+        return Err(ApiError::bad_request(format!(
+            "path {:?} is not absolute; the server writes the backup, so name a file on its machine from /",
+            body.path
+        )));
+    }
+    match target.parent() {
+        Some(dir) if dir.is_dir() => {}
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "the directory of {:?} does not exist on the server; create it first",
+                body.path
+            )));
+        }
+    }
+    if target.exists() || target.file_name().is_none() {
+        return Err(backup_exists(&body.path));
+    }
+    let (lines, queued) = tokio::sync::mpsc::channel::<Vec<u8>>(LINES_QUEUED_MAX);
+    let backups = app.backups.clone();
+    tokio::spawn(async move {
+        let progress_lines = lines.clone();
+        let progress = move |done: hale_store::CopyProgress| {
+            let line = BackupLine::Progress { pages_done: done.pages_done, pages_total: done.pages_total };
+            // A reader that went away cancels the backup; a slow one misses a progress line.
+            !matches!(progress_lines.try_send(encode(&line)), Err(tokio::sync::mpsc::error::TrySendError::Closed(_)))
+        };
+        let last = match backups.run(target.clone(), progress).await {
+            Ok((report, elapsed)) => {
+                tracing::info!(
+                    path = %report.path.display(),
+                    bytes = report.bytes,
+                    records = report.records,
+                    last_seq = report.last_seq,
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    "backup written"
+                );
+                BackupLine::Done(BackupDone {
+                    path: report.path.display().to_string(),
+                    bytes: report.bytes,
+                    pages: report.pages,
+                    records: report.records,
+                    last_seq: report.last_seq,
+                    elapsed_ms: elapsed.as_millis() as u64,
+                })
+            }
+            Err(error) => {
+                tracing::error!(path = %target.display(), %error, "backup FAILED");
+                let code = match error {
+                    StoreError::BackupExists { .. } => "backup_exists",
+                    _ => "backup_failed",
+                };
+                BackupLine::Error(ErrorBody { code: code.into(), message: error.to_string(), retryable: false })
+            }
+        };
+        let _ = lines.send(encode(&last)).await;
+    });
+    let stream = futures_util::stream::unfold(queued, |mut queued| async move {
+        queued.recv().await.map(|line| (Ok::<_, Infallible>(line), queued))
+    });
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+}
+
+fn encode(line: &BackupLine) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec(line).expect("backup lines serialize");
+    bytes.push(b'\n');
+    bytes
+}
+
+fn backup_exists(path: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "backup_exists",
+        format!("{path:?} exists; a backup never replaces a file: name a new one"),
+        false,
+    )
+}
