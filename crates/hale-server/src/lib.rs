@@ -133,6 +133,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         auth: auth.clone(),
         body_timeout: config.connections.body_timeout,
         shutdown: stopping.clone(),
+        log_path: data_dir.log_path(),
     };
     let router = api::router(app);
     let stop_serving = stopping;

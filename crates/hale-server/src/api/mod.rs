@@ -1,7 +1,9 @@
 //! The network face of hale: the HTTP API and the WebSocket session endpoint.
 
 pub(crate) mod convert;
+mod dashboard;
 mod error;
+pub mod events;
 mod http;
 pub(crate) mod mail;
 pub(crate) mod task_convert;
@@ -34,12 +36,17 @@ pub struct AppState {
     pub body_timeout: std::time::Duration,
     /// Becomes true when the server begins shutting down; sessions close on it.
     pub shutdown: watch::Receiver<bool>,
+    /// The log's database, which `GET /v1/events` reads over a read-only connection.
+    pub log_path: std::path::PathBuf,
 }
 
-/// All routes; every one but the probes and the refresh needs a token.
+/// All routes; every one but the probes, the refresh and the dashboard's files needs a
+/// token.
 pub fn router(state: AppState) -> Router {
     http::routes()
         .merge(tokens::routes())
+        .merge(events::routes())
+        .merge(dashboard::routes())
         .route(hale_proto::SESSION_PATH, axum::routing::get(ws::upgrade))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state)
@@ -49,7 +56,7 @@ pub fn router(state: AppState) -> Router {
 /// WebSocket path, for clients that cannot set headers) and hands it to the handler.
 async fn authenticate(State(app): State<AppState>, mut request: Request, next: Next) -> Result<Response, ApiError> {
     let path = request.uri().path();
-    if matches!(path, "/healthz" | "/readyz" | "/v1/auth/refresh") {
+    if matches!(path, "/healthz" | "/readyz" | "/v1/auth/refresh") || dashboard::PUBLIC_PATHS.contains(&path) {
         return Ok(next.run(request).await);
     }
     let header = request
