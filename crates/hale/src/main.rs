@@ -4,6 +4,7 @@ mod bench;
 mod cli;
 mod demo;
 mod demo_agent;
+mod events_cli;
 mod tasks_cli;
 
 use anyhow::Result;
