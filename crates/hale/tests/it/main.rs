@@ -6,6 +6,7 @@ mod auth;
 mod bad_input;
 mod corruption;
 mod crash;
+mod dashboard;
 mod demo;
 mod fsync;
 mod health;
