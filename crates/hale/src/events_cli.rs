@@ -37,13 +37,8 @@ pub(crate) struct EventsArgs {
 pub(crate) async fn events(args: EventsArgs) -> Result<i32> {
     let admin = args.server.admin()?;
     let since_ms = args.since.as_deref().map(since_ms).transpose()?;
-    let mut filter = EventFilter {
-        agent: args.agent.clone(),
-        kind: args.kind.clone(),
-        since_ms,
-        after: args.after,
-        limit: None,
-    };
+    let mut filter =
+        EventFilter { agent: args.agent.clone(), kind: args.kind.clone(), since_ms, after: args.after, limit: None };
     let json = args.json;
     if args.follow {
         admin.follow_events(&filter, |event| print_event(&event, json)).await?;

@@ -6,10 +6,10 @@
 //! which browsers never send to the server) or from a form, and keeps in sessionStorage.
 
 use super::AppState;
+use axum::Router;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
 
 const PAGE: &str = include_str!("../../assets/dashboard.html");
 const STYLE: &str = include_str!("../../assets/dashboard.css");

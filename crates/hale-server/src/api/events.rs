@@ -49,7 +49,7 @@ struct Filter {
 
 impl Filter {
     fn parse(query: &HashMap<String, String>) -> Result<Filter, ApiError> {
-        let agent = query.get("agent").filter(|agent| !agent.is_empty()).map(|agent| AgentName::new(agent)).transpose()?;
+        let agent = query.get("agent").filter(|agent| !agent.is_empty()).map(AgentName::new).transpose()?;
         let kinds = query
             .get("kind")
             .map(|kinds| kinds.split(',').map(str::trim).filter(|kind| !kind.is_empty()).map(str::to_string).collect())
@@ -69,7 +69,7 @@ impl Filter {
         if self.since_ms.is_some_and(|since| info.at_ms < since) {
             return false;
         }
-        if !self.kinds.is_empty() && !self.kinds.iter().any(|kind| *kind == info.kind) {
+        if !self.kinds.is_empty() && !self.kinds.contains(&info.kind) {
             return false;
         }
         match (&self.agent, event) {
@@ -124,7 +124,8 @@ async fn stream(
 ) -> Result<Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     principal.require_admin("following the event log")?;
     let filter = Filter::parse(&query)?;
-    let last_event_id = headers.get("last-event-id").and_then(|value| value.to_str().ok()).and_then(|id| id.parse().ok());
+    let last_event_id =
+        headers.get("last-event-id").and_then(|value| value.to_str().ok()).and_then(|id| id.parse().ok());
     let after = number(&query, "after")?.or(last_event_id);
     // Subscribe first, then wait until everything decided before is durable: from here on
     // every event is either in the log already or will be broadcast.
@@ -233,12 +234,7 @@ impl Follower {
 }
 
 fn log_unreadable(reason: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "log_unavailable",
-        format!("the log cannot be read: {reason}"),
-        true,
-    )
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "log_unavailable", format!("the log cannot be read: {reason}"), true)
 }
 
 /// What one read of the log found.
@@ -387,7 +383,8 @@ pub fn summary(event: &Event) -> String {
         Event::RoleDeclared { role, min, max, .. } => format!("role {role} declared as a pool of {min} to {max}"),
         Event::TaskSubmitted { task, spec, parent } => {
             let priority = format!("{:?}", spec.priority).to_lowercase();
-            let parent = parent.as_ref().map(|parent| format!(" (child of task {})", parent.task())).unwrap_or_default();
+            let parent =
+                parent.as_ref().map(|parent| format!(" (child of task {})", parent.task())).unwrap_or_default();
             format!("task {task} submitted for role {} ({priority}){parent}", spec.role)
         }
         Event::TaskShadowed { task, children } => format!("task {task} shadowed as tasks {children:?}"),
@@ -472,8 +469,8 @@ pub fn parse_time_ms(text: &str) -> Option<u64> {
         return None;
     }
     let days = days_from_civil(year, month, day);
-    let seconds = days * 86_400 + i64::from(hour) * 3600 + i64::from(minute) * 60 + i64::from(second)
-        - offset_minutes * 60;
+    let seconds =
+        days * 86_400 + i64::from(hour) * 3600 + i64::from(minute) * 60 + i64::from(second) - offset_minutes * 60;
     u64::try_from(seconds).ok().map(|seconds| seconds * 1000 + millis)
 }
 

@@ -74,7 +74,8 @@ impl Browser {
         let base = format!("http://127.0.0.1:{port}");
         let mut browser = Browser { http, base, session: String::new(), driver };
         eventually("chromedriver ready", 20, || async {
-            let status: Value = browser.http.get(format!("{}/status", browser.base)).send().await.ok()?.json().await.ok()?;
+            let status: Value =
+                browser.http.get(format!("{}/status", browser.base)).send().await.ok()?.json().await.ok()?;
             (status["value"]["ready"] == true).then_some(())
         })
         .await;
@@ -259,10 +260,10 @@ async fn the_events_api_lists_a_kill_and_streams_new_events() {
     // The stream: a new checkpoint of the running incarnation arrives within seconds.
     let (sender, mut received) = tokio::sync::mpsc::unbounded_channel();
     let follower = admin.clone();
-    let checkpoints = EventFilter { agent: Some("worker".into()), kind: Some("checkpointed".into()), ..Default::default() };
-    let following = tokio::spawn(async move {
-        follower.follow_events(&checkpoints, |event| drop(sender.send(event))).await
-    });
+    let checkpoints =
+        EventFilter { agent: Some("worker".into()), kind: Some("checkpointed".into()), ..Default::default() };
+    let following =
+        tokio::spawn(async move { follower.follow_events(&checkpoints, |event| drop(sender.send(event))).await });
     let checkpoint = tokio::time::timeout(Duration::from_secs(5), received.recv())
         .await
         .expect("a checkpoint streamed within 5 s")
