@@ -535,6 +535,39 @@ mod tests {
         }
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn subscribers_get_durable_events_once_in_order_and_hear_when_they_lag() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::ServerConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap());
+        let server = crate::start(config).await.unwrap();
+        let engine = server.engine().clone();
+        let mut live = engine.subscribe_events();
+        let body = hale_proto::HelloBody { role: "r".into(), labels: Default::default(), incarnation: None };
+        engine.execute(crate::api::convert::hello("a", body).unwrap()).await.unwrap();
+        let agent = AgentName::new("a").unwrap();
+        let checkpoint =
+            |step: u64| crate::api::convert::checkpoint(agent.clone(), 1, serde_json::json!({"step": step}), None);
+        engine.execute(checkpoint(1)).await.unwrap();
+        let mut kinds = Vec::new();
+        for expected_seq in 1..=3 {
+            let durable = live.recv().await.unwrap();
+            assert_eq!(durable.seq, expected_seq);
+            assert!(engine.durability().durable_seq >= durable.seq, "published only once durable");
+            kinds.push(durable.event.kind());
+        }
+        assert_eq!(kinds, ["agent_registered", "incarnation_started", "checkpointed"]);
+        // A subscriber that reads nothing while more than the buffer goes by is told so.
+        for step in 0..crate::engine::EVENTS_BUFFERED as u64 + 10 {
+            engine.execute(checkpoint(step + 2)).await.unwrap();
+        }
+        assert!(matches!(live.recv().await, Err(broadcast::error::RecvError::Lagged(_))));
+        // What it missed is in the log, which a reader resumes from.
+        let page = read_log(&dir.path().join("hale.db"), 3, None, &Filter::default(), 5).unwrap();
+        assert_eq!(page.events.iter().map(|event| event.seq).collect::<Vec<_>>(), [4, 5, 6, 7, 8]);
+        assert!(page.full);
+        server.shutdown().await.unwrap();
+    }
+
     #[test]
     fn a_message_concerns_both_ends_and_fields_are_unwrapped() {
         let (from, to) = (AgentName::new("a").unwrap(), AgentName::new("b").unwrap());
