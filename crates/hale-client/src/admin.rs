@@ -1,5 +1,5 @@
 use crate::error::ClientError;
-use hale_proto::{AgentState, AgentSummary, HttpError};
+use hale_proto::{AgentState, AgentSummary, EventInfo, HttpError};
 use serde::de::DeserializeOwned;
 
 /// The HTTP API, for tools.
@@ -154,6 +154,85 @@ impl Admin {
         }
     }
 
+    /// Events of the log in order (`hale events`): at most `filter.limit` (1,000 by
+    /// default); page on with `after` set to the last one's `seq`.
+    pub async fn events(&self, filter: &EventFilter) -> Result<Vec<EventInfo>, ClientError> {
+        let request = self.http.get(format!("{}/v1/events", self.base)).query(&filter.query(true));
+        self.send_with(request, "/v1/events").await
+    }
+
+    /// Follows the log (`hale events --follow`): calls `on_event` with every event that
+    /// passes `filter` as it becomes durable, from `filter.after` (else `since`, else now).
+    /// When hale says this reader lagged, it reconnects after the last event it got, so
+    /// nothing is skipped. Returns only when the stream ends or fails.
+    pub async fn follow_events(
+        &self,
+        filter: &EventFilter,
+        mut on_event: impl FnMut(EventInfo),
+    ) -> Result<(), ClientError> {
+        let mut filter = filter.clone();
+        loop {
+            let url = format!("{}/v1/events/stream", self.base);
+            let request = self.http.get(&url).query(&filter.query(false));
+            let request = match &self.token {
+                Some(token) => request.bearer_auth(token),
+                None => request,
+            };
+            let mut response = request.send().await.map_err(|error| ClientError::Connect {
+                url: url.clone(),
+                reason: format!("{error}; is `hale serve` running there? (set --server or HALE_URL)"),
+            })?;
+            if !response.status().is_success() {
+                let status = response.status();
+                let bytes = response.bytes().await.map_err(|error| ClientError::Closed(error.to_string()))?;
+                return Err(match serde_json::from_slice::<HttpError>(&bytes) {
+                    Ok(error) => ClientError::Server(error.error),
+                    Err(_) => ClientError::Protocol(format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes))),
+                });
+            }
+            let mut buffer = Vec::new();
+            let mut lagged = false;
+            'read: while let Some(chunk) =
+                response.chunk().await.map_err(|error| ClientError::Closed(error.to_string()))?
+            {
+                buffer.extend_from_slice(&chunk);
+                while let Some(end) = buffer.windows(2).position(|pair| pair == b"\n\n") {
+                    let block: Vec<u8> = buffer.drain(..end + 2).collect();
+                    let (name, data) = sse_block(&String::from_utf8_lossy(&block));
+                    match name.as_deref() {
+                        None | Some("message") if !data.is_empty() => {
+                            let event: EventInfo = serde_json::from_str(&data)
+                                .map_err(|error| ClientError::Protocol(format!("a bad event: {error}")))?;
+                            filter.after = Some(event.seq);
+                            on_event(event);
+                        }
+                        Some("lagged") => {
+                            #[derive(serde::Deserialize)]
+                            struct Lagged {
+                                after: u64,
+                            }
+                            let lag: Lagged = serde_json::from_str(&data)
+                                .map_err(|error| ClientError::Protocol(format!("a bad lagged event: {error}")))?;
+                            filter.after = Some(lag.after);
+                            lagged = true;
+                            break 'read;
+                        }
+                        Some("error") => {
+                            return Err(match serde_json::from_str::<HttpError>(&data) {
+                                Ok(error) => ClientError::Server(error.error),
+                                Err(_) => ClientError::Protocol(data),
+                            });
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            if !lagged {
+                return Err(ClientError::Closed("hale ended the event stream (is it shutting down?)".to_string()));
+            }
+        }
+    }
+
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.send(reqwest::Method::GET, path).await
     }
@@ -190,4 +269,54 @@ impl Admin {
             Err(_) => Err(ClientError::Protocol(format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)))),
         }
     }
+}
+
+/// Which events [`Admin::events`] and [`Admin::follow_events`] want; `None` means any.
+#[derive(Clone, Debug, Default)]
+pub struct EventFilter {
+    pub agent: Option<String>,
+    /// One kind, or several separated by commas (`agent_down,incarnation_started`).
+    pub kind: Option<String>,
+    /// Logged at or after this time (milliseconds since the epoch).
+    pub since_ms: Option<u64>,
+    /// After this sequence number.
+    pub after: Option<u64>,
+    /// At most this many (for [`Admin::events`]).
+    pub limit: Option<usize>,
+}
+
+impl EventFilter {
+    fn query(&self, with_limit: bool) -> Vec<(&'static str, String)> {
+        let mut query = Vec::new();
+        if let Some(agent) = &self.agent {
+            query.push(("agent", agent.clone()));
+        }
+        if let Some(kind) = &self.kind {
+            query.push(("kind", kind.clone()));
+        }
+        if let Some(since) = self.since_ms {
+            query.push(("since", since.to_string()));
+        }
+        if let Some(after) = self.after {
+            query.push(("after", after.to_string()));
+        }
+        if let (true, Some(limit)) = (with_limit, self.limit) {
+            query.push(("limit", limit.to_string()));
+        }
+        query
+    }
+}
+
+/// The event name and the data of one server-sent event (its `data:` lines joined).
+fn sse_block(block: &str) -> (Option<String>, String) {
+    let mut name = None;
+    let mut data: Vec<&str> = Vec::new();
+    for line in block.lines() {
+        if let Some(value) = line.strip_prefix("event:") {
+            name = Some(value.trim().to_string());
+        } else if let Some(value) = line.strip_prefix("data:") {
+            data.push(value.strip_prefix(' ').unwrap_or(value));
+        }
+    }
+    (name, data.join("\n"))
 }

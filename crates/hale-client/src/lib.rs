@@ -21,13 +21,14 @@ mod error;
 mod session;
 mod tls;
 
-pub use admin::Admin;
+pub use admin::{Admin, EventFilter};
 pub use agent::{Agent, AgentOptions, Credentials, StepExtras, url_from_env};
 pub use error::ClientError;
 pub use hale_proto::{
-    AgentState, AgentSummary, BudgetSpec, ConversationInfo, DownSummary, HttpSubmitTask, LlmCallInfo, ManagedSummary,
-    MessageInfo, PendingReplyInfo, ProgressBody, Recipient, RecoveryPointInfo, RollbackTo, RolledBack, RungSpec,
-    SendBody, Sent, ShadowSpec, SpendBody, StepInfo, SystemStatus, TaskInfo, TaskSubmitted, TokenPair, Welcome,
+    AgentState, AgentSummary, BudgetSpec, ConversationInfo, DownSummary, EventInfo, HttpSubmitTask, LlmCallInfo,
+    ManagedSummary, MessageInfo, PendingReplyInfo, ProgressBody, Recipient, RecoveryPointInfo, RollbackTo, RolledBack,
+    RungSpec, SendBody, Sent, ShadowSpec, SpendBody, StepInfo, SystemStatus, TaskInfo, TaskSubmitted, TokenPair,
+    Welcome,
 };
 pub use session::Reconnect;
 

@@ -633,6 +633,24 @@ pub struct DownSummary {
     pub at_ms: u64,
 }
 
+/// One event of the log, as `GET /v1/events` and `GET /v1/events/stream` show it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventInfo {
+    /// Its sequence number in the log; `after=seq` resumes after it.
+    pub seq: u64,
+    /// When it was logged, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// The kind, e.g. `agent_down` (`damaged` for a record that cannot be read).
+    pub kind: String,
+    /// The agent it concerns, if any (the sender of a message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// One line for people; its wording may change.
+    pub summary: String,
+    /// The event's fields as the log holds them (`null` for a damaged record).
+    pub event: Value,
+}
+
 /// `POST /v1/agents/{agent}/heartbeat`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

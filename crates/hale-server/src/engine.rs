@@ -10,13 +10,13 @@
 
 use crate::clock;
 use crate::metrics::Metrics;
-use hale_core::{AgentName, AgentRecord, Command, Core, Effect, Event, Progress, Rejection, State};
+use hale_core::{AgentName, AgentRecord, Command, Core, Effect, Event, Progress, Rejection, State, Timestamp};
 use hale_proto::{RecoveryPointInfo, RolledBack, Welcome};
 use hale_store::{AppendAck, Durability, Key, Record, WriteError, Writer, snapshot};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 /// What a successful command answers.
 #[derive(Debug)]
@@ -94,7 +94,23 @@ pub struct SnapshotPolicy {
 pub struct Engine {
     requests: mpsc::Sender<Request>,
     durability: watch::Receiver<Durability>,
+    events: broadcast::Sender<Arc<DurableEvent>>,
 }
+
+/// An event that is in the log for good (committed and fsync'd), as record `seq`.
+#[derive(Debug)]
+pub struct DurableEvent {
+    pub seq: u64,
+    pub at: Timestamp,
+    pub event: Event,
+}
+
+/// How many durable events a subscriber may fall behind before it is told it lagged (and
+/// reads the rest from the log): a slow reader must not hold the engine or the memory.
+pub const EVENTS_BUFFERED: usize = 1024;
+
+/// What the forwarder passes on once a barrier is durable.
+type Outputs = (AppendAck, Vec<Effect>, Vec<Arc<DurableEvent>>);
 
 /// How often the core's timers and detectors are consulted.
 pub const TICK: Duration = Duration::from_millis(50);
@@ -115,7 +131,8 @@ impl Engine {
     ) -> Engine {
         let (requests, receiver) = mpsc::channel(4096);
         let (pending_effects, pending) = mpsc::unbounded_channel();
-        tokio::spawn(forward_effects(pending, effects));
+        let (events, _) = broadcast::channel(EVENTS_BUFFERED);
+        tokio::spawn(forward_effects(pending, effects, events.clone()));
         let durability = writer.durability();
         let task = EngineTask {
             work_moved: false,
@@ -129,9 +146,19 @@ impl Engine {
             pending_effects,
             key,
             metrics,
+            events: events.clone(),
+            published: Vec::new(),
         };
         tokio::spawn(task.run(receiver));
-        Engine { requests, durability }
+        Engine { requests, durability, events }
+    }
+
+    /// Every event from now on, in log order, each once it is durable. A subscriber more
+    /// than [`EVENTS_BUFFERED`] events behind gets `Lagged` and must read the log to catch
+    /// up. Events decided before this call may be missed; an [`Engine::read`] after it
+    /// waits until they are durable, so the log has them.
+    pub fn subscribe_events(&self) -> broadcast::Receiver<Arc<DurableEvent>> {
+        self.events.subscribe()
     }
 
     /// A heartbeat: volatile, answered at once (nothing about it is logged here).
@@ -234,21 +261,26 @@ impl Submitted {
 }
 
 /// Passes effects on in order, each batch once the barrier queued after its events is
-/// durable: nothing outside acts on an event a crash could take back.
+/// durable: nothing outside acts on an event a crash could take back. The events
+/// themselves go to the subscribers of [`Engine::subscribe_events`] the same way.
 async fn forward_effects(
-    mut pending: mpsc::UnboundedReceiver<(AppendAck, Vec<Effect>)>,
+    mut pending: mpsc::UnboundedReceiver<Outputs>,
     effects: mpsc::UnboundedSender<Effect>,
+    events: broadcast::Sender<Arc<DurableEvent>>,
 ) {
-    while let Some((barrier, batch)) = pending.recv().await {
+    let mut routing = true;
+    while let Some((barrier, batch, published)) = pending.recv().await {
         if wait_durable(barrier).await.is_err() {
             // The log failed: what these effects stand on may be lost. Act on nothing more.
             tracing::error!(dropped = batch.len(), "the log failed; effects of unlogged events are dropped");
             continue;
         }
         for effect in batch {
-            if effects.send(effect).is_err() {
-                return;
-            }
+            routing = routing && effects.send(effect).is_ok();
+        }
+        for event in published {
+            // No subscriber is fine: the log keeps everything.
+            let _ = events.send(event);
         }
     }
 }
@@ -268,7 +300,11 @@ struct EngineTask {
     events_since_snapshot: u64,
     last_snapshot: Instant,
     snapshot_in_flight: Option<tokio::task::JoinHandle<()>>,
-    pending_effects: mpsc::UnboundedSender<(AppendAck, Vec<Effect>)>,
+    pending_effects: mpsc::UnboundedSender<Outputs>,
+    /// Where durable events go, and the ones waiting for the next barrier. Events are
+    /// copied only while someone subscribes: the hot path pays nothing otherwise.
+    events: broadcast::Sender<Arc<DurableEvent>>,
+    published: Vec<Arc<DurableEvent>>,
     /// A command queued or freed work, or lost an agent: assign now, not at the next tick.
     work_moved: bool,
     /// Records and snapshots are sealed with this key (encryption at rest), if set.
@@ -387,17 +423,18 @@ impl EngineTask {
         self.flush_effects(&writer).await;
     }
 
-    /// Hands the effects the core queued to the forwarder, behind a barrier.
+    /// Hands the effects the core queued, and the events for subscribers, to the
+    /// forwarder, behind a barrier.
     async fn flush_effects(&mut self, writer: &Writer) {
         let mut batch = Vec::new();
         while let Some(effect) = self.core.poll_effect() {
             batch.push(effect);
         }
-        if batch.is_empty() {
+        if batch.is_empty() && self.published.is_empty() {
             return;
         }
         let barrier = writer.append(Vec::new()).await;
-        let _ = self.pending_effects.send((barrier, batch));
+        let _ = self.pending_effects.send((barrier, batch, std::mem::take(&mut self.published)));
     }
 
     fn execute(&mut self, writer: &Writer, command: Command) -> (Result<Response, EngineError>, Vec<Record>) {
@@ -416,10 +453,15 @@ impl EngineTask {
         };
         // Counted as applied: a log failure after this stops hale taking writes at all.
         self.metrics.observe(&self.core, now, &events);
+        let publish = self.events.receiver_count() > 0;
         let records: Vec<Record> = events
             .iter()
             .map(|event| {
                 let record = Record::encode_with(self.next_seq, now, event, self.key.as_ref());
+                if publish {
+                    let event = event.clone();
+                    self.published.push(Arc::new(DurableEvent { seq: self.next_seq, at: now, event }));
+                }
                 self.next_seq += 1;
                 record
             })

@@ -168,6 +168,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         metrics,
         metrics_access: Arc::new(config.metrics.clone()),
         backups: backups.clone(),
+        log_path: data_dir.log_path(),
+        keys: config.encryption.clone(),
     };
     let router = api::router(app);
     let stop_serving = stopping;

@@ -99,6 +99,15 @@ enum Commands {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// Print the log as an audit trail: time, kind, agent and a line for each event
+    /// (--follow keeps printing them as they happen).
+    Events(crate::events_cli::EventsArgs),
+    /// Print the address of the live dashboard, with the admin token in its fragment
+    /// (`http://…/#token=…`); opens nothing.
+    Dashboard {
+        #[command(flatten)]
+        server: ServerArg,
+    },
     /// Print an agent's output (stdout and stderr), from its log files.
     Logs {
         agent: String,
@@ -257,6 +266,15 @@ pub(crate) struct ServerArg {
 }
 
 impl ServerArg {
+    /// `--token`/`HALE_TOKEN`, else the admin token hale keeps in its data directory.
+    pub(crate) fn token(&self) -> Option<String> {
+        self.token.clone().or_else(|| {
+            std::fs::read_to_string(self.data.join(hale_server::auth::ADMIN_TOKEN_FILE))
+                .ok()
+                .map(|text| text.trim().to_string())
+        })
+    }
+
     /// A client of the hale asked, with the token: `--token`/`HALE_TOKEN`, else the admin
     /// token hale keeps in its data directory on this machine.
     pub(crate) fn admin(&self) -> Result<Admin> {
@@ -264,12 +282,7 @@ impl ServerArg {
         if let Some(ca_file) = &self.ca_file {
             admin = admin.with_ca_file(ca_file)?;
         }
-        let found = self.token.clone().or_else(|| {
-            std::fs::read_to_string(self.data.join(hale_server::auth::ADMIN_TOKEN_FILE))
-                .ok()
-                .map(|text| text.trim().to_string())
-        });
-        Ok(match found {
+        Ok(match self.token() {
             Some(token) => admin.with_token(token),
             None => admin,
         })
@@ -341,6 +354,8 @@ pub async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Commands::Status { json, server } => crate::tasks_cli::status(json, &server).await,
+        Commands::Events(args) => crate::events_cli::events(args).await,
+        Commands::Dashboard { server } => crate::events_cli::dashboard(&server),
         Commands::Logs { agent, follow, lines, config, data } => logs(&agent, follow, lines, config, data).await,
         Commands::Demo(args) => demo::run(args).await,
         Commands::DemoAgent(args) => demo_agent::run(args).await,

@@ -4,6 +4,7 @@ mod bench;
 mod cli;
 mod demo;
 mod demo_agent;
+mod events_cli;
 mod progress;
 mod tasks_cli;
 

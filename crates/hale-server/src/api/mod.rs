@@ -2,7 +2,9 @@
 
 mod backups;
 pub(crate) mod convert;
+mod dashboard;
 mod error;
+pub mod events;
 mod http;
 pub(crate) mod mail;
 mod metrics;
@@ -42,15 +44,21 @@ pub struct AppState {
     pub metrics_access: Arc<crate::metrics::MetricsAccess>,
     /// Online backups of the log.
     pub backups: Arc<crate::backup::Backups>,
+    /// The log's database, which `GET /v1/events` reads over a read-only connection.
+    pub log_path: std::path::PathBuf,
+    /// The keys that open sealed records (encryption at rest), for the events it reads.
+    pub keys: Option<Arc<hale_store::Keyring>>,
 }
 
-/// All routes; every one but the probes and the refresh needs a token (`/metrics` may
-/// take its own token, or none when `metrics_public`).
+/// All routes; every one but the probes, the refresh and the dashboard's files needs a
+/// token (`/metrics` may take its own token, or none when `metrics_public`).
 pub fn router(state: AppState) -> Router {
     http::routes()
         .merge(tokens::routes())
         .route("/metrics", axum::routing::get(metrics::scrape))
         .merge(backups::routes())
+        .merge(events::routes())
+        .merge(dashboard::routes())
         .route(hale_proto::SESSION_PATH, axum::routing::get(ws::upgrade))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state)
@@ -60,7 +68,7 @@ pub fn router(state: AppState) -> Router {
 /// WebSocket path, for clients that cannot set headers) and hands it to the handler.
 async fn authenticate(State(app): State<AppState>, mut request: Request, next: Next) -> Result<Response, ApiError> {
     let path = request.uri().path();
-    if matches!(path, "/healthz" | "/readyz" | "/v1/auth/refresh") {
+    if matches!(path, "/healthz" | "/readyz" | "/v1/auth/refresh") || dashboard::PUBLIC_PATHS.contains(&path) {
         return Ok(next.run(request).await);
     }
     let header = request

@@ -136,7 +136,9 @@ async fn measure(args: &BenchArgs, steps: &[usize], seconds: f64, transport: Tra
                 joining.spawn(async move {
                     match transport {
                         Transport::Engine => register(&engine, &name).await.map(Beater::Engine),
-                        Transport::Websocket => connect(&url, &token, &name).await.map(|socket| Beater::Socket(Box::new(socket))),
+                        Transport::Websocket => {
+                            connect(&url, &token, &name).await.map(|socket| Beater::Socket(Box::new(socket)))
+                        }
                     }
                 });
             }

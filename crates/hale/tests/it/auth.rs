@@ -166,6 +166,8 @@ fn routes() -> Vec<(&'static str, &'static str, Value, bool)> {
         ("POST", "/v1/tasks/1/complete", bob(json!({"result": 1})), false),
         ("POST", "/v1/tasks/1/fail", bob(json!({"reason": "x"})), false),
         ("GET", "/v1/status", Value::Null, true),
+        ("GET", "/v1/events", Value::Null, true),
+        ("GET", "/v1/events/stream", Value::Null, true),
         ("POST", "/v1/tasks", json!({"role": "r"}), false),
         ("GET", "/v1/session", Value::Null, false),
     ]

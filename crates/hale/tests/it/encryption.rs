@@ -179,6 +179,11 @@ async fn payloads_are_unreadable_at_rest_and_a_wrong_or_missing_key_is_refused()
     assert_eq!((state.state.clone(), state.version), (expected.state.clone(), expected.version));
     let info = hale.admin().task(task).await.unwrap();
     assert_eq!(info.payload, json!({"spec": "TASK-PAYLOAD-9133"}));
+    // The audit trail opens sealed records with the key: no record reads as damaged.
+    let (status, _, events) =
+        crate::support::http_as(hale.addr, Some(crate::support::ADMIN), "GET", "/v1/events?kind=checkpointed", b"");
+    assert_eq!(status, 200, "{events}");
+    assert!(events.contains("SECRET-PAYLOAD-4711") && !events.contains("damaged"), "{events}");
     assert!(hale.terminate().success());
     assert_nothing_readable(&data, "k1");
     assert_eq!(newest_snapshot_key(&data), "k1");

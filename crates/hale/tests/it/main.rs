@@ -7,6 +7,7 @@ mod backup;
 mod bad_input;
 mod corruption;
 mod crash;
+mod dashboard;
 mod demo;
 mod encryption;
 mod fsync;
