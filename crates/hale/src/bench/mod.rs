@@ -89,6 +89,10 @@ pub struct BenchArgs {
     /// messages: sends in flight at once.
     #[arg(long, default_value_t = 64)]
     message_window: usize,
+    /// Where to write every scenario's result as one JSON file [default with no scenario
+    /// named: hale-bench-<unix seconds>.json in this directory].
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Where to create the temporary data directory (default: the system's temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -144,6 +148,8 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
             Scenario::HeartbeatCapacity,
         ],
     };
+    let all = args.scenario.is_none();
+    let mut results = Vec::new();
     for scenario in scenarios {
         let result = match scenario {
             Scenario::DurableAppend => durable_append::durable_append(&args).await?,
@@ -158,11 +164,79 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
         };
         if args.json {
             println!("{}", serde_json::to_string(&result)?);
-        } else {
+        } else if !all {
             println!("{}", serde_json::to_string_pretty(&result)?);
         }
+        results.push(result);
+    }
+    if all {
+        println!("{}", table(&results));
+    }
+    let out = args.out.clone().or_else(|| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        all.then(|| PathBuf::from(format!("hale-bench-{}.json", now.as_secs())))
+    });
+    if let Some(out) = out {
+        let document = json!({ "machine": machine(), "results": results });
+        std::fs::write(&out, serde_json::to_string_pretty(&document)?)?;
+        eprintln!("every scenario's result, with how it was measured: {}", out.display());
     }
     Ok(0)
+}
+
+/// One line per scenario: what it measures, its headline figure, p50 and p99.
+fn table(results: &[Value]) -> String {
+    let number = |value: &Value| match value.as_f64() {
+        Some(n) if n.fract() == 0.0 => format!("{n:.0}"),
+        Some(n) => format!("{n:.2}"),
+        None => "-".to_string(),
+    };
+    let ms = |value: &Value| if value.is_null() { "-".to_string() } else { format!("{} ms", number(value)) };
+    let mut rows = vec![["scenario".to_string(), "result".to_string(), "p50".to_string(), "p99".to_string()]];
+    for result in results {
+        let scenario = result["scenario"].as_str().unwrap_or("?").to_string();
+        let row = match scenario.as_str() {
+            "replay" => [
+                format!("{} events recovered in {} s cold", number(&result["ops"]), number(&result["cold_seconds"])),
+                format!("{} s from a snapshot", number(&result["snapshot_seconds"])),
+                "-".into(),
+            ],
+            "heartbeat-capacity" => [
+                format!(
+                    "{} agents at 1 Hz (engine); {} over WebSocket (fd limit {})",
+                    number(&result["agents"]),
+                    number(&result["websocket_agents"]),
+                    number(&result["open_file_limit"])
+                ),
+                "-".into(),
+                "-".into(),
+            ],
+            "messages" => [
+                format!("{} messages/s delivered and acked", number(&result["delivered_acked_per_s"])),
+                ms(&result["send_to_receive"]["p50_ms"]),
+                ms(&result["send_to_receive"]["p99_ms"]),
+            ],
+            "detect" => [
+                format!("silence to down, {} false downs", number(&result["false_downs"])),
+                ms(&result["p50_ms"]),
+                ms(&result["p99_ms"]),
+            ],
+            _ if !result["throughput_per_s"].is_null() => {
+                [format!("{}/s", number(&result["throughput_per_s"])), ms(&result["p50_ms"]), ms(&result["p99_ms"])]
+            }
+            _ => ["time to recover".into(), ms(&result["p50_ms"]), ms(&result["p99_ms"])],
+        };
+        let [what, p50, p99] = row;
+        rows.push([scenario, what, p50, p99]);
+    }
+    let widths: Vec<usize> = (0..4).map(|column| rows.iter().map(|row| row[column].len()).max().unwrap_or(0)).collect();
+    rows.iter()
+        .map(|row| {
+            let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+            cells.join("  ").trim_end().to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The supervision of the benches' agents: restart always and at once (no backoff), with

@@ -9,6 +9,7 @@ mod corruption;
 mod crash;
 mod dashboard;
 mod demo;
+mod deploy;
 mod encryption;
 mod fsync;
 mod health;

@@ -73,6 +73,11 @@ where
 /// CLI, `Admin` and sessions can be given it. The auth tests start hale without it.
 pub const ADMIN: &str = "test-admin-token-6b1f0c2e9d";
 
+/// Starts a prepared `hale` command line as it is (e.g. the systemd unit's ExecStart).
+pub fn serve_with_command(command: Command) -> Result<Hale, String> {
+    launch(command)
+}
+
 fn launch(mut command: Command) -> Result<Hale, String> {
     if !command.get_envs().any(|(key, _)| key == "HALE_ADMIN_TOKEN") {
         command.env("HALE_ADMIN_TOKEN", ADMIN);
