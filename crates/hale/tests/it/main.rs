@@ -12,6 +12,7 @@ mod demo;
 mod encryption;
 mod fsync;
 mod health;
+mod hooks;
 mod messaging;
 mod metrics;
 mod python;
