@@ -1,6 +1,6 @@
 use crate::health::{Reporter, Severity};
-use crate::liveness::Progress;
 use crate::hooks::HookKind;
+use crate::liveness::Progress;
 use crate::names::{AgentName, ConversationId, HookName, PointName, RoleName};
 use crate::supervision::{Cause, ProcessRef, Supervision};
 use crate::tasks::{LlmCall, Mode, Spend, TaskSpec};

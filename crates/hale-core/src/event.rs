@@ -1,7 +1,7 @@
 use crate::Timestamp;
 use crate::health::{Reporter, Severity};
-use crate::liveness::Progress;
 use crate::hooks::HookKind;
+use crate::liveness::Progress;
 use crate::names::{AgentName, ConversationId, HookName, PointName, RoleName};
 use crate::supervision::{Cause, ProcessRef, Supervision};
 use crate::tasks::{Level, LlmCall, Mode, Outcome, Parent, Spend, TaskSpec};

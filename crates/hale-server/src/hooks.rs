@@ -168,7 +168,10 @@ async fn dispatch(mut events: broadcast::Receiver<Arc<DurableEvent>>, hooks: Vec
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 // Only when the dispatcher was not scheduled while 1,024 events were
                 // logged; the missed ones are in the log.
-                tracing::error!(missed, "the hook dispatcher fell behind: hooks for some of the missed events were not called");
+                tracing::error!(
+                    missed,
+                    "the hook dispatcher fell behind: hooks for some of the missed events were not called"
+                );
                 continue;
             }
             Err(broadcast::error::RecvError::Closed) => return,
@@ -252,7 +255,9 @@ async fn work(hook: Arc<Hook>, engine: Engine, client: reqwest::Client) {
             }
         }
         match &outcome {
-            Ok(()) => tracing::info!(hook = %config.name, seq = body.seq, kind = %body.kind, attempts, "hook delivered"),
+            Ok(()) => {
+                tracing::info!(hook = %config.name, seq = body.seq, kind = %body.kind, attempts, "hook delivered")
+            }
             Err(error) => tracing::error!(
                 hook = %config.name, seq = body.seq, kind = %body.kind, attempts, %error,
                 "hook FAILED: giving up after {attempts} attempts"

@@ -126,13 +126,11 @@ fn the_backup_section_is_parsed_and_checked_with_lines() {
 
 #[test]
 fn the_examples_hook_is_valid_once_uncommented() {
-    let example = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../hale.example.toml")).unwrap();
+    let example =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../hale.example.toml")).unwrap();
     let start = example.find("# [[hook]]").expect("the example has a hook");
-    let hook: String = example[start..]
-        .lines()
-        .map(|line| line.strip_prefix("# ").unwrap_or(line))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let hook: String =
+        example[start..].lines().map(|line| line.strip_prefix("# ").unwrap_or(line)).collect::<Vec<_>>().join("\n");
     let manifest = parse(&hook).unwrap();
     let hooks = manifest.hooks(Path::new("/etc/hale"));
     assert_eq!(hooks.len(), 1);
@@ -145,7 +143,8 @@ fn the_examples_hook_is_valid_once_uncommented() {
 
 #[test]
 fn hooks_are_checked_with_their_line() {
-    let message = error("[[hook]]\nname = \"pager\"\non = [\"agent.down\",\n  \"agent.exploded\"]\nwebhook = \"http://x:1/\"\n");
+    let message =
+        error("[[hook]]\nname = \"pager\"\non = [\"agent.down\",\n  \"agent.exploded\"]\nwebhook = \"http://x:1/\"\n");
     assert!(message.contains("line 4"), "{message}");
     assert!(message.contains("\"agent.exploded\""), "{message}");
     assert!(message.contains("agent.down, agent.failed, agent.stalled"), "{message}");
@@ -164,7 +163,8 @@ fn hooks_are_checked_with_their_line() {
     let message = error("[[hook]]\nname = \"p\"\non = [\"task.failed\"]\ncommand = [\"x\"]\nretry = 3\n");
     assert!(message.contains("retry"), "{message}");
     // A relative command with a slash is relative to hale.toml; a bare one is looked up in PATH.
-    let manifest = parse("[[hook]]\nname = \"p\"\non = [\"task.failed\"]\ncommand = [\"bin/notify\", \"-u\"]\n").unwrap();
+    let manifest =
+        parse("[[hook]]\nname = \"p\"\non = [\"task.failed\"]\ncommand = [\"bin/notify\", \"-u\"]\n").unwrap();
     let target = &manifest.hooks(Path::new("/etc/hale"))[0].target;
     assert_eq!(target, &crate::hooks::HookTarget::Command { argv: vec!["/etc/hale/bin/notify".into(), "-u".into()] });
 }

@@ -15,7 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// A hale.toml with one demo agent `worker` (restarted always) and `hooks` appended.
 fn config(dir: &Path, hooks: &str) -> std::path::PathBuf {
     let args = serde_json::to_string(&["demo-agent", "worker", "--step-ms", "100"]).unwrap();
-    let text = format!("[[agent]]\nname = \"worker\"\ncommand = \"{HALE}\"\nargs = {args}\nrestart = \"always\"\n\n{hooks}");
+    let text =
+        format!("[[agent]]\nname = \"worker\"\ncommand = \"{HALE}\"\nargs = {args}\nrestart = \"always\"\n\n{hooks}");
     let path = dir.join("hale.toml");
     std::fs::write(&path, text).unwrap();
     path
@@ -57,7 +58,8 @@ impl Webhook {
                     match answers[index.min(answers.len() - 1)] {
                         Answer::Hang => tokio::time::sleep(Duration::from_secs(30)).await,
                         Answer::Status(status) => {
-                            let response = format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                            let response =
+                                format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
                             let _ = stream.write_all(response.as_bytes()).await;
                         }
                     }
@@ -130,7 +132,8 @@ fn down_seq(hale: &support::Hale, incarnation: u64) -> u64 {
 async fn a_killed_agent_is_posted_to_the_webhook_and_the_delivery_is_logged() {
     let temp = tempfile::tempdir().unwrap();
     let webhook = Webhook::start(vec![Answer::Status(204)]).await;
-    let hooks = format!("[[hook]]\nname = \"pager\"\non = [\"agent.down\", \"agent.failed\"]\nwebhook = \"{}\"\n", webhook.url);
+    let hooks =
+        format!("[[hook]]\nname = \"pager\"\non = [\"agent.down\", \"agent.failed\"]\nwebhook = \"{}\"\n", webhook.url);
     let hale = up(&config(temp.path(), &hooks), &temp.path().join("data"), "127.0.0.1:0");
     let admin = hale.admin();
     let pid = running(&admin, 1).await;
@@ -146,10 +149,9 @@ async fn a_killed_agent_is_posted_to_the_webhook_and_the_delivery_is_logged() {
     assert!(body["summary"].as_str().unwrap().contains("signal 9"), "{body}");
     assert_eq!(body["event"]["incarnation"], 1, "{body}");
 
-    let delivered = eventually("hook_delivered in the log", 10, || async {
-        events(&hale, "hook_delivered").into_iter().next()
-    })
-    .await;
+    let delivered =
+        eventually("hook_delivered in the log", 10, || async { events(&hale, "hook_delivered").into_iter().next() })
+            .await;
     let logged = &delivered["event"];
     assert_eq!((logged["hook"].as_str(), logged["kind"].as_str()), (Some("pager"), Some("agent.down")), "{delivered}");
     assert_eq!((logged["seq"].as_u64(), logged["attempts"].as_u64()), (Some(seq), Some(1)), "{delivered}");
@@ -214,10 +216,9 @@ async fn a_failing_webhook_is_retried_and_given_up_on_while_the_agent_is_already
     let attempts: Vec<Instant> = webhook.received.lock().unwrap().iter().map(|(at, _)| *at).collect();
     assert!(attempts[1] - attempts[0] >= Duration::from_millis(2900), "the first attempt waited for its timeout");
 
-    let failed = eventually("hook_failed for the closed port", 20, || async {
-        events(&hale, "hook_failed").into_iter().next()
-    })
-    .await;
+    let failed =
+        eventually("hook_failed for the closed port", 20, || async { events(&hale, "hook_failed").into_iter().next() })
+            .await;
     let logged = &failed["event"];
     assert_eq!((logged["hook"].as_str(), logged["seq"].as_u64()), (Some("gone"), Some(seq)), "{failed}");
     assert_eq!(logged["attempts"], 2, "one try and one retry: {failed}");
@@ -247,7 +248,8 @@ async fn a_command_hook_gets_the_event_on_stdin_and_in_its_environment() {
     assert_eq!((body["hook"].as_str(), body["kind"].as_str()), (Some("notify"), Some("agent.down")), "{body}");
     assert_eq!((body["agent"].as_str(), body["seq"].as_u64()), (Some("worker"), Some(seq)), "{body}");
     let env = std::fs::read_to_string(temp.path().join("told.json.env")).unwrap();
-    let expected = format!("HALE_HOOK_AGENT=worker\nHALE_HOOK_KIND=agent.down\nHALE_HOOK_NAME=notify\nHALE_HOOK_SEQ={seq}\n");
+    let expected =
+        format!("HALE_HOOK_AGENT=worker\nHALE_HOOK_KIND=agent.down\nHALE_HOOK_NAME=notify\nHALE_HOOK_SEQ={seq}\n");
     assert_eq!(env, expected);
     let delivered =
         eventually("hook_delivered", 10, || async { events(&hale, "hook_delivered").into_iter().next() }).await;
@@ -259,8 +261,11 @@ async fn a_command_hook_gets_the_event_on_stdin_and_in_its_environment() {
 fn an_unknown_hook_kind_is_refused_with_its_line_and_the_valid_kinds() {
     let temp = tempfile::tempdir().unwrap();
     let path = temp.path().join("hale.toml");
-    std::fs::write(&path, "[[hook]]\nname = \"pager\"\non = [\"agent.down\", \"agent.exploded\"]\nwebhook = \"http://127.0.0.1:9/\"\n")
-        .unwrap();
+    std::fs::write(
+        &path,
+        "[[hook]]\nname = \"pager\"\non = [\"agent.down\", \"agent.exploded\"]\nwebhook = \"http://127.0.0.1:9/\"\n",
+    )
+    .unwrap();
     let (code, out, err) = support::hale(&["check", "-c", path.to_str().unwrap()]);
     assert_ne!(code, 0, "{out}");
     assert!(err.contains("line 3"), "{err}");
