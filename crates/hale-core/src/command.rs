@@ -1,6 +1,7 @@
 use crate::health::{Reporter, Severity};
+use crate::hooks::HookKind;
 use crate::liveness::Progress;
-use crate::names::{AgentName, ConversationId, PointName, RoleName};
+use crate::names::{AgentName, ConversationId, HookName, PointName, RoleName};
 use crate::supervision::{Cause, ProcessRef, Supervision};
 use crate::tasks::{LlmCall, Mode, Spend, TaskSpec};
 use serde::{Deserialize, Serialize};
@@ -123,6 +124,9 @@ pub enum Command {
     AckMessage { agent: AgentName, incarnation: u64, seq: u64 },
     /// The agent ends a conversation it takes part in.
     EndConversation { agent: AgentName, incarnation: u64, conversation: ConversationId },
+    /// The shell tried to deliver hook `hook` about event `seq` (of kind `kind`)
+    /// `attempts` times: it succeeded, or it gave up with `error`.
+    RecordHookOutcome { hook: HookName, kind: HookKind, seq: u64, attempts: u32, error: Option<String> },
 }
 
 /// Where a message goes.
@@ -168,7 +172,8 @@ impl Command {
             | Command::SetMode { .. }
             | Command::IssueTokens { .. }
             | Command::RefreshTokens { .. }
-            | Command::RevokeTokens { .. } => return None,
+            | Command::RevokeTokens { .. }
+            | Command::RecordHookOutcome { .. } => return None,
             Command::AssignTask { agent, .. }
             | Command::IntendStep { agent, .. }
             | Command::Reserve { agent, .. }

@@ -43,6 +43,16 @@ pub(crate) fn decide(
         Command::SendMessage { .. } | Command::AckMessage { .. } | Command::EndConversation { .. } => {
             mail::decide(state, limits, command)
         }
+        Command::RecordHookOutcome { hook, kind, seq, attempts, error } => {
+            let (hook, kind, seq, attempts) = (hook.clone(), *kind, *seq, (*attempts).max(1));
+            Ok(vec![match error {
+                None => Event::HookDelivered { hook, kind, seq, attempts },
+                Some(error) => {
+                    check_reason(error)?;
+                    Event::HookFailed { hook, kind, seq, attempts, error: error.clone() }
+                }
+            }])
+        }
         Command::DeclareRole { role, min, max, supervision } => {
             let unchanged = state.roles().any(|(name, pool)| {
                 name == role && pool.min == *min && pool.max == *max && pool.supervision == *supervision

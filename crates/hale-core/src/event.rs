@@ -1,7 +1,8 @@
 use crate::Timestamp;
 use crate::health::{Reporter, Severity};
+use crate::hooks::HookKind;
 use crate::liveness::Progress;
-use crate::names::{AgentName, ConversationId, PointName, RoleName};
+use crate::names::{AgentName, ConversationId, HookName, PointName, RoleName};
 use crate::supervision::{Cause, ProcessRef, Supervision};
 use crate::tasks::{Level, LlmCall, Mode, Outcome, Parent, Spend, TaskSpec};
 use serde::{Deserialize, Serialize};
@@ -291,6 +292,22 @@ pub enum Event {
         conversation: ConversationId,
         by: AgentName,
     },
+    /// Hook `hook` was told of event `seq` (a `kind` event), at the `attempts`-th try.
+    HookDelivered {
+        hook: HookName,
+        kind: HookKind,
+        seq: u64,
+        attempts: u32,
+    },
+    /// Hook `hook` could not be told of event `seq` in `attempts` tries; the last said
+    /// `error`. Nobody retries it: the event is in the log for whoever looks.
+    HookFailed {
+        hook: HookName,
+        kind: HookKind,
+        seq: u64,
+        attempts: u32,
+        error: String,
+    },
 }
 
 impl Event {
@@ -315,7 +332,9 @@ impl Event {
             | Event::TokensRefreshed { .. }
             | Event::TokensRevoked { .. }
             | Event::MessageSent { .. }
-            | Event::ConversationEnded { .. } => return None,
+            | Event::ConversationEnded { .. }
+            | Event::HookDelivered { .. }
+            | Event::HookFailed { .. } => return None,
             Event::MessageAcked { agent, .. } => agent,
             Event::BudgetReserved { agent, .. }
             | Event::SpendReported { agent, .. }
@@ -385,6 +404,8 @@ impl Event {
             Event::MessageSent { .. } => "message_sent",
             Event::MessageAcked { .. } => "message_acked",
             Event::ConversationEnded { .. } => "conversation_ended",
+            Event::HookDelivered { .. } => "hook_delivered",
+            Event::HookFailed { .. } => "hook_failed",
         }
     }
 }

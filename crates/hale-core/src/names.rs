@@ -112,6 +112,11 @@ name_type!(
     "recovery point"
 );
 name_type!(
+    /// The name of a failure hook of hale.toml, e.g. `pager`.
+    HookName,
+    "hook"
+);
+name_type!(
     /// The id of a conversation between agents, e.g. `review-42` (hale makes `c-N` when
     /// a sender names none).
     ConversationId,

@@ -241,6 +241,8 @@ impl State {
                 self.mode = mode;
                 return;
             }
+            // The audit trail of hooks is the log itself; the state keeps nothing of it.
+            Event::HookDelivered { .. } | Event::HookFailed { .. } => return,
             Event::TokensIssued { .. } | Event::TokensRefreshed { .. } | Event::TokensRevoked { .. } => {
                 return crate::credentials::apply(&mut self.credentials, event);
             }
@@ -322,7 +324,9 @@ impl State {
             | Event::TokensRevoked { .. }
             | Event::MessageSent { .. }
             | Event::MessageAcked { .. }
-            | Event::ConversationEnded { .. } => unreachable!("handled above"),
+            | Event::ConversationEnded { .. }
+            | Event::HookDelivered { .. }
+            | Event::HookFailed { .. } => unreachable!("handled above"),
             Event::IncarnationStarted { incarnation, .. } => {
                 record.incarnation = incarnation;
                 if let Some(managed) = &mut record.managed {

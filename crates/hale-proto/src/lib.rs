@@ -1041,3 +1041,40 @@ pub struct BackupDone {
     pub last_seq: u64,
     pub elapsed_ms: u64,
 }
+
+/// One failure hook of hale.toml, as `GET /v1/hooks` shows it. The counters and the last
+/// outcomes are since this hale started; every outcome is also in the log
+/// (`hook_delivered`, `hook_failed`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HookStatus {
+    pub name: String,
+    /// The event kinds it is called on (`agent.down`, …).
+    pub on: Vec<String>,
+    /// `webhook URL` or `command ARGV…`.
+    pub target: String,
+    /// Deliveries waiting for their turn.
+    pub queued: u64,
+    pub delivered: u64,
+    /// Deliveries given up after every retry.
+    pub failed: u64,
+    /// Deliveries dropped unsent because the hook's queue was full.
+    pub dropped: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_delivered: Option<HookOutcome>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failed: Option<HookOutcome>,
+}
+
+/// How one delivery of a hook ended.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HookOutcome {
+    /// The event it was about.
+    pub seq: u64,
+    pub kind: String,
+    /// When it ended, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    pub attempts: u32,
+    /// Why the last attempt failed (for a failure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}

@@ -48,6 +48,8 @@ pub struct ServerConfig {
     pub metrics: crate::metrics::MetricsAccess,
     /// Automatic backups (`[backup]`); `None` takes none.
     pub backup: Option<BackupSchedule>,
+    /// Failure hooks (`[[hook]]`), for `hale serve` and `hale up` alike.
+    pub hooks: Vec<crate::hooks::HookConfig>,
 }
 
 /// Automatic backups: one every `every` into `dir`, the newest `keep` kept.
@@ -133,6 +135,7 @@ impl ServerConfig {
             encryption: None,
             metrics: crate::metrics::MetricsAccess::default(),
             backup: None,
+            hooks: Vec::new(),
         }
     }
 }

@@ -687,7 +687,8 @@ fn respond(state: &State, command: &Command, facts: Facts, record: Option<&Agent
         | Command::RevokeTokens { .. }
         | Command::SendMessage { .. }
         | Command::AckMessage { .. }
-        | Command::EndConversation { .. } => Response::Done,
+        | Command::EndConversation { .. }
+        | Command::RecordHookOutcome { .. } => Response::Done,
     }
 }
 

@@ -12,6 +12,7 @@ pub mod backup;
 mod clock;
 mod config;
 pub mod engine;
+pub mod hooks;
 pub mod limits;
 pub mod manifest;
 pub mod metrics;
@@ -70,6 +71,7 @@ pub struct RunningServer {
     auth: Arc<auth::Auth>,
     backups: Arc<backup::Backups>,
     scheduled_backups: Option<tokio::task::JoinHandle<()>>,
+    hooks: Arc<hooks::Hooks>,
 }
 
 /// Recovers the data directory and starts serving.
@@ -131,6 +133,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let listener = bind(config.listen).map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     let local_addr = listener.local_addr().map_err(ServerError::Serve)?;
     let sessions = Arc::new(Sessions::default());
+    // Before the supervisor: the events of the agents' first starts may call for hooks.
+    let hooks = hooks::Hooks::start(&engine, config.hooks.clone());
     let mut stop_grace = Duration::from_secs(5);
     let supervisor = match &config.supervise {
         None => None,
@@ -170,6 +174,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         backups: backups.clone(),
         log_path: data_dir.log_path(),
         keys: config.encryption.clone(),
+        hooks: hooks.clone(),
     };
     let router = api::router(app);
     let stop_serving = stopping;
@@ -200,6 +205,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         auth,
         backups,
         scheduled_backups,
+        hooks,
     })
 }
 
@@ -386,6 +392,8 @@ impl RunningServer {
         if let Some(supervisor) = &self.supervisor {
             supervisor.stop_all(self.stop_grace).await;
         }
+        // After the agents' stops (which call for no hook), before the engine stops.
+        self.hooks.stop();
         let _ = self.shutdown.send(true);
         // A backup in progress stops at its next step and leaves no file.
         self.backups.cancel();

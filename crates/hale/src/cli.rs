@@ -480,9 +480,13 @@ async fn serve(args: ServeArgs, supervise: bool) -> Result<i32> {
     };
     config.encryption =
         load_keys(args.encryption_key_file.as_deref().or(manifest.server.encryption_key_file.as_deref()))?;
+    // Relative commands of agents and hooks resolve against the directory of hale.toml.
+    let base = match config_path.as_deref() {
+        Some(path) => std::path::absolute(path)?.parent().map(PathBuf::from).unwrap_or_default(),
+        None => std::env::current_dir()?,
+    };
+    config.hooks = manifest.hooks(&base);
     if supervise {
-        let path = config_path.as_deref().expect("hale up has a config path");
-        let base = std::path::absolute(path)?.parent().map(PathBuf::from).unwrap_or_default();
         config.supervise = Some(manifest.supervise(&base));
     }
     // Handlers first: a SIGTERM that arrives the moment we are listening must mean a clean

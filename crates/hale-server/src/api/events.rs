@@ -435,6 +435,12 @@ pub fn summary(event: &Event) -> String {
         }
         Event::MessageAcked { agent, seq } => format!("{agent} acked message {seq} of its mailbox"),
         Event::ConversationEnded { conversation, by } => format!("conversation {conversation} ended by {by}"),
+        Event::HookDelivered { hook, kind, seq, attempts } => {
+            format!("hook {hook} told of event {seq} ({kind}) at attempt {attempts}")
+        }
+        Event::HookFailed { hook, kind, seq, attempts, error } => {
+            format!("hook {hook} FAILED to tell of event {seq} ({kind}) after {attempts} attempts: {error}")
+        }
     }
 }
 

@@ -5,6 +5,7 @@ pub(crate) mod convert;
 mod dashboard;
 mod error;
 pub mod events;
+mod hooks;
 mod http;
 pub(crate) mod mail;
 mod metrics;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub log_path: std::path::PathBuf,
     /// The keys that open sealed records (encryption at rest), for the events it reads.
     pub keys: Option<Arc<hale_store::Keyring>>,
+    /// The failure hooks of hale.toml, for `GET /v1/hooks`.
+    pub hooks: Arc<crate::hooks::Hooks>,
 }
 
 /// All routes; every one but the probes, the refresh and the dashboard's files needs a
@@ -58,6 +61,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", axum::routing::get(metrics::scrape))
         .merge(backups::routes())
         .merge(events::routes())
+        .route("/v1/hooks", axum::routing::get(hooks::list))
         .merge(dashboard::routes())
         .route(hale_proto::SESSION_PATH, axum::routing::get(ws::upgrade))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))

@@ -38,6 +38,8 @@ pub struct Manifest {
     pub groups: Vec<GroupSpec>,
     #[serde(rename = "role")]
     pub roles: Vec<RoleSpec>,
+    #[serde(rename = "hook")]
+    pub hooks: Vec<HookSpec>,
 }
 
 /// `[server]`.
@@ -298,6 +300,41 @@ fn default_pool_max() -> u32 {
     1
 }
 
+/// `[[hook]]`: who to tell when something goes wrong (a webhook or a command).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookSpec {
+    pub name: Spanned<String>,
+    /// Event kinds, e.g. `agent.down` (see [`HookKind`](hale_core::hooks::HookKind)).
+    #[serde(default)]
+    pub on: Vec<Spanned<String>>,
+    /// `POST` the event as JSON here.
+    pub webhook: Option<Spanned<String>>,
+    /// Or run this, the event as JSON on stdin.
+    pub command: Option<Spanned<Vec<String>>>,
+    #[serde(default = "default_hook_timeout_ms")]
+    pub timeout_ms: Spanned<u64>,
+    #[serde(default = "default_hook_retries")]
+    pub retries: Spanned<u32>,
+    #[serde(default = "default_hook_backoff_ms")]
+    pub backoff_ms: Spanned<u64>,
+}
+
+/// Retries at most: with the backoff's cap (60 s) that is over an hour of trying.
+pub const HOOK_RETRIES_MAX: u32 = 100;
+
+fn default_hook_timeout_ms() -> Spanned<u64> {
+    Spanned::new(0..0, 5_000)
+}
+
+fn default_hook_retries() -> Spanned<u32> {
+    Spanned::new(0..0, 5)
+}
+
+fn default_hook_backoff_ms() -> Spanned<u64> {
+    Spanned::new(0..0, 500)
+}
+
 /// Why a hale.toml was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -341,6 +378,43 @@ impl Manifest {
             ),
             keep: section.keep.as_ref().map_or(BackupSection::KEEP_DEFAULT, |keep| *keep.get_ref()) as usize,
         })
+    }
+
+    /// The failure hooks, with a `command` that holds a slash relative to `base` (the
+    /// directory of hale.toml), as agents' commands are.
+    pub fn hooks(&self, base: &Path) -> Vec<crate::hooks::HookConfig> {
+        use crate::hooks::{HookConfig, HookTarget};
+        self.hooks
+            .iter()
+            .map(|spec| {
+                let target = match (&spec.webhook, &spec.command) {
+                    (Some(url), _) => HookTarget::Webhook { url: url.get_ref().clone() },
+                    (None, Some(argv)) => {
+                        let mut argv = argv.get_ref().clone();
+                        if argv[0].contains('/') && Path::new(&argv[0]).is_relative() {
+                            argv[0] = base.join(&argv[0]).to_string_lossy().into_owned();
+                        }
+                        HookTarget::Command { argv }
+                    }
+                    (None, None) => unreachable!("validated"),
+                };
+                let mut on: Vec<_> = spec
+                    .on
+                    .iter()
+                    .map(|kind| hale_core::hooks::HookKind::parse(kind.get_ref()).expect("validated"))
+                    .collect();
+                on.sort();
+                on.dedup();
+                HookConfig {
+                    name: hale_core::HookName::new(spec.name.get_ref().as_str()).expect("validated"),
+                    on,
+                    target,
+                    timeout: std::time::Duration::from_millis(*spec.timeout_ms.get_ref()),
+                    retries: *spec.retries.get_ref(),
+                    backoff: std::time::Duration::from_millis(*spec.backoff_ms.get_ref()),
+                }
+            })
+            .collect()
     }
 
     /// What `hale up` runs: every `[[agent]]`, with paths relative to `base` (the
@@ -553,6 +627,13 @@ impl Manifest {
                 ));
             }
         }
+        let mut hooks = BTreeSet::new();
+        for hook in &self.hooks {
+            check_hook(hook, &line_of)?;
+            if !hooks.insert(hook.name.get_ref().as_str()) {
+                return Err((line_of(hook.name.span()), format!("hook {:?} is declared twice", hook.name.get_ref())));
+            }
+        }
         if self.limits.history_len == 0 {
             return Err((1, "limits.history_len must be at least 1 (the current version)".into()));
         }
@@ -591,6 +672,68 @@ fn probe_spec(spec: &AgentSpec) -> Option<ProbeSpec> {
         timeout: std::time::Duration::from_millis(health.timeout_ms.max(10)),
         failures_max: health.failures_max.max(1),
     })
+}
+
+fn check_hook(hook: &HookSpec, line_of: &dyn Fn(std::ops::Range<usize>) -> usize) -> Result<(), (usize, String)> {
+    use hale_core::hooks::HookKind;
+    let line = line_of(hook.name.span());
+    let name = hook.name.get_ref();
+    hale_core::HookName::new(name.as_str()).map_err(|error| (line, error.to_string()))?;
+    let what = format!("hook {name:?}");
+    let valid = || HookKind::ALL.map(HookKind::as_str).join(", ");
+    if hook.on.is_empty() {
+        return Err((line, format!("{what} has no `on`: list the events it is for, any of {}", valid())));
+    }
+    for kind in &hook.on {
+        if HookKind::parse(kind.get_ref()).is_none() {
+            return Err((
+                line_of(kind.span()),
+                format!("{what}: unknown event kind {:?} in `on`; the kinds are {}", kind.get_ref(), valid()),
+            ));
+        }
+    }
+    match (&hook.webhook, &hook.command) {
+        (None, None) => {
+            return Err((
+                line,
+                format!("{what} needs webhook = \"http://...\" or command = [\"program\", \"arg\", ...]"),
+            ));
+        }
+        (Some(_), Some(command)) => {
+            return Err((
+                line_of(command.span()),
+                format!("{what} has both webhook and command; one hook does one thing, declare two"),
+            ));
+        }
+        (Some(url), None) => {
+            let text = url.get_ref();
+            let host = text.strip_prefix("http://").or_else(|| text.strip_prefix("https://"));
+            if host.is_none_or(|host| host.is_empty() || host.starts_with('/')) {
+                return Err((
+                    line_of(url.span()),
+                    format!("{what}: webhook must be an http:// or https:// URL with a host, got {text:?}"),
+                ));
+            }
+        }
+        (None, Some(command)) => {
+            if command.get_ref().first().is_none_or(|program| program.trim().is_empty()) {
+                return Err((
+                    line_of(command.span()),
+                    format!("{what}: command is empty; name the program first, e.g. [\"/usr/local/bin/notify\"]"),
+                ));
+            }
+        }
+    }
+    if *hook.timeout_ms.get_ref() == 0 {
+        return Err((line_of(hook.timeout_ms.span()), format!("{what}: timeout_ms must be at least 1")));
+    }
+    if *hook.retries.get_ref() > HOOK_RETRIES_MAX {
+        return Err((
+            line_of(hook.retries.span()),
+            format!("{what}: retries is {}; at most {HOOK_RETRIES_MAX}", hook.retries.get_ref()),
+        ));
+    }
+    Ok(())
 }
 
 fn check_name(name: &str, kind: &str, line: usize) -> Result<(), (usize, String)> {

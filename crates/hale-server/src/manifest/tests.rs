@@ -123,3 +123,48 @@ fn the_backup_section_is_parsed_and_checked_with_lines() {
         assert!(message.contains(line) && message.contains(words), "{text:?} gave: {message}");
     }
 }
+
+#[test]
+fn the_examples_hook_is_valid_once_uncommented() {
+    let example =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../hale.example.toml")).unwrap();
+    let start = example.find("# [[hook]]").expect("the example has a hook");
+    let hook: String =
+        example[start..].lines().map(|line| line.strip_prefix("# ").unwrap_or(line)).collect::<Vec<_>>().join("\n");
+    let manifest = parse(&hook).unwrap();
+    let hooks = manifest.hooks(Path::new("/etc/hale"));
+    assert_eq!(hooks.len(), 1);
+    let pager = &hooks[0];
+    assert_eq!(pager.name.as_str(), "pager");
+    assert_eq!(pager.on.len(), 7);
+    assert_eq!(pager.target, crate::hooks::HookTarget::Webhook { url: "http://127.0.0.1:9000/hale".into() });
+    assert_eq!((pager.timeout.as_millis(), pager.retries, pager.backoff.as_millis()), (5000, 5, 500));
+}
+
+#[test]
+fn hooks_are_checked_with_their_line() {
+    let message =
+        error("[[hook]]\nname = \"pager\"\non = [\"agent.down\",\n  \"agent.exploded\"]\nwebhook = \"http://x:1/\"\n");
+    assert!(message.contains("line 4"), "{message}");
+    assert!(message.contains("\"agent.exploded\""), "{message}");
+    assert!(message.contains("agent.down, agent.failed, agent.stalled"), "{message}");
+    let message = error("[[hook]]\nname = \"pager\"\non = [\"agent.down\"]\n");
+    assert!(message.contains("line 2") && message.contains("webhook"), "{message}");
+    let message =
+        error("[[hook]]\nname = \"pager\"\non = [\"agent.down\"]\nwebhook = \"http://x:1/\"\ncommand = [\"x\"]\n");
+    assert!(message.contains("line 5") && message.contains("both"), "{message}");
+    let message = error("[[hook]]\nname = \"p\"\non = [\"agent.down\"]\nwebhook = \"ftp://x/\"\n");
+    assert!(message.contains("line 4") && message.contains("http://"), "{message}");
+    let message = error("[[hook]]\nname = \"p\"\non = []\ncommand = [\"x\"]\n");
+    assert!(message.contains("no `on`"), "{message}");
+    let twice = "[[hook]]\nname = \"p\"\non = [\"task.failed\"]\ncommand = [\"x\"]\n";
+    let message = error(&format!("{twice}{twice}"));
+    assert!(message.contains("line 6") && message.contains("twice"), "{message}");
+    let message = error("[[hook]]\nname = \"p\"\non = [\"task.failed\"]\ncommand = [\"x\"]\nretry = 3\n");
+    assert!(message.contains("retry"), "{message}");
+    // A relative command with a slash is relative to hale.toml; a bare one is looked up in PATH.
+    let manifest =
+        parse("[[hook]]\nname = \"p\"\non = [\"task.failed\"]\ncommand = [\"bin/notify\", \"-u\"]\n").unwrap();
+    let target = &manifest.hooks(Path::new("/etc/hale"))[0].target;
+    assert_eq!(target, &crate::hooks::HookTarget::Command { argv: vec!["/etc/hale/bin/notify".into(), "-u".into()] });
+}

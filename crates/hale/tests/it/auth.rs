@@ -168,6 +168,7 @@ fn routes() -> Vec<(&'static str, &'static str, Value, bool)> {
         ("GET", "/v1/status", Value::Null, true),
         ("GET", "/v1/events", Value::Null, true),
         ("GET", "/v1/events/stream", Value::Null, true),
+        ("GET", "/v1/hooks", Value::Null, true),
         ("POST", "/v1/tasks", json!({"role": "r"}), false),
         ("GET", "/v1/session", Value::Null, false),
     ]

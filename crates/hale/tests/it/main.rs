@@ -13,6 +13,7 @@ mod deploy;
 mod encryption;
 mod fsync;
 mod health;
+mod hooks;
 mod messaging;
 mod metrics;
 mod python;

@@ -1,0 +1,444 @@
+//! Failure hooks: telling a human (a webhook, or a command) when an agent goes down, fails,
+//! stalls, is quarantined, breaches its budget, a task fails or the system mode changes.
+//!
+//! One dispatcher task follows the engine's broadcast of durable events
+//! ([`Engine::subscribe_events`]), asks the core which hook kind an event calls for
+//! ([`HookKind::of`]; hook events call for none, so hooks never loop) and puts a delivery
+//! on the queue of every hook that wants it. Each hook has one worker that delivers its
+//! queue in log order, one delivery at a time, retrying with exponential backoff and full
+//! jitter, and reports the outcome as `RecordHookOutcome`, which logs `HookDelivered` or
+//! `HookFailed`: the log is the audit trail of who was told what.
+//!
+//! Nothing here can slow the engine or a restart: the broadcast never waits for its
+//! readers, the dispatcher never waits for a worker (a hook's queue holds
+//! [`QUEUE_MAX`] deliveries; when it is full the oldest is dropped, counted and logged),
+//! and a worker waits only for its own deliveries.
+//!
+//! Deliveries are not durable: a delivery queued when hale stops or crashes is not made
+//! after the restart (the event is in the log, and no `hook_delivered` names it).
+
+use crate::engine::{DurableEvent, Engine, EngineError};
+use hale_core::hooks::HookKind;
+use hale_core::{Command, HookName};
+use serde::Serialize;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Notify, broadcast};
+
+/// Deliveries one hook may have queued; past it the oldest is dropped.
+pub const QUEUE_MAX: usize = 1024;
+/// The longest wait between two attempts, whatever `backoff_ms` and `retries` say.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// The most of an error (or a command's stderr) that is logged.
+const ERROR_BYTES_MAX: usize = 512;
+
+/// One `[[hook]]` of hale.toml.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookConfig {
+    pub name: HookName,
+    /// The kinds of event it is called on.
+    pub on: Vec<HookKind>,
+    pub target: HookTarget,
+    /// Each attempt gets this long (the webhook's whole exchange; the command's run).
+    pub timeout: Duration,
+    /// Attempts after the first before it gives up.
+    pub retries: u32,
+    /// The first retry waits up to this long, each later one up to twice the one before.
+    pub backoff: Duration,
+}
+
+/// Where a hook goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HookTarget {
+    /// `POST url` with the delivery as JSON; a 2xx answer is success.
+    Webhook { url: String },
+    /// Run `argv` with the delivery as JSON on stdin; exit status 0 is success.
+    Command { argv: Vec<String> },
+}
+
+/// What a hook is told: the body of the POST, the stdin of the command.
+#[derive(Clone, Debug, Serialize)]
+struct Body {
+    hook: String,
+    kind: HookKind,
+    seq: u64,
+    at_ms: u64,
+    agent: Option<String>,
+    summary: String,
+    /// The event's fields as the log holds them (`GET /v1/events` shows the same).
+    event: serde_json::Value,
+}
+
+/// One event to tell one hook of.
+struct Delivery {
+    body: Arc<Body>,
+}
+
+/// The running hooks, for `GET /v1/hooks`.
+pub struct Hooks {
+    hooks: Vec<Arc<Hook>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+struct Hook {
+    config: HookConfig,
+    queue: Mutex<VecDeque<Delivery>>,
+    wake: Notify,
+    status: Mutex<hale_proto::HookStatus>,
+}
+
+impl Hooks {
+    /// Subscribes to the engine's durable events and starts a worker per hook. Call it
+    /// before anything that causes events it should see (the supervisor's start).
+    pub fn start(engine: &Engine, configs: Vec<HookConfig>) -> Arc<Hooks> {
+        let hooks: Vec<Arc<Hook>> = configs
+            .into_iter()
+            .map(|config| {
+                let status = hale_proto::HookStatus {
+                    name: config.name.to_string(),
+                    on: config.on.iter().map(|kind| kind.to_string()).collect(),
+                    target: match &config.target {
+                        HookTarget::Webhook { url } => format!("webhook {url}"),
+                        HookTarget::Command { argv } => format!("command {}", argv.join(" ")),
+                    },
+                    ..hale_proto::HookStatus::default()
+                };
+                Arc::new(Hook {
+                    config,
+                    queue: Mutex::new(VecDeque::new()),
+                    wake: Notify::new(),
+                    status: Mutex::new(status),
+                })
+            })
+            .collect();
+        let mut tasks = Vec::new();
+        if !hooks.is_empty() {
+            // Subscribed only when there are hooks: the engine copies events for
+            // subscribers, and with none it copies nothing.
+            let events = engine.subscribe_events();
+            tasks.push(tokio::spawn(dispatch(events, hooks.clone())));
+            for hook in &hooks {
+                let client = match webhook_client(&hook.config) {
+                    Ok(client) => client,
+                    Err(error) => {
+                        tracing::error!(hook = %hook.config.name, %error, "cannot build the hook's HTTP client");
+                        continue;
+                    }
+                };
+                tasks.push(tokio::spawn(work(hook.clone(), engine.clone(), client)));
+            }
+            tracing::info!(hooks = hooks.len(), "failure hooks on");
+        }
+        Arc::new(Hooks { hooks, tasks: Mutex::new(tasks) })
+    }
+
+    /// Each hook's counters and last outcomes, in hale.toml order.
+    pub fn status(&self) -> Vec<hale_proto::HookStatus> {
+        self.hooks
+            .iter()
+            .map(|hook| {
+                let mut status = hook.status.lock().expect("not poisoned").clone();
+                status.queued = hook.queue.lock().expect("not poisoned").len() as u64;
+                status
+            })
+            .collect()
+    }
+
+    /// Stops every hook: deliveries still queued or under way are abandoned (and logged).
+    pub fn stop(&self) {
+        for hook in &self.hooks {
+            let queued = hook.queue.lock().expect("not poisoned").len();
+            if queued > 0 {
+                tracing::warn!(hook = %hook.config.name, queued, "hale is stopping: queued hook deliveries are dropped");
+            }
+        }
+        for task in self.tasks.lock().expect("not poisoned").drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// Puts every event that calls for a hook on the queues of the hooks that want it.
+async fn dispatch(mut events: broadcast::Receiver<Arc<DurableEvent>>, hooks: Vec<Arc<Hook>>) {
+    loop {
+        let durable = match events.recv().await {
+            Ok(durable) => durable,
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                // Only when the dispatcher was not scheduled while 1,024 events were
+                // logged; the missed ones are in the log.
+                tracing::error!(
+                    missed,
+                    "the hook dispatcher fell behind: hooks for some of the missed events were not called"
+                );
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let Some(kind) = HookKind::of(&durable.event) else { continue };
+        let mut body = None;
+        for hook in hooks.iter().filter(|hook| hook.config.on.contains(&kind)) {
+            let body = body
+                .get_or_insert_with(|| {
+                    let info = crate::api::events::info(durable.seq, durable.at, &durable.event);
+                    Arc::new(Body {
+                        hook: String::new(),
+                        kind,
+                        seq: durable.seq,
+                        at_ms: durable.at.0,
+                        agent: info.agent,
+                        summary: info.summary,
+                        event: info.event,
+                    })
+                })
+                .clone();
+            hook.enqueue(Delivery { body });
+        }
+    }
+}
+
+impl Hook {
+    fn enqueue(&self, delivery: Delivery) {
+        let dropped = {
+            let mut queue = self.queue.lock().expect("not poisoned");
+            let dropped = if queue.len() >= QUEUE_MAX { queue.pop_front() } else { None };
+            queue.push_back(delivery);
+            dropped
+        };
+        if let Some(dropped) = dropped {
+            self.status.lock().expect("not poisoned").dropped += 1;
+            tracing::warn!(
+                hook = %self.config.name,
+                seq = dropped.body.seq,
+                kind = %dropped.body.kind,
+                "hook queue full ({QUEUE_MAX}): the oldest delivery was dropped"
+            );
+        }
+        self.wake.notify_one();
+    }
+
+    fn next(&self) -> Option<Delivery> {
+        self.queue.lock().expect("not poisoned").pop_front()
+    }
+}
+
+/// One hook's worker: delivers its queue in order and reports each outcome.
+async fn work(hook: Arc<Hook>, engine: Engine, client: reqwest::Client) {
+    loop {
+        let Some(delivery) = hook.next() else {
+            hook.wake.notified().await;
+            continue;
+        };
+        let config = &hook.config;
+        let body = Body { hook: config.name.to_string(), ..Body::clone(&delivery.body) };
+        let (attempts, outcome) = deliver(config, &client, &body).await;
+        let at_ms = crate::clock::now().0;
+        let last = hale_proto::HookOutcome {
+            seq: body.seq,
+            kind: body.kind.to_string(),
+            at_ms,
+            attempts,
+            error: outcome.as_ref().err().cloned(),
+        };
+        {
+            let mut status = hook.status.lock().expect("not poisoned");
+            match &outcome {
+                Ok(()) => {
+                    status.delivered += 1;
+                    status.last_delivered = Some(last);
+                }
+                Err(_) => {
+                    status.failed += 1;
+                    status.last_failed = Some(last);
+                }
+            }
+        }
+        match &outcome {
+            Ok(()) => {
+                tracing::info!(hook = %config.name, seq = body.seq, kind = %body.kind, attempts, "hook delivered")
+            }
+            Err(error) => tracing::error!(
+                hook = %config.name, seq = body.seq, kind = %body.kind, attempts, %error,
+                "hook FAILED: giving up after {attempts} attempts"
+            ),
+        }
+        let command = Command::RecordHookOutcome {
+            hook: config.name.clone(),
+            kind: body.kind,
+            seq: body.seq,
+            attempts,
+            error: outcome.err(),
+        };
+        match engine.execute(command).await {
+            Ok(_) => {}
+            Err(EngineError::ShuttingDown) => return,
+            Err(error) => tracing::warn!(hook = %config.name, %error, "the hook's outcome could not be logged"),
+        }
+    }
+}
+
+/// Tries up to `1 + retries` times; the attempts made, and the last error if all failed.
+async fn deliver(config: &HookConfig, client: &reqwest::Client, body: &Body) -> (u32, Result<(), String>) {
+    let json = serde_json::to_vec(body).expect("hook bodies serialize");
+    let mut attempt = 1;
+    loop {
+        let result = match &config.target {
+            HookTarget::Webhook { url } => post(client, url, &json, config.timeout).await,
+            HookTarget::Command { argv } => run(argv, &json, body, config.timeout).await,
+        };
+        match result {
+            Ok(()) => return (attempt, Ok(())),
+            Err(error) if attempt > config.retries => return (attempt, Err(truncate(error))),
+            Err(error) => {
+                let wait = backoff(config.backoff, attempt, random_fraction());
+                tracing::warn!(
+                    hook = %config.name, seq = body.seq, attempt, %error, wait_ms = wait.as_millis() as u64,
+                    "hook attempt failed; retrying"
+                );
+                tokio::time::sleep(wait).await;
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// Full jitter: a uniform wait in `[0, min(base · 2^(attempt-1), BACKOFF_MAX)]`, where
+/// `fraction` is uniform in `[0, 1)`.
+fn backoff(base: Duration, attempt: u32, fraction: f64) -> Duration {
+    let ceiling = base.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(20))).min(BACKOFF_MAX);
+    ceiling.mul_f64(fraction.clamp(0.0, 1.0))
+}
+
+fn random_fraction() -> f64 {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        return 0.5;
+    }
+    (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn truncate(mut error: String) -> String {
+    if error.len() > ERROR_BYTES_MAX {
+        let mut end = ERROR_BYTES_MAX;
+        while !error.is_char_boundary(end) {
+            end -= 1;
+        }
+        error.truncate(end);
+        error.push('…');
+    }
+    error
+}
+
+/// The client of one hook: its timeout, no redirects (a pager that moved should be
+/// configured anew, not followed), and for https the system's CA bundle.
+fn webhook_client(config: &HookConfig) -> reqwest::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(config.timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("hale/", env!("CARGO_PKG_VERSION")));
+    if matches!(&config.target, HookTarget::Webhook { url } if url.starts_with("https://")) {
+        for path in ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"] {
+            if let Ok(pem) = std::fs::read(path) {
+                for certificate in reqwest::Certificate::from_pem_bundle(&pem)? {
+                    builder = builder.add_root_certificate(certificate);
+                }
+                break;
+            }
+        }
+    }
+    builder.build()
+}
+
+async fn post(client: &reqwest::Client, url: &str, json: &[u8], timeout: Duration) -> Result<(), String> {
+    let sent = client.post(url).header("content-type", "application/json").body(json.to_vec()).send().await;
+    match sent {
+        Ok(response) if response.status().is_success() => Ok(()),
+        Ok(response) => Err(format!("{url} answered HTTP {}", response.status().as_u16())),
+        Err(error) if error.is_timeout() => Err(format!("{url} did not answer within {} ms", timeout.as_millis())),
+        Err(error) => Err(format!("{url}: {}", error_chain(&error))),
+    }
+}
+
+/// An error with its causes: reqwest's own message alone ("error sending request") does
+/// not say that the connection was refused.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Runs the hook's command in its own process group, the delivery on stdin; on timeout
+/// the whole group is killed.
+async fn run(argv: &[String], json: &[u8], body: &Body, timeout: Duration) -> Result<(), String> {
+    let (program, args) = argv.split_first().ok_or("the hook has an empty command")?;
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(args)
+        .env("HALE_HOOK_NAME", &body.hook)
+        .env("HALE_HOOK_KIND", body.kind.as_str())
+        .env("HALE_HOOK_AGENT", body.agent.as_deref().unwrap_or(""))
+        .env("HALE_HOOK_SEQ", body.seq.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = command.spawn().map_err(|error| format!("cannot run {program}: {error}"))?;
+    let pid = child.id();
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let json = json.to_vec();
+    let ran = tokio::time::timeout(timeout, async move {
+        // A command that does not read its stdin is fine: a broken pipe is not a failure.
+        let _ = stdin.write_all(&json).await;
+        drop(stdin);
+        child.wait_with_output().await
+    })
+    .await;
+    match ran {
+        Ok(Ok(output)) if output.status.success() => Ok(()),
+        Ok(Ok(output)) => {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let stderr = stderr.trim();
+            let said = if stderr.is_empty() { String::new() } else { format!(": {stderr}") };
+            Err(format!("{program} {}{said}", output.status))
+        }
+        Ok(Err(error)) => Err(format!("{program}: {error}")),
+        Err(_) => {
+            if let Some(pid) = pid {
+                let _ = crate::process::signal_group(pid, crate::process::Signal::KILL);
+            }
+            Err(format!("{program} did not finish within {} ms; killed", timeout.as_millis()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_base_up_to_the_cap_with_full_jitter() {
+        let base = Duration::from_millis(500);
+        assert_eq!(backoff(base, 1, 0.999_999).as_millis(), 499);
+        assert_eq!(backoff(base, 3, 0.5), Duration::from_millis(1000));
+        assert_eq!(backoff(base, 1, 0.0), Duration::ZERO);
+        assert_eq!(backoff(base, 40, 1.0), BACKOFF_MAX);
+        let fraction = random_fraction();
+        assert!((0.0..1.0).contains(&fraction), "{fraction}");
+    }
+
+    #[test]
+    fn long_errors_are_cut_at_a_character_boundary() {
+        let cut = truncate("é".repeat(400));
+        assert!(cut.len() <= ERROR_BYTES_MAX + '…'.len_utf8(), "{}", cut.len());
+        assert!(cut.ends_with('…'));
+        assert_eq!(truncate("short".into()), "short");
+    }
+}

@@ -1,0 +1,274 @@
+//! Failure hooks with `hale up` and real `demo-agent` processes: a SIGKILLed agent is
+//! POSTed to a webhook served by the test, a failing webhook is retried (and one that
+//! cannot be reached is given up on) while the agent is already back, a command hook gets
+//! the event on stdin, and every outcome is in the log.
+
+use crate::support::{self, HALE, eventually, up};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A hale.toml with one demo agent `worker` (restarted always) and `hooks` appended.
+fn config(dir: &Path, hooks: &str) -> std::path::PathBuf {
+    let args = serde_json::to_string(&["demo-agent", "worker", "--step-ms", "100"]).unwrap();
+    let text =
+        format!("[[agent]]\nname = \"worker\"\ncommand = \"{HALE}\"\nargs = {args}\nrestart = \"always\"\n\n{hooks}");
+    let path = dir.join("hale.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// What the test's webhook answers, request by request (the last one repeats).
+#[derive(Clone, Copy)]
+enum Answer {
+    /// Read the request and say nothing (the hook's timeout must end it).
+    Hang,
+    Status(u16),
+}
+
+/// A webhook receiver: a TCP listener speaking just enough HTTP/1.1.
+struct Webhook {
+    url: String,
+    /// The JSON bodies received, with when they arrived.
+    received: Arc<Mutex<Vec<(Instant, Value)>>>,
+}
+
+impl Webhook {
+    async fn start(answers: Vec<Answer>) -> Webhook {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hale", listener.local_addr().unwrap());
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let seen = received.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else { return };
+                let seen = seen.clone();
+                let answers = answers.clone();
+                tokio::spawn(async move {
+                    let Some(body) = read_request(&mut stream).await else { return };
+                    let index = {
+                        let mut seen = seen.lock().unwrap();
+                        seen.push((Instant::now(), body));
+                        seen.len() - 1
+                    };
+                    match answers[index.min(answers.len() - 1)] {
+                        Answer::Hang => tokio::time::sleep(Duration::from_secs(30)).await,
+                        Answer::Status(status) => {
+                            let response =
+                                format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                            let _ = stream.write_all(response.as_bytes()).await;
+                        }
+                    }
+                });
+            }
+        });
+        Webhook { url, received }
+    }
+
+    fn bodies(&self) -> Vec<Value> {
+        self.received.lock().unwrap().iter().map(|(_, body)| body.clone()).collect()
+    }
+}
+
+/// Reads one request (headers, then Content-Length bytes) and returns its JSON body.
+async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<Value> {
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buffer.windows(4).position(|window| window == b"\r\n\r\n") {
+            break end + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buffer[..head_end]).to_lowercase();
+    assert!(head.starts_with("post /hale "), "{head}");
+    assert!(head.contains("content-type: application/json"), "{head}");
+    let length: usize = head.lines().find_map(|line| line.strip_prefix("content-length:"))?.trim().parse().ok()?;
+    while buffer.len() < head_end + length {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+    serde_json::from_slice(&buffer[head_end..head_end + length]).ok()
+}
+
+/// The events of `kind` in the log.
+fn events(hale: &support::Hale, kind: &str) -> Vec<Value> {
+    let (status, body) = hale.get(&format!("/v1/events?kind={kind}"));
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Waits until `worker` runs `incarnation` (its process started), and returns its pid.
+async fn running(admin: &hale_client::Admin, incarnation: u64) -> Pid {
+    eventually(&format!("worker running as incarnation {incarnation}"), 30, || async {
+        let agents = admin.agents().await.ok()?;
+        let worker = agents.into_iter().find(|agent| agent.agent == "worker")?;
+        let managed = worker.managed.as_ref()?;
+        (worker.incarnation == incarnation && managed.status == "running")
+            .then(|| Pid::from_raw(managed.pid.expect("a running agent has a pid") as i32))
+    })
+    .await
+}
+
+/// The seq of the `agent_down` of `worker`'s incarnation `incarnation`.
+fn down_seq(hale: &support::Hale, incarnation: u64) -> u64 {
+    let downs = events(hale, "agent_down");
+    let down = downs.iter().find(|down| down["event"]["incarnation"] == incarnation).expect("the down is logged");
+    down["seq"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agent_is_posted_to_the_webhook_and_the_delivery_is_logged() {
+    let temp = tempfile::tempdir().unwrap();
+    let webhook = Webhook::start(vec![Answer::Status(204)]).await;
+    let hooks =
+        format!("[[hook]]\nname = \"pager\"\non = [\"agent.down\", \"agent.failed\"]\nwebhook = \"{}\"\n", webhook.url);
+    let hale = up(&config(temp.path(), &hooks), &temp.path().join("data"), "127.0.0.1:0");
+    let admin = hale.admin();
+    let pid = running(&admin, 1).await;
+    kill(pid, Signal::SIGKILL).unwrap();
+
+    let body = eventually("the webhook called", 20, || async { webhook.bodies().into_iter().next() }).await;
+    let seq = down_seq(&hale, 1);
+    assert_eq!(body["hook"], "pager", "{body}");
+    assert_eq!(body["kind"], "agent.down", "{body}");
+    assert_eq!(body["agent"], "worker", "{body}");
+    assert_eq!(body["seq"], seq, "{body}");
+    assert!(body["at_ms"].as_u64().unwrap() > 0, "{body}");
+    assert!(body["summary"].as_str().unwrap().contains("signal 9"), "{body}");
+    assert_eq!(body["event"]["incarnation"], 1, "{body}");
+
+    let delivered =
+        eventually("hook_delivered in the log", 10, || async { events(&hale, "hook_delivered").into_iter().next() })
+            .await;
+    let logged = &delivered["event"];
+    assert_eq!((logged["hook"].as_str(), logged["kind"].as_str()), (Some("pager"), Some("agent.down")), "{delivered}");
+    assert_eq!((logged["seq"].as_u64(), logged["attempts"].as_u64()), (Some(seq), Some(1)), "{delivered}");
+    // The hook's own event calls for no hook: only the one delivery, ever.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(webhook.bodies().len(), 1, "{:?}", webhook.bodies());
+
+    let (status, listed) = hale.get("/v1/hooks");
+    assert_eq!(status, 200, "{listed}");
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!((listed[0]["name"].as_str(), listed[0]["delivered"].as_u64()), (Some("pager"), Some(1)), "{listed}");
+    assert_eq!(listed[0]["last_delivered"]["seq"], seq, "{listed}");
+    // A clean stop of the agents is no failure: nobody is paged for it.
+    assert!(hale.terminate().success());
+    assert_eq!(webhook.bodies().len(), 1, "{:?}", webhook.bodies());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_webhook_is_retried_and_given_up_on_while_the_agent_is_already_back() {
+    let temp = tempfile::tempdir().unwrap();
+    // The first attempt hangs until the hook's 3 s timeout, the second gets a 500, the third a 200.
+    let webhook = Webhook::start(vec![Answer::Hang, Answer::Status(500), Answer::Status(200)]).await;
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/hale", listener.local_addr().unwrap())
+    };
+    let hooks = format!(
+        "[[hook]]\nname = \"slow\"\non = [\"agent.down\"]\nwebhook = \"{}\"\ntimeout_ms = 3000\nretries = 2\nbackoff_ms = 50\n\n\
+         [[hook]]\nname = \"gone\"\non = [\"agent.down\"]\nwebhook = \"{closed}\"\ntimeout_ms = 1000\nretries = 1\nbackoff_ms = 20\n",
+        webhook.url
+    );
+    let hale = up(&config(temp.path(), &hooks), &temp.path().join("data"), "127.0.0.1:0");
+    let admin = hale.admin();
+    let pid = running(&admin, 1).await;
+    let killed = Instant::now();
+    kill(pid, Signal::SIGKILL).unwrap();
+
+    // The restart does not wait for the hook: incarnation 2 runs while the first attempt
+    // still hangs, well within its 3 s timeout.
+    running(&admin, 2).await;
+    let back_after = killed.elapsed();
+    assert!(back_after < Duration::from_millis(2500), "back only after {back_after:?}");
+    assert!(webhook.bodies().len() <= 1, "{:?}", webhook.bodies());
+    assert!(events(&hale, "hook_delivered").is_empty());
+    // In the log, as fast as without hooks: the new process started within a second of the down.
+    let down = events(&hale, "agent_down").into_iter().next().unwrap();
+    let started = events(&hale, "process_started");
+    let second = started.iter().find(|event| event["event"]["incarnation"] == 2).expect("incarnation 2 started");
+    let gap_ms = second["at_ms"].as_u64().unwrap() - down["at_ms"].as_u64().unwrap();
+    assert!(gap_ms < 1000, "the restart took {gap_ms} ms after the down");
+
+    let delivered = eventually("hook_delivered after the retries", 20, || async {
+        events(&hale, "hook_delivered").into_iter().next()
+    })
+    .await;
+    let seq = down_seq(&hale, 1);
+    assert_eq!(delivered["event"]["hook"], "slow", "{delivered}");
+    assert_eq!((delivered["event"]["seq"].as_u64(), delivered["event"]["attempts"].as_u64()), (Some(seq), Some(3)));
+    let bodies = webhook.bodies();
+    assert_eq!(bodies.len(), 3, "three attempts: {bodies:?}");
+    assert!(bodies.iter().all(|body| body["seq"] == seq && body["kind"] == "agent.down"), "{bodies:?}");
+    let attempts: Vec<Instant> = webhook.received.lock().unwrap().iter().map(|(at, _)| *at).collect();
+    assert!(attempts[1] - attempts[0] >= Duration::from_millis(2900), "the first attempt waited for its timeout");
+
+    let failed =
+        eventually("hook_failed for the closed port", 20, || async { events(&hale, "hook_failed").into_iter().next() })
+            .await;
+    let logged = &failed["event"];
+    assert_eq!((logged["hook"].as_str(), logged["seq"].as_u64()), (Some("gone"), Some(seq)), "{failed}");
+    assert_eq!(logged["attempts"], 2, "one try and one retry: {failed}");
+    assert!(!logged["error"].as_str().unwrap().is_empty(), "{failed}");
+    let (_, listed) = hale.get("/v1/hooks");
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!((listed[1]["name"].as_str(), listed[1]["failed"].as_u64()), (Some("gone"), Some(1)), "{listed}");
+    assert!(hale.stderr_shows("hook FAILED"), "{}", hale.stderr());
+    assert!(hale.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_hook_gets_the_event_on_stdin_and_in_its_environment() {
+    let temp = tempfile::tempdir().unwrap();
+    let out = temp.path().join("told.json");
+    let script = "cat > \"$0.tmp\" && env | grep '^HALE_HOOK_' | sort > \"$0.env\" && mv \"$0.tmp\" \"$0\"";
+    let argv = serde_json::to_string(&["/bin/sh", "-c", script, out.to_str().unwrap()]).unwrap();
+    let hooks = format!("[[hook]]\nname = \"notify\"\non = [\"agent.down\"]\ncommand = {argv}\n");
+    let hale = up(&config(temp.path(), &hooks), &temp.path().join("data"), "127.0.0.1:0");
+    let admin = hale.admin();
+    let pid = running(&admin, 1).await;
+    kill(pid, Signal::SIGKILL).unwrap();
+
+    let told = eventually("the command wrote its stdin", 20, || async { std::fs::read_to_string(&out).ok() }).await;
+    let body: Value = serde_json::from_str(&told).unwrap();
+    let seq = down_seq(&hale, 1);
+    assert_eq!((body["hook"].as_str(), body["kind"].as_str()), (Some("notify"), Some("agent.down")), "{body}");
+    assert_eq!((body["agent"].as_str(), body["seq"].as_u64()), (Some("worker"), Some(seq)), "{body}");
+    let env = std::fs::read_to_string(temp.path().join("told.json.env")).unwrap();
+    let expected =
+        format!("HALE_HOOK_AGENT=worker\nHALE_HOOK_KIND=agent.down\nHALE_HOOK_NAME=notify\nHALE_HOOK_SEQ={seq}\n");
+    assert_eq!(env, expected);
+    let delivered =
+        eventually("hook_delivered", 10, || async { events(&hale, "hook_delivered").into_iter().next() }).await;
+    assert_eq!((delivered["event"]["hook"].as_str(), delivered["event"]["seq"].as_u64()), (Some("notify"), Some(seq)));
+    assert!(hale.terminate().success());
+}
+
+#[test]
+fn an_unknown_hook_kind_is_refused_with_its_line_and_the_valid_kinds() {
+    let temp = tempfile::tempdir().unwrap();
+    let path = temp.path().join("hale.toml");
+    std::fs::write(
+        &path,
+        "[[hook]]\nname = \"pager\"\non = [\"agent.down\", \"agent.exploded\"]\nwebhook = \"http://127.0.0.1:9/\"\n",
+    )
+    .unwrap();
+    let (code, out, err) = support::hale(&["check", "-c", path.to_str().unwrap()]);
+    assert_ne!(code, 0, "{out}");
+    assert!(err.contains("line 3"), "{err}");
+    assert!(err.contains("\"agent.exploded\""), "{err}");
+    assert!(err.contains("agent.down, agent.failed, agent.stalled, agent.quarantined"), "{err}");
+}
