@@ -341,7 +341,8 @@ impl Core {
         let policy = &self.settings.breaker;
         for record in self.state.agents() {
             let agent = &record.name;
-            let errors = self.errors.get_mut(agent);
+            // Most agents report no errors: skip the lookup when none has.
+            let errors = if self.errors.is_empty() { None } else { self.errors.get_mut(agent) };
             match record.health.breaker {
                 health::Breaker::Closed => {
                     let count = errors.map_or(0, |errors| errors.count(now, policy.window_ms));
@@ -419,7 +420,9 @@ impl Core {
     pub fn dispatch(&self, now: Timestamp) -> Vec<Command> {
         let tasks = self.state.tasks();
         let mut commands: Vec<Command> = tasks.overdue(now).map(|task| Command::ExpireTask { task }).collect();
-        let (mut healthy, serving, roles) = self.capacity();
+        // Candidates are only worth gathering when something waits for one: the tick runs
+        // this over every agent 20 times a second.
+        let (mut healthy, serving, roles) = self.capacity(tasks.pending().next().is_some());
         // An agent that has used its whole budget for this period gets no more work.
         for candidates in healthy.values_mut() {
             candidates.retain(|candidate| self.within_budget(candidate.agent, now));
@@ -435,7 +438,7 @@ impl Core {
 
     /// How many roles have a healthy agent, of how many roles hale knows (see `Mode`).
     pub fn serving(&self) -> (u32, u32) {
-        let (_, serving, roles) = self.capacity();
+        let (_, serving, roles) = self.capacity(false);
         (serving, roles)
     }
 
@@ -443,7 +446,7 @@ impl Core {
     /// (not suspect, not reconnecting), is not down, its breaker is closed and it is not
     /// quarantined.
     pub fn can_take_tasks(&self, agent: &AgentName) -> bool {
-        self.state.agent(agent.as_str()).is_some_and(|record| self.takes_tasks(record))
+        self.state.agent(agent.as_str()).is_some_and(|record| self.takes_tasks(record, self.liveness.get(agent)))
     }
 
     /// Whether `agent` has budget left in its current period (or has no budget).
@@ -457,10 +460,9 @@ impl Core {
         budget.tokens.is_none_or(|max| used.tokens < max) && budget.cost.is_none_or(|max| used.cost < max)
     }
 
-    fn takes_tasks(&self, record: &AgentRecord) -> bool {
-        self.liveness
-            .get(&record.name)
-            .is_some_and(|live| live.incarnation == record.incarnation && live.health == Health::Alive)
+    /// `live`: the agent's entry in the liveness table, if any.
+    fn takes_tasks(&self, record: &AgentRecord, live: Option<&Liveness>) -> bool {
+        live.is_some_and(|live| live.incarnation == record.incarnation && live.health == Health::Alive)
             && record.down.as_ref().is_none_or(|down| down.incarnation != record.incarnation)
             && record.health.quarantine.is_none()
             && record.health.breaker == health::Breaker::Closed
@@ -472,12 +474,18 @@ impl Core {
     /// managed agent, a watched run or a run that was lost (down, not stopped) has it; a
     /// run reconnecting after a restart of hale,
     /// or a managed agent starting, still counts as serving it (for the mode only).
-    fn capacity(&self) -> (BTreeMap<&RoleName, Vec<tasks::Candidate<'_>>>, u32, u32) {
+    /// `candidates`: gather the agents that may take tasks (else only count the roles).
+    fn capacity(&self, candidates: bool) -> (BTreeMap<&RoleName, Vec<tasks::Candidate<'_>>>, u32, u32) {
         let tasks = self.state.tasks();
         let mut healthy: BTreeMap<&RoleName, Vec<tasks::Candidate<'_>>> = BTreeMap::new();
         let mut roles: BTreeMap<&RoleName, bool> = BTreeMap::new();
+        // Both maps are in name order: walk them side by side instead of looking every
+        // agent up (with tens of thousands of agents the lookups were most of the tick).
+        let mut watched = self.liveness.iter().peekable();
         for record in self.state.agents() {
-            let live = self.liveness.get(&record.name).filter(|live| live.incarnation == record.incarnation);
+            while watched.next_if(|(name, _)| **name < record.name).is_some() {}
+            let entry = watched.peek().filter(|(name, _)| **name == record.name).map(|(_, live)| *live);
+            let live = entry.filter(|live| live.incarnation == record.incarnation);
             let managed = record.managed.as_ref();
             let lost = record.down.as_ref().is_some_and(|down| {
                 down.incarnation == record.incarnation && down.cause != supervision::Cause::Stopped
@@ -496,7 +504,7 @@ impl Core {
                     }));
             let serving = roles.entry(&record.role).or_default();
             *serving |= up && (alive || coming);
-            if self.takes_tasks(record) {
+            if candidates && self.takes_tasks(record, entry) {
                 healthy.entry(&record.role).or_default().push(tasks::Candidate {
                     agent: &record.name,
                     incarnation: record.incarnation,
