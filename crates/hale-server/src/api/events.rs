@@ -50,8 +50,12 @@ struct EventsQuery {
     /// Only events after this sequence number.
     after: Option<u64>,
     /// At most this many, 1 to 10000 (default 1000; `GET /v1/events` only).
+    #[param(minimum = 1, maximum = 10000)]
     limit: Option<u64>,
 }
+
+// The document's maximum above is a literal; keep it the limit.
+const _: () = assert!(EVENTS_LIMIT_MAX == 10_000);
 
 /// Which events a reader wants.
 #[derive(Clone, Debug, Default)]

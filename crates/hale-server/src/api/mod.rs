@@ -24,7 +24,7 @@ use axum::extract::{Request, State};
 use axum::handler::Handler;
 use axum::http::Method;
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, MethodRouter};
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -118,7 +118,47 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// Bodies of axum's own rejections read at most (they are one line).
+const REJECTION_BYTES_MAX: usize = 16 * 1024;
+
+/// Every error a client sees has the one documented body, `{"error": {"code", "message",
+/// "retryable"}}`. hale's handlers answer so; axum's extractors do not when they refuse
+/// a request before a handler runs (a path segment that is not UTF-8, a query of the
+/// wrong shape, a GET of /v1/session that is no WebSocket upgrade), so their plain-text
+/// answers are rewritten here, keeping the status, the message and headers such as `Allow`.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, REJECTION_BYTES_MAX).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes).trim().to_string();
+    let message = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_string() } else { text };
+    let code = match status.as_u16() {
+        400 => "bad_request",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        413 => "body_too_large",
+        415 => "unsupported_media_type",
+        426 => "upgrade_required",
+        _ if status.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let mut answer = ApiError::new(status, code, message, status.is_server_error()).into_response();
+    parts.headers.remove(axum::http::header::CONTENT_TYPE);
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    answer.headers_mut().extend(parts.headers);
+    answer
 }
 
 /// Finds who is asking (`Authorization: Bearer TOKEN`, or `?access_token=` on the

@@ -93,7 +93,53 @@ pub struct ApiDoc;
 /// The document, built once.
 pub fn json() -> &'static str {
     static DOCUMENT: OnceLock<String> = OnceLock::new();
-    DOCUMENT.get_or_init(|| ApiDoc::openapi().to_json().expect("the OpenAPI document serializes"))
+    DOCUMENT.get_or_init(|| {
+        let mut document = serde_json::to_value(ApiDoc::openapi()).expect("the OpenAPI document serializes");
+        flatten_closed_all_of(&mut document);
+        document.to_string()
+    })
+}
+
+/// utoipa writes a `#[serde(flatten)]` member as `allOf: [the flattened type, the rest]`.
+/// When the flattened type refuses unknown fields (`additionalProperties: false`), that
+/// `allOf` admits nothing, since each part refuses the other's members; serde checks the
+/// members of the whole. So such an `allOf` becomes the one object it means: the members
+/// and required members of all parts, closed.
+fn flatten_closed_all_of(document: &mut serde_json::Value) {
+    use serde_json::Value;
+    let Some(schemas) = document.pointer("/components/schemas").and_then(Value::as_object).cloned() else { return };
+    let resolve = |part: &Value| -> Option<Value> {
+        match part.get("$ref").and_then(Value::as_str) {
+            Some(reference) => schemas.get(reference.strip_prefix("#/components/schemas/")?).cloned(),
+            None => Some(part.clone()),
+        }
+    };
+    let Some(targets) = document.pointer_mut("/components/schemas").and_then(Value::as_object_mut) else { return };
+    for schema in targets.values_mut() {
+        let Some(parts) = schema.get("allOf").and_then(Value::as_array) else { continue };
+        let Some(parts) = parts.iter().map(resolve).collect::<Option<Vec<_>>>() else { continue };
+        if !parts.iter().any(|part| part.get("additionalProperties") == Some(&Value::Bool(false))) {
+            continue;
+        }
+        let (mut properties, mut required) = (serde_json::Map::new(), Vec::new());
+        for part in &parts {
+            if let Some(members) = part.get("properties").and_then(Value::as_object) {
+                properties.extend(members.clone());
+            }
+            required.extend(part.get("required").and_then(Value::as_array).cloned().unwrap_or_default());
+        }
+        let description = schema.get("description").cloned();
+        let mut merged = serde_json::json!({
+            "type": "object",
+            "properties": properties,
+            "required": required,
+            "additionalProperties": false,
+        });
+        if let Some(description) = description {
+            merged["description"] = description;
+        }
+        *schema = merged;
+    }
 }
 
 /// `GET /v1/openapi.json`.
@@ -162,6 +208,7 @@ fn error_ref() -> RefOr<utoipa::openapi::schema::Schema> {
 #[allow(dead_code)] // Documents the path; the handlers take it as `Path<String>`.
 pub struct AgentPath {
     /// The agent's name.
+    #[param(pattern = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")]
     agent: String,
 }
 
@@ -230,5 +277,10 @@ mod tests {
             "#/components/schemas/HttpError"
         );
         assert!(document["paths"]["/v1/session"]["get"]["responses"]["101"].is_object());
+        // A flattened body that refuses unknown fields is one closed object, not an allOf.
+        let send = &document["components"]["schemas"]["HttpSend"];
+        assert!(send.get("allOf").is_none(), "{send}");
+        assert_eq!(send["additionalProperties"], false);
+        assert!(send["properties"]["incarnation"].is_object() && send["properties"]["to"].is_object(), "{send}");
     }
 }

@@ -62,8 +62,8 @@ async fn revoke(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     principal.require_admin("revoking tokens")?;
     let agent = agent_name(&agent)?;
-    // The body is optional: `{"reason": "..."}`.
-    let body: HttpRevoke = if body.iter().all(u8::is_ascii_whitespace) {
+    // The body is optional: `{"reason": "..."}`, or nothing (empty or `null`).
+    let body: HttpRevoke = if body.iter().all(u8::is_ascii_whitespace) || body.trim_ascii() == b"null" {
         HttpRevoke::default()
     } else {
         serde_json::from_slice(&body)
