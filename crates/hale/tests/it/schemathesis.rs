@@ -14,7 +14,7 @@ use std::process::Command;
 const SEED: &str = "20260601";
 /// Test cases per operation and phase, and the whole run's time limit in seconds.
 const EXAMPLES_MAX: &str = "25";
-const TIME_MAX_S: &str = "100";
+const TIME_MAX_S: &str = "60";
 
 #[test]
 fn schemathesis_finds_no_server_error_and_no_answer_outside_the_schema() {
