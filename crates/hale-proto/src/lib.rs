@@ -151,6 +151,7 @@ pub enum ClientFrame {
 
 /// A message to send: `to` is `{"agent": "writer-1"}` or `{"role": "writer"}`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SendBody {
     pub to: Recipient,
@@ -173,6 +174,7 @@ pub struct SendBody {
 
 /// Where a message goes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Recipient {
     Agent(String),
@@ -181,6 +183,7 @@ pub enum Recipient {
 
 /// The answer to a send.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Sent {
     /// The message's id, unique across hale.
     pub message: u64,
@@ -195,6 +198,7 @@ pub struct Sent {
 
 /// A message delivered from a mailbox.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MessageInfo {
     pub seq: u64,
     pub message: u64,
@@ -210,6 +214,7 @@ pub struct MessageInfo {
 
 /// A conversation the agent takes part in.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConversationInfo {
     pub id: String,
     pub participants: Vec<String>,
@@ -220,6 +225,7 @@ pub struct ConversationInfo {
 
 /// A message that waits for the agent's reply.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PendingReplyInfo {
     pub message: u64,
     pub seq: u64,
@@ -231,6 +237,7 @@ pub struct PendingReplyInfo {
 /// `GET /v1/agents/{agent}/mailbox`: the unacked messages (after `after`, at most
 /// `limit`), the open conversations and the pending replies.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Mailbox {
     pub agent: String,
     /// The last sequence number given out.
@@ -243,6 +250,7 @@ pub struct Mailbox {
 
 /// `POST /v1/agents/{agent}/messages`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HttpSend {
     pub incarnation: u64,
@@ -252,6 +260,7 @@ pub struct HttpSend {
 
 /// `POST /v1/agents/{agent}/mailbox/ack`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HttpAck {
     pub incarnation: u64,
@@ -260,6 +269,7 @@ pub struct HttpAck {
 
 /// `POST /v1/agents/{agent}/conversations/{conversation}/end`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HttpEndConversation {
     pub incarnation: u64,
@@ -313,6 +323,7 @@ pub const CLIENT_FRAME_TYPES: [&str; 17] = [
 
 /// Progress reported with a heartbeat; every member is optional.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct ProgressBody {
     /// How far along, from 0 to 1.
@@ -324,11 +335,13 @@ pub struct ProgressBody {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub task: Option<String>,
     #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub fields: serde_json::Map<String, Value>,
 }
 
 /// `hello`: who the agent is and which run it believes it is.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HelloBody {
     pub role: String,
@@ -341,6 +354,7 @@ pub struct HelloBody {
 
 /// `checkpoint`: a JSON merge patch (RFC 7396) to fold into the state.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointBody {
     pub patch: Value,
@@ -351,6 +365,7 @@ pub struct CheckpointBody {
 
 /// What a rollback returns to: `{"version": 3}` or `{"point": "before-refactor"}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum RollbackTo {
     Version(u64),
@@ -442,6 +457,7 @@ pub enum ServerFrame {
 
 /// Everything an agent needs to resume.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Welcome {
     pub protocol: u32,
     pub agent: String,
@@ -472,6 +488,7 @@ pub struct Welcome {
 
 /// A named recovery point.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RecoveryPointInfo {
     pub name: String,
     pub version: u64,
@@ -480,6 +497,7 @@ pub struct RecoveryPointInfo {
 
 /// The result of a rollback: the new version and its state.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RolledBack {
     pub version: u64,
     pub target_version: u64,
@@ -488,6 +506,7 @@ pub struct RolledBack {
 
 /// A typed error. `code` is stable and documented in docs/errors.md.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     pub code: String,
     pub message: String,
@@ -497,6 +516,7 @@ pub struct ErrorBody {
 
 /// The body of every HTTP error response: `{"error": {...}}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HttpError {
     pub error: ErrorBody,
 }
@@ -506,6 +526,7 @@ pub struct HttpError {
 /// `POST /v1/agents/{agent}/checkpoint`: the incarnation travels in the body since there
 /// is no session.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HttpCheckpoint {
     pub incarnation: u64,
@@ -516,6 +537,7 @@ pub struct HttpCheckpoint {
 
 /// `POST /v1/agents/{agent}/recovery-points`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HttpRecoveryPoint {
     pub incarnation: u64,
@@ -524,6 +546,7 @@ pub struct HttpRecoveryPoint {
 
 /// `POST /v1/agents/{agent}/rollback`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HttpRollback {
     pub incarnation: u64,
@@ -532,12 +555,14 @@ pub struct HttpRollback {
 
 /// The answer to an HTTP checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Checkpointed {
     pub version: u64,
 }
 
 /// One line of `GET /v1/agents`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AgentSummary {
     pub agent: String,
     pub role: String,
@@ -576,6 +601,7 @@ pub struct AgentSummary {
 
 /// Why an agent is quarantined.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct QuarantineSummary {
     pub reason: String,
     /// `itself`, `agent NAME` or `the operator`.
@@ -585,6 +611,7 @@ pub struct QuarantineSummary {
 
 /// `POST /v1/agents/{agent}/errors`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HttpErrorReport {
     pub incarnation: u64,
@@ -594,6 +621,7 @@ pub struct HttpErrorReport {
 
 /// `POST /v1/agents/{agent}/violations` (by the operator, or `by` another agent).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HttpViolation {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -605,6 +633,7 @@ pub struct HttpViolation {
 
 /// `POST /v1/agents/{agent}/quarantine`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HttpQuarantine {
     pub reason: String,
@@ -612,6 +641,7 @@ pub struct HttpQuarantine {
 
 /// The supervision side of a managed agent.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ManagedSummary {
     /// `declared`, `starting`, `running`, `backoff`, `failed` or `stopped`.
     pub status: String,
@@ -625,6 +655,7 @@ pub struct ManagedSummary {
 
 /// Why and when an incarnation was declared down.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DownSummary {
     pub incarnation: u64,
     /// The detector: `process_exit`, `heartbeat`, `stall`, `group` or `operator`.
@@ -635,6 +666,7 @@ pub struct DownSummary {
 
 /// One event of the log, as `GET /v1/events` and `GET /v1/events/stream` show it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EventInfo {
     /// Its sequence number in the log; `after=seq` resumes after it.
     pub seq: u64,
@@ -653,6 +685,7 @@ pub struct EventInfo {
 
 /// `POST /v1/agents/{agent}/heartbeat`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HttpHeartbeat {
     pub incarnation: u64,
@@ -662,6 +695,7 @@ pub struct HttpHeartbeat {
 
 /// `GET /v1/agents/{agent}/state[?version=N]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AgentState {
     pub agent: String,
     pub incarnation: u64,
@@ -710,6 +744,7 @@ mod tests {
 
 /// Run a task on several agents at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ShadowSpec {
     pub count: u32,
@@ -720,6 +755,7 @@ pub struct ShadowSpec {
 
 /// A lower rung of a fallback ladder.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RungSpec {
     pub role: String,
@@ -729,6 +765,7 @@ pub struct RungSpec {
 
 /// Spending limits; absent ones are unlimited.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct BudgetSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -742,6 +779,7 @@ pub struct BudgetSpec {
 
 /// Tokens and cost units, spent or reserved.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SpendBody {
     #[serde(default)]
     pub tokens: u64,
@@ -751,6 +789,7 @@ pub struct SpendBody {
 
 /// The model call behind a step.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LlmCallInfo {
     pub model: String,
@@ -774,6 +813,7 @@ pub struct LlmCallInfo {
 
 /// `POST /v1/tasks`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HttpSubmitTask {
     pub role: String,
@@ -803,6 +843,7 @@ pub struct HttpSubmitTask {
 
 /// The answer to a submit.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskSubmitted {
     pub task: u64,
     /// False when an earlier task with the same idempotency key was returned.
@@ -811,6 +852,7 @@ pub struct TaskSubmitted {
 
 /// `POST /v1/tasks/{task}/steps`, `/complete` and `/fail`: from the lease holder.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HttpTaskWrite {
     pub agent: String,
@@ -837,6 +879,7 @@ pub struct HttpTaskWrite {
 
 /// `POST /v1/agents/{agent}/reservations` and `/spend`: from the agent's run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HttpSpend {
     pub incarnation: u64,
@@ -853,12 +896,14 @@ pub struct HttpSpend {
 
 /// The answer to a reservation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Reserved {
     pub reservation: u64,
 }
 
 /// `GET /v1/status`: what the whole system can do.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SystemStatus {
     /// `optimal`, `degraded` or `minimal`.
     pub mode: String,
@@ -889,6 +934,7 @@ pub struct SystemStatus {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RoleStatus {
     pub role: String,
     pub agents: u32,
@@ -899,6 +945,7 @@ pub struct RoleStatus {
 
 /// One step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepInfo {
     pub name: String,
     /// `done`, `intent` (begun by the attempt holding the lease) or `uncertain` (begun by
@@ -920,6 +967,7 @@ fn done() -> String {
 
 /// A task as `GET /v1/tasks[/{task}]` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskInfo {
     pub task: u64,
     pub role: String,
@@ -986,6 +1034,7 @@ pub struct TaskInfo {
 
 /// An agent's tokens, as `POST /v1/agents/{agent}/tokens` and `/v1/auth/refresh` answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenPair {
     pub agent: String,
     /// Sent as `Authorization: Bearer …`; short-lived.
@@ -998,6 +1047,7 @@ pub struct TokenPair {
 
 /// `POST /v1/auth/refresh`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HttpRefresh {
     pub agent: String,
@@ -1006,6 +1056,7 @@ pub struct HttpRefresh {
 
 /// `POST /v1/agents/{agent}/tokens/revoke` (optional body).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HttpRevoke {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1014,6 +1065,7 @@ pub struct HttpRevoke {
 
 /// `POST /v1/backups`: where the server writes the backup, an absolute path on its machine.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HttpBackup {
     pub path: String,
@@ -1022,6 +1074,7 @@ pub struct HttpBackup {
 /// One line of the answer to `POST /v1/backups` (newline-delimited JSON): progress lines
 /// while the copy runs, then exactly one `done` or `error`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum BackupLine {
     Progress { pages_done: u64, pages_total: u64 },
@@ -1031,6 +1084,7 @@ pub enum BackupLine {
 
 /// A finished backup.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BackupDone {
     pub path: String,
     pub bytes: u64,
@@ -1046,6 +1100,7 @@ pub struct BackupDone {
 /// outcomes are since this hale started; every outcome is also in the log
 /// (`hook_delivered`, `hook_failed`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HookStatus {
     pub name: String,
     /// The event kinds it is called on (`agent.down`, …).
@@ -1067,6 +1122,7 @@ pub struct HookStatus {
 
 /// How one delivery of a hook ended.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HookOutcome {
     /// The event it was about.
     pub seq: u64,

@@ -7,27 +7,29 @@
 //! backup made elsewhere is a file one can copy afterwards.
 
 use super::http::JsonBody;
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, Route};
 use crate::auth::Principal;
 use axum::Extension;
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Router, body::Body};
 use hale_proto::{BackupDone, BackupLine, ErrorBody, HttpBackup};
 use hale_store::StoreError;
 use std::convert::Infallible;
 use std::path::PathBuf;
 
-pub fn routes() -> Router<AppState> {
-    Router::new().route("/v1/backups", post(create))
+pub fn routes() -> Vec<Route> {
+    vec![Route::post("/v1/backups", create)]
 }
 
 /// Progress lines waiting for a slow reader; past this they are dropped (the final line
 /// never is).
 const LINES_QUEUED_MAX: usize = 64;
 
+#[utoipa::path(post, path = "/v1/backups", tag = "operations", request_body = HttpBackup,
+    responses((status = 200, description = "newline-delimited JSON: progress lines, then one `done` or `error` (admin)",
+        body = BackupLine, content_type = "application/x-ndjson")))]
 async fn create(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,

@@ -5,11 +5,9 @@
 //! everything with the admin token, which it takes from the URL fragment (`/#token=…`,
 //! which browsers never send to the server) or from a form, and keeps in sessionStorage.
 
-use super::AppState;
-use axum::Router;
+use super::Route;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 
 const PAGE: &str = include_str!("../../assets/dashboard.html");
 const STYLE: &str = include_str!("../../assets/dashboard.css");
@@ -22,11 +20,26 @@ pub const PUBLIC_PATHS: [&str; 3] = ["/", "/assets/dashboard.css", "/assets/dash
 const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
      connect-src 'self'; img-src 'self' data:; form-action 'none'; frame-ancestors 'none'; base-uri 'none'";
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route(PUBLIC_PATHS[0], get(|| async { asset("text/html; charset=utf-8", PAGE) }))
-        .route(PUBLIC_PATHS[1], get(|| async { asset("text/css; charset=utf-8", STYLE) }))
-        .route(PUBLIC_PATHS[2], get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }))
+pub fn routes() -> Vec<Route> {
+    vec![Route::get(PUBLIC_PATHS[0], page), Route::get(PUBLIC_PATHS[1], style), Route::get(PUBLIC_PATHS[2], script)]
+}
+
+#[utoipa::path(get, path = "/", tag = "dashboard",
+    responses((status = 200, description = "the dashboard's page", body = String, content_type = "text/html")))]
+async fn page() -> Response {
+    asset("text/html; charset=utf-8", PAGE)
+}
+
+#[utoipa::path(get, path = "/assets/dashboard.css", tag = "dashboard",
+    responses((status = 200, description = "its stylesheet", body = String, content_type = "text/css")))]
+async fn style() -> Response {
+    asset("text/css; charset=utf-8", STYLE)
+}
+
+#[utoipa::path(get, path = "/assets/dashboard.js", tag = "dashboard",
+    responses((status = 200, description = "its script", body = String, content_type = "text/javascript")))]
+async fn script() -> Response {
+    asset("text/javascript; charset=utf-8", SCRIPT)
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {

@@ -8,13 +8,12 @@
 //! subscriber misses (it lagged, or the event was decided before it subscribed) is in the
 //! log, so a gap in the sequence numbers is filled from there.
 
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, Route};
 use crate::auth::Principal;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use axum::routing::get;
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
 use hale_core::{AgentName, Event, Timestamp};
 use hale_proto::EventInfo;
 use hale_store::{Log, Record, RecordError, StoreError};
@@ -33,9 +32,30 @@ const STREAM_PAGE: usize = 1_000;
 /// Server-sent events a stream may have queued for a slow client before it waits.
 const STREAM_QUEUE: usize = 256;
 
-pub fn routes() -> Router<AppState> {
-    Router::new().route("/v1/events", get(list)).route("/v1/events/stream", get(stream))
+pub fn routes() -> Vec<Route> {
+    vec![Route::get("/v1/events", list), Route::get("/v1/events/stream", stream)]
 }
+
+/// The query of `GET /v1/events` and `GET /v1/events/stream`.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // Documents the query; the handlers read it for typed errors.
+struct EventsQuery {
+    /// Only events about this agent.
+    agent: Option<String>,
+    /// Only events of these kinds, separated by commas.
+    kind: Option<String>,
+    /// Only events logged at or after this time: ms since the epoch, or RFC 3339.
+    since: Option<String>,
+    /// Only events after this sequence number.
+    after: Option<u64>,
+    /// At most this many, 1 to 10000 (default 1000; `GET /v1/events` only).
+    #[param(minimum = 1, maximum = 10000)]
+    limit: Option<u64>,
+}
+
+// The document's maximum above is a literal; keep it the limit.
+const _: () = assert!(EVENTS_LIMIT_MAX == 10_000);
 
 /// Which events a reader wants.
 #[derive(Clone, Debug, Default)]
@@ -91,6 +111,8 @@ fn number(query: &HashMap<String, String>, name: &str) -> Result<Option<u64>, Ap
 }
 
 /// `GET /v1/events?agent=A&kind=K[,K…]&since=T&after=SEQ&limit=N`: events in log order.
+#[utoipa::path(get, path = "/v1/events", tag = "operations", params(EventsQuery),
+    responses((status = 200, description = "events in log order (admin)", body = Vec<EventInfo>)))]
 async fn list(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -116,6 +138,9 @@ async fn list(
 /// header, or `since`), else from now. Each event is `id: SEQ` and `data: EventInfo`;
 /// a reader that falls too far behind gets `event: lagged` with `{"after": SEQ}` and the
 /// stream ends: reconnect with that `after`.
+#[utoipa::path(get, path = "/v1/events/stream", tag = "operations", params(EventsQuery),
+    responses((status = 200, description = "server-sent events: `id: SEQ`, `data: EventInfo`; `event: lagged` ends it (admin)",
+        body = EventInfo, content_type = "text/event-stream")))]
 async fn stream(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,

@@ -7,6 +7,9 @@ use axum::{Extension, Json};
 
 /// Each hook's counters and last delivery and failure since this hale started (the log
 /// has every outcome: `GET /v1/events?kind=hook_delivered,hook_failed`).
+#[utoipa::path(get, path = "/v1/hooks", tag = "operations",
+    responses((status = 200, description = "every hook of hale.toml, with its counters (admin token)",
+        body = Vec<hale_proto::HookStatus>)))]
 pub(super) async fn list(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,

@@ -1,52 +1,43 @@
 //! The HTTP API: the session operations for clients that keep no socket, and the reads
 //! the CLI uses.
 
-use super::{ApiError, AppState, convert};
+use super::openapi::{AgentPath, Answer};
+use super::{ApiError, AppState, Route, convert};
 use crate::auth::Principal;
 use crate::engine::{self, Response as EngineResponse};
 use axum::Extension;
+use axum::Json;
 use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use hale_core::AgentName;
 use hale_proto::{
-    AgentState, AgentSummary, Checkpointed, DownSummary, HelloBody, HttpCheckpoint, HttpErrorReport, HttpHeartbeat,
-    HttpQuarantine, HttpRecoveryPoint, HttpRollback, HttpViolation, ManagedSummary, ProgressBody, QuarantineSummary,
+    AgentState, AgentSummary, Checkpointed, DownSummary, HelloBody, HttpCheckpoint, HttpError, HttpErrorReport,
+    HttpHeartbeat, HttpQuarantine, HttpRecoveryPoint, HttpRollback, HttpViolation, ManagedSummary, ProgressBody,
+    QuarantineSummary, RecoveryPointInfo, RolledBack, Welcome,
 };
 use serde::de::DeserializeOwned;
 use std::collections::HashMap;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/v1/agents", get(list_agents))
-        .route("/v1/agents/{agent}", get(agent_state))
-        .route("/v1/agents/{agent}/state", get(agent_state))
-        .route("/v1/agents/{agent}/hello", post(hello))
-        .route("/v1/agents/{agent}/checkpoint", post(checkpoint))
-        .route("/v1/agents/{agent}/recovery-points", post(recovery_point))
-        .route("/v1/agents/{agent}/rollback", post(rollback))
-        .route("/v1/agents/{agent}/heartbeat", post(heartbeat))
-        .route("/v1/agents/{agent}/restart", post(restart))
-        .route("/v1/agents/{agent}/stop", post(stop))
-        .route("/v1/agents/{agent}/errors", post(report_error))
-        .route("/v1/agents/{agent}/violations", post(report_violation))
-        .route("/v1/agents/{agent}/quarantine", post(quarantine))
-        .route("/v1/agents/{agent}/release", post(release))
-        .merge(super::tasks::routes())
-        .merge(super::mail::routes())
-        .fallback(|| async { ApiError::not_found("no such endpoint; see docs/protocol.md for the API") })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "this endpoint does not take that method",
-                false,
-            )
-        })
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route::get("/healthz", healthz),
+        Route::get("/readyz", readyz),
+        Route::get("/v1/agents", list_agents),
+        Route::get("/v1/agents/{agent}", agent_state),
+        Route::get("/v1/agents/{agent}/state", agent_state_alias),
+        Route::post("/v1/agents/{agent}/hello", hello),
+        Route::post("/v1/agents/{agent}/checkpoint", checkpoint),
+        Route::post("/v1/agents/{agent}/recovery-points", recovery_point),
+        Route::post("/v1/agents/{agent}/rollback", rollback),
+        Route::post("/v1/agents/{agent}/heartbeat", heartbeat),
+        Route::post("/v1/agents/{agent}/restart", restart),
+        Route::post("/v1/agents/{agent}/stop", stop),
+        Route::post("/v1/agents/{agent}/errors", report_error),
+        Route::post("/v1/agents/{agent}/violations", report_violation),
+        Route::post("/v1/agents/{agent}/quarantine", quarantine),
+        Route::post("/v1/agents/{agent}/release", release),
+    ]
 }
 
 /// A JSON request body, read with a size bound and a time bound, parsed with typed errors.
@@ -83,10 +74,15 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     }
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "probes",
+    responses((status = 200, description = "hale is up", body = String, content_type = "text/plain")))]
 async fn healthz() -> &'static str {
     "ok\n"
 }
 
+#[utoipa::path(get, path = "/readyz", tag = "probes",
+    responses((status = 200, description = "hale takes writes", body = String, content_type = "text/plain"),
+        (status = 503, description = "the log failed or hale is shutting down", body = HttpError)))]
 async fn readyz(State(app): State<AppState>) -> Response {
     let durability = app.engine.durability();
     if let Some(reason) = durability.failed {
@@ -104,6 +100,8 @@ pub(super) fn agent_name(agent: &str) -> Result<AgentName, ApiError> {
     Ok(AgentName::new(agent)?)
 }
 
+#[utoipa::path(get, path = "/v1/agents", tag = "agents",
+    responses((status = 200, description = "every agent, with its liveness (admin)", body = Vec<AgentSummary>)))]
 async fn list_agents(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -180,6 +178,8 @@ fn down_summary(down: &hale_core::Down) -> DownSummary {
     }
 }
 
+#[utoipa::path(post, path = "/v1/agents/{agent}/heartbeat", tag = "agents", params(AgentPath), request_body = HttpHeartbeat,
+    responses((status = 200, description = "alive", body = Answer)))]
 async fn heartbeat(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -193,6 +193,8 @@ async fn heartbeat(
 }
 
 /// An error the agent ran into, for its breaker (volatile).
+#[utoipa::path(post, path = "/v1/agents/{agent}/errors", tag = "agents", params(AgentPath), request_body = HttpErrorReport,
+    responses((status = 200, description = "counted for the breaker", body = Answer)))]
 async fn report_error(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -205,6 +207,8 @@ async fn report_error(
 }
 
 /// A policy violation of the agent, by the operator or (`by`) another agent.
+#[utoipa::path(post, path = "/v1/agents/{agent}/violations", tag = "agents", params(AgentPath), request_body = HttpViolation,
+    responses((status = 200, description = "logged", body = Answer)))]
 async fn report_violation(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -235,6 +239,8 @@ async fn report_violation(
 }
 
 /// `hale quarantine AGENT --reason`.
+#[utoipa::path(post, path = "/v1/agents/{agent}/quarantine", tag = "operator", params(AgentPath), request_body = HttpQuarantine,
+    responses((status = 200, description = "quarantined (admin)", body = Answer)))]
 async fn quarantine(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -247,6 +253,8 @@ async fn quarantine(
 }
 
 /// `hale release AGENT`.
+#[utoipa::path(post, path = "/v1/agents/{agent}/release", tag = "operator", params(AgentPath),
+    responses((status = 200, description = "released from quarantine (admin)", body = Answer)))]
 async fn release(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -258,6 +266,8 @@ async fn release(
 }
 
 /// `hale stop AGENT`: stop a managed agent and do not restart it.
+#[utoipa::path(post, path = "/v1/agents/{agent}/stop", tag = "operator", params(AgentPath),
+    responses((status = 200, description = "stopped; not restarted (admin)", body = Answer)))]
 async fn stop(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -269,6 +279,8 @@ async fn stop(
 }
 
 /// `hale restart AGENT`: restart now and forget the restart window.
+#[utoipa::path(post, path = "/v1/agents/{agent}/restart", tag = "operator", params(AgentPath),
+    responses((status = 200, description = "restarted (admin)", body = Answer)))]
 async fn restart(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -282,6 +294,8 @@ async fn restart(
     Ok(Json(serde_json::json!({ "restarted": true, "incarnation": incarnation })).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/agents/{agent}", tag = "agents", params(AgentPath, StateQuery),
+    responses((status = 200, description = "the agent's state (at `version`, if given)", body = AgentState)))]
 async fn agent_state(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -318,6 +332,29 @@ async fn agent_state(
     Ok(Json(found))
 }
 
+/// `GET /v1/agents/{agent}/state`: the same as `GET /v1/agents/{agent}`.
+#[utoipa::path(get, path = "/v1/agents/{agent}/state", tag = "agents", params(AgentPath, StateQuery),
+    responses((status = 200, description = "the agent's state (at `version`, if given)", body = AgentState)))]
+async fn agent_state_alias(
+    app: State<AppState>,
+    principal: Extension<Principal>,
+    agent: Path<String>,
+    query: Query<HashMap<String, String>>,
+) -> Result<Json<AgentState>, ApiError> {
+    agent_state(app, principal, agent, query).await
+}
+
+/// The query of `GET /v1/agents/{agent}[/state]`.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct StateQuery {
+    /// An older version of the state, still retained (see `history`).
+    version: Option<u64>,
+}
+
+#[utoipa::path(post, path = "/v1/agents/{agent}/hello", tag = "agents", params(AgentPath), request_body = HelloBody,
+    responses((status = 200, description = "the run to resume or a new one", body = Welcome)))]
 async fn hello(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -329,6 +366,8 @@ async fn hello(
     respond(app.engine.execute(command).await?)
 }
 
+#[utoipa::path(post, path = "/v1/agents/{agent}/checkpoint", tag = "agents", params(AgentPath), request_body = HttpCheckpoint,
+    responses((status = 200, description = "durable", body = Checkpointed)))]
 async fn checkpoint(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -340,6 +379,8 @@ async fn checkpoint(
     respond(app.engine.execute(command).await?)
 }
 
+#[utoipa::path(post, path = "/v1/agents/{agent}/recovery-points", tag = "agents", params(AgentPath), request_body = HttpRecoveryPoint,
+    responses((status = 200, description = "marked", body = RecoveryPointInfo)))]
 async fn recovery_point(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -351,6 +392,8 @@ async fn recovery_point(
     respond(app.engine.execute(command).await?)
 }
 
+#[utoipa::path(post, path = "/v1/agents/{agent}/rollback", tag = "agents", params(AgentPath), request_body = HttpRollback,
+    responses((status = 200, description = "rolled back", body = RolledBack)))]
 async fn rollback(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,

@@ -4,27 +4,28 @@
 //! mailbox as `message` frames.
 
 use super::http::{JsonBody, agent_name, respond};
-use super::{ApiError, AppState};
+use super::openapi::{AgentPath, Answer};
+use super::{ApiError, AppState, Route};
 use crate::auth::Principal;
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
 use hale_core::mail::Message;
 use hale_core::{AgentName, Command, ConversationId, RoleName, State as CoreState};
 use hale_proto::{
-    ConversationInfo, HttpAck, HttpEndConversation, HttpSend, Mailbox, MessageInfo, PendingReplyInfo, SendBody,
+    ConversationInfo, HttpAck, HttpEndConversation, HttpSend, Mailbox, MessageInfo, PendingReplyInfo, SendBody, Sent,
 };
 
 /// Messages one read returns at most (a session reads again while there are more).
 pub const READ_BATCH_MAX: usize = 256;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v1/agents/{agent}/messages", post(send))
-        .route("/v1/agents/{agent}/mailbox", get(mailbox))
-        .route("/v1/agents/{agent}/mailbox/ack", post(ack))
-        .route("/v1/agents/{agent}/conversations/{conversation}/end", post(end_conversation))
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route::post("/v1/agents/{agent}/messages", send),
+        Route::get("/v1/agents/{agent}/mailbox", mailbox),
+        Route::post("/v1/agents/{agent}/mailbox/ack", ack),
+        Route::post("/v1/agents/{agent}/conversations/{conversation}/end", end_conversation),
+    ]
 }
 
 /// The command for a send by `from`'s run `incarnation`.
@@ -117,6 +118,8 @@ pub fn summary(state: &CoreState, agent: &AgentName) -> Mailbox {
     }
 }
 
+#[utoipa::path(post, path = "/v1/agents/{agent}/messages", tag = "messages", params(AgentPath), request_body = HttpSend,
+    responses((status = 200, description = "durable (or the first send with the same key)", body = Sent)))]
 async fn send(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -128,15 +131,20 @@ async fn send(
     respond(app.engine.execute(command).await?)
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct MailboxQuery {
+    /// Only messages after this sequence number.
     #[serde(default)]
     after: u64,
+    /// At most this many (and at most 256).
     limit: Option<usize>,
 }
 
 /// `GET /v1/agents/{agent}/mailbox[?after=SEQ&limit=N]`.
+#[utoipa::path(get, path = "/v1/agents/{agent}/mailbox", tag = "messages", params(AgentPath, MailboxQuery),
+    responses((status = 200, description = "the unacked messages, the conversations and the pending replies", body = Mailbox)))]
 async fn mailbox(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -158,6 +166,8 @@ async fn mailbox(
     found.map(Json).ok_or_else(|| ApiError::from(hale_core::Rejection::UnknownAgent { agent }))
 }
 
+#[utoipa::path(post, path = "/v1/agents/{agent}/mailbox/ack", tag = "messages", params(AgentPath), request_body = HttpAck,
+    responses((status = 200, description = "acked up to `seq`", body = Answer)))]
 async fn ack(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -169,6 +179,9 @@ async fn ack(
     respond(app.engine.execute(command).await?)
 }
 
+#[utoipa::path(post, path = "/v1/agents/{agent}/conversations/{conversation}/end", tag = "messages",
+    params(AgentPath, ("conversation" = String, Path, description = "The conversation's id.")), request_body = HttpEndConversation,
+    responses((status = 200, description = "ended", body = Answer)))]
 async fn end_conversation(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,

@@ -16,6 +16,9 @@ use axum::response::{IntoResponse, Response};
 /// The content type of the OpenMetrics text format, which Prometheus asks for and reads.
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "OpenMetrics text (the admin token, the metrics token, or none when metrics_public)",
+        body = String, content_type = "application/openmetrics-text")))]
 pub async fn scrape(
     State(app): State<AppState>,
     principal: Option<Extension<Principal>>,

@@ -9,6 +9,7 @@ mod hooks;
 mod http;
 pub(crate) mod mail;
 mod metrics;
+pub(crate) mod openapi;
 pub(crate) mod task_convert;
 mod tasks;
 pub(crate) mod tokens;
@@ -21,8 +22,11 @@ use crate::engine::Engine;
 use crate::sessions::Sessions;
 use axum::Router;
 use axum::extract::{Request, State};
+use axum::handler::Handler;
+use axum::http::Method;
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodFilter, MethodRouter};
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -53,26 +57,119 @@ pub struct AppState {
     pub hooks: Arc<crate::hooks::Hooks>,
 }
 
-/// All routes; every one but the probes, the refresh and the dashboard's files needs a
-/// token (`/metrics` may take its own token, or none when `metrics_public`).
+/// One route: a method, a path and its handler. The router is built from [`routes`] and
+/// nothing else, so that list is every route hale answers; a test holds it equal to the
+/// paths of the OpenAPI document (`GET /v1/openapi.json`).
+pub struct Route {
+    pub method: Method,
+    pub path: &'static str,
+    handler: MethodRouter<AppState>,
+}
+
+impl Route {
+    pub fn get<H: Handler<T, AppState>, T: 'static>(path: &'static str, handler: H) -> Route {
+        Route { method: Method::GET, path, handler: axum::routing::on(MethodFilter::GET, handler) }
+    }
+
+    pub fn post<H: Handler<T, AppState>, T: 'static>(path: &'static str, handler: H) -> Route {
+        Route { method: Method::POST, path, handler: axum::routing::on(MethodFilter::POST, handler) }
+    }
+}
+
+/// The paths served without a token: the probes, the refresh (its body is the credential),
+/// the OpenAPI document and the dashboard's files (none holds data).
+pub const OPEN_PATHS: [&str; 7] = [
+    "/healthz",
+    "/readyz",
+    "/v1/auth/refresh",
+    openapi::PATH,
+    dashboard::PUBLIC_PATHS[0],
+    dashboard::PUBLIC_PATHS[1],
+    dashboard::PUBLIC_PATHS[2],
+];
+
+/// Every route hale answers.
+pub fn routes() -> Vec<Route> {
+    let mut routes = Vec::new();
+    routes.extend(http::routes());
+    routes.extend(tasks::routes());
+    routes.extend(mail::routes());
+    routes.extend(tokens::routes());
+    routes.push(Route::get("/metrics", metrics::scrape));
+    routes.extend(backups::routes());
+    routes.extend(events::routes());
+    routes.push(Route::get("/v1/hooks", hooks::list));
+    routes.extend(dashboard::routes());
+    routes.push(Route::get(hale_proto::SESSION_PATH, ws::upgrade));
+    routes.push(Route::get(openapi::PATH, openapi::document));
+    routes
+}
+
+/// All routes; every one but the probes, the refresh, the OpenAPI document and the
+/// dashboard's files needs a token (`/metrics` may take its own token, or none when
+/// `metrics_public`).
 pub fn router(state: AppState) -> Router {
-    http::routes()
-        .merge(tokens::routes())
-        .route("/metrics", axum::routing::get(metrics::scrape))
-        .merge(backups::routes())
-        .merge(events::routes())
-        .route("/v1/hooks", axum::routing::get(hooks::list))
-        .merge(dashboard::routes())
-        .route(hale_proto::SESSION_PATH, axum::routing::get(ws::upgrade))
+    // Two routes on one path (GET and POST /v1/tasks) merge into one method router.
+    let router = routes().into_iter().fold(Router::new(), |router, route| router.route(route.path, route.handler));
+    router
+        .fallback(|| async { ApiError::not_found("no such endpoint; see docs/protocol.md for the API") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method",
+                false,
+            )
+        })
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// Bodies of axum's own rejections read at most (they are one line).
+const REJECTION_BYTES_MAX: usize = 16 * 1024;
+
+/// Every error a client sees has the one documented body, `{"error": {"code", "message",
+/// "retryable"}}`. hale's handlers answer so; axum's extractors do not when they refuse
+/// a request before a handler runs (a path segment that is not UTF-8, a query of the
+/// wrong shape, a GET of /v1/session that is no WebSocket upgrade), so their plain-text
+/// answers are rewritten here, keeping the status, the message and headers such as `Allow`.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, REJECTION_BYTES_MAX).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes).trim().to_string();
+    let message = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_string() } else { text };
+    let code = match status.as_u16() {
+        400 => "bad_request",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        413 => "body_too_large",
+        415 => "unsupported_media_type",
+        426 => "upgrade_required",
+        _ if status.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let mut answer = ApiError::new(status, code, message, status.is_server_error()).into_response();
+    parts.headers.remove(axum::http::header::CONTENT_TYPE);
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    answer.headers_mut().extend(parts.headers);
+    answer
 }
 
 /// Finds who is asking (`Authorization: Bearer TOKEN`, or `?access_token=` on the
 /// WebSocket path, for clients that cannot set headers) and hands it to the handler.
 async fn authenticate(State(app): State<AppState>, mut request: Request, next: Next) -> Result<Response, ApiError> {
     let path = request.uri().path();
-    if matches!(path, "/healthz" | "/readyz" | "/v1/auth/refresh") || dashboard::PUBLIC_PATHS.contains(&path) {
+    if OPEN_PATHS.contains(&path) {
         return Ok(next.run(request).await);
     }
     let header = request

@@ -1,36 +1,55 @@
 //! The HTTP routes of tasks, budgets and the system status.
 
 use super::http::{JsonBody, agent_name, respond};
-use super::{ApiError, AppState, task_convert};
+use super::openapi::{AgentPath, Answer, TaskPath};
+use super::{ApiError, AppState, Route, task_convert};
 use crate::auth::Principal;
 use axum::Extension;
+use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use hale_core::Command;
-use hale_proto::{HttpSpend, HttpSubmitTask, HttpTaskWrite, RoleStatus, SystemStatus, TaskInfo};
+use hale_proto::{
+    HttpSpend, HttpSubmitTask, HttpTaskWrite, Reserved, RoleStatus, SystemStatus, TaskInfo, TaskSubmitted,
+};
 use std::collections::{BTreeMap, HashMap};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v1/status", get(status))
-        .route("/v1/agents/{agent}/tasks", get(agent_tasks))
-        .route("/v1/agents/{agent}/reservations", post(reserve))
-        .route("/v1/agents/{agent}/spend", post(report_spend))
-        .route("/v1/tasks", post(submit_task).get(list_tasks))
-        .route("/v1/tasks/{task}", get(get_task))
-        .route("/v1/tasks/{task}/cancel", post(cancel_task))
-        .route("/v1/tasks/{task}/intents", post(intend_step))
-        .route("/v1/tasks/{task}/steps", post(commit_step))
-        .route("/v1/tasks/{task}/complete", post(complete_task))
-        .route("/v1/tasks/{task}/fail", post(fail_task))
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route::get("/v1/status", status),
+        Route::get("/v1/agents/{agent}/tasks", agent_tasks),
+        Route::post("/v1/agents/{agent}/reservations", reserve),
+        Route::post("/v1/agents/{agent}/spend", report_spend),
+        Route::post("/v1/tasks", submit_task),
+        Route::get("/v1/tasks", list_tasks),
+        Route::get("/v1/tasks/{task}", get_task),
+        Route::post("/v1/tasks/{task}/cancel", cancel_task),
+        Route::post("/v1/tasks/{task}/intents", intend_step),
+        Route::post("/v1/tasks/{task}/steps", commit_step),
+        Route::post("/v1/tasks/{task}/complete", complete_task),
+        Route::post("/v1/tasks/{task}/fail", fail_task),
+    ]
+}
+
+/// The query of `GET /v1/tasks`.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // Documents the query; the handler reads it for typed errors.
+struct TasksQuery {
+    /// Only tasks in this status (`pending`, `running`, `completed`, …).
+    status: Option<String>,
+    /// Only tasks for this role.
+    role: Option<String>,
+    /// At most this many, newest first (default 1000).
+    limit: Option<u64>,
 }
 
 fn task_number(text: &str) -> Result<u64, ApiError> {
     text.parse().map_err(|_| ApiError::bad_request(format!("task {text:?} is not a task number")))
 }
 
+#[utoipa::path(post, path = "/v1/tasks", tag = "tasks", request_body = HttpSubmitTask,
+    responses((status = 200, description = "durable (or the earlier task with the same idempotency key)", body = TaskSubmitted)))]
 async fn submit_task(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -43,6 +62,8 @@ async fn submit_task(
 }
 
 /// `GET /v1/tasks[?status=running&role=coder&limit=100]`, newest first.
+#[utoipa::path(get, path = "/v1/tasks", tag = "tasks", params(TasksQuery),
+    responses((status = 200, description = "tasks, newest first (admin)", body = Vec<TaskInfo>)))]
 async fn list_tasks(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -74,6 +95,8 @@ async fn list_tasks(
     Ok(Json(found))
 }
 
+#[utoipa::path(get, path = "/v1/tasks/{task}", tag = "tasks", params(TaskPath),
+    responses((status = 200, description = "the task (admin, or an agent that held it)", body = TaskInfo)))]
 async fn get_task(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -100,6 +123,8 @@ async fn get_task(
 }
 
 /// The tasks leased to the agent's current run: how an agent without a session asks for work.
+#[utoipa::path(get, path = "/v1/agents/{agent}/tasks", tag = "tasks", params(AgentPath),
+    responses((status = 200, description = "the tasks leased to the agent's current run", body = Vec<TaskInfo>)))]
 async fn agent_tasks(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -122,6 +147,8 @@ async fn agent_tasks(
     Ok(Json(found))
 }
 
+#[utoipa::path(post, path = "/v1/tasks/{task}/cancel", tag = "tasks", params(TaskPath),
+    responses((status = 200, description = "cancelled (admin)", body = Answer)))]
 async fn cancel_task(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -131,6 +158,8 @@ async fn cancel_task(
     respond(app.engine.execute(Command::CancelTask { task: task_number(&task)? }).await?)
 }
 
+#[utoipa::path(post, path = "/v1/tasks/{task}/intents", tag = "tasks", params(TaskPath), request_body = HttpTaskWrite,
+    responses((status = 200, description = "the intent is durable", body = Answer)))]
 async fn intend_step(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -148,6 +177,8 @@ async fn intend_step(
     respond(app.engine.execute(command).await?)
 }
 
+#[utoipa::path(post, path = "/v1/tasks/{task}/steps", tag = "tasks", params(TaskPath), request_body = HttpTaskWrite,
+    responses((status = 200, description = "the step is durable", body = Answer)))]
 async fn commit_step(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -168,6 +199,8 @@ async fn commit_step(
     respond(app.engine.execute(command).await?)
 }
 
+#[utoipa::path(post, path = "/v1/tasks/{task}/complete", tag = "tasks", params(TaskPath), request_body = HttpTaskWrite,
+    responses((status = 200, description = "completed", body = Answer)))]
 async fn complete_task(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -184,6 +217,8 @@ async fn complete_task(
     respond(app.engine.execute(command).await?)
 }
 
+#[utoipa::path(post, path = "/v1/tasks/{task}/fail", tag = "tasks", params(TaskPath), request_body = HttpTaskWrite,
+    responses((status = 200, description = "the attempt failed", body = Answer)))]
 async fn fail_task(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -201,6 +236,8 @@ async fn fail_task(
     respond(app.engine.execute(command).await?)
 }
 
+#[utoipa::path(post, path = "/v1/agents/{agent}/reservations", tag = "tasks", params(AgentPath), request_body = HttpSpend,
+    responses((status = 200, description = "reserved", body = Reserved)))]
 async fn reserve(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -220,6 +257,8 @@ async fn reserve(
     respond(app.engine.execute(command).await?)
 }
 
+#[utoipa::path(post, path = "/v1/agents/{agent}/spend", tag = "tasks", params(AgentPath), request_body = HttpSpend,
+    responses((status = 200, description = "counted", body = Answer)))]
 async fn report_spend(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -238,6 +277,8 @@ async fn report_spend(
 }
 
 /// `GET /v1/status`: the system mode, capacity per role and the queue.
+#[utoipa::path(get, path = "/v1/status", tag = "operations",
+    responses((status = 200, description = "the system mode, capacity per role and the queue (admin)", body = SystemStatus)))]
 async fn status(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,

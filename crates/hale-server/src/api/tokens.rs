@@ -1,24 +1,27 @@
 //! Issuing, refreshing and revoking agents' tokens.
 
 use super::http::{JsonBody, agent_name};
-use super::{ApiError, AppState};
+use super::openapi::{AgentPath, Answer};
+use super::{ApiError, AppState, Route};
 use crate::auth::{Auth, Principal, hash_refresh};
 use crate::engine::Engine;
 use axum::extract::{Path, State};
-use axum::routing::post;
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
 use hale_core::{AgentName, Command, Timestamp};
 use hale_proto::{HttpRefresh, HttpRevoke, TokenPair};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v1/agents/{agent}/tokens", post(issue))
-        .route("/v1/agents/{agent}/tokens/revoke", post(revoke))
-        .route("/v1/auth/refresh", post(refresh))
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route::post("/v1/agents/{agent}/tokens", issue),
+        Route::post("/v1/agents/{agent}/tokens/revoke", revoke),
+        Route::post("/v1/auth/refresh", refresh),
+    ]
 }
 
 /// `hale token issue AGENT`: a new access token and refresh token (the previous refresh
 /// token stops working; access tokens already out stay valid until they expire).
+#[utoipa::path(post, path = "/v1/agents/{agent}/tokens", tag = "tokens", params(AgentPath),
+    responses((status = 200, description = "a new pair; the previous refresh token stops working (admin)", body = TokenPair)))]
 async fn issue(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -48,6 +51,9 @@ pub async fn issue_tokens(auth: &Auth, engine: &Engine, agent: &AgentName) -> Re
 }
 
 /// `hale token revoke AGENT`: every token of the agent stops working and its sessions end.
+#[utoipa::path(post, path = "/v1/agents/{agent}/tokens/revoke", tag = "tokens", params(AgentPath),
+    request_body(content = Option<HttpRevoke>, description = "optional: why"),
+    responses((status = 200, description = "every token of the agent stopped working (admin)", body = Answer)))]
 async fn revoke(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -56,8 +62,8 @@ async fn revoke(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     principal.require_admin("revoking tokens")?;
     let agent = agent_name(&agent)?;
-    // The body is optional: `{"reason": "..."}`.
-    let body: HttpRevoke = if body.iter().all(u8::is_ascii_whitespace) {
+    // The body is optional: `{"reason": "..."}`, or nothing (empty or `null`).
+    let body: HttpRevoke = if body.iter().all(u8::is_ascii_whitespace) || body.trim_ascii() == b"null" {
         HttpRevoke::default()
     } else {
         serde_json::from_slice(&body)
@@ -71,6 +77,8 @@ async fn revoke(
 
 /// An agent trades its refresh token for a new pair (the old refresh token stops
 /// working; presenting it again revokes everything).
+#[utoipa::path(post, path = "/v1/auth/refresh", tag = "tokens", request_body = HttpRefresh,
+    responses((status = 200, description = "a new pair; the refresh token presented stops working", body = TokenPair)))]
 async fn refresh(
     State(app): State<AppState>,
     JsonBody(body): JsonBody<HttpRefresh>,

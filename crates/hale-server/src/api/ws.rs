@@ -16,6 +16,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use tokio::sync::{Notify, mpsc};
 
+/// `GET /v1/session`: the upgrade to the WebSocket session.
+#[utoipa::path(get, path = "/v1/session", tag = "session",
+    params(("access_token" = Option<String>, Query,
+        description = "The token, for clients that cannot set the Authorization header")),
+    responses((status = 101, description = "switching to the WebSocket session protocol: JSON frames, see docs/protocol.md")))]
 pub async fn upgrade(
     ws: WebSocketUpgrade,
     State(app): State<AppState>,
