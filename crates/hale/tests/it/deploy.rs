@@ -41,7 +41,12 @@ fn the_systemd_unit_checks_the_config_starts_hale_with_json_logs_and_stops_on_si
     let mut command = Command::new(&start[0]);
     command.args(&start[1..]);
     let hale = support::serve_with_command(command).expect("hale starts as the unit runs it");
-    // JSON logs: every line hale wrote to stderr is a JSON object.
+    // JSON logs: every line hale wrote to stderr is a JSON object (read by a thread: wait
+    // for the first lines to arrive).
+    let waited = std::time::Instant::now();
+    while hale.stderr().lines().count() < 2 && waited.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let stderr = hale.stderr();
     let lines: Vec<&str> = stderr.lines().filter(|line| !line.trim().is_empty()).collect();
     assert!(!lines.is_empty(), "hale logged nothing");
