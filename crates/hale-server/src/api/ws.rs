@@ -205,9 +205,9 @@ impl Session {
     }
 
     async fn handle(&mut self, bytes: &[u8]) -> Answer {
-        let frame = match serde_json::from_slice::<ClientFrame>(bytes) {
+        let frame = match decode_frame(bytes) {
             Ok(frame) => frame,
-            Err(error) => return ready(frame_error(bytes, &error)),
+            Err(error) => return ready(error),
         };
         let id = frame.id();
         if matches!(frame, ClientFrame::Heartbeat { .. } | ClientFrame::ReportError { .. }) {
@@ -396,6 +396,12 @@ fn ready(frame: ServerFrame) -> Answer {
 
 fn encode(frame: &ServerFrame) -> Message {
     Message::Text(serde_json::to_string(frame).expect("server frames always serialize").into())
+}
+
+/// Decodes one client frame as a session does, or gives the error frame it answers with
+/// (public for fuzzing and tests: `fuzz/fuzz_targets/frame.rs` feeds it arbitrary bytes).
+pub fn decode_frame(bytes: &[u8]) -> Result<ClientFrame, ServerFrame> {
+    serde_json::from_slice::<ClientFrame>(bytes).map_err(|error| frame_error(bytes, &error))
 }
 
 /// The error for a frame that did not parse, with its id if one can be read.
