@@ -11,6 +11,7 @@ mod dashboard;
 mod demo;
 mod encryption;
 mod fsync;
+mod fuzz;
 mod health;
 mod messaging;
 mod metrics;
