@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(again, frame, "a frame changed in a round trip through JSON");
         }
         Err(error) => {
-            assert!(matches!(error, ServerFrame::Error { .. }), "not an error frame: {error:?}");
+            assert!(matches!(*error, ServerFrame::Error { .. }), "not an error frame: {error:?}");
             serde_json::to_string(&error).expect("server frames serialize");
         }
     }

@@ -37,10 +37,7 @@ fuzz_target!(|data: &[u8]| {
     let plain = snapshot::decode(&bytes);
     let opened = snapshot::decode_sealed(&bytes, Some(&KEYS));
     if mode % 3 == 2 {
-        assert!(
-            matches!(opened, Ok(_) | Err(SnapshotError::Body(_))),
-            "a sealed snapshot failed to open: {opened:?}"
-        );
+        assert!(matches!(opened, Ok(_) | Err(SnapshotError::Body(_))), "a sealed snapshot failed to open: {opened:?}");
         assert!(matches!(plain, Err(SnapshotError::KeyNotConfigured(_))), "opened without a key: {plain:?}");
     }
     if let Ok((seq, created, state)) = plain {

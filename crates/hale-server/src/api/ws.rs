@@ -207,7 +207,7 @@ impl Session {
     async fn handle(&mut self, bytes: &[u8]) -> Answer {
         let frame = match decode_frame(bytes) {
             Ok(frame) => frame,
-            Err(error) => return ready(error),
+            Err(error) => return ready(*error),
         };
         let id = frame.id();
         if matches!(frame, ClientFrame::Heartbeat { .. } | ClientFrame::ReportError { .. }) {
@@ -400,8 +400,8 @@ fn encode(frame: &ServerFrame) -> Message {
 
 /// Decodes one client frame as a session does, or gives the error frame it answers with
 /// (public for fuzzing and tests: `fuzz/fuzz_targets/frame.rs` feeds it arbitrary bytes).
-pub fn decode_frame(bytes: &[u8]) -> Result<ClientFrame, ServerFrame> {
-    serde_json::from_slice::<ClientFrame>(bytes).map_err(|error| frame_error(bytes, &error))
+pub fn decode_frame(bytes: &[u8]) -> Result<ClientFrame, Box<ServerFrame>> {
+    serde_json::from_slice::<ClientFrame>(bytes).map_err(|error| Box::new(frame_error(bytes, &error)))
 }
 
 /// The error for a frame that did not parse, with its id if one can be read.

@@ -53,7 +53,8 @@ fn fuzz_targets_run_clean() {
         let seeds = fuzz_dir().join("seeds").join(target);
         let max_total_time = format!("-max_total_time={SECONDS_PER_TARGET}");
         let (scratch_dir, seeds_dir) = (scratch.path().to_str().unwrap(), seeds.to_str().unwrap());
-        let args = ["run", target, scratch_dir, seeds_dir, "-s", "none", "--", &max_total_time, "-seed=4711", "-timeout=10"];
+        let args =
+            ["run", target, scratch_dir, seeds_dir, "-s", "none", "--", &max_total_time, "-seed=4711", "-timeout=10"];
         let run = cargo_fuzz(&args).output().expect("cargo fuzz run runs");
         let output = [run.stdout.as_slice(), run.stderr.as_slice()].concat();
         assert!(
@@ -185,22 +186,43 @@ fn seeds() -> Vec<Seed> {
 /// A frame of each type, as clients send them.
 fn frames() -> Vec<(&'static str, String)> {
     let frames = [
-        ("hello", r#"{"type":"hello","id":1,"agent":"code-generator","role":"coder","labels":{"tier":"gpu"},"incarnation":3}"#),
-        ("checkpoint", r#"{"type":"checkpoint","id":2,"patch":{"files_done":12,"notes":{"a":[1,2.5,null,true]}},"expected_version":4}"#),
+        (
+            "hello",
+            r#"{"type":"hello","id":1,"agent":"code-generator","role":"coder","labels":{"tier":"gpu"},"incarnation":3}"#,
+        ),
+        (
+            "checkpoint",
+            r#"{"type":"checkpoint","id":2,"patch":{"files_done":12,"notes":{"a":[1,2.5,null,true]}},"expected_version":4}"#,
+        ),
         ("recovery_point", r#"{"type":"recovery_point","id":3,"name":"before-refactor"}"#),
         ("rollback", r#"{"type":"rollback","id":4,"to":{"point":"before-refactor"}}"#),
         ("rollback-version", r#"{"type":"rollback","id":5,"to":{"version":7}}"#),
-        ("heartbeat", r#"{"type":"heartbeat","id":6,"progress":{"fraction":0.4,"message":"writing tests","task":"7","fields":{"k":"v"}}}"#),
+        (
+            "heartbeat",
+            r#"{"type":"heartbeat","id":6,"progress":{"fraction":0.4,"message":"writing tests","task":"7","fields":{"k":"v"}}}"#,
+        ),
         ("report_error", r#"{"type":"report_error","id":7,"message":"tool call failed"}"#),
-        ("report_violation", r#"{"type":"report_violation","id":8,"agent":"other","critical":true,"reason":"exfiltration"}"#),
+        (
+            "report_violation",
+            r#"{"type":"report_violation","id":8,"agent":"other","critical":true,"reason":"exfiltration"}"#,
+        ),
         ("intend_step", r#"{"type":"intend_step","id":9,"task":1,"name":"plan"}"#),
-        ("commit_step", r#"{"type":"commit_step","id":10,"task":1,"name":"plan","result":{"ok":true},"llm":{"model":"m","temperature":0.2,"seed":4,"tokens_in":10,"tokens_out":20},"compensation":{"undo":"plan"}}"#),
-        ("submit", r#"{"type":"submit","id":11,"task":{"role":"coder","priority":"high","payload":{"goal":"parser"},"deadline_ms":60000,"max_attempts":3,"idempotency_key":"k-1"}}"#),
+        (
+            "commit_step",
+            r#"{"type":"commit_step","id":10,"task":1,"name":"plan","result":{"ok":true},"llm":{"model":"m","temperature":0.2,"seed":4,"tokens_in":10,"tokens_out":20},"compensation":{"undo":"plan"}}"#,
+        ),
+        (
+            "submit",
+            r#"{"type":"submit","id":11,"task":{"role":"coder","priority":"high","payload":{"goal":"parser"},"deadline_ms":60000,"max_attempts":3,"idempotency_key":"k-1"}}"#,
+        ),
         ("reserve", r#"{"type":"reserve","id":12,"task":1,"tokens":1000,"cost":5}"#),
         ("report_spend", r#"{"type":"report_spend","id":13,"task":1,"reservation":2,"tokens":900,"cost":4}"#),
         ("complete", r#"{"type":"complete","id":14,"task":1,"result":{"files":["a.rs"]}}"#),
         ("fail", r#"{"type":"fail","id":15,"task":1,"reason":"model refused","retry":false}"#),
-        ("send", r#"{"type":"send","id":16,"to":{"agent":"writer-1"},"conversation":"c-1","body":{"text":"hi"},"reply_to":3,"expects_reply":true,"key":"m-1"}"#),
+        (
+            "send",
+            r#"{"type":"send","id":16,"to":{"agent":"writer-1"},"conversation":"c-1","body":{"text":"hi"},"reply_to":3,"expects_reply":true,"key":"m-1"}"#,
+        ),
         ("send-role", r#"{"type":"send","id":17,"to":{"role":"writer"},"body":"hello"}"#),
         ("ack", r#"{"type":"ack","id":18,"seq":4}"#),
         ("end_conversation", r#"{"type":"end_conversation","id":19,"conversation":"c-1"}"#),
@@ -228,7 +250,12 @@ fn events_and_state() -> (Vec<Event>, hale_core::State) {
             name: PointName::new("before-refactor").unwrap(),
             version: 1,
         },
-        Event::Checkpointed { agent: agent.clone(), incarnation: 1, version: 2, patch: serde_json::json!({"files_done": 13}) },
+        Event::Checkpointed {
+            agent: agent.clone(),
+            incarnation: 1,
+            version: 2,
+            patch: serde_json::json!({"files_done": 13}),
+        },
     ];
     let mut core = Core::new(Limits::default());
     for (index, event) in events.iter().enumerate() {
