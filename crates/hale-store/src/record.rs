@@ -186,6 +186,17 @@ mod tests {
         assert_eq!(record.decode(), Ok(event()));
     }
 
+    /// Found by fuzz/frame: a float parsed from a long literal must survive the log
+    /// exactly (serde_json's `float_roundtrip`), or replay drifts from the live state.
+    #[test]
+    fn a_float_round_trips_exactly_through_a_record() {
+        let long = "4444444444444444444444444444444444444444444";
+        let patch: serde_json::Value = serde_json::from_str(&format!(r#"{{"tokens_out":{long}}}"#)).unwrap();
+        let event = Event::Checkpointed { agent: AgentName::new("a").unwrap(), incarnation: 1, version: 1, patch };
+        let again = Record::encode(7, Timestamp(99), &event).decode().unwrap();
+        assert_eq!(again, event);
+    }
+
     #[test]
     fn every_field_is_covered_by_the_checksum() {
         let record = Record::encode(7, Timestamp(99), &event());
