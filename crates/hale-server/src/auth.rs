@@ -160,21 +160,28 @@ impl Auth {
             None => read_or_make(&data_dir.join(ADMIN_TOKEN_FILE), &random)?,
         };
         let key = read_or_make(&data_dir.join(SIGNING_KEY_FILE), &random)?;
+        Ok(Auth::with_secrets(admin_token, &key, config))
+    }
+
+    /// An `Auth` with the given admin token and JWT signing key, touching no files (for
+    /// fuzzing and tests: `fuzz/fuzz_targets/token.rs` authenticates arbitrary tokens
+    /// against a fixed key). [`Auth::open`] reads or makes the secrets, then builds this.
+    pub fn with_secrets(admin_token: String, signing_key: &str, config: AuthConfig) -> Auth {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_issuer(&[ISSUER]);
         validation.set_audience(&[AUDIENCE]);
         validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
         validation.validate_nbf = true;
         validation.leeway = 5;
-        Ok(Auth {
+        Auth {
             admin_token,
-            encoding: EncodingKey::from_secret(key.as_bytes()),
-            decoding: DecodingKey::from_secret(key.as_bytes()),
+            encoding: EncodingKey::from_secret(signing_key.as_bytes()),
+            decoding: DecodingKey::from_secret(signing_key.as_bytes()),
             validation,
             config,
-            random,
+            random: SystemRandom::new(),
             generations: RwLock::new(HashMap::new()),
-        })
+        }
     }
 
     /// The admin token (for in-process callers such as the demo and the benches).

@@ -16,6 +16,7 @@ pub(crate) mod tokens;
 mod ws;
 
 pub use error::ApiError;
+pub use ws::decode_frame;
 
 use crate::auth::Auth;
 use crate::engine::Engine;

@@ -12,6 +12,7 @@ mod demo;
 mod deploy;
 mod encryption;
 mod fsync;
+mod fuzz;
 mod health;
 mod hooks;
 mod messaging;
