@@ -32,8 +32,11 @@ impl Backups {
 
     /// Backs the log up into the new file `target`; `progress` is told of every step and
     /// may cancel by returning `false`. Returns the report and how long the copy took.
+    /// Each backup written and each failure is logged here as `what` (`backup`, `scheduled
+    /// backup`), whoever asked for it.
     pub async fn run(
         &self,
+        what: &'static str,
         target: PathBuf,
         mut progress: impl FnMut(CopyProgress) -> bool + Send + 'static,
     ) -> Result<(BackupReport, Duration), StoreError> {
@@ -41,14 +44,28 @@ impl Backups {
         let started = Instant::now();
         let log_path = self.log_path.clone();
         let cancel = self.cancel.clone();
-        let report = tokio::task::spawn_blocking(move || {
+        let path = target.clone();
+        let written = tokio::task::spawn_blocking(move || {
             hale_store::backup(&log_path, &target, PAGES_PER_STEP, |done| {
                 !cancel.load(Ordering::Relaxed) && progress(done)
             })
         })
         .await
-        .expect("a backup does not panic")?;
-        Ok((report, started.elapsed()))
+        .expect("a backup does not panic");
+        let elapsed = started.elapsed();
+        match &written {
+            Ok(report) => tracing::info!(
+                path = %report.path.display(),
+                bytes = report.bytes,
+                records = report.records,
+                last_seq = report.last_seq,
+                elapsed_ms = elapsed.as_millis() as u64,
+                "{what} written"
+            ),
+            Err(StoreError::Cancelled) => tracing::info!(path = %path.display(), "{what} cancelled"),
+            Err(error) => tracing::error!(path = %path.display(), %error, "{what} FAILED"),
+        }
+        Ok((written?, elapsed))
     }
 
     /// Stops a backup in progress at its next step, and every later one (at shutdown).
@@ -69,34 +86,20 @@ pub async fn run_schedule(backups: Arc<Backups>, schedule: BackupSchedule, mut s
             _ = stop.wait_for(|stopping| *stopping) => return,
         }
         let target = schedule.dir.join(format!("{PREFIX}{}{SUFFIX}", crate::clock::now().0));
-        match backups.run(target.clone(), |_| true).await {
-            Ok((report, elapsed)) => {
-                tracing::info!(
-                    path = %report.path.display(),
-                    bytes = report.bytes,
-                    records = report.records,
-                    last_seq = report.last_seq,
-                    elapsed_ms = elapsed.as_millis() as u64,
-                    "scheduled backup written"
-                );
-                match rotate(&schedule.dir, schedule.keep) {
-                    Ok(removed) => {
-                        for path in removed {
-                            tracing::info!(path = %path.display(), keep = schedule.keep, "old backup removed");
-                        }
-                    }
-                    Err(error) => {
-                        tracing::error!(dir = %schedule.dir.display(), %error, "removing old backups failed")
+        match backups.run("scheduled backup", target.clone(), |_| true).await {
+            Ok(_) => match rotate(&schedule.dir, schedule.keep) {
+                Ok(removed) => {
+                    for path in removed {
+                        tracing::info!(path = %path.display(), keep = schedule.keep, "old backup removed");
                     }
                 }
-            }
+                Err(error) => {
+                    tracing::error!(dir = %schedule.dir.display(), %error, "removing old backups failed")
+                }
+            },
             Err(StoreError::Cancelled) => return,
-            Err(error) => tracing::error!(
-                path = %target.display(),
-                %error,
-                "scheduled backup FAILED; the next is tried in {} s",
-                schedule.every.as_secs()
-            ),
+            // Logged by `run`; the schedule goes on.
+            Err(_) => tracing::info!(next_in_s = schedule.every.as_secs(), "the next scheduled backup is tried later"),
         }
     }
 }

@@ -64,27 +64,16 @@ async fn create(
             // A reader that went away cancels the backup; a slow one misses a progress line.
             !matches!(progress_lines.try_send(encode(&line)), Err(tokio::sync::mpsc::error::TrySendError::Closed(_)))
         };
-        let last = match backups.run(target.clone(), progress).await {
-            Ok((report, elapsed)) => {
-                tracing::info!(
-                    path = %report.path.display(),
-                    bytes = report.bytes,
-                    records = report.records,
-                    last_seq = report.last_seq,
-                    elapsed_ms = elapsed.as_millis() as u64,
-                    "backup written"
-                );
-                BackupLine::Done(BackupDone {
-                    path: report.path.display().to_string(),
-                    bytes: report.bytes,
-                    pages: report.pages,
-                    records: report.records,
-                    last_seq: report.last_seq,
-                    elapsed_ms: elapsed.as_millis() as u64,
-                })
-            }
+        let last = match backups.run("backup", target.clone(), progress).await {
+            Ok((report, elapsed)) => BackupLine::Done(BackupDone {
+                path: report.path.display().to_string(),
+                bytes: report.bytes,
+                pages: report.pages,
+                records: report.records,
+                last_seq: report.last_seq,
+                elapsed_ms: elapsed.as_millis() as u64,
+            }),
             Err(error) => {
-                tracing::error!(path = %target.display(), %error, "backup FAILED");
                 let code = match error {
                     StoreError::BackupExists { .. } => "backup_exists",
                     _ => "backup_failed",
