@@ -140,6 +140,11 @@ class Session:
         self.offered: Set[Tuple[int, int]] = set()
         #: Mailbox sequence numbers handed to the application and not yet acknowledged.
         self.delivered: Set[int] = set()
+        #: Sequence numbers acknowledged on this connection that its delivery has not
+        #: reached yet: a resumed session's first mailbox read can run before a resent ack
+        #: is applied, so the message may still arrive once after the ack is answered (on
+        #: this connection only, in ``seq`` order).
+        self._acked_here: Set[int] = set()
         self.ended = asyncio.Event()
         self.end_reason: Optional[str] = None
         self.connected = False
@@ -302,9 +307,8 @@ class Session:
             self.offered.add(key)
         elif kind == "message":
             seq = frame.get("seq")
-            if not isinstance(seq, int) or seq in self.delivered:
+            if not isinstance(seq, int) or not self._take_message(seq):
                 return None
-            self.delivered.add(seq)
         ident = frame.get("id")
         if isinstance(ident, int) and not isinstance(ident, bool) and kind not in ("task", "message"):
             self._answer(ident, frame)
@@ -426,7 +430,24 @@ class Session:
                 prefix = "fenced: " if code in _RUN_OVER else ""
                 raise _GiveUp(f"{prefix}hale refused to resume run {self.incarnation} ({code}): {frame.get('message')}")
 
+    def _take_message(self, seq: int) -> bool:
+        """Whether message ``seq`` is new to the application (and from now on handed to it)."""
+        acked = seq in self._acked_here
+        # Delivery on one connection is in seq order: nothing at or below seq comes again.
+        self._acked_here = {later for later in self._acked_here if later > seq}
+        if acked or seq in self.delivered:
+            return False
+        self.delivered.add(seq)
+        return True
+
+    def acked(self, seq: int) -> None:
+        """Message ``seq`` was acknowledged: hale will not deliver it on a later connection."""
+        self.delivered.discard(seq)
+        self._acked_here.add(seq)
+
     async def _settle(self, socket: Any, version: int) -> None:
+        # This connection's delivery reads the mailbox after the acks answered so far.
+        self._acked_here.clear()
         self.version = version
         self._rollback_in_flight = False
         pending = list(self._pending.values())

@@ -606,7 +606,7 @@ class Agent:
         """Says a message is handled: hale stops delivering it. Idempotent."""
         seq = message.seq if isinstance(message, Message) else message
         await self._request({"type": "ack", "seq": seq}, "ok")
-        self._session.delivered.discard(seq)
+        self._session.acked(seq)
 
     async def end_conversation(self, conversation: str) -> None:
         await self._request({"type": "end_conversation", "conversation": conversation}, "ok")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any, Dict, List
+
 import hale
 from hale._transport import jwt_expiry
 
@@ -53,3 +56,38 @@ def test_task_and_welcome_records_read_frames() -> None:
     assert task.done("plan") and not task.done("pr") and task.step("pr") is not None
     welcome = hale.Welcome.from_json({"agent": "a", "incarnation": 3, "session": "a/3", "pending_replies": [{"message": 9, "seq": 2, "from": "b", "conversation": "c"}]})
     assert welcome.session == "a/3" and welcome.pending_replies[0].sender == "b"
+
+
+def test_a_message_acked_before_its_redelivery_arrives_is_handed_over_once() -> None:
+    from hale._session import Session
+    from hale._transport import Credentials
+
+    async def run() -> None:
+        handed: List[Dict[str, Any]] = []
+        session = Session(
+            ["ws://unused"],
+            "writer",
+            dict,
+            Credentials(None, None),
+            None,
+            None,
+            lambda frame: None,
+            handed.append,
+        )
+
+        def message(seq: int) -> Dict[str, Any]:
+            return {"type": "message", "seq": seq}
+
+        # Connection 1: 36 and 37 handed, the ack of 36 lost with the connection.
+        session._deliver(message(36))
+        session._deliver(message(37))
+        # Connection 2 reads the mailbox before the resent ack of 36 is applied, and
+        # the ack's answer overtakes the redelivered messages.
+        session._acked_here.clear()
+        session.acked(36)
+        for seq in (36, 37, 38):
+            session._deliver(message(seq))
+        assert [frame["seq"] for frame in handed] == [36, 37, 38]
+        assert not session._acked_here, "forgotten once delivery is past it"
+
+    asyncio.run(run())

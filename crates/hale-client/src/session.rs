@@ -103,6 +103,12 @@ struct Sent {
     /// Mailbox sequence numbers handed to the application and not yet acked: a new
     /// connection delivers every unacked message again, and these are dropped.
     handed: std::collections::BTreeSet<u64>,
+    /// Sequence numbers acked on this connection that its delivery has not reached yet.
+    /// A resumed session's first read of the mailbox may run before a resent ack is
+    /// applied, so the message can still arrive once after its ack is answered; on this
+    /// connection only (a later one reads after the ack), and in `seq` order, so each is
+    /// forgotten when a message at or past it arrives, or when the connection changes.
+    acked_here: std::collections::BTreeSet<u64>,
 }
 
 impl Sent {
@@ -153,9 +159,18 @@ impl Sent {
             // An acked message is never delivered again: forget its sequence number.
             if let (ServerFrame::Ok { .. }, ClientFrame::Ack { seq, .. }) = (&frame, &pending.frame) {
                 self.handed.remove(seq);
+                self.acked_here.insert(*seq);
             }
             let _ = pending.reply.send(Ok(frame));
         }
+    }
+
+    /// Whether message `seq` is new to the application (and from now on handed to it).
+    fn take_message(&mut self, seq: u64) -> bool {
+        let acked = self.acked_here.contains(&seq);
+        // Delivery on one connection is in `seq` order: nothing at or below `seq` comes again.
+        self.acked_here = self.acked_here.split_off(&seq.saturating_add(1));
+        !acked && self.handed.insert(seq)
     }
 
     fn fail_all(&mut self, reason: &str) {
@@ -297,7 +312,7 @@ fn deliver(frame: ServerFrame, sent: &mut Sent, inbox: &Inbox) -> Option<Lost> {
             None
         }
         ServerFrame::Message { message } => {
-            if sent.handed.insert(message.seq) {
+            if sent.take_message(message.seq) {
                 let _ = inbox.messages.send(*message.clone());
             }
             None
@@ -376,6 +391,8 @@ async fn settle(
 ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
     sent.version = Some(version);
     sent.rollback_in_flight = false;
+    // This connection's delivery reads the mailbox after the acks answered so far.
+    sent.acked_here.clear();
     let pending = std::mem::take(&mut sent.pending);
     sent.by_id.clear();
     for (_, Pending { frame, reply, makes }) in pending {
@@ -430,4 +447,41 @@ fn send_has_key(frame: &ClientFrame) -> bool {
 
 fn submit_has_key(frame: &ClientFrame) -> bool {
     matches!(frame, ClientFrame::Submit { task, .. } if task.idempotency_key.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(sent: &mut Sent, id: u64, seq: u64) {
+        let (reply, _answer) = tokio::sync::oneshot::channel();
+        sent.push(ClientFrame::Ack { id, seq }, reply);
+        sent.answer(id, ServerFrame::Ok { id });
+    }
+
+    #[test]
+    fn a_message_acked_before_its_redelivery_arrives_is_not_handed_again() {
+        let mut sent = Sent::default();
+        // Connection 1: 36 and 37 handed, the ack of 36 lost with the connection.
+        assert!(sent.take_message(36) && sent.take_message(37));
+        // Connection 2 starts reading the mailbox before the resent ack of 36 is applied,
+        // and the ack's answer overtakes the redelivered messages.
+        sent.acked_here.clear();
+        ack(&mut sent, 1, 36);
+        assert!(!sent.take_message(36), "acked, then redelivered once: dropped");
+        assert!(!sent.take_message(37), "handed and not acked yet: dropped");
+        assert!(sent.take_message(38), "new");
+        assert!(sent.acked_here.is_empty(), "forgotten once delivery is past it");
+    }
+
+    #[test]
+    fn an_acked_message_is_forgotten_once_delivery_passes_it() {
+        let mut sent = Sent::default();
+        assert!(sent.take_message(1));
+        ack(&mut sent, 1, 1);
+        assert!(sent.handed.is_empty());
+        assert_eq!(sent.acked_here.len(), 1, "kept until a later message shows delivery is past it");
+        assert!(sent.take_message(2));
+        assert!(sent.acked_here.is_empty());
+    }
 }
