@@ -50,6 +50,7 @@ _RESENT = frozenset(
         "send",
         "ack",
         "end_conversation",
+        "auth",
     }
 )
 _RUN_OVER = frozenset({Code.STALE_INCARNATION, Code.INCARNATION_DOWN, "unknown_incarnation"})

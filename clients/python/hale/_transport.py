@@ -54,15 +54,19 @@ def _ssl_context(url: str, ca_file: Optional[str]) -> Optional[ssl.SSLContext]:
     return ssl.create_default_context(cafile=ca_file)
 
 
-def jwt_expiry(token: str) -> Optional[int]:
-    """The ``exp`` of a JWT, read without checking it (hale checks)."""
+def _jwt_claim(token: str, name: str) -> Optional[int]:
     try:
         payload = token.split(".")[1]
         payload += "=" * (-len(payload) % 4)
-        exp = json.loads(base64.urlsafe_b64decode(payload)).get("exp")
-        return int(exp) if isinstance(exp, int) else None
+        value = json.loads(base64.urlsafe_b64decode(payload)).get(name)
+        return int(value) if isinstance(value, int) else None
     except (IndexError, ValueError, AttributeError):
         return None
+
+
+def jwt_expiry(token: str) -> Optional[int]:
+    """The ``exp`` of a JWT, read without checking it (hale checks)."""
+    return _jwt_claim(token, "exp")
 
 
 def _http_blocking(
@@ -127,11 +131,21 @@ class Credentials:
         self.refreshes = 0
         self._lock = asyncio.Lock()
 
-    def due(self) -> bool:
+    def renew_in(self) -> Optional[float]:
+        """Seconds until the access token should be renewed (0 if due): ``refresh_ahead``
+        before it expires, or a third of its lifetime if that is shorter. None without a
+        refresh token or a token hale issued."""
         if self.access is None or self.refresh_token is None:
-            return False
+            return None
         exp = jwt_expiry(self.access)
-        return exp is not None and exp <= time.time() + self.refresh_ahead
+        if exp is None:
+            return None
+        issued = _jwt_claim(self.access, "iat") or _jwt_claim(self.access, "nbf") or 0
+        ahead = min(self.refresh_ahead, max(exp - issued, 0) / 3)
+        return max(exp - ahead - time.time(), 0.0)
+
+    def due(self) -> bool:
+        return self.renew_in() == 0.0
 
     async def refresh(self, url: str, agent: str, ca_file: Optional[str], force: bool = False) -> bool:
         """Trades the refresh token for a new pair if due (or ``force``). True if it did."""

@@ -149,6 +149,7 @@ class Agent:
         )
         self._session.incarnation = None
         self._wanted_incarnation = incarnation
+        self._renewal: Optional["asyncio.Task[None]"] = None
 
     # ---- opening ---------------------------------------------------------------------
 
@@ -190,7 +191,33 @@ class Agent:
         except BaseException:
             await agent._session.close()
             raise
+        if credentials.renew_in() is not None:
+            agent._renewal = asyncio.ensure_future(agent._renew_tokens())
         return agent
+
+    async def _renew_tokens(self) -> None:
+        """Renews the access token before it expires, for as long as the session lasts:
+        hale ends a session whose token expired. The new token is sent in band (an
+        ``auth`` frame) and used by the next connection."""
+        retry = 0.0
+        while not self._session.ended.is_set():
+            wait = self._credentials.renew_in()
+            if wait is None:
+                return
+            try:
+                await asyncio.wait_for(self._session.ended.wait(), timeout=max(wait, retry))
+                return
+            except asyncio.TimeoutError:
+                pass
+            try:
+                await self._credentials.refresh(self.url, self.name, self.ca_file)
+                await self._request({"type": "auth", "token": self._credentials.access}, "ok")
+                retry = 0.0
+            except (HaleError, OSError) as error:
+                if self._session.ended.is_set():
+                    return
+                logging.getLogger("hale").warning("could not renew the access token, trying again: %s", error)
+                retry = min(max(retry * 2, 0.25), 5.0)
 
     @classmethod
     async def from_env(

@@ -75,3 +75,26 @@ async def test_tokens_are_refreshed_ahead_of_expiry_and_when_hale_says_expired(s
     assert status == 401 and answer["error"]["code"] == "token_revoked", answer
     reason = await asyncio.wait_for(agent.ended(), 10)
     assert "ended by hale" in reason, reason
+
+
+@run
+async def test_a_session_outlives_its_first_token_by_renewing_it_in_band(tmp_path: Any) -> None:
+    config = tmp_path / "hale.toml"
+    config.write_text("[server]\naccess_token_ttl_s = 2\n")
+    server = Hale(tmp_path / "data", config=config)
+    try:
+        pair = server.issue_tokens("erin")
+        # No reconnects: if hale closed the session when the first token ran out (2 s and
+        # a 5 s leeway), the session would be over.
+        agent = await hale.Agent.connect(
+            server.ws_url, "erin", "r", token=pair["access_token"], refresh_token=pair["refresh_token"]
+        )
+        first_expiry = hale._transport.jwt_expiry(pair["access_token"])
+        assert first_expiry is not None
+        await asyncio.sleep(max(first_expiry + 6 - time.time(), 0))
+        assert agent.token_refreshes >= 2 and agent.token != pair["access_token"]
+        assert await agent.checkpoint({"alive": True}) == 1
+        assert not agent.closed and agent.reconnects == 0
+        await agent.close()
+    finally:
+        server.stop()

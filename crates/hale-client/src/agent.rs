@@ -30,35 +30,61 @@ pub struct AgentOptions {
 
 /// An agent's access token and, if it has one, its refresh token. Clones share them.
 #[derive(Clone, Debug, Default)]
-pub struct Credentials(Arc<Mutex<Option<Held>>>);
+pub struct Credentials(Arc<CredentialsInner>);
+
+#[derive(Debug, Default)]
+struct CredentialsInner {
+    held: Mutex<Option<Held>>,
+    /// One refresh at a time: a refresh token works once, and a reused one revokes the
+    /// agent's tokens (the renewal task and a reconnect may both find the token due).
+    refreshing: tokio::sync::Mutex<()>,
+}
 
 /// An access token, and the refresh token if one is held.
 type Held = (String, Option<String>);
 
+/// How long before its expiry an access token is renewed: a minute, or a third of its
+/// lifetime if that is shorter.
+const RENEW_AHEAD_S: u64 = 60;
+
 impl Credentials {
     /// The access token, if any.
     pub fn access(&self) -> Option<String> {
-        self.0.lock().expect("credentials lock").as_ref().map(|(access, _)| access.clone())
+        self.0.held.lock().expect("credentials lock").as_ref().map(|(access, _)| access.clone())
     }
 
     fn set(&self, access: String, refresh: Option<String>) {
-        *self.0.lock().expect("credentials lock") = Some((access, refresh));
+        *self.0.held.lock().expect("credentials lock") = Some((access, refresh));
     }
 
-    /// Refreshes the tokens at the hale at `url` if the access token expires within a
-    /// minute and a refresh token is held.
+    fn refreshable(&self) -> bool {
+        matches!(&*self.0.held.lock().expect("credentials lock"), Some((_, Some(_))))
+    }
+
+    /// How long until the access token should be renewed (zero if it is due), if it is a
+    /// token hale issued and a refresh token is held.
+    pub fn renew_in(&self) -> Option<std::time::Duration> {
+        let held = self.0.held.lock().expect("credentials lock").clone();
+        let Some((access, Some(_))) = held else { return None };
+        let (issued, expires) = lifetime(&access)?;
+        let ahead = RENEW_AHEAD_S.min(expires.saturating_sub(issued) / 3);
+        Some(std::time::Duration::from_secs(expires.saturating_sub(ahead).saturating_sub(now_secs())))
+    }
+
+    /// Refreshes the tokens at the hale at `url` if the access token is due for renewal
+    /// (see [`renew_in`](Credentials::renew_in)) and a refresh token is held.
     pub async fn refresh_if_due(
         &self,
         url: &str,
         agent: &str,
         ca_file: Option<&std::path::Path>,
     ) -> Result<(), ClientError> {
-        let held = self.0.lock().expect("credentials lock").clone();
-        let Some((access, Some(refresh))) = held else { return Ok(()) };
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
-        if expires_at(&access).is_some_and(|exp| exp > now + 60) {
+        let _one = self.0.refreshing.lock().await;
+        if self.renew_in().is_none_or(|left| !left.is_zero()) {
             return Ok(());
         }
+        let held = self.0.held.lock().expect("credentials lock").clone();
+        let Some((_, Some(refresh))) = held else { return Ok(()) };
         let base = url.replacen("ws://", "http://", 1).replacen("wss://", "https://", 1);
         let endpoint = format!("{}/v1/auth/refresh", base.trim_end_matches('/'));
         let body = hale_proto::HttpRefresh { agent: agent.to_string(), refresh_token: refresh };
@@ -83,12 +109,19 @@ impl Credentials {
     }
 }
 
-/// The `exp` of a JWT, read without checking it (the server checks).
-fn expires_at(token: &str) -> Option<u64> {
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+/// The `iat` (or `nbf`) and `exp` of a JWT, read without checking it (the server checks).
+fn lifetime(token: &str) -> Option<(u64, u64)> {
     use base64::Engine;
     let payload = token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
-    serde_json::from_slice::<Value>(&bytes).ok()?.get("exp")?.as_u64()
+    let claims = serde_json::from_slice::<Value>(&bytes).ok()?;
+    let expires = claims.get("exp")?.as_u64()?;
+    let issued = claims.get("iat").or_else(|| claims.get("nbf")).and_then(Value::as_u64).unwrap_or(0);
+    Some((issued, expires))
 }
 
 impl AgentOptions {
@@ -267,7 +300,7 @@ impl Agent {
         let tasks = tokio::sync::Mutex::new(tasks);
         let messages = tokio::sync::Mutex::new(messages);
         let key_prefix = format!("{}-{:016x}", options.agent, rand::random::<u64>());
-        Ok(Agent {
+        let agent = Agent {
             shared: Arc::new(Shared {
                 options,
                 next_id,
@@ -281,7 +314,52 @@ impl Agent {
                 key_prefix,
                 close,
             }),
-        })
+        };
+        if agent.shared.options.credentials.refreshable() {
+            agent.spawn_renewal(url.to_string());
+        }
+        Ok(agent)
+    }
+
+    /// Renews the access token before it expires, for as long as the session lasts: hale
+    /// ends a session whose token expired. The new token is sent in band (an `auth` frame)
+    /// and used by the next connection.
+    fn spawn_renewal(&self, url: String) {
+        let weak = Arc::downgrade(&self.shared);
+        let mut ended = self.shared.ended.clone();
+        tokio::spawn(async move {
+            let mut retry = std::time::Duration::ZERO;
+            loop {
+                let wait = match weak.upgrade() {
+                    Some(shared) => shared.options.credentials.renew_in().map(|wait| wait.max(retry)),
+                    None => return,
+                };
+                let Some(wait) = wait else { return };
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = ended.wait_for(Option::is_some) => return,
+                }
+                // Held only while renewing: a dropped agent ends the session as before.
+                let Some(shared) = weak.upgrade() else { return };
+                let agent = Agent { shared };
+                match agent.renew(&url).await {
+                    Ok(()) => retry = std::time::Duration::ZERO,
+                    Err(error) => {
+                        tracing::warn!(%error, "could not renew the access token; trying again");
+                        retry =
+                            (retry * 2).clamp(std::time::Duration::from_millis(250), std::time::Duration::from_secs(5));
+                    }
+                }
+            }
+        });
+    }
+
+    async fn renew(&self, url: &str) -> Result<(), ClientError> {
+        let options = &self.shared.options;
+        options.credentials.refresh_if_due(url, &options.agent, options.ca_file.as_deref()).await?;
+        let token = options.credentials.access().unwrap_or_default();
+        self.request(ClientFrame::Auth { id: self.next_id(), token }).await?;
+        Ok(())
     }
 
     /// Checkpoints `last` (if given), then closes the session cleanly: what was asked before

@@ -421,7 +421,8 @@ async fn settle(
             | ClientFrame::Heartbeat { .. }
             | ClientFrame::ReportError { .. }
             | ClientFrame::Ack { .. }
-            | ClientFrame::EndConversation { .. }) => frame,
+            | ClientFrame::EndConversation { .. }
+            | ClientFrame::Auth { .. }) => frame,
             // Sends carry an idempotency key: the retry is answered with the first message.
             frame @ ClientFrame::Send { .. } if send_has_key(&frame) => frame,
             frame @ ClientFrame::Submit { .. } if submit_has_key(&frame) => frame,

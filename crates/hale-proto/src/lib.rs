@@ -147,6 +147,13 @@ pub enum ClientFrame {
         id: u64,
         conversation: String,
     },
+    /// A fresh access token for this session (answered `ok`): a session lives only as long
+    /// as its token, so a client renews it in band before it expires. The token must be
+    /// for the same agent as the one that opened the session.
+    Auth {
+        id: u64,
+        token: String,
+    },
 }
 
 /// A message to send: `to` is `{"agent": "writer-1"}` or `{"role": "writer"}`.
@@ -295,13 +302,14 @@ impl ClientFrame {
             | ClientFrame::Fail { id, .. }
             | ClientFrame::Send { id, .. }
             | ClientFrame::Ack { id, .. }
-            | ClientFrame::EndConversation { id, .. } => *id,
+            | ClientFrame::EndConversation { id, .. }
+            | ClientFrame::Auth { id, .. } => *id,
         }
     }
 }
 
 /// The frame types a client may send, for error messages.
-pub const CLIENT_FRAME_TYPES: [&str; 17] = [
+pub const CLIENT_FRAME_TYPES: [&str; 18] = [
     "hello",
     "checkpoint",
     "recovery_point",
@@ -319,6 +327,7 @@ pub const CLIENT_FRAME_TYPES: [&str; 17] = [
     "send",
     "ack",
     "end_conversation",
+    "auth",
 ];
 
 /// Progress reported with a heartbeat; every member is optional.

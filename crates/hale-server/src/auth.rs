@@ -84,6 +84,26 @@ impl Principal {
         }
     }
 
+    /// How long a session opened with this token may last: until the token expires (with
+    /// the leeway tokens are checked with); the admin token does not expire.
+    pub fn lifetime(&self) -> Option<std::time::Duration> {
+        match self {
+            Principal::Admin => None,
+            Principal::Agent { expires_at, .. } => {
+                Some(std::time::Duration::from_secs((expires_at + LEEWAY_S).saturating_sub(now_secs())))
+            }
+        }
+    }
+
+    /// Whether `other` speaks for the same party (a renewed token for the same agent).
+    pub fn same_party(&self, other: &Principal) -> bool {
+        match (self, other) {
+            (Principal::Admin, Principal::Admin) => true,
+            (Principal::Agent { agent, .. }, Principal::Agent { agent: other, .. }) => agent == other,
+            _ => false,
+        }
+    }
+
     fn name(&self) -> &str {
         match self {
             Principal::Admin => "admin",
@@ -172,7 +192,7 @@ impl Auth {
         validation.set_audience(&[AUDIENCE]);
         validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
         validation.validate_nbf = true;
-        validation.leeway = 5;
+        validation.leeway = LEEWAY_S;
         Auth {
             admin_token,
             encoding: EncodingKey::from_secret(signing_key.as_bytes()),
@@ -298,6 +318,9 @@ pub fn hash_refresh(token: &str) -> String {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
+
+/// Clock skew tolerated when checking a token's `nbf` and `exp`, in seconds.
+const LEEWAY_S: u64 = 5;
 
 fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()

@@ -448,6 +448,12 @@ async fn serve(args: ServeArgs, supervise: bool) -> Result<i32> {
         _ => None,
     };
     let server = &manifest.server;
+    if let Some(ttl) = server.access_token_ttl_s {
+        config.auth.access_ttl = Duration::from_secs(ttl.max(1));
+    }
+    if let Some(ttl) = server.refresh_token_ttl_s {
+        config.auth.refresh_ttl = Duration::from_secs(ttl.max(1));
+    }
     config.metrics = hale_server::metrics::MetricsAccess {
         public: server.metrics_public.unwrap_or(false),
         token: match &server.metrics_token_file {

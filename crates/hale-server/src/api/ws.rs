@@ -30,10 +30,9 @@ pub async fn upgrade(
     // 128 KiB default costs a 128 KiB memset per small frame; profiled, that was a quarter
     // of all CPU under load. Most frames here are a few hundred bytes: 4 KiB reads suffice
     // (a larger frame simply takes several reads).
-    ws.max_message_size(app.frame_bytes_max)
-        .max_frame_size(app.frame_bytes_max)
-        .read_buffer_size(4 * 1024)
-        .on_upgrade(move |socket| Session { app, principal, bound: None, pushes: None, bell: None }.run(socket))
+    ws.max_message_size(app.frame_bytes_max).max_frame_size(app.frame_bytes_max).read_buffer_size(4 * 1024).on_upgrade(
+        move |socket| Session { app, principal, bound: None, pushes: None, bell: None, renewed: None }.run(socket),
+    )
 }
 
 type Answer = Pin<Box<dyn Future<Output = ServerFrame> + Send>>;
@@ -55,6 +54,8 @@ struct Session {
     pushes: Option<mpsc::Receiver<Push>>,
     /// Rings when the agent has new mail, once bound.
     bell: Option<Arc<Notify>>,
+    /// Set by an `auth` frame: how long the renewed token lets the session live.
+    renewed: Option<std::time::Duration>,
 }
 
 /// Delivers the mailbox over a session: once the welcome is out, every unacked message
@@ -83,8 +84,13 @@ impl Delivery {
 
 /// Closes a session whose incarnation was fenced (application range 4000–4999).
 const CLOSE_FENCED: u16 = 4001;
+/// Closes a session whose access token expired without being renewed by an `auth` frame
+/// (the client may reconnect with a fresh token and resume).
+const CLOSE_TOKEN_EXPIRED: u16 = 4002;
 /// Closes a session whose agent's tokens were revoked or which was quarantined.
 const CLOSE_ENDED: u16 = 4003;
+/// A deadline that never comes, for a session opened with the admin token.
+const NEVER: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
 
 impl Session {
     async fn run(mut self, socket: WebSocket) {
@@ -93,6 +99,10 @@ impl Session {
         let mut shutdown = self.app.shutdown.clone();
         let in_flight_max = self.app.session_in_flight_max;
         let mut delivery = Delivery { open: false, cursor: 0, read: None };
+        // A session lives as long as its access token, renewed in band by `auth` frames.
+        let expires = self.principal.lifetime().is_some();
+        let expiry = tokio::time::sleep(self.principal.lifetime().unwrap_or(NEVER));
+        tokio::pin!(expiry);
         loop {
             tokio::select! {
                 biased;
@@ -140,7 +150,8 @@ impl Session {
                         delivery.start(&self.app, &bound.agent);
                     }
                 }
-                Some(push) = async { self.pushes.as_mut()?.recv().await }, if self.pushes.is_some() => {
+                // Pushes wait for the welcome: a client reads nothing before it.
+                Some(push) = async { self.pushes.as_mut()?.recv().await }, if self.pushes.is_some() && delivery.open => {
                     match push {
                         Push::Challenge | Push::Task(_) | Push::TaskCancelled(_) => {
                             let frame = match push {
@@ -189,6 +200,17 @@ impl Session {
                     let _ = sink.send(Message::Close(Some(close))).await;
                     return;
                 }
+                () = &mut expiry, if expires => {
+                    // Answers owed go first: they were decided while the token was valid.
+                    while let Some(frame) = answers.next().await {
+                        if sink.feed(encode(&frame)).await.is_err() {
+                            return;
+                        }
+                    }
+                    let reason = Utf8Bytes::from_static("access token expired: renew it with an auth frame, or reconnect with a fresh one");
+                    let _ = sink.send(Message::Close(Some(CloseFrame { code: CLOSE_TOKEN_EXPIRED, reason }))).await;
+                    return;
+                }
                 message = stream.next(), if answers.len() < in_flight_max => {
                     let bytes = match message {
                         Some(Ok(Message::Text(text))) => text.as_bytes().to_vec(),
@@ -202,6 +224,9 @@ impl Session {
                     };
                     let answer = self.handle(&bytes).await;
                     answers.push_back(answer);
+                    if let Some(left) = self.renewed.take() {
+                        expiry.as_mut().reset(tokio::time::Instant::now() + left);
+                    }
                 }
             }
         }
@@ -215,6 +240,9 @@ impl Session {
             Err(error) => return ready(*error),
         };
         let id = frame.id();
+        if let ClientFrame::Auth { token, .. } = &frame {
+            return ready(self.renew(id, token));
+        }
         if matches!(frame, ClientFrame::Heartbeat { .. } | ClientFrame::ReportError { .. }) {
             return self.volatile(id, frame).await;
         }
@@ -251,6 +279,26 @@ impl Session {
             }
         }
         Box::pin(answer(id, submitted))
+    }
+
+    /// An `auth` frame: a fresh token for the same party extends the session to its expiry.
+    fn renew(&mut self, id: u64, token: &str) -> ServerFrame {
+        let principal = match self.app.auth.authenticate(token) {
+            Ok(principal) => principal,
+            Err(error) => return ServerFrame::Error { id: Some(id), error: error.body },
+        };
+        if !self.principal.same_party(&principal) {
+            let error = ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "forbidden",
+                "an auth frame renews the token the session was opened with: it must be for the same agent; open a new session to act for another",
+                false,
+            );
+            return ServerFrame::Error { id: Some(id), error: error.body };
+        }
+        self.renewed = principal.lifetime();
+        self.principal = principal;
+        ServerFrame::Ok { id }
     }
 
     /// Heartbeats and error reports are volatile: answered as soon as the engine has seen
@@ -364,7 +412,7 @@ impl Session {
                 let (agent, incarnation) = bound("end_conversation")?;
                 mail::end_command(agent, incarnation, conversation)
             }
-            ClientFrame::Heartbeat { .. } | ClientFrame::ReportError { .. } => {
+            ClientFrame::Heartbeat { .. } | ClientFrame::ReportError { .. } | ClientFrame::Auth { .. } => {
                 unreachable!("handled before commands")
             }
         }

@@ -72,6 +72,11 @@ pub struct ServerSection {
     pub metrics_token_file: Option<PathBuf>,
     /// Serve `GET /metrics` without any token (default false).
     pub metrics_public: Option<bool>,
+    /// How long an agent's access token lasts, in seconds (default 900). A session lives
+    /// only as long as its token: clients renew it in band before it expires.
+    pub access_token_ttl_s: Option<u64>,
+    /// How long an agent's refresh token lasts, in seconds (default 2592000, 30 days).
+    pub refresh_token_ttl_s: Option<u64>,
 }
 
 /// `[snapshots]`.

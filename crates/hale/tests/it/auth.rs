@@ -319,11 +319,81 @@ async fn an_authorization_matrix_of_every_route_and_frame_refuses_all_but_the_ow
     assert_eq!(answer["type"], "ok", "an agent may report another, as itself: {answer}");
     let violations = admin.agents().await.unwrap().into_iter().find(|agent| agent.agent == "bob").unwrap();
     assert!(violations.quarantine.is_none());
+    // An auth frame renews the session's own token only: every bad token and bob's are
+    // refused, and the session goes on.
+    let refused = ["token_invalid", "token_expired", "token_not_yet_valid", "token_revoked"];
+    for (what, token) in &bad {
+        let answer = ask(json!({"type": "auth", "id": 10, "token": token})).await;
+        assert!(refused.contains(&answer["code"].as_str().unwrap_or_default()), "auth with {what}: {answer}");
+        cells += 1;
+    }
+    let answer = ask(json!({"type": "auth", "id": 11, "token": bob.access_token})).await;
+    assert_eq!(answer["code"], "forbidden", "alice's session renewed with bob's token: {answer}");
+    cells += 1;
+    let answer = ask(json!({"type": "auth", "id": 12, "token": alice.access_token})).await;
+    assert_eq!(answer["type"], "ok", "{answer}");
     // Nothing of bob's changed through alice: no version, no step.
     assert_eq!(admin.state("bob", None).await.unwrap().version, version_before);
     assert_eq!(admin.task(1).await.unwrap().steps.len(), steps_before);
     println!("authorization matrix: {cells} cells checked");
     assert!(cells > 400, "{cells}");
+}
+
+#[tokio::test]
+async fn a_session_lasts_as_long_as_its_token_unless_the_client_renews_it_in_band() {
+    use futures_util::{SinkExt, StreamExt};
+    use std::time::Duration;
+    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+    let temp = tempfile::tempdir().unwrap();
+    let config = temp.path().join("hale.toml");
+    std::fs::write(&config, "[server]\naccess_token_ttl_s = 2\n").unwrap();
+    let hale = serve(temp.path(), &["-c", config.to_str().unwrap()]);
+    let admin = hale.admin();
+
+    // The Rust client, without reconnects (a closed session would end it), renews in band.
+    let pair = admin.issue_tokens("dave").await.unwrap();
+    let options = AgentOptions::new("dave", "r").tokens(&pair.access_token, &pair.refresh_token);
+    let credentials = options.credentials.clone();
+    let dave = hale_client::Agent::connect(&hale.ws_url(), options).await.unwrap();
+    dave.resume().await.unwrap();
+
+    // A session that never renews is closed (4002) when its token and the 5 s leeway for
+    // clock skew run out.
+    let stale = admin.issue_tokens("carol").await.unwrap();
+    let mut request = format!("{}/v1/session", hale.ws_url()).into_client_request().unwrap();
+    request.headers_mut().insert("authorization", format!("Bearer {}", stale.access_token).parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    socket
+        .send(Message::text(json!({"type": "hello", "id": 1, "agent": "carol", "role": "r"}).to_string()))
+        .await
+        .unwrap();
+    let close = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(message) = socket.next().await {
+            if let Ok(Message::Close(frame)) = message {
+                return frame;
+            }
+        }
+        None
+    })
+    .await
+    .expect("closed within 30 s")
+    .expect("a close frame");
+    assert_eq!(u16::from(close.code), 4002, "{close:?}");
+    assert!(close.reason.as_str().contains("expired"), "{close:?}");
+
+    // By now dave's first token is past its expiry too: the session lives on a renewed one.
+    assert!(now() >= hale_token_expiry(&pair.access_token) + 5);
+    assert_ne!(credentials.access().unwrap(), pair.access_token, "renewed");
+    assert_eq!(dave.checkpoint(json!({"alive": true})).await.unwrap(), 1, "the same session still works");
+    assert!(tokio::time::timeout(Duration::ZERO, dave.ended()).await.is_err(), "never ended");
+}
+
+/// The `exp` of one of hale's access tokens.
+fn hale_token_expiry(token: &str) -> u64 {
+    let payload = token.split('.').nth(1).unwrap();
+    let claims: Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+    claims["exp"].as_u64().unwrap()
 }
 
 #[tokio::test]
