@@ -147,4 +147,27 @@ mod tests {
         let refused = core.execute(&outcome(Some("x".repeat(5000))), Timestamp(3));
         assert!(matches!(refused, Err(Rejection::ReasonTooLong { .. })), "{refused:?}");
     }
+
+    #[test]
+    fn each_hook_keeps_the_newest_event_it_has_an_outcome_for() {
+        use crate::{Command, Core, Limits, Timestamp};
+        let mut core = Core::new(Limits::default());
+        let (pager, mail) = (HookName::new("pager").unwrap(), HookName::new("mail").unwrap());
+        let outcome = |hook: &HookName, seq, error: Option<&str>| Command::RecordHookOutcome {
+            hook: hook.clone(),
+            kind: HookKind::AgentDown,
+            seq,
+            attempts: 1,
+            error: error.map(String::from),
+        };
+        assert_eq!(core.state().hook_mark(&pager), None, "no outcome yet");
+        core.execute(&outcome(&pager, 7, None), Timestamp(1)).unwrap();
+        core.execute(&outcome(&pager, 9, Some("HTTP 500")), Timestamp(2)).unwrap();
+        core.execute(&outcome(&mail, 3, None), Timestamp(3)).unwrap();
+        // An older outcome logged late does not move the mark back.
+        core.execute(&outcome(&pager, 8, None), Timestamp(4)).unwrap();
+        assert_eq!((core.state().hook_mark(&pager), core.state().hook_mark(&mail)), (Some(9), Some(3)));
+        let snapshot: crate::State = serde_json::from_value(serde_json::to_value(core.state()).unwrap()).unwrap();
+        assert_eq!(snapshot.hook_mark(&pager), Some(9), "kept in snapshots");
+    }
 }

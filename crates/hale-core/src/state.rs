@@ -5,7 +5,7 @@ use crate::health::{Breaker, HealthRecord, Quarantine};
 use crate::limits::Limits;
 use crate::liveness::Progress;
 use crate::merge::merge_patch;
-use crate::names::{AgentName, PointName, RoleName};
+use crate::names::{AgentName, HookName, PointName, RoleName};
 use crate::rejection::Rejection;
 use crate::supervision::{self, Cause, Managed, ManagedStatus, RolePool};
 use crate::tasks::{Mode, Step, StepState, TaskStatus, Tasks};
@@ -34,6 +34,11 @@ pub struct State {
     /// Mailboxes and conversations.
     #[serde(default)]
     mail: crate::mail::Mail,
+    /// For each hook, the newest event it has an outcome for (delivered or given up on).
+    /// A hook works through its events in log order, so after a restart the events of its
+    /// kinds past this mark are the ones it still owes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    hooks: BTreeMap<HookName, u64>,
 }
 
 /// Everything the log says about one agent.
@@ -152,6 +157,11 @@ impl State {
         self.mode
     }
 
+    /// The seq of the newest event `hook` has an outcome for, if it ever had one.
+    pub fn hook_mark(&self, hook: &HookName) -> Option<u64> {
+        self.hooks.get(hook).copied()
+    }
+
     /// Mailboxes and conversations.
     pub fn mail(&self) -> &crate::mail::Mail {
         &self.mail
@@ -241,8 +251,12 @@ impl State {
                 self.mode = mode;
                 return;
             }
-            // The audit trail of hooks is the log itself; the state keeps nothing of it.
-            Event::HookDelivered { .. } | Event::HookFailed { .. } => return,
+            // The audit trail of hooks is the log itself; the state keeps each hook's mark.
+            Event::HookDelivered { hook, seq, .. } | Event::HookFailed { hook, seq, .. } => {
+                let mark = self.hooks.entry(hook).or_default();
+                *mark = (*mark).max(seq);
+                return;
+            }
             Event::TokensIssued { .. } | Event::TokensRefreshed { .. } | Event::TokensRevoked { .. } => {
                 return crate::credentials::apply(&mut self.credentials, event);
             }

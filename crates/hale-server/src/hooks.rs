@@ -14,8 +14,13 @@
 //! [`QUEUE_MAX`] deliveries; when it is full the oldest is dropped, counted and logged),
 //! and a worker waits only for its own deliveries.
 //!
-//! Deliveries are not durable: a delivery queued when hale stops or crashes is not made
-//! after the restart (the event is in the log, and no `hook_delivered` names it).
+//! Deliveries are at least once across restarts. The core keeps, for each hook, the newest
+//! event it has an outcome for (its mark); a hook works in log order, so the events of its
+//! kinds past its mark were queued or under way when hale stopped or crashed. At start a
+//! background task reads them from the log (at most [`QUEUE_MAX`] per hook, the newest)
+//! and puts them at the front of the queue, before what happens after the start. A hook
+//! that never had an outcome has no mark and is owed nothing: a hook newly added to
+//! hale.toml is not called about the past.
 
 use crate::engine::{DurableEvent, Engine, EngineError};
 use hale_core::hooks::HookKind;
@@ -76,6 +81,17 @@ struct Delivery {
     body: Arc<Body>,
 }
 
+/// Where the events a hook still owes since before this start are read from.
+pub struct Backlog {
+    pub log: std::path::PathBuf,
+    pub keys: Option<Arc<hale_store::Keyring>>,
+    /// The last event logged before this start: later ones arrive by the broadcast.
+    pub through: u64,
+    /// Each hook's mark (in the order of the hooks) as recovered, before any delivery of
+    /// this start could move it.
+    pub marks: Vec<Option<u64>>,
+}
+
 /// The running hooks, for `GET /v1/hooks`.
 pub struct Hooks {
     hooks: Vec<Arc<Hook>>,
@@ -92,7 +108,7 @@ struct Hook {
 impl Hooks {
     /// Subscribes to the engine's durable events and starts a worker per hook. Call it
     /// before anything that causes events it should see (the supervisor's start).
-    pub fn start(engine: &Engine, configs: Vec<HookConfig>) -> Arc<Hooks> {
+    pub fn start(engine: &Engine, configs: Vec<HookConfig>, backlog: Backlog) -> Arc<Hooks> {
         let hooks: Vec<Arc<Hook>> = configs
             .into_iter()
             .map(|config| {
@@ -119,6 +135,7 @@ impl Hooks {
             // subscribers, and with none it copies nothing.
             let events = engine.subscribe_events();
             tasks.push(tokio::spawn(dispatch(events, hooks.clone())));
+            tasks.push(tokio::spawn(catch_up(hooks.clone(), backlog)));
             for hook in &hooks {
                 let client = match webhook_client(&hook.config) {
                     Ok(client) => client,
@@ -160,6 +177,73 @@ impl Hooks {
     }
 }
 
+/// Puts the events each hook owes since before this start at the front of its queue.
+async fn catch_up(hooks: Vec<Arc<Hook>>, backlog: Backlog) {
+    let Some(from) = backlog.marks.iter().flatten().min().copied() else { return };
+    let kinds: Vec<Vec<HookKind>> = hooks.iter().map(|hook| hook.config.on.clone()).collect();
+    let read = tokio::task::spawn_blocking(move || owed(&backlog, from, &kinds)).await;
+    let owed = match read {
+        Ok(Ok(owed)) => owed,
+        Ok(Err(error)) => {
+            tracing::error!(%error, "could not read the hook deliveries owed from before this start");
+            return;
+        }
+        Err(_) => return,
+    };
+    for (hook, owed) in hooks.iter().zip(owed) {
+        if owed.is_empty() {
+            continue;
+        }
+        tracing::info!(
+            hook = %hook.config.name, owed = owed.len(), first_seq = owed[0].body.seq,
+            "hook deliveries owed from before this start are queued again"
+        );
+        hook.requeue(owed);
+    }
+}
+
+/// For each hook with a mark, the events of its kinds after the mark and up to
+/// `backlog.through`, in log order (the newest [`QUEUE_MAX`]).
+fn owed(backlog: &Backlog, from: u64, kinds: &[Vec<HookKind>]) -> Result<Vec<Vec<Delivery>>, hale_store::StoreError> {
+    let marks = &backlog.marks;
+    /// Why a scan stopped early.
+    enum Stop {
+        Through,
+        Store(hale_store::StoreError),
+    }
+    impl From<hale_store::StoreError> for Stop {
+        fn from(error: hale_store::StoreError) -> Stop {
+            Stop::Store(error)
+        }
+    }
+    let log = hale_store::Log::open_read_only(&backlog.log)?;
+    let mut owed: Vec<VecDeque<Delivery>> = marks.iter().map(|_| VecDeque::new()).collect();
+    let scanned = log.scan(from, |record: hale_store::Record| {
+        if record.seq > backlog.through {
+            return Err(Stop::Through);
+        }
+        // A record that cannot be read is reported by recovery and `hale verify`.
+        let Ok(event) = record.open(backlog.keys.as_deref()) else { return Ok(()) };
+        let Some(kind) = HookKind::of(&event) else { return Ok(()) };
+        let mut body = None;
+        for (index, mark) in marks.iter().enumerate() {
+            if mark.is_some_and(|mark| record.seq > mark) && kinds[index].contains(&kind) {
+                let body = body.get_or_insert_with(|| Arc::new(Body::of(record.seq, record.at, kind, &event))).clone();
+                let queue = &mut owed[index];
+                if queue.len() >= QUEUE_MAX {
+                    queue.pop_front();
+                }
+                queue.push_back(Delivery { body });
+            }
+        }
+        Ok(())
+    });
+    match scanned {
+        Ok(()) | Err(Stop::Through) => Ok(owed.into_iter().map(Vec::from).collect()),
+        Err(Stop::Store(error)) => Err(error),
+    }
+}
+
 /// Puts every event that calls for a hook on the queues of the hooks that want it.
 async fn dispatch(mut events: broadcast::Receiver<Arc<DurableEvent>>, hooks: Vec<Arc<Hook>>) {
     loop {
@@ -179,26 +263,48 @@ async fn dispatch(mut events: broadcast::Receiver<Arc<DurableEvent>>, hooks: Vec
         let Some(kind) = HookKind::of(&durable.event) else { continue };
         let mut body = None;
         for hook in hooks.iter().filter(|hook| hook.config.on.contains(&kind)) {
-            let body = body
-                .get_or_insert_with(|| {
-                    let info = crate::api::events::info(durable.seq, durable.at, &durable.event);
-                    Arc::new(Body {
-                        hook: String::new(),
-                        kind,
-                        seq: durable.seq,
-                        at_ms: durable.at.0,
-                        agent: info.agent,
-                        summary: info.summary,
-                        event: info.event,
-                    })
-                })
-                .clone();
+            let body =
+                body.get_or_insert_with(|| Arc::new(Body::of(durable.seq, durable.at, kind, &durable.event))).clone();
             hook.enqueue(Delivery { body });
         }
     }
 }
 
+impl Body {
+    fn of(seq: u64, at: hale_core::Timestamp, kind: HookKind, event: &hale_core::Event) -> Body {
+        let info = crate::api::events::info(seq, at, event);
+        Body {
+            hook: String::new(),
+            kind,
+            seq,
+            at_ms: at.0,
+            agent: info.agent,
+            summary: info.summary,
+            event: info.event,
+        }
+    }
+}
+
 impl Hook {
+    /// Puts `owed` (older than anything queued) at the front, in order; past
+    /// [`QUEUE_MAX`] the oldest are dropped as `enqueue` drops them.
+    fn requeue(&self, owed: Vec<Delivery>) {
+        let dropped = {
+            let mut queue = self.queue.lock().expect("not poisoned");
+            for delivery in owed.into_iter().rev() {
+                queue.push_front(delivery);
+            }
+            let dropped = queue.len().saturating_sub(QUEUE_MAX);
+            queue.drain(..dropped);
+            dropped
+        };
+        if dropped > 0 {
+            self.status.lock().expect("not poisoned").dropped += dropped as u64;
+            tracing::warn!(hook = %self.config.name, dropped, "hook queue full ({QUEUE_MAX}): the oldest deliveries were dropped");
+        }
+        self.wake.notify_one();
+    }
+
     fn enqueue(&self, delivery: Delivery) {
         let dropped = {
             let mut queue = self.queue.lock().expect("not poisoned");

@@ -124,6 +124,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     if let Some(key) = &key {
         tracing::info!(key_id = key.id(), "encryption at rest: new records and snapshots are sealed with this key");
     }
+    let hook_marks = config.hooks.iter().map(|hook| recovered.core.state().hook_mark(&hook.name)).collect();
     let engine = Engine::start(recovered.core, recovered.last_seq, writer, policy, effects_tx, key, metrics.clone());
 
     let tls = match &config.tls {
@@ -134,7 +135,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let local_addr = listener.local_addr().map_err(ServerError::Serve)?;
     let sessions = Arc::new(Sessions::default());
     // Before the supervisor: the events of the agents' first starts may call for hooks.
-    let hooks = hooks::Hooks::start(&engine, config.hooks.clone());
+    let backlog = hooks::Backlog {
+        log: data_dir.log_path(),
+        keys: config.encryption.clone(),
+        through: recovered.last_seq,
+        marks: hook_marks,
+    };
+    let hooks = hooks::Hooks::start(&engine, config.hooks.clone(), backlog);
     let mut stop_grace = Duration::from_secs(5);
     let supervisor = match &config.supervise {
         None => None,

@@ -174,6 +174,23 @@ impl Log {
         Ok(count as u64)
     }
 
+    /// The seq before the first record after `after` logged at or after `at_ms`: every
+    /// record from `after` up to it was logged earlier (the last seq if none was logged
+    /// since). It walks the rows in seq order without decoding a body, so a reader asking
+    /// for recent events skips the old ones cheaply.
+    pub fn seq_before_time(&self, after: u64, at_ms: u64) -> Result<u64, StoreError> {
+        // One statement, so both answers come from the same view of a growing log.
+        let seq: i64 = self.conn.query_row(
+            "SELECT COALESCE(
+                 (SELECT seq FROM events WHERE seq > ?1 AND at_ms >= ?2 ORDER BY seq LIMIT 1) - 1,
+                 MAX((SELECT MAX(seq) FROM events), ?1),
+                 ?1)",
+            [after as i64, i64::try_from(at_ms).unwrap_or(i64::MAX)],
+            |row| row.get(0),
+        )?;
+        Ok((seq as u64).max(after))
+    }
+
     /// Calls `visit` with every record after `after`, in sequence order, until it returns
     /// an error.
     pub fn scan<E: From<StoreError>>(

@@ -299,6 +299,14 @@ fn read_log(
     limit: usize,
 ) -> Result<Page, ApiError> {
     let log = Log::open_read_only(path).map_err(|error| log_unreadable(&error.to_string()))?;
+    // Records before `since` are skipped without being read.
+    let after = match filter.since_ms {
+        Some(since) => {
+            let skip_to = log.seq_before_time(after, since).map_err(|error| log_unreadable(&error.to_string()))?;
+            until.map_or(skip_to, |until| skip_to.min(until.max(after)))
+        }
+        None => after,
+    };
     let mut page = Page { events: Vec::new(), scanned_to: after, full: false };
     let scanned = log.scan(after, |record: Record| {
         if until.is_some_and(|until| record.seq > until) {

@@ -217,4 +217,28 @@ fn a_record_from_a_newer_hale_is_refused_even_with_repair() {
     }
 }
 
+#[test]
+fn a_reader_skips_to_the_first_record_logged_at_or_after_a_time() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = DataDir::open(temp.path()).unwrap();
+    let (_, records) = workload(8);
+    // Times 100, 110, 120, …, except record 6, logged after a clock step back (to 105).
+    let timed: Vec<Record> = records
+        .iter()
+        .map(|record| {
+            let at = if record.seq == 6 { 105 } else { 90 + 10 * record.seq };
+            Record::encode(record.seq, Timestamp(at), &record.decode().unwrap())
+        })
+        .collect();
+    write_log(&dir, &timed);
+    let log = hale_store::Log::open_read_only(&dir.log_path()).unwrap();
+    let last = timed.len() as u64;
+    assert_eq!(log.seq_before_time(0, 0).unwrap(), 0, "everything is at or after 0");
+    assert_eq!(log.seq_before_time(0, 120).unwrap(), 2, "record 3 is the first at 120");
+    assert_eq!(log.seq_before_time(0, 125).unwrap(), 3, "the first at or after: not fooled by the step back");
+    assert_eq!(log.seq_before_time(5, 105).unwrap(), 5, "record 6, at 105, is the first after 5");
+    assert_eq!(log.seq_before_time(0, 10_000).unwrap(), last, "nothing that late: past the end");
+    assert_eq!(log.seq_before_time(last + 3, 0).unwrap(), last + 3, "never before `after`");
+}
+
 mod encryption;

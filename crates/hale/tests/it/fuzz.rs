@@ -239,6 +239,7 @@ fn frames() -> Vec<(&'static str, String)> {
         ("send-role", r#"{"type":"send","id":17,"to":{"role":"writer"},"body":"hello"}"#),
         ("ack", r#"{"type":"ack","id":18,"seq":4}"#),
         ("end_conversation", r#"{"type":"end_conversation","id":19,"conversation":"c-1"}"#),
+        ("auth", r#"{"type":"auth","id":20,"token":"eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ3cml0ZXItMSJ9.c2ln"}"#),
     ];
     frames.into_iter().map(|(name, frame)| (name, frame.to_string())).collect()
 }

@@ -231,6 +231,53 @@ async fn a_failing_webhook_is_retried_and_given_up_on_while_the_agent_is_already
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_under_way_when_hale_is_sigkilled_is_made_after_the_restart() {
+    let temp = tempfile::tempdir().unwrap();
+    // The down is delivered; the restart's delivery hangs until hale is killed; the one
+    // made after the restart is answered.
+    let webhook = Webhook::start(vec![Answer::Status(204), Answer::Hang, Answer::Status(204)]).await;
+    let hooks = format!(
+        "[[hook]]\nname = \"pager\"\non = [\"agent.down\", \"agent.restarted\"]\nwebhook = \"{}\"\ntimeout_ms = 20000\nretries = 0\n",
+        webhook.url
+    );
+    let config = config(temp.path(), &hooks);
+    let data = temp.path().join("data");
+    let listen = support::free_address();
+    let hale = up(&config, &data, &listen);
+    let admin = hale.admin();
+    let pid = running(&admin, 1).await;
+    kill(pid, Signal::SIGKILL).unwrap();
+    running(&admin, 2).await;
+    eventually("the restart's delivery under way", 20, || async { (webhook.bodies().len() >= 2).then_some(()) }).await;
+    let down = down_seq(&hale, 1);
+    let restarted = webhook.bodies()[1]["seq"].as_u64().unwrap();
+    assert_eq!(webhook.bodies()[1]["kind"], "agent.restarted", "{:?}", webhook.bodies());
+    eventually("the down's delivery logged", 10, || async {
+        events(&hale, "hook_delivered").iter().any(|logged| logged["event"]["seq"] == down).then_some(())
+    })
+    .await;
+    hale.kill();
+
+    let hale = up(&config, &data, &listen);
+    let again = eventually("the owed delivery made after the restart", 20, || async {
+        webhook.bodies().into_iter().skip(2).find(|body| body["seq"] == restarted)
+    })
+    .await;
+    assert_eq!(again["kind"], "agent.restarted", "{again}");
+    let delivered = eventually("its outcome logged", 10, || async {
+        events(&hale, "hook_delivered").into_iter().find(|logged| logged["event"]["seq"] == restarted)
+    })
+    .await;
+    assert_eq!(delivered["event"]["hook"], "pager", "{delivered}");
+    // What was delivered before the kill is not delivered again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let downs = webhook.bodies().iter().filter(|body| body["seq"] == down).count();
+    assert_eq!(downs, 1, "{:?}", webhook.bodies());
+    assert!(hale.stderr_shows("owed from before this start"), "{}", hale.stderr());
+    assert!(hale.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_hook_gets_the_event_on_stdin_and_in_its_environment() {
     let temp = tempfile::tempdir().unwrap();
     let out = temp.path().join("told.json");
