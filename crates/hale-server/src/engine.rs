@@ -78,6 +78,10 @@ enum Request {
     Shutdown {
         reply: oneshot::Sender<Option<Writer>>,
     },
+    /// hale is stopping its agents: no more restarts or recruits.
+    StopSupervising {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// Snapshot policy.
@@ -223,6 +227,15 @@ impl Engine {
         result.await.map_err(|_| EngineError::ShuttingDown)
     }
 
+    /// From now on the core restarts no managed agent and recruits for no pool (hale is
+    /// stopping them all); resolves once the engine has taken it in.
+    pub async fn stop_supervising(&self) {
+        let (reply, done) = oneshot::channel();
+        if self.requests.send(Request::StopSupervising { reply }).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+
     /// What the writer has made durable, and whether it has failed.
     pub fn durability(&self) -> Durability {
         self.durability.borrow().clone()
@@ -365,6 +378,10 @@ impl EngineTask {
                     };
                     read(&self.core);
                     let _ = reply.send(writer.append(Vec::new()).await);
+                }
+                Request::StopSupervising { reply } => {
+                    self.core.set_supervising(false);
+                    let _ = reply.send(());
                 }
                 Request::Shutdown { reply } => {
                     if let Some(in_flight) = self.snapshot_in_flight.take() {

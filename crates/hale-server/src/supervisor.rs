@@ -79,6 +79,8 @@ pub struct SupervisorConfig {
 
 /// The running supervisor: one keeper per managed agent.
 pub struct Supervisor {
+    /// `stop_all` has begun: no process is started any more.
+    stopping: std::sync::atomic::AtomicBool,
     keepers: Mutex<BTreeMap<AgentName, mpsc::UnboundedSender<Effect>>>,
     logs: Arc<Mutex<Vec<Arc<AgentLogs>>>>,
     config: SupervisorConfig,
@@ -152,6 +154,7 @@ impl Supervisor {
             }
         });
         let supervisor = Supervisor {
+            stopping: std::sync::atomic::AtomicBool::new(false),
             keepers: Mutex::new(BTreeMap::new()),
             logs,
             engine,
@@ -215,6 +218,13 @@ impl Supervisor {
 
     /// Hands a `Spawn` or `Stop` effect to the agent's keeper.
     pub fn dispatch(&self, effect: Effect) {
+        if let Effect::Spawn { agent, incarnation, .. } = &effect
+            && self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+        {
+            // Decided just before the stop began: the next start finds it never ran.
+            tracing::warn!(%agent, incarnation, "hale is stopping its agents: not starting this one");
+            return;
+        }
         let (agent, role) = match &effect {
             Effect::Spawn { agent, role, .. } => (agent, Some(role)),
             Effect::Stop { agent, .. } => (agent, None),
@@ -299,6 +309,10 @@ impl Supervisor {
     /// Stops every agent (logged as stopped on purpose) and waits until their processes
     /// are gone, at most `grace` plus a second.
     pub async fn stop_all(&self, grace: Duration) {
+        // First: no restart or recruit from here on. An instance stopped on purpose leaves
+        // its pool short, and the detectors tick while the agents take their grace.
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.engine.stop_supervising().await;
         let agents: Vec<AgentName> = self.keepers.lock().expect("keepers lock").keys().cloned().collect();
         for agent in &agents {
             if let Err(error) = self.engine.execute(Command::Stop { agent: agent.clone() }).await {

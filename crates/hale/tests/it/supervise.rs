@@ -395,6 +395,35 @@ async fn a_pool_recruits_a_replacement_when_an_instance_fails() {
 }
 
 #[tokio::test]
+async fn stopping_hale_stops_a_pool_without_recruiting_replacements() {
+    let temp = tempfile::tempdir().unwrap();
+    // They take the whole stop grace to go: hale's detectors tick meanwhile.
+    let script = format!("exec {HALE} demo-agent worker --step-ms 100 --misbehave ignore-sigterm");
+    let text = format!(
+        "[supervision]\nstop_grace_ms = 600\n\n[[role]]\nname = \"worker\"\nmin = 3\nmax = 6\n[role.template]\ncommand = \"sh\"\nargs = [\"-c\", {}]\n",
+        serde_json::to_string(&script).unwrap()
+    );
+    let config = temp.path().join("hale.toml");
+    std::fs::write(&config, text).unwrap();
+    let data = temp.path().join("data");
+    let hale = up(&config, &data, "127.0.0.1:0");
+    let admin = hale.admin();
+    for name in ["worker-1", "worker-2", "worker-3"] {
+        running(&admin, name, 1, 0).await;
+    }
+    let addr = hale.addr;
+    assert!(hale.terminate().success());
+    // Each instance stopped on purpose is no reason to recruit another while hale stops.
+    for n in 1..=6 {
+        let name = format!("worker-{n}");
+        assert!(processes_of(addr, &name).is_empty(), "{name} left running");
+    }
+    let hale = support::serve(&data, &[]);
+    let names: Vec<String> = hale.admin().agents().await.unwrap().into_iter().map(|agent| agent.agent).collect();
+    assert_eq!(names, ["worker-1", "worker-2", "worker-3"], "no instance recruited during the stop");
+}
+
+#[tokio::test]
 async fn an_agent_failing_its_health_probe_is_restarted() {
     let temp = tempfile::tempdir().unwrap();
     let health = support::free_address();
