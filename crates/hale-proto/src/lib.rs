@@ -984,8 +984,11 @@ pub struct TaskInfo {
     /// `pending`, `running`, `shadowed`, `compensating`, `completed`, `failed` or
     /// `cancelled`.
     pub status: String,
+    /// Running: the agent holding it. Completed or failed: the agent that ran its last
+    /// attempt (the one that completed it), if any ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
+    /// Running: the holder's incarnation (its lease).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incarnation: Option<u64>,
     pub attempts: u32,

@@ -145,8 +145,10 @@ pub async fn show(task: u64, json: bool, server: &ServerArg) -> Result<i32> {
         return Ok(0);
     }
     println!("task {} ({}, {}): {}", task.task, task.role, task.priority, task.status);
-    if let Some(agent) = &task.agent {
-        println!("  held by   {agent} (run {})", task.incarnation.unwrap_or(0));
+    match (&task.agent, task.incarnation) {
+        (Some(agent), Some(incarnation)) => println!("  held by   {agent} (run {incarnation})"),
+        (Some(agent), None) => println!("  ran on    {agent} (its last attempt)"),
+        _ => {}
     }
     println!("  attempts  {}/{}", task.attempts, task.max_attempts);
     if let Some(level) = &task.level {

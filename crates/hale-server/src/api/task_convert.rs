@@ -97,13 +97,19 @@ fn spend_body(spend: Spend) -> SpendBody {
 }
 
 /// A task as the wire shows it.
+fn last_holder(task: &Task) -> Option<String> {
+    task.last_holder.as_ref().map(ToString::to_string)
+}
+
 pub fn task_info(task: &Task) -> TaskInfo {
     let (agent, incarnation, result, reason, mut level) = match &task.status {
         TaskStatus::Running { agent, incarnation, .. } => {
             (Some(agent.to_string()), Some(*incarnation), None, None, None)
         }
-        TaskStatus::Completed { result, level } => (None, None, Some(result.clone()), None, Some(level_word(*level))),
-        TaskStatus::Failed { reason } => (None, None, None, Some(reason.clone()), None),
+        TaskStatus::Completed { result, level } => {
+            (last_holder(task), None, Some(result.clone()), None, Some(level_word(*level)))
+        }
+        TaskStatus::Failed { reason } => (last_holder(task), None, None, Some(reason.clone()), None),
         TaskStatus::Compensating { outcome: hale_core::tasks::Outcome::Failed { reason }, .. } => {
             (None, None, None, Some(reason.clone()), None)
         }

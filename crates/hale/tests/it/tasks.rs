@@ -196,6 +196,9 @@ async fn a_task_whose_holder_is_sigkilled_finishes_elsewhere_from_its_last_commi
     }
     assert_eq!(done.attempts, 2);
     assert!(done.last_error.as_deref().is_some_and(|error| error.contains("down")), "{done:?}");
+    let finisher = done.agent.as_deref().expect("a completed task names who completed it");
+    assert!(done.steps[3].result["by"].as_str().unwrap().starts_with(&format!("{finisher}/")), "{done:?}");
+    assert_eq!(done.incarnation, None, "no lease any more");
 
     // What the killed run might still have sent is refused.
     let late = json!({"agent": holder, "incarnation": incarnation, "result": "zombie"});
