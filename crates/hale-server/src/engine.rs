@@ -78,8 +78,9 @@ enum Request {
     Shutdown {
         reply: oneshot::Sender<Option<Writer>>,
     },
-    /// hale is stopping its agents: no more restarts or recruits.
-    StopSupervising {
+    /// Turns restarts and recruits on (agents reconciled) or off (hale stopping them).
+    Supervise {
+        on: bool,
         reply: oneshot::Sender<()>,
     },
 }
@@ -227,11 +228,12 @@ impl Engine {
         result.await.map_err(|_| EngineError::ShuttingDown)
     }
 
-    /// From now on the core restarts no managed agent and recruits for no pool (hale is
-    /// stopping them all); resolves once the engine has taken it in.
-    pub async fn stop_supervising(&self) {
+    /// Whether the core restarts managed agents and recruits for pools: on once the
+    /// supervisor has reconciled the log with the machine, off while it stops them all.
+    /// Resolves once the engine has taken it in.
+    pub async fn set_supervising(&self, on: bool) {
         let (reply, done) = oneshot::channel();
-        if self.requests.send(Request::StopSupervising { reply }).await.is_ok() {
+        if self.requests.send(Request::Supervise { on, reply }).await.is_ok() {
             let _ = done.await;
         }
     }
@@ -379,8 +381,8 @@ impl EngineTask {
                     read(&self.core);
                     let _ = reply.send(writer.append(Vec::new()).await);
                 }
-                Request::StopSupervising { reply } => {
-                    self.core.set_supervising(false);
+                Request::Supervise { on, reply } => {
+                    self.core.set_supervising(on);
                     let _ = reply.send(());
                 }
                 Request::Shutdown { reply } => {

@@ -93,7 +93,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let mut recovered = recovered?;
     let mut core = recovered.core;
     core.set_seed(clock::seed());
-    core.set_supervising(config.supervise.is_some());
+    // Off until the supervisor has reconciled the log with the machine (`hale up`), and
+    // for good with `hale serve`: nobody would start the processes.
+    core.set_supervising(false);
     core.set_liveness_settings(config.liveness.clone());
     // Runs that were heartbeating before this start get a grace period to come back.
     core.begin_grace(clock::now());

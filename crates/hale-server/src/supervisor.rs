@@ -239,7 +239,8 @@ impl Supervisor {
     }
 
     /// Reconciles the log with the machine, once at start: adopts agents still running,
-    /// reports those gone, starts those not running.
+    /// reports those gone, starts those not running; then turns supervision on in the core
+    /// (hale starts with it off).
     pub async fn adopt_or_start(&self) -> Result<(), crate::engine::EngineError> {
         let seen = self
             .engine
@@ -263,6 +264,7 @@ impl Supervisor {
         let supervisor = self.config.supervisor_id.clone();
         let on_machine =
             tokio::task::spawn_blocking(move || process::find_agents(&supervisor)).await.unwrap_or_default();
+        let mut to_start = Vec::new();
         for (agent, role, incarnation, status, mut process) in seen {
             // Agents of hale.toml have keepers; instances of a pool get theirs now.
             let Some(keeper) = self.keeper(&agent, Some(&role)) else { continue };
@@ -297,11 +299,15 @@ impl Supervisor {
                     let command = Command::ReportDown { agent, incarnation, cause: Cause::Vanished };
                     self.engine.execute(command).await?;
                 }
-                (ManagedStatus::Declared | ManagedStatus::Stopped, _) => {
-                    self.engine.execute(Command::StartManaged { agent }).await?;
-                }
+                (ManagedStatus::Declared | ManagedStatus::Stopped, _) => to_start.push(agent),
                 (ManagedStatus::Backoff { .. } | ManagedStatus::Failed { .. }, _) => {}
             }
+        }
+        // Reconciled: from here the core restarts and recruits (until now it did not, so
+        // nothing it started could be mistaken above for a process that vanished).
+        self.engine.set_supervising(true).await;
+        for agent in to_start {
+            self.engine.execute(Command::StartManaged { agent }).await?;
         }
         Ok(())
     }
@@ -312,7 +318,7 @@ impl Supervisor {
         // First: no restart or recruit from here on. An instance stopped on purpose leaves
         // its pool short, and the detectors tick while the agents take their grace.
         self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.engine.stop_supervising().await;
+        self.engine.set_supervising(false).await;
         let agents: Vec<AgentName> = self.keepers.lock().expect("keepers lock").keys().cloned().collect();
         for agent in &agents {
             if let Err(error) = self.engine.execute(Command::Stop { agent: agent.clone() }).await {

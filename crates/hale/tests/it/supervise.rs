@@ -395,7 +395,7 @@ async fn a_pool_recruits_a_replacement_when_an_instance_fails() {
 }
 
 #[tokio::test]
-async fn stopping_hale_stops_a_pool_without_recruiting_replacements() {
+async fn a_pool_starts_its_instances_once_and_stopping_hale_recruits_no_replacements() {
     let temp = tempfile::tempdir().unwrap();
     // They take the whole stop grace to go: hale's detectors tick meanwhile.
     let script = format!("exec {HALE} demo-agent worker --step-ms 100 --misbehave ignore-sigterm");
@@ -410,6 +410,17 @@ async fn stopping_hale_stops_a_pool_without_recruiting_replacements() {
     let admin = hale.admin();
     for name in ["worker-1", "worker-2", "worker-3"] {
         running(&admin, name, 1, 0).await;
+    }
+    // Recruited once at start: none mistaken for a vanished process and restarted.
+    let downs = |hale: &support::Hale| {
+        let (status, body) = hale.get("/v1/events?kind=agent_down");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<Vec<serde_json::Value>>(&body).unwrap()
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(downs(&hale), Vec::<serde_json::Value>::new());
+    for agent in admin.agents().await.unwrap() {
+        assert_eq!(agent.incarnation, 1, "{} restarted", agent.agent);
     }
     let addr = hale.addr;
     assert!(hale.terminate().success());
