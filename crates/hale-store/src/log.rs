@@ -134,6 +134,97 @@ impl Log {
         Ok(())
     }
 
+    /// Up to `limit` records after `after` not sealed with `key_id` (plaintext or another
+    /// key), in seq order: what `rekey` reseals next.
+    pub fn not_sealed_with(&self, key_id: &str, after: u64, limit: usize) -> Result<Vec<Record>, StoreError> {
+        let mut select = self.conn.prepare_cached(
+            "SELECT seq, at_ms, format, body, crc, key_id FROM events
+             WHERE seq > ?1 AND (key_id IS NULL OR key_id != ?2) ORDER BY seq LIMIT ?3",
+        )?;
+        let mut last_key = None;
+        let records = select
+            .query_map(params![after as i64, key_id, limit as i64], |row| read_record(row, &mut last_key))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(records)
+    }
+
+    /// Replaces records already in the log (same seq, same event, sealed anew) in one
+    /// transaction; returns once it is committed and fsync'd. Every checksum is verified
+    /// first.
+    pub fn replace(&mut self, records: &[Record]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut new_keys: Vec<Arc<str>> = Vec::new();
+        {
+            let mut update =
+                tx.prepare_cached("UPDATE events SET format = ?2, body = ?3, crc = ?4, key_id = ?5 WHERE seq = ?1")?;
+            for record in records {
+                if let Err(error) = record.check() {
+                    return Err(StoreError::CorruptRecord {
+                        seq: record.seq,
+                        reason: format!("before writing: {error}"),
+                    });
+                }
+                update.execute(params![
+                    record.seq as i64,
+                    record.format,
+                    record.body,
+                    record.crc,
+                    record.key_id.as_deref()
+                ])?;
+                if let Some(key_id) = &record.key_id
+                    && !self.known_keys.contains(key_id)
+                    && !new_keys.contains(key_id)
+                {
+                    new_keys.push(key_id.clone());
+                }
+            }
+            // The first record each key seals, for the check at start.
+            for key_id in &new_keys {
+                tx.execute(
+                    "INSERT OR REPLACE INTO encryption_keys (key_id, first_seq)
+                     SELECT ?1, min(seq) FROM events WHERE key_id = ?1",
+                    params![&**key_id],
+                )?;
+            }
+        }
+        tx.commit()?;
+        self.known_keys.extend(new_keys);
+        Ok(())
+    }
+
+    /// Forgets the keys that seal no record any more (after `rekey`), and corrects the
+    /// first record of those that do; returns the ids forgotten.
+    pub fn forget_unused_keys(&mut self) -> Result<Vec<String>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let unused: Vec<String> = {
+            let mut select = tx.prepare(
+                "SELECT key_id FROM encryption_keys
+                 WHERE key_id NOT IN (SELECT DISTINCT key_id FROM events WHERE key_id IS NOT NULL)",
+            )?;
+            select.query_map([], |row| row.get(0))?.collect::<Result<Vec<_>, _>>()?
+        };
+        for key_id in &unused {
+            tx.execute("DELETE FROM encryption_keys WHERE key_id = ?1", [key_id])?;
+        }
+        tx.execute(
+            "UPDATE encryption_keys SET first_seq = (SELECT min(seq) FROM events WHERE events.key_id = encryption_keys.key_id)",
+            [],
+        )?;
+        tx.commit()?;
+        self.known_keys.retain(|known| !unused.iter().any(|gone| **gone == **known));
+        Ok(unused)
+    }
+
+    /// Rebuilds the database file from its live rows and empties the WAL, so no old copy
+    /// of a rewritten row is left in free pages or WAL frames (after `rekey`). Needs free
+    /// disk space about the size of the log.
+    pub fn scrub(&mut self) -> Result<(), StoreError> {
+        self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        self.conn.execute_batch("VACUUM")?;
+        self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
+    }
+
     /// Every key id that sealed records, with the first record it sealed.
     pub fn key_uses(&self) -> Result<Vec<(String, u64)>, StoreError> {
         if !has_table(&self.conn, "encryption_keys")? {

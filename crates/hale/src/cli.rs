@@ -165,6 +165,17 @@ enum Commands {
         #[arg(long, env = "HALE_ENCRYPTION_KEY_FILE")]
         encryption_key_file: Option<PathBuf>,
     },
+    /// Seal every record and snapshot with the first (current) key, so the keys after it
+    /// can be retired; also encrypts records written before encryption was turned on. Run
+    /// it with hale stopped; it can be interrupted and run again.
+    Rekey {
+        #[arg(long, default_value = "hale-data", env = "HALE_DATA")]
+        data: PathBuf,
+        /// The key list (ID:BASE64 lines): the first seals everything, the others open
+        /// what they sealed; `HALE_ENCRYPTION_KEY` overrides it.
+        #[arg(long, env = "HALE_ENCRYPTION_KEY_FILE")]
+        encryption_key_file: Option<PathBuf>,
+    },
     /// Print a new key for encryption at rest, as a line `ID:BASE64` (32 random bytes) for
     /// [server] encryption_key_file or HALE_ENCRYPTION_KEY.
     Keygen {
@@ -370,6 +381,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
             println!("{}", hale_store::generate_key_line(&id)?);
             Ok(0)
         }
+        Commands::Rekey { data, encryption_key_file } => rekey(&data, encryption_key_file.as_deref()),
         Commands::Verify { data, file, json, encryption_key_file } => {
             verify(&data, file.as_deref(), json, encryption_key_file.as_deref())
         }
@@ -720,6 +732,42 @@ fn restore(file: &std::path::Path, data: &std::path::Path, force: bool) -> Resul
         report.agents
     );
     Ok(0)
+}
+
+fn rekey(data: &Path, key_file: Option<&Path>) -> Result<i32> {
+    let Some(keys) = load_keys(key_file)? else {
+        bail!(
+            "hale rekey needs the keys: --encryption-key-file FILE (or HALE_ENCRYPTION_KEY), the key to seal everything with first, then every key the log still uses"
+        );
+    };
+    if !data.join("hale.db").exists() {
+        bail!("{} holds no hale log (no hale.db); pass the directory `hale serve --data` used", data.display());
+    }
+    let dir = hale_store::DataDir::open(data).map_err(|error| match error {
+        hale_store::StoreError::Locked { .. } => anyhow!("{error}: stop hale before rekeying"),
+        other => other.into(),
+    })?;
+    let mut bar = crate::progress::Bar::new("rekeying", "records");
+    let report = hale_store::rekey(&dir, &keys, |done, total| bar.set(done, total));
+    bar.finish();
+    let report = report?;
+    println!(
+        "sealed {} of {} records and {} snapshots anew with key {}",
+        report.resealed, report.records, report.snapshots, report.key_id
+    );
+    for (seq, reason) in &report.unreadable {
+        println!("record {seq} left as it was: {reason} (hale verify says more)");
+    }
+    for (seq, reason) in &report.unreadable_snapshots {
+        println!("snapshot {seq} left as it was: {reason}");
+    }
+    if !report.retired.is_empty() {
+        println!(
+            "no longer needed: {} (remove them from the key list; backups taken before still need them)",
+            report.retired.join(", ")
+        );
+    }
+    Ok(if report.unreadable.is_empty() && report.unreadable_snapshots.is_empty() { 0 } else { 1 })
 }
 
 fn verify(data: &std::path::Path, file: Option<&std::path::Path>, json: bool, key_file: Option<&Path>) -> Result<i32> {

@@ -202,6 +202,58 @@ fn rotation_keeps_older_records_readable_and_records_which_key_sealed_what() {
 }
 
 #[test]
+fn rekey_seals_everything_with_the_current_key_so_older_keys_can_be_retired() {
+    let temp = tempfile::tempdir().unwrap();
+    let old = ring(&[("k1", 1)]);
+    let new = ring(&[("k2", 2), ("k1", 1)]);
+    let (live, records) = workload(40);
+    // Plaintext from before encryption was on, then k1, then k2 after a rotation.
+    let mut log = sealed(&records[..10], None);
+    log.extend(sealed(&records[10..25], Some(old.current())));
+    log.extend(sealed(&records[25..], Some(new.current())));
+    {
+        let dir = DataDir::open(temp.path()).unwrap();
+        write_log(&dir, &log);
+        snapshot_sealed(&dir, &log, 20, &new, Some(old.current()));
+        snapshot_sealed(&dir, &log, 30, &new, Some(new.current()));
+        let mut seen = Vec::new();
+        let report = hale_store::rekey(&dir, &new, |done, total| seen.push((done, total))).unwrap();
+        assert_eq!((report.key_id.as_str(), report.records, report.resealed), ("k2", 44, 25), "{report:?}");
+        assert_eq!((report.snapshots, report.retired.as_slice()), (1, ["k1".to_string()].as_slice()), "{report:?}");
+        assert!(report.unreadable.is_empty() && report.unreadable_snapshots.is_empty(), "{report:?}");
+        assert_eq!(seen.last(), Some(&(44, 44)));
+        // Nothing of k1 or plaintext is left in the files.
+        let conn = rusqlite::Connection::open(dir.log_path()).unwrap();
+        let other: i64 = conn
+            .query_row("SELECT count(*) FROM events WHERE key_id IS NULL OR key_id != 'k2'", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(other, 0);
+        assert!(!contains(&stored_bytes(&dir), br#""checkpointed""#), "no plaintext event left in the files");
+        // Running it again finds nothing to do.
+        let again = hale_store::rekey(&dir, &new, |_, _| {}).unwrap();
+        assert_eq!((again.resealed, again.snapshots), (0, 0), "{again:?}");
+    }
+    // k2 alone now opens everything, to the same state.
+    let dir = DataDir::open(temp.path()).unwrap();
+    let recovered = recover(&dir, &with_keys(&ring(&[("k2", 2)]))).unwrap();
+    assert_eq!(recovered.core.state(), &live);
+    assert_eq!(recovered.log.key_uses().unwrap(), [("k2".to_string(), 1)]);
+    drop(recovered);
+    for file in snapshot::list(&dir.snapshot_dir()).unwrap() {
+        let found = snapshot::read_with(&file, Some(&ring(&[("k2", 2)]))).unwrap();
+        assert_eq!(found.key_id.as_deref(), Some("k2"), "snapshot {}", file.seq);
+    }
+    // Without the key it would need (k1 gone from the list before the rekey), it refuses
+    // and changes nothing.
+    let temp = tempfile::tempdir().unwrap();
+    let dir = DataDir::open(temp.path()).unwrap();
+    write_log(&dir, &sealed(&records, Some(old.current())));
+    let refused = hale_store::rekey(&dir, &ring(&[("k2", 2)]), |_, _| {}).unwrap_err();
+    assert!(matches!(&refused, StoreError::KeyNotConfigured { key_id, .. } if key_id == "k1"), "{refused}");
+    assert_eq!(recover(&dir, &with_keys(&old)).unwrap().core.state(), &live);
+}
+
+#[test]
 fn damage_to_a_sealed_record_is_damage_not_a_key_problem() {
     let temp = tempfile::tempdir().unwrap();
     let dir = DataDir::open(temp.path()).unwrap();

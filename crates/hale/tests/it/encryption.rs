@@ -251,5 +251,35 @@ async fn payloads_are_unreadable_at_rest_and_a_wrong_or_missing_key_is_refused()
     let state = hale.admin().state(AGENT, None).await.unwrap();
     assert_eq!(state.state["n"], 13);
     assert_eq!(state.state["note"], "SECRET-PAYLOAD-4711");
+
+    // 7. `hale rekey` retires k1: refused while hale runs, then everything is sealed with
+    // k2, and k2 alone opens the data directory.
+    let rekey = |keys: &Path| {
+        let output = Command::new(HALE)
+            .args(["rekey", "--data"])
+            .arg(&data)
+            .arg("--encryption-key-file")
+            .arg(keys)
+            .env_remove("HALE_ENCRYPTION_KEY")
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        (output.status.code().unwrap_or(-1), text)
+    };
+    let (code, text) = rekey(&rotated);
+    assert_ne!(code, 0, "{text}");
+    assert!(text.contains("stop hale before rekeying"), "{text}");
+    assert!(hale.terminate().success());
+    let (code, text) = rekey(&rotated);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("with key k2") && text.contains("no longer needed: k1"), "{text}");
+    let (counts, _) = key_ids(&data);
+    assert_eq!(counts.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(), [Some("k2".to_string())], "{counts:?}");
+    assert_nothing_readable(&data, "k2");
+    let only_k2 = key_file(temp.path(), "only-k2", &[&k2]);
+    let hale = serve_keyed(&data, &only_k2);
+    let state = hale.admin().state(AGENT, None).await.unwrap();
+    assert_eq!((state.state["n"].as_u64(), state.version), (Some(13), expected.version + 1));
+    assert_eq!(state.state["note"], "SECRET-PAYLOAD-4711");
     assert!(hale.terminate().success());
 }
