@@ -92,8 +92,12 @@ async fn a_sigkilled_agent_is_restarted_as_a_new_incarnation_with_its_state() {
     assert_eq!((down.incarnation, down.detector.as_str()), (1, "process_exit"));
     assert!(down.cause.contains("signal 9"), "{}", down.cause);
     // The new run resumed the state: its first checkpoint continued from the old step.
-    let state = admin.state("worker", None).await.unwrap();
-    assert!(state.version > before.version);
+    // (Attached is not yet checkpointed: wait for the new run's first checkpoint.)
+    let state = eventually("the new run's first checkpoint", 30, || async {
+        let state = admin.state("worker", None).await.ok()?;
+        (state.version > before.version).then_some(state)
+    })
+    .await;
     assert!(state.state["step"].as_u64().unwrap() >= before.version, "{}", state.state);
     // A late write of the killed incarnation is refused.
     let (status, body) =
