@@ -67,8 +67,9 @@ impl Credentials {
         let held = self.0.held.lock().expect("credentials lock").clone();
         let Some((access, Some(_))) = held else { return None };
         let (issued, expires) = lifetime(&access)?;
-        let ahead = RENEW_AHEAD_S.min(expires.saturating_sub(issued) / 3);
-        Some(std::time::Duration::from_secs(expires.saturating_sub(ahead).saturating_sub(now_secs())))
+        let ahead = (RENEW_AHEAD_S as f64).min(expires.saturating_sub(issued) as f64 / 3.0);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        Some(std::time::Duration::from_secs_f64((expires as f64 - ahead - now.as_secs_f64()).max(0.0)))
     }
 
     /// Refreshes the tokens at the hale at `url` if the access token is due for renewal
@@ -107,10 +108,6 @@ impl Credentials {
         self.set(pair.access_token, Some(pair.refresh_token));
         Ok(())
     }
-}
-
-fn now_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 
 /// The `iat` (or `nbf`) and `exp` of a JWT, read without checking it (the server checks).
@@ -728,4 +725,35 @@ pub(crate) struct Inbox {
     pub(crate) tasks: mpsc::UnboundedSender<TaskInfo>,
     pub(crate) cancelled: Arc<Mutex<std::collections::BTreeSet<u64>>>,
     pub(crate) messages: mpsc::UnboundedSender<MessageInfo>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    fn token(issued: u64, expires: u64) -> String {
+        let encode = |value: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value.to_string());
+        format!(
+            "{}.{}.sig",
+            encode(serde_json::json!({"alg": "HS256"})),
+            encode(serde_json::json!({"iat": issued, "exp": expires}))
+        )
+    }
+
+    #[test]
+    fn a_token_is_renewed_a_minute_ahead_or_at_two_thirds_of_a_shorter_life() {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let credentials = Credentials::default();
+        credentials.set(token(now, now + 900), Some("hale_rt_x".into()));
+        let wait = credentials.renew_in().unwrap().as_secs_f64();
+        assert!((838.0..=840.0).contains(&wait), "{wait}");
+        credentials.set(token(now, now + 3), Some("hale_rt_x".into()));
+        let wait = credentials.renew_in().unwrap().as_secs_f64();
+        assert!((1.0..=2.0).contains(&wait), "two thirds of 3 s, not at expiry: {wait}");
+        credentials.set(token(now - 100, now - 10), Some("hale_rt_x".into()));
+        assert_eq!(credentials.renew_in(), Some(std::time::Duration::ZERO), "due");
+        credentials.set(token(now, now + 900), None);
+        assert_eq!(credentials.renew_in(), None, "nothing to renew with");
+    }
 }
