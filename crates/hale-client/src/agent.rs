@@ -57,10 +57,6 @@ impl Credentials {
         *self.0.held.lock().expect("credentials lock") = Some((access, refresh));
     }
 
-    fn refreshable(&self) -> bool {
-        matches!(&*self.0.held.lock().expect("credentials lock"), Some((_, Some(_))))
-    }
-
     /// How long until the access token should be renewed (zero if it is due), if it is a
     /// token hale issued and a refresh token is held.
     pub fn renew_in(&self) -> Option<std::time::Duration> {
@@ -312,7 +308,7 @@ impl Agent {
                 close,
             }),
         };
-        if agent.shared.options.credentials.refreshable() {
+        if agent.shared.options.credentials.renew_in().is_some() {
             agent.spawn_renewal(url.to_string());
         }
         Ok(agent)

@@ -112,7 +112,7 @@ impl Principal {
     }
 }
 
-fn forbidden(message: String) -> ApiError {
+pub(crate) fn forbidden(message: String) -> ApiError {
     ApiError::new(StatusCode::FORBIDDEN, "forbidden", message, false)
 }
 

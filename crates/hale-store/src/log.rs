@@ -55,6 +55,18 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The key that sealed `record`, if neither `known` nor `new_keys` holds it yet.
+fn new_key(known: &[Arc<str>], record: &Record, new_keys: &[Arc<str>]) -> Option<Arc<str>> {
+    record.key_id.as_ref().filter(|key_id| !known.contains(*key_id) && !new_keys.contains(*key_id)).cloned()
+}
+
+/// Refuses a record whose checksum does not match: what is written must read back.
+fn checked_before_writing(record: &Record) -> Result<(), StoreError> {
+    record
+        .check()
+        .map_err(|error| StoreError::CorruptRecord { seq: record.seq, reason: format!("before writing: {error}") })
+}
+
 fn has_column(conn: &Connection, table: &str, column: &str) -> Result<bool, StoreError> {
     let mut info = conn.prepare(&format!("PRAGMA table_info({table})"))?;
     let names = info.query_map([], |row| row.get::<_, String>(1))?.collect::<Result<Vec<_>, _>>()?;
@@ -102,12 +114,7 @@ impl Log {
                 "INSERT INTO events (seq, at_ms, format, body, crc, key_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
             for record in records {
-                if let Err(error) = record.check() {
-                    return Err(StoreError::CorruptRecord {
-                        seq: record.seq,
-                        reason: format!("before writing: {error}"),
-                    });
-                }
+                checked_before_writing(record)?;
                 insert.execute(params![
                     record.seq as i64,
                     record.at.0 as i64,
@@ -116,16 +123,13 @@ impl Log {
                     record.crc,
                     record.key_id.as_deref()
                 ])?;
-                if let Some(key_id) = &record.key_id
-                    && !self.known_keys.contains(key_id)
-                    && !new_keys.contains(key_id)
-                {
+                if let Some(key_id) = new_key(&self.known_keys, record, &new_keys) {
                     // The first record a key sealed: where start checks that key.
                     tx.execute(
                         "INSERT OR IGNORE INTO encryption_keys (key_id, first_seq) VALUES (?1, ?2)",
-                        params![&**key_id, record.seq as i64],
+                        params![&*key_id, record.seq as i64],
                     )?;
-                    new_keys.push(key_id.clone());
+                    new_keys.push(key_id);
                 }
             }
         }
@@ -158,12 +162,7 @@ impl Log {
             let mut update =
                 tx.prepare_cached("UPDATE events SET format = ?2, body = ?3, crc = ?4, key_id = ?5 WHERE seq = ?1")?;
             for record in records {
-                if let Err(error) = record.check() {
-                    return Err(StoreError::CorruptRecord {
-                        seq: record.seq,
-                        reason: format!("before writing: {error}"),
-                    });
-                }
+                checked_before_writing(record)?;
                 update.execute(params![
                     record.seq as i64,
                     record.format,
@@ -171,11 +170,8 @@ impl Log {
                     record.crc,
                     record.key_id.as_deref()
                 ])?;
-                if let Some(key_id) = &record.key_id
-                    && !self.known_keys.contains(key_id)
-                    && !new_keys.contains(key_id)
-                {
-                    new_keys.push(key_id.clone());
+                if let Some(key_id) = new_key(&self.known_keys, record, &new_keys) {
+                    new_keys.push(key_id);
                 }
             }
             // The first record each key seals, for the check at start.

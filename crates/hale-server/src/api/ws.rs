@@ -100,8 +100,9 @@ impl Session {
         let in_flight_max = self.app.session_in_flight_max;
         let mut delivery = Delivery { open: false, cursor: 0, read: None };
         // A session lives as long as its access token, renewed in band by `auth` frames.
-        let expires = self.principal.lifetime().is_some();
-        let expiry = tokio::time::sleep(self.principal.lifetime().unwrap_or(NEVER));
+        let lifetime = self.principal.lifetime();
+        let expires = lifetime.is_some();
+        let expiry = tokio::time::sleep(lifetime.unwrap_or(NEVER));
         tokio::pin!(expiry);
         loop {
             tokio::select! {
@@ -288,11 +289,8 @@ impl Session {
             Err(error) => return ServerFrame::Error { id: Some(id), error: error.body },
         };
         if !self.principal.same_party(&principal) {
-            let error = ApiError::new(
-                axum::http::StatusCode::FORBIDDEN,
-                "forbidden",
-                "an auth frame renews the token the session was opened with: it must be for the same agent; open a new session to act for another",
-                false,
+            let error = crate::auth::forbidden(
+                "an auth frame renews the token the session was opened with: it must be for the same agent; open a new session to act for another".into(),
             );
             return ServerFrame::Error { id: Some(id), error: error.body };
         }

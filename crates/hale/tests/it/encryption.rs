@@ -269,6 +269,15 @@ async fn payloads_are_unreadable_at_rest_and_a_wrong_or_missing_key_is_refused()
     let (code, text) = rekey(&rotated);
     assert_ne!(code, 0, "{text}");
     assert!(text.contains("stop hale before rekeying"), "{text}");
+    let without_keys = Command::new(HALE)
+        .args(["rekey", "--data"])
+        .arg(&data)
+        .env_remove("HALE_ENCRYPTION_KEY")
+        .env_remove("HALE_ENCRYPTION_KEY_FILE")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&without_keys.stderr);
+    assert!(!without_keys.status.success() && text.contains("hale rekey needs the keys"), "{text}");
     assert!(hale.terminate().success());
     let (code, text) = rekey(&rotated);
     assert_eq!(code, 0, "{text}");
