@@ -139,21 +139,18 @@ impl Budgets {
     }
 }
 
-/// `decide` for `Reserve` and `ReportSpend`.
+/// `decide` for reservations and reports of spending.
 pub(crate) fn decide(
-    state: &crate::state::State,
-    settings: &crate::liveness::LivenessSettings,
-    command: &crate::command::Command,
-    now: Timestamp,
-) -> Result<Vec<crate::event::Event>, crate::rejection::Rejection> {
-    use crate::command::Command;
+    context: &crate::decide::Context<'_>,
+    command: &crate::command::BudgetCommand,
+) -> Result<crate::command::Decision, crate::rejection::Rejection> {
+    use crate::command::{Answer, BudgetCommand, Decision};
     use crate::event::Event;
     use crate::rejection::Rejection;
+    let crate::decide::Context { state, settings, now, .. } = *context;
     let (agent, incarnation, task) = match command {
-        Command::Reserve { agent, incarnation, task, .. } | Command::ReportSpend { agent, incarnation, task, .. } => {
-            (agent, *incarnation, *task)
-        }
-        _ => unreachable!("budget::decide gets budget commands only"),
+        BudgetCommand::Reserve { agent, incarnation, task, .. }
+        | BudgetCommand::ReportSpend { agent, incarnation, task, .. } => (agent, *incarnation, *task),
     };
     let record = crate::decide::running(state, agent, incarnation)?;
     let held = match task {
@@ -163,7 +160,7 @@ pub(crate) fn decide(
     let agent_budget = record.managed.as_ref().and_then(|managed| managed.spec.budget);
     let period = agent_budget.map_or(now, |budget| state.budgets().agent_at(agent, &budget, now).0);
     match command {
-        Command::Reserve { spend, .. } => {
+        BudgetCommand::Reserve { spend, .. } => {
             if let Some(budget) = &agent_budget {
                 let (_, account) = state.budgets().agent_at(agent, budget, now);
                 if let Some(detail) = account.spent.plus(account.reserved).plus(*spend).over(&budget.limits()) {
@@ -176,16 +173,20 @@ pub(crate) fn decide(
             {
                 return Err(Rejection::OverBudget { whose: format!("task {}", found.id), detail });
             }
-            Ok(vec![Event::BudgetReserved {
-                reservation: state.budgets().next_id(),
-                agent: agent.clone(),
-                incarnation,
-                task,
-                spend: *spend,
-                period,
-            }])
+            let reservation = state.budgets().next_id();
+            Ok(Decision {
+                events: vec![Event::BudgetReserved {
+                    reservation,
+                    agent: agent.clone(),
+                    incarnation,
+                    task,
+                    spend: *spend,
+                    period,
+                }],
+                answer: Answer::Reserved { reservation },
+            })
         }
-        Command::ReportSpend { reservation, spend, .. } => {
+        BudgetCommand::ReportSpend { reservation, spend, .. } => {
             if let Some(id) = reservation
                 && !state
                     .budgets()
@@ -239,8 +240,7 @@ pub(crate) fn decide(
                     });
                 }
             }
-            Ok(events)
+            Ok(Decision::done(events))
         }
-        _ => unreachable!(),
     }
 }

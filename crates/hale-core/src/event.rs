@@ -311,6 +311,25 @@ pub enum Event {
 }
 
 impl Event {
+    /// Whether work may have become assignable: a task queued or freed, or an agent lost
+    /// (its leases went back). The shell then runs [`Core::dispatch`](crate::Core::dispatch)
+    /// at once rather than at the next tick.
+    pub fn moves_work(&self) -> bool {
+        matches!(
+            self,
+            Event::TaskSubmitted { .. }
+                | Event::TaskRetried { .. }
+                | Event::TaskCompleted { .. }
+                | Event::TaskFailed { .. }
+                | Event::TaskCancelled { .. }
+                | Event::TaskCompensating { .. }
+                | Event::AgentDown { .. }
+                | Event::Quarantined { .. }
+                | Event::BudgetBreached { .. }
+                | Event::BreakerOpened { .. }
+        )
+    }
+
     /// The agent this event concerns (none for a role's declaration).
     pub fn agent(&self) -> Option<&AgentName> {
         Some(match self {

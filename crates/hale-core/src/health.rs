@@ -172,3 +172,69 @@ impl ErrorWindow {
         self.reports.back().copied()
     }
 }
+
+/// `decide` for breakers, violations and quarantine.
+pub(crate) fn decide(
+    context: &crate::decide::Context<'_>,
+    command: &crate::command::HealthCommand,
+) -> Result<crate::command::Decision, crate::rejection::Rejection> {
+    use crate::command::{Decision, HealthCommand};
+    use crate::decide::{check_reason, known};
+    use crate::event::Event;
+    let crate::decide::Context { state, settings, now, .. } = *context;
+    let events = match command {
+        HealthCommand::OpenBreaker { agent, errors } => {
+            let record = known(state, agent)?;
+            if matches!(record.health.breaker, Breaker::Open { .. }) {
+                return Ok(Decision::done(Vec::new()));
+            }
+            let until = Timestamp(now.0.saturating_add(settings.breaker.open_ms));
+            vec![Event::BreakerOpened { agent: agent.clone(), errors: *errors, until }]
+        }
+        HealthCommand::HalfOpenBreaker { agent } => match known(state, agent)?.health.breaker {
+            Breaker::Open { until } if until <= now => vec![Event::BreakerHalfOpened { agent: agent.clone() }],
+            _ => Vec::new(),
+        },
+        HealthCommand::CloseBreaker { agent } => match known(state, agent)?.health.breaker {
+            Breaker::HalfOpen { .. } => vec![Event::BreakerClosed { agent: agent.clone() }],
+            _ => Vec::new(),
+        },
+        HealthCommand::ReportViolation { agent, by, severity, reason } => {
+            let record = known(state, agent)?;
+            check_reason(reason)?;
+            let mut events = vec![Event::ViolationReported {
+                agent: agent.clone(),
+                by: by.clone(),
+                severity: *severity,
+                reason: reason.clone(),
+            }];
+            let policy = &settings.quarantine;
+            let count = record.health.violations_with_one_more(now, policy.window_ms);
+            if record.health.quarantine.is_none() && (*severity == Severity::Critical || count >= policy.violations_max)
+            {
+                let why = match severity {
+                    Severity::Critical => format!("critical violation: {reason}"),
+                    Severity::Minor => format!("{count} violations within {} ms, the last: {reason}", policy.window_ms),
+                };
+                events.push(Event::Quarantined { agent: agent.clone(), by: by.clone(), reason: why });
+            }
+            events
+        }
+        HealthCommand::Quarantine { agent, reason } => {
+            let record = known(state, agent)?;
+            check_reason(reason)?;
+            if record.health.quarantine.is_some() {
+                return Ok(Decision::done(Vec::new()));
+            }
+            vec![Event::Quarantined { agent: agent.clone(), by: Reporter::Operator, reason: reason.clone() }]
+        }
+        HealthCommand::Release { agent } => {
+            let record = known(state, agent)?;
+            if record.health.quarantine.is_none() && record.health.violations.is_empty() {
+                return Ok(Decision::done(Vec::new()));
+            }
+            vec![Event::Released { agent: agent.clone() }]
+        }
+    };
+    Ok(Decision::done(events))
+}

@@ -6,7 +6,10 @@
 //! event kind is decided on where the events are defined, and so that the rule "hook
 //! events never call hooks" is a property of one pure function.
 
+use crate::command::{Decision, HookCommand};
+use crate::decide::check_reason;
 use crate::event::Event;
+use crate::rejection::Rejection;
 use crate::supervision::Cause;
 use serde::{Deserialize, Serialize};
 
@@ -87,6 +90,19 @@ impl HookKind {
     }
 }
 
+/// `decide` for a hook's outcome: logged as delivered, or as given up on with its error.
+pub(crate) fn decide(command: &HookCommand) -> Result<Decision, Rejection> {
+    let HookCommand::RecordOutcome { hook, kind, seq, attempts, error } = command;
+    let (hook, kind, seq, attempts) = (hook.clone(), *kind, *seq, (*attempts).max(1));
+    Ok(Decision::done(vec![match error {
+        None => Event::HookDelivered { hook, kind, seq, attempts },
+        Some(error) => {
+            check_reason(error)?;
+            Event::HookFailed { hook, kind, seq, attempts, error: error.clone() }
+        }
+    }]))
+}
+
 impl std::fmt::Display for HookKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -130,19 +146,21 @@ mod tests {
         use crate::{Command, Core, Limits, Rejection, Timestamp};
         let mut core = Core::new(Limits::default());
         let hook = HookName::new("pager").unwrap();
-        let outcome = |error: Option<String>| Command::RecordHookOutcome {
-            hook: hook.clone(),
-            kind: HookKind::TaskFailed,
-            seq: 3,
-            attempts: 2,
-            error,
+        let outcome = |error: Option<String>| {
+            Command::from(HookCommand::RecordOutcome {
+                hook: hook.clone(),
+                kind: HookKind::TaskFailed,
+                seq: 3,
+                attempts: 2,
+                error,
+            })
         };
-        let delivered = core.execute(&outcome(None), Timestamp(1)).unwrap();
+        let delivered = core.execute(&outcome(None), Timestamp(1)).unwrap().events;
         assert_eq!(
             delivered,
             [Event::HookDelivered { hook: hook.clone(), kind: HookKind::TaskFailed, seq: 3, attempts: 2 }]
         );
-        let failed = core.execute(&outcome(Some("HTTP 503".into())), Timestamp(2)).unwrap();
+        let failed = core.execute(&outcome(Some("HTTP 503".into())), Timestamp(2)).unwrap().events;
         assert!(matches!(&failed[..], [Event::HookFailed { error, .. }] if error == "HTTP 503"), "{failed:?}");
         let refused = core.execute(&outcome(Some("x".repeat(5000))), Timestamp(3));
         assert!(matches!(refused, Err(Rejection::ReasonTooLong { .. })), "{refused:?}");
@@ -153,12 +171,14 @@ mod tests {
         use crate::{Command, Core, Limits, Timestamp};
         let mut core = Core::new(Limits::default());
         let (pager, mail) = (HookName::new("pager").unwrap(), HookName::new("mail").unwrap());
-        let outcome = |hook: &HookName, seq, error: Option<&str>| Command::RecordHookOutcome {
-            hook: hook.clone(),
-            kind: HookKind::AgentDown,
-            seq,
-            attempts: 1,
-            error: error.map(String::from),
+        let outcome = |hook: &HookName, seq, error: Option<&str>| {
+            Command::from(HookCommand::RecordOutcome {
+                hook: hook.clone(),
+                kind: HookKind::AgentDown,
+                seq,
+                attempts: 1,
+                error: error.map(String::from),
+            })
         };
         assert_eq!(core.state().hook_mark(&pager), None, "no outcome yet");
         core.execute(&outcome(&pager, 7, None), Timestamp(1)).unwrap();

@@ -4,17 +4,20 @@
 //! system is a fold of that log. This crate holds the fold and the rules that produce
 //! events:
 //!
-//! * [`Core::decide`] checks a [`Command`] against the current [`State`] and returns the
-//!   events it causes, or a [`Rejection`] saying what was wrong. It changes nothing.
+//! * [`Core::decide`] checks a [`Command`] against the current [`State`] and returns a
+//!   [`Decision`]: the events it causes and the [`Answer`] to give once they are durable,
+//!   or a [`Rejection`] saying what was wrong. It changes nothing.
 //! * [`Core::apply`] folds one event into the state. It never fails and never looks at
 //!   anything but the event and the state, so replaying a log always gives the same state.
 //! * [`Core::execute`] is `decide` followed by `apply` of every event it returned: what the
-//!   shell calls for a live command.
+//!   shell calls for a live command. It returns the decision, for the shell to log the
+//!   events and, once they are durable, give the answer.
 //!
 //! Architecture invariant: this crate does no I/O, reads no clock, draws no randomness and
 //! depends on no async runtime or database crate. Time arrives as a [`Timestamp`] argument.
 //! The `clippy.toml` beside this crate's manifest holds that line.
 
+mod agents;
 pub mod budget;
 mod command;
 pub mod credentials;
@@ -26,6 +29,7 @@ pub mod hooks;
 mod limits;
 mod liveness;
 pub mod mail;
+pub mod measure;
 mod merge;
 mod names;
 pub mod policy;
@@ -35,11 +39,16 @@ mod state;
 pub mod supervision;
 pub mod tasks;
 
-pub use command::{Command, Hello, Recipient, RollbackTarget};
+pub use command::{
+    AgentCommand, Answer, BudgetCommand, Command, CredentialCommand, Decision, HealthCommand, Hello, HookCommand,
+    MailCommand, Recipient, RollbackTarget, SupervisionCommand, TaskCommand,
+};
+pub use decide::REASON_BYTES_MAX;
 pub use effect::Effect;
 pub use event::Event;
 pub use limits::{Limits, PATCH_DEPTH_MAX};
 pub use liveness::{Health, Liveness, LivenessSettings, PROGRESS_BYTES_MAX, Progress};
+pub use measure::{Measurement, Thresholds};
 pub use merge::{json_depth, json_size, merge_patch, merged_size};
 pub use names::{AgentName, ConversationId, HookName, NameError, PointName, RoleName, validate_labels};
 pub use rejection::Rejection;
@@ -57,16 +66,28 @@ use supervision::{Cause, ManagedStatus};
 #[serde(transparent)]
 pub struct Timestamp(pub u64);
 
+/// A volatile input about an agent's run (see [`Core::observe`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Observation {
+    /// A heartbeat, with the progress it reports.
+    Heartbeat(Option<Progress>),
+    /// An error the agent reports, for its breaker.
+    Error,
+    /// What the shell measured of a managed run.
+    Measured(Measurement),
+}
+
 /// The state machine: the folded [`State`], the [`Limits`] that `decide` enforces, and the
 /// volatile liveness table.
 ///
 /// Inputs, each taking `now`:
-/// * commands: [`decide`](Core::decide), then [`apply_live`](Core::apply_live) of each
-///   event once it is numbered for the log ([`execute`](Core::execute) does both);
-/// * heartbeats: [`heartbeat`](Core::heartbeat), volatile;
+/// * commands: [`execute`](Core::execute) decides and applies, and returns the events to
+///   log and the answer to give once they are durable;
+/// * observations, volatile ([`observe`](Core::observe)): heartbeats, errors an agent
+///   reports, and the shell's measurements of a managed run (memory, CPU, health probes);
 /// * time: [`tick`](Core::tick), which returns the commands that timers and detectors call
-///   for (due restarts, agents down or stalled, progress to log). The shell executes them
-///   like any other command.
+///   for (due restarts, agents down, stalled or over a threshold, progress to log). The
+///   shell executes them like any other command.
 ///
 /// Outputs: [`poll_effect`](Core::poll_effect) drains what the shell must do once the
 /// events that caused it are durable. Replay uses [`apply`](Core::apply) and produces no
@@ -86,6 +107,8 @@ pub struct Core {
     liveness: BTreeMap<AgentName, Liveness>,
     /// Errors agents reported, within the breaker window. Volatile.
     errors: BTreeMap<AgentName, health::ErrorWindow>,
+    /// What the resource and probe detectors measured of managed runs. Volatile.
+    measured: BTreeMap<AgentName, measure::Measured>,
     effects: VecDeque<Effect>,
 }
 
@@ -105,6 +128,7 @@ impl Core {
             settings: LivenessSettings::default(),
             liveness: BTreeMap::new(),
             errors: BTreeMap::new(),
+            measured: BTreeMap::new(),
             effects: VecDeque::new(),
         }
     }
@@ -147,15 +171,24 @@ impl Core {
     }
 
     /// Checks `command` against the current state at time `now`; returns the events it
-    /// causes (possibly none) or why it was refused. Changes nothing.
-    pub fn decide(&self, command: &Command, now: Timestamp) -> Result<Vec<Event>, Rejection> {
+    /// causes (possibly none) and the answer, or why it was refused. Changes nothing.
+    pub fn decide(&self, command: &Command, now: Timestamp) -> Result<Decision, Rejection> {
         if !self.supervising
-            && let Command::Restart { agent } | Command::StartManaged { agent } = command
+            && let Command::Supervision(
+                SupervisionCommand::Restart { agent } | SupervisionCommand::StartManaged { agent },
+            ) = command
             && self.state.agent(agent.as_str()).is_some_and(|record| record.managed.is_some())
         {
             return Err(Rejection::NotSupervising { agent: agent.to_string() });
         }
-        decide::decide(&self.state, &self.limits, &self.settings, command, now, self.seed)
+        let context = decide::Context {
+            state: &self.state,
+            limits: &self.limits,
+            settings: &self.settings,
+            now,
+            seed: self.seed,
+        };
+        decide::decide(&context, command)
     }
 
     /// Folds one event, logged at `at`, into the state. Never fails: an event that made it
@@ -171,12 +204,13 @@ impl Core {
     }
 
     /// Folds an event decided live at `now`: queues the effects it calls for and keeps the
-    /// liveness table in step, then applies it.
-    pub fn apply_live(&mut self, now: Timestamp, event: Event) {
+    /// volatile tables in step, then applies it.
+    fn apply_live(&mut self, now: Timestamp, event: Event) {
         self.queue_effects(&event);
         match &event {
             Event::IncarnationStarted { agent, .. } | Event::AgentDown { agent, .. } => {
                 self.liveness.remove(agent);
+                self.measured.remove(agent);
             }
             Event::Checkpointed { agent, .. } | Event::RolledBack { agent, .. } => {
                 if let Some(live) = self.liveness.get_mut(agent) {
@@ -194,13 +228,15 @@ impl Core {
         self.state.apply(&self.limits, now, event);
     }
 
-    /// `decide`, then `apply_live` of every event it returned. The caller logs the events.
-    pub fn execute(&mut self, command: &Command, now: Timestamp) -> Result<Vec<Event>, Rejection> {
-        let events = self.decide(command, now)?;
-        for event in &events {
+    /// Decides `command` at `now` and applies the events at once, so the next command sees
+    /// them. The caller logs the events, in order, and gives the answer once they are
+    /// durable; the effects they call for wait in [`poll_effect`](Core::poll_effect).
+    pub fn execute(&mut self, command: &Command, now: Timestamp) -> Result<Decision, Rejection> {
+        let decision = self.decide(command, now)?;
+        for event in &decision.events {
             self.apply_live(now, event.clone());
         }
-        Ok(events)
+        Ok(decision)
     }
 
     /// The next thing the shell must do, oldest first.
@@ -278,6 +314,44 @@ impl Core {
         }
     }
 
+    /// A volatile input about run `incarnation` of `agent`, at `now`: nothing is logged,
+    /// and what the detectors conclude comes out of the next [`tick`](Core::tick). Refused
+    /// like a write if the incarnation is not the current one or was declared down.
+    pub fn observe(
+        &mut self,
+        now: Timestamp,
+        agent: &AgentName,
+        incarnation: u64,
+        observation: Observation,
+    ) -> Result<(), Rejection> {
+        match observation {
+            Observation::Heartbeat(progress) => self.heartbeat(now, agent, incarnation, progress),
+            Observation::Error => self.report_error(now, agent, incarnation),
+            Observation::Measured(measurement) => self.measure(now, agent, incarnation, measurement),
+        }
+    }
+
+    /// What the shell measured of a managed run (see `measure`): judged against the
+    /// thresholds hale.toml gave the agent. An agent with none is not watched.
+    pub fn measure(
+        &mut self,
+        now: Timestamp,
+        agent: &AgentName,
+        incarnation: u64,
+        measurement: Measurement,
+    ) -> Result<(), Rejection> {
+        let record = decide::running(&self.state, agent, incarnation)?;
+        let Some(managed) = record.managed.as_ref().filter(|managed| !managed.spec.thresholds.is_unset()) else {
+            return Ok(());
+        };
+        let measured = self.measured.entry(agent.clone()).or_insert_with(|| measure::Measured::new(incarnation));
+        if measured.incarnation != incarnation {
+            *measured = measure::Measured::new(incarnation);
+        }
+        measured.record(now, measurement, &managed.spec.thresholds);
+        Ok(())
+    }
+
     /// A heartbeat of `incarnation`, with the progress it reports. Volatile: changes only
     /// the liveness table. Refused like a write if the incarnation is not the current one
     /// or was declared down.
@@ -331,7 +405,7 @@ impl Core {
             if let ManagedStatus::Backoff { due, .. } = managed.status
                 && due <= now
             {
-                commands.push(Command::StartManaged { agent: agent.clone() });
+                commands.push(SupervisionCommand::StartManaged { agent: agent.clone() }.into());
             }
         }
         if self.supervising {
@@ -347,19 +421,19 @@ impl Core {
                 health::Breaker::Closed => {
                     let count = errors.map_or(0, |errors| errors.count(now, policy.window_ms));
                     if count >= policy.errors_max && policy.errors_max > 0 {
-                        commands.push(Command::OpenBreaker { agent: agent.clone(), errors: count });
+                        commands.push(HealthCommand::OpenBreaker { agent: agent.clone(), errors: count }.into());
                     }
                 }
                 health::Breaker::Open { until } if until <= now => {
-                    commands.push(Command::HalfOpenBreaker { agent: agent.clone() });
+                    commands.push(HealthCommand::HalfOpenBreaker { agent: agent.clone() }.into());
                 }
                 health::Breaker::Open { .. } => {}
                 health::Breaker::HalfOpen { since } => {
                     if errors.as_ref().and_then(|errors| errors.last()).is_some_and(|last| last >= since) {
                         let count = errors.map_or(1, |errors| errors.count(now, policy.window_ms));
-                        commands.push(Command::OpenBreaker { agent: agent.clone(), errors: count });
+                        commands.push(HealthCommand::OpenBreaker { agent: agent.clone(), errors: count }.into());
                     } else if now.0.saturating_sub(since.0) >= policy.window_ms {
-                        commands.push(Command::CloseBreaker { agent: agent.clone() });
+                        commands.push(HealthCommand::CloseBreaker { agent: agent.clone() }.into());
                     }
                 }
             }
@@ -367,7 +441,13 @@ impl Core {
         let threshold = self.settings.detector.threshold;
         let suspect_threshold = self.settings.detector.suspect_threshold;
         for (agent, live) in &mut self.liveness {
-            let down = |cause| Command::ReportDown { agent: agent.clone(), incarnation: live.incarnation, cause };
+            let down = |cause| {
+                Command::from(SupervisionCommand::ReportDown {
+                    agent: agent.clone(),
+                    incarnation: live.incarnation,
+                    cause,
+                })
+            };
             if let Some(grace_until) = live.grace_until {
                 if now >= grace_until {
                     let grace_ms = self.settings.reconnect_grace_ms;
@@ -400,13 +480,24 @@ impl Core {
                 self.effects.push_back(Effect::Challenge { agent: agent.clone(), incarnation: live.incarnation });
             }
             if live.progress_due(now, self.settings.progress_log_ms) {
-                commands.push(Command::RecordProgress {
-                    agent: agent.clone(),
-                    incarnation: live.incarnation,
-                    progress: live.progress.clone().unwrap_or_default(),
-                });
+                commands.push(
+                    AgentCommand::RecordProgress {
+                        agent: agent.clone(),
+                        incarnation: live.incarnation,
+                        progress: live.progress.clone().unwrap_or_default(),
+                    }
+                    .into(),
+                );
                 // Not logged yet, but asked for: do not ask again before it is.
                 live.progress_unlogged = false;
+            }
+        }
+        // The resource and probe detectors concluded on what the shell measured.
+        for (agent, measured) in &mut self.measured {
+            if let Some(cause) = measured.verdict.clone().filter(|_| !measured.reported) {
+                measured.reported = true;
+                let incarnation = measured.incarnation;
+                commands.push(SupervisionCommand::ReportDown { agent: agent.clone(), incarnation, cause }.into());
             }
         }
         commands
@@ -419,7 +510,7 @@ impl Core {
     /// next tick.
     pub fn dispatch(&self, now: Timestamp) -> Vec<Command> {
         let tasks = self.state.tasks();
-        let mut commands: Vec<Command> = tasks.overdue(now).map(|task| Command::ExpireTask { task }).collect();
+        let mut commands: Vec<Command> = tasks.overdue(now).map(|task| TaskCommand::Expire { task }.into()).collect();
         // Candidates are only worth gathering when something waits for one: the tick runs
         // this over every agent 20 times a second.
         let (mut healthy, serving, roles) = self.capacity(tasks.pending().next().is_some());
@@ -429,7 +520,7 @@ impl Core {
         }
         let mode = tasks::Mode::from_capacity(serving, roles);
         if mode != self.state.mode() {
-            commands.push(Command::SetMode { mode, serving, roles });
+            commands.push(TaskCommand::SetMode { mode, serving, roles }.into());
         }
         let capacity = self.settings.tasks.per_agent_max.max(1) as usize;
         commands.extend(tasks::plan(&self.state, tasks, &mut healthy, capacity, now));
@@ -530,7 +621,7 @@ impl Core {
                 }
             }
             if healthy < pool.min && total < pool.max {
-                commands.push(Command::Recruit { role: role.clone() });
+                commands.push(SupervisionCommand::Recruit { role: role.clone() }.into());
             }
         }
         commands

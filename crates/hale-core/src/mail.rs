@@ -16,10 +16,9 @@
 //! recipient sends a message with `reply_to` naming it, or the conversation ends.
 
 use crate::Timestamp;
-use crate::command::{Command, Recipient};
-use crate::decide::running;
+use crate::command::{Answer, Decision, MailCommand, Recipient};
+use crate::decide::{Context, running};
 use crate::event::Event;
-use crate::limits::Limits;
 use crate::merge::{json_depth, json_size};
 use crate::names::{AgentName, ConversationId};
 use crate::rejection::Rejection;
@@ -155,86 +154,78 @@ impl Mail {
         self.last_message
     }
 
-    fn apply(&mut self, at: Timestamp, event: Event) {
-        match event {
-            Event::MessageSent { id, seq, from, to, conversation, body, reply_to, expects_reply, key } => {
-                self.last_message = self.last_message.max(id);
-                if let Some(n) = conversation.as_str().strip_prefix("c-").and_then(|n| n.parse::<u64>().ok()) {
-                    self.last_conversation = self.last_conversation.max(n);
-                }
-                let talk = self.conversations.entry(conversation.clone()).or_insert_with(|| Conversation {
-                    participants: BTreeSet::new(),
-                    started_at: at,
-                    last_at: at,
-                    messages: 0,
-                });
-                talk.participants.insert(from.clone());
-                talk.participants.insert(to.clone());
-                talk.last_at = at;
-                talk.messages += 1;
-                let sender = self.boxes.entry(from.clone()).or_default();
-                sender.conversations.insert(conversation.clone());
-                if let Some(answered) = reply_to {
-                    sender.awaiting_reply.remove(&answered);
-                }
-                if let Some(key) = key {
-                    let sent = Sent { message: id, to: to.clone(), seq, conversation: conversation.clone() };
-                    if sender.sent_keys.insert(key.clone(), sent).is_none() {
-                        sender.key_order.push_back(key);
-                    }
-                    while sender.key_order.len() > SEND_KEYS_KEPT {
-                        if let Some(oldest) = sender.key_order.pop_front() {
-                            sender.sent_keys.remove(&oldest);
-                        }
-                    }
-                }
-                let recipient = self.boxes.entry(to.clone()).or_default();
-                recipient.last_seq = recipient.last_seq.max(seq);
-                recipient.conversations.insert(conversation.clone());
-                if expects_reply {
-                    recipient.awaiting_reply.insert(
-                        id,
-                        PendingReply {
-                            message: id,
-                            seq,
-                            from: from.clone(),
-                            conversation: conversation.clone(),
-                            sent_at: at,
-                        },
-                    );
-                }
-                let message = Message { id, seq, from, to, conversation, body, reply_to, expects_reply, sent_at: at };
-                recipient.unacked.insert(seq, Arc::new(message));
+    /// Folds a `MessageSent` (sent at `message.sent_at`, with the sender's idempotency
+    /// `key`).
+    pub(crate) fn apply_sent(&mut self, message: Message, key: Option<String>) {
+        let Message { id, seq, from, to, conversation, reply_to, expects_reply, sent_at: at, .. } = &message;
+        let (id, seq, at) = (*id, *seq, *at);
+        self.last_message = self.last_message.max(id);
+        if let Some(n) = conversation.as_str().strip_prefix("c-").and_then(|n| n.parse::<u64>().ok()) {
+            self.last_conversation = self.last_conversation.max(n);
+        }
+        let talk = self.conversations.entry(conversation.clone()).or_insert_with(|| Conversation {
+            participants: BTreeSet::new(),
+            started_at: at,
+            last_at: at,
+            messages: 0,
+        });
+        talk.participants.insert(from.clone());
+        talk.participants.insert(to.clone());
+        talk.last_at = at;
+        talk.messages += 1;
+        let sender = self.boxes.entry(from.clone()).or_default();
+        sender.conversations.insert(conversation.clone());
+        if let Some(answered) = reply_to {
+            sender.awaiting_reply.remove(answered);
+        }
+        if let Some(key) = key {
+            let sent = Sent { message: id, to: to.clone(), seq, conversation: conversation.clone() };
+            if sender.sent_keys.insert(key.clone(), sent).is_none() {
+                sender.key_order.push_back(key);
             }
-            Event::MessageAcked { agent, seq } => {
-                if let Some(mailbox) = self.boxes.get_mut(&agent) {
-                    mailbox.unacked.remove(&seq);
+            while sender.key_order.len() > SEND_KEYS_KEPT {
+                if let Some(oldest) = sender.key_order.pop_front() {
+                    sender.sent_keys.remove(&oldest);
                 }
             }
-            Event::ConversationEnded { conversation, .. } => {
-                let Some(talk) = self.conversations.remove(&conversation) else { return };
-                for agent in talk.participants {
-                    if let Some(mailbox) = self.boxes.get_mut(&agent) {
-                        mailbox.conversations.remove(&conversation);
-                        mailbox.awaiting_reply.retain(|_, pending| pending.conversation != conversation);
-                    }
-                }
+        }
+        let recipient = self.boxes.entry(to.clone()).or_default();
+        recipient.last_seq = recipient.last_seq.max(seq);
+        recipient.conversations.insert(conversation.clone());
+        if *expects_reply {
+            recipient.awaiting_reply.insert(
+                id,
+                PendingReply { message: id, seq, from: from.clone(), conversation: conversation.clone(), sent_at: at },
+            );
+        }
+        recipient.unacked.insert(seq, Arc::new(message));
+    }
+
+    /// Folds a `MessageAcked`.
+    pub(crate) fn apply_acked(&mut self, agent: &AgentName, seq: u64) {
+        if let Some(mailbox) = self.boxes.get_mut(agent) {
+            mailbox.unacked.remove(&seq);
+        }
+    }
+
+    /// Folds a `ConversationEnded`.
+    pub(crate) fn apply_ended(&mut self, conversation: &ConversationId) {
+        let Some(talk) = self.conversations.remove(conversation) else { return };
+        for agent in talk.participants {
+            if let Some(mailbox) = self.boxes.get_mut(&agent) {
+                mailbox.conversations.remove(conversation);
+                mailbox.awaiting_reply.retain(|_, pending| pending.conversation != *conversation);
             }
-            _ => unreachable!("mail::apply gets mail events only"),
         }
     }
 }
 
-/// Folds a mail event into the state's mail.
-pub(crate) fn apply(mail: &mut Mail, at: Timestamp, event: Event) {
-    mail.apply(at, event);
-}
-
-/// `decide` for `SendMessage`, `AckMessage` and `EndConversation`.
-pub(crate) fn decide(state: &State, limits: &Limits, command: &Command) -> Result<Vec<Event>, Rejection> {
+/// `decide` for sends, acks and ends of conversations.
+pub(crate) fn decide(context: &Context<'_>, command: &MailCommand) -> Result<Decision, Rejection> {
+    let Context { state, limits, .. } = *context;
     let mail = state.mail();
-    match command {
-        Command::SendMessage { from, incarnation, to, conversation, body, reply_to, expects_reply, key } => {
+    let events = match command {
+        MailCommand::Send { from, incarnation, to, conversation, body, reply_to, expects_reply, key } => {
             running(state, from, *incarnation)?;
             if let Some(key) = key {
                 if key.is_empty() || key.len() > SEND_KEY_BYTES_MAX {
@@ -242,9 +233,15 @@ pub(crate) fn decide(state: &State, limits: &Limits, command: &Command) -> Resul
                         reason: format!("an idempotency key must be 1 to {SEND_KEY_BYTES_MAX} bytes"),
                     });
                 }
-                if mail.mailbox(from.as_str()).is_some_and(|mailbox| mailbox.sent_with_key(key).is_some()) {
+                if let Some(first) = mail.mailbox(from.as_str()).and_then(|mailbox| mailbox.sent_with_key(key)) {
                     // A retry of a send that was logged: it answers with the first message.
-                    return Ok(Vec::new());
+                    return Ok(Decision::answer(Answer::Sent {
+                        message: first.message,
+                        to: first.to.clone(),
+                        seq: first.seq,
+                        conversation: first.conversation.clone(),
+                        new: false,
+                    }));
                 }
             }
             let size = json_size(body);
@@ -288,9 +285,11 @@ pub(crate) fn decide(state: &State, limits: &Limits, command: &Command) -> Resul
                     }
                 }
             }
-            Ok(vec![Event::MessageSent {
-                id: mail.last_message + 1,
-                seq: mailbox.map_or(0, Mailbox::last_seq) + 1,
+            let (message, seq) = (mail.last_message + 1, mailbox.map_or(0, Mailbox::last_seq) + 1);
+            let answer = Answer::Sent { message, to: to.clone(), seq, conversation: conversation.clone(), new: true };
+            let event = Event::MessageSent {
+                id: message,
+                seq,
                 from: from.clone(),
                 to,
                 conversation,
@@ -298,9 +297,10 @@ pub(crate) fn decide(state: &State, limits: &Limits, command: &Command) -> Resul
                 reply_to: *reply_to,
                 expects_reply: *expects_reply,
                 key: key.clone(),
-            }])
+            };
+            return Ok(Decision { events: vec![event], answer });
         }
-        Command::AckMessage { agent, incarnation, seq } => {
+        MailCommand::Ack { agent, incarnation, seq } => {
             running(state, agent, *incarnation)?;
             let mailbox = mail.mailbox(agent.as_str());
             let last = mailbox.map_or(0, Mailbox::last_seq);
@@ -311,15 +311,15 @@ pub(crate) fn decide(state: &State, limits: &Limits, command: &Command) -> Resul
             }
             if !mailbox.is_some_and(|mailbox| mailbox.unacked.contains_key(seq)) {
                 // Acked before: acks are idempotent.
-                return Ok(Vec::new());
+                return Ok(Decision::done(Vec::new()));
             }
-            Ok(vec![Event::MessageAcked { agent: agent.clone(), seq: *seq }])
+            vec![Event::MessageAcked { agent: agent.clone(), seq: *seq }]
         }
-        Command::EndConversation { agent, incarnation, conversation } => {
+        MailCommand::EndConversation { agent, incarnation, conversation } => {
             running(state, agent, *incarnation)?;
             let Some(talk) = mail.conversation(conversation.as_str()) else {
                 // Ended before (or never begun): ending is idempotent.
-                return Ok(Vec::new());
+                return Ok(Decision::done(Vec::new()));
             };
             if !talk.participants.contains(agent) {
                 return Err(Rejection::UnknownConversation {
@@ -327,10 +327,10 @@ pub(crate) fn decide(state: &State, limits: &Limits, command: &Command) -> Resul
                     conversation: conversation.to_string(),
                 });
             }
-            Ok(vec![Event::ConversationEnded { conversation: conversation.clone(), by: agent.clone() }])
+            vec![Event::ConversationEnded { conversation: conversation.clone(), by: agent.clone() }]
         }
-        _ => unreachable!("mail::decide gets mail commands only"),
-    }
+    };
+    Ok(Decision::done(events))
 }
 
 /// Who gets a message sent to `to` in `conversation`.

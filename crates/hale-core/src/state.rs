@@ -9,6 +9,7 @@ use crate::names::{AgentName, HookName, PointName, RoleName};
 use crate::rejection::Rejection;
 use crate::supervision::{self, Cause, Managed, ManagedStatus, RolePool};
 use crate::tasks::{Mode, Step, StepState, TaskStatus, Tasks};
+use crate::{credentials, mail::Message};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, VecDeque};
@@ -198,77 +199,151 @@ impl State {
         }
     }
 
+    /// Folds one event logged at `at`. Every event has its own arm; an event about an
+    /// agent the state does not hold (its registration was set aside by `--repair`) is
+    /// skipped, since `apply` cannot fail.
     pub(crate) fn apply(&mut self, limits: &Limits, at: Timestamp, event: Event) {
         match event {
+            // Agents and their runs.
             Event::AgentRegistered { agent, role, labels } => {
                 let record = self.register(&agent, at);
                 record.role = role;
                 record.labels = labels;
-                return;
             }
+            Event::AgentDeclared { agent, role, labels, supervision } => {
+                let record = self.register(&agent, at);
+                record.role = role;
+                record.labels = labels;
+                match &mut record.managed {
+                    Some(managed) => managed.spec = supervision,
+                    None => record.managed = Some(Managed::new(supervision)),
+                }
+            }
+            Event::IncarnationStarted { agent, incarnation } => {
+                // A lease belongs to an incarnation: it ends with it.
+                if incarnation > 1 {
+                    self.release_run(&agent, Some(incarnation - 1), &format!("agent {agent} started a new run"), at);
+                }
+                self.with_agent(&agent, at, |record| {
+                    record.incarnation = incarnation;
+                    if let Some(managed) = &mut record.managed {
+                        managed.status = ManagedStatus::Starting;
+                        managed.process = None;
+                    }
+                });
+            }
+            Event::ProcessStarted { agent, incarnation, process } => self.with_agent(&agent, at, |record| {
+                if let Some(managed) = &mut record.managed
+                    && incarnation == record.incarnation
+                {
+                    managed.process = Some(process);
+                    managed.status = ManagedStatus::Running;
+                }
+            }),
+            Event::AgentDown { agent, incarnation, cause } => {
+                self.release_run(&agent, Some(incarnation), &format!("agent {agent} down: {cause}"), at);
+                self.with_agent(&agent, at, |record| {
+                    if let Some(managed) = &mut record.managed {
+                        managed.process = None;
+                        managed.status = ManagedStatus::Stopped;
+                    }
+                    record.down = Some(Down { incarnation, cause, at });
+                });
+            }
+            Event::RestartScheduled { agent, attempt, due } => self.with_managed(&agent, at, |managed| {
+                let intensity = managed.spec.intensity.clone();
+                supervision::admit(managed, at, &intensity);
+                managed.status = ManagedStatus::Backoff { due, attempt };
+            }),
+            Event::AgentFailed { agent, restarts, window_ms } => self.with_managed(&agent, at, |managed| {
+                managed.status = ManagedStatus::Failed { restarts, window_ms };
+            }),
+            Event::RestartRequested { agent } => self.with_managed(&agent, at, |managed| {
+                managed.window.clear();
+                managed.restarts += 1;
+            }),
+            Event::ProgressReported { agent, incarnation, progress } => self.with_agent(&agent, at, |record| {
+                record.progress = Some(ProgressRecord { incarnation, progress, at });
+            }),
             Event::RoleDeclared { role, min, max, supervision } => {
                 self.roles.insert(role, RolePool { min, max, supervision });
-                return;
             }
-            Event::TaskSubmitted { task, spec, parent } => return self.tasks.submit(task, spec, parent, at),
+            // State versions.
+            Event::Checkpointed { agent, version, patch, .. } => self.with_agent(&agent, at, |record| {
+                let undo = merge_patch_undo(Arc::make_mut(&mut record.current), patch);
+                record.push_undo(limits, version, Undo::Patch(undo));
+            }),
+            Event::RecoveryPointMarked { agent, name, version, .. } => self.with_agent(&agent, at, |record| {
+                // Only missing after `--repair` set the version's event aside.
+                if let Some(state) = record.state_at(version) {
+                    record.recovery_points.insert(name, RecoveryPoint { version, marked_at: at, state });
+                }
+            }),
+            Event::RolledBack { agent, version, state, .. } => self.with_agent(&agent, at, |record| {
+                let previous = std::mem::replace(&mut record.current, Arc::new(state));
+                record.push_undo(limits, version, Undo::Replace(previous));
+            }),
+            // Health.
+            Event::BreakerOpened { agent, until, .. } => self.with_agent(&agent, at, |record| {
+                record.health.breaker = Breaker::Open { until };
+                record.health.breaker_opened += 1;
+            }),
+            Event::BreakerHalfOpened { agent } => {
+                self.with_agent(&agent, at, |record| record.health.breaker = Breaker::HalfOpen { since: at });
+            }
+            Event::BreakerClosed { agent } => {
+                self.with_agent(&agent, at, |record| record.health.breaker = Breaker::Closed);
+            }
+            Event::ViolationReported { agent, .. } => {
+                self.with_agent(&agent, at, |record| record.health.record_violation(at));
+            }
+            Event::Quarantined { agent, by, reason } => {
+                self.release_run(&agent, None, &format!("agent {agent} quarantined"), at);
+                self.with_agent(&agent, at, |record| record.health.quarantine = Some(Quarantine { reason, by, at }));
+            }
+            Event::Released { agent } => self.with_agent(&agent, at, |record| {
+                record.health.quarantine = None;
+                record.health.violations.clear();
+            }),
+            // Tasks.
+            Event::TaskSubmitted { task, spec, parent } => self.tasks.submit(task, spec, parent, at),
             Event::TaskShadowed { task, children } => {
-                return self.tasks.set_status(task, TaskStatus::Shadowed { children }, at);
+                self.tasks.set_status(task, TaskStatus::Shadowed { children }, at);
             }
             Event::TaskAssigned { task, agent, incarnation, attempt, rung } => {
-                return self.tasks.assign(task, agent, incarnation, attempt, rung, at);
+                self.tasks.assign(task, agent, incarnation, attempt, rung, at);
             }
             Event::StepIntended { task, attempt, name } => {
                 let rung = self.tasks.get(task).map_or(0, |found| found.rung);
-                return self.tasks.intend_step(task, name, attempt, rung, at);
+                self.tasks.intend_step(task, name, attempt, rung, at);
             }
             Event::StepCommitted { task, attempt, name, result, llm, compensation } => {
                 let rung = self.tasks.get(task).map_or(0, |found| found.rung);
                 let step = Step { name, state: StepState::Done, result, attempt, at, rung, llm, compensation };
-                return self.tasks.commit_step(task, step);
+                self.tasks.commit_step(task, step);
             }
             Event::TaskCompleted { task, result, level } => {
-                return self.tasks.set_status(task, TaskStatus::Completed { result, level }, at);
+                self.tasks.set_status(task, TaskStatus::Completed { result, level }, at);
             }
-            Event::TaskRetried { task, reason, not_before } => return self.tasks.retry(task, reason, not_before, at),
-            Event::TaskFailed { task, reason } => {
-                return self.tasks.set_status(task, TaskStatus::Failed { reason }, at);
-            }
-            Event::TaskCancelled { task } => return self.tasks.set_status(task, TaskStatus::Cancelled, at),
+            Event::TaskRetried { task, reason, not_before } => self.tasks.retry(task, reason, not_before, at),
+            Event::TaskFailed { task, reason } => self.tasks.set_status(task, TaskStatus::Failed { reason }, at),
+            Event::TaskCancelled { task } => self.tasks.set_status(task, TaskStatus::Cancelled, at),
             Event::TaskCompensating { task, outcome, step, child } => {
-                return self.tasks.set_status(task, TaskStatus::Compensating { outcome, step, child }, at);
+                self.tasks.set_status(task, TaskStatus::Compensating { outcome, step, child }, at);
             }
-            Event::CompensationFailed { task, step, reason } => {
-                return self.tasks.with_task(task, at, |found| {
-                    found.compensation_errors.push(format!("{step}: {reason}"));
-                });
-            }
-            Event::TaskArbitrated { task, agreed, dissent } => {
-                return self.tasks.with_task(task, at, |found| {
-                    found.arbitration = Some(crate::tasks::Arbitration { agreed, dissent });
-                });
-            }
-            Event::ModeChanged { mode, .. } => {
-                self.mode = mode;
-                return;
-            }
-            // The audit trail of hooks is the log itself; the state keeps each hook's mark.
-            Event::HookDelivered { hook, seq, .. } | Event::HookFailed { hook, seq, .. } => {
-                let mark = self.hooks.entry(hook).or_default();
-                *mark = (*mark).max(seq);
-                return;
-            }
-            Event::TokensIssued { .. } | Event::TokensRefreshed { .. } | Event::TokensRevoked { .. } => {
-                return crate::credentials::apply(&mut self.credentials, event);
-            }
-            Event::MessageSent { .. } | Event::MessageAcked { .. } | Event::ConversationEnded { .. } => {
-                return crate::mail::apply(&mut self.mail, at, event);
-            }
+            Event::CompensationFailed { task, step, reason } => self.tasks.with_task(task, at, |found| {
+                found.compensation_errors.push(format!("{step}: {reason}"));
+            }),
+            Event::TaskArbitrated { task, agreed, dissent } => self.tasks.with_task(task, at, |found| {
+                found.arbitration = Some(crate::tasks::Arbitration { agreed, dissent });
+            }),
+            Event::ModeChanged { mode, .. } => self.mode = mode,
+            // Budgets.
             Event::BudgetReserved { reservation, agent, incarnation, task, spend, period } => {
                 if let Some(task) = task {
                     self.tasks.with_task(task, at, |found| found.reserved = found.reserved.plus(spend));
                 }
                 self.budgets.reserve(reservation, Reservation { agent, incarnation, task, spend }, period);
-                return;
             }
             Event::SpendReported { agent, task, reservation, spend, period, .. } => {
                 if let Some(settled) = self.budgets.report(&agent, reservation, spend, period)
@@ -279,125 +354,49 @@ impl State {
                 if let Some(task) = task {
                     self.tasks.with_task(task, at, |found| found.spent = found.spent.plus(spend));
                 }
-                return;
             }
-            Event::BudgetBreached { ref agent, incarnation, .. } => {
-                self.release_run(agent, Some(incarnation), &format!("agent {agent} went over budget"), at);
-                return;
+            Event::BudgetBreached { agent, incarnation, .. } => {
+                self.release_run(&agent, Some(incarnation), &format!("agent {agent} went over budget"), at);
             }
-            // A lease belongs to an incarnation: it ends with it.
-            Event::AgentDown { ref agent, incarnation, ref cause } => {
-                self.release_run(agent, Some(incarnation), &format!("agent {agent} down: {cause}"), at);
+            // Credentials.
+            Event::TokensIssued { agent, generation, refresh_hash, expires_at } => {
+                credentials::apply_issued(&mut self.credentials, agent, generation, refresh_hash, expires_at);
             }
-            Event::IncarnationStarted { ref agent, incarnation } if incarnation > 1 => {
-                self.release_run(agent, Some(incarnation - 1), &format!("agent {agent} started a new run"), at);
+            Event::TokensRefreshed { agent, refresh_hash, expires_at } => {
+                credentials::apply_refreshed(&mut self.credentials, agent, refresh_hash, expires_at);
             }
-            Event::Quarantined { ref agent, .. } => {
-                self.release_run(agent, None, &format!("agent {agent} quarantined"), at);
+            Event::TokensRevoked { agent, .. } => credentials::apply_revoked(&mut self.credentials, agent),
+            // Mail.
+            Event::MessageSent { id, seq, from, to, conversation, body, reply_to, expects_reply, key } => {
+                let message = Message { id, seq, from, to, conversation, body, reply_to, expects_reply, sent_at: at };
+                self.mail.apply_sent(message, key);
             }
-            Event::AgentDeclared { agent, role, labels, supervision } => {
-                let record = self.register(&agent, at);
-                record.role = role;
-                record.labels = labels;
-                match &mut record.managed {
-                    Some(managed) => managed.spec = supervision,
-                    None => record.managed = Some(Managed::new(supervision)),
-                }
-                return;
+            Event::MessageAcked { agent, seq } => self.mail.apply_acked(&agent, seq),
+            Event::ConversationEnded { conversation, .. } => self.mail.apply_ended(&conversation),
+            // The audit trail of hooks is the log itself; the state keeps each hook's mark.
+            Event::HookDelivered { hook, seq, .. } | Event::HookFailed { hook, seq, .. } => {
+                let mark = self.hooks.entry(hook).or_default();
+                *mark = (*mark).max(seq);
             }
-            _ => {}
         }
-        // `decide` only emits events about registered agents, so a miss here means the
-        // registration was set aside by `--repair`. `apply` cannot fail: it skips the event.
-        let Some(record) = event.agent().and_then(|agent| self.agents.get_mut(agent)) else {
-            return;
-        };
-        record.updated_at = at;
-        match event {
-            Event::AgentRegistered { .. }
-            | Event::AgentDeclared { .. }
-            | Event::RoleDeclared { .. }
-            | Event::TaskSubmitted { .. }
-            | Event::TaskShadowed { .. }
-            | Event::TaskAssigned { .. }
-            | Event::StepIntended { .. }
-            | Event::StepCommitted { .. }
-            | Event::TaskCompleted { .. }
-            | Event::TaskRetried { .. }
-            | Event::TaskFailed { .. }
-            | Event::TaskCancelled { .. }
-            | Event::TaskCompensating { .. }
-            | Event::CompensationFailed { .. }
-            | Event::TaskArbitrated { .. }
-            | Event::ModeChanged { .. }
-            | Event::BudgetReserved { .. }
-            | Event::SpendReported { .. }
-            | Event::BudgetBreached { .. }
-            | Event::TokensIssued { .. }
-            | Event::TokensRefreshed { .. }
-            | Event::TokensRevoked { .. }
-            | Event::MessageSent { .. }
-            | Event::MessageAcked { .. }
-            | Event::ConversationEnded { .. }
-            | Event::HookDelivered { .. }
-            | Event::HookFailed { .. } => unreachable!("handled above"),
-            Event::IncarnationStarted { incarnation, .. } => {
-                record.incarnation = incarnation;
-                if let Some(managed) = &mut record.managed {
-                    managed.status = ManagedStatus::Starting;
-                    managed.process = None;
-                }
-            }
-            Event::ProcessStarted { incarnation, process, .. } => {
-                if let Some(managed) = &mut record.managed
-                    && incarnation == record.incarnation
-                {
-                    managed.process = Some(process);
-                    managed.status = ManagedStatus::Running;
-                }
-            }
-            Event::AgentDown { incarnation, cause, .. } => {
-                if let Some(managed) = &mut record.managed {
-                    managed.process = None;
-                    managed.status = ManagedStatus::Stopped;
-                }
-                record.down = Some(Down { incarnation, cause, at });
-            }
-            Event::RestartScheduled { attempt, due, .. } => {
-                if let Some(managed) = &mut record.managed {
-                    let intensity = managed.spec.intensity.clone();
-                    supervision::admit(managed, at, &intensity);
-                    managed.status = ManagedStatus::Backoff { due, attempt };
-                }
-            }
-            Event::AgentFailed { restarts, window_ms, .. } => {
-                if let Some(managed) = &mut record.managed {
-                    managed.status = ManagedStatus::Failed { restarts, window_ms };
-                }
-            }
-            Event::RestartRequested { .. } => {
-                if let Some(managed) = &mut record.managed {
-                    managed.window.clear();
-                    managed.restarts += 1;
-                }
-            }
-            Event::ProgressReported { incarnation, progress, .. } => {
-                record.progress = Some(ProgressRecord { incarnation, progress, at });
-            }
-            Event::BreakerOpened { until, .. } => {
-                record.health.breaker = Breaker::Open { until };
-                record.health.breaker_opened += 1;
-            }
-            Event::BreakerHalfOpened { .. } => record.health.breaker = Breaker::HalfOpen { since: at },
-            Event::BreakerClosed { .. } => record.health.breaker = Breaker::Closed,
-            Event::ViolationReported { .. } => record.health.record_violation(at),
-            Event::Quarantined { by, reason, .. } => record.health.quarantine = Some(Quarantine { reason, by, at }),
-            Event::Released { .. } => {
-                record.health.quarantine = None;
-                record.health.violations.clear();
-            }
-            other => record.apply_data(limits, at, other),
+    }
+
+    /// Changes the record of `agent`, now updated at `at`, if the state holds it.
+    fn with_agent(&mut self, agent: &AgentName, at: Timestamp, change: impl FnOnce(&mut AgentRecord)) {
+        if let Some(record) = self.agents.get_mut(agent) {
+            record.updated_at = at;
+            change(record);
         }
+    }
+
+    /// Changes the supervision of `agent`, if it is managed (the record counts as updated
+    /// at `at` either way).
+    fn with_managed(&mut self, agent: &AgentName, at: Timestamp, change: impl FnOnce(&mut Managed)) {
+        self.with_agent(agent, at, |record| {
+            if let Some(managed) = &mut record.managed {
+                change(managed);
+            }
+        });
     }
 
     fn register(&mut self, agent: &AgentName, at: Timestamp) -> &mut AgentRecord {
@@ -424,30 +423,6 @@ impl State {
 }
 
 impl AgentRecord {
-    /// Folds an event about the agent's state (checkpoint, recovery point, rollback).
-    fn apply_data(&mut self, limits: &Limits, at: Timestamp, event: Event) {
-        let record = self;
-        match event {
-            Event::Checkpointed { version, patch, .. } => {
-                let undo = merge_patch_undo(Arc::make_mut(&mut record.current), patch);
-                record.push_undo(limits, version, Undo::Patch(undo));
-            }
-            Event::RecoveryPointMarked { name, version, .. } => {
-                // Only missing after `--repair` set the version's event aside.
-                let Some(state) = record.state_at(version) else {
-                    return;
-                };
-                let point = RecoveryPoint { version, marked_at: at, state };
-                record.recovery_points.insert(name, point);
-            }
-            Event::RolledBack { version, state, .. } => {
-                let previous = std::mem::replace(&mut record.current, Arc::new(state));
-                record.push_undo(limits, version, Undo::Replace(previous));
-            }
-            _ => unreachable!("State::apply handles every other event"),
-        }
-    }
-
     /// The current version number; 0 before the first checkpoint.
     pub fn version(&self) -> u64 {
         self.version

@@ -25,12 +25,12 @@ fn spec(restart: RestartPolicy) -> Supervision {
 }
 
 fn declare(core: &mut Core, agent: &str, supervision: Supervision, now: Timestamp) {
-    let command = Command::Declare {
+    let command = Command::Supervision(SupervisionCommand::Declare {
         agent: name(agent),
         role: RoleName::new("worker").unwrap(),
         labels: BTreeMap::new(),
         supervision,
-    };
+    });
     core.execute(&command, now).unwrap();
 }
 
@@ -45,7 +45,9 @@ fn kinds(events: &[Event]) -> Vec<&'static str> {
 fn crash(core: &mut Core, agent: &str, now: Timestamp) -> Vec<Event> {
     let incarnation = core.state().agent(agent).unwrap().incarnation;
     let cause = Cause::Exited { code: None, signal: Some(9) };
-    core.execute(&Command::ReportDown { agent: name(agent), incarnation, cause }, now).unwrap()
+    core.execute(&Command::Supervision(SupervisionCommand::ReportDown { agent: name(agent), incarnation, cause }), now)
+        .unwrap()
+        .events
 }
 
 fn status(core: &Core, agent: &str) -> ManagedStatus {
@@ -57,9 +59,13 @@ fn running(agent: &str, supervision: Supervision) -> Core {
     let mut core = Core::new(Limits::default());
     core.set_seed(7);
     declare(&mut core, agent, supervision, at(0));
-    core.execute(&Command::StartManaged { agent: name(agent) }, at(0)).unwrap();
+    core.execute(&Command::Supervision(SupervisionCommand::StartManaged { agent: name(agent) }), at(0)).unwrap();
     let process = ProcessRef { pid: 100, start_ticks: 1 };
-    core.execute(&Command::ProcessStarted { agent: name(agent), incarnation: 1, process }, at(1)).unwrap();
+    core.execute(
+        &Command::Supervision(SupervisionCommand::ProcessStarted { agent: name(agent), incarnation: 1, process }),
+        at(1),
+    )
+    .unwrap();
     effects(&mut core);
     core
 }
@@ -70,7 +76,7 @@ fn running(agent: &str, supervision: Supervision) -> Core {
 fn tick(core: &mut Core, now: Timestamp) -> Vec<Event> {
     let mut events = Vec::new();
     for command in core.tick(now) {
-        events.extend(core.execute(&command, now).unwrap());
+        events.extend(core.execute(&command, now).unwrap().events);
     }
     events.retain(|event| !matches!(event, Event::ModeChanged { .. }));
     events
@@ -81,12 +87,20 @@ fn a_declared_agent_starts_as_incarnation_one_and_is_spawned() {
     let mut core = Core::new(Limits::default());
     declare(&mut core, "a", spec(RestartPolicy::Always), at(0));
     assert_eq!(status(&core, "a"), ManagedStatus::Declared);
-    let events = core.execute(&Command::StartManaged { agent: name("a") }, at(0)).unwrap();
+    let events = core
+        .execute(&Command::Supervision(SupervisionCommand::StartManaged { agent: name("a") }), at(0))
+        .unwrap()
+        .events;
     assert_eq!(kinds(&events), ["incarnation_started"]);
     assert_eq!(effects(&mut core), [Effect::Spawn { agent: name("a"), role: worker(), incarnation: 1 }]);
     // Declaring the same spec again logs nothing; starting again does nothing.
     declare(&mut core, "a", spec(RestartPolicy::Always), at(5));
-    assert!(core.execute(&Command::StartManaged { agent: name("a") }, at(5)).unwrap().is_empty());
+    assert!(
+        core.execute(&Command::Supervision(SupervisionCommand::StartManaged { agent: name("a") }), at(5))
+            .unwrap()
+            .events
+            .is_empty()
+    );
 }
 
 #[test]
@@ -104,16 +118,20 @@ fn the_first_crash_restarts_at_once_as_the_next_incarnation() {
     );
     assert_eq!(core.state().agent("a").unwrap().incarnation, 2);
     // The old incarnation is fenced: its late write is refused.
-    let late = Command::Checkpoint {
+    let late = Command::Agent(AgentCommand::Checkpoint {
         agent: name("a"),
         incarnation: 1,
         patch: serde_json::json!({"x": 1}),
         expected_version: None,
-    };
+    });
     assert_eq!(core.execute(&late, at(1_001)).unwrap_err().code(), "stale_incarnation");
     // A second report of the same exit changes nothing.
-    let report = Command::ReportDown { agent: name("a"), incarnation: 1, cause: Cause::Vanished };
-    assert!(core.execute(&report, at(1_002)).unwrap().is_empty());
+    let report = Command::Supervision(SupervisionCommand::ReportDown {
+        agent: name("a"),
+        incarnation: 1,
+        cause: Cause::Vanished,
+    });
+    assert!(core.execute(&report, at(1_002)).unwrap().events.is_empty());
 }
 
 #[test]
@@ -179,8 +197,11 @@ fn too_many_restarts_in_the_window_fail_the_agent_until_the_operator_restarts_it
     assert!(effects(&mut core).contains(&Effect::Escalate { agent: name("a"), restarts: 5, window_ms: 10_000 }));
     // Failed stays failed, however long we wait.
     assert!(tick(&mut core, at(1_000_000)).is_empty());
-    let events = core.execute(&Command::Restart { agent: name("a") }, at(1_000_001)).unwrap();
-    assert_eq!(kinds(&events), ["restart_requested", "incarnation_started"]);
+    let revived =
+        core.execute(&Command::Supervision(SupervisionCommand::Restart { agent: name("a") }), at(1_000_001)).unwrap();
+    assert_eq!(kinds(&revived.events), ["restart_requested", "incarnation_started"]);
+    let incarnation = core.state().agent("a").unwrap().incarnation;
+    assert_eq!(revived.answer, Answer::Restarted { incarnation }, "the answer names the run the restart started");
     assert_eq!(status(&core, "a"), ManagedStatus::Starting);
     assert!(core.state().agent("a").unwrap().managed.as_ref().unwrap().window.is_empty());
 }
@@ -197,8 +218,12 @@ fn restart_policies_decide_after_clean_and_failed_exits() {
     ];
     for (policy, code, restarts) in cases {
         let mut core = running("a", spec(policy));
-        let command = Command::ReportDown { agent: name("a"), incarnation: 1, cause: exit(code) };
-        let events = core.execute(&command, at(50)).unwrap();
+        let command = Command::Supervision(SupervisionCommand::ReportDown {
+            agent: name("a"),
+            incarnation: 1,
+            cause: exit(code),
+        });
+        let events = core.execute(&command, at(50)).unwrap().events;
         assert_eq!(kinds(&events).contains(&"incarnation_started"), restarts, "{policy:?} exit {code}");
         if !restarts {
             assert_eq!(status(&core, "a"), ManagedStatus::Stopped);
@@ -211,7 +236,7 @@ fn group_of_three(strategy: Strategy) -> Core {
     for (position, agent) in ["a", "b", "c"].into_iter().enumerate() {
         let group = GroupMembership { name: "g".into(), strategy, position: position as u32 };
         declare(&mut core, agent, Supervision { group: Some(group), ..spec(RestartPolicy::Always) }, at(0));
-        core.execute(&Command::StartManaged { agent: name(agent) }, at(0)).unwrap();
+        core.execute(&Command::Supervision(SupervisionCommand::StartManaged { agent: name(agent) }), at(0)).unwrap();
     }
     effects(&mut core);
     core
@@ -248,7 +273,7 @@ fn attached(agent: &str) -> Core {
     let mut core = Core::new(Limits::default());
     let hello =
         Hello { agent: name(agent), role: RoleName::new("r").unwrap(), labels: BTreeMap::new(), incarnation: None };
-    core.execute(&Command::Hello(hello), at(0)).unwrap();
+    core.execute(&Command::Agent(AgentCommand::Hello(hello)), at(0)).unwrap();
     effects(&mut core);
     core
 }
@@ -283,12 +308,19 @@ fn a_silent_agent_is_suspected_challenged_then_down_and_fenced() {
     let record = core.state().agent("a").unwrap();
     assert!(matches!(record.down.as_ref().unwrap().cause, Cause::HeartbeatsLost { .. }));
     assert_eq!(core.heartbeat(at(20_000), &a, 1, None).unwrap_err().code(), "incarnation_down");
-    let write =
-        Command::Checkpoint { agent: a.clone(), incarnation: 1, patch: serde_json::json!({}), expected_version: None };
+    let write = Command::Agent(AgentCommand::Checkpoint {
+        agent: a.clone(),
+        incarnation: 1,
+        patch: serde_json::json!({}),
+        expected_version: None,
+    });
     assert_eq!(core.execute(&write, at(20_000)).unwrap_err().code(), "incarnation_down");
     let resume =
         Hello { agent: a.clone(), role: RoleName::new("r").unwrap(), labels: BTreeMap::new(), incarnation: Some(1) };
-    assert_eq!(core.execute(&Command::Hello(resume), at(20_000)).unwrap_err().code(), "incarnation_down");
+    assert_eq!(
+        core.execute(&Command::Agent(AgentCommand::Hello(resume)), at(20_000)).unwrap_err().code(),
+        "incarnation_down"
+    );
 }
 
 #[test]
@@ -380,7 +412,8 @@ fn replaying_supervision_events_gives_the_live_state() {
         record(events, Timestamp(now.0 + 50_000));
         now = Timestamp(now.0 + 50_000);
     }
-    let events = core.execute(&Command::Restart { agent: name("a") }, now).unwrap();
+    let events =
+        core.execute(&Command::Supervision(SupervisionCommand::Restart { agent: name("a") }), now).unwrap().events;
     record(events, now);
     let mut replayed = group_of_three(Strategy::OneForAll);
     for (at, event) in &log {
@@ -392,7 +425,8 @@ fn replaying_supervision_events_gives_the_live_state() {
 #[test]
 fn a_stopped_agent_is_not_restarted_until_started_again() {
     let mut core = running("a", spec(RestartPolicy::Always));
-    let events = core.execute(&Command::Stop { agent: name("a") }, at(10)).unwrap();
+    let events =
+        core.execute(&Command::Supervision(SupervisionCommand::Stop { agent: name("a") }), at(10)).unwrap().events;
     assert_eq!(kinds(&events), ["agent_down"]);
     assert!(effects(&mut core).contains(&Effect::Stop { agent: name("a"), incarnation: 1 }));
     assert_eq!(status(&core, "a"), ManagedStatus::Stopped);
@@ -400,7 +434,10 @@ fn a_stopped_agent_is_not_restarted_until_started_again() {
     assert!(crash(&mut core, "a", at(20)).is_empty());
     assert!(tick(&mut core, at(1_000_000)).is_empty());
     // `hale up` starts it again, as a new incarnation.
-    let events = core.execute(&Command::StartManaged { agent: name("a") }, at(1_000_001)).unwrap();
+    let events = core
+        .execute(&Command::Supervision(SupervisionCommand::StartManaged { agent: name("a") }), at(1_000_001))
+        .unwrap()
+        .events;
     assert_eq!(events, [Event::IncarnationStarted { agent: name("a"), incarnation: 2 }]);
     // Stopping during a backoff cancels the restart.
     let supervision =
@@ -409,7 +446,7 @@ fn a_stopped_agent_is_not_restarted_until_started_again() {
     crash(&mut core, "b", at(10));
     crash(&mut core, "b", at(20));
     assert!(matches!(status(&core, "b"), ManagedStatus::Backoff { .. }));
-    core.execute(&Command::Stop { agent: name("b") }, at(30)).unwrap();
+    core.execute(&Command::Supervision(SupervisionCommand::Stop { agent: name("b") }), at(30)).unwrap();
     assert!(tick(&mut core, at(10_000_000)).is_empty());
     assert_eq!(status(&core, "b"), ManagedStatus::Stopped);
 }
@@ -460,35 +497,45 @@ fn an_error_spike_opens_the_breaker_then_a_quiet_probe_closes_it() {
 fn violations_past_the_threshold_or_one_critical_quarantine_until_released() {
     use crate::health::{Reporter, Severity};
     let mut core = attached("a");
-    let violation = |severity, n: u64| Command::ReportViolation {
-        agent: name("a"),
-        by: Reporter::Agent(name("checker")),
-        severity,
-        reason: format!("made up a citation ({n})"),
+    let violation = |severity, n: u64| {
+        Command::Health(HealthCommand::ReportViolation {
+            agent: name("a"),
+            by: Reporter::Agent(name("checker")),
+            severity,
+            reason: format!("made up a citation ({n})"),
+        })
     };
-    assert_eq!(kinds(&core.execute(&violation(Severity::Minor, 1), at(0)).unwrap()), ["violation_reported"]);
-    assert_eq!(kinds(&core.execute(&violation(Severity::Minor, 2), at(10)).unwrap()), ["violation_reported"]);
-    let events = core.execute(&violation(Severity::Minor, 3), at(20)).unwrap();
+    assert_eq!(kinds(&core.execute(&violation(Severity::Minor, 1), at(0)).unwrap().events), ["violation_reported"]);
+    assert_eq!(kinds(&core.execute(&violation(Severity::Minor, 2), at(10)).unwrap().events), ["violation_reported"]);
+    let events = core.execute(&violation(Severity::Minor, 3), at(20)).unwrap().events;
     assert_eq!(kinds(&events), ["violation_reported", "quarantined"]);
     let quarantine = core.state().agent("a").unwrap().health.quarantine.clone().unwrap();
     assert!(quarantine.reason.contains("3 violations"), "{}", quarantine.reason);
     assert_eq!(quarantine.by, Reporter::Agent(name("checker")));
-    assert_eq!(kinds(&core.execute(&Command::Release { agent: name("a") }, at(30)).unwrap()), ["released"]);
+    assert_eq!(
+        kinds(&core.execute(&Command::Health(HealthCommand::Release { agent: name("a") }), at(30)).unwrap().events),
+        ["released"]
+    );
     assert!(core.state().agent("a").unwrap().health.quarantine.is_none());
     // One critical violation is enough; the operator can quarantine directly too.
-    let events = core.execute(&violation(Severity::Critical, 4), at(40)).unwrap();
+    let events = core.execute(&violation(Severity::Critical, 4), at(40)).unwrap().events;
     assert_eq!(kinds(&events), ["violation_reported", "quarantined"]);
-    core.execute(&Command::Release { agent: name("a") }, at(50)).unwrap();
-    let events =
-        core.execute(&Command::Quarantine { agent: name("a"), reason: "leaked a key".into() }, at(60)).unwrap();
+    core.execute(&Command::Health(HealthCommand::Release { agent: name("a") }), at(50)).unwrap();
+    let events = core
+        .execute(
+            &Command::Health(HealthCommand::Quarantine { agent: name("a"), reason: "leaked a key".into() }),
+            at(60),
+        )
+        .unwrap()
+        .events;
     assert_eq!(kinds(&events), ["quarantined"]);
     // Violations spread wider than the window do not add up.
-    core.execute(&Command::Release { agent: name("a") }, at(70)).unwrap();
+    core.execute(&Command::Health(HealthCommand::Release { agent: name("a") }), at(70)).unwrap();
     for n in 0..10u64 {
-        let events = core.execute(&violation(Severity::Minor, n), at(100 + n * 2_000_000)).unwrap();
+        let events = core.execute(&violation(Severity::Minor, n), at(100 + n * 2_000_000)).unwrap().events;
         assert_eq!(kinds(&events), ["violation_reported"], "violation {n}");
     }
-    let long = Command::Quarantine { agent: name("a"), reason: "x".repeat(2_000) };
+    let long = Command::Health(HealthCommand::Quarantine { agent: name("a"), reason: "x".repeat(2_000) });
     assert_eq!(core.execute(&long, at(0)).unwrap_err().code(), "reason_too_long");
 }
 
@@ -497,9 +544,9 @@ fn a_pool_below_its_minimum_recruits_new_instances_up_to_its_maximum() {
     let mut core = Core::new(Limits::default());
     let supervision =
         Supervision { intensity: Intensity { restarts_max: 1, window_ms: 60_000 }, ..spec(RestartPolicy::Always) };
-    let declare = Command::DeclareRole { role: worker(), min: 2, max: 3, supervision };
-    assert_eq!(kinds(&core.execute(&declare, at(0)).unwrap()), ["role_declared"]);
-    assert!(core.execute(&declare, at(1)).unwrap().is_empty(), "declaring the same pool again logs nothing");
+    let declare = Command::Supervision(SupervisionCommand::DeclareRole { role: worker(), min: 2, max: 3, supervision });
+    assert_eq!(kinds(&core.execute(&declare, at(0)).unwrap().events), ["role_declared"]);
+    assert!(core.execute(&declare, at(1)).unwrap().events.is_empty(), "declaring the same pool again logs nothing");
     // At start the pool is empty: two instances are recruited, one per tick.
     let events = tick(&mut core, at(10));
     assert_eq!(kinds(&events), ["agent_declared", "incarnation_started"]);
@@ -525,29 +572,86 @@ fn a_pool_below_its_minimum_recruits_new_instances_up_to_its_maximum() {
 fn a_managed_agent_cannot_start_a_run_of_its_own() {
     let mut core = running("a", spec(RestartPolicy::Always));
     let hello = Hello { agent: name("a"), role: worker(), labels: BTreeMap::new(), incarnation: None };
-    let refused = core.execute(&Command::Hello(hello.clone()), at(5)).unwrap_err();
+    let refused = core.execute(&Command::Agent(AgentCommand::Hello(hello.clone())), at(5)).unwrap_err();
     assert_eq!(refused.code(), "managed_by_hale");
     assert!(refused.to_string().contains("HALE_INCARNATION (now 1)"), "{refused}");
     // Resuming the run hale started is how it says hello.
     let resume = Hello { incarnation: Some(1), ..hello };
-    assert!(core.execute(&Command::Hello(resume), at(6)).unwrap().is_empty());
+    assert!(core.execute(&Command::Agent(AgentCommand::Hello(resume)), at(6)).unwrap().events.is_empty());
 }
 
 #[test]
 fn a_hale_that_runs_no_agents_neither_restarts_nor_recruits() {
     let mut core = running("a", spec(RestartPolicy::Always));
-    let pool = Command::DeclareRole {
+    let pool = Command::Supervision(SupervisionCommand::DeclareRole {
         role: RoleName::new("pool").unwrap(),
         min: 1,
         max: 1,
         supervision: Supervision::default(),
-    };
+    });
     core.execute(&pool, at(2)).unwrap();
     core.set_supervising(false);
     // A crash with backoff due later: nothing starts it, and no pool instance appears.
     crash(&mut core, "a", at(10));
     crash(&mut core, "a", at(20));
     assert!(tick(&mut core, at(10_000_000)).is_empty());
-    let refused = core.execute(&Command::Restart { agent: name("a") }, at(10_000_001)).unwrap_err();
+    let refused = core
+        .execute(&Command::Supervision(SupervisionCommand::Restart { agent: name("a") }), at(10_000_001))
+        .unwrap_err();
     assert_eq!(refused.code(), "not_supervising");
+}
+
+#[test]
+fn memory_over_its_threshold_takes_the_run_down_at_the_next_tick_and_restarts_it() {
+    const MIB: u64 = 1024 * 1024;
+    let thresholds = Thresholds { memory_bytes_max: Some(64 * MIB), ..Thresholds::default() };
+    let mut core = running("a", Supervision { thresholds, ..spec(RestartPolicy::Always) });
+    let usage = |rss_mb: u64| Observation::Measured(Measurement::Usage { rss_bytes: rss_mb * MIB, cpu_ms: 0 });
+    core.observe(at(1_000), &name("a"), 1, usage(64)).unwrap();
+    assert!(tick(&mut core, at(1_050)).is_empty(), "at the threshold is not over it");
+    core.observe(at(2_000), &name("a"), 1, usage(65)).unwrap();
+    let events = tick(&mut core, at(2_050));
+    assert_eq!(kinds(&events), ["agent_down", "restart_scheduled", "incarnation_started"]);
+    let limit = 64 * MIB;
+    let cause = Cause::ResourceExceeded { resource: "memory".into(), value: 65 * MIB, limit };
+    assert_eq!(events[0], Event::AgentDown { agent: name("a"), incarnation: 1, cause });
+    assert!(tick(&mut core, at(2_100)).is_empty(), "concluded once");
+    // The old run's late readings are refused; the new run starts with a clean slate.
+    assert_eq!(core.observe(at(2_200), &name("a"), 1, usage(65)).unwrap_err().code(), "stale_incarnation");
+    core.observe(at(2_300), &name("a"), 2, usage(10)).unwrap();
+    assert!(tick(&mut core, at(2_350)).is_empty());
+}
+
+#[test]
+fn failed_probes_in_a_row_take_the_run_down_and_an_agent_without_thresholds_is_not_judged() {
+    let thresholds = Thresholds { probe_failures_max: Some(2), ..Thresholds::default() };
+    let mut core = running("a", Supervision { thresholds, ..spec(RestartPolicy::Never) });
+    let probe =
+        |failure: Option<&str>| Observation::Measured(Measurement::Probe { failure: failure.map(String::from) });
+    core.observe(at(1_000), &name("a"), 1, probe(Some("HTTP 503"))).unwrap();
+    core.observe(at(2_000), &name("a"), 1, probe(None)).unwrap();
+    core.observe(at(3_000), &name("a"), 1, probe(Some("HTTP 503"))).unwrap();
+    assert!(tick(&mut core, at(3_050)).is_empty(), "a pass between failures resets the count");
+    core.observe(at(4_000), &name("a"), 1, probe(Some("timed out after 1000 ms"))).unwrap();
+    let events = tick(&mut core, at(4_050));
+    let cause = Cause::HealthProbe { failures: 2, last: "timed out after 1000 ms".into() };
+    assert_eq!(events, [Event::AgentDown { agent: name("a"), incarnation: 1, cause }]);
+    // No thresholds: readings are taken and nothing is concluded.
+    let mut plain = running("b", spec(RestartPolicy::Always));
+    for second in 0..5 {
+        plain.observe(at(second * 1_000), &name("b"), 1, probe(Some("HTTP 500"))).unwrap();
+    }
+    assert!(tick(&mut plain, at(5_000)).is_empty());
+}
+
+#[test]
+fn thresholds_are_logged_with_the_spec_and_a_spec_without_them_reads_as_before() {
+    let bare = serde_json::to_value(Supervision::default()).unwrap();
+    assert!(bare.get("thresholds").is_none(), "left out when unset: {bare}");
+    let older: Supervision = serde_json::from_value(bare).unwrap();
+    assert!(older.thresholds.is_unset());
+    let watched =
+        Supervision { thresholds: Thresholds { cpu_percent_max: Some(80), ..Thresholds::default() }, ..older };
+    let text = serde_json::to_string(&watched).unwrap();
+    assert_eq!(serde_json::from_str::<Supervision>(&text).unwrap(), watched);
 }

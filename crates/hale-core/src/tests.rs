@@ -12,16 +12,16 @@ fn agent(name: &str) -> AgentName {
 }
 
 fn hello(name: &str, incarnation: Option<u64>) -> Command {
-    Command::Hello(Hello {
+    Command::Agent(AgentCommand::Hello(Hello {
         agent: agent(name),
         role: RoleName::new("worker").unwrap(),
         labels: BTreeMap::new(),
         incarnation,
-    })
+    }))
 }
 
 fn checkpoint(name: &str, incarnation: u64, patch: Value) -> Command {
-    Command::Checkpoint { agent: agent(name), incarnation, patch, expected_version: None }
+    Command::Agent(AgentCommand::Checkpoint { agent: agent(name), incarnation, patch, expected_version: None })
 }
 
 fn started(name: &str) -> Core {
@@ -33,7 +33,7 @@ fn started(name: &str) -> Core {
 #[test]
 fn first_hello_registers_and_starts_incarnation_one() {
     let mut core = Core::new(Limits::default());
-    let events = core.execute(&hello("a", None), T).unwrap();
+    let events = core.execute(&hello("a", None), T).unwrap().events;
     assert_eq!(events.iter().map(Event::kind).collect::<Vec<_>>(), ["agent_registered", "incarnation_started"]);
     let record = core.state().agent("a").unwrap();
     assert_eq!((record.incarnation, record.version()), (1, 0));
@@ -43,7 +43,9 @@ fn first_hello_registers_and_starts_incarnation_one() {
 #[test]
 fn hello_with_current_incarnation_resumes_without_events() {
     let mut core = started("a");
-    assert_eq!(core.execute(&hello("a", Some(1)), T).unwrap(), vec![]);
+    let resumed = core.execute(&hello("a", Some(1)), T).unwrap();
+    assert_eq!(resumed.events, vec![]);
+    assert_eq!(resumed.answer, Answer::Welcome { agent: agent("a"), incarnation: 1, resumed: true });
     assert_eq!(core.state().agent("a").unwrap().incarnation, 1);
 }
 
@@ -117,8 +119,12 @@ fn deep_patches_are_refused_before_they_reach_the_log() {
 #[test]
 fn expected_version_detects_conflicts() {
     let mut core = started("a");
-    let command =
-        Command::Checkpoint { agent: agent("a"), incarnation: 1, patch: json!({}), expected_version: Some(3) };
+    let command = Command::Agent(AgentCommand::Checkpoint {
+        agent: agent("a"),
+        incarnation: 1,
+        patch: json!({}),
+        expected_version: Some(3),
+    });
     assert_eq!(core.execute(&command, T).unwrap_err(), Rejection::VersionConflict { expected: 3, current: 0 });
 }
 
@@ -128,27 +134,39 @@ fn rollback_to_a_point_survives_the_history_bound() {
     let mut core = Core::new(limits);
     core.execute(&hello("a", None), T).unwrap();
     core.execute(&checkpoint("a", 1, json!({"n": 1})), T).unwrap();
-    let mark = Command::MarkRecoveryPoint { agent: agent("a"), incarnation: 1, name: PointName::new("one").unwrap() };
+    let mark = Command::Agent(AgentCommand::MarkRecoveryPoint {
+        agent: agent("a"),
+        incarnation: 1,
+        name: PointName::new("one").unwrap(),
+    });
     core.execute(&mark, T).unwrap();
     for n in 2..=10 {
         core.execute(&checkpoint("a", 1, json!({"n": n})), T).unwrap();
     }
     let record = core.state().agent("a").unwrap();
     assert_eq!(record.history().collect::<Vec<_>>(), [8, 9, 10]);
-    let too_old = Command::Rollback { agent: agent("a"), incarnation: 1, target: RollbackTarget::Version(5) };
+    let too_old = Command::Agent(AgentCommand::Rollback {
+        agent: agent("a"),
+        incarnation: 1,
+        target: RollbackTarget::Version(5),
+    });
     let refused = core.execute(&too_old, T).unwrap_err();
     assert_eq!(refused, Rejection::VersionNotRetained { agent: "a".into(), version: 5, oldest: 8, newest: 10 });
 
-    let back = Command::Rollback {
+    let back = Command::Agent(AgentCommand::Rollback {
         agent: agent("a"),
         incarnation: 1,
         target: RollbackTarget::Point(PointName::new("one").unwrap()),
-    };
+    });
     core.execute(&back, T).unwrap();
     let record = core.state().agent("a").unwrap();
     assert_eq!((record.version(), &**record.state()), (11, &json!({"n": 1})));
     // The version a point names stays reachable by number too.
-    let by_number = Command::Rollback { agent: agent("a"), incarnation: 1, target: RollbackTarget::Version(1) };
+    let by_number = Command::Agent(AgentCommand::Rollback {
+        agent: agent("a"),
+        incarnation: 1,
+        target: RollbackTarget::Version(1),
+    });
     core.execute(&by_number, T).unwrap();
     assert_eq!(core.state().agent("a").unwrap().version(), 12);
 }
@@ -158,19 +176,21 @@ fn recovery_points_are_bounded_but_names_can_be_reused() {
     let limits = Limits { recovery_points_max: 1, ..Limits::default() };
     let mut core = Core::new(limits);
     core.execute(&hello("a", None), T).unwrap();
-    let mark = |name: &str| Command::MarkRecoveryPoint {
-        agent: agent("a"),
-        incarnation: 1,
-        name: PointName::new(name).unwrap(),
+    let mark = |name: &str| {
+        Command::Agent(AgentCommand::MarkRecoveryPoint {
+            agent: agent("a"),
+            incarnation: 1,
+            name: PointName::new(name).unwrap(),
+        })
     };
     core.execute(&mark("p"), T).unwrap();
     core.execute(&mark("p"), T).unwrap();
     assert_eq!(core.execute(&mark("q"), T).unwrap_err().code(), "too_many_recovery_points");
-    let unknown = Command::Rollback {
+    let unknown = Command::Agent(AgentCommand::Rollback {
         agent: agent("a"),
         incarnation: 1,
         target: RollbackTarget::Point(PointName::new("q").unwrap()),
-    };
+    });
     assert_eq!(core.execute(&unknown, T).unwrap_err().code(), "unknown_recovery_point");
 }
 
@@ -179,13 +199,13 @@ fn hello_updates_role_and_labels() {
     let mut core = started("a");
     let mut labels = BTreeMap::new();
     labels.insert("zone".to_string(), "eu".to_string());
-    let command = Command::Hello(Hello {
+    let command = Command::Agent(AgentCommand::Hello(Hello {
         agent: agent("a"),
         role: RoleName::new("planner").unwrap(),
         labels: labels.clone(),
         incarnation: Some(1),
-    });
-    let events = core.execute(&command, T).unwrap();
+    }));
+    let events = core.execute(&command, T).unwrap().events;
     assert_eq!(events.iter().map(Event::kind).collect::<Vec<_>>(), ["agent_registered"]);
     let record = core.state().agent("a").unwrap();
     assert_eq!((record.role.as_str(), &record.labels, record.incarnation), ("planner", &labels, 1));
@@ -240,21 +260,50 @@ fn to_command(core: &Core, op: &Op) -> Command {
             let incarnation = current(*agent).saturating_add_signed(i64::from(*incarnation_delta));
             checkpoint(AGENTS[*agent], incarnation, patch.clone())
         }
-        Op::Mark { agent, point } => Command::MarkRecoveryPoint {
+        Op::Mark { agent, point } => Command::Agent(AgentCommand::MarkRecoveryPoint {
             agent: self::agent(AGENTS[*agent]),
             incarnation: current(*agent),
             name: PointName::new(POINTS[*point]).unwrap(),
-        },
-        Op::RollbackVersion { agent, version } => Command::Rollback {
+        }),
+        Op::RollbackVersion { agent, version } => Command::Agent(AgentCommand::Rollback {
             agent: self::agent(AGENTS[*agent]),
             incarnation: current(*agent),
             target: RollbackTarget::Version(*version),
-        },
-        Op::RollbackPoint { agent, point } => Command::Rollback {
+        }),
+        Op::RollbackPoint { agent, point } => Command::Agent(AgentCommand::Rollback {
             agent: self::agent(AGENTS[*agent]),
             incarnation: current(*agent),
             target: RollbackTarget::Point(PointName::new(POINTS[*point]).unwrap()),
+        }),
+    }
+}
+
+/// What the state says a command that succeeded made, read after its events: the core's
+/// answer must agree (`started`: the hello's events started a run).
+fn answer_from_state(state: &State, command: &Command, now: Timestamp, started: bool) -> Answer {
+    let Command::Agent(command) = command else { unreachable!("the ops are agent commands") };
+    let record = |name: &AgentName| state.agent(name.as_str()).unwrap();
+    match command {
+        AgentCommand::Hello(hello) => Answer::Welcome {
+            agent: hello.agent.clone(),
+            incarnation: record(&hello.agent).incarnation,
+            resumed: !started,
         },
+        AgentCommand::Checkpoint { agent, .. } => Answer::Checkpointed { version: record(agent).version() },
+        AgentCommand::MarkRecoveryPoint { agent, name, .. } => {
+            let point = &record(agent).recovery_points[name];
+            assert_eq!(point.marked_at, now);
+            Answer::RecoveryPointMarked { name: name.clone(), version: point.version, marked_at: point.marked_at }
+        }
+        AgentCommand::Rollback { agent, target, .. } => {
+            let record = record(agent);
+            let target_version = match target {
+                RollbackTarget::Version(version) => *version,
+                RollbackTarget::Point(name) => record.recovery_points[name].version,
+            };
+            Answer::RolledBack { version: record.version(), target_version, state: record.state().clone() }
+        }
+        AgentCommand::RecordProgress { .. } => Answer::Done,
     }
 }
 
@@ -287,7 +336,11 @@ proptest! {
             let command = to_command(&live, op);
             let before = live.state().clone();
             match live.execute(&command, now) {
-                Ok(events) => log.extend(events.into_iter().map(|event| (now, event))),
+                Ok(Decision { events, answer }) => {
+                    let started = events.iter().any(|event| matches!(event, Event::IncarnationStarted { .. }));
+                    prop_assert_eq!(answer, answer_from_state(live.state(), &command, now, started));
+                    log.extend(events.into_iter().map(|event| (now, event)));
+                }
                 Err(_) => prop_assert_eq!(&before, live.state(), "a rejection changed the state"),
             }
             snapshots.push((log.len(), serde_json::to_vec(live.state()).unwrap()));
@@ -340,9 +393,9 @@ proptest! {
         for step in steps {
             let command = match step {
                 Ok(patch) => checkpoint("a", 1, patch),
-                Err(version) => Command::Rollback { agent: agent("a"), incarnation: 1, target: RollbackTarget::Version(version) },
+                Err(version) => Command::Agent(AgentCommand::Rollback { agent: agent("a"), incarnation: 1, target: RollbackTarget::Version(version) }),
             };
-            let Ok(events) = core.execute(&command, T) else { continue };
+            let Ok(Decision { events, .. }) = core.execute(&command, T) else { continue };
             match &events[0] {
                 Event::Checkpointed { patch, .. } => {
                     let mut next = expected.last().unwrap().clone();

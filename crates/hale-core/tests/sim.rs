@@ -11,19 +11,34 @@
 //!   indexes agree with the tasks;
 //! * a replay of the log gives the live state (at every restart of hale).
 //!
-//! Then faults stop and agents behave (the liveness phase): every task must end.
+//! * the resource and probe detectors take a run down only for what it did: a managed
+//!   agent, `watched-1`, sometimes leaks memory, spins its CPU or fails its health probe,
+//!   and every `resource` or `health_probe` down names a run that did so.
+//!
+//! Then faults stop and agents behave (the liveness phase): every task must end, and the
+//! watched agent must be running a run that does none of those things.
 //!
 //! `HALE_SIM_SEEDS=N` runs N seeds (default 1000); `HALE_SIM_SEED=S` runs seed S alone and
 //! prints its trace. A failure prints its seed and the command that replays it.
 
-use hale_core::supervision::Cause;
+use hale_core::policy::{Backoff, Intensity};
+use hale_core::supervision::{Cause, ProcessRef, RestartPolicy, Supervision};
 use hale_core::tasks::{Budget, Level, Priority, Rung, Shadow, Spend, TaskSpec, TaskStatus};
-use hale_core::{AgentName, Command, Core, Effect, Event, Hello, Limits, Rng, RoleName, Timestamp};
+use hale_core::{
+    AgentCommand, AgentName, BudgetCommand, Command, Core, Decision, Effect, Event, Hello, Limits, Rng, RoleName,
+    SupervisionCommand, TaskCommand, Thresholds, Timestamp,
+};
+use hale_core::{Measurement, Observation};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 
 const AGENTS: [(&str, &str); 5] =
     [("coder-1", "coder"), ("coder-2", "coder"), ("coder-3", "coder"), ("small-1", "small"), ("small-2", "small")];
+/// A managed agent the simulation supervises, whose process the resource and probe
+/// detectors watch.
+const WATCHED: &str = "watched-1";
+const MIB: u64 = 1024 * 1024;
+const WATCHED_MEMORY_MB_MAX: u64 = 100;
 const FAULT_STEPS: u32 = 250;
 const CALM_STEPS: u32 = 600;
 
@@ -38,6 +53,18 @@ struct Process {
     held: BTreeMap<u64, u32>,
     /// Open reservations.
     reservations: Vec<u64>,
+}
+
+/// The process of the watched agent, as the machine sees it.
+#[derive(Clone, Debug, Default)]
+struct WatchedProcess {
+    incarnation: Option<u64>,
+    rss_mb: u64,
+    cpu_ms: u64,
+    last_at: u64,
+    leaking: bool,
+    spinning: bool,
+    probe_failing: bool,
 }
 
 struct Sim {
@@ -56,6 +83,9 @@ struct Sim {
     keys: Vec<String>,
     trace: bool,
     faults: bool,
+    watched: WatchedProcess,
+    /// What each run of the watched agent did: (leaked, spun, failed probes).
+    watched_runs: BTreeMap<u64, (bool, bool, bool)>,
 }
 
 fn name(text: &str) -> AgentName {
@@ -85,6 +115,8 @@ impl Sim {
             keys: Vec::new(),
             trace,
             faults: true,
+            watched: WatchedProcess::default(),
+            watched_runs: BTreeMap::new(),
         }
     }
 
@@ -107,7 +139,7 @@ impl Sim {
     fn run(&mut self, command: &Command) -> bool {
         let now = self.at();
         match self.core.execute(command, now) {
-            Ok(events) => {
+            Ok(Decision { events, .. }) => {
                 if self.trace {
                     println!("{now:?} {command:?}\n    -> {events:?}");
                 }
@@ -129,9 +161,9 @@ impl Sim {
 
     /// A write accepted from a fenced incarnation would be a lost fence.
     fn check_writer(&self, command: &Command) {
-        if let Command::CommitStep { agent, incarnation, .. }
-        | Command::CompleteTask { agent, incarnation, .. }
-        | Command::IntendStep { agent, incarnation, .. } = command
+        if let Command::Task(TaskCommand::CommitStep { agent, incarnation, .. })
+        | Command::Task(TaskCommand::Complete { agent, incarnation, .. })
+        | Command::Task(TaskCommand::IntendStep { agent, incarnation, .. }) = command
         {
             assert!(
                 !self.fenced.contains(&(agent.clone(), *incarnation)),
@@ -142,8 +174,18 @@ impl Sim {
 
     fn observe(&mut self, event: &Event) {
         match event {
-            Event::AgentDown { agent, incarnation, .. } => {
+            Event::AgentDown { agent, incarnation, cause } => {
                 self.fenced.insert((agent.clone(), *incarnation));
+                if agent.as_str() == WATCHED {
+                    let (leaked, spun, failed) = self.watched_runs.get(incarnation).copied().unwrap_or_default();
+                    let justified = match cause {
+                        Cause::ResourceExceeded { resource, .. } if resource == "memory" => leaked,
+                        Cause::ResourceExceeded { .. } => spun,
+                        Cause::HealthProbe { .. } => failed,
+                        _ => true,
+                    };
+                    assert!(justified, "run {incarnation} of {WATCHED} was taken down for what it did not do: {cause}");
+                }
             }
             Event::IncarnationStarted { agent, incarnation } if *incarnation > 1 => {
                 self.fenced.insert((agent.clone(), incarnation - 1));
@@ -162,6 +204,23 @@ impl Sim {
     /// Hands the effects to the processes; a lost message is dropped.
     fn deliver(&mut self) {
         while let Some(effect) = self.core.poll_effect() {
+            // The supervisor is hale's own: its effects are never lost.
+            match &effect {
+                Effect::Spawn { agent, incarnation, .. } if agent.as_str() == WATCHED => {
+                    self.spawn_watched(*incarnation);
+                    continue;
+                }
+                Effect::Stop { agent, incarnation } if agent.as_str() == WATCHED => {
+                    if self.watched.incarnation == Some(*incarnation) {
+                        self.watched = WatchedProcess::default();
+                        let cause = Cause::Exited { code: None, signal: Some(15) };
+                        let (agent, incarnation) = (agent.clone(), *incarnation);
+                        self.run(&SupervisionCommand::ReportDown { agent, incarnation, cause }.into());
+                    }
+                    continue;
+                }
+                _ => {}
+            }
             if self.faults && self.chance(10) {
                 continue;
             }
@@ -191,11 +250,83 @@ impl Sim {
         }
     }
 
+    /// Declares the watched agent and starts it, as `hale up` does.
+    fn declare_watched(&mut self) {
+        let thresholds = Thresholds {
+            memory_bytes_max: Some(WATCHED_MEMORY_MB_MAX * MIB),
+            cpu_percent_max: Some(50),
+            cpu_window_ms: 5_000,
+            probe_failures_max: Some(3),
+        };
+        let supervision = Supervision {
+            restart: RestartPolicy::Always,
+            backoff: Backoff { base_ms: 100, max_ms: 1_000 },
+            intensity: Intensity { restarts_max: 1_000, window_ms: 1_000 },
+            thresholds,
+            ..Supervision::default()
+        };
+        let agent = name(WATCHED);
+        let declare = SupervisionCommand::Declare {
+            agent: agent.clone(),
+            role: role("watched"),
+            labels: BTreeMap::new(),
+            supervision,
+        };
+        assert!(self.run(&declare.into()));
+        assert!(self.run(&SupervisionCommand::StartManaged { agent }.into()));
+        self.deliver();
+    }
+
+    /// The supervisor spawned a run of the watched agent: it starts small and well.
+    fn spawn_watched(&mut self, incarnation: u64) {
+        let agent = name(WATCHED);
+        let process = ProcessRef { pid: 1_000 + incarnation as u32, start_ticks: incarnation };
+        self.run(&SupervisionCommand::ProcessStarted { agent: agent.clone(), incarnation, process }.into());
+        self.watched = WatchedProcess {
+            incarnation: Some(incarnation),
+            rss_mb: 20,
+            last_at: self.now,
+            ..WatchedProcess::default()
+        };
+        self.watched_runs.insert(incarnation, (false, false, false));
+        let hello = Hello {
+            agent: agent.clone(),
+            role: role("watched"),
+            labels: BTreeMap::new(),
+            incarnation: Some(incarnation),
+        };
+        self.run(&hello.into());
+        let _ = self.core.observe(self.at(), &agent, incarnation, Observation::Heartbeat(None));
+    }
+
+    /// One step of the watched process: it beats, and the supervisor reads its memory and
+    /// CPU and probes it. What it does wrong is remembered per run.
+    fn act_watched(&mut self) {
+        let Some(incarnation) = self.watched.incarnation else { return };
+        let (agent, now) = (name(WATCHED), self.at());
+        let process = &mut self.watched;
+        let elapsed = self.now.saturating_sub(process.last_at);
+        process.last_at = process.last_at.max(self.now);
+        process.cpu_ms += if process.spinning { elapsed } else { elapsed / 20 };
+        if process.leaking {
+            process.rss_mb += 15;
+        }
+        let run = self.watched_runs.entry(incarnation).or_default();
+        run.0 |= process.rss_mb > WATCHED_MEMORY_MB_MAX;
+        run.1 |= process.spinning;
+        run.2 |= process.probe_failing;
+        let usage = Measurement::Usage { rss_bytes: process.rss_mb * MIB, cpu_ms: process.cpu_ms };
+        let probe = Measurement::Probe { failure: process.probe_failing.then(|| "HTTP 503".to_string()) };
+        for observation in [Observation::Heartbeat(None), Observation::Measured(usage), Observation::Measured(probe)] {
+            let _ = self.core.observe(now, &agent, incarnation, observation);
+        }
+    }
+
     fn hello(&mut self, agent: &AgentName, resume: Option<u64>) {
         let of = AGENTS.iter().find(|(each, _)| *each == agent.as_str()).unwrap().1;
         let hello = Hello { agent: agent.clone(), role: role(of), labels: BTreeMap::new(), incarnation: resume };
         let now = self.at();
-        if self.run(&Command::Hello(hello)) {
+        if self.run(&Command::Agent(AgentCommand::Hello(hello))) {
             let incarnation = self.core.state().agent(agent.as_str()).unwrap().incarnation;
             let process = self.processes.get_mut(agent).unwrap();
             if resume.is_none() {
@@ -237,7 +368,7 @@ impl Sim {
         }
         let repeat = if self.faults && self.chance(10) { 2 } else { 1 };
         for _ in 0..repeat {
-            self.run(&Command::SubmitTask { spec: spec.clone() });
+            self.run(&Command::Task(TaskCommand::Submit { spec: spec.clone() }));
         }
     }
 
@@ -275,15 +406,15 @@ impl Sim {
             0..=2 if done < 3 => {
                 let step = format!("step-{done}");
                 if self.chance(50) {
-                    self.run(&write(Command::IntendStep {
+                    self.run(&write(Command::Task(TaskCommand::IntendStep {
                         task,
                         agent: agent.clone(),
                         incarnation,
                         name: step.clone(),
-                    }));
+                    })));
                 }
                 let compensation = self.chance(40).then(|| json!({"undo": step}));
-                Command::CommitStep {
+                Command::Task(TaskCommand::CommitStep {
                     task,
                     agent: agent.clone(),
                     incarnation,
@@ -291,18 +422,23 @@ impl Sim {
                     result: json!(done),
                     llm: None,
                     compensation,
-                }
+                })
             }
-            3 if self.faults => Command::FailTask {
+            3 if self.faults => Command::Task(TaskCommand::Fail {
                 task,
                 agent: agent.clone(),
                 incarnation,
                 reason: "tool error".into(),
                 retry: self.chance(80),
-            },
+            }),
             4 if self.faults => {
                 let spend = Spend { tokens: self.rng.up_to(800), cost: 0 };
-                let command = Command::Reserve { agent: agent.clone(), incarnation, task: Some(task), spend };
+                let command = Command::Budget(BudgetCommand::Reserve {
+                    agent: agent.clone(),
+                    incarnation,
+                    task: Some(task),
+                    spend,
+                });
                 if self.run(&command)
                     && let Some((_, Event::BudgetReserved { reservation, .. })) = self.log.last()
                 {
@@ -314,9 +450,20 @@ impl Sim {
             5 if self.faults => {
                 let reservation = self.processes.get_mut(agent).unwrap().reservations.pop();
                 let spend = Spend { tokens: self.rng.up_to(900), cost: 0 };
-                Command::ReportSpend { agent: agent.clone(), incarnation, task: Some(task), reservation, spend }
+                Command::Budget(BudgetCommand::ReportSpend {
+                    agent: agent.clone(),
+                    incarnation,
+                    task: Some(task),
+                    reservation,
+                    spend,
+                })
             }
-            _ => Command::CompleteTask { task, agent: agent.clone(), incarnation, result: json!(task % 2) },
+            _ => Command::Task(TaskCommand::Complete {
+                task,
+                agent: agent.clone(),
+                incarnation,
+                result: json!(task % 2),
+            }),
         };
         let accepted = self.run(&command);
         let duplicate = self.faults && self.chance(5);
@@ -325,8 +472,10 @@ impl Sim {
         }
         let process = self.processes.get_mut(agent).unwrap();
         match command {
-            Command::CommitStep { .. } if accepted => *process.held.get_mut(&task).unwrap() += 1,
-            Command::CommitStep { .. } | Command::CompleteTask { .. } | Command::FailTask { .. } => {
+            Command::Task(TaskCommand::CommitStep { .. }) if accepted => *process.held.get_mut(&task).unwrap() += 1,
+            Command::Task(TaskCommand::CommitStep { .. })
+            | Command::Task(TaskCommand::Complete { .. })
+            | Command::Task(TaskCommand::Fail { .. }) => {
                 process.held.remove(&task);
             }
             _ => {}
@@ -344,7 +493,11 @@ impl Sim {
                     *self.processes.get_mut(&agent).unwrap() = Process::default();
                     if self.chance(50) {
                         let cause = Cause::Exited { code: None, signal: Some(9) };
-                        self.run(&Command::ReportDown { agent: agent.clone(), incarnation, cause });
+                        self.run(&Command::Supervision(SupervisionCommand::ReportDown {
+                            agent: agent.clone(),
+                            incarnation,
+                            cause,
+                        }));
                     }
                 }
             }
@@ -367,6 +520,17 @@ impl Sim {
                     self.zombies.push((agent, process));
                 }
             }
+            // The watched agent misbehaves: it leaks, spins, fails its probe, or crashes.
+            53..=56 => self.watched.leaking |= self.watched.incarnation.is_some(),
+            57..=58 => self.watched.spinning |= self.watched.incarnation.is_some(),
+            59..=60 => self.watched.probe_failing |= self.watched.incarnation.is_some(),
+            61..=62 => {
+                if let Some(incarnation) = self.watched.incarnation {
+                    self.watched = WatchedProcess::default();
+                    let cause = Cause::Exited { code: Some(1), signal: None };
+                    self.run(&SupervisionCommand::ReportDown { agent: name(WATCHED), incarnation, cause }.into());
+                }
+            }
             // The clock jumps forward, or steps back a little.
             26..=29 => self.now += 5_000 + self.rng.up_to(55_000),
             30..=32 => self.now = self.now.saturating_sub(self.rng.up_to(1_000)),
@@ -377,7 +541,7 @@ impl Sim {
                 let count = self.core.state().tasks().all().count() as u64;
                 if count > 0 {
                     let task = 1 + self.rng.up_to(count - 1);
-                    self.run(&Command::CancelTask { task });
+                    self.run(&Command::Task(TaskCommand::Cancel { task }));
                 }
             }
             _ => {}
@@ -400,8 +564,13 @@ impl Sim {
             let held: Vec<u64> = process.held.keys().copied().collect();
             let Some(task) = self.pick(&held) else { continue };
             let command = match self.rng.up_to(2) {
-                0 => Command::IntendStep { task, agent: agent.clone(), incarnation, name: "zombie".into() },
-                1 => Command::CommitStep {
+                0 => Command::Task(TaskCommand::IntendStep {
+                    task,
+                    agent: agent.clone(),
+                    incarnation,
+                    name: "zombie".into(),
+                }),
+                1 => Command::Task(TaskCommand::CommitStep {
                     task,
                     agent: agent.clone(),
                     incarnation,
@@ -409,8 +578,13 @@ impl Sim {
                     result: json!("stale"),
                     llm: None,
                     compensation: None,
-                },
-                _ => Command::CompleteTask { task, agent: agent.clone(), incarnation, result: json!("stale") },
+                }),
+                _ => Command::Task(TaskCommand::Complete {
+                    task,
+                    agent: agent.clone(),
+                    incarnation,
+                    result: json!("stale"),
+                }),
             };
             self.run(&command);
         }
@@ -459,6 +633,7 @@ impl Sim {
         for agent in &agents {
             self.act(agent);
         }
+        self.act_watched();
         self.haunt();
         self.tick();
         self.deliver();
@@ -513,6 +688,7 @@ fn run_seed(seed: u64, trace: bool) {
     for agent in sim.processes.keys().cloned().collect::<Vec<_>>() {
         sim.hello(&agent, None);
     }
+    sim.declare_watched();
     for _ in 0..FAULT_STEPS {
         sim.step();
     }
@@ -520,7 +696,10 @@ fn run_seed(seed: u64, trace: bool) {
     sim.faults = false;
     for _ in 0..CALM_STEPS {
         sim.step();
-        if sim.core.state().tasks().all().all(|task| task.status.is_final()) {
+        let behaving = sim.watched.incarnation.is_some_and(|incarnation| {
+            sim.watched_runs.get(&incarnation).is_some_and(|did| *did == (false, false, false))
+        });
+        if behaving && sim.core.state().tasks().all().all(|task| task.status.is_final()) {
             break;
         }
     }
@@ -533,6 +712,11 @@ fn run_seed(seed: u64, trace: bool) {
         .map(|task| format!("{} {}", task.id, task.status.word()))
         .collect();
     assert!(open.is_empty(), "tasks that never ended once faults stopped: {open:?}");
+    let current = sim.watched.incarnation.map(|incarnation| (incarnation, sim.watched_runs[&incarnation]));
+    assert!(
+        current.is_some_and(|(_, did)| did == (false, false, false)),
+        "{WATCHED} should run a well-behaved run once faults stopped; it runs {current:?}"
+    );
     sim.restart_hale();
 }
 

@@ -211,7 +211,11 @@ impl Auth {
 
     /// Records `agent`'s token generation as the log has it.
     pub fn set_generation(&self, agent: &AgentName, generation: u64) {
-        self.generations.write().expect("generations lock").insert(agent.clone(), generation);
+        // Generations only move on: an answer that arrives after a later revoke must not
+        // bring older tokens back.
+        let mut generations = self.generations.write().expect("generations lock");
+        let known = generations.entry(agent.clone()).or_default();
+        *known = (*known).max(generation);
     }
 
     /// `agent`'s token generation as this server knows it.

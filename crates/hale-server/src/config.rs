@@ -84,7 +84,6 @@ pub struct DeclaredRole {
     pub supervision: Supervision,
     /// How each instance is started.
     pub process: ProcessSpec,
-    pub watch: ResourceWatch,
     pub probe: Option<ProbeSpec>,
 }
 
@@ -96,19 +95,7 @@ pub struct DeclaredAgent {
     pub labels: BTreeMap<String, String>,
     pub supervision: Supervision,
     pub process: ProcessSpec,
-    pub watch: ResourceWatch,
     pub probe: Option<ProbeSpec>,
-}
-
-/// Limits the supervisor watches from /proc (the resource detector).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ResourceWatch {
-    /// Resident memory of the process group, in MiB.
-    pub memory_mb: Option<u64>,
-    /// CPU, in percent of one core averaged over `cpu_window_ms`.
-    pub cpu_percent: Option<u32>,
-    /// The CPU averaging window; 0 means the default (10 s).
-    pub cpu_window_ms: u64,
 }
 
 impl ServerConfig {

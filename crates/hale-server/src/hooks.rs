@@ -24,7 +24,7 @@
 
 use crate::engine::{DurableEvent, Engine, EngineError};
 use hale_core::hooks::HookKind;
-use hale_core::{Command, HookName};
+use hale_core::{HookCommand, HookName};
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -369,7 +369,7 @@ async fn work(hook: Arc<Hook>, engine: Engine, client: reqwest::Client) {
                 "hook FAILED: giving up after {attempts} attempts"
             ),
         }
-        let command = Command::RecordHookOutcome {
+        let command = HookCommand::RecordOutcome {
             hook: config.name.clone(),
             kind: body.kind,
             seq: body.seq,

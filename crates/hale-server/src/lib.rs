@@ -22,11 +22,11 @@ mod sessions;
 pub mod supervisor;
 pub mod tls;
 
-pub use config::{BackupSchedule, DeclaredAgent, DeclaredRole, ResourceWatch, ServerConfig, Supervise};
+pub use config::{BackupSchedule, DeclaredAgent, DeclaredRole, ServerConfig, Supervise};
 pub use sessions::{Push, Sessions};
 
-use engine::{Engine, SnapshotPolicy};
-use hale_core::{Command, Effect};
+use engine::{Engine, EngineOptions, SnapshotPolicy};
+use hale_core::{Effect, SupervisionCommand};
 use hale_store::{DataDir, RecoveryOptions, RecoveryReport, StoreError, Writer, WriterOptions};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -127,7 +127,15 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         tracing::info!(key_id = key.id(), "encryption at rest: new records and snapshots are sealed with this key");
     }
     let hook_marks = config.hooks.iter().map(|hook| recovered.core.state().hook_mark(&hook.name)).collect();
-    let engine = Engine::start(recovered.core, recovered.last_seq, writer, policy, effects_tx, key, metrics.clone());
+    let options = EngineOptions {
+        snapshots: policy,
+        effects: effects_tx,
+        key,
+        metrics: metrics.clone(),
+        clock: clock::Clock::system(),
+        tick: Some(engine::TICK),
+    };
+    let engine = Engine::start(recovered.core, recovered.last_seq, writer, options);
 
     let tls = match &config.tls {
         Some(files) => Some(tls::acceptor(files).map_err(|error| ServerError::Tls(error.to_string()))?),
@@ -231,7 +239,7 @@ async fn start_supervisor(
     std::fs::create_dir_all(&logs_dir).map_err(|source| ServerError::Logs { path: logs_dir.clone(), source })?;
     let mut agents = Vec::new();
     for declared in &supervise.agents {
-        let command = Command::Declare {
+        let command = SupervisionCommand::Declare {
             agent: declared.name.clone(),
             role: declared.role.clone(),
             labels: declared.labels.clone(),
@@ -244,21 +252,24 @@ async fn start_supervisor(
             name: declared.name.clone(),
             spec: declared.process.clone(),
             logs: Arc::new(logs),
-            watch: declared.watch,
+            sample_usage: samples_usage(&declared.supervision),
             probe: declared.probe.clone(),
         });
     }
     let mut templates = std::collections::BTreeMap::new();
     for pool in &supervise.roles {
-        let command = Command::DeclareRole {
+        let command = SupervisionCommand::DeclareRole {
             role: pool.role.clone(),
             min: pool.min,
             max: pool.max,
             supervision: pool.supervision.clone(),
         };
         engine.execute(command).await.map_err(|error| ServerError::Supervise(error.to_string()))?;
-        let template =
-            supervisor::Template { spec: pool.process.clone(), watch: pool.watch, probe: pool.probe.clone() };
+        let template = supervisor::Template {
+            spec: pool.process.clone(),
+            sample_usage: samples_usage(&pool.supervision),
+            probe: pool.probe.clone(),
+        };
         templates.insert(pool.role.clone(), template);
     }
     let config = SupervisorConfig {
@@ -291,6 +302,13 @@ fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 }
 
 /// Serves `router` on `listener` until `stop` turns true.
+/// Whether the core has memory or CPU thresholds for an agent supervised so: then the
+/// supervisor samples its process group from /proc.
+fn samples_usage(supervision: &hale_core::supervision::Supervision) -> bool {
+    let thresholds = &supervision.thresholds;
+    thresholds.memory_bytes_max.is_some() || thresholds.cpu_percent_max.is_some()
+}
+
 async fn serve_until<L>(listener: L, router: axum::Router, mut stop: watch::Receiver<bool>) -> std::io::Result<()>
 where
     L: axum::serve::Listener,
@@ -340,7 +358,7 @@ async fn route_effects(
             Effect::Challenge { agent, incarnation } => sessions.push(&agent, incarnation, Push::Challenge),
             Effect::OfferTask { agent, incarnation, task } => {
                 // An agent without a session finds it with GET /v1/agents/{agent}/tasks.
-                let info = engine.read(move |state| state.tasks().get(task).map(api::task_convert::task_info)).await;
+                let info = engine.read(move |state| state.tasks().get(task).map(api::wire::tasks::task_info)).await;
                 if let Ok(Some(info)) = info {
                     sessions.push(&agent, incarnation, Push::Task(Box::new(info)));
                 }

@@ -13,8 +13,6 @@ pub struct ProbeSpec {
     pub url: String,
     pub every: Duration,
     pub timeout: Duration,
-    /// Failed probes in a row that declare the agent down.
-    pub failures_max: u32,
 }
 
 /// What a probe found.

@@ -17,13 +17,12 @@
 //! killed. No agent runs twice.
 
 use crate::clock;
-use crate::config::ResourceWatch;
-use crate::engine::Engine;
+use crate::engine::{Engine, EngineError};
 use crate::probe::{Probe, ProbeSpec};
 use crate::process::{self, AgentLogs, ProcessId, ProcessSpec, Signal};
 use hale_core::supervision::{Cause, ManagedStatus, ProcessRef};
-use hale_core::{AgentName, Command, Effect, RoleName};
-use std::collections::{BTreeMap, VecDeque};
+use hale_core::{AgentName, Effect, Measurement, Observation, RoleName, SupervisionCommand};
+use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -36,20 +35,20 @@ pub struct ManagedAgent {
     pub name: AgentName,
     pub spec: ProcessSpec,
     pub logs: Arc<AgentLogs>,
-    pub watch: ResourceWatch,
+    /// The core has memory or CPU thresholds for it: sample its usage from /proc.
+    pub sample_usage: bool,
     pub probe: Option<ProbeSpec>,
 }
 
-/// How often the resource detector samples /proc, and by default over how long CPU is
-/// averaged (long enough that a burst of work is not a runaway loop).
+/// How often the resource detector samples /proc.
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
-const CPU_WINDOW: Duration = Duration::from_secs(10);
 
 /// How to start an instance of a role pool (`[[role]]` template).
 #[derive(Clone, Debug)]
 pub struct Template {
     pub spec: ProcessSpec,
-    pub watch: ResourceWatch,
+    /// As [`ManagedAgent::sample_usage`].
+    pub sample_usage: bool,
     pub probe: Option<ProbeSpec>,
 }
 
@@ -100,17 +99,11 @@ struct Exit {
 struct Current {
     incarnation: u64,
     pid: u32,
-    /// CPU samples of this process group: (when, cumulative CPU ms).
-    cpu: VecDeque<(std::time::Instant, u64)>,
-    /// The resource detector has reported this incarnation already.
-    reported: bool,
-    /// Failed health probes in a row.
-    probe_failures: u32,
 }
 
 impl Current {
     fn new(incarnation: u64, pid: u32) -> Current {
-        Current { incarnation, pid, cpu: VecDeque::new(), reported: false, probe_failures: 0 }
+        Current { incarnation, pid }
     }
 }
 
@@ -211,7 +204,7 @@ impl Supervisor {
             name: agent.clone(),
             spec: template.spec.clone(),
             logs: Arc::new(logs),
-            watch: template.watch,
+            sample_usage: template.sample_usage,
             probe: template.probe.clone(),
         }))
     }
@@ -277,7 +270,8 @@ impl Supervisor {
                     // Spawned, but hale died before logging it: record it, then adopt it.
                     tracing::warn!(%agent, incarnation, pid = found.id.pid, "found an unlogged process of the current run; adopting it");
                     let found_ref = ProcessRef { pid: found.id.pid, start_ticks: found.id.start_ticks };
-                    let command = Command::ProcessStarted { agent: agent.clone(), incarnation, process: found_ref };
+                    let command =
+                        SupervisionCommand::ProcessStarted { agent: agent.clone(), incarnation, process: found_ref };
                     self.engine.execute(command).await?;
                     process = Some(found_ref);
                     continue;
@@ -296,7 +290,7 @@ impl Supervisor {
                 }
                 (ManagedStatus::Running | ManagedStatus::Starting, _) => {
                     tracing::warn!(%agent, incarnation, "its process is gone; reporting it down");
-                    let command = Command::ReportDown { agent, incarnation, cause: Cause::Vanished };
+                    let command = SupervisionCommand::ReportDown { agent, incarnation, cause: Cause::Vanished };
                     self.engine.execute(command).await?;
                 }
                 (ManagedStatus::Declared | ManagedStatus::Stopped, _) => to_start.push(agent),
@@ -307,7 +301,7 @@ impl Supervisor {
         // nothing it started could be mistaken above for a process that vanished).
         self.engine.set_supervising(true).await;
         for agent in to_start {
-            self.engine.execute(Command::StartManaged { agent }).await?;
+            self.engine.execute(SupervisionCommand::StartManaged { agent }).await?;
         }
         Ok(())
     }
@@ -321,7 +315,7 @@ impl Supervisor {
         self.engine.set_supervising(false).await;
         let agents: Vec<AgentName> = self.keepers.lock().expect("keepers lock").keys().cloned().collect();
         for agent in &agents {
-            if let Err(error) = self.engine.execute(Command::Stop { agent: agent.clone() }).await {
+            if let Err(error) = self.engine.execute(SupervisionCommand::Stop { agent: agent.clone() }).await {
                 tracing::warn!(%agent, %error, "could not log the stop of an agent");
             }
         }
@@ -350,7 +344,7 @@ fn id_of(process: ProcessRef) -> ProcessId {
 
 impl Keeper {
     async fn run(mut self, mut effects: mpsc::UnboundedReceiver<Effect>) {
-        let watching = self.agent.watch.memory_mb.is_some() || self.agent.watch.cpu_percent.is_some();
+        let watching = self.agent.sample_usage;
         let mut sampler = tokio::time::interval(SAMPLE_EVERY);
         sampler.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let probing = self.agent.probe.is_some();
@@ -420,7 +414,7 @@ impl Keeper {
             Ok(Err(error)) => {
                 tracing::error!(%agent, incarnation, %error, "could not start the agent");
                 let cause = Cause::SpawnFailed { error: error.to_string() };
-                self.report(Command::ReportDown { agent, incarnation, cause }).await;
+                self.report(SupervisionCommand::ReportDown { agent, incarnation, cause }).await;
                 return;
             }
             Err(error) => {
@@ -440,7 +434,7 @@ impl Keeper {
             let _ = exits.send(Exit { incarnation, cause });
         });
         let process = ProcessRef { pid: id.pid, start_ticks: id.start_ticks };
-        self.report(Command::ProcessStarted { agent, incarnation, process }).await;
+        self.report(SupervisionCommand::ProcessStarted { agent, incarnation, process }).await;
     }
 
     /// After a restart of hale: if the log names a live process for `incarnation` that is
@@ -515,7 +509,7 @@ impl Keeper {
         let agent = self.agent.name.clone();
         tracing::info!(%agent, incarnation = exit.incarnation, cause = %exit.cause, at = clock::now().0, "agent process ended");
         // The core ignores it if the incarnation is already down or superseded.
-        self.report(Command::ReportDown { agent, incarnation: exit.incarnation, cause: exit.cause }).await;
+        self.report(SupervisionCommand::ReportDown { agent, incarnation: exit.incarnation, cause: exit.cause }).await;
         // Counted gone only once reported, so a stop of all agents waits for the reports.
         if self.current.as_ref().is_some_and(|current| current.incarnation == exit.incarnation) {
             self.current = None;
@@ -523,81 +517,43 @@ impl Keeper {
         }
     }
 
-    /// The resource detector: resident memory of the process group against `memory_mb`,
-    /// CPU averaged over its window against `cpu_percent`.
+    /// The resource detector's reading: resident memory and CPU time of the process
+    /// group, from /proc. The core judges it against the agent's thresholds.
     async fn sample(&mut self) {
-        let watch = self.agent.watch;
-        let Some(current) = &mut self.current else { return };
-        if current.reported {
-            return;
-        }
-        let pid = current.pid;
+        let Some(current) = &self.current else { return };
+        let (pid, incarnation) = (current.pid, current.incarnation);
         let Ok(Some(usage)) = tokio::task::spawn_blocking(move || process::group_usage(pid)).await else { return };
-        let now = std::time::Instant::now();
-        let window = match watch.cpu_window_ms {
-            0 => CPU_WINDOW,
-            ms => Duration::from_millis(ms),
-        };
-        current.cpu.push_back((now, usage.cpu_ms));
-        while current.cpu.len() > 2 && now.duration_since(current.cpu[1].0) >= window {
-            current.cpu.pop_front();
-        }
-        let mut exceeded = None;
-        if let Some(limit_mb) = watch.memory_mb
-            && usage.rss_bytes > limit_mb.saturating_mul(1024 * 1024)
-        {
-            let limit = limit_mb.saturating_mul(1024 * 1024);
-            exceeded = Some(Cause::ResourceExceeded { resource: "memory".into(), value: usage.rss_bytes, limit });
-        }
-        if let (Some(limit), Some(&(first_at, first_ms))) = (watch.cpu_percent, current.cpu.front()) {
-            let span = now.duration_since(first_at);
-            if span >= window {
-                let percent = usage.cpu_ms.saturating_sub(first_ms) * 100 / (span.as_millis() as u64).max(1);
-                if percent > u64::from(limit) && exceeded.is_none() {
-                    exceeded =
-                        Some(Cause::ResourceExceeded { resource: "cpu".into(), value: percent, limit: limit.into() });
-                }
-            }
-        }
-        let Some(cause) = exceeded else { return };
-        current.reported = true;
-        let incarnation = current.incarnation;
-        let agent = self.agent.name.clone();
-        tracing::warn!(%agent, incarnation, %cause, "resource limit exceeded");
-        self.report(Command::ReportDown { agent, incarnation, cause }).await;
+        self.measured(incarnation, Measurement::Usage { rss_bytes: usage.rss_bytes, cpu_ms: usage.cpu_ms }).await;
     }
 
-    /// The health probe detector: `failures_max` failed probes in a row declare the
-    /// incarnation down.
+    /// The health probe detector's reading: one probe of the agent's endpoint. The core
+    /// counts failures in a row.
     async fn probe(&mut self) {
         let Some(spec) = self.agent.probe.clone() else { return };
-        let Some(current) = &self.current else { return };
-        if current.reported {
-            return;
-        }
-        let incarnation = current.incarnation;
-        let outcome = crate::probe::probe(&spec.url, spec.timeout).await;
-        // The process may have changed while the probe was out.
-        let Some(current) = self.current.as_mut().filter(|current| current.incarnation == incarnation) else { return };
-        let last = match outcome {
-            Probe::Healthy => {
-                current.probe_failures = 0;
-                return;
+        let Some(incarnation) = self.current.as_ref().map(|current| current.incarnation) else { return };
+        let failure = match crate::probe::probe(&spec.url, spec.timeout).await {
+            Probe::Healthy => None,
+            Probe::Unhealthy(reason) => {
+                tracing::warn!(agent = %self.agent.name, incarnation, %reason, "health probe failed");
+                Some(reason)
             }
-            Probe::Unhealthy(reason) => reason,
         };
-        current.probe_failures += 1;
-        let agent = self.agent.name.clone();
-        tracing::warn!(%agent, incarnation, failures = current.probe_failures, %last, "health probe failed");
-        if current.probe_failures < spec.failures_max {
-            return;
+        // The process may have changed while the probe was out.
+        if self.current.as_ref().is_some_and(|current| current.incarnation == incarnation) {
+            self.measured(incarnation, Measurement::Probe { failure }).await;
         }
-        current.reported = true;
-        let cause = Cause::HealthProbe { failures: current.probe_failures, last };
-        self.report(Command::ReportDown { agent, incarnation, cause }).await;
     }
 
-    async fn report(&self, command: Command) {
+    async fn measured(&self, incarnation: u64, measurement: Measurement) {
+        let observation = Observation::Measured(measurement);
+        match self.engine.observe(self.agent.name.clone(), incarnation, observation).await {
+            // A run already declared down (by this or another detector) is judged no more.
+            Ok(()) | Err(EngineError::Rejected(_)) => {}
+            Err(error) => tracing::warn!(agent = %self.agent.name, %error, "could not report a measurement"),
+        }
+    }
+
+    async fn report(&self, command: SupervisionCommand) {
         if let Err(error) = self.engine.execute(command).await {
             tracing::warn!(agent = %self.agent.name, %error, "could not report to the engine");
         }

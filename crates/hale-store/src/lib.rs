@@ -8,9 +8,12 @@
 //!   crc32c over all four (and the key id of a sealed record).
 //! * [`crypt`]: encryption at rest. With a [`Keyring`], every record body and snapshot is
 //!   sealed with XChaCha20-Poly1305 under the current key, and names its key by id.
-//! * [`Writer`]: the one thread that appends. It drains every pending append, commits them
-//!   in one transaction (one fsync), then acknowledges each; after a failed commit it
-//!   refuses every later append, because memory is now ahead of disk.
+//! * [`DurableLog`]: what the engine needs of a log: append batches in order, learn later
+//!   up to which sequence number they are durable, or that the log failed.
+//! * [`Writer`]: the single-node [`DurableLog`], one thread that appends. It drains every
+//!   pending append, commits them in one transaction (one fsync), then publishes the new
+//!   durable position; after a failed commit it writes nothing more, because memory is now
+//!   ahead of disk.
 //! * [`snapshot`]: whole-state snapshots in files, checksummed, written atomically.
 //! * [`recover`]: newest valid snapshot plus replay of the events after it.
 //! * [`verify`]: an offline check of every record and snapshot ([`verify_backup`]: of a
@@ -24,6 +27,7 @@
 pub mod backup;
 pub mod crypt;
 mod data_dir;
+mod durable;
 mod error;
 mod log;
 mod record;
@@ -39,10 +43,11 @@ pub use backup::{
 };
 pub use crypt::{Key, KeyError, Keyring, generate_key_line};
 pub use data_dir::DataDir;
+pub use durable::{Durability, DurableLog, WriteError};
 pub use error::StoreError;
 pub use log::Log;
 pub use record::{ENCRYPTED, FORMAT, Record, RecordError};
 pub use recovery::{Recovered, RecoveryOptions, RecoveryReport, SkippedSnapshot, check_keys, recover};
 pub use rekey::{RekeyReport, rekey};
 pub use verify::{SnapshotCheck, VerifyReport, verify, verify_with};
-pub use writer::{AppendAck, CommitHook, Durability, WriteError, Writer, WriterOptions};
+pub use writer::{CommitHook, Writer, WriterOptions};

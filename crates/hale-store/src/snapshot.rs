@@ -353,7 +353,7 @@ mod tests {
             labels: Default::default(),
             incarnation: None,
         };
-        core.execute(&hale_core::Command::Hello(hello), Timestamp(1)).unwrap();
+        core.execute(&hello.into(), Timestamp(1)).unwrap();
         let state = core.into_state();
         let encoded = encode_with(42, Timestamp(7), &state, Some(keys.current()));
         assert!(!encoded.windows(11).any(|w| w == b"SECRET-AGEN"), "plaintext in a sealed snapshot");

@@ -1,11 +1,13 @@
-//! The one thread that appends to the log, with group commit.
+//! The one thread that appends to the log, with group commit: the single-node
+//! [`DurableLog`].
 
+use crate::durable::{Durability, DurableLog, WriteError};
 use crate::log::Log;
 use crate::record::Record;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 /// Tuning of the writer.
 #[derive(Clone, Debug)]
@@ -36,40 +38,10 @@ impl std::fmt::Debug for CommitHook {
     }
 }
 
-/// Why an append was not acknowledged.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum WriteError {
-    /// A commit failed (for example fsync returned EIO). Nothing after it is written: the
-    /// process must restart and recover from the log.
-    #[error(
-        "the log could not be written ({0}); hale has stopped accepting writes. Fix the disk, then restart hale: it recovers every acknowledged write from the log"
-    )]
-    Failed(Arc<str>),
-    /// The writer has shut down.
-    #[error("the log writer has stopped")]
-    Stopped,
-}
-
-/// What is durable so far.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Durability {
-    /// Every record up to this sequence number is committed and fsync'd.
-    pub durable_seq: u64,
-    /// Set once a commit has failed; no later record will become durable.
-    pub failed: Option<Arc<str>>,
-}
-
-/// Resolves once the append is durable, or says why it never will be.
-pub type AppendAck = oneshot::Receiver<Result<(), WriteError>>;
-
-struct Append {
-    records: Vec<Record>,
-    ack: oneshot::Sender<Result<(), WriteError>>,
-}
-
-/// Handle to the writer thread. Appends are committed in the order they are sent.
+/// Handle to the writer thread. Appends are committed in the order they are sent; what
+/// is durable is published on [`durability`](DurableLog::durability).
 pub struct Writer {
-    queue: mpsc::Sender<Append>,
+    queue: mpsc::Sender<Vec<Record>>,
     durability: watch::Receiver<Durability>,
     thread: Option<JoinHandle<()>>,
 }
@@ -85,25 +57,18 @@ impl Writer {
             .expect("spawning the writer thread");
         Writer { queue, durability, thread: Some(thread) }
     }
+}
 
-    /// Queues `records` (consecutive sequence numbers, following what was queued before)
-    /// and returns what resolves when they are durable. Waits while the queue is full.
-    /// An empty `records` is a barrier: it resolves when everything queued before is durable.
-    pub async fn append(&self, records: Vec<Record>) -> AppendAck {
-        let (ack, done) = oneshot::channel();
-        if let Err(mpsc::error::SendError(append)) = self.queue.send(Append { records, ack }).await {
-            let _ = append.ack.send(Err(WriteError::Stopped));
-        }
-        done
+impl DurableLog for Writer {
+    async fn append(&self, records: Vec<Record>) -> Result<(), WriteError> {
+        self.queue.send(records).await.map_err(|_| WriteError::Stopped)
     }
 
-    /// What is durable now; `changed()` on the receiver waits for progress.
-    pub fn durability(&self) -> watch::Receiver<Durability> {
+    fn durability(&self) -> watch::Receiver<Durability> {
         self.durability.clone()
     }
 
-    /// Stops taking appends, commits what is queued, and waits for the thread to end.
-    pub fn shutdown(mut self) {
+    fn shutdown(mut self) {
         let (queue, _) = mpsc::channel(1);
         drop(std::mem::replace(&mut self.queue, queue));
         if let Some(thread) = self.thread.take() {
@@ -114,59 +79,42 @@ impl Writer {
 
 fn run(
     mut log: Log,
-    mut receiver: mpsc::Receiver<Append>,
+    mut receiver: mpsc::Receiver<Vec<Record>>,
     durability: watch::Sender<Durability>,
     options: WriterOptions,
 ) {
-    let mut failed: Option<Arc<str>> = None;
-    let mut pending: Vec<Append> = Vec::new();
+    let mut failed = false;
     let mut records: Vec<Record> = Vec::new();
-    while let Some(first) = receiver.blocking_recv() {
-        let mut record_count = first.records.len();
-        pending.push(first);
-        while record_count < options.batch_records_max {
+    while let Some(mut first) = receiver.blocking_recv() {
+        records.clear();
+        records.append(&mut first);
+        while records.len() < options.batch_records_max {
             match receiver.try_recv() {
-                Ok(append) => {
-                    record_count += append.records.len();
-                    pending.push(append);
-                }
+                Ok(mut more) => records.append(&mut more),
                 Err(_) => break,
             }
         }
-        if let Some(reason) = &failed {
-            for append in pending.drain(..) {
-                let _ = append.ack.send(Err(WriteError::Failed(reason.clone())));
-            }
+        // After a failure nothing more is written: the appends are drained and dropped,
+        // and `durability` keeps saying why.
+        if failed || records.is_empty() {
             continue;
         }
-        records.clear();
-        for append in &mut pending {
-            records.append(&mut append.records);
-        }
         let began = Instant::now();
-        let result = if records.is_empty() { Ok(()) } else { log.append(&records) };
-        match result {
+        match log.append(&records) {
             Ok(()) => {
-                if let Some(hook) = options.on_commit.as_ref().filter(|_| !records.is_empty()) {
+                if let Some(hook) = &options.on_commit {
                     (hook.0)(records.len(), began.elapsed());
                 }
-                if let Some(last) = records.last() {
-                    durability.send_modify(|d| d.durable_seq = last.seq);
-                }
-                for append in pending.drain(..) {
-                    let _ = append.ack.send(Ok(()));
-                }
+                let last = records.last().expect("not empty").seq;
+                durability.send_modify(|d| d.durable_seq = last);
             }
             Err(error) => {
                 // Never retry: after a failed fsync the kernel may have dropped the dirty
                 // pages, so a retry that "succeeds" can still have lost them.
                 let reason: Arc<str> = Arc::from(error.to_string());
                 tracing::error!(%reason, "log commit failed; refusing all further writes");
-                failed = Some(reason.clone());
-                durability.send_modify(|d| d.failed = Some(reason.clone()));
-                for append in pending.drain(..) {
-                    let _ = append.ack.send(Err(WriteError::Failed(reason.clone())));
-                }
+                failed = true;
+                durability.send_modify(|d| d.failed = Some(reason));
             }
         }
     }

@@ -3,7 +3,7 @@
 use super::decide::shadow_siblings_on;
 use super::index::Tasks;
 use crate::Timestamp;
-use crate::command::Command;
+use crate::command::{Command, TaskCommand};
 use crate::names::{AgentName, RoleName};
 use crate::state::State;
 use std::collections::{BTreeMap, BTreeSet};
@@ -58,12 +58,12 @@ pub(crate) fn plan(
                 if let Some(parent) = &task.parent {
                     placed.insert((parent.task(), chosen.agent.clone()));
                 }
-                commands.push(Command::AssignTask {
+                commands.push(Command::Task(TaskCommand::Assign {
                     task: task.id,
                     agent: chosen.agent.clone(),
                     incarnation: chosen.incarnation,
                     rung,
-                });
+                }));
             }
             break;
         }

@@ -8,8 +8,8 @@
 use super::model::*;
 use super::{Mode, TaskSettings};
 use crate::Timestamp;
-use crate::command::Command;
-use crate::decide::running;
+use crate::command::{Answer, Decision, TaskCommand};
+use crate::decide::{Context, running};
 use crate::event::Event;
 use crate::limits::PATCH_DEPTH_MAX;
 use crate::merge::{json_depth, json_size};
@@ -95,21 +95,19 @@ fn check_spec(spec: &TaskSpec) -> Result<(), Rejection> {
     check_value("payload", &spec.payload)
 }
 
-pub(crate) fn decide_task(
-    state: &State,
-    settings: &TaskSettings,
-    command: &Command,
-    now: Timestamp,
-) -> Result<Vec<Event>, Rejection> {
+pub(crate) fn decide(context: &Context<'_>, command: &TaskCommand) -> Result<Decision, Rejection> {
+    let Context { state, settings, now, .. } = *context;
+    let settings = &settings.tasks;
     let tasks = state.tasks();
     let mut ends = Ends::new(state);
-    match command {
-        Command::SubmitTask { spec } => {
+    let events = match command {
+        TaskCommand::Submit { spec } => {
             check_spec(spec)?;
             if let Some(key) = &spec.idempotency_key
-                && tasks.by_key(key).is_some()
+                && let Some(first) = tasks.by_key(key)
             {
-                return Ok(Vec::new());
+                // A resubmit with a known key logs nothing and answers with the first task.
+                return Ok(Decision::answer(Answer::TaskSubmitted { task: first.id, new: false }));
             }
             shed(state, settings, spec)?;
             let id = ends.allocate();
@@ -126,36 +124,36 @@ pub(crate) fn decide_task(
                 }
                 ends.events.push(Event::TaskShadowed { task: id, children });
             }
-            Ok(ends.events)
+            return Ok(Decision { events: ends.events, answer: Answer::TaskSubmitted { task: id, new: true } });
         }
-        Command::AssignTask { task, agent, incarnation, rung } => {
+        TaskCommand::Assign { task, agent, incarnation, rung } => {
             let found = tasks.get(*task).ok_or(Rejection::UnknownTask { task: *task })?;
             let record = running(state, agent, *incarnation)?;
             let serves = found.spec.rung(*rung).is_some_and(|step| step.role == record.role);
             let waiting = found.not_before.is_some_and(|not_before| not_before > now);
             if found.status != TaskStatus::Pending || found.exhausted() || waiting || !serves {
-                return Ok(Vec::new());
+                return Ok(Decision::done(Vec::new()));
             }
             if shadow_siblings_on(state, found, agent) {
-                return Ok(Vec::new());
+                return Ok(Decision::done(Vec::new()));
             }
-            Ok(vec![Event::TaskAssigned {
+            vec![Event::TaskAssigned {
                 task: *task,
                 agent: agent.clone(),
                 incarnation: *incarnation,
                 attempt: found.attempts + 1,
                 rung: *rung,
-            }])
+            }]
         }
-        Command::IntendStep { task, agent, incarnation, name } => {
+        TaskCommand::IntendStep { task, agent, incarnation, name } => {
             let found = leased(state, *task, agent, *incarnation)?;
             check_step_name(name)?;
             if found.steps.iter().any(|step| step.name == *name && step.state == StepState::Done) {
                 return Err(Rejection::StepDone { task: *task, step: name.clone() });
             }
-            Ok(vec![Event::StepIntended { task: *task, attempt: found.attempts, name: name.clone() }])
+            vec![Event::StepIntended { task: *task, attempt: found.attempts, name: name.clone() }]
         }
-        Command::CommitStep { task, agent, incarnation, name, result, llm, compensation } => {
+        TaskCommand::CommitStep { task, agent, incarnation, name, result, llm, compensation } => {
             let found = leased(state, *task, agent, *incarnation)?;
             check_step_name(name)?;
             check_value("step result", result)?;
@@ -165,28 +163,32 @@ pub(crate) fn decide_task(
             if let Some(llm) = llm {
                 check_value("llm record", &serde_json::to_value(llm).unwrap_or(Value::Null))?;
             }
-            Ok(vec![Event::StepCommitted {
+            vec![Event::StepCommitted {
                 task: *task,
                 attempt: found.attempts,
                 name: name.clone(),
                 result: result.clone(),
                 llm: llm.clone(),
                 compensation: compensation.clone(),
-            }])
+            }]
         }
-        Command::CompleteTask { task, agent, incarnation, result } => {
+        TaskCommand::Complete { task, agent, incarnation, result } => {
             let found = leased(state, *task, agent, *incarnation)?;
             check_value("result", result)?;
             let level = found.spec.rung(found.rung).map(|rung| rung.level).unwrap_or_default();
             ends.end(*task, End::Completed { result: result.clone(), level });
-            Ok(ends.events)
+            ends.events
         }
-        Command::FailTask { task, agent, incarnation, reason, retry } => {
+        TaskCommand::Fail { task, agent, incarnation, reason, retry } => {
             let found = leased(state, *task, agent, *incarnation)?;
             if *retry && found.attempts < found.spec.max_attempts {
                 let delay = retry_delay(found.spec.retry_backoff_ms, found.attempts);
                 let not_before = (delay > 0).then(|| Timestamp(now.0.saturating_add(delay)));
-                return Ok(vec![Event::TaskRetried { task: *task, reason: reason.clone(), not_before }]);
+                return Ok(Decision::done(vec![Event::TaskRetried {
+                    task: *task,
+                    reason: reason.clone(),
+                    not_before,
+                }]));
             }
             let reason = if *retry {
                 format!("out of attempts ({}); the last: {reason}", found.attempts)
@@ -194,9 +196,9 @@ pub(crate) fn decide_task(
                 reason.clone()
             };
             ends.end(*task, End::Failed { reason });
-            Ok(ends.events)
+            ends.events
         }
-        Command::CancelTask { task } => {
+        TaskCommand::Cancel { task } => {
             let found = tasks.get(*task).ok_or(Rejection::UnknownTask { task: *task })?;
             if found.status.is_final() {
                 return Err(Rejection::TaskEnded { task: *task, status: found.status.word().to_string() });
@@ -205,12 +207,12 @@ pub(crate) fn decide_task(
             if !matches!(found.status, TaskStatus::Compensating { .. }) {
                 ends.end(*task, End::Cancelled);
             }
-            Ok(ends.events)
+            ends.events
         }
-        Command::ExpireTask { task } => {
+        TaskCommand::Expire { task } => {
             let found = tasks.get(*task).ok_or(Rejection::UnknownTask { task: *task })?;
             if !matches!(found.status, TaskStatus::Pending | TaskStatus::Running { .. }) {
-                return Ok(Vec::new());
+                return Ok(Decision::done(Vec::new()));
             }
             let reason = if found.exhausted() {
                 let last = found.last_error.as_deref().unwrap_or("unknown");
@@ -221,13 +223,19 @@ pub(crate) fn decide_task(
                 let wall = found.spec.budget.and_then(|budget| budget.wall_ms).unwrap_or(0);
                 format!("over its wall-time budget of {wall} ms")
             } else {
-                return Ok(Vec::new());
+                return Ok(Decision::done(Vec::new()));
             };
             ends.end(*task, End::Failed { reason });
-            Ok(ends.events)
+            ends.events
         }
-        _ => unreachable!("decide_task gets task commands only"),
-    }
+        TaskCommand::SetMode { mode, serving, roles } => {
+            if state.mode() == *mode {
+                return Ok(Decision::done(Vec::new()));
+            }
+            vec![Event::ModeChanged { mode: *mode, serving: *serving, roles: *roles }]
+        }
+    };
+    Ok(Decision::done(events))
 }
 
 /// The events that fail task `id` now (with its compensations and its parent's cascade).

@@ -23,7 +23,7 @@ mod model;
 
 pub(crate) use assign::{Candidate, plan};
 pub use decide::{FALLBACK_MAX, SHADOW_MAX, TASK_VALUE_BYTES_MAX};
-pub(crate) use decide::{decide_task, fail_task, leased};
+pub(crate) use decide::{decide, fail_task, leased};
 pub use index::Tasks;
 pub use model::*;
 

@@ -36,7 +36,7 @@ fn crew_of(agents: &[(&str, &str)]) -> Core {
     let mut core = Core::new(Limits::default());
     for (agent, of) in agents {
         let hello = Hello { agent: name(agent), role: role(of), labels: BTreeMap::new(), incarnation: None };
-        core.execute(&Command::Hello(hello), at(0)).unwrap();
+        core.execute(&Command::Agent(AgentCommand::Hello(hello)), at(0)).unwrap();
         core.heartbeat(at(0), &name(agent), 1, None).unwrap();
     }
     while core.poll_effect().is_some() {}
@@ -44,7 +44,7 @@ fn crew_of(agents: &[(&str, &str)]) -> Core {
 }
 
 fn commit(task: u64, holder: &(AgentName, u64), step: &str) -> Command {
-    Command::CommitStep {
+    Command::Task(TaskCommand::CommitStep {
         task,
         agent: holder.0.clone(),
         incarnation: holder.1,
@@ -52,15 +52,15 @@ fn commit(task: u64, holder: &(AgentName, u64), step: &str) -> Command {
         result: json!(step),
         llm: None,
         compensation: None,
-    }
+    })
 }
 
 fn complete(task: u64, holder: &(AgentName, u64), result: Value) -> Command {
-    Command::CompleteTask { task, agent: holder.0.clone(), incarnation: holder.1, result }
+    Command::Task(TaskCommand::Complete { task, agent: holder.0.clone(), incarnation: holder.1, result })
 }
 
 fn submit(core: &mut Core, spec: TaskSpec, now: Timestamp) -> u64 {
-    let events = core.execute(&Command::SubmitTask { spec }, now).unwrap();
+    let events = core.execute(&Command::Task(TaskCommand::Submit { spec }), now).unwrap().events;
     match &events[..] {
         [Event::TaskSubmitted { task, .. }] => *task,
         other => panic!("{other:?}"),
@@ -71,7 +71,7 @@ fn submit(core: &mut Core, spec: TaskSpec, now: Timestamp) -> u64 {
 fn tick(core: &mut Core, now: Timestamp) -> Vec<Event> {
     let mut events = Vec::new();
     for command in core.tick(now) {
-        events.extend(core.execute(&command, now).unwrap());
+        events.extend(core.execute(&command, now).unwrap().events);
     }
     events
 }
@@ -92,11 +92,13 @@ fn a_second_submit_with_the_same_key_returns_the_first_task() {
     let mut core = crew(&[]);
     let keyed = TaskSpec { idempotency_key: Some("order-7".into()), ..spec(Priority::Normal) };
     let first = submit(&mut core, keyed.clone(), at(1));
-    assert!(core.execute(&Command::SubmitTask { spec: keyed }, at(2)).unwrap().is_empty());
+    let again = core.execute(&Command::Task(TaskCommand::Submit { spec: keyed }), at(2)).unwrap();
+    assert!(again.events.is_empty(), "a resubmit logs nothing");
+    assert_eq!(again.answer, Answer::TaskSubmitted { task: first, new: false }, "and answers with the first task");
     assert_eq!(core.state().tasks().by_key("order-7").unwrap().id, first);
     assert_eq!(core.state().tasks().all().count(), 1);
     let bad = TaskSpec { max_attempts: 0, ..spec(Priority::Normal) };
-    assert_eq!(core.execute(&Command::SubmitTask { spec: bad }, at(3)).unwrap_err().code(), "bad_task");
+    assert_eq!(core.execute(&Command::Task(TaskCommand::Submit { spec: bad }), at(3)).unwrap_err().code(), "bad_task");
 }
 
 #[test]
@@ -111,7 +113,7 @@ fn critical_work_is_assigned_before_background_work() {
     assert_eq!((status(&core, normal), status(&core, background)), (TaskStatus::Pending, TaskStatus::Pending));
     assert!(core.poll_effect() == Some(Effect::OfferTask { agent: name("a"), incarnation: 1, task: critical }));
     core.execute(
-        &Command::CompleteTask { task: critical, agent: name("a"), incarnation: 1, result: json!("ok") },
+        &Command::Task(TaskCommand::Complete { task: critical, agent: name("a"), incarnation: 1, result: json!("ok") }),
         at(20),
     )
     .unwrap();
@@ -123,7 +125,8 @@ fn critical_work_is_assigned_before_background_work() {
 fn tasks_spread_over_the_least_loaded_healthy_agents() {
     let mut core = crew(&["a", "b", "c"]);
     // c is quarantined, so it gets nothing.
-    core.execute(&Command::Quarantine { agent: name("c"), reason: "test".into() }, at(1)).unwrap();
+    core.execute(&Command::Health(HealthCommand::Quarantine { agent: name("c"), reason: "test".into() }), at(1))
+        .unwrap();
     let tasks: Vec<u64> = (0..3).map(|n| submit(&mut core, spec(Priority::Normal), at(2 + n))).collect();
     tick(&mut core, at(10));
     let holders: Vec<String> = tasks[..2].iter().map(|task| holder(&core, *task).0.to_string()).collect();
@@ -141,7 +144,11 @@ fn a_down_holder_loses_its_lease_at_once_and_the_task_resumes_elsewhere_with_its
         core.execute(&commit(task, &(first.clone(), incarnation), step), at(3)).unwrap();
     }
     // The holder is declared down: the task is pending again, in the same fold.
-    let down = Command::ReportDown { agent: first.clone(), incarnation, cause: supervision::Cause::Vanished };
+    let down = Command::Supervision(SupervisionCommand::ReportDown {
+        agent: first.clone(),
+        incarnation,
+        cause: supervision::Cause::Vanished,
+    });
     core.execute(&down, at(4)).unwrap();
     assert_eq!(status(&core, task), TaskStatus::Pending);
     tick(&mut core, at(5));
@@ -151,10 +158,16 @@ fn a_down_holder_loses_its_lease_at_once_and_the_task_resumes_elsewhere_with_its
     assert_eq!(found.attempts, 2);
     assert_eq!(found.steps.iter().map(|step| step.name.as_str()).collect::<Vec<_>>(), ["plan", "draft"]);
     // The old holder's late writes are refused; the new holder finishes.
-    let late = Command::CompleteTask { task, agent: first.clone(), incarnation, result: json!("zombie") };
+    let late =
+        Command::Task(TaskCommand::Complete { task, agent: first.clone(), incarnation, result: json!("zombie") });
     assert_eq!(core.execute(&late, at(6)).unwrap_err().code(), "lease_lost");
     assert_eq!(core.execute(&commit(task, &(first, incarnation), "x"), at(6)).unwrap_err().code(), "lease_lost");
-    let done = Command::CompleteTask { task, agent: second, incarnation: second_incarnation, result: json!("parser") };
+    let done = Command::Task(TaskCommand::Complete {
+        task,
+        agent: second,
+        incarnation: second_incarnation,
+        result: json!("parser"),
+    });
     core.execute(&done, at(7)).unwrap();
     assert_eq!(status(&core, task), TaskStatus::Completed { result: json!("parser"), level: Level::Optimal });
 }
@@ -166,7 +179,13 @@ fn a_task_fails_when_its_attempts_run_out() {
     for attempt in 1..=2u64 {
         tick(&mut core, at(attempt * 10));
         let (agent, incarnation) = holder(&core, task);
-        let fail = Command::FailTask { task, agent, incarnation, reason: format!("tool error {attempt}"), retry: true };
+        let fail = Command::Task(TaskCommand::Fail {
+            task,
+            agent,
+            incarnation,
+            reason: format!("tool error {attempt}"),
+            retry: true,
+        });
         core.execute(&fail, at(attempt * 10 + 1)).unwrap();
     }
     match status(&core, task) {
@@ -182,11 +201,11 @@ fn cancel_stops_a_task_and_tells_its_holder_and_deadlines_fail_tasks() {
     let task = submit(&mut core, spec(Priority::Normal), at(1));
     tick(&mut core, at(2));
     while core.poll_effect().is_some() {}
-    core.execute(&Command::CancelTask { task }, at(3)).unwrap();
+    core.execute(&Command::Task(TaskCommand::Cancel { task }), at(3)).unwrap();
     assert_eq!(status(&core, task), TaskStatus::Cancelled);
     assert_eq!(core.poll_effect(), Some(Effect::CancelTask { agent: name("a"), incarnation: 1, task }));
-    assert_eq!(core.execute(&Command::CancelTask { task }, at(4)).unwrap_err().code(), "task_ended");
-    let late = Command::CompleteTask { task, agent: name("a"), incarnation: 1, result: json!(1) };
+    assert_eq!(core.execute(&Command::Task(TaskCommand::Cancel { task }), at(4)).unwrap_err().code(), "task_ended");
+    let late = Command::Task(TaskCommand::Complete { task, agent: name("a"), incarnation: 1, result: json!(1) });
     assert_eq!(core.execute(&late, at(5)).unwrap_err().code(), "lease_lost");
 
     let due = submit(&mut core, TaskSpec { deadline: Some(at(1_000)), ..spec(Priority::Normal) }, at(6));
@@ -205,10 +224,13 @@ fn replaying_task_events_gives_the_live_state() {
         let now = at(100 * n);
         let events = live
             .execute(
-                &Command::SubmitTask { spec: spec(if n % 3 == 0 { Priority::Critical } else { Priority::Normal }) },
+                &Command::Task(TaskCommand::Submit {
+                    spec: spec(if n % 3 == 0 { Priority::Critical } else { Priority::Normal }),
+                }),
                 now,
             )
-            .unwrap();
+            .unwrap()
+            .events;
         log.extend(events.into_iter().map(|event| (now, event)));
         let events = tick(&mut live, now);
         log.extend(events.into_iter().map(|event| (now, event)));
@@ -219,10 +241,15 @@ fn replaying_task_events_gives_the_live_state() {
             );
             let events = live
                 .execute(
-                    &Command::ReportDown { agent: agent.clone(), incarnation, cause: supervision::Cause::Vanished },
+                    &Command::Supervision(SupervisionCommand::ReportDown {
+                        agent: agent.clone(),
+                        incarnation,
+                        cause: supervision::Cause::Vanished,
+                    }),
                     now,
                 )
-                .unwrap();
+                .unwrap()
+                .events;
             log.extend(events.into_iter().map(|event| (now, event)));
             let hello = Hello {
                 agent: agent.clone(),
@@ -230,7 +257,7 @@ fn replaying_task_events_gives_the_live_state() {
                 labels: BTreeMap::new(),
                 incarnation: None,
             };
-            let events = live.execute(&Command::Hello(hello), now).unwrap();
+            let events = live.execute(&Command::Agent(AgentCommand::Hello(hello)), now).unwrap().events;
             log.extend(events.into_iter().map(|event| (now, event)));
             live.heartbeat(now, &agent, incarnation + 1, None).unwrap();
         }
@@ -254,11 +281,8 @@ fn a_step_left_at_intent_by_a_lost_attempt_is_handed_on_as_uncertain() {
     let mut core = crew(&["a", "b"]);
     let task = submit(&mut core, spec(Priority::Normal), at(1));
     let first = assigned(&mut core, task, at(2));
-    let intend = |name: &str, who: &(AgentName, u64)| Command::IntendStep {
-        task,
-        agent: who.0.clone(),
-        incarnation: who.1,
-        name: name.into(),
+    let intend = |name: &str, who: &(AgentName, u64)| {
+        Command::Task(TaskCommand::IntendStep { task, agent: who.0.clone(), incarnation: who.1, name: name.into() })
     };
     let llm = LlmCall {
         model: "claude".into(),
@@ -271,7 +295,7 @@ fn a_step_left_at_intent_by_a_lost_attempt_is_handed_on_as_uncertain() {
     };
     core.execute(&intend("charge-card", &first), at(3)).unwrap();
     let mut done = commit(task, &first, "charge-card");
-    if let Command::CommitStep { llm: record, .. } = &mut done {
+    if let Command::Task(TaskCommand::CommitStep { llm: record, .. }) = &mut done {
         *record = Some(llm.clone());
     }
     core.execute(&done, at(4)).unwrap();
@@ -280,7 +304,11 @@ fn a_step_left_at_intent_by_a_lost_attempt_is_handed_on_as_uncertain() {
     assert_eq!(core.execute(&intend("charge-card", &first), at(5)).unwrap_err().code(), "step_done");
     // The holder dies between the intent and the done.
     core.execute(
-        &Command::ReportDown { agent: first.0.clone(), incarnation: first.1, cause: supervision::Cause::Vanished },
+        &Command::Supervision(SupervisionCommand::ReportDown {
+            agent: first.0.clone(),
+            incarnation: first.1,
+            cause: supervision::Cause::Vanished,
+        }),
         at(6),
     )
     .unwrap();
@@ -302,19 +330,30 @@ fn a_retry_backs_off_and_a_cancel_during_the_backoff_stops_the_next_attempt() {
     let mut core = crew(&["a"]);
     let task = submit(&mut core, TaskSpec { retry_backoff_ms: 1_000, ..spec(Priority::Normal) }, at(1));
     let first = assigned(&mut core, task, at(2));
-    let fail =
-        Command::FailTask { task, agent: first.0, incarnation: first.1, reason: "rate limited".into(), retry: true };
+    let fail = Command::Task(TaskCommand::Fail {
+        task,
+        agent: first.0,
+        incarnation: first.1,
+        reason: "rate limited".into(),
+        retry: true,
+    });
     core.execute(&fail, at(10)).unwrap();
     assert_eq!(core.state().tasks().get(task).unwrap().not_before, Some(at(1_010)));
     tick(&mut core, at(500));
     assert_eq!(status(&core, task), TaskStatus::Pending, "still backing off");
     // The second failure doubles the wait.
     let second = assigned(&mut core, task, at(1_010));
-    let fail = Command::FailTask { task, agent: second.0, incarnation: second.1, reason: "again".into(), retry: true };
+    let fail = Command::Task(TaskCommand::Fail {
+        task,
+        agent: second.0,
+        incarnation: second.1,
+        reason: "again".into(),
+        retry: true,
+    });
     core.execute(&fail, at(1_100)).unwrap();
     assert_eq!(core.state().tasks().get(task).unwrap().not_before, Some(at(3_100)));
     // Cancelled while it waits: it never runs again.
-    core.execute(&Command::CancelTask { task }, at(1_200)).unwrap();
+    core.execute(&Command::Task(TaskCommand::Cancel { task }), at(1_200)).unwrap();
     for now in [3_100, 10_000, 100_000] {
         tick(&mut core, at(now));
         assert_eq!(status(&core, task), TaskStatus::Cancelled);
@@ -326,7 +365,7 @@ fn a_retry_backs_off_and_a_cancel_during_the_backoff_stops_the_next_attempt() {
 fn commit_compensable(core: &mut Core, task: u64, holder: &(AgentName, u64), steps: &[&str], now: Timestamp) {
     for step in steps {
         let mut command = commit(task, holder, step);
-        if let Command::CommitStep { compensation, .. } = &mut command {
+        if let Command::Task(TaskCommand::CommitStep { compensation, .. }) = &mut command {
             *compensation = Some(json!({"undo": step}));
         }
         core.execute(&command, now).unwrap();
@@ -349,7 +388,7 @@ fn a_cancelled_task_runs_its_compensations_in_reverse_order_then_ends_cancelled(
     commit_compensable(&mut core, task, &first, &["reserve-flight", "reserve-hotel"], at(3));
     core.execute(&commit(task, &first, "plan"), at(3)).unwrap(); // nothing to undo
     while core.poll_effect().is_some() {}
-    core.execute(&Command::CancelTask { task }, at(4)).unwrap();
+    core.execute(&Command::Task(TaskCommand::Cancel { task }), at(4)).unwrap();
     // The holder is told to stop; the task waits for its compensations.
     assert_eq!(core.poll_effect(), Some(Effect::CancelTask { agent: first.0.clone(), incarnation: first.1, task }));
     let mut order = Vec::new();
@@ -367,7 +406,7 @@ fn a_cancelled_task_runs_its_compensations_in_reverse_order_then_ends_cancelled(
     assert_eq!(order, ["reserve-hotel", "reserve-flight"]);
     assert_eq!(status(&core, task), TaskStatus::Cancelled);
     // A second cancel finds it ended.
-    assert_eq!(core.execute(&Command::CancelTask { task }, at(20)).unwrap_err().code(), "task_ended");
+    assert_eq!(core.execute(&Command::Task(TaskCommand::Cancel { task }), at(20)).unwrap_err().code(), "task_ended");
 }
 
 #[test]
@@ -377,25 +416,29 @@ fn a_task_out_of_attempts_compensates_then_fails_and_a_failed_compensation_is_re
     let first = assigned(&mut core, task, at(2));
     commit_compensable(&mut core, task, &first, &["one", "two"], at(3));
     core.execute(
-        &Command::ReportDown { agent: first.0.clone(), incarnation: first.1, cause: supervision::Cause::Vanished },
+        &Command::Supervision(SupervisionCommand::ReportDown {
+            agent: first.0.clone(),
+            incarnation: first.1,
+            cause: supervision::Cause::Vanished,
+        }),
         at(4),
     )
     .unwrap();
     // Out of attempts: the next tick fails it, which starts the compensations.
     let hello = Hello { agent: name("a"), role: role("coder"), labels: BTreeMap::new(), incarnation: None };
-    core.execute(&Command::Hello(hello), at(5)).unwrap();
+    core.execute(&Command::Agent(AgentCommand::Hello(hello)), at(5)).unwrap();
     core.heartbeat(at(5), &name("a"), 2, None).unwrap();
     tick(&mut core, at(6));
     let TaskStatus::Compensating { child, .. } = status(&core, task) else { panic!("{:?}", status(&core, task)) };
     assert_eq!(compensates(&core, child), "two");
     let runner = assigned(&mut core, child, at(7));
-    let give_up = Command::FailTask {
+    let give_up = Command::Task(TaskCommand::Fail {
         task: child,
         agent: runner.0,
         incarnation: runner.1,
         reason: "hotel API gone".into(),
         retry: false,
-    };
+    });
     core.execute(&give_up, at(8)).unwrap();
     let TaskStatus::Compensating { child, .. } = status(&core, task) else { panic!("{:?}", status(&core, task)) };
     assert_eq!(compensates(&core, child), "one");
@@ -429,8 +472,8 @@ fn a_shadowed_task_runs_on_distinct_agents_and_the_first_result_wins() {
 
 /// Submits and returns the number of the task (not of its runs).
 fn submit_all(core: &mut Core, spec: TaskSpec, now: Timestamp) -> u64 {
-    match &core.execute(&Command::SubmitTask { spec }, now).unwrap()[0] {
-        Event::TaskSubmitted { task, .. } => *task,
+    match core.execute(&Command::Task(TaskCommand::Submit { spec }), now).unwrap().answer {
+        Answer::TaskSubmitted { task, new: true } => task,
         other => panic!("{other:?}"),
     }
 }
@@ -481,7 +524,11 @@ fn without_a_healthy_agent_of_a_role_the_task_falls_back_and_says_at_what_level(
     assert_eq!(assigned(&mut core, first, at(2)).0, name("big"));
     // The big model is lost: the next task (and the first, redistributed) fall back.
     core.execute(
-        &Command::ReportDown { agent: name("big"), incarnation: 1, cause: supervision::Cause::Vanished },
+        &Command::Supervision(SupervisionCommand::ReportDown {
+            agent: name("big"),
+            incarnation: 1,
+            cause: supervision::Cause::Vanished,
+        }),
         at(3),
     )
     .unwrap();
@@ -513,11 +560,13 @@ fn load_shedding_refuses_background_then_normal_but_accepts_critical() {
     core.set_liveness_settings(settings);
     submit(&mut core, spec(Priority::Background), at(1));
     submit(&mut core, spec(Priority::Normal), at(1));
-    let refused = core.execute(&Command::SubmitTask { spec: spec(Priority::Background) }, at(2)).unwrap_err();
+    let refused =
+        core.execute(&Command::Task(TaskCommand::Submit { spec: spec(Priority::Background) }), at(2)).unwrap_err();
     assert_eq!(refused.code(), "overloaded");
     assert!(refused.to_string().contains("retry in 2000 ms"), "{refused}");
     submit(&mut core, spec(Priority::Normal), at(3));
-    let refused = core.execute(&Command::SubmitTask { spec: spec(Priority::Normal) }, at(4)).unwrap_err();
+    let refused =
+        core.execute(&Command::Task(TaskCommand::Submit { spec: spec(Priority::Normal) }), at(4)).unwrap_err();
     assert_eq!(refused.code(), "overloaded");
     // High and critical work still get in.
     submit(&mut core, spec(Priority::High), at(5));
@@ -536,35 +585,38 @@ fn a_reservation_over_the_budget_is_refused_and_a_breach_opens_the_breaker_and_m
     let other = submit(&mut core, spec(Priority::Normal), at(1));
     let runner = assigned(&mut core, task, at(2));
     let spend = |tokens| Spend { tokens, cost: 0 };
-    let reserve = |tokens| Command::Reserve {
-        agent: runner.0.clone(),
-        incarnation: runner.1,
-        task: Some(task),
-        spend: spend(tokens),
+    let reserve = |tokens| {
+        Command::Budget(BudgetCommand::Reserve {
+            agent: runner.0.clone(),
+            incarnation: runner.1,
+            task: Some(task),
+            spend: spend(tokens),
+        })
     };
-    let events = core.execute(&reserve(600), at(3)).unwrap();
-    let Event::BudgetReserved { reservation, .. } = events[0] else { panic!("{events:?}") };
+    let reserved = core.execute(&reserve(600), at(3)).unwrap();
+    let Event::BudgetReserved { reservation, .. } = reserved.events[0] else { panic!("{reserved:?}") };
+    assert_eq!(reserved.answer, Answer::Reserved { reservation }, "the answer names the reservation logged");
     // 600 reserved: another 600 would go over 1,000.
     assert_eq!(core.execute(&reserve(600), at(4)).unwrap_err().code(), "over_budget");
-    let report = Command::ReportSpend {
+    let report = Command::Budget(BudgetCommand::ReportSpend {
         agent: runner.0.clone(),
         incarnation: runner.1,
         task: Some(task),
         reservation: Some(reservation),
         spend: spend(500),
-    };
+    });
     core.execute(&report, at(5)).unwrap();
     assert_eq!(core.state().tasks().get(task).unwrap().spent, spend(500));
     assert_eq!(core.state().tasks().get(task).unwrap().reserved, spend(0));
     // The run then spends more than it reserved, and more than the task may: a breach.
-    let report = Command::ReportSpend {
+    let report = Command::Budget(BudgetCommand::ReportSpend {
         agent: runner.0.clone(),
         incarnation: runner.1,
         task: Some(task),
         reservation: None,
         spend: spend(700),
-    };
-    let events = core.execute(&report, at(6)).unwrap();
+    });
+    let events = core.execute(&report, at(6)).unwrap().events;
     assert!(events.iter().any(|event| matches!(event, Event::BudgetBreached { .. })), "{events:?}");
     match status(&core, task) {
         TaskStatus::Failed { reason } => assert!(reason.contains("over its budget"), "{reason}"),
@@ -588,19 +640,28 @@ fn an_agent_budget_counts_per_period_and_a_breach_can_quarantine() {
         budget: Some(budget::AgentBudget { tokens: None, cost: Some(100), period_ms: 60_000 }),
         ..supervision::Supervision::default()
     };
-    let declare = Command::Declare { agent: name("a"), role: role("coder"), labels: BTreeMap::new(), supervision };
-    core.execute(&declare, at(0)).unwrap();
-    core.execute(&Command::StartManaged { agent: name("a") }, at(0)).unwrap();
-    let spend = |cost| Spend { tokens: 0, cost };
-    let report = |cost| Command::ReportSpend {
+    let declare = Command::Supervision(SupervisionCommand::Declare {
         agent: name("a"),
-        incarnation: 1,
-        task: None,
-        reservation: None,
-        spend: spend(cost),
+        role: role("coder"),
+        labels: BTreeMap::new(),
+        supervision,
+    });
+    core.execute(&declare, at(0)).unwrap();
+    core.execute(&Command::Supervision(SupervisionCommand::StartManaged { agent: name("a") }), at(0)).unwrap();
+    let spend = |cost| Spend { tokens: 0, cost };
+    let report = |cost| {
+        Command::Budget(BudgetCommand::ReportSpend {
+            agent: name("a"),
+            incarnation: 1,
+            task: None,
+            reservation: None,
+            spend: spend(cost),
+        })
     };
     core.execute(&report(80), at(1)).unwrap();
-    let reserve = |cost| Command::Reserve { agent: name("a"), incarnation: 1, task: None, spend: spend(cost) };
+    let reserve = |cost| {
+        Command::Budget(BudgetCommand::Reserve { agent: name("a"), incarnation: 1, task: None, spend: spend(cost) })
+    };
     assert_eq!(core.execute(&reserve(30), at(2)).unwrap_err().code(), "over_budget");
     // With its whole budget used, the agent gets no work (it would only breach).
     core.heartbeat(at(2), &name("a"), 1, None).unwrap();
@@ -610,7 +671,7 @@ fn an_agent_budget_counts_per_period_and_a_breach_can_quarantine() {
     assert_eq!(status(&core, waiting), TaskStatus::Pending, "an agent out of budget gets no work");
     // A new period starts a minute after the first spend.
     core.execute(&reserve(30), at(60_001)).unwrap();
-    let events = core.execute(&report(120), at(60_002)).unwrap();
+    let events = core.execute(&report(120), at(60_002)).unwrap().events;
     assert!(
         events.iter().any(|event| matches!(event, Event::Quarantined { by: health::Reporter::Hale, .. })),
         "{events:?}"

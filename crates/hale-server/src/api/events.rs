@@ -591,10 +591,10 @@ mod tests {
         let engine = server.engine().clone();
         let mut live = engine.subscribe_events();
         let body = hale_proto::HelloBody { role: "r".into(), labels: Default::default(), incarnation: None };
-        engine.execute(crate::api::convert::hello("a", body).unwrap()).await.unwrap();
+        engine.execute(crate::api::wire::hello("a", body).unwrap()).await.unwrap();
         let agent = AgentName::new("a").unwrap();
         let checkpoint =
-            |step: u64| crate::api::convert::checkpoint(agent.clone(), 1, serde_json::json!({"step": step}), None);
+            |step: u64| crate::api::wire::checkpoint(agent.clone(), 1, serde_json::json!({"step": step}), None);
         engine.execute(checkpoint(1)).await.unwrap();
         let mut kinds = Vec::new();
         for expected_seq in 1..=3 {

@@ -2,15 +2,15 @@
 //! the CLI uses.
 
 use super::openapi::{AgentPath, Answer};
-use super::{ApiError, AppState, Route, convert};
+use super::{ApiError, AppState, Route, wire};
 use crate::auth::Principal;
-use crate::engine::{self, Response as EngineResponse};
 use axum::Extension;
 use axum::Json;
 use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use hale_core::AgentName;
+use hale_core::{HealthCommand, SupervisionCommand};
 use hale_proto::{
     AgentState, AgentSummary, Checkpointed, DownSummary, HelloBody, HttpCheckpoint, HttpError, HttpErrorReport,
     HttpHeartbeat, HttpQuarantine, HttpRecoveryPoint, HttpRollback, HttpViolation, ManagedSummary, ProgressBody,
@@ -70,7 +70,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
             })?;
         serde_json::from_slice(&bytes)
             .map(JsonBody)
-            .map_err(|error| ApiError::bad_request(convert::describe_json_error(&error)))
+            .map_err(|error| ApiError::bad_request(wire::describe_json_error(&error)))
     }
 }
 
@@ -187,7 +187,7 @@ async fn heartbeat(
     JsonBody(body): JsonBody<HttpHeartbeat>,
 ) -> Result<Response, ApiError> {
     principal.require_agent(&agent)?;
-    let progress = body.progress.map(convert::progress);
+    let progress = body.progress.map(wire::progress);
     app.engine.heartbeat(agent_name(&agent)?, body.incarnation, progress).await?;
     Ok(Json(serde_json::json!({ "ok": true })).into_response())
 }
@@ -215,7 +215,7 @@ async fn report_violation(
     Path(agent): Path<String>,
     JsonBody(body): JsonBody<HttpViolation>,
 ) -> Result<Response, ApiError> {
-    use hale_core::health::{Reporter, Severity};
+    use hale_core::health::Reporter;
     // An agent reports as itself: it cannot speak for the operator or another agent.
     let by = match (&principal, body.by) {
         (Principal::Agent { agent: own, .. }, Some(by)) if by != own.as_str() => {
@@ -232,9 +232,7 @@ async fn report_violation(
         (Principal::Admin, Some(by)) => Reporter::Agent(agent_name(&by)?),
         (Principal::Admin, None) => Reporter::Operator,
     };
-    let severity = if body.critical { Severity::Critical } else { Severity::Minor };
-    let command = hale_core::Command::ReportViolation { agent: agent_name(&agent)?, by, severity, reason: body.reason };
-    app.engine.execute(command).await?;
+    app.engine.execute(wire::violation(agent_name(&agent)?, by, body.critical, body.reason)).await?;
     Ok(Json(serde_json::json!({ "ok": true })).into_response())
 }
 
@@ -248,7 +246,7 @@ async fn quarantine(
     JsonBody(body): JsonBody<HttpQuarantine>,
 ) -> Result<Response, ApiError> {
     principal.require_admin("quarantine")?;
-    app.engine.execute(hale_core::Command::Quarantine { agent: agent_name(&agent)?, reason: body.reason }).await?;
+    app.engine.execute(HealthCommand::Quarantine { agent: agent_name(&agent)?, reason: body.reason }).await?;
     Ok(Json(serde_json::json!({ "quarantined": true })).into_response())
 }
 
@@ -261,7 +259,7 @@ async fn release(
     Path(agent): Path<String>,
 ) -> Result<Response, ApiError> {
     principal.require_admin("release")?;
-    app.engine.execute(hale_core::Command::Release { agent: agent_name(&agent)? }).await?;
+    app.engine.execute(HealthCommand::Release { agent: agent_name(&agent)? }).await?;
     Ok(Json(serde_json::json!({ "released": true })).into_response())
 }
 
@@ -274,7 +272,7 @@ async fn stop(
     Path(agent): Path<String>,
 ) -> Result<Response, ApiError> {
     principal.require_admin("stop")?;
-    app.engine.execute(hale_core::Command::Stop { agent: agent_name(&agent)? }).await?;
+    app.engine.execute(SupervisionCommand::Stop { agent: agent_name(&agent)? }).await?;
     Ok(Json(serde_json::json!({ "stopped": true })).into_response())
 }
 
@@ -287,11 +285,7 @@ async fn restart(
     Path(agent): Path<String>,
 ) -> Result<Response, ApiError> {
     principal.require_admin("restart")?;
-    let agent = agent_name(&agent)?;
-    app.engine.execute(hale_core::Command::Restart { agent: agent.clone() }).await?;
-    let incarnation =
-        app.engine.read(move |state| state.agent(agent.as_str()).map_or(0, |record| record.incarnation)).await?;
-    Ok(Json(serde_json::json!({ "restarted": true, "incarnation": incarnation })).into_response())
+    respond(app.engine.execute(SupervisionCommand::Restart { agent: agent_name(&agent)? }).await?)
 }
 
 #[utoipa::path(get, path = "/v1/agents/{agent}", tag = "agents", params(AgentPath, StateQuery),
@@ -324,7 +318,7 @@ async fn agent_state(
                 version,
                 current_version: record.version(),
                 state: serde_json::Value::clone(&at_version),
-                recovery_points: engine::recovery_points(record),
+                recovery_points: wire::recovery_points(record),
                 history: record.history().collect(),
             })
         })
@@ -362,7 +356,7 @@ async fn hello(
     JsonBody(body): JsonBody<HelloBody>,
 ) -> Result<Response, ApiError> {
     principal.require_agent(&agent)?;
-    let command = convert::hello(&agent, body)?;
+    let command = wire::hello(&agent, body)?;
     respond(app.engine.execute(command).await?)
 }
 
@@ -375,7 +369,7 @@ async fn checkpoint(
     JsonBody(body): JsonBody<HttpCheckpoint>,
 ) -> Result<Response, ApiError> {
     principal.require_agent(&agent)?;
-    let command = convert::checkpoint(agent_name(&agent)?, body.incarnation, body.patch, body.expected_version);
+    let command = wire::checkpoint(agent_name(&agent)?, body.incarnation, body.patch, body.expected_version);
     respond(app.engine.execute(command).await?)
 }
 
@@ -388,7 +382,7 @@ async fn recovery_point(
     JsonBody(body): JsonBody<HttpRecoveryPoint>,
 ) -> Result<Response, ApiError> {
     principal.require_agent(&agent)?;
-    let command = convert::recovery_point(agent_name(&agent)?, body.incarnation, body.name)?;
+    let command = wire::recovery_point(agent_name(&agent)?, body.incarnation, body.name)?;
     respond(app.engine.execute(command).await?)
 }
 
@@ -401,19 +395,11 @@ async fn rollback(
     JsonBody(body): JsonBody<HttpRollback>,
 ) -> Result<Response, ApiError> {
     principal.require_agent(&agent)?;
-    let command = convert::rollback(agent_name(&agent)?, body.incarnation, body.to)?;
+    let command = wire::rollback(agent_name(&agent)?, body.incarnation, body.to)?;
     respond(app.engine.execute(command).await?)
 }
 
-pub(super) fn respond(response: EngineResponse) -> Result<Response, ApiError> {
-    Ok(match response {
-        EngineResponse::Welcome(welcome) => Json(*welcome).into_response(),
-        EngineResponse::Checkpointed { version } => Json(Checkpointed { version }).into_response(),
-        EngineResponse::RecoveryPointMarked(point) => Json(point).into_response(),
-        EngineResponse::RolledBack(rolled_back) => Json(rolled_back).into_response(),
-        EngineResponse::Done => Json(serde_json::json!({ "ok": true })).into_response(),
-        EngineResponse::TaskSubmitted { task, new } => Json(hale_proto::TaskSubmitted { task, new }).into_response(),
-        EngineResponse::Reserved { reservation } => Json(hale_proto::Reserved { reservation }).into_response(),
-        EngineResponse::Sent(sent) => Json(sent).into_response(),
-    })
+/// Answers an HTTP write with what the engine answered, once it is durable.
+pub(super) fn respond(response: crate::engine::Response) -> Result<Response, ApiError> {
+    Ok(wire::body(response))
 }

@@ -1,20 +1,16 @@
-//! Messaging on the wire: the conversions between the core's mail and hale-proto, and the
-//! HTTP routes (send, read the mailbox, ack, end a conversation). Over a session the same
-//! operations are the `send`, `ack` and `end_conversation` frames, and `ws` delivers the
-//! mailbox as `message` frames.
+//! The HTTP routes of messaging: send, read the mailbox, ack, end a conversation (the
+//! conversions are in `wire::mail`). Over a session the same operations are the `send`,
+//! `ack` and `end_conversation` frames, and `ws` delivers the mailbox as `message` frames.
 
 use super::http::{JsonBody, agent_name, respond};
 use super::openapi::{AgentPath, Answer};
+use super::wire::mail::{ack_command, end_command, send_command, summary, unacked};
 use super::{ApiError, AppState, Route};
 use crate::auth::Principal;
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use axum::{Extension, Json};
-use hale_core::mail::Message;
-use hale_core::{AgentName, Command, ConversationId, RoleName, State as CoreState};
-use hale_proto::{
-    ConversationInfo, HttpAck, HttpEndConversation, HttpSend, Mailbox, MessageInfo, PendingReplyInfo, SendBody, Sent,
-};
+use hale_proto::{HttpAck, HttpEndConversation, HttpSend, Mailbox, Sent};
 
 /// Messages one read returns at most (a session reads again while there are more).
 pub const READ_BATCH_MAX: usize = 256;
@@ -26,96 +22,6 @@ pub fn routes() -> Vec<Route> {
         Route::post("/v1/agents/{agent}/mailbox/ack", ack),
         Route::post("/v1/agents/{agent}/conversations/{conversation}/end", end_conversation),
     ]
-}
-
-/// The command for a send by `from`'s run `incarnation`.
-pub fn send_command(from: AgentName, incarnation: u64, message: SendBody) -> Result<Command, ApiError> {
-    let to = match message.to {
-        hale_proto::Recipient::Agent(agent) => hale_core::Recipient::Agent(AgentName::new(agent)?),
-        hale_proto::Recipient::Role(role) => hale_core::Recipient::Role(RoleName::new(role)?),
-    };
-    let conversation = message.conversation.map(ConversationId::new).transpose()?;
-    Ok(Command::SendMessage {
-        from,
-        incarnation,
-        to,
-        conversation,
-        body: message.body,
-        reply_to: message.reply_to,
-        expects_reply: message.expects_reply,
-        key: message.key,
-    })
-}
-
-/// The command to end `conversation`.
-pub fn end_command(agent: AgentName, incarnation: u64, conversation: String) -> Result<Command, ApiError> {
-    Ok(Command::EndConversation { agent, incarnation, conversation: ConversationId::new(conversation)? })
-}
-
-/// A mailbox message on the wire.
-pub fn message_info(message: &Message) -> MessageInfo {
-    MessageInfo {
-        seq: message.seq,
-        message: message.id,
-        from: message.from.to_string(),
-        conversation: message.conversation.to_string(),
-        body: message.body.clone(),
-        reply_to: message.reply_to,
-        expects_reply: message.expects_reply,
-        sent_at_ms: message.sent_at.0,
-    }
-}
-
-/// `agent`'s unacked messages after `after` (at most `limit`).
-pub fn unacked(state: &CoreState, agent: &str, after: u64, limit: usize) -> Vec<MessageInfo> {
-    let Some(mailbox) = state.mail().mailbox(agent) else { return Vec::new() };
-    mailbox.unacked_after(after).take(limit).map(|message| message_info(message)).collect()
-}
-
-/// `agent`'s mailbox without its messages: what the welcome carries.
-pub fn summary(state: &CoreState, agent: &AgentName) -> Mailbox {
-    let mail = state.mail();
-    let Some(mailbox) = mail.mailbox(agent.as_str()) else {
-        return Mailbox {
-            agent: agent.to_string(),
-            last_seq: 0,
-            unacked: 0,
-            messages: Vec::new(),
-            conversations: Vec::new(),
-            pending_replies: Vec::new(),
-        };
-    };
-    let conversations = mailbox
-        .conversations()
-        .filter_map(|id| {
-            let talk = mail.conversation(id.as_str())?;
-            Some(ConversationInfo {
-                id: id.to_string(),
-                participants: talk.participants.iter().map(ToString::to_string).collect(),
-                started_at_ms: talk.started_at.0,
-                last_at_ms: talk.last_at.0,
-                messages: talk.messages,
-            })
-        })
-        .collect();
-    let pending_replies = mailbox
-        .pending_replies()
-        .map(|pending| PendingReplyInfo {
-            message: pending.message,
-            seq: pending.seq,
-            from: pending.from.to_string(),
-            conversation: pending.conversation.to_string(),
-            sent_at_ms: pending.sent_at.0,
-        })
-        .collect();
-    Mailbox {
-        agent: agent.to_string(),
-        last_seq: mailbox.last_seq(),
-        unacked: mailbox.unacked_len() as u64,
-        messages: Vec::new(),
-        conversations,
-        pending_replies,
-    }
 }
 
 #[utoipa::path(post, path = "/v1/agents/{agent}/messages", tag = "messages", params(AgentPath), request_body = HttpSend,
@@ -175,7 +81,7 @@ async fn ack(
     JsonBody(body): JsonBody<HttpAck>,
 ) -> Result<Response, ApiError> {
     principal.require_agent(&agent)?;
-    let command = Command::AckMessage { agent: agent_name(&agent)?, incarnation: body.incarnation, seq: body.seq };
+    let command = ack_command(agent_name(&agent)?, body.incarnation, body.seq);
     respond(app.engine.execute(command).await?)
 }
 

@@ -1,7 +1,6 @@
 //! The network face of hale: the HTTP API and the WebSocket session endpoint.
 
 mod backups;
-pub(crate) mod convert;
 mod dashboard;
 mod error;
 pub mod events;
@@ -10,9 +9,9 @@ mod http;
 pub(crate) mod mail;
 mod metrics;
 pub(crate) mod openapi;
-pub(crate) mod task_convert;
 mod tasks;
 pub(crate) mod tokens;
+pub(crate) mod wire;
 mod ws;
 
 pub use error::ApiError;

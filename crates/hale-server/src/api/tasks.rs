@@ -2,13 +2,13 @@
 
 use super::http::{JsonBody, agent_name, respond};
 use super::openapi::{AgentPath, Answer, TaskPath};
-use super::{ApiError, AppState, Route, task_convert};
+use super::{ApiError, AppState, Route, wire};
 use crate::auth::Principal;
 use axum::Extension;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
-use hale_core::Command;
+use hale_core::TaskCommand;
 use hale_proto::{
     HttpSpend, HttpSubmitTask, HttpTaskWrite, Reserved, RoleStatus, SystemStatus, TaskInfo, TaskSubmitted,
 };
@@ -57,8 +57,7 @@ async fn submit_task(
 ) -> Result<Response, ApiError> {
     // Any agent may hand out work (an orchestrator does); the principal is not the role.
     let _ = principal;
-    let spec = task_convert::spec(body)?;
-    respond(app.engine.execute(Command::SubmitTask { spec }).await?)
+    respond(app.engine.execute(wire::submit(body)?).await?)
 }
 
 /// `GET /v1/tasks[?status=running&role=coder&limit=100]`, newest first.
@@ -88,7 +87,7 @@ async fn list_tasks(
                 .filter(|task| status.as_deref().is_none_or(|wanted| task.status.word() == wanted))
                 .filter(|task| role.as_deref().is_none_or(|wanted| task.spec.role.as_str() == wanted))
                 .take(limit)
-                .map(task_convert::task_info)
+                .map(wire::tasks::task_info)
                 .collect()
         })
         .await?;
@@ -106,7 +105,7 @@ async fn get_task(
     let found = app
         .engine
         .read(move |state| {
-            state.tasks().get(task).map(|found| (found.last_holder.clone(), task_convert::task_info(found)))
+            state.tasks().get(task).map(|found| (found.last_holder.clone(), wire::tasks::task_info(found)))
         })
         .await?;
     let (holder, info) = found.ok_or(hale_core::Rejection::UnknownTask { task })?;
@@ -140,7 +139,7 @@ async fn agent_tasks(
                 .tasks()
                 .running_on(&agent)
                 .filter(|task| task.holder().is_some_and(|(_, held)| held == incarnation))
-                .map(task_convert::task_info)
+                .map(wire::tasks::task_info)
                 .collect()
         })
         .await?;
@@ -155,7 +154,7 @@ async fn cancel_task(
     Path(task): Path<String>,
 ) -> Result<Response, ApiError> {
     principal.require_admin("cancelling a task")?;
-    respond(app.engine.execute(Command::CancelTask { task: task_number(&task)? }).await?)
+    respond(app.engine.execute(TaskCommand::Cancel { task: task_number(&task)? }).await?)
 }
 
 #[utoipa::path(post, path = "/v1/tasks/{task}/intents", tag = "tasks", params(TaskPath), request_body = HttpTaskWrite,
@@ -168,12 +167,7 @@ async fn intend_step(
 ) -> Result<Response, ApiError> {
     principal.require_agent(&body.agent)?;
     let name = body.name.ok_or_else(|| ApiError::bad_request("an intent needs the step's name"))?;
-    let command = Command::IntendStep {
-        task: task_number(&task)?,
-        agent: agent_name(&body.agent)?,
-        incarnation: body.incarnation,
-        name,
-    };
+    let command = wire::intend_step(task_number(&task)?, agent_name(&body.agent)?, body.incarnation, name);
     respond(app.engine.execute(command).await?)
 }
 
@@ -187,15 +181,8 @@ async fn commit_step(
 ) -> Result<Response, ApiError> {
     principal.require_agent(&body.agent)?;
     let name = body.name.ok_or_else(|| ApiError::bad_request("a step needs a name"))?;
-    let command = Command::CommitStep {
-        task: task_number(&task)?,
-        agent: agent_name(&body.agent)?,
-        incarnation: body.incarnation,
-        name,
-        result: body.result,
-        llm: body.llm.map(task_convert::llm),
-        compensation: body.compensation,
-    };
+    let step = wire::Step { name, result: body.result, llm: body.llm, compensation: body.compensation };
+    let command = wire::commit_step(task_number(&task)?, agent_name(&body.agent)?, body.incarnation, step);
     respond(app.engine.execute(command).await?)
 }
 
@@ -208,12 +195,7 @@ async fn complete_task(
     JsonBody(body): JsonBody<HttpTaskWrite>,
 ) -> Result<Response, ApiError> {
     principal.require_agent(&body.agent)?;
-    let command = Command::CompleteTask {
-        task: task_number(&task)?,
-        agent: agent_name(&body.agent)?,
-        incarnation: body.incarnation,
-        result: body.result,
-    };
+    let command = wire::complete(task_number(&task)?, agent_name(&body.agent)?, body.incarnation, body.result);
     respond(app.engine.execute(command).await?)
 }
 
@@ -226,13 +208,7 @@ async fn fail_task(
     JsonBody(body): JsonBody<HttpTaskWrite>,
 ) -> Result<Response, ApiError> {
     principal.require_agent(&body.agent)?;
-    let command = Command::FailTask {
-        task: task_number(&task)?,
-        agent: agent_name(&body.agent)?,
-        incarnation: body.incarnation,
-        reason: body.reason.unwrap_or_else(|| "failed by the agent".into()),
-        retry: body.retry.unwrap_or(true),
-    };
+    let command = wire::fail(task_number(&task)?, agent_name(&body.agent)?, body.incarnation, body.reason, body.retry);
     respond(app.engine.execute(command).await?)
 }
 
@@ -248,12 +224,7 @@ async fn reserve(
     if body.reservation.is_some() {
         return Err(ApiError::bad_request("a reservation names no reservation; report spending to /spend"));
     }
-    let command = Command::Reserve {
-        agent: agent_name(&agent)?,
-        incarnation: body.incarnation,
-        task: body.task,
-        spend: task_convert::spend(body.tokens, body.cost),
-    };
+    let command = wire::reserve(agent_name(&agent)?, body.incarnation, body.task, body.tokens, body.cost);
     respond(app.engine.execute(command).await?)
 }
 
@@ -266,13 +237,8 @@ async fn report_spend(
     JsonBody(body): JsonBody<HttpSpend>,
 ) -> Result<Response, ApiError> {
     principal.require_agent(&agent)?;
-    let command = Command::ReportSpend {
-        agent: agent_name(&agent)?,
-        incarnation: body.incarnation,
-        task: body.task,
-        reservation: body.reservation,
-        spend: task_convert::spend(body.tokens, body.cost),
-    };
+    let (task, reservation) = (body.task, body.reservation);
+    let command = wire::report_spend(agent_name(&agent)?, body.incarnation, task, reservation, body.tokens, body.cost);
     respond(app.engine.execute(command).await?)
 }
 

@@ -7,7 +7,7 @@ use crate::auth::{Auth, Principal, hash_refresh};
 use crate::engine::Engine;
 use axum::extract::{Path, State};
 use axum::{Extension, Json};
-use hale_core::{AgentName, Command, Timestamp};
+use hale_core::{AgentName, CredentialCommand, Timestamp};
 use hale_proto::{HttpRefresh, HttpRevoke, TokenPair};
 
 pub fn routes() -> Vec<Route> {
@@ -35,7 +35,7 @@ async fn issue(
 /// out, so the refresh token works as soon as anyone has it).
 pub async fn issue_tokens(auth: &Auth, engine: &Engine, agent: &AgentName) -> Result<TokenPair, ApiError> {
     let minted = auth.mint(agent);
-    let command = Command::IssueTokens {
+    let command = CredentialCommand::Issue {
         agent: agent.clone(),
         refresh_hash: minted.refresh_hash.clone(),
         expires_at: Timestamp(minted.refresh_expires_at_ms),
@@ -67,11 +67,11 @@ async fn revoke(
         HttpRevoke::default()
     } else {
         serde_json::from_slice(&body)
-            .map_err(|error| ApiError::bad_request(super::convert::describe_json_error(&error)))?
+            .map_err(|error| ApiError::bad_request(super::wire::describe_json_error(&error)))?
     };
     let reason = body.reason.unwrap_or_else(|| "revoked by the operator".into());
-    app.engine.execute(Command::RevokeTokens { agent: agent.clone(), reason }).await?;
-    sync_generation(&app, &agent).await?;
+    let answer = app.engine.execute(CredentialCommand::Revoke { agent: agent.clone(), reason }).await?;
+    hold_generation(&app, &agent, answer);
     Ok(Json(serde_json::json!({ "revoked": true })))
 }
 
@@ -85,15 +85,15 @@ async fn refresh(
 ) -> Result<Json<TokenPair>, ApiError> {
     let agent = agent_name(&body.agent)?;
     let minted = app.auth.mint(&agent);
-    let command = Command::RefreshTokens {
+    let command = CredentialCommand::Refresh {
         agent: agent.clone(),
         presented_hash: hash_refresh(&body.refresh_token),
         refresh_hash: minted.refresh_hash.clone(),
         expires_at: Timestamp(minted.refresh_expires_at_ms),
     };
-    app.engine.execute(command).await?;
+    let answer = app.engine.execute(command).await?;
     // A reused token revoked the chain instead of refreshing it.
-    if sync_generation(&app, &agent).await? {
+    if hold_generation(&app, &agent, answer) {
         return Err(ApiError::new(
             axum::http::StatusCode::UNAUTHORIZED,
             "token_revoked",
@@ -110,13 +110,12 @@ async fn refresh(
     }))
 }
 
-/// Copies the agent's token generation from the log to the authenticator; returns
-/// whether it changed (a revoke happened).
-async fn sync_generation(app: &AppState, agent: &AgentName) -> Result<bool, ApiError> {
-    let name = agent.clone();
-    let generation =
-        app.engine.read(move |state| state.credential(&name).map_or(0, |credential| credential.generation)).await?;
-    let changed = app.auth.generation_of(agent) != generation;
+/// Holds access tokens of `agent` to the generation the core answered; returns whether
+/// the command revoked them.
+fn hold_generation(app: &AppState, agent: &AgentName, answer: crate::engine::Response) -> bool {
+    let crate::engine::Response::Answer(hale_core::Answer::Tokens { generation, revoked }) = answer else {
+        return false;
+    };
     app.auth.set_generation(agent, generation);
-    Ok(changed)
+    revoked
 }

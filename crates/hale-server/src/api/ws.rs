@@ -1,7 +1,7 @@
 //! The WebSocket session: JSON frames with request ids, pipelined, answered in order, each
 //! answer sent only once what it reports is durable.
 
-use super::{ApiError, AppState, convert, mail, task_convert};
+use super::{ApiError, AppState, wire};
 use crate::engine::{Response as EngineResponse, Submitted};
 use crate::sessions::{Push, SessionGuard};
 use axum::extract::State;
@@ -75,7 +75,7 @@ impl Delivery {
         let (engine, agent, after) = (app.engine.clone(), agent.clone(), self.cursor);
         self.read = Some(Box::pin(async move {
             engine
-                .read(move |state| mail::unacked(state, agent.as_str(), after, mail::READ_BATCH_MAX))
+                .read(move |state| wire::mail::unacked(state, agent.as_str(), after, super::mail::READ_BATCH_MAX))
                 .await
                 .unwrap_or_default()
         }));
@@ -130,7 +130,7 @@ impl Session {
                 }
                 messages = async { delivery.read.as_mut().expect("guarded").await }, if delivery.read.is_some() => {
                     delivery.read = None;
-                    let full = messages.len() == mail::READ_BATCH_MAX;
+                    let full = messages.len() == super::mail::READ_BATCH_MAX;
                     for message in messages {
                         delivery.cursor = delivery.cursor.max(message.seq);
                         let frame = ServerFrame::Message { message: Box::new(message) };
@@ -268,7 +268,7 @@ impl Session {
                         .tasks()
                         .running_on(&agent)
                         .filter(|task| task.holder().is_some_and(|(_, leased)| leased == incarnation))
-                        .map(task_convert::task_info)
+                        .map(wire::tasks::task_info)
                         .collect::<Vec<_>>()
                 })
                 .await
@@ -310,7 +310,7 @@ impl Session {
         let engine = &self.app.engine;
         let done = match frame {
             ClientFrame::Heartbeat { progress, .. } => engine
-                .heartbeat(agent, incarnation, progress.map(convert::progress))
+                .heartbeat(agent, incarnation, progress.map(wire::progress))
                 .await
                 .map(|()| ServerFrame::HeartbeatAck { id }),
             _ => engine.report_error(agent, incarnation).await.map(|()| ServerFrame::Ok { id }),
@@ -350,65 +350,63 @@ impl Session {
                         false,
                     ));
                 }
-                convert::hello(&agent, body)
+                wire::hello(&agent, body)
             }
             ClientFrame::Checkpoint { body, .. } => {
                 let (agent, incarnation) = bound("checkpoint")?;
-                Ok(convert::checkpoint(agent, incarnation, body.patch, body.expected_version))
+                Ok(wire::checkpoint(agent, incarnation, body.patch, body.expected_version))
             }
             ClientFrame::RecoveryPoint { name, .. } => {
                 let (agent, incarnation) = bound("recovery_point")?;
-                convert::recovery_point(agent, incarnation, name)
+                wire::recovery_point(agent, incarnation, name)
             }
             ClientFrame::Rollback { to, .. } => {
                 let (agent, incarnation) = bound("rollback")?;
-                convert::rollback(agent, incarnation, to)
+                wire::rollback(agent, incarnation, to)
             }
             ClientFrame::ReportViolation { agent, critical, reason, .. } => {
                 let (own, _) = bound("report_violation")?;
-                convert::violation(own, agent, critical, reason)
+                wire::session_violation(own, agent, critical, reason)
             }
             ClientFrame::IntendStep { task, name, .. } => {
                 let (agent, incarnation) = bound("intend_step")?;
-                Ok(hale_core::Command::IntendStep { task, agent, incarnation, name })
+                Ok(wire::intend_step(task, agent, incarnation, name))
             }
             ClientFrame::CommitStep { task, name, result, llm, compensation, .. } => {
                 let (agent, incarnation) = bound("commit_step")?;
-                let llm = llm.map(task_convert::llm);
-                Ok(hale_core::Command::CommitStep { task, agent, incarnation, name, result, llm, compensation })
+                Ok(wire::commit_step(task, agent, incarnation, wire::Step { name, result, llm, compensation }))
             }
             ClientFrame::Submit { task, .. } => {
                 bound("submit")?;
-                Ok(hale_core::Command::SubmitTask { spec: task_convert::spec(task)? })
+                wire::submit(task)
             }
             ClientFrame::Reserve { task, tokens, cost, .. } => {
                 let (agent, incarnation) = bound("reserve")?;
-                Ok(hale_core::Command::Reserve { agent, incarnation, task, spend: task_convert::spend(tokens, cost) })
+                Ok(wire::reserve(agent, incarnation, task, tokens, cost))
             }
             ClientFrame::ReportSpend { task, reservation, tokens, cost, .. } => {
                 let (agent, incarnation) = bound("report_spend")?;
-                let spend = task_convert::spend(tokens, cost);
-                Ok(hale_core::Command::ReportSpend { agent, incarnation, task, reservation, spend })
+                Ok(wire::report_spend(agent, incarnation, task, reservation, tokens, cost))
             }
             ClientFrame::Complete { task, result, .. } => {
                 let (agent, incarnation) = bound("complete")?;
-                Ok(hale_core::Command::CompleteTask { task, agent, incarnation, result })
+                Ok(wire::complete(task, agent, incarnation, result))
             }
             ClientFrame::Fail { task, reason, retry, .. } => {
                 let (agent, incarnation) = bound("fail")?;
-                Ok(hale_core::Command::FailTask { task, agent, incarnation, reason, retry: retry.unwrap_or(true) })
+                Ok(wire::fail(task, agent, incarnation, Some(reason), retry))
             }
             ClientFrame::Send { message, .. } => {
                 let (agent, incarnation) = bound("send")?;
-                mail::send_command(agent, incarnation, message)
+                wire::mail::send_command(agent, incarnation, message)
             }
             ClientFrame::Ack { seq, .. } => {
                 let (agent, incarnation) = bound("ack")?;
-                Ok(hale_core::Command::AckMessage { agent, incarnation, seq })
+                Ok(wire::mail::ack_command(agent, incarnation, seq))
             }
             ClientFrame::EndConversation { conversation, .. } => {
                 let (agent, incarnation) = bound("end_conversation")?;
-                mail::end_command(agent, incarnation, conversation)
+                wire::mail::end_command(agent, incarnation, conversation)
             }
             ClientFrame::Heartbeat { .. } | ClientFrame::ReportError { .. } | ClientFrame::Auth { .. } => {
                 unreachable!("handled before commands")
@@ -418,17 +416,7 @@ impl Session {
 }
 
 async fn answer(id: u64, submitted: Submitted) -> ServerFrame {
-    match submitted.durable().await {
-        Ok(EngineResponse::Welcome(welcome)) => ServerFrame::Welcome { id, welcome: *welcome },
-        Ok(EngineResponse::Checkpointed { version }) => ServerFrame::Checkpointed { id, version },
-        Ok(EngineResponse::RecoveryPointMarked(point)) => ServerFrame::RecoveryPointMarked { id, point },
-        Ok(EngineResponse::RolledBack(rolled_back)) => ServerFrame::RolledBack { id, rolled_back },
-        Ok(EngineResponse::Done) => ServerFrame::Ok { id },
-        Ok(EngineResponse::TaskSubmitted { task, new }) => ServerFrame::Submitted { id, task, new },
-        Ok(EngineResponse::Reserved { reservation }) => ServerFrame::Reserved { id, reservation },
-        Ok(EngineResponse::Sent(sent)) => ServerFrame::Sent { id, sent },
-        Err(error) => ServerFrame::Error { id: Some(id), error: ApiError::from(error).body },
-    }
+    wire::frame(id, submitted.durable().await)
 }
 
 /// The error for a frame that needs the session to have said hello first.
@@ -477,9 +465,7 @@ fn frame_error(bytes: &[u8], error: &serde_json::Error) -> ServerFrame {
             ),
             false,
         ),
-        _ => {
-            ApiError::new(axum::http::StatusCode::BAD_REQUEST, "bad_frame", convert::describe_json_error(error), false)
-        }
+        _ => ApiError::new(axum::http::StatusCode::BAD_REQUEST, "bad_frame", wire::describe_json_error(error), false),
     };
     ServerFrame::Error { id, error: error.body }
 }

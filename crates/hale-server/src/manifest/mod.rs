@@ -7,7 +7,7 @@
 //! `[server]`, `[limits]`, `[snapshots]` and `[backup]` sections; `hale up -c` also runs the agents
 //! ([`Manifest::supervise`]).
 
-use crate::config::{DeclaredAgent, DeclaredRole, ResourceWatch, Supervise};
+use crate::config::{DeclaredAgent, DeclaredRole, Supervise};
 use crate::probe::ProbeSpec;
 use crate::process::ProcessSpec;
 use hale_core::health::{BreakerPolicy, QuarantinePolicy};
@@ -456,6 +456,7 @@ impl Manifest {
                     group,
                     stall: spec.stall.clone().unwrap_or_else(|| self.supervision.stall.clone()),
                     budget: spec.budget.as_ref().map(BudgetSpec::core),
+                    thresholds: thresholds(spec),
                 };
                 DeclaredAgent {
                     name,
@@ -463,11 +464,6 @@ impl Manifest {
                     labels: spec.labels.clone(),
                     supervision,
                     process: process_spec(spec, base),
-                    watch: ResourceWatch {
-                        memory_mb: spec.resources.memory_mb,
-                        cpu_percent: spec.resources.cpu_percent,
-                        cpu_window_ms: spec.resources.cpu_window_ms,
-                    },
                     probe: probe_spec(spec),
                 }
             })
@@ -490,13 +486,9 @@ impl Manifest {
                         group: None,
                         stall: template.stall.clone().unwrap_or_else(|| self.supervision.stall.clone()),
                         budget: template.budget.as_ref().map(BudgetSpec::core),
+                        thresholds: thresholds(template),
                     },
                     process: process_spec(template, base),
-                    watch: ResourceWatch {
-                        memory_mb: template.resources.memory_mb,
-                        cpu_percent: template.resources.cpu_percent,
-                        cpu_window_ms: template.resources.cpu_window_ms,
-                    },
                     probe: probe_spec(template),
                 })
             })
@@ -675,8 +667,18 @@ fn probe_spec(spec: &AgentSpec) -> Option<ProbeSpec> {
         url: health.url.clone(),
         every: std::time::Duration::from_millis(health.interval_ms.max(100)),
         timeout: std::time::Duration::from_millis(health.timeout_ms.max(10)),
-        failures_max: health.failures_max.max(1),
     })
+}
+
+/// What the core judges the shell's measurements of the agent against: `[agent.resources]`
+/// memory and CPU, and `[agent.health]`'s failures in a row.
+fn thresholds(spec: &AgentSpec) -> hale_core::Thresholds {
+    hale_core::Thresholds {
+        memory_bytes_max: spec.resources.memory_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
+        cpu_percent_max: spec.resources.cpu_percent,
+        cpu_window_ms: spec.resources.cpu_window_ms,
+        probe_failures_max: spec.health.as_ref().map(|health| health.failures_max.max(1)),
+    }
 }
 
 fn check_hook(hook: &HookSpec, line_of: &dyn Fn(std::ops::Range<usize>) -> usize) -> Result<(), (usize, String)> {

@@ -1,8 +1,10 @@
 //! hale-store against a real SQLite database and real snapshot files in a temporary
 //! directory: group commit, recovery, damaged snapshots and records, repair, verify.
 
-use hale_core::{AgentName, Command, Core, Event, Hello, Limits, RoleName, State, Timestamp};
-use hale_store::{DataDir, Record, RecoveryOptions, StoreError, Writer, WriterOptions, recover, snapshot, verify};
+use hale_core::{AgentCommand, AgentName, Command, Core, Event, Hello, Limits, RoleName, State, Timestamp};
+use hale_store::{
+    DataDir, DurableLog, Record, RecoveryOptions, StoreError, Writer, WriterOptions, recover, snapshot, verify,
+};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -14,7 +16,7 @@ fn workload(checkpoints: u64) -> (State, Vec<Record>) {
     let mut core = Core::new(Limits::default());
     let mut records = Vec::new();
     let mut push = |core: &mut Core, command: Command| {
-        for event in core.execute(&command, T).unwrap() {
+        for event in core.execute(&command, T).unwrap().events {
             records.push(Record::encode(records.len() as u64 + 1, T, &event));
         }
     };
@@ -25,12 +27,15 @@ fn workload(checkpoints: u64) -> (State, Vec<Record>) {
             labels: BTreeMap::new(),
             incarnation: None,
         };
-        push(&mut core, Command::Hello(hello));
+        push(&mut core, Command::Agent(AgentCommand::Hello(hello)));
     }
     for n in 0..checkpoints {
         let agent = AgentName::new(if n % 2 == 0 { "a" } else { "b" }).unwrap();
         let patch = json!({"n": n, "k": {format!("key{}", n % 7): n}});
-        push(&mut core, Command::Checkpoint { agent, incarnation: 1, patch, expected_version: None });
+        push(
+            &mut core,
+            Command::Agent(AgentCommand::Checkpoint { agent, incarnation: 1, patch, expected_version: None }),
+        );
     }
     (core.into_state(), records)
 }
@@ -61,21 +66,36 @@ fn flip_byte_in_file(path: &Path, offset_from_end: usize) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn group_commit_acknowledges_every_append_in_order() {
+async fn the_writer_makes_every_append_durable_in_order() {
     let temp = tempfile::tempdir().unwrap();
     let dir = DataDir::open(temp.path()).unwrap();
     let (_, records) = workload(2_000);
     let log = hale_store::Log::open(&dir.log_path()).unwrap();
-    let writer = std::sync::Arc::new(Writer::start(log, 0, WriterOptions::default()));
-    let mut acks = Vec::new();
+    let committed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = committed.clone();
+    let on_commit = hale_store::CommitHook(std::sync::Arc::new(move |records, _| {
+        counter.fetch_add(records, std::sync::atomic::Ordering::Relaxed);
+    }));
+    let writer = Writer::start(log, 0, WriterOptions { on_commit: Some(on_commit), ..WriterOptions::default() });
+    let mut durability = writer.durability();
+    let mut seen = Vec::new();
     for record in records.iter().cloned() {
-        acks.push(writer.append(vec![record]).await);
+        writer.append(vec![record]).await.unwrap();
     }
-    for ack in acks {
-        ack.await.unwrap().unwrap();
+    // Durability only moves forward, one group commit at a time, and reaches the end.
+    let last = records.len() as u64;
+    loop {
+        let now = durability.borrow_and_update().clone();
+        assert_eq!(now.failed, None);
+        seen.push(now.durable_seq);
+        if now.durable_seq == last {
+            break;
+        }
+        durability.changed().await.unwrap();
     }
-    assert_eq!(writer.durability().borrow().durable_seq, records.len() as u64);
-    std::sync::Arc::into_inner(writer).unwrap().shutdown();
+    assert!(seen.windows(2).all(|pair| pair[0] < pair[1]), "durable positions go up: {seen:?}");
+    assert_eq!(committed.load(std::sync::atomic::Ordering::Relaxed), records.len(), "each record committed once");
+    writer.shutdown();
 
     let recovered = recover(&dir, &options()).unwrap();
     assert_eq!(recovered.last_seq, records.len() as u64);

@@ -3,7 +3,7 @@
 use super::{BenchArgs, Transport, bench_keys, machine, percentile_ms, temp_dir};
 use anyhow::{Context, Result, bail};
 use hale_client::{Agent, AgentOptions};
-use hale_core::{AgentName, Command, Hello, RoleName};
+use hale_core::{AgentCommand, AgentName, Hello, RoleName};
 use hale_server::ServerConfig;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -72,7 +72,7 @@ pub(super) async fn durable_append(args: &BenchArgs) -> Result<Value> {
                     labels: BTreeMap::new(),
                     incarnation: None,
                 };
-                server.engine().execute(Command::Hello(hello)).await?;
+                server.engine().execute(AgentCommand::Hello(hello)).await?;
                 Writer::Engine(server.engine().clone(), name)
             }
         });
@@ -156,7 +156,7 @@ impl Writer {
             }
             Writer::Engine(engine, agent) => {
                 let command =
-                    Command::Checkpoint { agent: agent.clone(), incarnation: 1, patch, expected_version: None };
+                    AgentCommand::Checkpoint { agent: agent.clone(), incarnation: 1, patch, expected_version: None };
                 engine.execute(command).await?;
             }
         }

@@ -17,7 +17,7 @@
 use super::{BenchArgs, machine, micros, summary_ms, temp_dir};
 use anyhow::{Context, Result, bail};
 use futures_util::{SinkExt, StreamExt};
-use hale_core::{AgentName, Command, Hello, RoleName};
+use hale_core::{AgentCommand, AgentName, Hello, RoleName};
 use hale_server::ServerConfig;
 use hale_server::engine::{Engine, Response};
 use serde_json::{Value, json};
@@ -199,7 +199,7 @@ async fn register(engine: &Engine, name: &str) -> Result<(Engine, AgentName, u64
     let agent = AgentName::new(name)?;
     let hello =
         Hello { agent: agent.clone(), role: RoleName::new("beat")?, labels: BTreeMap::new(), incarnation: None };
-    match engine.execute(Command::Hello(hello)).await? {
+    match engine.execute(AgentCommand::Hello(hello)).await? {
         Response::Welcome(welcome) => Ok((engine.clone(), agent, welcome.incarnation)),
         other => bail!("hello answered {other:?}"),
     }

@@ -253,6 +253,7 @@ fn restart_at_once() -> hale_core::supervision::Supervision {
         group: None,
         stall: StallPolicy::default(),
         budget: None,
+        thresholds: Default::default(),
     }
 }
 

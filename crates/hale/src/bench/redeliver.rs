@@ -11,7 +11,7 @@ use super::{BenchArgs, machine, micros, summary_ms, temp_dir};
 use anyhow::{Context, Result, bail};
 use hale_core::supervision::ManagedStatus;
 use hale_core::tasks::{StepState, TaskSpec};
-use hale_core::{AgentName, Command, Rng, RoleName};
+use hale_core::{AgentName, Answer, Rng, RoleName, TaskCommand};
 use hale_server::engine::{Engine, Response};
 use hale_server::process::{ProcessSpec, Signal, signal_group};
 use hale_server::{DeclaredAgent, ServerConfig, Supervise};
@@ -53,7 +53,6 @@ pub(super) async fn redeliver(args: &BenchArgs) -> Result<Value> {
             labels: BTreeMap::new(),
             supervision: supervision.clone(),
             process: process.clone(),
-            watch: Default::default(),
             probe: None,
         });
     }
@@ -285,8 +284,8 @@ impl Bench {
             seen.workers.iter().all(|worker| worker.ready && worker.load == 0)
         })?;
         let spec = TaskSpec::new(self.role.clone(), json!({ "steps": TASK_STEPS }));
-        let task = match self.runtime.block_on(self.engine.execute(Command::SubmitTask { spec }))? {
-            Response::TaskSubmitted { task, .. } => task,
+        let task = match self.runtime.block_on(self.engine.execute(TaskCommand::Submit { spec }))? {
+            Response::Answer(Answer::TaskSubmitted { task, .. }) => task,
             other => bail!("submitting a task answered {other:?}"),
         };
         // Leased to a heartbeating run that has committed a step, with every other worker
@@ -348,7 +347,7 @@ impl Bench {
         };
         self.polling += moved;
         // Clean up: cancel the task, and wait for the killed agent's next run.
-        self.runtime.block_on(self.engine.execute(Command::CancelTask { task }))?;
+        self.runtime.block_on(self.engine.execute(TaskCommand::Cancel { task }))?;
         self.wait_for(Some(task), "the killed agent's next incarnation ready", |seen| {
             let worker = &seen.workers[index];
             worker.incarnation > incarnation && worker.beating == Some(worker.incarnation) && worker.ready

@@ -2,7 +2,7 @@
 
 use super::{BenchArgs, bench_keys, machine, temp_dir};
 use anyhow::{Result, bail};
-use hale_core::{AgentName, Command, Core, Hello, Limits, RoleName, Timestamp};
+use hale_core::{AgentCommand, AgentName, Command, Core, Hello, Limits, RoleName, Timestamp};
 use hale_store::{DataDir, Log, Record, RecoveryOptions, recover, snapshot};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -35,7 +35,8 @@ fn replay_blocking(
     let mut seq = 0u64;
     let at = Timestamp(1_700_000_000_000);
     let mut push = |core: &mut Core, command: Command, batch: &mut Vec<Record>, log: &mut Log| -> Result<()> {
-        for event in core.execute(&command, at).map_err(|rejection| anyhow::anyhow!("{rejection}"))? {
+        let decision = core.execute(&command, at).map_err(|rejection| anyhow::anyhow!("{rejection}"))?;
+        for event in decision.events {
             seq += 1;
             batch.push(Record::encode_with(seq, at, &event, key.as_ref()));
         }
@@ -49,7 +50,7 @@ fn replay_blocking(
     for name in &names {
         let hello =
             Hello { agent: name.clone(), role: RoleName::new("worker")?, labels: BTreeMap::new(), incarnation: None };
-        push(&mut core, Command::Hello(hello), &mut batch, &mut log)?;
+        push(&mut core, Command::Agent(AgentCommand::Hello(hello)), &mut batch, &mut log)?;
     }
     let checkpoints = events.saturating_sub(2 * AGENTS);
     for n in 0..checkpoints {
@@ -57,7 +58,7 @@ fn replay_blocking(
         let patch = json!({ "step": n, "note": "step done", "files": { format!("f{}", n % 8): n } });
         push(
             &mut core,
-            Command::Checkpoint { agent, incarnation: 1, patch, expected_version: None },
+            Command::Agent(AgentCommand::Checkpoint { agent, incarnation: 1, patch, expected_version: None }),
             &mut batch,
             &mut log,
         )?;

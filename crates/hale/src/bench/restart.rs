@@ -40,7 +40,6 @@ pub(super) async fn restart(args: &BenchArgs) -> Result<Value> {
         labels: BTreeMap::new(),
         supervision,
         process: process.clone(),
-        watch: Default::default(),
         probe: None,
     };
     let mut config = ServerConfig::new(dir.path(), "127.0.0.1:0".parse()?);

@@ -20,7 +20,7 @@ use hale_core::policy::{Backoff, Intensity};
 use hale_core::supervision::{Criticality, ManagedStatus, RestartPolicy, StallPolicy, Supervision};
 use hale_core::{AgentName, RoleName};
 use hale_server::process::ProcessSpec;
-use hale_server::{DeclaredAgent, ResourceWatch, ServerConfig, Supervise};
+use hale_server::{DeclaredAgent, ServerConfig, Supervise};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -285,13 +285,13 @@ fn crew(args: &DemoArgs) -> Result<Supervise> {
                     group: None,
                     stall: StallPolicy { beats: Some(STALL_BEATS), quiet_ms: None },
                     budget: None,
+                    thresholds: Default::default(),
                 },
                 process: ProcessSpec {
                     command: exe.to_string_lossy().into_owned(),
                     args: demo_args,
                     ..ProcessSpec::default()
                 },
-                watch: ResourceWatch::default(),
                 probe: None,
                 name,
             }

@@ -7,7 +7,7 @@
 use super::Timeline;
 use anyhow::{Context, Result};
 use hale_core::tasks::{Level, Priority, Rung, Shadow, TaskSpec, TaskStatus};
-use hale_core::{AgentName, Command, RoleName};
+use hale_core::{AgentName, RoleName, SupervisionCommand, TaskCommand};
 use hale_server::RunningServer;
 use serde_json::{Value, json};
 use std::time::Instant;
@@ -109,7 +109,7 @@ impl TaskStory {
     }
 
     async fn submit(server: &RunningServer, spec: TaskSpec) -> Result<u64> {
-        server.engine().execute(Command::SubmitTask { spec }).await.context("submitting a demo task")?;
+        server.engine().execute(TaskCommand::Submit { spec }).await.context("submitting a demo task")?;
         let latest = server
             .engine()
             .read(|state| state.tasks().all().filter(|task| task.parent.is_none()).map(|task| task.id).max())
@@ -260,7 +260,7 @@ impl TaskStory {
         if !self.stopped && self.code_done && elapsed >= small_at {
             self.stopped = true;
             for agent in ["code-generator", "code-generator-2"] {
-                server.engine().execute(Command::Stop { agent: AgentName::new(agent)? }).await?;
+                server.engine().execute(SupervisionCommand::Stop { agent: AgentName::new(agent)? }).await?;
             }
             timeline.note(
                 json!({ "kind": "operator_stop", "agents": ["code-generator", "code-generator-2"] }),
@@ -285,7 +285,7 @@ impl TaskStory {
                 format!("task {} completed by {by} at {level}, and says so", task.id),
             );
             for agent in ["code-generator", "code-generator-2"] {
-                server.engine().execute(Command::StartManaged { agent: AgentName::new(agent)? }).await?;
+                server.engine().execute(SupervisionCommand::StartManaged { agent: AgentName::new(agent)? }).await?;
             }
             self.restarted = true;
             timeline.note(

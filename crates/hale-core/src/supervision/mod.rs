@@ -9,6 +9,9 @@ use crate::names::{AgentName, RoleName};
 use crate::policy::{Backoff, Intensity, RestartWindow};
 use serde::{Deserialize, Serialize};
 
+mod decide;
+pub(crate) use decide::decide;
+
 /// When a managed agent is restarted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -89,6 +92,10 @@ pub struct Supervision {
     /// What the agent may spend per period (tokens, cost units).
     #[serde(default)]
     pub budget: Option<crate::budget::AgentBudget>,
+    /// Resource and health-probe thresholds (see `measure`). Left out of the log when none
+    /// is set, so a spec without them reads and writes as before.
+    #[serde(default, skip_serializing_if = "crate::measure::Thresholds::is_unset")]
+    pub thresholds: crate::measure::Thresholds,
 }
 
 /// A process identity that survives pid reuse: the pid and its start time in clock ticks
