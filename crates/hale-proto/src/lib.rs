@@ -12,7 +12,8 @@
 //! The types live in one module per domain and are re-exported here, so users name them
 //! from the crate root: `session` (the frames and the list of client frame types), `agent`
 //! (a run and its state), `tasks`, `mail`, `tokens`, `admin` (status, events, hooks,
-//! backups) and `error`.
+//! backups) and `error`. `variant_names` reads an enum's wire names from serde, for the
+//! tests that hold the lists of names kept by hand equal to their types.
 
 mod admin;
 mod agent;
@@ -21,6 +22,7 @@ mod mail;
 mod session;
 mod tasks;
 mod tokens;
+mod variants;
 
 pub use admin::*;
 pub use agent::*;
@@ -29,6 +31,7 @@ pub use mail::*;
 pub use session::*;
 pub use tasks::*;
 pub use tokens::*;
+pub use variants::variant_names;
 
 /// The protocol version this crate speaks; sent in `welcome`.
 pub const PROTOCOL_VERSION: u32 = 1;

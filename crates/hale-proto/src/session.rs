@@ -304,6 +304,50 @@ mod tests {
     }
 
     #[test]
+    fn client_frame_types_are_the_frames_serde_reads() {
+        // In declaration order; a ClientFrame added without a name here fails this test.
+        assert_eq!(CLIENT_FRAME_TYPES.to_vec(), crate::variant_names::<ClientFrame>());
+    }
+
+    /// docs/protocol.md, section 1.2, lists every frame type: the requests, the answers and
+    /// the frames that answer nothing.
+    #[test]
+    fn protocol_md_lists_every_frame_type() {
+        let doc = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/protocol.md"));
+        let requests = backticked(doc, "Request types:", "Answer types:");
+        let answers = backticked(doc, "Answer types:", "\n\n");
+        let unasked = backticked(doc, "answer no request and carry no `id`:", "They can arrive");
+        assert_eq!(sorted(&requests), sorted(&CLIENT_FRAME_TYPES), "request types in docs/protocol.md 1.2");
+        let mut server = [answers.clone(), unasked.clone()].concat();
+        server.sort_unstable();
+        server.dedup();
+        assert_eq!(server.len(), answers.len() + unasked.len(), "a frame type listed twice in docs/protocol.md 1.2");
+        assert_eq!(
+            server,
+            sorted(&crate::variant_names::<ServerFrame>()),
+            "answer and unasked types in docs/protocol.md 1.2"
+        );
+    }
+
+    fn sorted<'a>(names: &[&'a str]) -> Vec<&'a str> {
+        let mut names = names.to_vec();
+        names.sort_unstable();
+        names
+    }
+
+    /// The `snake_case` names in backticks from `start` to the next `end`.
+    fn backticked<'a>(doc: &'a str, start: &str, end: &str) -> Vec<&'a str> {
+        let from = doc.find(start).unwrap_or_else(|| panic!("{start:?} is not in docs/protocol.md")) + start.len();
+        let to = from + doc[from..].find(end).unwrap_or_else(|| panic!("{end:?} does not follow {start:?}"));
+        doc[from..to]
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|name| !name.is_empty() && name.bytes().all(|byte| byte.is_ascii_lowercase() || byte == b'_'))
+            .collect()
+    }
+
+    #[test]
     fn unknown_fields_are_refused() {
         let frame = serde_json::from_value::<ClientFrame>(json!({"type": "checkpoint", "id": 1, "patch": {}, "x": 1}));
         assert!(frame.is_err());
