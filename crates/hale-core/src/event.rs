@@ -428,3 +428,131 @@ impl Event {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! `Event::kind` and `HookKind::ALL` are names kept by hand beside serde's: the log,
+    //! `GET /v1/events?kind=`, the dashboard and hale.toml's hooks use them. These tests
+    //! hold them equal to the names serde reads, taking serde's own list of variants, so an
+    //! event or hook kind added without a name, or named differently, fails here.
+
+    use super::*;
+    use serde::de::{self, DeserializeOwned, IntoDeserializer};
+    use serde_json::json;
+
+    /// One event of every kind, in the log's JSON (format 1), so that it reads on whatever
+    /// the Rust types become as long as the format holds.
+    fn one_of_each() -> Vec<Value> {
+        let supervision = serde_json::to_value(Supervision::default()).unwrap();
+        let spend = json!({"tokens": 10, "cost": 1});
+        vec![
+            json!({"agent_registered": {"agent": "a", "role": "r", "labels": {}}}),
+            json!({"incarnation_started": {"agent": "a", "incarnation": 1}}),
+            json!({"checkpointed": {"agent": "a", "incarnation": 1, "version": 1, "patch": {}}}),
+            json!({"recovery_point_marked": {"agent": "a", "incarnation": 1, "name": "p", "version": 1}}),
+            json!({"rolled_back": {"agent": "a", "incarnation": 1, "target_version": 1, "version": 2, "state": {}}}),
+            json!({"agent_declared": {"agent": "a", "role": "r", "labels": {}, "supervision": supervision}}),
+            json!({"process_started": {"agent": "a", "incarnation": 1, "process": {"pid": 7, "start_ticks": 9}}}),
+            json!({"agent_down": {"agent": "a", "incarnation": 1, "cause": "stopped"}}),
+            json!({"restart_scheduled": {"agent": "a", "attempt": 1, "due": 5}}),
+            json!({"agent_failed": {"agent": "a", "restarts": 3, "window_ms": 1000}}),
+            json!({"restart_requested": {"agent": "a"}}),
+            json!({"progress_reported": {"agent": "a", "incarnation": 1, "progress": {}}}),
+            json!({"breaker_opened": {"agent": "a", "errors": 5, "until": 5}}),
+            json!({"breaker_half_opened": {"agent": "a"}}),
+            json!({"breaker_closed": {"agent": "a"}}),
+            json!({"violation_reported": {"agent": "a", "by": "operator", "severity": "minor", "reason": "x"}}),
+            json!({"quarantined": {"agent": "a", "by": "operator", "reason": "x"}}),
+            json!({"released": {"agent": "a"}}),
+            json!({"role_declared": {"role": "r", "min": 1, "max": 2, "supervision": supervision}}),
+            json!({"task_submitted": {"task": 1, "spec": {"role": "r"}}}),
+            json!({"task_shadowed": {"task": 1, "children": [2, 3]}}),
+            json!({"task_assigned": {"task": 1, "agent": "a", "incarnation": 1, "attempt": 1}}),
+            json!({"step_intended": {"task": 1, "attempt": 1, "name": "s"}}),
+            json!({"step_committed": {"task": 1, "attempt": 1, "name": "s", "result": null}}),
+            json!({"task_completed": {"task": 1, "result": null}}),
+            json!({"task_retried": {"task": 1, "reason": "x"}}),
+            json!({"task_failed": {"task": 1, "reason": "x"}}),
+            json!({"task_cancelled": {"task": 1}}),
+            json!({"task_compensating": {"task": 1, "outcome": "cancelled", "step": "s", "child": 2}}),
+            json!({"compensation_failed": {"task": 1, "step": "s", "reason": "x"}}),
+            json!({"task_arbitrated": {"task": 1, "agreed": [2], "dissent": [3]}}),
+            json!({"mode_changed": {"mode": "degraded", "serving": 1, "roles": 2}}),
+            json!({"budget_reserved": {
+                "reservation": 1, "agent": "a", "incarnation": 1, "task": null, "spend": spend, "period": 0
+            }}),
+            json!({"spend_reported": {
+                "agent": "a", "incarnation": 1, "task": null, "reservation": 1, "spend": spend, "period": 0
+            }}),
+            json!({"tokens_issued": {"agent": "a", "generation": 1, "refresh_hash": "h", "expires_at": 5}}),
+            json!({"tokens_refreshed": {"agent": "a", "refresh_hash": "h", "expires_at": 5}}),
+            json!({"tokens_revoked": {"agent": "a", "reason": "x"}}),
+            json!({"budget_breached": {"agent": "a", "incarnation": 1, "task": null, "detail": "x"}}),
+            json!({"message_sent": {
+                "id": 1, "seq": 1, "from": "a", "to": "b", "conversation": "c-1", "body": null
+            }}),
+            json!({"message_acked": {"agent": "a", "seq": 1}}),
+            json!({"conversation_ended": {"conversation": "c-1", "by": "a"}}),
+            json!({"hook_delivered": {"hook": "h", "kind": "agent.down", "seq": 1, "attempts": 1}}),
+            json!({"hook_failed": {"hook": "h", "kind": "agent.down", "seq": 1, "attempts": 6, "error": "x"}}),
+        ]
+    }
+
+    #[test]
+    fn every_event_kind_is_the_name_serde_gives_it() {
+        let mut kinds = Vec::new();
+        for sample in one_of_each() {
+            let name = sample.as_object().and_then(|map| map.keys().next()).unwrap().clone();
+            let event: Event = serde_json::from_value(sample).unwrap_or_else(|error| panic!("{name}: {error}"));
+            assert_eq!(event.kind(), name);
+            let written = serde_json::to_value(&event).unwrap();
+            assert_eq!(written.as_object().map(|map| map.keys().collect::<Vec<_>>()), Some(vec![&name]));
+            kinds.push(event.kind());
+        }
+        // A new event needs a sample above (and so a name in `kind`) before this passes.
+        assert_eq!(kinds, variant_names::<Event>());
+    }
+
+    #[test]
+    fn hook_kinds_all_is_every_kind_serde_reads() {
+        let listed: Vec<&str> = HookKind::ALL.iter().map(|kind| kind.as_str()).collect();
+        assert_eq!(listed, variant_names::<HookKind>());
+    }
+
+    /// The names serde reads for the variants of the externally tagged enum `T`, in
+    /// declaration order: serde lists them all in the error it raises for an unknown name.
+    /// (`hale_proto::variant_names` does the same; hale-core does not depend on it.)
+    fn variant_names<T: DeserializeOwned>() -> Vec<&'static str> {
+        match T::deserialize(IntoDeserializer::<Listed>::into_deserializer("\u{0}no such variant")) {
+            Err(Listed::Variants(names)) => names.to_vec(),
+            other => panic!("not an externally tagged enum: {:?}", other.err()),
+        }
+    }
+
+    #[derive(Debug)]
+    enum Listed {
+        Variants(&'static [&'static str]),
+        Other(String),
+    }
+
+    impl de::Error for Listed {
+        fn custom<M: std::fmt::Display>(message: M) -> Listed {
+            Listed::Other(message.to_string())
+        }
+
+        fn unknown_variant(_variant: &str, expected: &'static [&'static str]) -> Listed {
+            Listed::Variants(expected)
+        }
+    }
+
+    impl std::fmt::Display for Listed {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self {
+                Listed::Variants(names) => write!(f, "one of {}", names.join(", ")),
+                Listed::Other(message) => f.write_str(message),
+            }
+        }
+    }
+
+    impl std::error::Error for Listed {}
+}

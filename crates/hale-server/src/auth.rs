@@ -11,7 +11,7 @@
 //! * An agent's refresh token is an opaque random secret, `hale_rt_` + 64 hex digits,
 //!   valid 30 days and rotated on every use. The log keeps only its SHA-256.
 
-use crate::api::ApiError;
+use crate::api::{ApiError, ServerCode};
 use axum::http::StatusCode;
 use hale_core::AgentName;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -113,11 +113,11 @@ impl Principal {
 }
 
 pub(crate) fn forbidden(message: String) -> ApiError {
-    ApiError::new(StatusCode::FORBIDDEN, "forbidden", message, false)
+    ApiError::coded(StatusCode::FORBIDDEN, ServerCode::Forbidden, message, false)
 }
 
-fn unauthorized(code: &str, message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::UNAUTHORIZED, code, message, false)
+fn unauthorized(code: ServerCode, message: impl Into<String>) -> ApiError {
+    ApiError::coded(StatusCode::UNAUTHORIZED, code, message, false)
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -234,33 +234,35 @@ impl Auth {
         }
         if token.starts_with(REFRESH_PREFIX) {
             return Err(unauthorized(
-                "token_invalid",
+                ServerCode::TokenInvalid,
                 "this is a refresh token: exchange it at POST /v1/auth/refresh for an access token",
             ));
         }
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|error| {
             use jsonwebtoken::errors::ErrorKind;
             match error.kind() {
-                ErrorKind::ExpiredSignature => {
-                    unauthorized("token_expired", "the access token has expired; refresh it (POST /v1/auth/refresh)")
-                }
+                ErrorKind::ExpiredSignature => unauthorized(
+                    ServerCode::TokenExpired,
+                    "the access token has expired; refresh it (POST /v1/auth/refresh)",
+                ),
                 ErrorKind::ImmatureSignature => {
-                    unauthorized("token_not_yet_valid", "the access token is not valid yet")
+                    unauthorized(ServerCode::TokenNotYetValid, "the access token is not valid yet")
                 }
                 ErrorKind::InvalidAudience | ErrorKind::InvalidIssuer => {
-                    unauthorized("token_invalid", "the access token was not issued by hale for agents")
+                    unauthorized(ServerCode::TokenInvalid, "the access token was not issued by hale for agents")
                 }
-                _ => {
-                    unauthorized("token_invalid", format!("the token is not valid ({error}); use a token hale issued"))
-                }
+                _ => unauthorized(
+                    ServerCode::TokenInvalid,
+                    format!("the token is not valid ({error}); use a token hale issued"),
+                ),
             }
         })?;
         let claims = data.claims;
-        let agent =
-            AgentName::new(claims.sub).map_err(|_| unauthorized("token_invalid", "the token names no valid agent"))?;
+        let agent = AgentName::new(claims.sub)
+            .map_err(|_| unauthorized(ServerCode::TokenInvalid, "the token names no valid agent"))?;
         if claims.generation != self.generation(&agent) {
             return Err(unauthorized(
-                "token_revoked",
+                ServerCode::TokenRevoked,
                 format!("the tokens of agent {:?} were revoked; ask the operator for new ones", agent.as_str()),
             ));
         }

@@ -7,14 +7,14 @@
 //! backup made elsewhere is a file one can copy afterwards.
 
 use super::http::JsonBody;
-use super::{ApiError, AppState, Route};
+use super::{ApiError, AppState, Route, ServerCode};
 use crate::auth::Principal;
 use axum::Extension;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use hale_proto::{BackupDone, BackupLine, ErrorBody, HttpBackup};
+use hale_proto::{BackupDone, BackupLine, HttpBackup};
 use hale_store::StoreError;
 use std::convert::Infallible;
 use std::path::PathBuf;
@@ -75,10 +75,10 @@ async fn create(
             }),
             Err(error) => {
                 let code = match error {
-                    StoreError::BackupExists { .. } => "backup_exists",
-                    _ => "backup_failed",
+                    StoreError::BackupExists { .. } => ServerCode::BackupExists,
+                    _ => ServerCode::BackupFailed,
                 };
-                BackupLine::Error(ErrorBody { code: code.into(), message: error.to_string(), retryable: false })
+                BackupLine::Error(code.body(error.to_string(), false))
             }
         };
         let _ = lines.send(encode(&last)).await;
@@ -96,9 +96,9 @@ fn encode(line: &BackupLine) -> Vec<u8> {
 }
 
 fn backup_exists(path: &str) -> ApiError {
-    ApiError::new(
+    ApiError::coded(
         StatusCode::CONFLICT,
-        "backup_exists",
+        ServerCode::BackupExists,
         format!("{path:?} exists; a backup never replaces a file: name a new one"),
         false,
     )

@@ -55,3 +55,31 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
     )
         .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::SCRIPT;
+
+    /// The script picks events by kind: the timeline's kinds, the ones left out of "Recent
+    /// events", and the `case`s that fold a failure. A name that is not a kind of the log
+    /// (renamed, or mistyped) would leave that part of the page quietly empty.
+    #[test]
+    fn the_script_names_only_kinds_the_log_has() {
+        let kinds = hale_proto::variant_names::<hale_core::Event>();
+        let between = |start: &str, end: &str| {
+            let from = SCRIPT.find(start).unwrap_or_else(|| panic!("{start:?} is not in dashboard.js")) + start.len();
+            &SCRIPT[from..from + SCRIPT[from..].find(end).unwrap()]
+        };
+        let quoted = |text: &'static str| text.split('"').skip(1).step_by(2).collect::<Vec<_>>();
+        let timeline = quoted(between("const TIMELINE_KINDS = [", "]"));
+        let noisy = quoted(between("const NOISY_KINDS = new Set([", "]"));
+        let cases: Vec<&str> = between("switch (event.kind) {", "\n  }\n")
+            .lines()
+            .filter_map(|line| line.trim().strip_prefix("case \"")?.strip_suffix("\":"))
+            .collect();
+        assert!(!timeline.is_empty() && !noisy.is_empty() && !cases.is_empty());
+        for name in timeline.iter().chain(&noisy).chain(&cases) {
+            assert!(kinds.contains(name), "dashboard.js names {name:?}, which is no event kind: {kinds:?}");
+        }
+    }
+}

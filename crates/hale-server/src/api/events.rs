@@ -8,7 +8,7 @@
 //! subscriber misses (it lagged, or the event was decided before it subscribed) is in the
 //! log, so a gap in the sequence numbers is filled from there.
 
-use super::{ApiError, AppState, Route};
+use super::{ApiError, AppState, Route, ServerCode};
 use crate::auth::Principal;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -265,7 +265,12 @@ impl Follower {
 }
 
 fn log_unreadable(reason: &str) -> ApiError {
-    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "log_unavailable", format!("the log cannot be read: {reason}"), true)
+    ApiError::coded(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ServerCode::LogUnavailable,
+        format!("the log cannot be read: {reason}"),
+        true,
+    )
 }
 
 /// What one read of the log found.

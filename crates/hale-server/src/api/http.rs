@@ -2,7 +2,7 @@
 //! the CLI uses.
 
 use super::openapi::{AgentPath, Answer};
-use super::{ApiError, AppState, Route, wire};
+use super::{ApiError, AppState, Route, ServerCode, wire};
 use crate::auth::Principal;
 use axum::Extension;
 use axum::Json;
@@ -53,17 +53,17 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
         let read = tokio::time::timeout(timeout, axum::body::to_bytes(request.into_body(), limit)).await;
         let bytes = read
             .map_err(|_| {
-                ApiError::new(
+                ApiError::coded(
                     StatusCode::REQUEST_TIMEOUT,
-                    "request_timeout",
+                    ServerCode::RequestTimeout,
                     format!("the request body did not arrive within {} ms; send it in one go", timeout.as_millis()),
                     true,
                 )
             })?
             .map_err(|_| {
-                ApiError::new(
+                ApiError::coded(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
+                    ServerCode::BodyTooLarge,
                     format!("the request body is larger than {limit} bytes (body_bytes_max)"),
                     false,
                 )
@@ -86,12 +86,17 @@ async fn healthz() -> &'static str {
 async fn readyz(State(app): State<AppState>) -> Response {
     let durability = app.engine.durability();
     if let Some(reason) = durability.failed {
-        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "log_unavailable", reason.to_string(), true)
+        return ApiError::coded(StatusCode::SERVICE_UNAVAILABLE, ServerCode::LogUnavailable, reason.to_string(), true)
             .into_response();
     }
     if *app.shutdown.borrow() {
-        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "hale is shutting down", true)
-            .into_response();
+        return ApiError::coded(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ServerCode::ShuttingDown,
+            "hale is shutting down",
+            true,
+        )
+        .into_response();
     }
     "ready\n".into_response()
 }
@@ -219,9 +224,9 @@ async fn report_violation(
     // An agent reports as itself: it cannot speak for the operator or another agent.
     let by = match (&principal, body.by) {
         (Principal::Agent { agent: own, .. }, Some(by)) if by != own.as_str() => {
-            return Err(ApiError::new(
+            return Err(ApiError::coded(
                 StatusCode::FORBIDDEN,
-                "forbidden",
+                ServerCode::Forbidden,
                 format!("this token belongs to agent {:?}; it cannot report as {by:?}", own.as_str()),
                 false,
             ));

@@ -5,7 +5,7 @@
 //! (scrapers cannot refresh an agent's short-lived JWT); or anyone, with
 //! `[server] metrics_public = true`.
 
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, ServerCode};
 use crate::auth::Principal;
 use crate::metrics::Gauges;
 use axum::Extension;
@@ -30,9 +30,9 @@ pub async fn scrape(
     let metrics = app.metrics.clone();
     // Reads /proc (hale's and its agents' resource use) and the snapshot directory.
     let text = tokio::task::spawn_blocking(move || metrics.encode(&gauges)).await.map_err(|error| {
-        ApiError::new(
+        ApiError::coded(
             axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
+            ServerCode::Internal,
             format!("encoding the metrics failed: {error}"),
             true,
         )

@@ -14,7 +14,7 @@ pub(crate) mod tokens;
 pub(crate) mod wire;
 mod ws;
 
-pub use error::ApiError;
+pub use error::{ApiError, ServerCode};
 pub use ws::decode_frame;
 
 use crate::auth::Auth;
@@ -114,9 +114,9 @@ pub fn router(state: AppState) -> Router {
     router
         .fallback(|| async { ApiError::not_found("no such endpoint; see docs/protocol.md for the API") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(
+            ApiError::coded(
                 axum::http::StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+                ServerCode::MethodNotAllowed,
                 "this endpoint does not take that method",
                 false,
             )
@@ -149,16 +149,16 @@ async fn json_errors(response: Response) -> Response {
     let text = String::from_utf8_lossy(&bytes).trim().to_string();
     let message = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_string() } else { text };
     let code = match status.as_u16() {
-        400 => "bad_request",
-        404 => "not_found",
-        405 => "method_not_allowed",
-        413 => "body_too_large",
-        415 => "unsupported_media_type",
-        426 => "upgrade_required",
-        _ if status.is_server_error() => "internal",
-        _ => "bad_request",
+        400 => ServerCode::BadRequest,
+        404 => ServerCode::NotFound,
+        405 => ServerCode::MethodNotAllowed,
+        413 => ServerCode::BodyTooLarge,
+        415 => ServerCode::UnsupportedMediaType,
+        426 => ServerCode::UpgradeRequired,
+        _ if status.is_server_error() => ServerCode::Internal,
+        _ => ServerCode::BadRequest,
     };
-    let mut answer = ApiError::new(status, code, message, status.is_server_error()).into_response();
+    let mut answer = ApiError::coded(status, code, message, status.is_server_error()).into_response();
     parts.headers.remove(axum::http::header::CONTENT_TYPE);
     parts.headers.remove(axum::http::header::CONTENT_LENGTH);
     answer.headers_mut().extend(parts.headers);
@@ -192,9 +192,9 @@ async fn authenticate(State(app): State<AppState>, mut request: Request, next: N
         .and_then(|query| query.split('&').find_map(|pair| pair.strip_prefix("access_token=")))
         .map(str::to_string);
     let Some(token) = header.or(query) else {
-        return Err(ApiError::new(
+        return Err(ApiError::coded(
             axum::http::StatusCode::UNAUTHORIZED,
-            "unauthenticated",
+            ServerCode::Unauthenticated,
             "this endpoint needs a token (Authorization: Bearer TOKEN): the CLI finds the admin token in the data \
              directory; an agent gets its own from `hale token issue AGENT`, or in HALE_TOKEN when hale runs it",
             false,

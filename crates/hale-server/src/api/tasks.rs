@@ -2,7 +2,7 @@
 
 use super::http::{JsonBody, agent_name, respond};
 use super::openapi::{AgentPath, Answer, TaskPath};
-use super::{ApiError, AppState, Route, wire};
+use super::{ApiError, AppState, Route, ServerCode, wire};
 use crate::auth::Principal;
 use axum::Extension;
 use axum::Json;
@@ -111,9 +111,9 @@ async fn get_task(
     let (holder, info) = found.ok_or(hale_core::Rejection::UnknownTask { task })?;
     // An agent sees the tasks it holds or held; the operator sees all.
     if !matches!(principal, Principal::Admin) && !holder.is_some_and(|holder| principal.may_act_for(holder.as_str())) {
-        return Err(ApiError::new(
+        return Err(ApiError::coded(
             axum::http::StatusCode::FORBIDDEN,
-            "forbidden",
+            ServerCode::Forbidden,
             format!("task {task} is not leased to this token's agent"),
             false,
         ));

@@ -2,7 +2,7 @@
 
 use super::http::{JsonBody, agent_name};
 use super::openapi::{AgentPath, Answer};
-use super::{ApiError, AppState, Route};
+use super::{ApiError, AppState, Route, ServerCode};
 use crate::auth::{Auth, Principal, hash_refresh};
 use crate::engine::Engine;
 use axum::extract::{Path, State};
@@ -94,9 +94,9 @@ async fn refresh(
     let answer = app.engine.execute(command).await?;
     // A reused token revoked the chain instead of refreshing it.
     if hold_generation(&app, &agent, answer) {
-        return Err(ApiError::new(
+        return Err(ApiError::coded(
             axum::http::StatusCode::UNAUTHORIZED,
-            "token_revoked",
+            ServerCode::TokenRevoked,
             "this refresh token was already used, so it may have been copied: every token of the agent is revoked; ask the operator for new ones",
             false,
         ));

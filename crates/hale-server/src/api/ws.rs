@@ -1,7 +1,7 @@
 //! The WebSocket session: JSON frames with request ids, pipelined, answered in order, each
 //! answer sent only once what it reports is durable.
 
-use super::{ApiError, AppState, wire};
+use super::{ApiError, AppState, ServerCode, wire};
 use crate::engine::{Response as EngineResponse, Submitted};
 use crate::sessions::{Push, SessionGuard};
 use axum::extract::State;
@@ -328,9 +328,9 @@ impl Session {
         match frame {
             ClientFrame::Hello { agent, body, .. } => {
                 if let Some(bound) = &self.bound {
-                    return Err(ApiError::new(
+                    return Err(ApiError::coded(
                         axum::http::StatusCode::CONFLICT,
-                        "hello_repeated",
+                        ServerCode::HelloRepeated,
                         format!(
                             "this session already speaks for agent {:?}; open a new session to say hello again",
                             bound.agent.as_str()
@@ -343,9 +343,9 @@ impl Session {
                 if let crate::auth::Principal::Agent { agent: own, generation, .. } = &self.principal
                     && self.app.auth.generation_of(own) != *generation
                 {
-                    return Err(ApiError::new(
+                    return Err(ApiError::coded(
                         axum::http::StatusCode::UNAUTHORIZED,
-                        "token_revoked",
+                        ServerCode::TokenRevoked,
                         format!("the tokens of agent {:?} were revoked; ask the operator for new ones", own.as_str()),
                         false,
                     ));
@@ -421,9 +421,9 @@ async fn answer(id: u64, submitted: Submitted) -> ServerFrame {
 
 /// The error for a frame that needs the session to have said hello first.
 fn hello_required(kind: &str) -> ApiError {
-    ApiError::new(
+    ApiError::coded(
         axum::http::StatusCode::CONFLICT,
-        "hello_required",
+        ServerCode::HelloRequired,
         format!("a {kind} frame must follow a hello on the same session"),
         false,
     )
@@ -455,9 +455,9 @@ fn frame_error(bytes: &[u8], error: &serde_json::Error) -> ServerFrame {
     let id = envelope.as_ref().and_then(|envelope| envelope.id);
     let kind = envelope.and_then(|envelope| envelope.kind);
     let error = match kind {
-        Some(kind) if !CLIENT_FRAME_TYPES.contains(&kind.as_str()) => ApiError::new(
+        Some(kind) if !CLIENT_FRAME_TYPES.contains(&kind.as_str()) => ApiError::coded(
             axum::http::StatusCode::BAD_REQUEST,
-            "unknown_frame_type",
+            ServerCode::UnknownFrameType,
             format!(
                 "unknown frame type {:?}; expected one of {}",
                 kind.chars().take(64).collect::<String>(),
@@ -465,7 +465,12 @@ fn frame_error(bytes: &[u8], error: &serde_json::Error) -> ServerFrame {
             ),
             false,
         ),
-        _ => ApiError::new(axum::http::StatusCode::BAD_REQUEST, "bad_frame", wire::describe_json_error(error), false),
+        _ => ApiError::coded(
+            axum::http::StatusCode::BAD_REQUEST,
+            ServerCode::BadFrame,
+            wire::describe_json_error(error),
+            false,
+        ),
     };
     ServerFrame::Error { id, error: error.body }
 }
