@@ -16,6 +16,8 @@ pub struct Hale {
     pub child: Child,
     pub addr: SocketAddr,
     stderr: Arc<Mutex<String>>,
+    /// The thread that reads hale's stderr: it ends when hale has exited.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 /// `hale serve --data DATA --listen 127.0.0.1:0 EXTRA…`, waiting until it listens.
@@ -160,7 +162,7 @@ fn launch(mut command: Command) -> Result<Hale, String> {
         return Err(stderr.lock().unwrap().clone());
     };
     let addr = addr.parse().expect("a socket address");
-    Ok(Hale { child, addr, stderr })
+    Ok(Hale { child, addr, stderr, reader: Some(reader) })
 }
 
 impl Hale {
@@ -206,6 +208,19 @@ impl Hale {
     pub fn terminate(mut self) -> ExitStatus {
         kill(self.pid(), Signal::SIGTERM).expect("SIGTERM");
         wait_with_timeout(&mut self.child, Duration::from_secs(30)).expect("hale did not exit within 30 s of SIGTERM")
+    }
+
+    /// Like [`terminate`](Hale::terminate), and everything hale wrote to stderr, to its
+    /// last line: what it did while it stopped is in it too.
+    pub fn terminate_with_stderr(mut self) -> (ExitStatus, String) {
+        let reader = self.reader.take();
+        let stderr = self.stderr.clone();
+        let status = self.terminate();
+        if let Some(reader) = reader {
+            reader.join().expect("the stderr reader does not panic");
+        }
+        let text = stderr.lock().unwrap().clone();
+        (status, text)
     }
 
     /// An HTTP client of this hale with the admin token.
