@@ -136,14 +136,20 @@ class Hale:
         return int(self.ok("POST", "/v1/tasks", body)["task"])
 
 
-async def eventually(what: str, seconds: float, probe: Callable[[], Optional[T]]) -> T:
-    """Polls ``probe`` every 50 ms until it returns something other than None/False."""
+async def eventually(
+    what: str, seconds: float, probe: Callable[[], Optional[T]], seen: Optional[Callable[[], Any]] = None
+) -> T:
+    """Polls ``probe`` every 50 ms until it returns something other than None/False, for at
+    most ``seconds``; a timeout says what it waited for and, with ``seen``, what it last saw.
+    Tests wait for the condition they assert this way, never for a fixed time: CI runs on a
+    busy machine."""
     deadline = time.monotonic() + seconds
     while True:
         value = probe()
         if value is not None and value is not False:
             return value
-        assert time.monotonic() < deadline, f"timed out after {seconds} s waiting for: {what}"
+        last = f"; last seen: {seen()!r}" if seen is not None else ""
+        assert time.monotonic() < deadline, f"timed out after {seconds} s waiting for: {what}{last}"
         await asyncio.sleep(0.05)
 
 

@@ -14,11 +14,16 @@ from typing import Any, Dict
 import pytest
 
 import hale
-from support import Hale, run
+from support import Hale, eventually, run
 
 
 def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def claims_of(token: str) -> Dict[str, Any]:
+    payload = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))  # type: ignore[no-any-return]
 
 
 def reissue(server: Hale, token: str, **claims: Any) -> str:
@@ -91,7 +96,18 @@ async def test_a_session_outlives_its_first_token_by_renewing_it_in_band(tmp_pat
         )
         first_expiry = hale._transport.jwt_expiry(pair["access_token"])
         assert first_expiry is not None
-        await asyncio.sleep(max(first_expiry + 6 - time.time(), 0))
+        # Proof by order, not by sleeping past the expiry: a witness session that never
+        # renews, on a token issued in a later second (so it expires later than erin's
+        # first), is closed by hale once its token and the leeway are over. By then erin's
+        # session, had it not renewed, would have been closed first.
+        issued = claims_of(pair["access_token"])["iat"]
+        await eventually("a second after erin's token was issued", 5, lambda: time.time() >= issued + 1)
+        witness = server.issue_tokens("frank")
+        assert claims_of(witness["access_token"])["exp"] > first_expiry
+        frank = await hale.Agent.connect(server.ws_url, "frank", "r", token=witness["access_token"])
+        reason = await asyncio.wait_for(frank.ended(), 30)
+        assert "expired" in reason, reason
+        assert time.time() >= first_expiry + 5
         assert agent.token_refreshes >= 2 and agent.token != pair["access_token"]
         assert await agent.checkpoint({"alive": True}) == 1
         assert not agent.closed and agent.reconnects == 0

@@ -52,7 +52,12 @@ async def test_two_agents_send_reply_and_ack(server: Hale) -> None:
     assert (again.message, again.seq, again.new) == (first.message, first.seq, False)
     got = await writer.next_message(timeout=10)
     assert got is not None and got.seq == first.seq
-    assert await writer.next_message(timeout=0.3) is None, "a duplicate was delivered"
+    # Proof by order that nothing was duplicated: a message sent after the second send gets
+    # the next mailbox entry, and is the next one handed over (a duplicate would come first).
+    later = await planner.send("after the resend", to_agent="writer")
+    assert later.seq == first.seq + 1, "the resend made a mailbox entry"
+    got = await writer.next_message(timeout=10)
+    assert got is not None and got.seq == later.seq, "a duplicate was delivered"
 
     with pytest.raises(hale.NoRecipient) as nobody:
         await planner.send("hello?", to_agent="nobody-here")
@@ -118,8 +123,10 @@ async def test_each_message_is_handed_over_once_in_order_across_a_sigkill_of_hal
 
     reading = asyncio.ensure_future(read())
     sending = asyncio.ensure_future(send())
-    await asyncio.sleep(0.3)
+    # The kill lands in the middle of the stream.
+    await eventually("the stream under way", 30, lambda: len(received) >= MESSAGES // 10, lambda: len(received))
     server.kill()
+    # The outage: the clients' first retries fail and back off.
     await asyncio.sleep(0.3)
     server = Hale(tmp_path / "data", listen)
     try:
@@ -161,7 +168,12 @@ async def test_a_resumed_run_gets_its_unacked_messages_conversations_and_pending
     ]
     again = await writer.next_message(timeout=10)
     assert again is not None and again.seq == question.seq and again.body == {"q": "ready?"}
-    assert await writer.next_message(timeout=0.3) is None, "the acked note came back"
+    # Proof by order that the acked note stays acked: the mailbox hands messages over in
+    # order, so the note (older) would come before a message sent now.
+    later = await planner.send({"fyi": 2}, to_agent="writer", conversation="plan-7")
+    after = await writer.next_message(timeout=10)
+    assert after is not None and after.seq == later.seq, "the acked note came back"
+    await writer.ack(after)
     await writer.reply(again, {"a": "yes"})
     await writer.ack(again)
     await writer.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 import hale
-from support import ADMIN, Hale, Proxy, free_address, run
+from support import ADMIN, Hale, Proxy, eventually, free_address, run
 
 AGENTS = 8
 
@@ -37,14 +37,26 @@ async def test_agents_reconnect_after_hale_is_sigkilled_and_no_checkpoint_is_los
         return acked
 
     workers = [asyncio.ensure_future(work(agent)) for agent in agents]
+
+    def counts() -> List[int]:
+        """Each agent's checkpoints applied (one key each)."""
+        return [len(agent.state) for agent in agents]
+
     try:
-        await asyncio.sleep(0.4)
-        before = [len(agent.state) for agent in agents]
+        await eventually("every agent past 2 checkpoints", 30, lambda: all(count > 2 for count in counts()), counts)
         server.kill()
+        before = counts()
+        # The outage: long enough for the clients' first retries to fail and back off.
         await asyncio.sleep(0.3)
         server = Hale(tmp_path / "data", listen)
-        # Let them go on a while after the restart, then stop.
-        await asyncio.sleep(1.0)
+        # They come back and go on after the restart, then stop: three more checkpoints
+        # each (at most one was still in flight to the old hale).
+        await eventually(
+            "every agent reconnected and three checkpoints on",
+            30,
+            lambda: all(agent.reconnects >= 1 and count >= old + 3 for agent, count, old in zip(agents, counts(), before)),
+            lambda: (counts(), before, [agent.reconnects for agent in agents]),
+        )
         running = False
         results = await asyncio.gather(*workers)
     finally:
@@ -84,7 +96,14 @@ async def test_a_network_cut_is_ridden_out_with_jittered_backoff_and_buffered_wr
         return list(await asyncio.gather(*(agent.checkpoint({f"w{n}": n}) for n in range(1, 6))))
 
     writes = [asyncio.ensure_future(burst(agent)) for agent in agents]
-    await asyncio.sleep(0.8)
+    # Every client sees the cut and retries (the proxy counts the attempts).
+    await eventually(
+        "every client cut off and retrying",
+        30,
+        lambda: all(not agent.connected and agent.backoffs for agent in agents)
+        and len([at for at in proxy.attempts if at > severed_at]) >= clients,
+        lambda: ([agent.connected for agent in agents], len([at for at in proxy.attempts if at > severed_at])),
+    )
     assert not any(write.done() for write in writes), "writes were answered during the cut"
     assert all(not agent.connected for agent in agents)
     # Each client retried on its own schedule: the first retries after the cut are spread.

@@ -739,14 +739,25 @@ mod tests {
 
     #[test]
     fn a_token_is_renewed_a_minute_ahead_or_at_two_thirds_of_a_shorter_life() {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let clock = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+        let now = clock() as u64;
         let credentials = Credentials::default();
+        // The wait until `renew_at` (seconds since the epoch), bounded by the clock read just
+        // before and just after asking: it holds wherever in its second the test runs, and
+        // however slowly (the tokens' times are whole seconds; the clock is not).
+        let renews_at = |renew_at: u64| {
+            let before = clock();
+            let wait = credentials.renew_in().unwrap().as_secs_f64();
+            let after = clock();
+            let left = |at: f64| (renew_at as f64 - at).max(0.0);
+            let (earliest, latest) = (left(after) - 1e-6, left(before) + 1e-6);
+            assert!((earliest..=latest).contains(&wait), "renews in {wait} s, not in {earliest}..={latest} s");
+        };
         credentials.set(token(now, now + 900), Some("hale_rt_x".into()));
-        let wait = credentials.renew_in().unwrap().as_secs_f64();
-        assert!((838.0..=840.0).contains(&wait), "{wait}");
+        renews_at(now + 900 - 60);
         credentials.set(token(now, now + 3), Some("hale_rt_x".into()));
-        let wait = credentials.renew_in().unwrap().as_secs_f64();
-        assert!((1.0..=2.0).contains(&wait), "two thirds of 3 s, not at expiry: {wait}");
+        // Two thirds of 3 s, not at expiry.
+        renews_at(now + 2);
         credentials.set(token(now - 100, now - 10), Some("hale_rt_x".into()));
         assert_eq!(credentials.renew_in(), Some(std::time::Duration::ZERO), "due");
         credentials.set(token(now, now + 900), None);

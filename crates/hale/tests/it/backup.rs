@@ -9,7 +9,6 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
 
 const AGENTS: usize = 6;
 
@@ -88,8 +87,12 @@ async fn a_backup_under_write_load_restores_to_one_consistent_moment() {
     assert!(err.contains("backing up [") && err.contains("100%"), "no progress bar on stderr: {err}");
     assert!(std::fs::metadata(&backup).unwrap().len() > 4 * 256 * 4096, "the backup takes few steps");
     assert!(!backup.with_file_name("live.db-wal").exists(), "a backup is one file");
-    // The load went on after the backup began.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The load goes on after the backup: every agent has a checkpoint acknowledged that it
+    // sent after the backup ended, so the live log holds more than the backup.
+    support::eventually("a checkpoint of every agent acknowledged after the backup", 30, || async {
+        sent_after.iter().zip(acked.iter()).all(|(sent, acked)| acked.load(Ordering::SeqCst) > *sent).then_some(())
+    })
+    .await;
     running.store(false, Ordering::Relaxed);
     while let Some(done) = workers.join_next().await {
         done.unwrap();
@@ -231,6 +234,12 @@ async fn scheduled_backups_appear_and_only_the_newest_are_kept() {
     })
     .await;
     assert!(hale.stderr_shows("old backup removed"), "{}", hale.stderr());
+    // Stopped before looking: the schedule goes on writing a backup every second (a
+    // partial file beside the others) and rotating after it (removing the oldest, maybe
+    // one being verified), and the rotation after the fourth may not have run yet. A stop
+    // cancels the backup under way (its partial file goes) and waits for the schedule.
+    drop(agent);
+    assert!(hale.terminate().success());
     let files: Vec<PathBuf> = listing(&dir);
     assert_eq!(files.len(), 2, "keep = 2: {files:?}");
     for file in &files {
@@ -239,8 +248,6 @@ async fn scheduled_backups_appear_and_only_the_newest_are_kept() {
         let (code, out, err) = support::hale(&["verify", "--file", path_str(&dir.join(file))]);
         assert_eq!(code, 0, "{out}\n{err}");
     }
-    drop(agent);
-    assert!(hale.terminate().success());
 }
 
 #[tokio::test]

@@ -26,9 +26,17 @@ async fn populate(data: &Path) -> serde_json::Value {
     agent.resume().await.unwrap();
     for n in 1..=60 {
         agent.checkpoint(json!({ "marker": format!("MARK-{n:04}"), format!("k{}", n % 5): n })).await.unwrap();
-        // Give the snapshot task a moment now and then, so several snapshots exist.
-        if n % 20 == 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // The hello logged two events and each checkpoint logs one: a snapshot is due at
+        // every 25th event. Wait for each before going on (a snapshot still being written
+        // delays the next, which then covers more), so several snapshots exist: those at
+        // events 25 and 50, and the one the stop takes.
+        let events = n + 2;
+        if events % 25 == 0 {
+            let due = events / 25;
+            support::eventually(&format!("snapshot {due} of victim"), 30, || async {
+                (snapshots(data).len() >= due).then_some(())
+            })
+            .await;
         }
     }
     let state = hale.admin().state("victim", None).await.unwrap().state;

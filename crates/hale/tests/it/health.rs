@@ -17,7 +17,9 @@ async fn an_error_spike_opens_the_breaker() {
     for n in 0..4 {
         agent.report_error(Some(&format!("tool call {n} failed"))).await.unwrap();
     }
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The breaker opens on the engine's tick: once a tick has run on the four errors, it
+    // would be open if four were enough.
+    support::next_tick(&hale, "tick-witness").await;
     assert_eq!(summary(&admin, "flaky").await.breaker, "closed", "four errors are below the default five");
     agent.report_error(Some("tool call 4 failed")).await.unwrap();
     eventually("the breaker open", 10, || async { (summary(&admin, "flaky").await.breaker == "open").then_some(()) })

@@ -33,8 +33,9 @@ enum Answer {
 /// A webhook receiver: a TCP listener speaking just enough HTTP/1.1.
 struct Webhook {
     url: String,
-    /// The JSON bodies received, with when they arrived.
-    received: Arc<Mutex<Vec<(Instant, Value)>>>,
+    /// The JSON bodies received, with when they arrived (and the wall clock's ms then, to
+    /// compare with the times in hale's log).
+    received: Arc<Mutex<Vec<(Instant, u64, Value)>>>,
 }
 
 impl Webhook {
@@ -52,7 +53,10 @@ impl Webhook {
                     let Some(body) = read_request(&mut stream).await else { return };
                     let index = {
                         let mut seen = seen.lock().unwrap();
-                        seen.push((Instant::now(), body));
+                        let wall_ms =
+                            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+                                as u64;
+                        seen.push((Instant::now(), wall_ms, body));
                         seen.len() - 1
                     };
                     match answers[index.min(answers.len() - 1)] {
@@ -70,7 +74,7 @@ impl Webhook {
     }
 
     fn bodies(&self) -> Vec<Value> {
-        self.received.lock().unwrap().iter().map(|(_, body)| body.clone()).collect()
+        self.received.lock().unwrap().iter().map(|(_, _, body)| body.clone()).collect()
     }
 }
 
@@ -155,18 +159,23 @@ async fn a_killed_agent_is_posted_to_the_webhook_and_the_delivery_is_logged() {
     let logged = &delivered["event"];
     assert_eq!((logged["hook"].as_str(), logged["kind"].as_str()), (Some("pager"), Some("agent.down")), "{delivered}");
     assert_eq!((logged["seq"].as_u64(), logged["attempts"].as_u64()), (Some(seq), Some(1)), "{delivered}");
-    // The hook's own event calls for no hook: only the one delivery, ever.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(webhook.bodies().len(), 1, "{:?}", webhook.bodies());
 
     let (status, listed) = hale.get("/v1/hooks");
     assert_eq!(status, 200, "{listed}");
     let listed: Value = serde_json::from_str(&listed).unwrap();
     assert_eq!((listed[0]["name"].as_str(), listed[0]["delivered"].as_u64()), (Some("pager"), Some(1)), "{listed}");
     assert_eq!(listed[0]["last_delivered"]["seq"], seq, "{listed}");
+    // The hook's own event calls for no hook: only the one delivery, ever. Proof by order:
+    // a hook delivers in log order, one at a time, so the down of a second kill (logged
+    // after hook_delivered) is posted after anything hook_delivered could have called for.
+    let pid = running(&admin, 2).await;
+    kill(pid, Signal::SIGKILL).unwrap();
+    let next = eventually("the second kill posted", 20, || async { webhook.bodies().into_iter().nth(1) }).await;
+    assert_eq!((next["kind"].as_str(), next["event"]["incarnation"].as_u64()), (Some("agent.down"), Some(2)), "{next}");
+    assert_eq!(webhook.bodies().len(), 2, "{:?}", webhook.bodies());
     // A clean stop of the agents is no failure: nobody is paged for it.
     assert!(hale.terminate().success());
-    assert_eq!(webhook.bodies().len(), 1, "{:?}", webhook.bodies());
+    assert_eq!(webhook.bodies().len(), 2, "{:?}", webhook.bodies());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,10 +198,9 @@ async fn a_failing_webhook_is_retried_and_given_up_on_while_the_agent_is_already
     kill(pid, Signal::SIGKILL).unwrap();
 
     // The restart does not wait for the hook: incarnation 2 runs while the first attempt
-    // still hangs (for its 3 s timeout), before any retry.
+    // still hangs (for its 3 s timeout), before any retry (checked below, on hale's clock
+    // and in log order, not on when this test happened to look).
     running(&admin, 2).await;
-    assert!(webhook.bodies().len() <= 1, "{:?}", webhook.bodies());
-    assert!(events(&hale, "hook_delivered").is_empty());
     let started = events(&hale, "process_started");
     let second = started.iter().find(|event| event["event"]["incarnation"] == 2).expect("incarnation 2 started");
 
@@ -202,12 +210,15 @@ async fn a_failing_webhook_is_retried_and_given_up_on_while_the_agent_is_already
     .await;
     let seq = down_seq(&hale, 1);
     assert!(second["seq"].as_u64() < delivered["seq"].as_u64(), "started before the hook was delivered");
+    let retried_ms = webhook.received.lock().unwrap().get(1).map(|(_, wall_ms, _)| *wall_ms).expect("a retry");
+    let started_ms = second["at_ms"].as_u64().unwrap();
+    assert!(started_ms <= retried_ms, "incarnation 2 started at {started_ms}, after the first retry at {retried_ms}");
     assert_eq!(delivered["event"]["hook"], "slow", "{delivered}");
     assert_eq!((delivered["event"]["seq"].as_u64(), delivered["event"]["attempts"].as_u64()), (Some(seq), Some(3)));
     let bodies = webhook.bodies();
     assert_eq!(bodies.len(), 3, "three attempts: {bodies:?}");
     assert!(bodies.iter().all(|body| body["seq"] == seq && body["kind"] == "agent.down"), "{bodies:?}");
-    let attempts: Vec<Instant> = webhook.received.lock().unwrap().iter().map(|(at, _)| *at).collect();
+    let attempts: Vec<Instant> = webhook.received.lock().unwrap().iter().map(|(at, _, _)| *at).collect();
     assert!(attempts[1] - attempts[0] >= Duration::from_millis(2900), "the first attempt waited for its timeout");
 
     let failed =
@@ -258,15 +269,16 @@ async fn a_delivery_under_way_when_hale_is_sigkilled_is_made_after_the_restart()
     })
     .await;
     assert_eq!(again["kind"], "agent.restarted", "{again}");
+    // What was delivered before the kill is not delivered again. Proof by order: what is
+    // owed is queued again in log order and delivered one at a time, so a second delivery
+    // of the down (logged before the restart) would have come before this one.
+    let downs = webhook.bodies().iter().filter(|body| body["seq"] == down).count();
+    assert_eq!(downs, 1, "{:?}", webhook.bodies());
     let delivered = eventually("its outcome logged", 10, || async {
         events(&hale, "hook_delivered").into_iter().find(|logged| logged["event"]["seq"] == restarted)
     })
     .await;
     assert_eq!(delivered["event"]["hook"], "pager", "{delivered}");
-    // What was delivered before the kill is not delivered again.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let downs = webhook.bodies().iter().filter(|body| body["seq"] == down).count();
-    assert_eq!(downs, 1, "{:?}", webhook.bodies());
     assert!(hale.stderr_shows("owed from before this start"), "{}", hale.stderr());
     assert!(hale.terminate().success());
 }

@@ -6,6 +6,8 @@
 use crate::support::{self, ADMIN, http_as, serve};
 use hale_client::{Agent, AgentOptions, Recipient, Reconnect};
 use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 const MESSAGES: u64 = 300;
@@ -29,7 +31,9 @@ async fn messages_arrive_once_and_in_order_across_a_sigkill_of_hale() {
     let planner = connect("planner").await;
     let receiver = connect("writer").await;
     let session = receiver.session_id().unwrap();
+    let handed = Arc::new(AtomicU64::new(0));
 
+    let count = handed.clone();
     let reading = tokio::spawn(async move {
         let mut received = Vec::new();
         while (received.len() as u64) < MESSAGES {
@@ -39,6 +43,7 @@ async fn messages_arrive_once_and_in_order_across_a_sigkill_of_hale() {
                 .expect("the session lasts");
             assert_eq!(message.from, "planner");
             received.push(message.body.as_u64().unwrap());
+            count.store(received.len() as u64, Ordering::SeqCst);
             receiver.ack(message.seq).await.expect("ack");
         }
         (received, receiver)
@@ -51,8 +56,13 @@ async fn messages_arrive_once_and_in_order_across_a_sigkill_of_hale() {
         }
         sent
     });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The kill lands in the middle of the stream.
+    support::eventually("the stream under way", 30, || async {
+        (handed.load(Ordering::SeqCst) >= MESSAGES / 10).then_some(())
+    })
+    .await;
     hale.kill();
+    // The outage: the clients' first retries fail and back off.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let hale = support::serve_on(temp.path(), &listen);
 

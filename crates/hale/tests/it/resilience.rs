@@ -7,7 +7,7 @@ use crate::support::{self, ADMIN};
 use hale_client::{Agent, AgentOptions, Reconnect};
 use serde_json::json;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 const AGENTS: usize = 8;
@@ -20,31 +20,50 @@ async fn agents_reconnect_after_hale_is_sigkilled_and_no_checkpoint_is_lost_or_a
     let url = hale.ws_url();
     let policy = Reconnect { base: Duration::from_millis(20), cap: Duration::from_millis(500), ..Reconnect::default() };
     let running = Arc::new(AtomicBool::new(true));
+    // Per agent, how many checkpoints were acknowledged so far.
+    let progress: Arc<Vec<AtomicU64>> = Arc::new((0..AGENTS).map(|_| AtomicU64::new(0)).collect());
     let mut workers = tokio::task::JoinSet::new();
     for index in 0..AGENTS {
         let options = AgentOptions::new(format!("steady-{index}"), "r").token(ADMIN).reconnect(policy.clone());
         let agent = Agent::connect(&url, options).await.unwrap();
         let incarnation = agent.resume().await.unwrap().incarnation;
-        let running = running.clone();
+        let (running, progress) = (running.clone(), progress.clone());
         workers.spawn(async move {
             let mut acked = Vec::new();
             let mut n = 0u64;
             while running.load(Ordering::Relaxed) {
                 n += 1;
                 match agent.checkpoint(json!({ format!("c{n}"): n })).await {
-                    Ok(version) => acked.push((n, version)),
+                    Ok(version) => {
+                        acked.push((n, version));
+                        progress[index].store(acked.len() as u64, Ordering::SeqCst);
+                    }
                     Err(error) => panic!("steady-{index}: checkpoint {n} failed: {error}"),
                 }
             }
             (index, incarnation, acked, agent)
         });
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let acknowledged = |progress: &[AtomicU64]| progress.iter().map(|p| p.load(Ordering::SeqCst)).collect::<Vec<_>>();
+    support::wait_until("every agent past 5 acknowledged checkpoints", 30, || {
+        let now = acknowledged(&progress);
+        async move { if now.iter().all(|&count| count > 5) { Ok(()) } else { Err(format!("{now:?}")) } }
+    })
+    .await;
     hale.kill();
+    let at_kill = acknowledged(&progress);
+    // The outage: long enough for the clients' first retries to fail and back off.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let hale = support::serve_on(temp.path(), &listen);
-    // Let them go on a while after the restart, then stop.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // They go on after the restart, then stop: three more acknowledged checkpoints each (at
+    // most one was still in flight to the old hale, so the new one took at least two).
+    support::wait_until("every agent three checkpoints on after the restart", 30, || {
+        let now = acknowledged(&progress);
+        let on = now.iter().zip(&at_kill).all(|(now, before)| *now >= before + 3);
+        let seen = format!("{now:?}, at the kill {at_kill:?}");
+        async move { if on { Ok(()) } else { Err(seen) } }
+    })
+    .await;
     running.store(false, Ordering::Relaxed);
     let admin = hale.admin();
     while let Some(joined) = workers.join_next().await {
@@ -145,12 +164,17 @@ async fn a_network_cut_is_ridden_out_with_jittered_backoff_and_buffered_writes_f
             (index, versions)
         });
     }
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    // Each client retried on its own schedule: the first retries after the cut are spread.
-    let firsts: Vec<Duration> = {
+    let since_cut = || -> Vec<Duration> {
         let attempts = proxy.attempts.lock().unwrap();
         attempts.iter().filter(|at| **at > severed_at).map(|at| at.duration_since(severed_at)).collect()
     };
+    support::wait_until("every client retried during the cut", 30, || {
+        let made = since_cut().len();
+        async move { if made >= CLIENTS { Ok(()) } else { Err(format!("{made} attempts")) } }
+    })
+    .await;
+    // Each client retried on its own schedule: the first retries after the cut are spread.
+    let firsts = since_cut();
     assert!(firsts.len() >= CLIENTS, "every client retried during the cut: {} attempts", firsts.len());
     let mut sorted: Vec<u128> = firsts.iter().take(CLIENTS).map(Duration::as_millis).collect();
     sorted.sort_unstable();

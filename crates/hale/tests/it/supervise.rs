@@ -46,6 +46,42 @@ async fn running(admin: &Admin, name: &str, incarnation: u64, version: u64) -> A
     .await
 }
 
+/// How many checkpoints `name`'s incarnation `incarnation` has logged.
+fn checkpoints(hale: &support::Hale, name: &str, incarnation: u64) -> usize {
+    let (status, body) = hale.get(&format!("/v1/events?agent={name}&kind=checkpointed&limit=10000"));
+    assert_eq!(status, 200, "{body}");
+    let events: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    events.iter().filter(|event| event["event"]["incarnation"] == incarnation).count()
+}
+
+/// Asserts that `name`'s incarnation 2, which does not misbehave, stays up. Proof by the
+/// run's own progress, not by a timer: incarnation 1 was declared down after some number
+/// of its checkpoints; incarnation 2 goes on for twice as many (and ten more) and is still
+/// the current run, where a run misbehaving as incarnation 1 did would have been caught.
+/// A slow machine only makes this wait longer.
+async fn stays_up(hale: &support::Hale, admin: &Admin, name: &str) {
+    let caught_after = checkpoints(hale, name, 1);
+    let enough = 2 * caught_after + 10;
+    let current = support::wait_until(
+        &format!("{name}'s incarnation 2 past {enough} checkpoints (incarnation 1 was caught after {caught_after})"),
+        60,
+        || async {
+            let current = agent(admin, name).await.incarnation;
+            let made = checkpoints(hale, name, 2);
+            if current != 2 || made >= enough {
+                Ok(current)
+            } else {
+                Err(format!("incarnation {current}, {made} checkpoints"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(current, 2, "{name} went down again");
+}
+
+/// The agent that [`support::next_tick`] uses, in tests that must see a tick happen.
+const WITNESS: &str = "tick-witness";
+
 fn pid_of(agent: &AgentSummary) -> Pid {
     Pid::from_raw(agent.managed.as_ref().and_then(|managed| managed.pid).expect("a pid") as i32)
 }
@@ -124,7 +160,9 @@ async fn an_agent_that_crashes_at_start_fails_after_the_intensity_until_restarte
     // The first start and three restarts, then no more.
     assert_eq!(failed.incarnation, 4);
     assert!(hale.stderr_shows("agent FAILED"), "{}", hale.stderr());
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Only the engine's tick restarts an agent after its backoff: once a tick has run on
+    // the failed state, a restart that was going to happen has happened.
+    support::next_tick(&hale, WITNESS).await;
     let still = agent(&admin, "crasher").await;
     assert_eq!((still.incarnation, still.managed.unwrap().status.as_str()), (4, "failed"));
 
@@ -168,11 +206,20 @@ async fn group_strategies_restart_siblings_as_otp_does() {
         let b = agent(&admin, &format!("{group}-b")).await;
         kill(pid_of(&b), Signal::SIGKILL).unwrap();
     }
-    for name in ["one-b", "all-a", "all-b", "all-c", "rest-b", "rest-c"] {
+    let restarted = ["one-b", "all-a", "all-b", "all-c", "rest-b", "rest-c"];
+    for name in restarted {
         running(&admin, name, 2, 0).await;
     }
-    // Give any wrong restart time to happen, then check the ones that must not have.
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // A failure takes its siblings down in the same decision as its own down, and a keeper
+    // reports the exit of the process it replaces before it starts the new one: by now every
+    // restart the three kills call for is decided. Proof by order that no other came: each
+    // agent goes on checkpointing in its run after all that, so none was taken down since.
+    let versions: Vec<(String, u64)> =
+        admin.agents().await.unwrap().into_iter().map(|agent| (agent.agent, agent.version)).collect();
+    for (name, version) in &versions {
+        let incarnation = if restarted.contains(&name.as_str()) { 2 } else { 1 };
+        running(&admin, name, incarnation, *version).await;
+    }
     for (name, incarnation) in [("one-a", 1), ("one-c", 1), ("rest-a", 1), ("all-a", 2), ("rest-c", 2)] {
         assert_eq!(agent(&admin, name).await.incarnation, incarnation, "{name}");
     }
@@ -197,10 +244,6 @@ async fn agents_outlive_a_sigkilled_hale_and_are_adopted_without_restarts() {
         before.push(running(&admin, name, 1, 2).await);
     }
     hale.kill();
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    for agent in &before {
-        assert!(alive(pid_of(agent)), "{} died with hale", agent.agent);
-    }
     // A stray of an older run (as a crash during a stop could leave) is killed at start.
     let canonical = std::fs::canonicalize(&data).unwrap();
     let mut stray = std::process::Command::new("sleep")
@@ -214,6 +257,15 @@ async fn agents_outlive_a_sigkilled_hale_and_are_adopted_without_restarts() {
 
     let hale = up(&config, &data, &listen);
     assert_eq!(hale.http_url(), admin_url(&listen));
+    // A client of its own: the old one's pooled connection went down with the old hale,
+    // and nothing ran the client while `up` blocked to notice.
+    let admin = hale.admin();
+    // They outlived hale: alive all the while the new hale recovered and started (no timer
+    // needed: a process dying with hale dies at once), and the same processes are adopted
+    // below, which no process that died in between could be.
+    for agent in &before {
+        assert!(alive(pid_of(agent)), "{} died with hale", agent.agent);
+    }
     for agent in &before {
         // Same process, same incarnation, attached again and checkpointing.
         let after = running(&admin, &agent.agent, 1, agent.version).await;
@@ -274,7 +326,10 @@ async fn an_agent_stopped_with_hale_stop_saves_its_last_checkpoint_and_closes() 
     assert_eq!(state.state["stopped_at_step"], state.state["step"]);
     let logs = std::fs::read_to_string(temp.path().join("data/logs/tidy.log")).unwrap();
     assert!(!logs.contains("the last checkpoint failed"), "{logs}");
-    assert!(!hale.stderr_shows("still running after the grace period"), "{}", hale.stderr());
+    // hale logs the SIGKILL after the grace before it logs the end of the process: once the
+    // end is in its stderr, so would the SIGKILL be.
+    assert!(hale.stderr_shows("agent process ended"), "{}", hale.stderr());
+    assert!(!hale.stderr().contains("still running after the grace period"), "{}", hale.stderr());
     assert_eq!(self::agent(&admin, "tidy").await.managed.unwrap().status, "stopped");
     assert!(hale.terminate().success());
 }
@@ -357,8 +412,7 @@ async fn an_agent_over_its_resident_memory_limit_is_detected_and_restarted() {
     assert_eq!((down.incarnation, down.detector.as_str()), (1, "resource"), "{}", down.cause);
     assert!(down.cause.contains("over its limit of 96 MiB"), "{}", down.cause);
     // The new incarnation does not bloat, and stays up.
-    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
-    assert_eq!(agent(&admin, "bloats").await.incarnation, 2);
+    stays_up(&hale, &admin, "bloats").await;
     assert!(hale.terminate().success());
 }
 
@@ -387,9 +441,11 @@ async fn a_pool_recruits_a_replacement_when_an_instance_fails() {
     // Below the minimum of two healthy: worker-3 is recruited from the template.
     let recruited = running(&admin, "worker-3", 1, 0).await;
     assert_eq!(recruited.labels.get("pool").map(String::as_str), Some("worker"));
-    // At the maximum of three: no fourth, whatever happens next.
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let names: Vec<String> = admin.agents().await.unwrap().into_iter().map(|agent| agent.agent).collect();
+    // At the maximum of three: no fourth, whatever happens next. Pools recruit on the
+    // engine's tick: once a tick has run at the maximum, no recruit is coming.
+    support::next_tick(&hale, WITNESS).await;
+    let names: Vec<String> =
+        admin.agents().await.unwrap().into_iter().map(|agent| agent.agent).filter(|name| name != WITNESS).collect();
     assert_eq!(names, ["worker-1", "worker-2", "worker-3"]);
     let addr = hale.addr;
     assert!(hale.terminate().success());
@@ -421,9 +477,11 @@ async fn a_pool_starts_its_instances_once_and_stopping_hale_recruits_no_replacem
         assert_eq!(status, 200, "{body}");
         serde_json::from_str::<Vec<serde_json::Value>>(&body).unwrap()
     };
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Restarts and recruits are decided on the engine's tick: once a tick has run with all
+    // three running, anything it was going to start is in the log.
+    support::next_tick(&hale, WITNESS).await;
     assert_eq!(downs(&hale), Vec::<serde_json::Value>::new());
-    for agent in admin.agents().await.unwrap() {
+    for agent in admin.agents().await.unwrap().into_iter().filter(|agent| agent.agent != WITNESS) {
         assert_eq!(agent.incarnation, 1, "{} restarted", agent.agent);
     }
     let addr = hale.addr;
@@ -434,7 +492,15 @@ async fn a_pool_starts_its_instances_once_and_stopping_hale_recruits_no_replacem
         assert!(processes_of(addr, &name).is_empty(), "{name} left running");
     }
     let hale = support::serve(&data, &[]);
-    let names: Vec<String> = hale.admin().agents().await.unwrap().into_iter().map(|agent| agent.agent).collect();
+    let names: Vec<String> = hale
+        .admin()
+        .agents()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|agent| agent.agent)
+        .filter(|name| name != WITNESS)
+        .collect();
     assert_eq!(names, ["worker-1", "worker-2", "worker-3"], "no instance recruited during the stop");
 }
 
@@ -460,8 +526,7 @@ async fn an_agent_failing_its_health_probe_is_restarted() {
     assert_eq!((down.incarnation, down.detector.as_str()), (1, "health_probe"), "{}", down.cause);
     assert!(down.cause.contains("failed 3 times in a row") && down.cause.contains("HTTP 503"), "{}", down.cause);
     // The new incarnation is healthy and stays up.
-    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
-    assert_eq!(agent(&admin, "sickly").await.incarnation, 2);
+    stays_up(&hale, &admin, "sickly").await;
     assert!(hale.terminate().success());
 }
 
@@ -505,22 +570,28 @@ async fn hale_logs_prints_and_follows_an_agents_output() {
         .spawn()
         .unwrap();
     let mut stdout = follow.stdout.take().unwrap();
+    let printed = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let seen = printed.clone();
     let reader = std::thread::spawn(move || {
-        let mut seen = String::new();
         let mut buffer = [0u8; 4096];
-        while !seen.contains("incarnation 2") {
+        while !seen.lock().unwrap().contains("incarnation 2") {
             match std::io::Read::read(&mut stdout, &mut buffer) {
                 Ok(0) | Err(_) => break,
-                Ok(n) => seen.push_str(&String::from_utf8_lossy(&buffer[..n])),
+                Ok(n) => seen.lock().unwrap().push_str(&String::from_utf8_lossy(&buffer[..n])),
             }
         }
-        seen
     });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // It prints the tail first, then follows: once the tail is out, whatever the restart
+    // writes can only come by following.
+    eventually("hale logs -f to print the tail", 30, || async {
+        printed.lock().unwrap().contains("incarnation 1").then_some(())
+    })
+    .await;
     kill(pid_of(&agent(&admin, "chatty").await), Signal::SIGKILL).unwrap();
     running(&admin, "chatty", 2, 0).await;
-    eventually("the followed log to show incarnation 2", 15, || async { reader.is_finished().then_some(()) }).await;
-    let seen = reader.join().unwrap();
+    eventually("the followed log to show incarnation 2", 30, || async { reader.is_finished().then_some(()) }).await;
+    reader.join().unwrap();
+    let seen = printed.lock().unwrap().clone();
     assert!(seen.contains("demo-agent chatty (chatty): incarnation 2"), "{seen}");
     let _ = follow.kill();
     let _ = follow.wait();

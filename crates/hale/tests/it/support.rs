@@ -16,6 +16,8 @@ pub struct Hale {
     pub child: Child,
     pub addr: SocketAddr,
     stderr: Arc<Mutex<String>>,
+    /// The thread that reads hale's stderr: it ends when hale has exited.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 /// `hale serve --data DATA --listen 127.0.0.1:0 EXTRA…`, waiting until it listens.
@@ -59,14 +61,63 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
+    wait_until(what, seconds, || {
+        let probed = probe();
+        async move { probed.await.ok_or_else(|| "not yet".to_string()) }
+    })
+    .await
+}
+
+/// Polls `probe` every 50 ms until it returns `Ok`, for at most `seconds`; `Err` says what
+/// it saw instead, and a timeout fails with what it waited for and the last thing it saw.
+/// Every test waits for the condition it asserts this way, never for a fixed time: CI
+/// runs on a busy machine.
+pub async fn wait_until<T, F, Fut>(what: &str, seconds: u64, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
     let deadline = Instant::now() + Duration::from_secs(seconds);
     loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out after {seconds} s waiting for: {what}");
+        let seen = match probe().await {
+            Ok(value) => return value,
+            Err(seen) => seen,
+        };
+        assert!(Instant::now() < deadline, "timed out after {seconds} s waiting for: {what}; last seen: {seen}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits until hale's engine has run a tick that began after this call: every timer and
+/// detector that runs on the tick (restarts due after their backoff, pool recruits, the
+/// circuit breakers) has decided again since, on the state as it is now. Tests that assert
+/// something does *not* happen wait for this instead of sleeping.
+///
+/// The proof is by order. `witness` is an agent of the test's own (over HTTP, unmanaged): a
+/// run's first heartbeat with progress is logged (`progress_reported`) by the next tick and
+/// by nothing else, and a tick decides restarts, recruits and breakers before it logs
+/// progress. The witness then starts a new run, so the heartbeat detector does not watch it
+/// (it is never declared down). Tests that list every agent must leave the witness out.
+pub async fn next_tick(hale: &Hale, witness: &str) {
+    let (status, welcome) =
+        hale.post(&format!("/v1/agents/{witness}/hello"), &serde_json::json!({"role": "tick-witness"}));
+    assert_eq!(status, 200, "{welcome}");
+    let incarnation = serde_json::from_str::<serde_json::Value>(&welcome).unwrap()["incarnation"].as_u64().unwrap();
+    let beat = serde_json::json!({"incarnation": incarnation, "progress": {"message": "waiting for a tick"}});
+    let (status, body) = hale.post(&format!("/v1/agents/{witness}/heartbeat"), &beat);
+    assert_eq!(status, 200, "{body}");
+    let path = format!("/v1/events?agent={witness}&kind=progress_reported");
+    wait_until(&format!("a tick of hale's engine (the progress of {witness}/{incarnation} logged)"), 30, || {
+        let (status, body) = hale.get(&path);
+        let logged = status == 200
+            && serde_json::from_str::<Vec<serde_json::Value>>(&body)
+                .is_ok_and(|events| events.iter().any(|event| event["event"]["incarnation"] == incarnation));
+        async move { if logged { Ok(()) } else { Err(format!("{status} {body}")) } }
+    })
+    .await;
+    let (status, body) =
+        hale.post(&format!("/v1/agents/{witness}/hello"), &serde_json::json!({"role": "tick-witness"}));
+    assert_eq!(status, 200, "{body}");
 }
 
 /// The admin token every hale of these tests runs with (`HALE_ADMIN_TOKEN`), so the
@@ -111,7 +162,7 @@ fn launch(mut command: Command) -> Result<Hale, String> {
         return Err(stderr.lock().unwrap().clone());
     };
     let addr = addr.parse().expect("a socket address");
-    Ok(Hale { child, addr, stderr })
+    Ok(Hale { child, addr, stderr, reader: Some(reader) })
 }
 
 impl Hale {
@@ -132,10 +183,12 @@ impl Hale {
         self.stderr.lock().unwrap().clone()
     }
 
-    /// Waits (up to 10 s) until hale's stderr contains `text`: it is read by another
-    /// thread, so a line hale wrote a moment ago may not have arrived yet.
+    /// Waits (up to 30 s) until hale's stderr contains `text`: it is read by another
+    /// thread, so a line hale wrote a moment ago may not have arrived yet. For a line that
+    /// must *not* be there, wait for a later line that comes after it, then look at
+    /// [`stderr`](Hale::stderr).
     pub fn stderr_shows(&self, text: &str) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while !self.stderr().contains(text) {
             if Instant::now() > deadline {
                 return false;
@@ -155,6 +208,19 @@ impl Hale {
     pub fn terminate(mut self) -> ExitStatus {
         kill(self.pid(), Signal::SIGTERM).expect("SIGTERM");
         wait_with_timeout(&mut self.child, Duration::from_secs(30)).expect("hale did not exit within 30 s of SIGTERM")
+    }
+
+    /// Like [`terminate`](Hale::terminate), and everything hale wrote to stderr, to its
+    /// last line: what it did while it stopped is in it too.
+    pub fn terminate_with_stderr(mut self) -> (ExitStatus, String) {
+        let reader = self.reader.take();
+        let stderr = self.stderr.clone();
+        let status = self.terminate();
+        if let Some(reader) = reader {
+            reader.join().expect("the stderr reader does not panic");
+        }
+        let text = stderr.lock().unwrap().clone();
+        (status, text)
     }
 
     /// An HTTP client of this hale with the admin token.
