@@ -454,6 +454,13 @@ impl<L: DurableLog> EngineTask<L> {
         };
         // Counted as applied: a log failure after this stops hale taking writes at all.
         self.metrics.observe(&self.core, now, &events);
+        for event in &events {
+            if let Event::AgentDown { agent, incarnation, cause } = event
+                && cause.detector() != "operator"
+            {
+                tracing::warn!(%agent, incarnation, detector = cause.detector(), %cause, "agent declared down");
+            }
+        }
         let moved = events.iter().any(Event::moves_work);
         self.append(now, events).await;
         let response = match answer {
