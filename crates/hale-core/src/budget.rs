@@ -233,11 +233,8 @@ pub(crate) fn decide(
                     events.push(Event::BreakerOpened { agent: agent.clone(), errors: 0, until });
                 }
                 if settings.tasks.quarantine_on_budget_breach && record.health.quarantine.is_none() {
-                    events.push(Event::Quarantined {
-                        agent: agent.clone(),
-                        by: crate::health::Reporter::Hale,
-                        reason: format!("over budget: {detail}"),
-                    });
+                    let reason = format!("over budget: {detail}");
+                    events.extend(crate::health::quarantine(context, agent, crate::health::Reporter::Hale, reason));
                 }
             }
             Ok(Decision::done(events))

@@ -106,7 +106,9 @@ pub enum HealthCommand {
 #[derive(Clone, Debug, PartialEq)]
 pub enum TaskCommand {
     /// Queue a task (answered with its number; the same idempotency key, the same task).
-    Submit { spec: TaskSpec },
+    /// `by` is the agent that submits it, if an agent does (a quarantined one may not);
+    /// it is not logged.
+    Submit { spec: TaskSpec, by: Option<AgentName> },
     /// Lease a pending task to an agent's incarnation, at rung `rung` of its fallback
     /// ladder (from `tick`).
     Assign { task: u64, agent: AgentName, incarnation: u64, rung: u32 },

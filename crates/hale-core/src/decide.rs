@@ -85,6 +85,15 @@ pub(crate) fn stopping_or_running<'s>(
     }
 }
 
+/// Refuses if `agent` is quarantined: it may not reach others (submit, send) until
+/// released.
+pub(crate) fn not_quarantined(state: &State, agent: &AgentName) -> Result<(), Rejection> {
+    match state.agent(agent.as_str()).and_then(|record| record.health.quarantine.as_ref()) {
+        Some(quarantine) => Err(Rejection::Quarantined { agent: agent.to_string(), reason: quarantine.reason.clone() }),
+        None => Ok(()),
+    }
+}
+
 /// The agent, if it exists.
 pub(crate) fn known<'s>(state: &'s State, agent: &AgentName) -> Result<&'s AgentRecord, Rejection> {
     state.agent(agent.as_str()).ok_or_else(|| Rejection::UnknownAgent { agent: agent.to_string() })

@@ -27,4 +27,8 @@ pub enum Effect {
     EndSessions { agent: AgentName, reason: String },
     /// New mail for `agent`: its sessions should deliver what they have not yet.
     DeliverMail { agent: AgentName },
+    /// Quarantine with `action = "pause"`: SIGSTOP to the process group of this run.
+    Pause { agent: AgentName, incarnation: u64 },
+    /// Released from a paused quarantine: SIGCONT to the process group of this run.
+    Resume { agent: AgentName, incarnation: u64 },
 }

@@ -1,5 +1,5 @@
 use crate::Timestamp;
-use crate::health::{Reporter, Severity};
+use crate::health::{QuarantineAction, Reporter, Severity};
 use crate::hooks::HookKind;
 use crate::liveness::Progress;
 use crate::names::{AgentName, ConversationId, HookName, PointName, RoleName};
@@ -118,11 +118,14 @@ pub enum Event {
         severity: Severity,
         reason: String,
     },
-    /// The agent gets no work until released.
+    /// The agent gets no work, and may not submit or send, until released.
     Quarantined {
         agent: AgentName,
         by: Reporter,
         reason: String,
+        /// What was done to its process; left out of the log when only isolated.
+        #[serde(default, skip_serializing_if = "QuarantineAction::is_isolate")]
+        action: QuarantineAction,
     },
     /// The operator released the agent from quarantine (its violations are forgotten).
     Released {

@@ -39,11 +39,45 @@ pub struct QuarantinePolicy {
     /// Violations within `window_ms` that quarantine the agent.
     pub violations_max: u32,
     pub window_ms: u64,
+    /// What else happens to a managed agent's process.
+    pub action: QuarantineAction,
 }
 
 impl Default for QuarantinePolicy {
     fn default() -> Self {
-        QuarantinePolicy { violations_max: 3, window_ms: 3_600_000 }
+        QuarantinePolicy { violations_max: 3, window_ms: 3_600_000, action: QuarantineAction::Isolate }
+    }
+}
+
+/// What quarantine does beyond isolating the agent. Isolation is always part of it: the
+/// agent gets no work, its sessions are ended, and whatever it opens again may checkpoint
+/// and heartbeat (nothing it did is lost) but not submit tasks or send messages (ask and
+/// reply are sends). Release undoes all of it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuarantineAction {
+    /// Only isolation: the process keeps running.
+    #[default]
+    Isolate,
+    /// SIGSTOP to the process group (SIGCONT on release); no detector declares the
+    /// paused run down.
+    Pause,
+    /// Stop the agent as `hale stop` does (start it again on release).
+    Stop,
+}
+
+impl QuarantineAction {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            QuarantineAction::Isolate => "isolate",
+            QuarantineAction::Pause => "pause",
+            QuarantineAction::Stop => "stop",
+        }
+    }
+
+    /// The default, which the log leaves out (so older logs read as isolate).
+    pub fn is_isolate(&self) -> bool {
+        *self == QuarantineAction::Isolate
     }
 }
 
@@ -111,6 +145,29 @@ pub struct Quarantine {
     pub reason: String,
     pub by: Reporter,
     pub at: Timestamp,
+    /// What was done to its process (undone on release).
+    #[serde(default, skip_serializing_if = "QuarantineAction::is_isolate")]
+    pub action: QuarantineAction,
+}
+
+/// The events that quarantine `agent` (`by`, for `reason`): `Quarantined` with the
+/// policy's action, which needs a process hale runs (an agent that connects by itself is
+/// only isolated), and for `stop`, the stop of its current run.
+pub(crate) fn quarantine(
+    context: &crate::decide::Context<'_>,
+    agent: &AgentName,
+    by: Reporter,
+    reason: String,
+) -> Vec<crate::event::Event> {
+    use crate::event::Event;
+    let managed = context.state.agent(agent.as_str()).is_some_and(|record| record.managed.is_some());
+    let action = if managed { context.settings.quarantine.action } else { QuarantineAction::Isolate };
+    let mut events = vec![Event::Quarantined { agent: agent.clone(), by, reason, action }];
+    if action == QuarantineAction::Stop {
+        let stop = crate::command::SupervisionCommand::Stop { agent: agent.clone() };
+        events.extend(crate::supervision::decide(context, &stop).map(|decision| decision.events).unwrap_or_default());
+    }
+    events
 }
 
 /// The durable health record of one agent.
@@ -201,6 +258,12 @@ pub(crate) fn decide(
         },
         HealthCommand::ReportViolation { agent, by, severity, reason } => {
             let record = known(state, agent)?;
+            // A quarantined agent may still confess, but not get others quarantined.
+            if let Reporter::Agent(reporter) = by
+                && reporter != agent
+            {
+                crate::decide::not_quarantined(state, reporter)?;
+            }
             check_reason(reason)?;
             let mut events = vec![Event::ViolationReported {
                 agent: agent.clone(),
@@ -216,7 +279,7 @@ pub(crate) fn decide(
                     Severity::Critical => format!("critical violation: {reason}"),
                     Severity::Minor => format!("{count} violations within {} ms, the last: {reason}", policy.window_ms),
                 };
-                events.push(Event::Quarantined { agent: agent.clone(), by: by.clone(), reason: why });
+                events.extend(quarantine(context, agent, by.clone(), why));
             }
             events
         }
@@ -226,14 +289,23 @@ pub(crate) fn decide(
             if record.health.quarantine.is_some() {
                 return Ok(Decision::done(Vec::new()));
             }
-            vec![Event::Quarantined { agent: agent.clone(), by: Reporter::Operator, reason: reason.clone() }]
+            quarantine(context, agent, Reporter::Operator, reason.clone())
         }
         HealthCommand::Release { agent } => {
             let record = known(state, agent)?;
             if record.health.quarantine.is_none() && record.health.violations.is_empty() {
                 return Ok(Decision::done(Vec::new()));
             }
-            vec![Event::Released { agent: agent.clone() }]
+            let mut events = vec![Event::Released { agent: agent.clone() }];
+            // What `stop` stopped starts again (pause is undone by the effect of Released).
+            let stopped = record.health.quarantine.as_ref().is_some_and(|q| q.action == QuarantineAction::Stop);
+            if stopped {
+                let start = crate::command::SupervisionCommand::StartManaged { agent: agent.clone() };
+                events.extend(
+                    crate::supervision::decide(context, &start).map(|decision| decision.events).unwrap_or_default(),
+                );
+            }
+            events
         }
     };
     Ok(Decision::done(events))

@@ -212,6 +212,14 @@ impl Core {
                 self.liveness.remove(agent);
                 self.measured.remove(agent);
             }
+            // A paused run was not heard from for as long as it was paused: its detectors
+            // start again from now.
+            Event::Released { agent } => {
+                if let Some(live) = self.liveness.get_mut(agent) {
+                    live.restart_watch(now, self.settings.reconnect_grace_ms);
+                }
+                self.measured.remove(agent);
+            }
             Event::Checkpointed { agent, .. } | Event::RolledBack { agent, .. } => {
                 if let Some(live) = self.liveness.get_mut(agent) {
                     live.last_checkpoint = now;
@@ -298,9 +306,24 @@ impl Core {
                     reason: format!("tokens revoked: {reason}"),
                 });
             }
-            Event::Quarantined { agent, reason, .. } => {
+            Event::Quarantined { agent, reason, action, .. } => {
                 self.effects
                     .push_back(Effect::EndSessions { agent: agent.clone(), reason: format!("quarantined: {reason}") });
+                if *action == health::QuarantineAction::Pause
+                    && let Some(record) = self.state.agent(agent.as_str())
+                    && record.down.as_ref().is_none_or(|down| down.incarnation != record.incarnation)
+                {
+                    let incarnation = record.incarnation;
+                    self.effects.push_back(Effect::Pause { agent: agent.clone(), incarnation });
+                }
+            }
+            Event::Released { agent } => {
+                if let Some(record) = self.state.agent(agent.as_str())
+                    && record.health.quarantine.as_ref().is_some_and(|q| q.action == health::QuarantineAction::Pause)
+                {
+                    let incarnation = record.incarnation;
+                    self.effects.push_back(Effect::Resume { agent: agent.clone(), incarnation });
+                }
             }
             Event::MessageSent { to, .. } => self.effects.push_back(Effect::DeliverMail { agent: to.clone() }),
             Event::AgentFailed { agent, restarts, window_ms } => {
@@ -440,7 +463,17 @@ impl Core {
         }
         let threshold = self.settings.detector.threshold;
         let suspect_threshold = self.settings.detector.suspect_threshold;
+        let paused = |state: &State, agent: &AgentName| {
+            state
+                .agent(agent.as_str())
+                .and_then(|record| record.health.quarantine.as_ref())
+                .is_some_and(|quarantine| quarantine.action == health::QuarantineAction::Pause)
+        };
         for (agent, live) in &mut self.liveness {
+            // A paused run is silent because hale stopped it: not a failure.
+            if paused(&self.state, agent) {
+                continue;
+            }
             let down = |cause| {
                 Command::from(SupervisionCommand::ReportDown {
                     agent: agent.clone(),
@@ -494,6 +527,9 @@ impl Core {
         }
         // The resource and probe detectors concluded on what the shell measured.
         for (agent, measured) in &mut self.measured {
+            if paused(&self.state, agent) {
+                continue;
+            }
             if let Some(cause) = measured.verdict.clone().filter(|_| !measured.reported) {
                 measured.reported = true;
                 let incarnation = measured.incarnation;

@@ -86,6 +86,20 @@ impl Liveness {
         }
     }
 
+    /// Watches the run afresh from `now`, as after its first beat: for a run that hale
+    /// paused, the silence was hale's doing. One that was waiting to reconnect gets a whole
+    /// grace again.
+    pub(crate) fn restart_watch(&mut self, now: Timestamp, grace_ms: u64) {
+        self.last_beat = now;
+        self.last_checkpoint = now;
+        self.unchanged_beats = 0;
+        self.health = Health::Alive;
+        self.detector = PhiDetector::new(&self.config);
+        if self.grace_until.is_some() {
+            self.grace_until = Some(Timestamp(now.0.saturating_add(grace_ms)));
+        }
+    }
+
     /// Records one heartbeat at `now`.
     pub(crate) fn beat(&mut self, now: Timestamp, progress: Option<Progress>) {
         if self.grace_until.take().is_some() {

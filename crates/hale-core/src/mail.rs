@@ -244,6 +244,8 @@ pub(crate) fn decide(context: &Context<'_>, command: &MailCommand) -> Result<Dec
                     }));
                 }
             }
+            // A retry of a send logged before the quarantine is answered above; nothing new.
+            crate::decide::not_quarantined(state, from)?;
             let size = json_size(body);
             if size > limits.message_bytes_max {
                 return Err(Rejection::MessageTooLarge { size, max: limits.message_bytes_max });

@@ -67,6 +67,12 @@ pub enum Rejection {
         "agent {agent:?} is not managed by hale (no [[agent]] in hale.toml declares it), so hale does not start, stop or restart it"
     )]
     NotManaged { agent: String },
+    /// A quarantined agent tried to submit a task or send a message (ask and reply are
+    /// sends): it may only checkpoint, heartbeat and read until the operator releases it.
+    #[error(
+        "agent {agent:?} is quarantined ({reason}): it may checkpoint but not submit tasks or send messages until the operator runs `hale release {agent}`"
+    )]
+    Quarantined { agent: String, reason: String },
     /// A hello that would start a new run of an agent hale runs (its process must resume the
     /// run hale started for it).
     #[error(
@@ -166,6 +172,7 @@ impl Rejection {
             Rejection::IncarnationDown { .. } => "incarnation_down",
             Rejection::NotManaged { .. } => "not_managed",
             Rejection::ManagedByHale { .. } => "managed_by_hale",
+            Rejection::Quarantined { .. } => "quarantined",
             Rejection::ProgressTooLarge { .. } => "progress_too_large",
             Rejection::BadFraction { .. } => "bad_fraction",
             Rejection::ReasonTooLong { .. } => "reason_too_long",

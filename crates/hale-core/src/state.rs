@@ -297,9 +297,11 @@ impl State {
             Event::ViolationReported { agent, .. } => {
                 self.with_agent(&agent, at, |record| record.health.record_violation(at));
             }
-            Event::Quarantined { agent, by, reason } => {
+            Event::Quarantined { agent, by, reason, action } => {
                 self.release_run(&agent, None, &format!("agent {agent} quarantined"), at);
-                self.with_agent(&agent, at, |record| record.health.quarantine = Some(Quarantine { reason, by, at }));
+                self.with_agent(&agent, at, |record| {
+                    record.health.quarantine = Some(Quarantine { reason, by, at, action });
+                });
             }
             Event::Released { agent } => self.with_agent(&agent, at, |record| {
                 record.health.quarantine = None;

@@ -368,7 +368,7 @@ impl Sim {
         }
         let repeat = if self.faults && self.chance(10) { 2 } else { 1 };
         for _ in 0..repeat {
-            self.run(&Command::Task(TaskCommand::Submit { spec: spec.clone() }));
+            self.run(&Command::Task(TaskCommand::Submit { spec: spec.clone(), by: None }));
         }
     }
 

@@ -241,6 +241,14 @@ pub struct QuarantineSummary {
     /// `itself`, `agent NAME` or `the operator`.
     pub by: String,
     pub at_ms: u64,
+    /// What was done to its process: `isolate`, `pause` or `stop` (see
+    /// `[supervision.quarantine] action`).
+    #[serde(default = "isolate")]
+    pub action: String,
+}
+
+fn isolate() -> String {
+    "isolate".into()
 }
 
 /// `POST /v1/agents/{agent}/errors`.

@@ -72,6 +72,9 @@ pub struct Supervise {
     pub log_bytes_max: u64,
     /// Rotated log files kept per agent.
     pub logs_kept: usize,
+    /// Where agents without a `workdir` get theirs (`BASE/NAME`); `None`: `agents` in the
+    /// data directory.
+    pub workdir_base: Option<PathBuf>,
 }
 
 /// A role pool (`[[role]]` with a template).

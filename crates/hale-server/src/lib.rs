@@ -237,6 +237,21 @@ async fn start_supervisor(
 ) -> Result<Supervisor, ServerError> {
     let logs_dir = data_dir.path().join("logs");
     std::fs::create_dir_all(&logs_dir).map_err(|source| ServerError::Logs { path: logs_dir.clone(), source })?;
+    let workdir_base = supervise.workdir_base.clone().unwrap_or_else(|| data_dir.path().join("agents"));
+    let other_users = supervise
+        .agents
+        .iter()
+        .map(|agent| &agent.process)
+        .chain(supervise.roles.iter().map(|pool| &pool.process))
+        .any(|process| process.user.is_some() && process.workdir.is_none());
+    if other_users && workdir_base.starts_with(data_dir.path()) {
+        // Agents of other users must reach their own directories under it: traversable,
+        // not listable, and everything else in it stays 0600/0700.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(data_dir.path(), std::fs::Permissions::from_mode(0o711))
+            .map_err(|source| ServerError::Logs { path: data_dir.path().to_path_buf(), source })?;
+        tracing::info!(dir = %data_dir.path().display(), "the data directory is 0711: agents running as other users work under it");
+    }
     let mut agents = Vec::new();
     for declared in &supervise.agents {
         let command = SupervisionCommand::Declare {
@@ -287,6 +302,7 @@ async fn start_supervisor(
         auth: Some(auth),
         stop_grace: supervise.stop_grace,
         rotate_every: Duration::from_secs(5),
+        workdir_base,
     };
     Ok(Supervisor::start(engine.clone(), config))
 }
@@ -345,13 +361,15 @@ async fn route_effects(
 ) {
     while let Some(effect) = effects.recv().await {
         match effect {
-            Effect::Spawn { .. } | Effect::Stop { .. } => match &supervisor {
-                Some(supervisor) => supervisor.dispatch(effect),
-                None => tracing::warn!(
-                    ?effect,
-                    "a managed agent needs its process started or stopped, but this hale runs no agents (use `hale up -c hale.toml`)"
-                ),
-            },
+            Effect::Spawn { .. } | Effect::Stop { .. } | Effect::Pause { .. } | Effect::Resume { .. } => {
+                match &supervisor {
+                    Some(supervisor) => supervisor.dispatch(effect),
+                    None => tracing::warn!(
+                        ?effect,
+                        "a managed agent needs its process started or stopped, but this hale runs no agents (use `hale up -c hale.toml`)"
+                    ),
+                }
+            }
             Effect::Fence { agent, incarnation, reason } => {
                 sessions.push(&agent, incarnation, Push::Fenced { reason });
             }

@@ -74,6 +74,8 @@ pub struct SupervisorConfig {
     pub auth: Option<Arc<crate::auth::Auth>>,
     /// What agents verify a TLS hale against (`HALE_CA_FILE`).
     pub ca_file: Option<PathBuf>,
+    /// An agent without a `workdir` works in its own `BASE/NAME`, made at its start.
+    pub workdir_base: PathBuf,
 }
 
 /// The running supervisor: one keeper per managed agent.
@@ -121,6 +123,7 @@ struct Keeper {
     live: Arc<watch::Sender<usize>>,
     auth: Option<Arc<crate::auth::Auth>>,
     ca_file: Option<PathBuf>,
+    workdir_base: PathBuf,
 }
 
 impl Supervisor {
@@ -185,6 +188,7 @@ impl Supervisor {
             live: self.live_tx.clone(),
             auth: self.config.auth.clone(),
             ca_file: self.config.ca_file.clone(),
+            workdir_base: self.config.workdir_base.clone(),
         };
         tokio::spawn(keeper.run(effects));
         keepers.insert(name, effects_tx.clone());
@@ -209,7 +213,7 @@ impl Supervisor {
         }))
     }
 
-    /// Hands a `Spawn` or `Stop` effect to the agent's keeper.
+    /// Hands a `Spawn`, `Stop`, `Pause` or `Resume` effect to the agent's keeper.
     pub fn dispatch(&self, effect: Effect) {
         if let Effect::Spawn { agent, incarnation, .. } = &effect
             && self.stopping.load(std::sync::atomic::Ordering::SeqCst)
@@ -220,7 +224,7 @@ impl Supervisor {
         }
         let (agent, role) = match &effect {
             Effect::Spawn { agent, role, .. } => (agent, Some(role)),
-            Effect::Stop { agent, .. } => (agent, None),
+            Effect::Stop { agent, .. } | Effect::Pause { agent, .. } | Effect::Resume { agent, .. } => (agent, None),
             _ => return,
         };
         match self.keeper(agent, role) {
@@ -361,6 +365,8 @@ impl Keeper {
                     match effect {
                         Effect::Spawn { incarnation, .. } => self.spawn(incarnation).await,
                         Effect::Stop { incarnation, .. } => self.stop(incarnation).await,
+                        Effect::Pause { incarnation, .. } => self.pause(incarnation, true),
+                        Effect::Resume { incarnation, .. } => self.pause(incarnation, false),
                         _ => {}
                     }
                 }
@@ -407,7 +413,15 @@ impl Keeper {
             }
         }
         let logs = self.agent.logs.clone();
-        let spawned = tokio::task::spawn_blocking(move || process::spawn(&spec, &logs)).await;
+        let own_workdir = spec.workdir.is_none().then(|| self.workdir_base.join(self.agent.name.as_str()));
+        let spawned = tokio::task::spawn_blocking(move || {
+            if let Some(dir) = own_workdir {
+                process::make_workdir(&dir, &spec)?;
+                spec.workdir = Some(dir);
+            }
+            process::spawn(&spec, &logs)
+        })
+        .await;
         let agent = self.agent.name.clone();
         let (mut child, id) = match spawned {
             Ok(Ok(spawned)) => spawned,
@@ -471,6 +485,19 @@ impl Keeper {
 
     /// Stops the process of `incarnation`, if it is the one running: SIGTERM to its group,
     /// then SIGKILL after the grace period. Returns once it is gone.
+    /// Quarantine's `pause`: SIGSTOP to the process group of `incarnation` (SIGCONT when
+    /// `pause` is false, on release).
+    fn pause(&self, incarnation: u64, pause: bool) {
+        let Some(current) = self.current.as_ref().filter(|current| current.incarnation == incarnation) else {
+            return;
+        };
+        let (signal, what) = if pause { (Signal::STOP, "pausing") } else { (Signal::CONT, "resuming") };
+        tracing::info!(agent = %self.agent.name, incarnation, pid = current.pid, "{what} the quarantined agent");
+        if let Err(error) = process::signal_group(current.pid, signal) {
+            tracing::warn!(agent = %self.agent.name, pid = current.pid, %error, "could not signal the agent");
+        }
+    }
+
     async fn stop(&mut self, incarnation: u64) {
         let Some(current) = &self.current else { return };
         if current.incarnation != incarnation {
@@ -482,6 +509,8 @@ impl Keeper {
         if let Err(error) = process::signal_group(pid, Signal::TERM) {
             tracing::warn!(%agent, pid, %error, "could not signal the agent");
         }
+        // A paused (quarantined) agent must run to act on its SIGTERM, as systemd does it.
+        let _ = process::signal_group(pid, Signal::CONT);
         let exit = match tokio::time::timeout(self.stop_grace, self.wait_exit(incarnation)).await {
             Ok(exit) => exit,
             Err(_) => {

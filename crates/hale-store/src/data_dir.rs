@@ -11,10 +11,14 @@ pub struct DataDir {
 }
 
 impl DataDir {
-    /// Creates the directory if needed and takes its lock, or says who holds it.
+    /// Creates the directory if needed and takes its lock, or says who holds it. The
+    /// directory is made private to hale's user (0700, and no file or directory in it
+    /// readable by others), so nobody else, an agent running as another user first, can
+    /// read the log, the admin token or the signing key.
     pub fn open(path: impl AsRef<Path>) -> Result<DataDir, StoreError> {
         let path = path.as_ref().to_path_buf();
         std::fs::create_dir_all(path.join("snapshots")).map_err(StoreError::io("create", &path))?;
+        make_private(&path).map_err(StoreError::io("chmod", &path))?;
         let lock_path = path.join("LOCK");
         let mut lock = OpenOptions::new()
             .read(true)
@@ -55,6 +59,32 @@ impl DataDir {
     }
 }
 
+/// Takes group and other permissions off `dir` (0700) and off everything directly in it
+/// (the log and its WAL, the secrets, the snapshot and log directories), which a data
+/// directory made by an earlier hale, or under a lax umask, may have. Only the bits
+/// beyond the owner's: a traversable `agents` directory (0711) stays as hale made it.
+fn make_private(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let set = |path: &Path, mode: u32| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode));
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+    // 0711 is hale's own choice when agents of other users work under it.
+    if mode & 0o077 != 0 && mode & 0o7777 != 0o711 {
+        set(dir, mode & 0o700)?;
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name() == "agents" {
+            continue;
+        }
+        let meta = entry.metadata()?;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 && !meta.file_type().is_symlink() {
+            set(&entry.path(), mode & 0o700)?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,5 +97,21 @@ mod tests {
         assert!(matches!(&refused, StoreError::Locked { holder, .. } if holder.starts_with("pid ")), "{refused}");
         drop(first);
         DataDir::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn the_directory_and_what_is_in_it_become_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("data");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(dir.join("hale.db"), b"").unwrap();
+        std::fs::set_permissions(dir.join("hale.db"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let _open = DataDir::open(&dir).unwrap();
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("hale.db")), 0o600);
+        assert_eq!(mode(&dir.join("snapshots")) & 0o077, 0);
     }
 }

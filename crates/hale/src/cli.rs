@@ -416,6 +416,9 @@ pub(crate) fn http_base(server: &str) -> String {
 }
 
 async fn serve(args: ServeArgs, supervise: bool) -> Result<i32> {
+    // Whatever hale writes from here on (the log, snapshots, backups, secrets) is hale's
+    // user's alone, and so are its environment and memory.
+    hale_server::process::protect_secrets();
     let config_path = match (&args.config, supervise) {
         (Some(path), _) => Some(path.clone()),
         (None, true) => Some(PathBuf::from("hale.toml")),

@@ -101,13 +101,16 @@ pub(crate) fn decide(context: &Context<'_>, command: &TaskCommand) -> Result<Dec
     let tasks = state.tasks();
     let mut ends = Ends::new(state);
     let events = match command {
-        TaskCommand::Submit { spec } => {
+        TaskCommand::Submit { spec, by } => {
             check_spec(spec)?;
             if let Some(key) = &spec.idempotency_key
                 && let Some(first) = tasks.by_key(key)
             {
                 // A resubmit with a known key logs nothing and answers with the first task.
                 return Ok(Decision::answer(Answer::TaskSubmitted { task: first.id, new: false }));
+            }
+            if let Some(by) = by {
+                crate::decide::not_quarantined(state, by)?;
             }
             shed(state, settings, spec)?;
             let id = ends.allocate();

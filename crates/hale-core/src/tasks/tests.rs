@@ -60,7 +60,7 @@ fn complete(task: u64, holder: &(AgentName, u64), result: Value) -> Command {
 }
 
 fn submit(core: &mut Core, spec: TaskSpec, now: Timestamp) -> u64 {
-    let events = core.execute(&Command::Task(TaskCommand::Submit { spec }), now).unwrap().events;
+    let events = core.execute(&Command::Task(TaskCommand::Submit { spec, by: None }), now).unwrap().events;
     match &events[..] {
         [Event::TaskSubmitted { task, .. }] => *task,
         other => panic!("{other:?}"),
@@ -92,13 +92,16 @@ fn a_second_submit_with_the_same_key_returns_the_first_task() {
     let mut core = crew(&[]);
     let keyed = TaskSpec { idempotency_key: Some("order-7".into()), ..spec(Priority::Normal) };
     let first = submit(&mut core, keyed.clone(), at(1));
-    let again = core.execute(&Command::Task(TaskCommand::Submit { spec: keyed }), at(2)).unwrap();
+    let again = core.execute(&Command::Task(TaskCommand::Submit { spec: keyed, by: None }), at(2)).unwrap();
     assert!(again.events.is_empty(), "a resubmit logs nothing");
     assert_eq!(again.answer, Answer::TaskSubmitted { task: first, new: false }, "and answers with the first task");
     assert_eq!(core.state().tasks().by_key("order-7").unwrap().id, first);
     assert_eq!(core.state().tasks().all().count(), 1);
     let bad = TaskSpec { max_attempts: 0, ..spec(Priority::Normal) };
-    assert_eq!(core.execute(&Command::Task(TaskCommand::Submit { spec: bad }), at(3)).unwrap_err().code(), "bad_task");
+    assert_eq!(
+        core.execute(&Command::Task(TaskCommand::Submit { spec: bad, by: None }), at(3)).unwrap_err().code(),
+        "bad_task"
+    );
 }
 
 #[test]
@@ -226,6 +229,7 @@ fn replaying_task_events_gives_the_live_state() {
             .execute(
                 &Command::Task(TaskCommand::Submit {
                     spec: spec(if n % 3 == 0 { Priority::Critical } else { Priority::Normal }),
+                    by: None,
                 }),
                 now,
             )
@@ -472,7 +476,7 @@ fn a_shadowed_task_runs_on_distinct_agents_and_the_first_result_wins() {
 
 /// Submits and returns the number of the task (not of its runs).
 fn submit_all(core: &mut Core, spec: TaskSpec, now: Timestamp) -> u64 {
-    match core.execute(&Command::Task(TaskCommand::Submit { spec }), now).unwrap().answer {
+    match core.execute(&Command::Task(TaskCommand::Submit { spec, by: None }), now).unwrap().answer {
         Answer::TaskSubmitted { task, new: true } => task,
         other => panic!("{other:?}"),
     }
@@ -560,13 +564,15 @@ fn load_shedding_refuses_background_then_normal_but_accepts_critical() {
     core.set_liveness_settings(settings);
     submit(&mut core, spec(Priority::Background), at(1));
     submit(&mut core, spec(Priority::Normal), at(1));
-    let refused =
-        core.execute(&Command::Task(TaskCommand::Submit { spec: spec(Priority::Background) }), at(2)).unwrap_err();
+    let refused = core
+        .execute(&Command::Task(TaskCommand::Submit { spec: spec(Priority::Background), by: None }), at(2))
+        .unwrap_err();
     assert_eq!(refused.code(), "overloaded");
     assert!(refused.to_string().contains("retry in 2000 ms"), "{refused}");
     submit(&mut core, spec(Priority::Normal), at(3));
-    let refused =
-        core.execute(&Command::Task(TaskCommand::Submit { spec: spec(Priority::Normal) }), at(4)).unwrap_err();
+    let refused = core
+        .execute(&Command::Task(TaskCommand::Submit { spec: spec(Priority::Normal), by: None }), at(4))
+        .unwrap_err();
     assert_eq!(refused.code(), "overloaded");
     // High and critical work still get in.
     submit(&mut core, spec(Priority::High), at(5));

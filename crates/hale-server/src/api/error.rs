@@ -143,6 +143,7 @@ impl From<Rejection> for ApiError {
             | Rejection::BadTask { .. }
             | Rejection::BadMessage { .. } => StatusCode::BAD_REQUEST,
             Rejection::RefreshRefused { .. } => StatusCode::UNAUTHORIZED,
+            Rejection::Quarantined { .. } => StatusCode::FORBIDDEN,
             Rejection::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::UnknownAgent { .. }
             | Rejection::UnknownRecoveryPoint { .. }
@@ -262,6 +263,7 @@ mod tests {
             },
             Rejection::NotManaged { .. } => Rejection::NotManaged { agent: a() },
             Rejection::ManagedByHale { .. } => Rejection::ManagedByHale { agent: a(), current: 1 },
+            Rejection::Quarantined { .. } => Rejection::Quarantined { agent: a(), reason: "r".into() },
             Rejection::ProgressTooLarge { .. } => Rejection::ProgressTooLarge { size: 2, max: 1 },
             Rejection::NotSupervising { .. } => Rejection::NotSupervising { agent: a() },
             Rejection::UnknownTask { .. } => Rejection::UnknownTask { task: 1 },

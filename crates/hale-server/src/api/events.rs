@@ -14,6 +14,7 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::{Extension, Json};
+use hale_core::health::QuarantineAction;
 use hale_core::{AgentName, Event, Timestamp};
 use hale_proto::EventInfo;
 use hale_store::{Log, Record, RecordError, StoreError};
@@ -425,7 +426,10 @@ pub fn summary(event: &Event) -> String {
         Event::ViolationReported { agent, by, severity, reason } => {
             format!("{agent}: {} violation reported by {by}: {reason}", format!("{severity:?}").to_lowercase())
         }
-        Event::Quarantined { agent, by, reason } => format!("{agent} QUARANTINED by {by}: {reason}"),
+        Event::Quarantined { agent, by, reason, action } => match action {
+            QuarantineAction::Isolate => format!("{agent} QUARANTINED by {by}: {reason}"),
+            action => format!("{agent} QUARANTINED by {by} ({}): {reason}", action.as_str()),
+        },
         Event::Released { agent } => format!("{agent} released from quarantine"),
         Event::RoleDeclared { role, min, max, .. } => format!("role {role} declared as a pool of {min} to {max}"),
         Event::TaskSubmitted { task, spec, parent } => {

@@ -170,6 +170,7 @@ fn summary(core: &hale_core::Core, record: &hale_core::AgentRecord, sessions: &c
             reason: quarantine.reason.clone(),
             by: quarantine.by.to_string(),
             at_ms: quarantine.at.0,
+            action: quarantine.action.as_str().to_string(),
         }),
     }
 }

@@ -55,9 +55,13 @@ async fn submit_task(
     Extension(principal): Extension<Principal>,
     JsonBody(body): JsonBody<HttpSubmitTask>,
 ) -> Result<Response, ApiError> {
-    // Any agent may hand out work (an orchestrator does); the principal is not the role.
-    let _ = principal;
-    respond(app.engine.execute(wire::submit(body)?).await?)
+    // Any agent may hand out work (an orchestrator does), unless it is quarantined; the
+    // principal is not the role.
+    let by = match principal {
+        Principal::Admin => None,
+        Principal::Agent { agent, .. } => Some(agent),
+    };
+    respond(app.engine.execute(wire::submit(body, by)?).await?)
 }
 
 /// `GET /v1/tasks[?status=running&role=coder&limit=100]`, newest first.

@@ -377,8 +377,8 @@ impl Session {
                 Ok(wire::commit_step(task, agent, incarnation, wire::Step { name, result, llm, compensation }))
             }
             ClientFrame::Submit { task, .. } => {
-                bound("submit")?;
-                wire::submit(task)
+                let (agent, _) = bound("submit")?;
+                wire::submit(task, Some(agent))
             }
             ClientFrame::Reserve { task, tokens, cost, .. } => {
                 let (agent, incarnation) = bound("reserve")?;

@@ -133,6 +133,14 @@ pub struct SupervisionSection {
     pub logs_kept: usize,
     pub breaker: BreakerPolicy,
     pub quarantine: QuarantinePolicy,
+    /// hale's variables every agent gets (their values as hale has them); nothing else of
+    /// hale's environment reaches an agent. Default: PATH, HOME, USER, LOGNAME, SHELL,
+    /// LANG, LANGUAGE, LC_ALL, LC_CTYPE, LC_MESSAGES, TZ, TMPDIR, TERM, SSL_CERT_FILE,
+    /// SSL_CERT_DIR. An agent's own `pass_env` adds to it.
+    pub pass_env: Vec<String>,
+    /// Where agents without a `workdir` get their own working directory, `BASE/NAME`
+    /// (default `agents` in the data directory). Relative to the directory of hale.toml.
+    pub workdir_base: Option<PathBuf>,
 }
 
 impl Default for SupervisionSection {
@@ -149,6 +157,8 @@ impl Default for SupervisionSection {
             logs_kept: 5,
             breaker: BreakerPolicy::default(),
             quarantine: QuarantinePolicy::default(),
+            pass_env: crate::process::environment::DEFAULT_PASS_ENV.iter().map(|name| name.to_string()).collect(),
+            workdir_base: None,
         }
     }
 }
@@ -215,8 +225,19 @@ pub struct AgentSpec {
     pub role: Option<String>,
     pub command: Option<Spanned<String>>,
     pub args: Vec<String>,
+    /// Variables of the agent's own. It gets none of hale's environment but these, the
+    /// `pass_env` names and what hale sets (`HALE_URL`, `HALE_AGENT`, its tokens…).
     pub env: BTreeMap<String, String>,
+    /// More of hale's variables to pass, on top of `[supervision] pass_env`.
+    pub pass_env: Vec<String>,
+    /// A file of `NAME=value` lines read at each start, for secrets the agent needs
+    /// (relative to the directory of hale.toml).
+    pub env_file: Option<Spanned<PathBuf>>,
+    /// Run as this user: `name`, `name:group` or numeric ids (hale must be root or hold
+    /// CAP_SETUID and CAP_SETGID…; see `process::identity`). Default: hale's own user.
+    pub user: Option<Spanned<String>>,
     /// Working directory; relative paths are relative to the directory of hale.toml.
+    /// Default: the agent's own, `[supervision] workdir_base`/NAME, made at start.
     pub workdir: Option<PathBuf>,
     pub restart: RestartPolicy,
     pub criticality: Criticality,
@@ -463,7 +484,7 @@ impl Manifest {
                     role,
                     labels: spec.labels.clone(),
                     supervision,
-                    process: process_spec(spec, base),
+                    process: process_spec(spec, base, &self.supervision.pass_env),
                     probe: probe_spec(spec),
                 }
             })
@@ -488,7 +509,7 @@ impl Manifest {
                         budget: template.budget.as_ref().map(BudgetSpec::core),
                         thresholds: thresholds(template),
                     },
-                    process: process_spec(template, base),
+                    process: process_spec(template, base, &self.supervision.pass_env),
                     probe: probe_spec(template),
                 })
             })
@@ -499,6 +520,7 @@ impl Manifest {
             stop_grace: std::time::Duration::from_millis(self.supervision.stop_grace_ms),
             log_bytes_max: self.supervision.log_bytes_max,
             logs_kept: self.supervision.logs_kept,
+            workdir_base: self.supervision.workdir_base.as_ref().map(|dir| base.join(dir)),
         }
     }
 
@@ -513,12 +535,41 @@ impl Manifest {
     pub fn parse(text: &str, path: &Path) -> Result<Manifest, ManifestError> {
         let manifest: Manifest = toml::from_str(text)
             .map_err(|error| ManifestError::Parse { path: path.to_path_buf(), message: error.to_string() })?;
-        manifest.validate(text).map_err(|(line, message)| ManifestError::Invalid {
-            path: path.to_path_buf(),
-            line,
-            message,
-        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        manifest
+            .validate(text)
+            .and_then(|()| manifest.check_machine(text, base))
+            .map_err(|(line, message)| ManifestError::Invalid { path: path.to_path_buf(), line, message })?;
         Ok(manifest)
+    }
+
+    /// What only this machine can tell: the agents' users exist and hale may switch to
+    /// them, and their env files are there and readable. `base` is hale.toml's directory.
+    fn check_machine(&self, text: &str, base: &Path) -> Result<(), (usize, String)> {
+        let line_of = |span: std::ops::Range<usize>| text[..span.start.min(text.len())].matches('\n').count() + 1;
+        let specs = self.agents.iter().chain(self.roles.iter().filter_map(|role| role.template.as_ref()));
+        for spec in specs {
+            let what = match &spec.name {
+                Some(name) => format!("agent {:?}", name.get_ref()),
+                None => "a role's template".to_string(),
+            };
+            if let Some(user) = &spec.user {
+                let line = line_of(user.span());
+                crate::process::identity::can_switch()
+                    .and_then(|()| crate::process::identity::resolve(user.get_ref()))
+                    .map_err(|reason| (line, format!("{what} runs as user {:?}: {reason}", user.get_ref())))?;
+            }
+            if let Some(file) = &spec.env_file {
+                let path = base.join(file.get_ref());
+                std::fs::read_to_string(&path)
+                    .map_err(|error| error.to_string())
+                    .and_then(|text| crate::process::environment::parse_env_file(&text))
+                    .map_err(|reason| {
+                        (line_of(file.span()), format!("{what}: env_file {}: {reason}", path.display()))
+                    })?;
+            }
+        }
+        Ok(())
     }
 
     fn validate(&self, text: &str) -> Result<(), (usize, String)> {
@@ -631,6 +682,11 @@ impl Manifest {
                 return Err((line_of(hook.name.span()), format!("hook {:?} is declared twice", hook.name.get_ref())));
             }
         }
+        for name in &self.supervision.pass_env {
+            if let Some(why) = crate::process::environment::refused(name, "pass_env") {
+                return Err((1, format!("[supervision] {why}")));
+            }
+        }
         if self.limits.history_len == 0 {
             return Err((1, "limits.history_len must be at least 1 (the current version)".into()));
         }
@@ -640,23 +696,24 @@ impl Manifest {
 
 /// How to start an agent: a command with a slash and relative paths are taken relative
 /// to the directory of hale.toml, which is also the default working directory.
-fn process_spec(spec: &AgentSpec, base: &Path) -> ProcessSpec {
+fn process_spec(spec: &AgentSpec, base: &Path, pass_env: &[String]) -> ProcessSpec {
     let command = spec.command.as_ref().expect("validated").get_ref().clone();
     let command = if command.contains('/') && Path::new(&command).is_relative() {
         base.join(&command).to_string_lossy().into_owned()
     } else {
         command
     };
-    let workdir = match &spec.workdir {
-        Some(dir) if dir.is_relative() => base.join(dir),
-        Some(dir) => dir.clone(),
-        None => base.to_path_buf(),
-    };
+    let workdir = spec.workdir.as_ref().map(|dir| base.join(dir));
+    let mut passed = pass_env.to_vec();
+    passed.extend(spec.pass_env.iter().filter(|name| !pass_env.contains(name)).cloned());
     ProcessSpec {
         command,
         args: spec.args.clone(),
         env: spec.env.clone(),
-        workdir: Some(workdir),
+        pass_env: passed,
+        env_file: spec.env_file.as_ref().map(|file| base.join(file.get_ref())),
+        user: spec.user.as_ref().map(|user| user.get_ref().clone()),
+        workdir,
         address_space_mb: spec.resources.address_space_mb,
         open_files: spec.resources.open_files,
     }
@@ -759,6 +816,13 @@ fn check_process(spec: &AgentSpec, line: usize, what: &str) -> Result<(), (usize
         RoleName::new(role.as_str()).map_err(|error| (line, format!("{what}: {error}")))?;
     }
     validate_labels(&spec.labels).map_err(|error| (line, format!("{what}: {error}")))?;
+    use crate::process::environment::refused;
+    let names = spec.env.keys().map(|name| (name, "env")).chain(spec.pass_env.iter().map(|name| (name, "pass_env")));
+    for (name, source) in names {
+        if let Some(why) = refused(name, source) {
+            return Err((line, format!("{what}: {why}")));
+        }
+    }
     if spec.resources.memory_mb == Some(0)
         || spec.resources.cpu_percent == Some(0)
         || spec.resources.address_space_mb == Some(0)

@@ -18,6 +18,8 @@
 //! `prlimit(2)` raced with the program's start and made limits apply only sometimes.
 
 mod control;
+pub mod environment;
+pub mod identity;
 mod logs;
 mod proc_fs;
 mod spawn;
@@ -29,7 +31,7 @@ pub use logs::{AgentLogs, follow, tail};
 pub use proc_fs::{Found, find_agents, group_usage, groups_usage, is_same_process, start_ticks, usage};
 /// The signals [`signal_group`] sends, re-exported so the supervisor need not name rustix.
 pub use rustix::process::Signal;
-pub use spawn::{SpawnError, spawn};
+pub use spawn::{SpawnError, make_workdir, protect_secrets, spawn};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -40,7 +42,7 @@ use std::path::PathBuf;
 /// The supervisor builds one from the agent's manifest entry each time it starts an
 /// incarnation, so everything that shapes the process is in one value that can be logged
 /// and compared.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProcessSpec {
     /// The program. A name without a slash is looked up on `PATH` the way
     /// `std::process::Command` does; a relative path with a slash is ambiguous once
@@ -48,9 +50,16 @@ pub struct ProcessSpec {
     pub command: String,
     /// The arguments after the program name.
     pub args: Vec<String>,
-    /// Variables added on top of hale's own environment, so an agent inherits `PATH`,
-    /// `HOME` and the like and only states what is specific to it.
+    /// The agent's own variables (hale.toml's `env`, and what hale sets for it). The agent
+    /// gets none of hale's environment but these and `pass_env` (see [`environment`]).
     pub env: BTreeMap<String, String>,
+    /// Names of hale's own variables the agent gets too (default
+    /// [`environment::DEFAULT_PASS_ENV`]); hale's secrets never pass.
+    pub pass_env: Vec<String>,
+    /// A file of `NAME=value` lines read at each start: secrets the agent itself needs.
+    pub env_file: Option<PathBuf>,
+    /// Run as this user: `name`, `name:group`, or numeric ids (see [`identity`]).
+    pub user: Option<String>,
     /// The working directory; `None` keeps hale's. It must exist: [`spawn`] checks it first
     /// so that a missing directory is not reported as a missing program.
     pub workdir: Option<PathBuf>,
@@ -59,6 +68,22 @@ pub struct ProcessSpec {
     pub address_space_mb: Option<u64>,
     /// The open-file limit (`RLIMIT_NOFILE`), soft and hard. `None` leaves hale's limit.
     pub open_files: Option<u64>,
+}
+
+impl Default for ProcessSpec {
+    fn default() -> Self {
+        ProcessSpec {
+            command: String::new(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            pass_env: environment::DEFAULT_PASS_ENV.iter().map(|name| name.to_string()).collect(),
+            env_file: None,
+            user: None,
+            workdir: None,
+            address_space_mb: None,
+            open_files: None,
+        }
+    }
 }
 
 /// A process identity that survives pid reuse: the pid plus its start time in clock

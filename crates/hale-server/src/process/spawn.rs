@@ -1,12 +1,13 @@
 //! Starting an agent incarnation.
 
+use super::identity::{self, RunAs};
 use super::proc_fs::read_stat;
-use super::{AgentLogs, ProcessId, ProcessSpec, signal_group};
+use super::{AgentLogs, ProcessId, ProcessSpec, environment, signal_group};
 use rustix::io::Errno;
 use rustix::process::{Resource, Rlimit, Signal};
 use std::io;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 /// Why an agent could not be started. Every message names the command, because the
@@ -16,6 +17,12 @@ pub enum SpawnError {
     /// The program could not be executed (not found, not executable, ...).
     #[error("cannot start `{command}`: {source}{}", start_hint(.command, .source))]
     Start { command: String, source: io::Error },
+    /// The `user` to run as is unknown, or hale may not switch to it.
+    #[error("cannot start `{command}` as user {user:?}: {reason}")]
+    User { command: String, user: String, reason: String },
+    /// The `env_file` could not be read or is not `NAME=value` lines.
+    #[error("cannot start `{command}`: its env_file {}: {reason}", .path.display())]
+    EnvFile { command: String, path: PathBuf, reason: String },
     /// The working directory does not exist or is not a directory.
     #[error("cannot start `{command}` in {}: {source}", .workdir.display())]
     Workdir { command: String, workdir: PathBuf, source: io::Error },
@@ -62,7 +69,11 @@ fn limit_hint(error: &io::Error) -> &'static str {
 /// - reads `/dev/null`, and writes stdout and stderr straight into `logs`' file (see
 ///   [`AgentLogs::open_for_child`]); hale keeps no handle on it, so the agent keeps running
 ///   and logging if hale dies, and is not killed when its `Child` is dropped;
-/// - gets `spec.env` on top of hale's environment and runs in `spec.workdir`.
+/// - gets only the environment [`environment::agent_environment`] builds (never hale's
+///   secrets), and runs in `spec.workdir`;
+/// - runs as `spec.user` if set: its groups, group and user are set in the child before
+///   `exec`, after the rlimits (which may need hale's privilege), and the umask hale had
+///   before it restricted its own ([`protect_secrets`]) is restored.
 ///
 /// Resource limits are set in the child between `fork` and `exec` (a `pre_exec` hook that
 /// calls `setrlimit(2)`), so the program runs under them from its first instruction. An
@@ -108,14 +119,39 @@ pub fn spawn(spec: &ProcessSpec, logs: &AgentLogs) -> Result<(tokio::process::Ch
         limits.push((resource, limit));
     }
 
+    let run_as = match &spec.user {
+        Some(user) => {
+            Some(identity::can_switch().and_then(|()| identity::resolve(user)).map_err(|reason| SpawnError::User {
+                command: command_name(),
+                user: user.clone(),
+                reason,
+            })?)
+        }
+        None => None,
+    };
+    let file = match &spec.env_file {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|error| error.to_string())
+            .and_then(|text| environment::parse_env_file(&text))
+            .map_err(|reason| SpawnError::EnvFile { command: command_name(), path: path.clone(), reason })?,
+        None => Vec::new(),
+    };
+    let who: Vec<(&str, std::ffi::OsString)> = match &run_as {
+        Some(run_as) => vec![
+            ("HOME", run_as.home.clone().into_os_string()),
+            ("USER", run_as.name.clone().into()),
+            ("LOGNAME", run_as.name.clone().into()),
+        ],
+        None => Vec::new(),
+    };
+    let env = environment::agent_environment(&spec.pass_env, std::env::vars_os(), &who, &file, &spec.env);
+
     let mut command = std::process::Command::new(&spec.command);
-    command.args(&spec.args).envs(&spec.env).stdin(Stdio::null()).stdout(stdout).stderr(stderr).process_group(0);
+    command.args(&spec.args).env_clear().envs(env).stdin(Stdio::null()).stdout(stdout).stderr(stderr).process_group(0);
     if let Some(workdir) = &spec.workdir {
         command.current_dir(workdir);
     }
-    if !limits.is_empty() {
-        set_limits_before_exec(&mut command, limits);
-    }
+    set_up_before_exec(&mut command, limits, run_as.as_ref(), saved_umask());
     // tokio's Command does not kill on drop unless asked, which is what we want: an agent
     // outlives the value (and hale).
     let mut child = tokio::process::Command::from(command)
@@ -134,6 +170,37 @@ pub fn spawn(spec: &ProcessSpec, logs: &AgentLogs) -> Result<(tokio::process::Ch
         }
     };
     Ok((child, ProcessId { pid, start_ticks }))
+}
+
+/// Makes `dir`, an agent's own working directory, private to the user it runs as (0700,
+/// owned by `spec.user` when it has one). Its parent, the base of all agents' directories,
+/// is made traversable but not listable (0711) when hale creates it, so an agent running
+/// as another user can reach its own directory and cannot see the others'.
+pub fn make_workdir(dir: &Path, spec: &ProcessSpec) -> Result<(), SpawnError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let fail =
+        |source: io::Error| SpawnError::Workdir { command: spec.command.clone(), workdir: dir.to_path_buf(), source };
+    if let Some(base) = dir.parent()
+        && !base.exists()
+    {
+        std::fs::DirBuilder::new().recursive(true).mode(0o711).create(base).map_err(fail)?;
+        std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o711)).map_err(fail)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+        Err(error) => return Err(fail(error)),
+    }
+    if let Some(user) = &spec.user {
+        let run_as = identity::resolve(user).map_err(|reason| SpawnError::User {
+            command: spec.command.clone(),
+            user: user.clone(),
+            reason,
+        })?;
+        let (uid, gid) = (rustix::process::Uid::from_raw(run_as.uid), rustix::process::Gid::from_raw(run_as.gid));
+        rustix::fs::chown(dir, Some(uid), Some(gid)).map_err(|errno| fail(errno.into()))?;
+    }
+    Ok(())
 }
 
 /// Whether this process could set `resource` to `limit` in a child: raising a hard limit
@@ -155,24 +222,79 @@ fn check_limit(resource: Resource, limit: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Makes the child set `limits` (soft and hard) on itself after `fork`, before `exec`.
+/// Makes the child, after `fork` and before `exec`: set `limits` (soft and hard) on
+/// itself, drop any ambient capabilities, take the identity of `run_as` (supplementary
+/// groups, group, then user: the order that leaves it no way back), and the `umask` hale
+/// started with.
 #[allow(unsafe_code)]
-fn set_limits_before_exec(command: &mut std::process::Command, limits: Vec<(Resource, u64)>) {
+fn set_up_before_exec(
+    command: &mut std::process::Command,
+    limits: Vec<(Resource, u64)>,
+    run_as: Option<&RunAs>,
+    umask: Option<u32>,
+) {
+    // Everything the hook needs is built here, before the fork.
+    let ids = run_as.map(|run_as| {
+        let groups: Vec<rustix::process::Gid> =
+            run_as.groups.iter().map(|gid| rustix::process::Gid::from_raw(*gid)).collect();
+        (groups, rustix::process::Gid::from_raw(run_as.gid), rustix::process::Uid::from_raw(run_as.uid))
+    });
+    let umask = umask.map(rustix::fs::Mode::from_raw_mode);
+    let os_error = |errno: Errno| io::Error::from_raw_os_error(errno.raw_os_error());
     let hook = move || -> io::Result<()> {
         for (resource, limit) in &limits {
             let rlimit = Rlimit { current: Some(*limit), maximum: Some(*limit) };
-            rustix::process::setrlimit(*resource, rlimit)
-                .map_err(|errno| io::Error::from_raw_os_error(errno.raw_os_error()))?;
+            rustix::process::setrlimit(*resource, rlimit).map_err(os_error)?;
+        }
+        // Capabilities hale holds in its ambient set (systemd's AmbientCapabilities=) would
+        // pass to every agent through exec: never. Older kernels have no ambient set.
+        match rustix::thread::clear_ambient_capability_set() {
+            Ok(()) | Err(Errno::INVAL) => {}
+            Err(errno) => return Err(os_error(errno)),
+        }
+        if let Some((groups, gid, uid)) = &ids {
+            rustix::thread::set_thread_groups(groups).map_err(os_error)?;
+            rustix::thread::set_thread_gid(*gid).map_err(os_error)?;
+            rustix::thread::set_thread_uid(*uid).map_err(os_error)?;
+        }
+        if let Some(umask) = umask {
+            rustix::process::umask(umask);
         }
         Ok(())
     };
     // SAFETY: `pre_exec` runs the hook in the child between fork and exec, where only
-    // async-signal-safe operations are allowed. The hook reads a Vec built before the
-    // fork (no allocation, no lock), calls setrlimit(2) through rustix (one raw system
-    // call, no libc state), and on failure builds an io::Error from a raw OS error code,
-    // which allocates nothing. It touches no other memory of the parent.
+    // async-signal-safe operations are allowed. The hook reads values built before the
+    // fork (no allocation, no lock) and makes raw system calls through rustix (setrlimit,
+    // prctl, setgroups, setgid, setuid, umask: no libc state; the set-id calls are the kernel's
+    // per-thread ones, and the child has one thread), and on failure builds an io::Error
+    // from a raw OS error code, which allocates nothing. It touches no other memory of
+    // the parent.
     unsafe {
         command.pre_exec(hook);
+    }
+}
+
+/// The umask hale had before [`protect_secrets`], which agents get back.
+static SAVED_UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+fn saved_umask() -> Option<u32> {
+    SAVED_UMASK.get().copied()
+}
+
+/// Keeps hale's secrets from its own user's other processes, agents first. `hale serve`
+/// and `hale up` call it before anything else:
+/// - every file hale creates from now on is private to hale's user (umask 0077: the log,
+///   its WAL, snapshots, backups, agents' log files); the umask hale had is remembered so
+///   the agents it starts get that one back;
+/// - hale becomes non-dumpable (`PR_SET_DUMPABLE` 0), so its `/proc/PID/environ` and
+///   memory, which may hold `HALE_ADMIN_TOKEN` and `HALE_ENCRYPTION_KEY`, are root's
+///   alone and no process of its user can ptrace it. Children are dumpable again after
+///   `exec`.
+pub fn protect_secrets() {
+    let before = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let _ = SAVED_UMASK.set(before.as_raw_mode());
+    if let Err(error) = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable) {
+        tracing::warn!(%error, "cannot make hale non-dumpable: processes of its user may read its environment");
     }
 }
 

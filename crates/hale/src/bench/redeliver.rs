@@ -63,6 +63,7 @@ pub(super) async fn redeliver(args: &BenchArgs) -> Result<Value> {
         stop_grace: Duration::from_secs(2),
         log_bytes_max: 16 * 1024 * 1024,
         logs_kept: 1,
+        workdir_base: None,
     });
     eprintln!(
         "redeliver: {trials} SIGKILLs of a task's holder among {WORKERS} agents `{} {}` supervised by a hale in this \
@@ -284,7 +285,7 @@ impl Bench {
             seen.workers.iter().all(|worker| worker.ready && worker.load == 0)
         })?;
         let spec = TaskSpec::new(self.role.clone(), json!({ "steps": TASK_STEPS }));
-        let task = match self.runtime.block_on(self.engine.execute(TaskCommand::Submit { spec }))? {
+        let task = match self.runtime.block_on(self.engine.execute(TaskCommand::Submit { spec, by: None }))? {
             Response::Answer(Answer::TaskSubmitted { task, .. }) => task,
             other => bail!("submitting a task answered {other:?}"),
         };

@@ -109,7 +109,7 @@ impl TaskStory {
     }
 
     async fn submit(server: &RunningServer, spec: TaskSpec) -> Result<u64> {
-        server.engine().execute(TaskCommand::Submit { spec }).await.context("submitting a demo task")?;
+        server.engine().execute(TaskCommand::Submit { spec, by: None }).await.context("submitting a demo task")?;
         let latest = server
             .engine()
             .read(|state| state.tasks().all().filter(|task| task.parent.is_none()).map(|task| task.id).max())

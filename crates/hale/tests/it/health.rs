@@ -1,7 +1,9 @@
 //! The circuit breaker and quarantine over real sessions and the CLI.
 
 use crate::support::{self, eventually, serve};
-use hale_client::{Admin, AgentOptions, AgentSummary};
+use hale_client::{Admin, AgentOptions, AgentSummary, Recipient};
+use serde_json::json;
+use std::time::Duration;
 
 async fn summary(admin: &Admin, name: &str) -> AgentSummary {
     admin.agents().await.unwrap().into_iter().find(|agent| agent.agent == name).unwrap()
@@ -70,5 +72,141 @@ async fn violations_reported_by_another_agent_quarantine_until_released() {
     let (status, body) = hale.post("/v1/agents/writer/quarantine", &serde_json::json!({"reason": "x".repeat(5000)}));
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("reason_too_long"), "{body}");
+    assert!(hale.terminate().success());
+}
+
+#[tokio::test]
+async fn a_quarantined_agent_may_checkpoint_but_not_submit_send_ask_or_reply() {
+    let temp = tempfile::tempdir().unwrap();
+    let hale = serve(temp.path(), &[]);
+    let admin = hale.admin();
+    let peer = hale.connect(AgentOptions::new("peer", "peer")).await;
+    peer.resume().await.unwrap();
+    let suspect = hale.connect(AgentOptions::new("suspect", "worker")).await;
+    suspect.resume().await.unwrap();
+    // A question it owes an answer to, from before the quarantine.
+    peer.ask(Recipient::Agent("suspect".into()), None, json!({"q": "sources?"})).await.unwrap();
+    let question = tokio::time::timeout(Duration::from_secs(10), suspect.next_message()).await.unwrap().unwrap();
+
+    admin.quarantine("suspect", "wrote outside its sandbox").await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), suspect.ended()).await.unwrap();
+    assert!(ended.contains("quarantined"), "{ended}");
+    // It may come back and save its state: nothing it did is lost.
+    let suspect = hale.connect(AgentOptions::new("suspect", "worker")).await;
+    suspect.resume().await.unwrap();
+    let version = suspect.checkpoint(json!({"draft": "kept"})).await.expect("a quarantined agent still checkpoints");
+    assert!(version >= 1);
+    suspect.heartbeat(None).await.expect("and heartbeats");
+    // But it may not reach anyone else.
+    let task = hale_client::HttpSubmitTask { role: "worker".into(), payload: json!({}), ..Default::default() };
+    let refusals = [
+        ("submit", suspect.submit(task.clone()).await.map(|_| ())),
+        ("send", suspect.send(Recipient::Agent("peer".into()), None, json!({"hi": 1})).await.map(|_| ())),
+        ("ask", suspect.ask(Recipient::Agent("peer".into()), None, json!({"q": 1})).await.map(|_| ())),
+        ("reply", suspect.reply(&question, json!({"a": "none"})).await.map(|_| ())),
+        ("report another", suspect.report_violation(Some("peer"), true, "revenge").await.map(|_| ())),
+    ];
+    for (what, result) in refusals {
+        let error = result.expect_err(what);
+        assert_eq!(error.code(), Some("quarantined"), "{what}: {error}");
+        assert!(error.to_string().contains("hale release suspect"), "{what}: {error}");
+    }
+    // Over HTTP with its own token too.
+    let pair = admin.issue_tokens("suspect").await.unwrap();
+    let (status, _, body) = support::http_as(
+        hale.addr,
+        Some(&pair.access_token),
+        "POST",
+        "/v1/tasks",
+        json!({"role": "worker", "payload": {}}).to_string().as_bytes(),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("\"quarantined\""), "{body}");
+    assert!(summary(&admin, "peer").await.quarantine.is_none(), "its report about peer was refused");
+
+    // Released, it may again.
+    admin.release("suspect").await.unwrap();
+    let suspect = hale.connect(AgentOptions::new("suspect", "worker")).await;
+    suspect.resume().await.unwrap();
+    suspect.submit(task).await.expect("submits after release");
+    suspect.send(Recipient::Agent("peer".into()), None, json!({"hi": 2})).await.expect("sends after release");
+    assert!(hale.terminate().success());
+}
+
+fn managed_config(dir: &std::path::Path, action: &str) -> std::path::PathBuf {
+    let path = dir.join("hale.toml");
+    let text = format!(
+        "[supervision]\nstop_grace_ms = 500\n[supervision.detector]\nfirst_interval_ms = 200\nacceptable_pause_ms = 300\n\
+         [supervision.quarantine]\naction = \"{action}\"\n\n[[agent]]\nname = \"worker\"\ncommand = \"{}\"\n\
+         args = [\"demo-agent\", \"worker\", \"--step-ms\", \"100\"]\nrestart = \"always\"\n",
+        support::HALE
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The state letter of `/proc/PID/stat` (`T` stopped, `S` sleeping, `R` running…).
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next())
+}
+
+async fn running_pid(admin: &Admin, incarnation: u64) -> u32 {
+    eventually("the worker running", 30, || async {
+        let agent = summary(admin, "worker").await;
+        let managed = agent.managed?;
+        (agent.incarnation == incarnation && managed.status == "running" && agent.last_heartbeat_ms.is_some())
+            .then_some(managed.pid?)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn quarantine_pause_stops_the_process_without_declaring_it_down_and_release_resumes_it() {
+    let temp = tempfile::tempdir().unwrap();
+    let config = managed_config(temp.path(), "pause");
+    let hale = support::up(&config, &temp.path().join("data"), "127.0.0.1:0");
+    let admin = hale.admin();
+    let pid = running_pid(&admin, 1).await;
+    admin.quarantine("worker", "spent on a forbidden tool").await.unwrap();
+    eventually("the process stopped", 10, || async { (process_state(pid) == Some('T')).then_some(()) }).await;
+    let quarantine = summary(&admin, "worker").await.quarantine.unwrap();
+    assert_eq!(quarantine.action, "pause");
+    // Silent far past the detector's limit (200 ms beats, 300 ms pause): paused by hale,
+    // not down. A second tick witness proves the detectors ran over that time.
+    let since = std::time::Instant::now();
+    while since.elapsed() < Duration::from_secs(3) {
+        support::next_tick(&hale, "tick-witness").await;
+        let agent = summary(&admin, "worker").await;
+        assert!(agent.down.is_none() && agent.incarnation == 1, "a paused agent was declared down: {:?}", agent.down);
+    }
+    admin.release("worker").await.unwrap();
+    eventually("the process running again", 10, || async { (process_state(pid) != Some('T')).then_some(()) }).await;
+    // It beats again as the same run.
+    let before = summary(&admin, "worker").await.last_heartbeat_ms;
+    eventually("a heartbeat after release", 30, || async {
+        let agent = summary(&admin, "worker").await;
+        (agent.incarnation == 1 && agent.last_heartbeat_ms > before).then_some(())
+    })
+    .await;
+    assert!(hale.terminate().success());
+}
+
+#[tokio::test]
+async fn quarantine_stop_stops_the_agent_and_release_starts_it_again() {
+    let temp = tempfile::tempdir().unwrap();
+    let config = managed_config(temp.path(), "stop");
+    let hale = support::up(&config, &temp.path().join("data"), "127.0.0.1:0");
+    let admin = hale.admin();
+    let pid = running_pid(&admin, 1).await;
+    admin.quarantine("worker", "tried to exfiltrate").await.unwrap();
+    eventually("the process gone", 15, || async { process_state(pid).is_none_or(|state| state == 'Z').then_some(()) })
+        .await;
+    let agent = summary(&admin, "worker").await;
+    assert_eq!(agent.managed.unwrap().status, "stopped", "restart = always does not bring it back");
+    assert_eq!(agent.quarantine.unwrap().action, "stop");
+    admin.release("worker").await.unwrap();
+    let pid = running_pid(&admin, 2).await;
+    assert_ne!(process_state(pid), Some('T'));
     assert!(hale.terminate().success());
 }

@@ -105,8 +105,9 @@ pub fn fail(task: u64, agent: AgentName, incarnation: u64, reason: Option<String
     TaskCommand::Fail { task, agent, incarnation, reason, retry: retry.unwrap_or(true) }.into()
 }
 
-pub fn submit(task: hale_proto::HttpSubmitTask) -> Result<Command, ApiError> {
-    Ok(TaskCommand::Submit { spec: tasks::spec(task)? }.into())
+/// A task submitted by `by` (an agent), or by the operator (`None`).
+pub fn submit(task: hale_proto::HttpSubmitTask, by: Option<AgentName>) -> Result<Command, ApiError> {
+    Ok(TaskCommand::Submit { spec: tasks::spec(task)?, by }.into())
 }
 
 pub fn reserve(agent: AgentName, incarnation: u64, task: Option<u64>, tokens: u64, cost: u64) -> Command {
