@@ -134,6 +134,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         metrics: metrics.clone(),
         clock: clock::Clock::system(),
         tick: Some(engine::TICK),
+        unsnapshotted: recovered.report.replayed,
     };
     let engine = Engine::start(recovered.core, recovered.last_seq, writer, options);
 
