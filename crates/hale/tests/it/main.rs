@@ -15,6 +15,7 @@ mod fsync;
 mod fuzz;
 mod health;
 mod hooks;
+mod listener;
 mod messaging;
 mod metrics;
 mod openapi;
