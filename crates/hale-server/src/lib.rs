@@ -134,6 +134,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         metrics: metrics.clone(),
         clock: clock::Clock::system(),
         tick: Some(engine::TICK),
+        unsnapshotted: recovered.report.replayed,
     };
     let engine = Engine::start(recovered.core, recovered.last_seq, writer, options);
 
@@ -317,7 +318,6 @@ fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.listen(4096)
 }
 
-/// Serves `router` on `listener` until `stop` turns true.
 /// Whether the core has memory or CPU thresholds for an agent supervised so: then the
 /// supervisor samples its process group from /proc.
 fn samples_usage(supervision: &hale_core::supervision::Supervision) -> bool {
@@ -325,12 +325,16 @@ fn samples_usage(supervision: &hale_core::supervision::Supervision) -> bool {
     thresholds.memory_bytes_max.is_some() || thresholds.cpu_percent_max.is_some()
 }
 
+/// Serves `router` on `listener` until `stop` turns true.
 async fn serve_until<L>(listener: L, router: axum::Router, mut stop: watch::Receiver<bool>) -> std::io::Result<()>
 where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
+    for<'a> limits::ConnActivity: axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
 {
-    axum::serve(listener, router)
+    // Each request carries its connection's activity, so the deadlines between requests
+    // know where requests begin and end (limits.rs).
+    axum::serve(listener, router.into_make_service_with_connect_info::<limits::ConnActivity>())
         .with_graceful_shutdown(async move {
             let _ = stop.wait_for(|stopping| *stopping).await;
         })

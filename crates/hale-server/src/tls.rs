@@ -4,7 +4,7 @@
 //! `HANDSHAKE_TIMEOUT`, so a client that opens a connection and says nothing holds one
 //! slot for a few seconds and never stops others from connecting.
 
-use crate::limits::{ConnectionLimits, Limited};
+use crate::limits::{Admission, Conn, ConnActivity, ConnectionLimits, Limited};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -64,17 +64,19 @@ pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
 pub struct TlsListener {
     ready: mpsc::Receiver<(TlsStream<Limited>, SocketAddr)>,
     local: SocketAddr,
+    limits: ConnectionLimits,
 }
 
 impl TlsListener {
     /// Connections are bounded as on plain TCP (`limits`): open ones hold a slot, and one
     /// that sends nothing in time is closed; handshakes are bounded besides.
     pub fn new(listener: TcpListener, acceptor: TlsAcceptor, limits: ConnectionLimits) -> std::io::Result<TlsListener> {
-        let connections = Arc::new(Semaphore::new(limits.max.max(1)));
+        let admission = Admission::new(limits);
         let local = listener.local_addr()?;
         let (done, ready) = mpsc::channel(HANDSHAKES_MAX);
         let slots = Arc::new(Semaphore::new(HANDSHAKES_MAX));
         tokio::spawn(async move {
+            let mut refused = 0;
             loop {
                 let Ok(permit) = slots.clone().acquire_owned().await else { return };
                 let (stream, peer) = match listener.accept().await {
@@ -85,9 +87,12 @@ impl TlsListener {
                         continue;
                     }
                 };
-                let Some(stream) = Limited::admit(stream, &connections, &limits) else {
-                    tracing::debug!(%peer, "too many open connections; closing a new one");
-                    continue;
+                let stream = match admission.admit(stream, peer) {
+                    Ok(stream) => stream,
+                    Err(why) => {
+                        crate::limits::log_refused(&mut refused, peer, why, admission.limits());
+                        continue;
+                    }
                 };
                 let (acceptor, done) = (acceptor.clone(), done.clone());
                 tokio::spawn(async move {
@@ -102,17 +107,17 @@ impl TlsListener {
                 });
             }
         });
-        Ok(TlsListener { ready, local })
+        Ok(TlsListener { ready, local, limits })
     }
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<Limited>;
+    type Io = Conn<TlsStream<Limited>>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         match self.ready.recv().await {
-            Some(ready) => ready,
+            Some((stream, peer)) => (Conn::new(stream, &self.limits), peer),
             // The accepting task ended (it does not while the listener lives): wait forever,
             // as a listener with nothing to accept does.
             None => std::future::pending().await,
@@ -121,5 +126,11 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         Ok(self.local)
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for ConnActivity {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        stream.io().activity()
     }
 }

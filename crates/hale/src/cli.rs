@@ -487,7 +487,14 @@ async fn serve(args: ServeArgs, supervise: bool) -> Result<i32> {
     let defaults = hale_server::limits::ConnectionLimits::default();
     config.connections = hale_server::limits::ConnectionLimits {
         max: server.connections_max.unwrap_or(defaults.max).max(1),
+        per_address_max: server.connections_per_address_max.unwrap_or(defaults.per_address_max).max(1),
         first_byte_timeout: server.first_byte_timeout_ms.map_or(defaults.first_byte_timeout, Duration::from_millis),
+        request_head_timeout: server
+            .request_head_timeout_ms
+            .map_or(defaults.request_head_timeout, Duration::from_millis),
+        keep_alive_idle_timeout: server
+            .keep_alive_idle_timeout_ms
+            .map_or(defaults.keep_alive_idle_timeout, Duration::from_millis),
         body_timeout: server.body_timeout_ms.map_or(defaults.body_timeout, Duration::from_millis),
     };
     config.tls = match (&manifest.server.tls_cert_file, &manifest.server.tls_key_file) {

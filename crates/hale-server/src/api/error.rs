@@ -31,6 +31,8 @@ pub enum ServerCode {
     UnknownFrameType,
     /// An HTTP body over `body_bytes_max`.
     BodyTooLarge,
+    /// An HTTP request head with headers too large or too many (431).
+    HeadersTooLarge,
     /// An HTTP body that did not arrive within `body_timeout_ms`.
     RequestTimeout,
     /// No endpoint has the path.
@@ -73,6 +75,7 @@ impl ServerCode {
             ServerCode::BadFrame => "bad_frame",
             ServerCode::UnknownFrameType => "unknown_frame_type",
             ServerCode::BodyTooLarge => "body_too_large",
+            ServerCode::HeadersTooLarge => "headers_too_large",
             ServerCode::RequestTimeout => "request_timeout",
             ServerCode::NotFound => "not_found",
             ServerCode::MethodNotAllowed => "method_not_allowed",

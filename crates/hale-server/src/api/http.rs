@@ -41,37 +41,72 @@ pub fn routes() -> Vec<Route> {
 }
 
 /// A JSON request body, read with a size bound and a time bound, parsed with typed errors.
+/// Every body is a JSON object: serde would fill a struct's fields by position from an
+/// array (`["r"]` as a hello), so anything else is refused here, before a handler runs.
 pub struct JsonBody<T>(pub T);
 
 impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
-        let limit = state.body_bytes_max;
-        // A body trickled in slowly holds a connection: it must arrive within the time.
-        let timeout = state.body_timeout;
-        let read = tokio::time::timeout(timeout, axum::body::to_bytes(request.into_body(), limit)).await;
-        let bytes = read
-            .map_err(|_| {
-                ApiError::coded(
-                    StatusCode::REQUEST_TIMEOUT,
-                    ServerCode::RequestTimeout,
-                    format!("the request body did not arrive within {} ms; send it in one go", timeout.as_millis()),
-                    true,
-                )
-            })?
-            .map_err(|_| {
-                ApiError::coded(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    ServerCode::BodyTooLarge,
-                    format!("the request body is larger than {limit} bytes (body_bytes_max)"),
-                    false,
-                )
-            })?;
+        let bytes = read_body(request, state).await?;
+        if !wire::is_json_object(&bytes) {
+            return Err(ApiError::bad_request(wire::NOT_AN_OBJECT));
+        }
         serde_json::from_slice(&bytes)
             .map(JsonBody)
             .map_err(|error| ApiError::bad_request(wire::describe_json_error(&error)))
     }
+}
+
+/// A request body, whole: at most `body_bytes_max` bytes (413), within `body_timeout`
+/// (408), and well framed (400: shorter than its `Content-Length`, or a bad chunk).
+pub(super) async fn read_body(request: Request, state: &AppState) -> Result<axum::body::Bytes, ApiError> {
+    use futures_util::StreamExt;
+    let limit = state.body_bytes_max;
+    let too_large = || {
+        ApiError::coded(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ServerCode::BodyTooLarge,
+            format!("the request body is larger than {limit} bytes (body_bytes_max)"),
+            false,
+        )
+    };
+    // Refused before a byte of it is read when it says so itself.
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|declared| declared > limit as u64) {
+        return Err(too_large());
+    }
+    // A body trickled in slowly holds a connection: it must arrive within the time.
+    let timeout = state.body_timeout;
+    let read = async {
+        let mut stream = request.into_body().into_data_stream();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|error| {
+                ApiError::bad_request(format!(
+                    "the request body is malformed or ended early ({error}): send exactly Content-Length bytes,                      or well-formed chunks"
+                ))
+            })?;
+            if bytes.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(axum::body::Bytes::from(bytes))
+    };
+    tokio::time::timeout(timeout, read).await.map_err(|_| {
+        ApiError::coded(
+            StatusCode::REQUEST_TIMEOUT,
+            ServerCode::RequestTimeout,
+            format!("the request body did not arrive within {} ms; send it in one go", timeout.as_millis()),
+            true,
+        )
+    })?
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "probes",

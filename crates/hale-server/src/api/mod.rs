@@ -123,6 +123,8 @@ pub fn router(state: AppState) -> Router {
         })
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(axum::middleware::map_response(json_errors))
+        // Outermost: a request is in flight on its connection from here (limits.rs).
+        .layer(axum::middleware::from_fn(crate::limits::track_requests))
         .with_state(state)
 }
 

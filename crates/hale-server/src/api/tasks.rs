@@ -2,7 +2,7 @@
 
 use super::http::{JsonBody, agent_name, respond};
 use super::openapi::{AgentPath, Answer, TaskPath};
-use super::{ApiError, AppState, Route, ServerCode, wire};
+use super::{ApiError, AppState, Route, wire};
 use crate::auth::Principal;
 use axum::Extension;
 use axum::Json;
@@ -99,7 +99,7 @@ async fn list_tasks(
 }
 
 #[utoipa::path(get, path = "/v1/tasks/{task}", tag = "tasks", params(TaskPath),
-    responses((status = 200, description = "the task (admin, or an agent that held it)", body = TaskInfo)))]
+    responses((status = 200, description = "the task (admin, or an agent that held it; to another agent, unknown_task as for a task that does not exist)", body = TaskInfo)))]
 async fn get_task(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -112,15 +112,13 @@ async fn get_task(
             state.tasks().get(task).map(|found| (found.last_holder.clone(), wire::tasks::task_info(found)))
         })
         .await?;
-    let (holder, info) = found.ok_or(hale_core::Rejection::UnknownTask { task })?;
-    // An agent sees the tasks it holds or held; the operator sees all.
+    // An agent sees the tasks it holds or held; the operator sees all. Another agent's task
+    // is answered as one that does not exist, so an agent's token cannot learn which task
+    // numbers are taken.
+    let unknown = || hale_core::Rejection::UnknownTask { task };
+    let (holder, info) = found.ok_or_else(unknown)?;
     if !matches!(principal, Principal::Admin) && !holder.is_some_and(|holder| principal.may_act_for(holder.as_str())) {
-        return Err(ApiError::coded(
-            axum::http::StatusCode::FORBIDDEN,
-            ServerCode::Forbidden,
-            format!("task {task} is not leased to this token's agent"),
-            false,
-        ));
+        return Err(unknown().into());
     }
     Ok(Json(info))
 }

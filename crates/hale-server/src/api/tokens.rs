@@ -58,13 +58,16 @@ async fn revoke(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path(agent): Path<String>,
-    body: axum::body::Bytes,
+    request: axum::extract::Request,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     principal.require_admin("revoking tokens")?;
+    let body = super::http::read_body(request, &app).await?;
     let agent = agent_name(&agent)?;
     // The body is optional: `{"reason": "..."}`, or nothing (empty or `null`).
     let body: HttpRevoke = if body.iter().all(u8::is_ascii_whitespace) || body.trim_ascii() == b"null" {
         HttpRevoke::default()
+    } else if !super::wire::is_json_object(&body) {
+        return Err(ApiError::bad_request(super::wire::NOT_AN_OBJECT));
     } else {
         serde_json::from_slice(&body)
             .map_err(|error| ApiError::bad_request(super::wire::describe_json_error(&error)))?

@@ -440,6 +440,12 @@ fn encode(frame: &ServerFrame) -> Message {
 /// Decodes one client frame as a session does, or gives the error frame it answers with
 /// (public for fuzzing and tests: `fuzz/fuzz_targets/frame.rs` feeds it arbitrary bytes).
 pub fn decode_frame(bytes: &[u8]) -> Result<ClientFrame, Box<ServerFrame>> {
+    // `["report_error", 77]` would read as a frame: the tag first, then fields by position.
+    if !wire::is_json_object(bytes) {
+        let error =
+            ApiError::coded(axum::http::StatusCode::BAD_REQUEST, ServerCode::BadFrame, wire::NOT_AN_OBJECT, false);
+        return Err(Box::new(ServerFrame::Error { id: None, error: error.body }));
+    }
     serde_json::from_slice::<ClientFrame>(bytes).map_err(|error| Box::new(frame_error(bytes, &error)))
 }
 

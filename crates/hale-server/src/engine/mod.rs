@@ -105,6 +105,9 @@ pub struct EngineOptions {
     /// How often the core's timers and detectors run: [`TICK`], or only when
     /// [`Engine::tick`] asks (tests that drive time themselves).
     pub tick: Option<Duration>,
+    /// Events the log holds past its newest snapshot (those recovery replayed): counted as
+    /// not yet snapshotted, so a graceful stop snapshots them even if it logged nothing new.
+    pub unsnapshotted: u64,
 }
 
 /// A cloneable handle to the engine task.
@@ -146,7 +149,7 @@ impl Engine {
             log_running: true,
             held: VecDeque::new(),
             policy: options.snapshots,
-            events_since_snapshot: 0,
+            events_since_snapshot: options.unsnapshotted,
             last_snapshot,
             snapshot_in_flight: None,
             effects: options.effects,

@@ -81,6 +81,7 @@ fn start(snapshot_every_events: u64) -> Harness {
         metrics: Arc::new(Metrics::new(0, 0, snapshots.path().to_path_buf())),
         clock: clock.clone(),
         tick: None,
+        unsnapshotted: 0,
     };
     let engine = Engine::start(Core::new(Limits::default()), 0, ManualLog { control: log.clone() }, options);
     Harness { engine, log, clock, effects, snapshots }

@@ -60,8 +60,14 @@ pub struct ServerSection {
     pub tls_ca_file: Option<PathBuf>,
     /// Open connections at most (default 4096, plain or TLS).
     pub connections_max: Option<usize>,
+    /// Open connections from one IP address at most (default 1024).
+    pub connections_per_address_max: Option<usize>,
     /// A new connection must send its first byte within this (default 10000).
     pub first_byte_timeout_ms: Option<u64>,
+    /// A request head must be complete within this of its first byte (default 10000).
+    pub request_head_timeout_ms: Option<u64>,
+    /// A keep-alive connection idle this long after a response is closed (default 30000).
+    pub keep_alive_idle_timeout_ms: Option<u64>,
     /// A request body must arrive within this (default 10000).
     pub body_timeout_ms: Option<u64>,
     /// Encryption at rest: a file of keys, `ID:BASE64` one per line, the key for new

@@ -113,6 +113,8 @@ async fn measure(args: &BenchArgs, steps: &[usize], seconds: f64, transport: Tra
     let dir = temp_dir(args)?;
     let mut config = ServerConfig::new(dir.path(), "127.0.0.1:0".parse()?);
     config.connections.max = config.connections.max.max(steps.last().copied().unwrap_or(0) + 64);
+    // Every session comes from loopback here.
+    config.connections.per_address_max = config.connections.max;
     let server = hale_server::start(config).await?;
     let url = format!("ws://{}", server.local_addr());
     let token = server.admin_token().to_string();

@@ -255,7 +255,13 @@ async fn an_authorization_matrix_of_every_route_and_frame_refuses_all_but_the_ow
         }
         // Another agent's valid token: refused wherever the resource is bob's (a session
         // is bound to an agent by its hello: the frames below check that).
-        if path != "/v1/tasks" && path != "/v1/session" {
+        if (method, path) == ("GET", "/v1/tasks/1") {
+            // Another agent's task reads as one that does not exist: no task numbers leak.
+            let (status, _, answer) = http_as(hale.addr, Some(&alice.access_token), method, path, &body);
+            assert_eq!(status, 404, "{method} {path} with alice's token: {answer}");
+            assert!(answer.contains("unknown_task"), "{answer}");
+            cells += 1;
+        } else if path != "/v1/tasks" && path != "/v1/session" {
             let (status, _, answer) = http_as(hale.addr, Some(&alice.access_token), method, path, &body);
             assert_eq!(status, 403, "{method} {path} with alice's token: {answer}");
             assert!(answer.contains("forbidden"), "{answer}");

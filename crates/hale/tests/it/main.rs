@@ -16,6 +16,7 @@ mod fsync;
 mod fuzz;
 mod health;
 mod hooks;
+mod listener;
 mod messaging;
 mod metrics;
 mod openapi;

@@ -126,6 +126,18 @@ pub fn report_spend(
 }
 
 /// A JSON parse error, said so a person can act on it.
+/// What a body or frame that is not a JSON object is told.
+pub const NOT_AN_OBJECT: &str =
+    "expected a JSON object ({...}); an array, string, number, boolean or null is not a request";
+
+/// Whether `bytes` can be a JSON object: its first character after whitespace is `{`
+/// (whether the rest parses is the parser's to say). serde fills a struct's fields by
+/// position from an array, and an internally tagged enum takes `["type", ...]`, so this is
+/// checked before either.
+pub fn is_json_object(bytes: &[u8]) -> bool {
+    bytes.trim_ascii_start().first() == Some(&b'{')
+}
+
 pub fn describe_json_error(error: &serde_json::Error) -> String {
     use serde_json::error::Category;
     match error.classify() {
