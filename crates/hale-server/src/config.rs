@@ -72,6 +72,8 @@ pub struct Supervise {
     pub log_bytes_max: u64,
     /// Rotated log files kept per agent.
     pub logs_kept: usize,
+    /// Whether agents get cgroups (`[supervision] cgroups`).
+    pub cgroups: crate::process::CgroupSetting,
 }
 
 /// A role pool (`[[role]]` with a template).

@@ -64,8 +64,9 @@ fn limit_hint(error: &io::Error) -> &'static str {
 ///   and logging if hale dies, and is not killed when its `Child` is dropped;
 /// - gets `spec.env` on top of hale's environment and runs in `spec.workdir`.
 ///
-/// Resource limits are set in the child between `fork` and `exec` (a `pre_exec` hook that
-/// calls `setrlimit(2)`), so the program runs under them from its first instruction. An
+/// The process joins `spec.cgroup` (when set) and gets its resource limits in the child
+/// between `fork` and `exec` (a `pre_exec` hook that writes to the cgroups' `cgroup.procs`
+/// and calls `setrlimit(2)`), so the program runs under them from its first instruction. An
 /// earlier version applied them with `prlimit(2)` right after the spawn, which raced with
 /// the program's start: a runtime that reserves its heap early (mimalloc, thread stacks)
 /// sometimes started under the limit and sometimes not. Both soft and hard limits are set,
@@ -113,8 +114,19 @@ pub fn spawn(spec: &ProcessSpec, logs: &AgentLogs) -> Result<(tokio::process::Ch
     if let Some(workdir) = &spec.workdir {
         command.current_dir(workdir);
     }
-    if !limits.is_empty() {
-        set_limits_before_exec(&mut command, limits);
+    // Opened before the fork, so the child only writes (see `join_cgroups`).
+    let mut cgroup_procs = Vec::new();
+    for path in spec.cgroup.iter().flat_map(|cgroup| cgroup.procs_files()) {
+        match std::fs::OpenOptions::new().write(true).open(&path) {
+            Ok(file) => cgroup_procs.push(file),
+            Err(source) => {
+                let value = path.parent().unwrap_or(&path).display().to_string();
+                return Err(SpawnError::Limit { command: command_name(), pid: 0, what: "the cgroup", value, source });
+            }
+        }
+    }
+    if !limits.is_empty() || !cgroup_procs.is_empty() {
+        prepare_before_exec(&mut command, cgroup_procs, limits);
     }
     // tokio's Command does not kill on drop unless asked, which is what we want: an agent
     // outlives the value (and hale).
@@ -155,25 +167,50 @@ fn check_limit(resource: Resource, limit: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Makes the child set `limits` (soft and hard) on itself after `fork`, before `exec`.
+/// Makes the child join its cgroups, then set `limits` (soft and hard) on itself, after
+/// `fork` and before `exec`: each a step of its own, in that order.
 #[allow(unsafe_code)]
-fn set_limits_before_exec(command: &mut std::process::Command, limits: Vec<(Resource, u64)>) {
+fn prepare_before_exec(
+    command: &mut std::process::Command,
+    cgroup_procs: Vec<std::fs::File>,
+    limits: Vec<(Resource, u64)>,
+) {
     let hook = move || -> io::Result<()> {
-        for (resource, limit) in &limits {
-            let rlimit = Rlimit { current: Some(*limit), maximum: Some(*limit) };
-            rustix::process::setrlimit(*resource, rlimit)
-                .map_err(|errno| io::Error::from_raw_os_error(errno.raw_os_error()))?;
-        }
+        join_cgroups(&cgroup_procs)?;
+        set_limits(&limits)?;
         Ok(())
     };
     // SAFETY: `pre_exec` runs the hook in the child between fork and exec, where only
-    // async-signal-safe operations are allowed. The hook reads a Vec built before the
-    // fork (no allocation, no lock), calls setrlimit(2) through rustix (one raw system
-    // call, no libc state), and on failure builds an io::Error from a raw OS error code,
-    // which allocates nothing. It touches no other memory of the parent.
+    // async-signal-safe operations are allowed. Joining the cgroups writes the static
+    // two-byte buffer "0" with write(2) (through rustix: one raw system call, no libc
+    // state) to `cgroup.procs` files opened before the fork (the fds are inherited; they
+    // are close-on-exec, so the program does not keep them). Setting the limits reads a
+    // Vec built before the fork (no allocation, no lock) and calls setrlimit(2) through
+    // rustix. On failure an io::Error is built from a raw OS error code, which allocates
+    // nothing. The hook touches no other memory of the parent.
     unsafe {
         command.pre_exec(hook);
     }
+}
+
+/// Step one in the child: join the agent's cgroups (one file on v2, one per controller
+/// on v1). Writing "0" to `cgroup.procs` moves the writing process, so the program runs
+/// under the cgroup's limits from its first instruction.
+fn join_cgroups(cgroup_procs: &[std::fs::File]) -> io::Result<()> {
+    for file in cgroup_procs {
+        rustix::io::write(file, b"0").map_err(|errno| io::Error::from_raw_os_error(errno.raw_os_error()))?;
+    }
+    Ok(())
+}
+
+/// Step two in the child: the rlimits, soft and hard.
+fn set_limits(limits: &[(Resource, u64)]) -> io::Result<()> {
+    for (resource, limit) in limits {
+        let rlimit = Rlimit { current: Some(*limit), maximum: Some(*limit) };
+        rustix::process::setrlimit(*resource, rlimit)
+            .map_err(|errno| io::Error::from_raw_os_error(errno.raw_os_error()))?;
+    }
+    Ok(())
 }
 
 /// Kills a child that `spawn` is giving up on, with everything it may have started. The

@@ -63,6 +63,7 @@ pub(super) async fn redeliver(args: &BenchArgs) -> Result<Value> {
         stop_grace: Duration::from_secs(2),
         log_bytes_max: 16 * 1024 * 1024,
         logs_kept: 1,
+        cgroups: hale_server::process::CgroupSetting::default(),
     });
     eprintln!(
         "redeliver: {trials} SIGKILLs of a task's holder among {WORKERS} agents `{} {}` supervised by a hale in this \

@@ -49,6 +49,7 @@ pub(super) async fn restart(args: &BenchArgs) -> Result<Value> {
         stop_grace: Duration::from_secs(2),
         log_bytes_max: 16 * 1024 * 1024,
         logs_kept: 1,
+        cgroups: hale_server::process::CgroupSetting::default(),
     });
     eprintln!(
         "restart: {trials} SIGKILLs of `{} {}` supervised by a hale in this process, data in {}",

@@ -303,6 +303,7 @@ fn crew(args: &DemoArgs) -> Result<Supervise> {
         stop_grace: Duration::from_secs(2),
         log_bytes_max: 1024 * 1024,
         logs_kept: 1,
+        cgroups: hale_server::process::CgroupSetting::default(),
     })
 }
 
