@@ -75,6 +75,8 @@ pub struct Supervise {
     /// Where agents without a `workdir` get theirs (`BASE/NAME`); `None`: `agents` in the
     /// data directory.
     pub workdir_base: Option<PathBuf>,
+    /// Whether agents get cgroups (`[supervision] cgroups`).
+    pub cgroups: crate::process::CgroupSetting,
 }
 
 /// A role pool (`[[role]]` with a template).

@@ -253,13 +253,33 @@ async fn start_supervisor(
             .map_err(|source| ServerError::Logs { path: data_dir.path().to_path_buf(), source })?;
         tracing::info!(dir = %data_dir.path().display(), "the data directory is 0711: agents running as other users work under it");
     }
+    let supervisor_id = std::fs::canonicalize(data_dir.path())
+        .unwrap_or_else(|_| data_dir.path().to_path_buf())
+        .to_string_lossy()
+        .into_owned();
+    let (setting, id) = (supervise.cgroups, supervisor_id.clone());
+    let cgroups = tokio::task::spawn_blocking(move || process::Cgroups::detect(setting, &id))
+        .await
+        .unwrap_or_else(|error| process::Cgroups::None { reason: error.to_string() });
+    tracing::info!("cgroups: {}", cgroups.describe());
+    // With a cgroup the kernel holds the memory limit; polling RSS against it would only
+    // duplicate it (the CPU threshold, a detector rather than a quota, is still polled).
+    let kernel_memory = cgroups.active();
+    let judged = |supervision: &hale_core::supervision::Supervision| {
+        let mut supervision = supervision.clone();
+        if kernel_memory {
+            supervision.thresholds.memory_bytes_max = None;
+        }
+        supervision
+    };
     let mut agents = Vec::new();
     for declared in &supervise.agents {
+        let supervision = judged(&declared.supervision);
         let command = SupervisionCommand::Declare {
             agent: declared.name.clone(),
             role: declared.role.clone(),
             labels: declared.labels.clone(),
-            supervision: declared.supervision.clone(),
+            supervision: supervision.clone(),
         };
         engine.execute(command).await.map_err(|error| ServerError::Supervise(error.to_string()))?;
         let logs =
@@ -268,22 +288,23 @@ async fn start_supervisor(
             name: declared.name.clone(),
             spec: declared.process.clone(),
             logs: Arc::new(logs),
-            sample_usage: samples_usage(&declared.supervision),
+            sample_usage: samples_usage(&supervision),
             probe: declared.probe.clone(),
         });
     }
     let mut templates = std::collections::BTreeMap::new();
     for pool in &supervise.roles {
+        let supervision = judged(&pool.supervision);
         let command = SupervisionCommand::DeclareRole {
             role: pool.role.clone(),
             min: pool.min,
             max: pool.max,
-            supervision: pool.supervision.clone(),
+            supervision: supervision.clone(),
         };
         engine.execute(command).await.map_err(|error| ServerError::Supervise(error.to_string()))?;
         let template = supervisor::Template {
             spec: pool.process.clone(),
-            sample_usage: samples_usage(&pool.supervision),
+            sample_usage: samples_usage(&supervision),
             probe: pool.probe.clone(),
         };
         templates.insert(pool.role.clone(), template);
@@ -292,10 +313,8 @@ async fn start_supervisor(
         agents,
         templates,
         logs_dir: logs_dir.clone(),
-        supervisor_id: std::fs::canonicalize(data_dir.path())
-            .unwrap_or_else(|_| data_dir.path().to_path_buf())
-            .to_string_lossy()
-            .into_owned(),
+        supervisor_id,
+        cgroups: Arc::new(cgroups),
         log_bytes_max: supervise.log_bytes_max,
         logs_kept: supervise.logs_kept,
         hale_url: format!("{}://{}", if tls.is_some() { "wss" } else { "ws" }, agent_address(local_addr)),

@@ -133,6 +133,7 @@ fn cause_name(cause: &Cause) -> &'static str {
         Cause::SpawnFailed { .. } => "spawn_failed",
         Cause::ResourceExceeded { .. } => "resource_exceeded",
         Cause::HealthProbe { .. } => "health_probe",
+        Cause::OutOfMemory { .. } => "out_of_memory",
     }
 }
 

@@ -19,7 +19,7 @@
 use crate::clock;
 use crate::engine::{Engine, EngineError};
 use crate::probe::{Probe, ProbeSpec};
-use crate::process::{self, AgentLogs, ProcessId, ProcessSpec, Signal};
+use crate::process::{self, AgentCgroup, AgentLogs, Cgroups, ProcessId, ProcessSpec, Signal};
 use hale_core::supervision::{Cause, ManagedStatus, ProcessRef};
 use hale_core::{AgentName, Effect, Measurement, Observation, RoleName, SupervisionCommand};
 use std::collections::BTreeMap;
@@ -76,6 +76,8 @@ pub struct SupervisorConfig {
     pub ca_file: Option<PathBuf>,
     /// An agent without a `workdir` works in its own `BASE/NAME`, made at its start.
     pub workdir_base: PathBuf,
+    /// The cgroups agents get (or why none), found once at start.
+    pub cgroups: Arc<Cgroups>,
 }
 
 /// The running supervisor: one keeper per managed agent.
@@ -124,6 +126,9 @@ struct Keeper {
     auth: Option<Arc<crate::auth::Auth>>,
     ca_file: Option<PathBuf>,
     workdir_base: PathBuf,
+    cgroups: Arc<Cgroups>,
+    /// The agent's cgroup, once made (kept across incarnations, removed when it stops).
+    cgroup: Option<AgentCgroup>,
 }
 
 impl Supervisor {
@@ -189,6 +194,8 @@ impl Supervisor {
             auth: self.config.auth.clone(),
             ca_file: self.config.ca_file.clone(),
             workdir_base: self.config.workdir_base.clone(),
+            cgroups: self.config.cgroups.clone(),
+            cgroup: None,
         };
         tokio::spawn(keeper.run(effects));
         keepers.insert(name, effects_tx.clone());
@@ -328,6 +335,13 @@ impl Supervisor {
         if tokio::time::timeout(grace + Duration::from_secs(1), all_gone).await.is_err() {
             tracing::warn!(left = *self.live.borrow(), "agents still running after the stop grace");
         }
+        let cgroups = self.config.cgroups.clone();
+        let _ = tokio::task::spawn_blocking(move || cgroups.remove_all()).await;
+    }
+
+    /// The cgroups agents get, for `hale status` and the log.
+    pub fn cgroups(&self) -> &Cgroups {
+        &self.config.cgroups
     }
 
     /// How many agent processes are alive now.
@@ -340,6 +354,14 @@ impl Drop for Supervisor {
     fn drop(&mut self) {
         self.rotation.abort();
     }
+}
+
+/// `Some(OutOfMemory)` if the OOM killer's count of the agent's cgroup rose since the
+/// process started (`oom` holds the cgroup, the count then, and the memory limit).
+async fn oom_cause(oom: Option<(AgentCgroup, Option<u64>, u64)>) -> Option<Cause> {
+    let (cgroup, before, limit_bytes) = oom?;
+    let after = tokio::task::spawn_blocking(move || cgroup.oom_kills()).await.ok().flatten()?;
+    (after > before.unwrap_or(0)).then_some(Cause::OutOfMemory { limit_bytes })
 }
 
 fn id_of(process: ProcessRef) -> ProcessId {
@@ -413,21 +435,34 @@ impl Keeper {
             }
         }
         let logs = self.agent.logs.clone();
+        let (cgroups, name) = (self.cgroups.clone(), self.agent.name.to_string());
         let own_workdir = spec.workdir.is_none().then(|| self.workdir_base.join(self.agent.name.as_str()));
-        let spawned = tokio::task::spawn_blocking(move || {
+        let spawned = tokio::task::spawn_blocking(move || -> Result<_, String> {
             if let Some(dir) = own_workdir {
-                process::make_workdir(&dir, &spec)?;
+                process::make_workdir(&dir, &spec).map_err(|error| error.to_string())?;
                 spec.workdir = Some(dir);
             }
-            process::spawn(&spec, &logs)
+            // Made (or found) and its limits written at every start, so a changed
+            // hale.toml takes effect; its OOM count is read before the process runs.
+            let cgroup = cgroups
+                .agent(&name, &spec.cgroup_limits)
+                .map_err(|error| format!("cannot make the cgroup of `{}`: {error}", spec.command))?;
+            let oom_before = cgroup.as_ref().and_then(AgentCgroup::oom_kills);
+            spec.cgroup = cgroup.clone();
+            let spawned = process::spawn(&spec, &logs).map_err(|error| error.to_string())?;
+            Ok((spawned, cgroup, oom_before))
         })
         .await;
         let agent = self.agent.name.clone();
-        let (mut child, id) = match spawned {
-            Ok(Ok(spawned)) => spawned,
+        let memory_limit = self.agent.spec.cgroup_limits.memory_bytes;
+        let ((mut child, id), oom) = match spawned {
+            Ok(Ok((spawned, cgroup, oom_before))) => {
+                self.cgroup = cgroup.clone();
+                (spawned, cgroup.zip(memory_limit).map(|(cgroup, limit)| (cgroup, oom_before, limit)))
+            }
             Ok(Err(error)) => {
                 tracing::error!(%agent, incarnation, %error, "could not start the agent");
-                let cause = Cause::SpawnFailed { error: error.to_string() };
+                let cause = Cause::SpawnFailed { error };
                 self.report(SupervisionCommand::ReportDown { agent, incarnation, cause }).await;
                 return;
             }
@@ -442,6 +477,9 @@ impl Keeper {
         let exits = self.exits_tx.clone();
         tokio::spawn(async move {
             let cause = match child.wait().await {
+                Ok(status) if status.signal() == Some(Signal::KILL.as_raw()) => {
+                    oom_cause(oom).await.unwrap_or(Cause::Exited { code: None, signal: status.signal() })
+                }
                 Ok(status) => Cause::Exited { code: status.code(), signal: status.signal() },
                 Err(_) => Cause::Vanished,
             };
@@ -474,11 +512,20 @@ impl Keeper {
         }
         self.current = Some(Current::new(incarnation, id.pid));
         self.live.send_modify(|count| *count += 1);
+        // It is still in the cgroup an earlier hale made for it (found by name); no limit
+        // is rewritten under a running process.
+        self.cgroup = self.cgroups.existing(self.agent.name.as_str());
+        let memory_limit = self.agent.spec.cgroup_limits.memory_bytes;
+        let cgroup = self.cgroup.clone();
+        let oom_before = cgroup.as_ref().and_then(AgentCgroup::oom_kills);
+        let oom = cgroup.zip(memory_limit).map(|(cgroup, limit)| (cgroup, oom_before, limit));
         let exits = self.exits_tx.clone();
         tokio::spawn(async move {
-            // Not our child: no exit status to read, only that it is gone.
+            // Not our child: no exit status to read, only that it is gone, and whether the
+            // OOM killer's count of its cgroup rose meanwhile.
             let _ = process::wait_adopted_exit_of(id).await;
-            let _ = exits.send(Exit { incarnation, cause: Cause::Vanished });
+            let cause = oom_cause(oom).await.unwrap_or(Cause::Vanished);
+            let _ = exits.send(Exit { incarnation, cause });
         });
         true
     }
@@ -521,6 +568,11 @@ impl Keeper {
         };
         if let Some(exit) = exit {
             self.exited(exit).await;
+        }
+        // Stopped on purpose (or to make way for the next incarnation, which makes it
+        // again): its cgroup goes with it.
+        if let Some(cgroup) = self.cgroup.take() {
+            let _ = tokio::task::spawn_blocking(move || cgroup.remove()).await;
         }
     }
 

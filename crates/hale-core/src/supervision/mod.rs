@@ -136,6 +136,9 @@ pub enum Cause {
     ResourceExceeded { resource: String, value: u64, limit: u64 },
     /// The agent's health endpoint failed `failures` probes in a row; `last` says how.
     HealthProbe { failures: u32, last: String },
+    /// The kernel's OOM killer killed the process: its cgroup reached its memory limit of
+    /// `limit_bytes` (`memory_mb`). Added after the others, so older logs read as before.
+    OutOfMemory { limit_bytes: u64 },
 }
 
 impl Cause {
@@ -152,14 +155,14 @@ impl Cause {
             Cause::StalledProgress { .. } | Cause::StalledCheckpoints { .. } => "stall",
             Cause::SiblingFailed { .. } => "group",
             Cause::Operator | Cause::Stopped => "operator",
-            Cause::ResourceExceeded { .. } => "resource",
+            Cause::ResourceExceeded { .. } | Cause::OutOfMemory { .. } => "resource",
             Cause::HealthProbe { .. } => "health_probe",
         }
     }
 
     /// True for causes where the process may still be running and must be stopped.
     pub fn process_may_live(&self) -> bool {
-        !matches!(self, Cause::Exited { .. } | Cause::Vanished | Cause::SpawnFailed { .. })
+        !matches!(self, Cause::Exited { .. } | Cause::Vanished | Cause::SpawnFailed { .. } | Cause::OutOfMemory { .. })
     }
 }
 
@@ -190,6 +193,9 @@ impl std::fmt::Display for Cause {
                 write!(f, "{resource} {value}% over its limit of {limit}%")
             }
             Cause::HealthProbe { failures, last } => write!(f, "health probe failed {failures} times in a row: {last}"),
+            Cause::OutOfMemory { limit_bytes } => {
+                write!(f, "killed by the kernel: out of memory at its limit of {} MiB", limit_bytes / (1024 * 1024))
+            }
         }
     }
 }

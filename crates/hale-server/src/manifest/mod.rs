@@ -147,6 +147,9 @@ pub struct SupervisionSection {
     /// Where agents without a `workdir` get their own working directory, `BASE/NAME`
     /// (default `agents` in the data directory). Relative to the directory of hale.toml.
     pub workdir_base: Option<PathBuf>,
+    /// `"auto"` (default): a cgroup per agent where the host offers one; `"off"`: none,
+    /// memory and CPU polled from /proc.
+    pub cgroups: crate::process::CgroupSetting,
 }
 
 impl Default for SupervisionSection {
@@ -165,6 +168,7 @@ impl Default for SupervisionSection {
             quarantine: QuarantinePolicy::default(),
             pass_env: crate::process::environment::DEFAULT_PASS_ENV.iter().map(|name| name.to_string()).collect(),
             workdir_base: None,
+            cgroups: crate::process::CgroupSetting::default(),
         }
     }
 }
@@ -261,9 +265,17 @@ pub struct AgentSpec {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Resources {
-    /// Resident memory of the agent's process group: over it, the agent is declared down
-    /// (cause `resource`) and restarted. Watched from /proc once a second.
+    /// Where hale makes the agent a cgroup: its memory limit (the kernel's OOM killer
+    /// ends the agent past it; cause `out_of_memory`). Elsewhere: resident memory of the
+    /// agent's process group, watched from /proc once a second; over it, the agent is
+    /// declared down (cause `resource`) and restarted.
     pub memory_mb: Option<u64>,
+    /// The most processes and threads the agent's cgroup may hold (`pids.max`); a fork
+    /// past it fails with EAGAIN. Needs a cgroup.
+    pub pids_max: Option<u64>,
+    /// A CPU quota in percent of one core (150 = one and a half cores), enforced by the
+    /// kernel's scheduler (the agent is throttled, not stopped). Needs a cgroup.
+    pub cpu_quota_percent: Option<u32>,
     /// Percent of one core, averaged over `cpu_window_ms`: over it, the agent is declared down.
     pub cpu_percent: Option<u32>,
     /// The CPU averaging window (default 10,000 ms).
@@ -527,6 +539,7 @@ impl Manifest {
             log_bytes_max: self.supervision.log_bytes_max,
             logs_kept: self.supervision.logs_kept,
             workdir_base: self.supervision.workdir_base.as_ref().map(|dir| base.join(dir)),
+            cgroups: self.supervision.cgroups,
         }
     }
 
@@ -722,6 +735,12 @@ fn process_spec(spec: &AgentSpec, base: &Path, pass_env: &[String]) -> ProcessSp
         workdir,
         address_space_mb: spec.resources.address_space_mb,
         open_files: spec.resources.open_files,
+        cgroup_limits: crate::process::CgroupLimits {
+            memory_bytes: spec.resources.memory_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
+            pids_max: spec.resources.pids_max,
+            cpu_quota_percent: spec.resources.cpu_quota_percent,
+        },
+        cgroup: None,
     }
 }
 
@@ -810,6 +829,13 @@ fn check_name(name: &str, kind: &str, line: usize) -> Result<(), (usize, String)
     AgentName::new(name).map(|_| ()).map_err(|error| (line, format!("{kind} name: {error}")))
 }
 
+/// 1 PiB: a larger `memory_mb` is a typo (bytes given as MiB), not a limit.
+const MEMORY_MB_MAX: u64 = 1 << 30;
+/// 1,000 cores.
+const CPU_QUOTA_PERCENT_MAX: u32 = 100_000;
+/// The kernel's own ceiling of `pids.max` (`PID_MAX_LIMIT`, 4 Mi).
+const PIDS_MAX_MAX: u64 = 1 << 22;
+
 fn check_process(spec: &AgentSpec, line: usize, what: &str) -> Result<(), (usize, String)> {
     match &spec.command {
         None => return Err((line, format!("{what} has no command; say what to run, e.g. command = \"python3\""))),
@@ -833,11 +859,30 @@ fn check_process(spec: &AgentSpec, line: usize, what: &str) -> Result<(), (usize
         || spec.resources.cpu_percent == Some(0)
         || spec.resources.address_space_mb == Some(0)
         || spec.resources.open_files == Some(0)
+        || spec.resources.pids_max == Some(0)
+        || spec.resources.cpu_quota_percent == Some(0)
     {
         return Err((
             line,
             format!("{what}: a resource limit of 0 would stop it from running; leave the key out for no limit"),
         ));
+    }
+    if spec.resources.memory_mb.is_some_and(|mb| mb > MEMORY_MB_MAX) {
+        return Err((
+            line,
+            format!("{what}: memory_mb is in MiB and at most {MEMORY_MB_MAX} (1 PiB); leave it out for no limit"),
+        ));
+    }
+    if spec.resources.cpu_quota_percent.is_some_and(|percent| percent > CPU_QUOTA_PERCENT_MAX) {
+        return Err((
+            line,
+            format!(
+                "{what}: cpu_quota_percent is percent of one core (150 = 1.5 cores), at most {CPU_QUOTA_PERCENT_MAX}; leave it out for no quota"
+            ),
+        ));
+    }
+    if spec.resources.pids_max.is_some_and(|pids| pids > PIDS_MAX_MAX) {
+        return Err((line, format!("{what}: pids_max is at most {PIDS_MAX_MAX}; leave it out for no limit")));
     }
     if let Some(health) = &spec.health
         && !health.url.starts_with("http://")

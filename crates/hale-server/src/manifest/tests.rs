@@ -87,6 +87,15 @@ fn inconsistent_files_are_refused_with_the_line() {
         ("[[role]]\nname = \"r\"\nmin = 1\n", "line 2", "no template"),
         ("[[role]]\nname = \"r\"\ntemplate = { name = \"x\", command = \"y\" }\n", "line 3", "takes no name"),
         ("[[agent]]\nname = \"a\"\ncommand = \"x\"\nresources = { memory_mb = 0 }\n", "line 2", "limit of 0"),
+        ("[[agent]]\nname = \"a\"\ncommand = \"x\"\nresources = { pids_max = 0 }\n", "line 2", "limit of 0"),
+        (
+            "[[agent]]\nname = \"a\"\ncommand = \"x\"\nresources = { cpu_quota_percent = 200000 }\n",
+            "line 2",
+            "percent of one core (150 = 1.5 cores), at most 100000",
+        ),
+        ("[[agent]]\nname = \"a\"\ncommand = \"x\"\nresources = { memory_mb = 2147483648 }\n", "line 2", "in MiB"),
+        ("[[agent]]\nname = \"a\"\ncommand = \"x\"\nresources = { pids_max = 9999999 }\n", "line 2", "at most 4194304"),
+        ("[supervision]\ncgroups = \"on\"\n", "line 2", "auto"),
         ("[[agent]]\nname = \"a\"\ncommand = \"x\"\nhealth = { url = \"ftp://x\" }\n", "line 2", "http://"),
     ];
     for (text, line, words) in cases {

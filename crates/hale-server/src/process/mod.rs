@@ -9,6 +9,7 @@
 //! reads their resource use from `/proc` ([`usage`]).
 //!
 //! - [`spawn`] (in `spawn.rs`) starts a [`ProcessSpec`] and applies its rlimits.
+//! - `cgroup.rs` makes each agent's cgroup (v2 delegated, or v1) and reads its OOM kills.
 //! - `control.rs` signals process groups and waits for processes that are not our children.
 //! - `proc_fs.rs` parses `/proc/PID/stat` and `/proc/PID/statm`.
 //! - `logs.rs` owns the per-agent log files: rotation by copy-and-truncate, `tail`, `follow`.
@@ -17,6 +18,7 @@
 //! agent's rlimits between fork and exec (see [`spawn`]); applying them afterwards with
 //! `prlimit(2)` raced with the program's start and made limits apply only sometimes.
 
+mod cgroup;
 mod control;
 pub mod environment;
 pub mod identity;
@@ -26,6 +28,7 @@ mod spawn;
 #[cfg(test)]
 mod tests;
 
+pub use cgroup::{AgentCgroup, CPU_PERIOD_US, CgroupLimits, CgroupSetting, Cgroups};
 pub use control::{signal_group, wait_adopted_exit, wait_adopted_exit_of};
 pub use logs::{AgentLogs, follow, tail};
 pub use proc_fs::{Found, find_agents, group_usage, groups_usage, is_same_process, start_ticks, usage};
@@ -68,6 +71,11 @@ pub struct ProcessSpec {
     pub address_space_mb: Option<u64>,
     /// The open-file limit (`RLIMIT_NOFILE`), soft and hard. `None` leaves hale's limit.
     pub open_files: Option<u64>,
+    /// The limits of the agent's cgroup, where hale makes one (see [`Cgroups`]).
+    pub cgroup_limits: CgroupLimits,
+    /// The cgroup the process joins before it runs (set by the supervisor when it starts
+    /// an incarnation); `None` runs it in hale's own.
+    pub cgroup: Option<AgentCgroup>,
 }
 
 impl Default for ProcessSpec {
@@ -82,6 +90,8 @@ impl Default for ProcessSpec {
             workdir: None,
             address_space_mb: None,
             open_files: None,
+            cgroup_limits: CgroupLimits::default(),
+            cgroup: None,
         }
     }
 }

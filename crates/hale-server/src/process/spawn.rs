@@ -75,8 +75,9 @@ fn limit_hint(error: &io::Error) -> &'static str {
 ///   `exec`, after the rlimits (which may need hale's privilege), and the umask hale had
 ///   before it restricted its own ([`protect_secrets`]) is restored.
 ///
-/// Resource limits are set in the child between `fork` and `exec` (a `pre_exec` hook that
-/// calls `setrlimit(2)`), so the program runs under them from its first instruction. An
+/// The process joins `spec.cgroup` (when set) and gets its resource limits in the child
+/// between `fork` and `exec` (a `pre_exec` hook that writes to the cgroups' `cgroup.procs`
+/// and calls `setrlimit(2)`), so the program runs under them from its first instruction. An
 /// earlier version applied them with `prlimit(2)` right after the spawn, which raced with
 /// the program's start: a runtime that reserves its heap early (mimalloc, thread stacks)
 /// sometimes started under the limit and sometimes not. Both soft and hard limits are set,
@@ -151,7 +152,18 @@ pub fn spawn(spec: &ProcessSpec, logs: &AgentLogs) -> Result<(tokio::process::Ch
     if let Some(workdir) = &spec.workdir {
         command.current_dir(workdir);
     }
-    set_up_before_exec(&mut command, limits, run_as.as_ref(), saved_umask());
+    // Opened before the fork, so the child only writes (see `join_cgroups`).
+    let mut cgroup_procs = Vec::new();
+    for path in spec.cgroup.iter().flat_map(|cgroup| cgroup.procs_files()) {
+        match std::fs::OpenOptions::new().write(true).open(&path) {
+            Ok(file) => cgroup_procs.push(file),
+            Err(source) => {
+                let value = path.parent().unwrap_or(&path).display().to_string();
+                return Err(SpawnError::Limit { command: command_name(), pid: 0, what: "the cgroup", value, source });
+            }
+        }
+    }
+    prepare_before_exec(&mut command, cgroup_procs, limits, run_as.as_ref(), saved_umask());
     // tokio's Command does not kill on drop unless asked, which is what we want: an agent
     // outlives the value (and hale).
     let mut child = tokio::process::Command::from(command)
@@ -222,13 +234,15 @@ fn check_limit(resource: Resource, limit: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Makes the child, after `fork` and before `exec`: set `limits` (soft and hard) on
-/// itself, drop any ambient capabilities, take the identity of `run_as` (supplementary
-/// groups, group, then user: the order that leaves it no way back), and the `umask` hale
-/// started with.
+/// Makes the child, after `fork` and before `exec`, in this order, each a step of its
+/// own: join its cgroups, set `limits` (soft and hard) on itself, drop any ambient
+/// capabilities, take the identity of `run_as` (supplementary groups, group, then user:
+/// the order that leaves it no way back; after the limits, which may need hale's
+/// privilege), and the `umask` hale started with.
 #[allow(unsafe_code)]
-fn set_up_before_exec(
+fn prepare_before_exec(
     command: &mut std::process::Command,
+    cgroup_procs: Vec<std::fs::File>,
     limits: Vec<(Resource, u64)>,
     run_as: Option<&RunAs>,
     umask: Option<u32>,
@@ -240,22 +254,12 @@ fn set_up_before_exec(
         (groups, rustix::process::Gid::from_raw(run_as.gid), rustix::process::Uid::from_raw(run_as.uid))
     });
     let umask = umask.map(rustix::fs::Mode::from_raw_mode);
-    let os_error = |errno: Errno| io::Error::from_raw_os_error(errno.raw_os_error());
     let hook = move || -> io::Result<()> {
-        for (resource, limit) in &limits {
-            let rlimit = Rlimit { current: Some(*limit), maximum: Some(*limit) };
-            rustix::process::setrlimit(*resource, rlimit).map_err(os_error)?;
-        }
-        // Capabilities hale holds in its ambient set (systemd's AmbientCapabilities=) would
-        // pass to every agent through exec: never. Older kernels have no ambient set.
-        match rustix::thread::clear_ambient_capability_set() {
-            Ok(()) | Err(Errno::INVAL) => {}
-            Err(errno) => return Err(os_error(errno)),
-        }
+        join_cgroups(&cgroup_procs)?;
+        set_limits(&limits)?;
+        drop_ambient_capabilities()?;
         if let Some((groups, gid, uid)) = &ids {
-            rustix::thread::set_thread_groups(groups).map_err(os_error)?;
-            rustix::thread::set_thread_gid(*gid).map_err(os_error)?;
-            rustix::thread::set_thread_uid(*uid).map_err(os_error)?;
+            switch_identity(groups, *gid, *uid)?;
         }
         if let Some(umask) = umask {
             rustix::process::umask(umask);
@@ -263,15 +267,61 @@ fn set_up_before_exec(
         Ok(())
     };
     // SAFETY: `pre_exec` runs the hook in the child between fork and exec, where only
-    // async-signal-safe operations are allowed. The hook reads values built before the
-    // fork (no allocation, no lock) and makes raw system calls through rustix (setrlimit,
-    // prctl, setgroups, setgid, setuid, umask: no libc state; the set-id calls are the kernel's
-    // per-thread ones, and the child has one thread), and on failure builds an io::Error
-    // from a raw OS error code, which allocates nothing. It touches no other memory of
-    // the parent.
+    // async-signal-safe operations are allowed. Every step makes raw system calls through
+    // rustix (write, setrlimit, prctl, setgroups, setgid, setuid, umask: one system call
+    // each, no libc state; the set-id calls are the kernel's per-thread ones, and the
+    // child has one thread) on values built before the fork (no allocation, no lock).
+    // Joining the cgroups writes the static buffer "0" to `cgroup.procs` files opened
+    // before the fork (inherited; close-on-exec, so the program does not keep them). On
+    // failure an io::Error is built from a raw OS error code, which allocates nothing.
+    // The hook touches no other memory of the parent.
     unsafe {
         command.pre_exec(hook);
     }
+}
+
+/// Step one in the child: join the agent's cgroups (one file on v2, one per controller
+/// on v1). Writing "0" to `cgroup.procs` moves the writing process, so the program runs
+/// under the cgroup's limits from its first instruction.
+fn join_cgroups(cgroup_procs: &[std::fs::File]) -> io::Result<()> {
+    for file in cgroup_procs {
+        rustix::io::write(file, b"0").map_err(os_error)?;
+    }
+    Ok(())
+}
+
+/// Step two in the child: the rlimits, soft and hard.
+fn set_limits(limits: &[(Resource, u64)]) -> io::Result<()> {
+    for (resource, limit) in limits {
+        let rlimit = Rlimit { current: Some(*limit), maximum: Some(*limit) };
+        rustix::process::setrlimit(*resource, rlimit).map_err(os_error)?;
+    }
+    Ok(())
+}
+
+/// Step three: capabilities hale holds in its ambient set (systemd's
+/// `AmbientCapabilities=`) would pass to every agent through exec: never. Older kernels
+/// have no ambient set.
+fn drop_ambient_capabilities() -> io::Result<()> {
+    match rustix::thread::clear_ambient_capability_set() {
+        Ok(()) | Err(Errno::INVAL) => Ok(()),
+        Err(errno) => Err(os_error(errno)),
+    }
+}
+
+/// Step four: become the agent's user, for good.
+fn switch_identity(
+    groups: &[rustix::process::Gid],
+    gid: rustix::process::Gid,
+    uid: rustix::process::Uid,
+) -> io::Result<()> {
+    rustix::thread::set_thread_groups(groups).map_err(os_error)?;
+    rustix::thread::set_thread_gid(gid).map_err(os_error)?;
+    rustix::thread::set_thread_uid(uid).map_err(os_error)
+}
+
+fn os_error(errno: Errno) -> io::Error {
+    io::Error::from_raw_os_error(errno.raw_os_error())
 }
 
 /// The umask hale had before [`protect_secrets`], which agents get back.

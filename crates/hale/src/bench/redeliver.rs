@@ -64,6 +64,7 @@ pub(super) async fn redeliver(args: &BenchArgs) -> Result<Value> {
         log_bytes_max: 16 * 1024 * 1024,
         logs_kept: 1,
         workdir_base: None,
+        cgroups: hale_server::process::CgroupSetting::default(),
     });
     eprintln!(
         "redeliver: {trials} SIGKILLs of a task's holder among {WORKERS} agents `{} {}` supervised by a hale in this \

@@ -50,6 +50,7 @@ pub(super) async fn restart(args: &BenchArgs) -> Result<Value> {
         log_bytes_max: 16 * 1024 * 1024,
         logs_kept: 1,
         workdir_base: None,
+        cgroups: hale_server::process::CgroupSetting::default(),
     });
     eprintln!(
         "restart: {trials} SIGKILLs of `{} {}` supervised by a hale in this process, data in {}",

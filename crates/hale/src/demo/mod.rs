@@ -304,6 +304,7 @@ fn crew(args: &DemoArgs) -> Result<Supervise> {
         log_bytes_max: 1024 * 1024,
         logs_kept: 1,
         workdir_base: None,
+        cgroups: hale_server::process::CgroupSetting::default(),
     })
 }
 

@@ -5,6 +5,7 @@ mod abuse;
 mod auth;
 mod backup;
 mod bad_input;
+mod cgroups;
 mod containment;
 mod corruption;
 mod crash;

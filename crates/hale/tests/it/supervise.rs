@@ -393,12 +393,14 @@ async fn an_agent_past_its_address_space_limit_dies_and_is_restarted() {
     assert!(hale.terminate().success());
 }
 
+/// The fallback of cgroups, so it runs on every machine: with `cgroups = "off"` (as where
+/// the host offers hale none) memory is polled from /proc and judged by the core.
 #[tokio::test]
 async fn an_agent_over_its_resident_memory_limit_is_detected_and_restarted() {
     let temp = tempfile::tempdir().unwrap();
     let config = config(
         temp.path(),
-        "stop_grace_ms = 300",
+        "stop_grace_ms = 300\ncgroups = \"off\"",
         &[(
             "bloats",
             &["--misbehave", "grow-memory", "--after-ms", "300", "--only-incarnation", "1"],
@@ -406,6 +408,7 @@ async fn an_agent_over_its_resident_memory_limit_is_detected_and_restarted() {
         )],
     );
     let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
+    assert!(hale.stderr_shows("cgroups: none (off in hale.toml"), "{}", hale.stderr());
     let admin = hale.admin();
     let restarted = running(&admin, "bloats", 2, 0).await;
     let down = restarted.last_down.clone().unwrap();
