@@ -496,6 +496,10 @@ async fn run(argv: &[String], json: &[u8], body: &Body, timeout: Duration) -> Re
         .stderr(std::process::Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    // systemd's notify socket, watchdog settings and credentials are hale's alone.
+    for name in crate::notify::SYSTEMD_VARIABLES {
+        command.env_remove(name);
+    }
     let mut child = command.spawn().map_err(|error| format!("cannot run {program}: {error}"))?;
     let pid = child.id();
     let mut stdin = child.stdin.take().expect("stdin is piped");

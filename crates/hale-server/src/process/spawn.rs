@@ -110,6 +110,10 @@ pub fn spawn(spec: &ProcessSpec, logs: &AgentLogs) -> Result<(tokio::process::Ch
 
     let mut command = std::process::Command::new(&spec.command);
     command.args(&spec.args).envs(&spec.env).stdin(Stdio::null()).stdout(stdout).stderr(stderr).process_group(0);
+    // systemd's notify socket, watchdog settings and credentials are hale's alone.
+    for name in crate::notify::SYSTEMD_VARIABLES {
+        command.env_remove(name);
+    }
     if let Some(workdir) = &spec.workdir {
         command.current_dir(workdir);
     }
