@@ -450,18 +450,16 @@ async fn serve(args: ServeArgs, supervise: bool) -> Result<i32> {
     // Under systemd, `LoadCredential=admin.token:…` comes before hale.toml's file.
     let admin_token_file = credential(ADMIN_TOKEN_CREDENTIAL).or(manifest.server.admin_token_file.clone());
     config.auth.admin_token = match (std::env::var("HALE_ADMIN_TOKEN"), &admin_token_file) {
-        (Ok(token), _) if !token.trim().is_empty() => Some(token.trim().to_string()),
-        (_, Some(path)) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| {
-                    format!(
-                        "reading the admin token from {} ([server] admin_token_file, or the {ADMIN_TOKEN_CREDENTIAL} credential)",
-                        path.display()
-                    )
-                })?
-                .trim()
-                .to_string(),
-        ),
+        (Ok(token), _) if !token.trim().is_empty() => Some(zeroize::Zeroizing::new(token.trim().to_string())),
+        (_, Some(path)) => {
+            let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).with_context(|| {
+                format!(
+                    "reading the admin token from {} ([server] admin_token_file, or the {ADMIN_TOKEN_CREDENTIAL} credential)",
+                    path.display()
+                )
+            })?);
+            Some(zeroize::Zeroizing::new(text.trim().to_string()))
+        }
         _ => None,
     };
     let server = &manifest.server;
