@@ -391,6 +391,9 @@ pub async fn run(cli: Cli) -> Result<i32> {
             let manifest = Manifest::load(&config)?;
             // Relative to where hale runs, as `hale serve` reads it.
             load_keys(key_file(None, &manifest).as_deref())?;
+            // The webhooks' secrets are there (relative to hale.toml, as `hale up` reads them).
+            let base = std::path::absolute(&config)?.parent().map(PathBuf::from).unwrap_or_default();
+            manifest.hooks(&base).map_err(|error| anyhow!("{}: {error}", config.display()))?;
             println!(
                 "{}: ok ({} agents, {} groups, {} roles)",
                 config.display(),
@@ -402,6 +405,11 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Commands::Bench(args) => bench::run(args).await,
     }
+}
+
+/// hale.toml's path for messages, or that there is none.
+fn config_path_text(path: &Option<PathBuf>) -> String {
+    path.as_ref().map_or("(no hale.toml)".to_string(), |path| path.display().to_string())
 }
 
 /// Accepts `ws://` or `http://` forms of the server address.
@@ -505,7 +513,7 @@ async fn serve(args: ServeArgs, supervise: bool) -> Result<i32> {
         Some(path) => std::path::absolute(path)?.parent().map(PathBuf::from).unwrap_or_default(),
         None => std::env::current_dir()?,
     };
-    config.hooks = manifest.hooks(&base);
+    config.hooks = manifest.hooks(&base).map_err(|error| anyhow!("{}: {error}", config_path_text(&config_path)))?;
     if supervise {
         config.supervise = Some(manifest.supervise(&base));
     }
