@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use zeroize::Zeroizing;
 
 const ISSUER: &str = "hale";
 const AUDIENCE: &str = "hale-agent";
@@ -30,12 +31,24 @@ const SIGNING_KEY_FILE: &str = "signing.key";
 const REFRESH_PREFIX: &str = "hale_rt_";
 
 /// How the server authenticates, from hale.toml, flags and the environment.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AuthConfig {
-    /// The admin token; `None`: read or make `admin.token` in the data directory.
-    pub admin_token: Option<String>,
+    /// The admin token; `None`: read or make `admin.token` in the data directory. Wiped
+    /// from memory when dropped.
+    pub admin_token: Option<Zeroizing<String>>,
     pub access_ttl: Duration,
     pub refresh_ttl: Duration,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token.
+        f.debug_struct("AuthConfig")
+            .field("admin_token", &self.admin_token.as_ref().map(|_| ".."))
+            .field("access_ttl", &self.access_ttl)
+            .field("refresh_ttl", &self.refresh_ttl)
+            .finish()
+    }
 }
 
 impl Default for AuthConfig {
@@ -143,9 +156,11 @@ pub struct Minted {
     pub refresh_expires_at_ms: u64,
 }
 
-/// The server's secrets and the agents' current token generations.
+/// The server's secrets and the agents' current token generations. The admin token is
+/// wiped from memory on drop; the signing key's copies inside jsonwebtoken's
+/// `EncodingKey`/`DecodingKey` are not (that crate keeps them in plain `Vec`s).
 pub struct Auth {
-    admin_token: String,
+    admin_token: Zeroizing<String>,
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
@@ -180,13 +195,17 @@ impl Auth {
             None => read_or_make(&data_dir.join(ADMIN_TOKEN_FILE), &random)?,
         };
         let key = read_or_make(&data_dir.join(SIGNING_KEY_FILE), &random)?;
-        Ok(Auth::with_secrets(admin_token, &key, config))
+        Ok(Auth::with_secret_token(admin_token, &key, config))
     }
 
     /// An `Auth` with the given admin token and JWT signing key, touching no files (for
     /// fuzzing and tests: `fuzz/fuzz_targets/token.rs` authenticates arbitrary tokens
     /// against a fixed key). [`Auth::open`] reads or makes the secrets, then builds this.
     pub fn with_secrets(admin_token: String, signing_key: &str, config: AuthConfig) -> Auth {
+        Auth::with_secret_token(Zeroizing::new(admin_token), signing_key, config)
+    }
+
+    fn with_secret_token(admin_token: Zeroizing<String>, signing_key: &str, config: AuthConfig) -> Auth {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_issuer(&[ISSUER]);
         validation.set_audience(&[AUDIENCE]);
@@ -333,24 +352,21 @@ fn now_secs() -> u64 {
 }
 
 /// Reads a secret file, or makes one of 32 random bytes (hex) readable by the owner only.
-fn read_or_make(path: &Path, random: &SystemRandom) -> Result<String, SecretError> {
-    match std::fs::read_to_string(path) {
-        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
+fn read_or_make(path: &Path, random: &SystemRandom) -> Result<Zeroizing<String>, SecretError> {
+    match std::fs::read_to_string(path).map(Zeroizing::new) {
+        Ok(text) if !text.trim().is_empty() => return Ok(Zeroizing::new(text.trim().to_string())),
         Ok(_) => {}
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
         Err(source) => return Err(SecretError { what: "reading", path: path.to_path_buf(), source }),
     }
-    let mut bytes = [0u8; 32];
-    random.fill(&mut bytes).expect("the system random source works");
-    let secret = hex(&bytes);
+    let mut bytes = Zeroizing::new([0u8; 32]);
+    random.fill(&mut *bytes).expect("the system random source works");
+    let secret = Zeroizing::new(hex(&*bytes));
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let made = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut file| file.write_all(format!("{secret}\n").as_bytes()).and_then(|()| file.sync_all()));
+    let made = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).and_then(|mut file| {
+        file.write_all(Zeroizing::new(format!("{}\n", *secret)).as_bytes()).and_then(|()| file.sync_all())
+    });
     made.map_err(|source| SecretError { what: "creating", path: path.to_path_buf(), source })?;
     Ok(secret)
 }

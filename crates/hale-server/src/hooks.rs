@@ -52,6 +52,48 @@ pub struct HookConfig {
     pub retries: u32,
     /// The first retry waits up to this long, each later one up to twice the one before.
     pub backoff: Duration,
+    /// A webhook's signing secret: each POST then carries [`TIMESTAMP_HEADER`] and
+    /// [`SIGNATURE_HEADER`].
+    pub secret: Option<HookSecret>,
+}
+
+/// The seconds since the Unix epoch when a signed webhook was sent.
+pub const TIMESTAMP_HEADER: &str = "x-hale-timestamp";
+/// `sha256=` and the lowercase hex HMAC-SHA256, under the hook's secret, of
+/// `{timestamp}.{body}`.
+pub const SIGNATURE_HEADER: &str = "x-hale-signature";
+
+/// A webhook's signing secret (its bytes as configured), wiped from memory when dropped.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HookSecret(zeroize::Zeroizing<Vec<u8>>);
+
+impl HookSecret {
+    pub fn new(bytes: Vec<u8>) -> HookSecret {
+        HookSecret(zeroize::Zeroizing::new(bytes))
+    }
+
+    /// The value of [`SIGNATURE_HEADER`] for `body` sent at `timestamp`.
+    pub fn sign(&self, timestamp: u64, body: &[u8]) -> String {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0);
+        let mut context = ring::hmac::Context::with_key(&key);
+        context.update(timestamp.to_string().as_bytes());
+        context.update(b".");
+        context.update(body);
+        let tag = context.sign();
+        let mut text = String::with_capacity(7 + 64);
+        text.push_str("sha256=");
+        for byte in tag.as_ref() {
+            text.push_str(&format!("{byte:02x}"));
+        }
+        text
+    }
+}
+
+impl std::fmt::Debug for HookSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret.
+        f.write_str("HookSecret(..)")
+    }
 }
 
 /// Where a hook goes.
@@ -390,7 +432,7 @@ async fn deliver(config: &HookConfig, client: &reqwest::Client, body: &Body) -> 
     let mut attempt = 1;
     loop {
         let result = match &config.target {
-            HookTarget::Webhook { url } => post(client, url, &json, config.timeout).await,
+            HookTarget::Webhook { url } => post(client, url, &json, config.secret.as_ref(), config.timeout).await,
             HookTarget::Command { argv } => run(argv, &json, body, config.timeout).await,
         };
         match result {
@@ -438,27 +480,36 @@ fn truncate(mut error: String) -> String {
 }
 
 /// The client of one hook: its timeout, no redirects (a pager that moved should be
-/// configured anew, not followed), and for https the system's CA bundle.
+/// configured anew, not followed), and for https the system's roots: rustls-native-certs
+/// reads the platform's store, or `SSL_CERT_FILE` and `SSL_CERT_DIR` when they are set.
 fn webhook_client(config: &HookConfig) -> reqwest::Result<reqwest::Client> {
-    let mut builder = reqwest::Client::builder()
+    let https = matches!(&config.target, HookTarget::Webhook { url } if url.starts_with("https://"));
+    reqwest::Client::builder()
         .timeout(config.timeout)
         .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("hale/", env!("CARGO_PKG_VERSION")));
-    if matches!(&config.target, HookTarget::Webhook { url } if url.starts_with("https://")) {
-        for path in ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"] {
-            if let Ok(pem) = std::fs::read(path) {
-                for certificate in reqwest::Certificate::from_pem_bundle(&pem)? {
-                    builder = builder.add_root_certificate(certificate);
-                }
-                break;
-            }
-        }
-    }
-    builder.build()
+        .user_agent(concat!("hale/", env!("CARGO_PKG_VERSION")))
+        .use_rustls_tls()
+        // Read only where they are used.
+        .tls_built_in_native_certs(https)
+        .build()
 }
 
-async fn post(client: &reqwest::Client, url: &str, json: &[u8], timeout: Duration) -> Result<(), String> {
-    let sent = client.post(url).header("content-type", "application/json").body(json.to_vec()).send().await;
+async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    json: &[u8],
+    secret: Option<&HookSecret>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut request = client.post(url).header("content-type", "application/json");
+    if let Some(secret) = secret {
+        // Each attempt is signed anew, with its own time, so a receiver can refuse old ones.
+        let timestamp = crate::clock::now().0 / 1000;
+        request = request
+            .header(TIMESTAMP_HEADER, timestamp.to_string())
+            .header(SIGNATURE_HEADER, secret.sign(timestamp, json));
+    }
+    let sent = request.body(json.to_vec()).send().await;
     match sent {
         Ok(response) if response.status().is_success() => Ok(()),
         Ok(response) => Err(format!("{url} answered HTTP {}", response.status().as_u16())),
@@ -496,6 +547,10 @@ async fn run(argv: &[String], json: &[u8], body: &Body, timeout: Duration) -> Re
         .stderr(std::process::Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    // systemd's notify socket, watchdog settings and credentials are hale's alone.
+    for name in crate::notify::SYSTEMD_VARIABLES {
+        command.env_remove(name);
+    }
     let mut child = command.spawn().map_err(|error| format!("cannot run {program}: {error}"))?;
     let pid = child.id();
     let mut stdin = child.stdin.take().expect("stdin is piped");
@@ -538,6 +593,21 @@ mod tests {
         assert_eq!(backoff(base, 40, 1.0), BACKOFF_MAX);
         let fraction = random_fraction();
         assert!((0.0..1.0).contains(&fraction), "{fraction}");
+    }
+
+    #[test]
+    fn the_signature_is_hmac_sha256_of_the_timestamp_a_dot_and_the_body() {
+        // The reference: ring's one-shot HMAC of the joined bytes.
+        let secret = HookSecret::new(b"Jefe".to_vec());
+        let expected = ring::hmac::sign(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"Jefe"),
+            b"1700000000.{\"hook\":\"pager\"}",
+        );
+        let hex: String = expected.as_ref().iter().map(|byte| format!("{byte:02x}")).collect();
+        assert_eq!(secret.sign(1_700_000_000, b"{\"hook\":\"pager\"}"), format!("sha256={hex}"));
+        assert_ne!(HookSecret::new(b"other".to_vec()).sign(1_700_000_000, b"{}"), secret.sign(1_700_000_000, b"{}"));
+        assert_ne!(secret.sign(1_700_000_001, b"{}"), secret.sign(1_700_000_000, b"{}"));
+        assert_eq!(format!("{secret:?}"), "HookSecret(..)");
     }
 
     #[test]

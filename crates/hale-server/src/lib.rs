@@ -16,6 +16,7 @@ pub mod hooks;
 pub mod limits;
 pub mod manifest;
 pub mod metrics;
+pub mod notify;
 pub mod probe;
 pub mod process;
 mod sessions;

@@ -26,6 +26,7 @@ use rand::{RngCore, TryRngCore};
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use std::fmt;
 use std::sync::Arc;
+use zeroize::{Zeroize, Zeroizing};
 
 /// Random nonce before each ciphertext.
 pub const NONCE_LEN: usize = 24;
@@ -57,11 +58,11 @@ pub enum KeyError {
     Random(String),
 }
 
-/// One named key.
+/// One named key. Its bytes are wiped from memory when it is dropped.
 #[derive(Clone)]
 pub struct Key {
     id: Arc<str>,
-    bytes: [u8; KEY_LEN],
+    bytes: Zeroizing<[u8; KEY_LEN]>,
 }
 
 impl fmt::Debug for Key {
@@ -80,7 +81,7 @@ impl Key {
     /// A key named `id` from its 32 bytes.
     pub fn new(id: &str, bytes: &[u8; KEY_LEN]) -> Result<Key, KeyError> {
         check_id(id)?;
-        Ok(Key { id: Arc::from(id), bytes: *bytes })
+        Ok(Key { id: Arc::from(id), bytes: Zeroizing::new(*bytes) })
     }
 
     /// Its id, stored beside everything it seals.
@@ -110,8 +111,9 @@ impl Key {
     /// The ChaCha20-Poly1305 key and nonce that XChaCha20-Poly1305 uses for `nonce`.
     fn subkey(&self, nonce: &[u8]) -> (LessSafeKey, Nonce) {
         let input: [u8; 16] = nonce[..16].try_into().expect("24-byte nonce");
-        let subkey = chacha20::hchacha::<chacha20::R20>(&self.bytes.into(), &input.into());
+        let mut subkey: [u8; KEY_LEN] = chacha20::hchacha::<chacha20::R20>(&(*self.bytes).into(), &input.into()).into();
         let key = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &subkey).expect("32-byte key"));
+        subkey.zeroize();
         let mut short = [0u8; 12];
         short[4..].copy_from_slice(&nonce[16..NONCE_LEN]);
         (key, Nonce::assume_unique_for_key(short))
@@ -168,16 +170,17 @@ impl Keyring {
                 };
                 let (id, encoded) = (id.trim(), encoded.trim());
                 check_id(id)?;
-                let bytes = BASE64.decode(encoded).map_err(|error| KeyError::Base64 {
+                let bytes = Zeroizing::new(BASE64.decode(encoded).map_err(|error| KeyError::Base64 {
                     at: at.clone(),
                     id: id.to_string(),
                     reason: error.to_string(),
-                })?;
-                let bytes: [u8; KEY_LEN] = bytes.as_slice().try_into().map_err(|_| KeyError::Length {
-                    at,
-                    id: id.to_string(),
-                    len: bytes.len(),
-                })?;
+                })?);
+                let bytes: Zeroizing<[u8; KEY_LEN]> =
+                    Zeroizing::new(bytes.as_slice().try_into().map_err(|_| KeyError::Length {
+                        at,
+                        id: id.to_string(),
+                        len: bytes.len(),
+                    })?);
                 keys.push(Key::new(id, &bytes)?);
             }
         }
@@ -205,9 +208,9 @@ impl Keyring {
 /// A fresh key line `ID:BASE64` from the operating system's randomness.
 pub fn generate_key_line(id: &str) -> Result<String, KeyError> {
     check_id(id)?;
-    let mut bytes = [0u8; KEY_LEN];
-    rand::rngs::OsRng.try_fill_bytes(&mut bytes).map_err(|error| KeyError::Random(error.to_string()))?;
-    Ok(format!("{id}:{}", BASE64.encode(bytes)))
+    let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+    rand::rngs::OsRng.try_fill_bytes(&mut *bytes).map_err(|error| KeyError::Random(error.to_string()))?;
+    Ok(format!("{id}:{}", BASE64.encode(*bytes)))
 }
 
 fn check_id(id: &str) -> Result<(), KeyError> {

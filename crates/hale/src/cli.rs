@@ -390,7 +390,10 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Commands::Check { config } => {
             let manifest = Manifest::load(&config)?;
             // Relative to where hale runs, as `hale serve` reads it.
-            load_keys(manifest.server.encryption_key_file.as_deref())?;
+            load_keys(key_file(None, &manifest).as_deref())?;
+            // The webhooks' secrets are there (relative to hale.toml, as `hale up` reads them).
+            let base = std::path::absolute(&config)?.parent().map(PathBuf::from).unwrap_or_default();
+            manifest.hooks(&base).map_err(|error| anyhow!("{}: {error}", config.display()))?;
             println!(
                 "{}: ok ({} agents, {} groups, {} roles)",
                 config.display(),
@@ -402,6 +405,11 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Commands::Bench(args) => bench::run(args).await,
     }
+}
+
+/// hale.toml's path for messages, or that there is none.
+fn config_path_text(path: &Option<PathBuf>) -> String {
+    path.as_ref().map_or("(no hale.toml)".to_string(), |path| path.display().to_string())
 }
 
 /// Accepts `ws://` or `http://` forms of the server address.
@@ -450,16 +458,19 @@ async fn serve(args: ServeArgs, supervise: bool) -> Result<i32> {
     config.backup = manifest.backup_schedule();
     // The admin token: HALE_ADMIN_TOKEN, else [server] admin_token_file, else the one hale
     // keeps (and makes at first start) in the data directory.
-    config.auth.admin_token = match (std::env::var("HALE_ADMIN_TOKEN"), &manifest.server.admin_token_file) {
-        (Ok(token), _) if !token.trim().is_empty() => Some(token.trim().to_string()),
-        (_, Some(path)) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| {
-                    format!("reading the admin token from {} ([server] admin_token_file)", path.display())
-                })?
-                .trim()
-                .to_string(),
-        ),
+    // Under systemd, `LoadCredential=admin.token:…` comes before hale.toml's file.
+    let admin_token_file = credential(ADMIN_TOKEN_CREDENTIAL).or(manifest.server.admin_token_file.clone());
+    config.auth.admin_token = match (std::env::var("HALE_ADMIN_TOKEN"), &admin_token_file) {
+        (Ok(token), _) if !token.trim().is_empty() => Some(zeroize::Zeroizing::new(token.trim().to_string())),
+        (_, Some(path)) => {
+            let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).with_context(|| {
+                format!(
+                    "reading the admin token from {} ([server] admin_token_file, or the {ADMIN_TOKEN_CREDENTIAL} credential)",
+                    path.display()
+                )
+            })?);
+            Some(zeroize::Zeroizing::new(text.trim().to_string()))
+        }
         _ => None,
     };
     let server = &manifest.server;
@@ -506,22 +517,39 @@ async fn serve(args: ServeArgs, supervise: bool) -> Result<i32> {
         (None, None) => None,
         _ => bail!("[server] needs both tls_cert_file and tls_key_file for TLS, or neither for plain TCP"),
     };
-    config.encryption =
-        load_keys(args.encryption_key_file.as_deref().or(manifest.server.encryption_key_file.as_deref()))?;
+    config.encryption = load_keys(key_file(args.encryption_key_file, &manifest).as_deref())?;
     // Relative commands of agents and hooks resolve against the directory of hale.toml.
     let base = match config_path.as_deref() {
         Some(path) => std::path::absolute(path)?.parent().map(PathBuf::from).unwrap_or_default(),
         None => std::env::current_dir()?,
     };
-    config.hooks = manifest.hooks(&base);
+    config.hooks = manifest.hooks(&base).map_err(|error| anyhow!("{}: {error}", config_path_text(&config_path)))?;
     if supervise {
         config.supervise = Some(manifest.supervise(&base));
     }
     // Handlers first: a SIGTERM that arrives the moment we are listening must mean a clean
     // stop, not the default action (which kills the process and fails its exit status).
     let stop = StopSignals::install()?;
-    let server =
-        hale_server::start(config).await.with_context(|| format!("hale could not start on {}", data.display()))?;
+    // Under systemd's Type=notify: readiness, status lines, the stop and the watchdog.
+    let notifier = match hale_server::notify::Notifier::from_env() {
+        Ok(notifier) => notifier.map(Arc::new),
+        Err(error) => {
+            tracing::warn!(%error, "systemd will not hear that hale is ready");
+            None
+        }
+    };
+    if let Some(notifier) = &notifier {
+        notifier.status(&format!("recovering {}: reading the newest snapshot, replaying the log", data.display()));
+    }
+    let server = match hale_server::start(config).await {
+        Ok(server) => server,
+        Err(error) => {
+            if let Some(notifier) = &notifier {
+                notifier.status(&format!("could not start: {error}"));
+            }
+            return Err(anyhow::Error::new(error).context(format!("hale could not start on {}", data.display())));
+        }
+    };
     let report = server.recovery();
     for skipped in &report.skipped_snapshots {
         if skipped.older {
@@ -546,9 +574,32 @@ async fn serve(args: ServeArgs, supervise: bool) -> Result<i32> {
         replayed = report.replayed,
         "hale is ready"
     );
+    let mut watchdog = None;
+    if let Some(notifier) = &notifier {
+        let agents = match server.supervisor() {
+            Some(supervisor) => format!(" with {} agents running", supervisor.live()),
+            None => String::new(),
+        };
+        notifier.ready(&format!("serving on {}{agents}", server.local_addr()));
+        if let Some(interval) = hale_server::notify::watchdog_interval() {
+            tracing::info!(
+                interval_ms = interval.as_millis() as u64,
+                "systemd's watchdog is on: pinging it while the engine answers"
+            );
+            watchdog =
+                Some(tokio::spawn(hale_server::notify::watchdog(notifier.clone(), server.engine().clone(), interval)));
+        }
+    }
     stop.received().await;
     tracing::info!("shutting down: closing sessions, taking a snapshot, flushing the log");
-    match server.shutdown().await {
+    if let Some(notifier) = &notifier {
+        notifier.stopping("stopping: the agents, then sessions, a final snapshot and the log");
+    }
+    let stopped = server.shutdown().await;
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
+    match stopped {
         Ok(()) => {
             tracing::info!("stopped cleanly");
             Ok(0)
@@ -669,6 +720,27 @@ async fn agents(server: &ServerArg, json: bool) -> Result<i32> {
         println!("(no agents yet: an agent is registered by its first hello)");
     }
     Ok(0)
+}
+
+/// The systemd credential (`LoadCredential=admin.token:PATH`) hale takes its admin token
+/// from, before [server] admin_token_file.
+const ADMIN_TOKEN_CREDENTIAL: &str = "admin.token";
+/// The systemd credential hale takes its encryption keys from, after
+/// `--encryption-key-file` and before [server] encryption_key_file.
+const ENCRYPTION_KEYS_CREDENTIAL: &str = "encryption.keys";
+
+/// The file of systemd credential `name` (in `$CREDENTIALS_DIRECTORY`, which systemd sets
+/// for a unit with `LoadCredential=`), if there is one.
+fn credential(name: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("CREDENTIALS_DIRECTORY").filter(|dir| !dir.is_empty())?;
+    let path = Path::new(&dir).join(name);
+    path.is_file().then_some(path)
+}
+
+/// The encryption key file: the flag (or `HALE_ENCRYPTION_KEY_FILE`), else the
+/// `encryption.keys` credential, else [server] encryption_key_file.
+fn key_file(flag: Option<PathBuf>, manifest: &Manifest) -> Option<PathBuf> {
+    flag.or_else(|| credential(ENCRYPTION_KEYS_CREDENTIAL)).or_else(|| manifest.server.encryption_key_file.clone())
 }
 
 /// The keys for encryption at rest: `HALE_ENCRYPTION_KEY` (entries separated by commas or

@@ -362,6 +362,10 @@ pub struct HookSpec {
     pub retries: Spanned<u32>,
     #[serde(default = "default_hook_backoff_ms")]
     pub backoff_ms: Spanned<u64>,
+    /// A webhook's signing secret from this environment variable of hale's.
+    pub secret_env: Option<Spanned<String>>,
+    /// Or from this file (relative to hale.toml's directory), its content trimmed.
+    pub secret_file: Option<Spanned<PathBuf>>,
 }
 
 /// Retries at most: with the backoff's cap (60 s) that is over an hour of trying.
@@ -426,11 +430,15 @@ impl Manifest {
 
     /// The failure hooks, with a `command` that holds a slash relative to `base` (the
     /// directory of hale.toml), as agents' commands are.
-    pub fn hooks(&self, base: &Path) -> Vec<crate::hooks::HookConfig> {
+    ///
+    /// Reads each webhook's signing secret (`secret_env`, `secret_file`): the error names
+    /// the hook and what is missing.
+    pub fn hooks(&self, base: &Path) -> Result<Vec<crate::hooks::HookConfig>, String> {
         use crate::hooks::{HookConfig, HookTarget};
         self.hooks
             .iter()
             .map(|spec| {
+                let secret = hook_secret(spec, base)?;
                 let target = match (&spec.webhook, &spec.command) {
                     (Some(url), _) => HookTarget::Webhook { url: url.get_ref().clone() },
                     (None, Some(argv)) => {
@@ -449,14 +457,15 @@ impl Manifest {
                     .collect();
                 on.sort();
                 on.dedup();
-                HookConfig {
+                Ok(HookConfig {
                     name: hale_core::HookName::new(spec.name.get_ref().as_str()).expect("validated"),
                     on,
                     target,
                     timeout: std::time::Duration::from_millis(*spec.timeout_ms.get_ref()),
                     retries: *spec.retries.get_ref(),
                     backoff: std::time::Duration::from_millis(*spec.backoff_ms.get_ref()),
-                }
+                    secret,
+                })
             })
             .collect()
     }
@@ -763,6 +772,39 @@ fn thresholds(spec: &AgentSpec) -> hale_core::Thresholds {
     }
 }
 
+/// A webhook's signing secret, from hale's environment or a file; `None` when it has none.
+fn hook_secret(spec: &HookSpec, base: &Path) -> Result<Option<crate::hooks::HookSecret>, String> {
+    let name = spec.name.get_ref();
+    let text = match (&spec.secret_env, &spec.secret_file) {
+        (Some(variable), _) => {
+            let variable = variable.get_ref();
+            let value = std::env::var(variable).unwrap_or_default();
+            if value.trim().is_empty() {
+                return Err(format!(
+                    "hook {name:?}: secret_env {variable} is not set (or empty) in hale's environment; set it, or remove secret_env to send unsigned webhooks"
+                ));
+            }
+            zeroize::Zeroizing::new(value)
+        }
+        (None, Some(path)) => {
+            let path = base.join(path.get_ref());
+            let text = std::fs::read_to_string(&path).map_err(|error| {
+                format!("hook {name:?}: cannot read secret_file {}: {error}; create it (readable by hale only) or fix the path", path.display())
+            })?;
+            let text = zeroize::Zeroizing::new(text);
+            if text.trim().is_empty() {
+                return Err(format!(
+                    "hook {name:?}: secret_file {} is empty; put the shared secret in it",
+                    path.display()
+                ));
+            }
+            text
+        }
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(crate::hooks::HookSecret::new(text.trim().as_bytes().to_vec())))
+}
+
 fn check_hook(hook: &HookSpec, line_of: &dyn Fn(std::ops::Range<usize>) -> usize) -> Result<(), (usize, String)> {
     use hale_core::hooks::HookKind;
     let line = line_of(hook.name.span());
@@ -812,6 +854,22 @@ fn check_hook(hook: &HookSpec, line_of: &dyn Fn(std::ops::Range<usize>) -> usize
                 ));
             }
         }
+    }
+    if let (Some(_), Some(file)) = (&hook.secret_env, &hook.secret_file) {
+        return Err((
+            line_of(file.span()),
+            format!("{what} has both secret_env and secret_file; give the secret one way"),
+        ));
+    }
+    let secret_span =
+        hook.secret_env.as_ref().map(|env| env.span()).or_else(|| hook.secret_file.as_ref().map(|file| file.span()));
+    if let (Some(span), None) = (secret_span.clone(), &hook.webhook) {
+        return Err((line_of(span), format!("{what}: a secret signs webhooks; a command hook has no use for one")));
+    }
+    if let Some(env) = &hook.secret_env
+        && env.get_ref().trim().is_empty()
+    {
+        return Err((line_of(env.span()), format!("{what}: secret_env names no variable")));
     }
     if *hook.timeout_ms.get_ref() == 0 {
         return Err((line_of(hook.timeout_ms.span()), format!("{what}: timeout_ms must be at least 1")));

@@ -141,7 +141,7 @@ fn the_examples_hook_is_valid_once_uncommented() {
     let hook: String =
         example[start..].lines().map(|line| line.strip_prefix("# ").unwrap_or(line)).collect::<Vec<_>>().join("\n");
     let manifest = parse(&hook).unwrap();
-    let hooks = manifest.hooks(Path::new("/etc/hale"));
+    let hooks = manifest.hooks(Path::new("/etc/hale")).unwrap();
     assert_eq!(hooks.len(), 1);
     let pager = &hooks[0];
     assert_eq!(pager.name.as_str(), "pager");
@@ -174,6 +174,29 @@ fn hooks_are_checked_with_their_line() {
     // A relative command with a slash is relative to hale.toml; a bare one is looked up in PATH.
     let manifest =
         parse("[[hook]]\nname = \"p\"\non = [\"task.failed\"]\ncommand = [\"bin/notify\", \"-u\"]\n").unwrap();
-    let target = &manifest.hooks(Path::new("/etc/hale"))[0].target;
+    let target = &manifest.hooks(Path::new("/etc/hale")).unwrap()[0].target;
     assert_eq!(target, &crate::hooks::HookTarget::Command { argv: vec!["/etc/hale/bin/notify".into(), "-u".into()] });
+}
+
+#[test]
+fn a_webhooks_secret_comes_from_a_file_or_a_variable_and_its_absence_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pager.secret"), "s3cret\n").unwrap();
+    let hook = |secret: &str| {
+        format!("[[hook]]\nname = \"pager\"\non = [\"agent.down\"]\nwebhook = \"http://x:1/\"\n{secret}\n")
+    };
+    let manifest = parse(&hook("secret_file = \"pager.secret\"")).unwrap();
+    let hooks = manifest.hooks(dir.path()).unwrap();
+    let expected = crate::hooks::HookSecret::new(b"s3cret".to_vec());
+    assert_eq!(hooks[0].secret.as_ref(), Some(&expected), "read relative to hale.toml, trimmed");
+    let manifest = parse(&hook("secret_file = \"missing.secret\"")).unwrap();
+    let message = manifest.hooks(dir.path()).unwrap_err();
+    assert!(message.contains("\"pager\"") && message.contains("missing.secret"), "{message}");
+    let manifest = parse(&hook("secret_env = \"HALE_TEST_UNSET_SECRET_9f2\"")).unwrap();
+    let message = manifest.hooks(dir.path()).unwrap_err();
+    assert!(message.contains("HALE_TEST_UNSET_SECRET_9f2 is not set"), "{message}");
+    let message = error(&hook("secret_env = \"A\"\nsecret_file = \"b\""));
+    assert!(message.contains("line 6") && message.contains("both secret_env and secret_file"), "{message}");
+    let message = error("[[hook]]\nname = \"p\"\non = [\"agent.down\"]\ncommand = [\"x\"]\nsecret_file = \"b\"\n");
+    assert!(message.contains("line 5") && message.contains("command hook"), "{message}");
 }

@@ -62,6 +62,11 @@ pub fn refused(name: &str, source: &str) -> Option<String> {
     if source != "pass_env" && HALE_SETS.contains(&name) {
         return Some(format!("{source} sets {name}, which hale sets itself for every agent it starts; remove it"));
     }
+    if source == "pass_env" && crate::notify::SYSTEMD_VARIABLES.contains(&name) {
+        return Some(format!(
+            "pass_env names {name}: systemd's notify socket, watchdog and credentials are hale's alone"
+        ));
+    }
     if source == "pass_env" && name.starts_with("HALE_") {
         return Some(format!(
             "pass_env names {name}: hale's own HALE_ settings are not passed to agents; \
@@ -222,6 +227,7 @@ mod tests {
         assert!(refused("HALE_URL", "env").unwrap().contains("hale sets"));
         assert!(refused("HALE_LOG", "pass_env").unwrap().contains("not passed"));
         assert!(refused("HALE_LOG", "env").is_none());
+        assert!(refused("NOTIFY_SOCKET", "pass_env").unwrap().contains("hale's alone"));
         assert!(refused("OPENAI_API_KEY", "env").is_none());
     }
 }

@@ -4,6 +4,7 @@
 //! it cleanly. systemd itself is not run here.
 
 use crate::support::{self, HALE};
+use std::path::Path;
 use std::process::Command;
 
 /// The value of `key=` in the unit, split on spaces (the unit's lines hold no quoting).
@@ -54,4 +55,71 @@ fn the_systemd_unit_checks_the_config_starts_hale_with_json_logs_and_stops_on_si
         assert!(serde_json::from_str::<serde_json::Value>(line).is_ok(), "not a JSON log line: {line}");
     }
     assert!(hale.terminate().success(), "SIGTERM must stop hale cleanly (exit 0)");
+}
+
+/// Every `key=value` of the unit's [Service] section, in order (comments left out).
+fn service_keys(unit: &str) -> Vec<(String, String)> {
+    let mut in_service = false;
+    let mut keys = Vec::new();
+    for line in unit.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_service = line == "[Service]";
+        } else if in_service && !line.is_empty() && !line.starts_with('#') {
+            let (key, value) = line.split_once('=').unwrap_or_else(|| panic!("not key=value: {line}"));
+            keys.push((key.to_string(), value.to_string()));
+        }
+    }
+    keys
+}
+
+#[test]
+fn the_systemd_unit_is_type_notify_with_a_watchdog_delegation_credentials_and_hardening() {
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/hale.service")).unwrap();
+    let keys = service_keys(&unit);
+    let value = |key: &str| keys.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+    for (key, wanted) in [
+        ("Type", "notify"),
+        ("NotifyAccess", "main"),
+        ("Delegate", "yes"),
+        ("NoNewPrivileges", "true"),
+        ("ProtectSystem", "strict"),
+        ("PrivateTmp", "true"),
+        ("ProtectKernelTunables", "true"),
+        ("ProtectKernelModules", "true"),
+        ("UMask", "0077"),
+        ("SystemCallArchitectures", "native"),
+        ("CapabilityBoundingSet", ""),
+    ] {
+        assert_eq!(value(key), Some(wanted), "deploy/hale.service: {key}=");
+    }
+    assert!(value("WatchdogSec").is_some_and(|sec| sec.trim_end_matches('s').parse::<u64>().is_ok()), "WatchdogSec=");
+    // With Delegate=yes hale writes per-agent cgroups under its own: a read-only cgroup
+    // tree would forbid it.
+    assert_eq!(value("ProtectControlGroups"), None, "ProtectControlGroups would make the delegated subtree read-only");
+    // hale reads HALE_LOG, not RUST_LOG.
+    assert!(!unit.contains("RUST_LOG"), "hale does not read RUST_LOG");
+    assert_eq!(value("Environment"), Some("HALE_LOG=info"));
+    // The credentials are the names hale looks for in $CREDENTIALS_DIRECTORY.
+    let credentials: Vec<&str> = keys
+        .iter()
+        .filter(|(key, _)| key == "LoadCredential")
+        .map(|(_, value)| value.split_once(':').expect("NAME:PATH").0)
+        .collect();
+    assert_eq!(credentials, ["admin.token", "encryption.keys"]);
+
+    // systemd's own parser, where it is installed: it warns on stderr (and still exits 0)
+    // about an unknown key or a bad value, so the test wants no output at all.
+    let analyze =
+        ["/usr/bin/systemd-analyze", "/bin/systemd-analyze"].into_iter().find(|path| Path::new(path).exists());
+    let Some(analyze) = analyze else {
+        eprintln!("systemd-analyze is not installed: the unit's keys were checked by the test alone");
+        return;
+    };
+    let temp = tempfile::tempdir().unwrap();
+    // verify wants the programs it runs to exist.
+    let copy = temp.path().join("hale.service");
+    std::fs::write(&copy, unit.replace("/usr/local/bin/hale", HALE)).unwrap();
+    let output = Command::new(analyze).arg("verify").arg(&copy).output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success() && said.trim().is_empty(), "systemd-analyze verify: {said}");
 }

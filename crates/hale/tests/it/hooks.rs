@@ -325,3 +325,159 @@ fn an_unknown_hook_kind_is_refused_with_its_line_and_the_valid_kinds() {
     assert!(err.contains("\"agent.exploded\""), "{err}");
     assert!(err.contains("agent.down, agent.failed, agent.stalled, agent.quarantined"), "{err}");
 }
+
+/// One POST an HTTPS receiver got: its headers (lowercase names) and its raw body.
+#[derive(Clone, Debug)]
+struct SignedPost {
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl SignedPost {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
+    }
+}
+
+/// An HTTPS webhook receiver on loopback with a certificate of its own (self-signed: the
+/// test hands it to hale as `SSL_CERT_FILE`, the CA bundle hale must trust); answers 204.
+async fn https_receiver(dir: &Path) -> (String, std::path::PathBuf, Arc<Mutex<Vec<SignedPost>>>) {
+    use tokio_rustls::rustls;
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let ca_file = dir.join("webhook-ca.pem");
+    std::fs::write(&ca_file, made.cert.pem()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(made.key_pair.serialize_der().into());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![made.cert.der().clone()], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://127.0.0.1:{}/hale", listener.local_addr().unwrap().port());
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let seen = received.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                // A client that does not trust the certificate ends the handshake here.
+                let Ok(mut stream) = acceptor.accept(stream).await else { return };
+                let mut buffer = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let head_end = loop {
+                    let Ok(n) = stream.read(&mut chunk).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    buffer.extend_from_slice(&chunk[..n]);
+                    if let Some(end) = buffer.windows(4).position(|window| window == b"\r\n\r\n") {
+                        break end + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
+                let headers: Vec<(String, String)> = head
+                    .lines()
+                    .skip(1)
+                    .filter_map(|line| line.split_once(':'))
+                    .map(|(key, value)| (key.trim().to_lowercase(), value.trim().to_string()))
+                    .collect();
+                let length: usize = headers
+                    .iter()
+                    .find(|(key, _)| key == "content-length")
+                    .and_then(|(_, value)| value.parse().ok())
+                    .unwrap_or(0);
+                while buffer.len() < head_end + length {
+                    let Ok(n) = stream.read(&mut chunk).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    buffer.extend_from_slice(&chunk[..n]);
+                }
+                let body = buffer[head_end..head_end + length].to_vec();
+                seen.lock().unwrap().push(SignedPost { headers, body });
+                let _ = stream.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n").await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    (url, ca_file, received)
+}
+
+/// What a receiver computes: `sha256=` and the hex HMAC-SHA256 of `{timestamp}.{body}`.
+fn expected_signature(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let mut signed = format!("{timestamp}.").into_bytes();
+    signed.extend_from_slice(body);
+    let tag = ring::hmac::sign(&key, &signed);
+    format!("sha256={}", tag.as_ref().iter().map(|byte| format!("{byte:02x}")).collect::<String>())
+}
+
+#[tokio::test]
+async fn an_https_webhook_trusted_through_ssl_cert_file_gets_a_signature_the_receiver_can_check() {
+    let temp = tempfile::tempdir().unwrap();
+    let (url, ca_file, received) = https_receiver(temp.path()).await;
+    let secret = "a-shared-secret-3c9e1f";
+    std::fs::write(temp.path().join("pager.secret"), format!("{secret}\n")).unwrap();
+    let hooks = format!(
+        "[[hook]]\nname = \"pager\"\non = [\"agent.down\"]\nwebhook = \"{url}\"\nsecret_file = \"pager.secret\"\nretries = 0\n"
+    );
+    let config = config(temp.path(), &hooks);
+
+    // Without SSL_CERT_FILE the receiver's certificate is trusted by nothing: the delivery fails.
+    let untrusted = {
+        let mut command = std::process::Command::new(HALE);
+        command.args(["up", "-c"]).arg(&config).arg("--data").arg(temp.path().join("data-untrusted"));
+        command.args(["--listen", "127.0.0.1:0"]).env_remove("SSL_CERT_FILE").env_remove("SSL_CERT_DIR");
+        support::serve_with_command(command).expect("hale up starts")
+    };
+    kill_worker_and_wait_for_the_hook(&untrusted, "last_failed").await;
+    let (_, status) = untrusted.get("/v1/hooks");
+    assert!(status.contains("certificate") || status.contains("Certificate"), "an untrusted certificate: {status}");
+    assert!(received.lock().unwrap().is_empty(), "nothing reached the receiver");
+    assert!(untrusted.terminate().success());
+
+    // With SSL_CERT_FILE naming its CA, it is delivered, signed.
+    let trusted = {
+        let mut command = std::process::Command::new(HALE);
+        command.args(["up", "-c"]).arg(&config).arg("--data").arg(temp.path().join("data"));
+        command.args(["--listen", "127.0.0.1:0"]).env("SSL_CERT_FILE", &ca_file).env_remove("SSL_CERT_DIR");
+        support::serve_with_command(command).expect("hale up starts")
+    };
+    let sent_after = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    kill_worker_and_wait_for_the_hook(&trusted, "last_delivered").await;
+    let post = received.lock().unwrap().first().cloned().expect("the receiver got the POST");
+    let body: Value = serde_json::from_slice(&post.body).unwrap();
+    assert_eq!((body["hook"].as_str(), body["kind"].as_str()), (Some("pager"), Some("agent.down")), "{body}");
+    let timestamp = post.header("x-hale-timestamp").expect("a timestamp header");
+    let seconds: u64 = timestamp.parse().expect("seconds since the epoch");
+    assert!(seconds + 1 >= sent_after && seconds <= sent_after + 60, "a current timestamp: {seconds} vs {sent_after}");
+    let signature = post.header("x-hale-signature").expect("a signature header");
+    assert_eq!(signature, expected_signature(secret.as_bytes(), timestamp, &post.body), "the receiver's HMAC matches");
+    assert_ne!(signature, expected_signature(b"another-secret", timestamp, &post.body), "a wrong secret does not");
+    let other_time = (seconds + 1).to_string();
+    assert_ne!(signature, expected_signature(secret.as_bytes(), &other_time, &post.body), "the time is signed too");
+    assert!(trusted.terminate().success());
+}
+
+/// SIGKILLs the running `worker` of `hale`, then waits until the pager hook's status in
+/// `GET /v1/hooks` has `field` (`last_delivered` or `last_failed`).
+async fn kill_worker_and_wait_for_the_hook(hale: &support::Hale, field: &str) {
+    let admin = hale.admin();
+    let pid = eventually("the worker running", 30, || async {
+        let agents = admin.agents().await.ok()?;
+        agents.into_iter().find(|agent| agent.agent == "worker")?.managed?.pid
+    })
+    .await;
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    eventually(&format!("the pager hook's {field}"), 30, || async {
+        let (status, body) = hale.get("/v1/hooks");
+        let hooks: Value = serde_json::from_str(&body).ok()?;
+        let found = hooks.as_array()?.iter().any(|hook| !hook[field].is_null());
+        (status == 200 && found).then_some(())
+    })
+    .await;
+}

@@ -27,5 +27,6 @@ mod schemathesis;
 mod session;
 mod supervise;
 mod support;
+mod systemd;
 mod tasks;
 mod tls;
