@@ -49,6 +49,8 @@ class Code:
     TOKEN_EXPIRED = "token_expired"
     TOKEN_REVOKED = "token_revoked"
     REFRESH_REFUSED = "refresh_refused"
+    # Health.
+    QUARANTINED = "quarantined"
 
 
 class HaleError(Exception):
@@ -141,7 +143,13 @@ class UnknownMessage(ServerError):
     """No such message (``reply_to`` or ``ack``)."""
 
 
+class Quarantined(ServerError):
+    """This agent is quarantined: it may checkpoint, but not submit tasks or send
+    messages (ask and reply are sends) until the operator releases it."""
+
+
 _BY_CODE: Dict[str, Type[HaleError]] = {
+    Code.QUARANTINED: Quarantined,
     Code.VERSION_CONFLICT: VersionConflict,
     Code.STALE_INCARNATION: StaleIncarnation,
     Code.INCARNATION_DOWN: IncarnationDown,

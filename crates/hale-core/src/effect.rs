@@ -22,8 +22,7 @@ pub enum Effect {
     OfferTask { agent: AgentName, incarnation: u64, task: u64 },
     /// Tell the holder of a cancelled task to stop working on it.
     CancelTask { agent: AgentName, incarnation: u64, task: u64 },
-    /// End every live session of the agent (its tokens were revoked, or it was
-    /// quarantined).
+    /// End every live session of the agent (its tokens were revoked).
     EndSessions { agent: AgentName, reason: String },
     /// New mail for `agent`: its sessions should deliver what they have not yet.
     DeliverMail { agent: AgentName },

@@ -50,9 +50,9 @@ impl Default for QuarantinePolicy {
 }
 
 /// What quarantine does beyond isolating the agent. Isolation is always part of it: the
-/// agent gets no work, its sessions are ended, and whatever it opens again may checkpoint
-/// and heartbeat (nothing it did is lost) but not submit tasks or send messages (ask and
-/// reply are sends). Release undoes all of it.
+/// agent gets no work (the leases it holds go back), and its sessions, which stay open,
+/// may checkpoint and heartbeat (nothing it did is lost) but not submit tasks or send
+/// messages (ask and reply are sends). Release undoes all of it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum QuarantineAction {

@@ -306,9 +306,10 @@ impl Core {
                     reason: format!("tokens revoked: {reason}"),
                 });
             }
-            Event::Quarantined { agent, reason, action, .. } => {
-                self.effects
-                    .push_back(Effect::EndSessions { agent: agent.clone(), reason: format!("quarantined: {reason}") });
+            // Its sessions stay open: what it may no longer do is refused on them, and its
+            // checkpoints and heartbeats go on, so it is neither cut off mid-write nor
+            // declared down for going quiet.
+            Event::Quarantined { agent, action, .. } => {
                 if *action == health::QuarantineAction::Pause
                     && let Some(record) = self.state.agent(agent.as_str())
                     && record.down.as_ref().is_none_or(|down| down.incarnation != record.incarnation)

@@ -246,6 +246,18 @@ async fn start_supervisor(
         .map(|agent| &agent.process)
         .chain(supervise.roles.iter().map(|pool| &pool.process))
         .any(|process| process.user.is_some() && process.workdir.is_none());
+    if rustix::process::geteuid().is_root() {
+        let as_root: Vec<&str> = supervise
+            .agents
+            .iter()
+            .filter(|agent| agent.process.user.is_none())
+            .map(|agent| agent.name.as_str())
+            .chain(supervise.roles.iter().filter(|pool| pool.process.user.is_none()).map(|pool| pool.role.as_str()))
+            .collect();
+        if !as_root.is_empty() {
+            tracing::warn!(agents = %as_root.join(", "), "hale runs as root and these agents would too, able to read hale's secrets; give each a `user` in hale.toml");
+        }
+    }
     if other_users && workdir_base.starts_with(data_dir.path()) {
         // Agents of other users must reach their own directories under it: traversable,
         // not listable, and everything else in it stays 0600/0700.

@@ -19,7 +19,7 @@ pub enum Push {
     Task(Box<hale_proto::TaskInfo>),
     /// A task this run holds was cancelled.
     TaskCancelled(u64),
-    /// The agent's tokens were revoked or it was quarantined: the session is closed.
+    /// The agent's tokens were revoked: the session is closed.
     Ended { reason: String },
 }
 

@@ -49,16 +49,18 @@ fn check_step_name(name: &str) -> Result<(), Rejection> {
     Ok(())
 }
 
-/// The task, if it exists and `incarnation` of `agent` holds its lease.
+/// The task, if `incarnation` of `agent` holds its lease. A task that does not exist is
+/// answered as one it does not hold (`lease_lost`), word for word: an agent learns only
+/// whether it holds a task, never which task numbers exist.
 pub(crate) fn leased<'s>(
     state: &'s State,
     task: u64,
     agent: &AgentName,
     incarnation: u64,
 ) -> Result<&'s Task, Rejection> {
-    let found = state.tasks().get(task).ok_or(Rejection::UnknownTask { task })?;
-    match found.holder() {
-        Some((holder, leased)) if holder == agent && leased == incarnation => Ok(found),
+    let found = state.tasks().get(task);
+    match found.and_then(|found| found.holder().map(|holder| (found, holder))) {
+        Some((found, (holder, leased))) if holder == agent && leased == incarnation => Ok(found),
         _ => Err(Rejection::LeaseLost { task, agent: agent.to_string(), incarnation }),
     }
 }

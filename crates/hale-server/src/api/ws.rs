@@ -87,7 +87,7 @@ const CLOSE_FENCED: u16 = 4001;
 /// Closes a session whose access token expired without being renewed by an `auth` frame
 /// (the client may reconnect with a fresh token and resume).
 const CLOSE_TOKEN_EXPIRED: u16 = 4002;
-/// Closes a session whose agent's tokens were revoked or which was quarantined.
+/// Closes a session whose agent's tokens were revoked.
 const CLOSE_ENDED: u16 = 4003;
 /// A deadline that never comes, for a session opened with the admin token.
 const NEVER: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);

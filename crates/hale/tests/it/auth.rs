@@ -403,7 +403,7 @@ fn hale_token_expiry(token: &str) -> u64 {
 }
 
 #[tokio::test]
-async fn quarantine_ends_the_agents_live_sessions() {
+async fn a_quarantined_agents_session_stays_open_and_refuses_what_reaches_others() {
     let temp = tempfile::tempdir().unwrap();
     let hale = serve(temp.path(), &[]);
     let pair = hale.admin().issue_tokens("mallory").await.unwrap();
@@ -411,6 +411,13 @@ async fn quarantine_ends_the_agents_live_sessions() {
     let session = hale_client::Agent::connect(&hale.ws_url(), options).await.unwrap();
     session.resume().await.unwrap();
     hale.admin().quarantine("mallory", "exfiltrated a key").await.unwrap();
+    // The same session: its checkpoint lands, its submit is refused.
+    session.checkpoint(json!({"note": "still mine"})).await.expect("checkpoints on the same session");
+    let task = hale_client::HttpSubmitTask { role: "r".into(), payload: json!({}), ..Default::default() };
+    let refused = session.submit(task).await.unwrap_err();
+    assert_eq!(refused.code(), Some("quarantined"), "{refused}");
+    // A revoke still ends it.
+    hale.admin().revoke_tokens("mallory").await.unwrap();
     let ended = tokio::time::timeout(std::time::Duration::from_secs(10), session.ended()).await.unwrap();
-    assert!(ended.contains("quarantined: exfiltrated a key"), "{ended}");
+    assert!(ended.contains("tokens revoked"), "{ended}");
 }

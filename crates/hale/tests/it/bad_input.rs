@@ -83,16 +83,16 @@ async fn bad_frames_get_typed_errors_and_change_nothing() {
         (text(json!({"type": "heartbeat", "id": 18, "progress": {"fields": {"deep": nested(80)}}})), "patch_too_deep"),
         (text(json!({"type": "report_violation", "id": 19, "reason": "r".repeat(2_000)})), "reason_too_long"),
         (text(json!({"type": "report_violation", "id": 20, "agent": "ghost", "reason": "x"})), "unknown_agent"),
-        (text(json!({"type": "commit_step", "id": 21, "task": 99, "name": "s"})), "unknown_task"),
-        (text(json!({"type": "intend_step", "id": 31, "task": 99, "name": "s"})), "unknown_task"),
+        (text(json!({"type": "commit_step", "id": 21, "task": 99, "name": "s"})), "lease_lost"),
+        (text(json!({"type": "intend_step", "id": 31, "task": 99, "name": "s"})), "lease_lost"),
         (text(json!({"type": "submit", "id": 32, "task": {"role": "r", "shadow": {"count": 1}}})), "bad_task"),
         (text(json!({"type": "submit", "id": 33, "task": {"role": "r", "priority": "now"}})), "bad_request"),
         (text(json!({"type": "submit", "id": 34, "task": {"role": "r", "max_attempts": 0}})), "bad_task"),
-        (text(json!({"type": "reserve", "id": 35, "task": 99, "tokens": 1})), "unknown_task"),
+        (text(json!({"type": "reserve", "id": 35, "task": 99, "tokens": 1})), "lease_lost"),
         (text(json!({"type": "report_spend", "id": 36, "reservation": 5, "tokens": 1})), "bad_task"),
         (text(json!({"type": "reserve", "id": 37, "tokens": -1})), "bad_frame"),
-        (text(json!({"type": "complete", "id": 22, "task": 99})), "unknown_task"),
-        (text(json!({"type": "fail", "id": 23, "task": 99, "reason": "r"})), "unknown_task"),
+        (text(json!({"type": "complete", "id": 22, "task": 99})), "lease_lost"),
+        (text(json!({"type": "fail", "id": 23, "task": 99, "reason": "r"})), "lease_lost"),
     ];
     for _round in 0..20 {
         for (message, code) in &cases {
@@ -179,7 +179,7 @@ fn bad_http_requests_get_typed_errors() {
     assert_eq!(post("/v1/tasks", br#"{"role":"r","priority":"urgent"}"#), (400, json!("bad_request")));
     assert_eq!(post("/v1/tasks", br#"{"role":"r","max_attempts":0}"#), (400, json!("bad_task")));
     assert_eq!(post("/v1/tasks", br#"{"role":"r","idempotency_key":""}"#), (400, json!("bad_task")));
-    assert_eq!(post("/v1/tasks/99/complete", br#"{"agent":"a","incarnation":1}"#), (404, json!("unknown_task")));
+    assert_eq!(post("/v1/tasks/99/complete", br#"{"agent":"a","incarnation":1}"#), (409, json!("lease_lost")));
     assert_eq!(post("/v1/tasks", br#"{"role":"r","shadow":{"count":100}}"#), (400, json!("bad_task")));
     assert_eq!(post("/v1/tasks", br#"{"role":"r","shadow":{"count":2,"quorum":3}}"#), (400, json!("bad_task")));
     assert_eq!(post("/v1/tasks", br#"{"role":"r","shadow":{"count":2,"x":1}}"#), (400, json!("bad_request")));
@@ -192,12 +192,12 @@ fn bad_http_requests_get_typed_errors() {
     assert_eq!(post("/v1/tasks/99/intents", br#"{"agent":"a","incarnation":1}"#), (400, json!("bad_request")));
     assert_eq!(
         post("/v1/tasks/99/intents", br#"{"agent":"a","incarnation":1,"name":"s"}"#),
-        (404, json!("unknown_task"))
+        (409, json!("lease_lost"))
     );
     assert_eq!(post("/v1/agents/a/reservations", br#"{"incarnation":1,"tokens":5,"reservation":3}"#).0, 400);
     assert_eq!(
         post("/v1/agents/a/reservations", br#"{"incarnation":1,"task":99,"tokens":5}"#),
-        (404, json!("unknown_task"))
+        (409, json!("lease_lost"))
     );
     assert_eq!(
         post("/v1/agents/a/spend", br#"{"incarnation":1,"reservation":42,"tokens":5}"#),

@@ -89,11 +89,7 @@ async fn a_quarantined_agent_may_checkpoint_but_not_submit_send_ask_or_reply() {
     let question = tokio::time::timeout(Duration::from_secs(10), suspect.next_message()).await.unwrap().unwrap();
 
     admin.quarantine("suspect", "wrote outside its sandbox").await.unwrap();
-    let ended = tokio::time::timeout(Duration::from_secs(10), suspect.ended()).await.unwrap();
-    assert!(ended.contains("quarantined"), "{ended}");
-    // It may come back and save its state: nothing it did is lost.
-    let suspect = hale.connect(AgentOptions::new("suspect", "worker")).await;
-    suspect.resume().await.unwrap();
+    // Its session stays open and it may save its state: nothing it did is lost.
     let version = suspect.checkpoint(json!({"draft": "kept"})).await.expect("a quarantined agent still checkpoints");
     assert!(version >= 1);
     suspect.heartbeat(None).await.expect("and heartbeats");

@@ -458,6 +458,28 @@ async fn an_agent_is_answered_alike_for_a_missing_task_and_another_agents() {
     assert_eq!(existing, absent, "another agent's task {task} and a missing one answered differently");
     assert_eq!(existing.0, 404, "{existing:?}");
     assert!(existing.1.contains("unknown_task"), "{existing:?}");
+    // Nor do the writes tell them apart: each is "not yours" (lease_lost), word for word.
+    let hello =
+        support::http_as(hale.addr, Some(&alice.access_token), "POST", "/v1/agents/alice/hello", br#"{"role":"r"}"#);
+    assert_eq!(hello.0, 200, "{hello:?}");
+    let body = br#"{"agent":"alice","incarnation":1,"name":"s","reason":"r"}"#;
+    for route in ["intents", "steps", "complete", "fail"] {
+        let write = |task: u64| {
+            let path = format!("/v1/tasks/{task}/{route}");
+            let (status, _, answer) = support::http_as(hale.addr, Some(&alice.access_token), "POST", &path, body);
+            (status, answer.replace(&format!("task {task}"), "task N"))
+        };
+        let (existing, absent) = (write(task), write(missing));
+        assert_eq!(existing, absent, "{route}: task {task} and a missing one answered differently");
+        assert!(existing.1.contains("lease_lost"), "{route}: {existing:?}");
+    }
+    let reserve = |task: u64| {
+        let body = format!(r#"{{"incarnation":1,"task":{task},"tokens":1}}"#);
+        let path = "/v1/agents/alice/reservations";
+        let (status, _, answer) = support::http_as(hale.addr, Some(&alice.access_token), "POST", path, body.as_bytes());
+        (status, answer.replace(&format!("task {task}"), "task N"))
+    };
+    assert_eq!(reserve(task), reserve(missing));
     // The admin still tells them apart.
     assert_eq!(support::http(hale.addr, "GET", &format!("/v1/tasks/{task}"), b"").0, 200);
     assert_eq!(support::http(hale.addr, "GET", &format!("/v1/tasks/{missing}"), b"").0, 404);
