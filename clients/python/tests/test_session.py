@@ -97,14 +97,28 @@ async def test_heartbeats_carry_progress_and_close_checkpoints_then_ends_cleanly
 
 
 @run
-async def test_a_critical_violation_quarantines_and_ends_the_session(server: Hale) -> None:
+async def test_a_critical_violation_quarantines_and_the_session_refuses_what_reaches_others(server: Hale) -> None:
     agent = await hale_connect(server, "rogue")
     other = await hale_connect(server, "checker")
     await other.report_violation("cited a source that does not exist", about="rogue", critical=True)
     summary = server.agent_summary("rogue")
     assert summary is not None and summary["quarantine"]["by"] == "agent checker", summary
-    reason = await asyncio.wait_for(agent.ended(), 10)
-    assert "ended by hale" in reason, reason
+    # The session stays open: its state still lands, what would reach others does not.
+    assert await agent.checkpoint({"draft": "kept"}) >= 1
+    for attempt in (
+        agent.submit("r", {"n": 1}),
+        agent.send({"hi": 1}, to_agent="checker"),
+        agent.report_violation("revenge", about="checker", critical=True),
+    ):
+        try:
+            await attempt
+        except hale.Quarantined as error:
+            assert error.code == hale.Code.QUARANTINED and "hale release rogue" in error.message, error
+        else:
+            raise AssertionError("a quarantined agent was not refused")
+    checker = server.agent_summary("checker")
+    assert checker is not None and checker.get("quarantine") is None, checker
+    await agent.close()
     await other.close()
 
 

@@ -323,3 +323,34 @@ fn check_refuses_a_secret_in_an_agents_environment_and_a_user_that_does_not_exis
         assert!(err.contains(expected) && err.contains("line "), "{line}: {err}");
     }
 }
+
+#[test]
+fn a_hale_that_may_not_switch_users_says_so_at_check_and_at_start() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root to run hale as an unprivileged user");
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let shared = shared_dir();
+    let config = shared.path().join("hale.toml");
+    std::fs::write(&config, "[[agent]]\nname = \"a\"\ncommand = \"sleep\"\nargs = [\"60\"]\nuser = \"nobody\"\n")
+        .unwrap();
+    let home = shared.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    rustix::fs::chown(&home, Some(rustix::fs::Uid::from_raw(AGENT_UID)), Some(rustix::fs::Gid::from_raw(AGENT_UID)))
+        .unwrap();
+    let data = home.join("data");
+    let check: Vec<String> = vec!["check".into(), "-c".into(), config.display().to_string()];
+    let mut up: Vec<String> = vec!["up".into(), "-c".into(), config.display().to_string(), "--data".into()];
+    up.extend([data.display().to_string(), "--listen".into(), "127.0.0.1:0".into()]);
+    for args in [check, up] {
+        let mut command = Command::new(HALE);
+        command.uid(AGENT_UID).gid(AGENT_UID).args(&args).env_remove("HALE_ADMIN_TOKEN");
+        let output = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} accepted a user it cannot switch to: {stderr}");
+        for expected in ["runs as user \"nobody\"", "CAP_SETUID", "line 5"] {
+            assert!(stderr.contains(expected), "{args:?}: {expected:?} missing from:\n{stderr}");
+        }
+    }
+}
