@@ -7,7 +7,8 @@ one has written its start time, i.e. kill -> new process running its first line.
 the part both tools do (hale additionally restores state, which the `hale bench restart`
 figure includes and this one does not).
 
-Usage: python3 scripts/restart-compare.py [--trials 30] [--hale target/release/hale]
+Usage: python3 scripts/restart-compare.py [--trials 30] [--hale target/release/hale] [--memory-mb N]
+(--memory-mb gives hale's agent a kernel memory limit, so it runs in a cgroup of its own.)
 Needs supervisord (`pip install supervisor`) for its half; skips it if missing.
 """
 
@@ -85,7 +86,7 @@ def program(starts_file):
     return f"date +%s%N >> {starts_file}; exec sleep 1000"
 
 
-def run_hale(hale, count, work):
+def run_hale(hale, count, work, memory_mb=None):
     starts_file = os.path.join(work, "hale-starts")
     config = os.path.join(work, "hale.toml")
     with open(config, "w") as f:
@@ -94,6 +95,7 @@ def run_hale(hale, count, work):
             "[supervision.intensity]\nrestarts_max = 100000\nwindow_ms = 1\n"
             f'[[agent]]\nname = "sleeper"\ncommand = "sh"\nargs = ["-c", "{program(starts_file)}"]\n'
             f'restart = "always"\nenv = {{ COMPARE = "hale" }}\n'
+            + (f"[agent.resources]\nmemory_mb = {memory_mb}\n" if memory_mb else "")
         )
     server = subprocess.Popen(
         [hale, "up", "-c", config, "--data", os.path.join(work, "hale-data"), "--listen", "127.0.0.1:0"],
@@ -132,9 +134,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--hale", default="target/release/hale")
+    parser.add_argument("--memory-mb", type=int, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
-        report("hale", run_hale(args.hale, args.trials, work))
+        report("hale", run_hale(args.hale, args.trials, work, args.memory_mb))
         if shutil.which("supervisord"):
             report("supervisord", run_supervisord(args.trials, work))
         else:

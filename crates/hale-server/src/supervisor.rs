@@ -443,10 +443,16 @@ impl Keeper {
                 spec.workdir = Some(dir);
             }
             // Made (or found) and its limits written at every start, so a changed
-            // hale.toml takes effect; its OOM count is read before the process runs.
-            let cgroup = cgroups
-                .agent(&name, &spec.cgroup_limits)
-                .map_err(|error| format!("cannot make the cgroup of `{}`: {error}", spec.command))?;
+            // hale.toml takes effect; its OOM count is read before the process runs. Only
+            // for an agent with kernel limits: joining a cgroup costs each start several
+            // milliseconds on v1 (the kernel's migration waits for an RCU grace period).
+            let cgroup = if spec.cgroup_limits.is_empty() {
+                None
+            } else {
+                cgroups
+                    .agent(&name, &spec.cgroup_limits)
+                    .map_err(|error| format!("cannot make the cgroup of `{}`: {error}", spec.command))?
+            };
             let oom_before = cgroup.as_ref().and_then(AgentCgroup::oom_kills);
             spec.cgroup = cgroup.clone();
             let spawned = process::spawn(&spec, &logs).map_err(|error| error.to_string())?;

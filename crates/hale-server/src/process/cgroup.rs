@@ -46,6 +46,13 @@ pub struct CgroupLimits {
     pub cpu_quota_percent: Option<u32>,
 }
 
+impl CgroupLimits {
+    /// No kernel limit is asked for: the agent gets no cgroup.
+    pub fn is_empty(&self) -> bool {
+        self.memory_bytes.is_none() && self.pids_max.is_none() && self.cpu_quota_percent.is_none()
+    }
+}
+
 /// The CFS period hale sets with a CPU quota, in microseconds (the kernel's default).
 pub const CPU_PERIOD_US: u64 = 100_000;
 
