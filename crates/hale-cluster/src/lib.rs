@@ -1,0 +1,13 @@
+//! hale's cluster: the log replicated with Raft, on openraft 0.9.
+//!
+//! A Raft entry is a batch of hale records, the records one engine append hands the
+//! [`DurableLog`](hale_store::DurableLog), with their sequence numbers and checksums. The
+//! leader's engine decides on its speculative state and appends; an entry committed by a
+//! quorum is durable, and every node folds committed entries into its core's state (the
+//! state machine).
+//!
+//! - [`types`]: openraft's type configuration for hale, and the entry payload.
+
+pub mod types;
+
+pub use types::{Applied, Batch, NodeId, TypeConfig, WireRecord};
