@@ -7,7 +7,10 @@
 //! state machine).
 //!
 //! - [`types`]: openraft's type configuration for hale, and the entry payload.
+//! - [`network`]: the RPCs between nodes, over HTTP on each node's listener, under the
+//!   cluster secret.
 
+pub mod network;
 pub mod types;
 
 pub use types::{Applied, Batch, NodeId, TypeConfig, WireRecord};

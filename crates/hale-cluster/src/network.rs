@@ -1,0 +1,245 @@
+//! Node-to-node traffic: openraft's three RPCs (append entries, vote, install snapshot)
+//! over HTTP on each node's own listener, under `/v1/cluster/raft/`.
+//!
+//! Every request carries the cluster secret (`Authorization: Bearer …`), which only the
+//! nodes hold; a request without it is refused before it reaches Raft. The body is the
+//! RPC as JSON, the answer `{"Ok": …}` or `{"Err": …}` with openraft's own error, so a
+//! remote Raft error (a higher term, a conflict) reaches the caller as openraft expects
+//! it. A node that cannot be reached is `Unreachable` (openraft backs off), anything else
+//! on the way a `NetworkError` (openraft retries).
+//!
+//! - [`Network`] is the client: one per target node, made by [`NetworkFactory`].
+//! - [`routes`] is the server half, merged into the node's router.
+
+use crate::types::{NodeId, TypeConfig};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::{BasicNode, Raft};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+
+/// Where the three RPCs are served, under a node's address.
+pub const APPEND_PATH: &str = "/v1/cluster/raft/append";
+pub const VOTE_PATH: &str = "/v1/cluster/raft/vote";
+pub const SNAPSHOT_PATH: &str = "/v1/cluster/raft/snapshot";
+
+/// The secret every node of a cluster shares (`[cluster] secret_file`): it authenticates
+/// node-to-node requests.
+#[derive(Clone)]
+pub struct ClusterSecret(Arc<str>);
+
+impl ClusterSecret {
+    /// A secret of at least 16 bytes (a shorter one is refused: it would be guessable).
+    pub fn new(secret: &str) -> Result<ClusterSecret, String> {
+        let secret = secret.trim();
+        if secret.len() < 16 {
+            return Err(format!(
+                "the cluster secret has {} bytes; give every node the same secret of at least 16 (e.g. `hale keygen`)",
+                secret.len()
+            ));
+        }
+        Ok(ClusterSecret(Arc::from(secret)))
+    }
+
+    /// Whether `presented` is the secret, in time independent of where they differ.
+    fn accepts(&self, presented: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), presented.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |differ, (x, y)| differ | (x ^ y)) == 0
+    }
+}
+
+impl std::fmt::Debug for ClusterSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterSecret(…)")
+    }
+}
+
+/// Makes a [`Network`] client for each node Raft replicates to.
+#[derive(Clone)]
+pub struct NetworkFactory {
+    client: reqwest::Client,
+    secret: ClusterSecret,
+}
+
+impl NetworkFactory {
+    pub fn new(secret: ClusterSecret) -> NetworkFactory {
+        // Raft's heartbeats keep these connections busy: reuse them, and never wait longer
+        // for a connection than an election could.
+        let client = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .build()
+            .expect("a plain HTTP client builds");
+        NetworkFactory { client, secret }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = Network;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Network {
+        let base = if node.addr.contains("://") { node.addr.clone() } else { format!("http://{}", node.addr) };
+        Network { client: self.client.clone(), secret: self.secret.clone(), target, base }
+    }
+}
+
+/// The client side of the RPCs to one node.
+pub struct Network {
+    client: reqwest::Client,
+    secret: ClusterSecret,
+    target: NodeId,
+    base: String,
+}
+
+impl Network {
+    async fn call<Req, Resp, E>(
+        &self,
+        path: &str,
+        request: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let sent = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.secret.0)
+            .timeout(option.hard_ttl())
+            .json(request)
+            .send()
+            .await;
+        let answer = match sent {
+            Ok(answer) => answer,
+            Err(error) if error.is_connect() => return Err(RPCError::Unreachable(Unreachable::new(&error))),
+            Err(error) => return Err(RPCError::Network(NetworkError::new(&error))),
+        };
+        if !answer.status().is_success() {
+            let status = answer.status();
+            let body = answer.text().await.unwrap_or_default();
+            let error = std::io::Error::other(format!("node {} answered {status}: {body}", self.target));
+            return Err(RPCError::Network(NetworkError::new(&error)));
+        }
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            answer.json().await.map_err(|error| RPCError::Network(NetworkError::new(&error)))?;
+        result.map_err(|error| RPCError::RemoteError(RemoteError::new(self.target, error)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Network {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(APPEND_PATH, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
+    {
+        self.call(SNAPSHOT_PATH, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(VOTE_PATH, &rpc, &option).await
+    }
+}
+
+/// What the routes need: this node's Raft and the secret its peers present.
+#[derive(Clone)]
+struct Served {
+    raft: Raft<TypeConfig>,
+    secret: ClusterSecret,
+}
+
+/// The server half: the three RPC routes, for the node's router.
+pub fn routes(raft: Raft<TypeConfig>, secret: ClusterSecret) -> Router {
+    Router::new()
+        .route(APPEND_PATH, post(append))
+        .route(VOTE_PATH, post(vote))
+        .route(SNAPSHOT_PATH, post(snapshot))
+        .with_state(Served { raft, secret })
+}
+
+/// Whether the request carries the cluster secret.
+fn authorized(served: &Served, headers: &HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .is_some_and(|secret| served.secret.accepts(secret))
+}
+
+/// The answer to a request without the cluster secret; it never reaches Raft.
+fn unauthenticated() -> Response {
+    let body = serde_json::json!({"error": {
+        "code": "unauthenticated",
+        "message": "node-to-node requests need the cluster secret ([cluster] secret_file) as a bearer token",
+        "retryable": false,
+    }});
+    (StatusCode::UNAUTHORIZED, Json(body)).into_response()
+}
+
+async fn append(
+    State(served): State<Served>,
+    headers: HeaderMap,
+    Json(rpc): Json<AppendEntriesRequest<TypeConfig>>,
+) -> Response {
+    if !authorized(&served, &headers) {
+        return unauthenticated();
+    }
+    Json(served.raft.append_entries(rpc).await).into_response()
+}
+
+async fn vote(State(served): State<Served>, headers: HeaderMap, Json(rpc): Json<VoteRequest<NodeId>>) -> Response {
+    if !authorized(&served, &headers) {
+        return unauthenticated();
+    }
+    Json(served.raft.vote(rpc).await).into_response()
+}
+
+async fn snapshot(
+    State(served): State<Served>,
+    headers: HeaderMap,
+    Json(rpc): Json<InstallSnapshotRequest<TypeConfig>>,
+) -> Response {
+    if !authorized(&served, &headers) {
+        return unauthenticated();
+    }
+    Json(served.raft.install_snapshot(rpc).await).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_short_secret_is_refused_and_a_good_one_is_matched_exactly() {
+        assert!(ClusterSecret::new("short").unwrap_err().contains("at least 16"));
+        let secret = ClusterSecret::new("0123456789abcdef0123").unwrap();
+        assert!(secret.accepts("0123456789abcdef0123"));
+        assert!(!secret.accepts("0123456789abcdef0124"));
+        assert!(!secret.accepts("0123456789abcdef012"));
+        assert_eq!(format!("{secret:?}"), "ClusterSecret(…)");
+    }
+}
