@@ -8,6 +8,8 @@
 //!
 //! - [`types`]: openraft's type configuration for hale, and the entry payload.
 
+pub mod store;
 pub mod types;
 
+pub use store::{CommittedView, LogStore, RaftStoreError, StateMachine, StateMachineOptions};
 pub use types::{Applied, Batch, NodeId, TypeConfig, WireRecord};
