@@ -7,6 +7,7 @@ use hale_core::{AgentName, Core, Event, Limits, RoleName, Timestamp};
 use hale_store::{DataDir, Key, Keyring, Record};
 use openraft::RaftSnapshotBuilder;
 use openraft::storage::RaftStateMachine;
+use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -169,4 +170,42 @@ async fn a_damaged_raft_snapshot_file_is_refused_at_open() {
     let Err(error) = StateMachine::open(&dir, options(None)) else { panic!("a damaged snapshot was accepted") };
     let message = error.to_string();
     assert!(message.contains("raft-snapshot.bin: checksum mismatch"), "{message}");
+}
+
+#[tokio::test]
+async fn a_restarted_node_starts_from_its_snapshot_and_openraft_reapplies_the_committed_rest() {
+    let (_temporary, dir) = data_dir();
+    let records = records(None);
+    let entries = vec![
+        membership(0, 0, &[1]),
+        normal(1, 1, &records[..2]),
+        normal(1, 2, &records[2..4]),
+        normal(1, 3, &records[4..5]),
+        normal(1, 4, &records[5..]),
+    ];
+    {
+        let mut log = hale_cluster::LogStore::open(&dir).unwrap();
+        let mut machine = StateMachine::open(&dir, options(None)).unwrap();
+        log.blocking_append(entries.clone()).await.unwrap();
+        machine.apply(entries[..3].to_vec()).await.unwrap();
+        machine.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        machine.apply(entries[3..].to_vec()).await.unwrap();
+        // Entry 4 is not known committed: a restart must not apply it.
+        log.save_committed(Some(log_id(1, 3))).await.unwrap();
+    }
+    let path = dir.path().to_path_buf();
+    drop(dir);
+
+    let dir = DataDir::open(&path).unwrap();
+    let mut log = hale_cluster::LogStore::open(&dir).unwrap();
+    let mut machine = StateMachine::open(&dir, options(None)).unwrap();
+    assert_eq!(machine.state().0, 4, "the state machine starts from its snapshot");
+    let initial = openraft::StorageHelper::new(&mut log, &mut machine).get_initial_state().await.unwrap();
+    assert_eq!(initial.committed, Some(log_id(1, 3)));
+    let mut expected = Core::new(Limits::default());
+    for (i, event) in events().into_iter().take(5).enumerate() {
+        expected.apply_owned(Timestamp(10_000 + i as u64), event);
+    }
+    assert_eq!(machine.state(), (5, expected.into_state()));
+    assert_eq!(machine.applied_state().await.unwrap().0, Some(log_id(1, 3)));
 }
