@@ -11,6 +11,8 @@
 //!   cluster secret.
 
 pub mod network;
+pub mod store;
 pub mod types;
 
+pub use store::{CommittedView, LogStore, RaftStoreError, StateMachine, StateMachineOptions};
 pub use types::{Applied, Batch, NodeId, TypeConfig, WireRecord};
