@@ -1,0 +1,193 @@
+//! Three nodes on loopback, each with its own data directory and HTTP listener: a leader
+//! is elected, batches of real hale records are committed and folded on every node, the
+//! leader is stopped and another takes over with nothing lost, and the stopped node comes
+//! back from its directory and catches up. Raft is openraft's; what is tested here is
+//! hale's adapter (storage, network, the fold).
+
+use hale_cluster::network::{self, ClusterSecret, NetworkFactory};
+use hale_cluster::store::{CommittedView, LogStore, StateMachine, StateMachineOptions};
+use hale_cluster::{Batch, NodeId, TypeConfig};
+use hale_core::{AgentName, Event, RoleName, Timestamp};
+use hale_store::{DataDir, Record};
+use openraft::{BasicNode, Config, Raft};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+const SECRET: &str = "test-cluster-secret-0123456789";
+
+struct Node {
+    id: NodeId,
+    raft: Raft<TypeConfig>,
+    view: CommittedView,
+    server: tokio::task::JoinHandle<()>,
+    _dir: DataDir,
+}
+
+fn config() -> Arc<Config> {
+    let config = Config {
+        cluster_name: "hale-test".into(),
+        heartbeat_interval: 100,
+        election_timeout_min: 400,
+        election_timeout_max: 800,
+        ..Config::default()
+    };
+    Arc::new(config.validate().unwrap())
+}
+
+/// Starts node `id` on `listener`, from the data directory `path`.
+async fn start(id: NodeId, path: &Path, listener: tokio::net::TcpListener) -> Node {
+    let dir = DataDir::open(path).unwrap();
+    let log = LogStore::open(&dir).unwrap();
+    let machine = StateMachine::open(&dir, StateMachineOptions::default()).unwrap();
+    let view = machine.view();
+    let secret = ClusterSecret::new(SECRET).unwrap();
+    let raft = Raft::new(id, config(), NetworkFactory::new(secret.clone()), log, machine).await.unwrap();
+    let router = network::routes(raft.clone(), secret);
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router).await.unwrap();
+    });
+    Node { id, raft, view, server, _dir: dir }
+}
+
+async fn stop(node: Node) {
+    node.raft.shutdown().await.unwrap();
+    node.server.abort();
+    let _ = node.server.await;
+}
+
+/// Waits up to `seconds` for `probe` to hold, polling every 20 ms.
+async fn until(what: &str, seconds: u64, mut probe: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    while !probe() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {seconds} s waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn leader_among(nodes: &[&Node]) -> NodeId {
+    let mut found = None;
+    until("a leader", 20, || {
+        found = nodes
+            .iter()
+            .map(|node| node.raft.metrics().borrow().current_leader)
+            .find(|leader| leader.is_some_and(|leader| nodes.iter().any(|node| node.id == leader)))
+            .flatten();
+        found.is_some()
+    })
+    .await;
+    found.unwrap()
+}
+
+/// `count` records, from `first_seq` on: an agent registers and checkpoints.
+fn records(first_seq: u64, count: u64) -> Vec<Record> {
+    let agent = AgentName::new("writer").unwrap();
+    (first_seq..first_seq + count)
+        .map(|seq| {
+            let event = if seq == 1 {
+                Event::AgentRegistered {
+                    agent: agent.clone(),
+                    role: RoleName::new("writer").unwrap(),
+                    labels: BTreeMap::new(),
+                }
+            } else if seq == 2 {
+                Event::IncarnationStarted { agent: agent.clone(), incarnation: 1 }
+            } else {
+                let patch = serde_json::json!({ "n": seq });
+                Event::Checkpointed { agent: agent.clone(), incarnation: 1, version: seq - 2, patch }
+            };
+            Record::encode(seq, Timestamp(1_000 + seq), &event)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_elect_replicate_survive_the_leaders_stop_and_catch_up_a_returning_node() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut listeners = Vec::new();
+    let mut members = BTreeMap::new();
+    for id in 1..=3u64 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        members.insert(id, BasicNode::new(listener.local_addr().unwrap().to_string()));
+        listeners.push(listener);
+    }
+    let mut nodes = Vec::new();
+    for (id, listener) in (1..=3u64).zip(listeners) {
+        nodes.push(Some(start(id, dirs[id as usize - 1].path(), listener).await));
+    }
+    nodes[0].as_ref().unwrap().raft.initialize(members.clone()).await.unwrap();
+    let all: Vec<&Node> = nodes.iter().flatten().collect();
+    let leader = leader_among(&all).await;
+
+    // Ten batches through the leader: each answered once a quorum has it, folded everywhere.
+    let first = nodes[leader as usize - 1].as_ref().unwrap();
+    let mut seq = 1;
+    for _ in 0..10 {
+        let batch = Batch::of(&records(seq, 3));
+        seq += 3;
+        let written = first.raft.client_write(batch).await.unwrap();
+        assert_eq!(written.data.last_seq, seq - 1);
+    }
+    for node in nodes.iter().flatten() {
+        let applied = node.view.applied();
+        until(&format!("node {} to apply seq {}", node.id, seq - 1), 10, || *applied.borrow() == seq - 1).await;
+    }
+    let reference = first.view.state().1;
+    for node in nodes.iter().flatten() {
+        assert_eq!(node.view.state().1, reference, "node {} folded something else", node.id);
+    }
+
+    // The leader stops; the two others elect one of themselves and go on.
+    let stopped = nodes[leader as usize - 1].take().unwrap();
+    let stopped_dir = dirs[leader as usize - 1].path().to_path_buf();
+    let stopped_addr = members[&leader].addr.clone();
+    stop(stopped).await;
+    let rest: Vec<&Node> = nodes.iter().flatten().collect();
+    let next = leader_among(&rest).await;
+    assert_ne!(next, leader);
+    let second = nodes[next as usize - 1].as_ref().unwrap();
+    for _ in 0..5 {
+        let batch = Batch::of(&records(seq, 3));
+        seq += 3;
+        second.raft.client_write(batch).await.unwrap();
+    }
+    assert_eq!(*second.view.applied().borrow(), seq - 1);
+
+    // The stopped node comes back from its directory, on its address, and catches up.
+    let listener = tokio::net::TcpListener::bind(&stopped_addr).await.unwrap();
+    let back = start(leader, &stopped_dir, listener).await;
+    let applied = back.view.applied();
+    until("the returning node to catch up", 20, || *applied.borrow() == seq - 1).await;
+    let reference = second.view.state().1;
+    assert_eq!(back.view.state().1, reference);
+    nodes[leader as usize - 1] = Some(back);
+    for node in nodes.into_iter().flatten() {
+        stop(node).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_the_cluster_secret_never_reaches_raft() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let node = start(1, dir.path(), listener).await;
+    let client = reqwest::Client::new();
+    for token in [None, Some("wrong-secret-0123456789")] {
+        let mut request = client.post(format!("http://{addr}{}", network::VOTE_PATH)).json(&serde_json::json!({
+            "vote": {"leader_id": {"term": 99, "node_id": 7}, "committed": false},
+            "last_log_id": null
+        }));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let answer = request.send().await.unwrap();
+        assert_eq!(answer.status(), 401);
+        let body = answer.text().await.unwrap();
+        assert!(body.contains("cluster secret"), "{body}");
+    }
+    // Raft never saw term 99.
+    assert!(node.raft.metrics().borrow().current_term < 99);
+    stop(node).await;
+}
