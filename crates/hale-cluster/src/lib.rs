@@ -7,12 +7,19 @@
 //! state machine).
 //!
 //! - [`types`]: openraft's type configuration for hale, and the entry payload.
+//! - [`durable`]: [`RaftLog`], the engine's `DurableLog` on the leader.
+//! - [`local`]: nodes in one process on loopback, for tests and benchmarks.
+//! - [`node`]: one node put together ([`node::open`]) and Raft's timing.
 //! - [`network`]: the RPCs between nodes, over HTTP on each node's listener, under the
 //!   cluster secret.
 
+pub mod durable;
+pub mod local;
 pub mod network;
+pub mod node;
 pub mod store;
 pub mod types;
 
+pub use durable::RaftLog;
 pub use store::{CommittedView, LogStore, RaftStoreError, StateMachine, StateMachineOptions};
 pub use types::{Applied, Batch, NodeId, TypeConfig, WireRecord};

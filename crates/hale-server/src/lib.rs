@@ -23,6 +23,7 @@ mod sessions;
 pub mod supervisor;
 pub mod tls;
 
+pub use clock::Clock;
 pub use config::{BackupSchedule, DeclaredAgent, DeclaredRole, ServerConfig, Supervise};
 pub use sessions::{Push, Sessions};
 

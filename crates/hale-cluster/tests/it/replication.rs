@@ -4,57 +4,18 @@
 //! back from its directory and catches up. Raft is openraft's; what is tested here is
 //! hale's adapter (storage, network, the fold).
 
-use hale_cluster::network::{self, ClusterSecret, NetworkFactory};
-use hale_cluster::store::{CommittedView, LogStore, StateMachine, StateMachineOptions};
-use hale_cluster::{Batch, NodeId, TypeConfig};
+use hale_cluster::local::{LocalNode, agreed_leader, listeners, quick_timeouts};
+use hale_cluster::network::{self, ClusterSecret};
+use hale_cluster::{Batch, NodeId};
 use hale_core::{AgentName, Event, RoleName, Timestamp};
-use hale_store::{DataDir, Record};
-use openraft::{BasicNode, Config, Raft};
+use hale_store::Record;
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 const SECRET: &str = "test-cluster-secret-0123456789";
 
-struct Node {
-    id: NodeId,
-    raft: Raft<TypeConfig>,
-    view: CommittedView,
-    server: tokio::task::JoinHandle<()>,
-    _dir: DataDir,
-}
-
-fn config() -> Arc<Config> {
-    let config = Config {
-        cluster_name: "hale-test".into(),
-        heartbeat_interval: 100,
-        election_timeout_min: 400,
-        election_timeout_max: 800,
-        ..Config::default()
-    };
-    Arc::new(config.validate().unwrap())
-}
-
-/// Starts node `id` on `listener`, from the data directory `path`.
-async fn start(id: NodeId, path: &Path, listener: tokio::net::TcpListener) -> Node {
-    let dir = DataDir::open(path).unwrap();
-    let log = LogStore::open(&dir).unwrap();
-    let machine = StateMachine::open(&dir, StateMachineOptions::default()).unwrap();
-    let view = machine.view();
-    let secret = ClusterSecret::new(SECRET).unwrap();
-    let raft = Raft::new(id, config(), NetworkFactory::new(secret.clone()), log, machine).await.unwrap();
-    let router = network::routes(raft.clone(), secret);
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router).await.unwrap();
-    });
-    Node { id, raft, view, server, _dir: dir }
-}
-
-async fn stop(node: Node) {
-    node.raft.shutdown().await.unwrap();
-    node.server.abort();
-    let _ = node.server.await;
+fn secret() -> ClusterSecret {
+    ClusterSecret::new(SECRET).unwrap()
 }
 
 /// Waits up to `seconds` for `probe` to hold, polling every 20 ms.
@@ -66,18 +27,9 @@ async fn until(what: &str, seconds: u64, mut probe: impl FnMut() -> bool) {
     }
 }
 
-async fn leader_among(nodes: &[&Node]) -> NodeId {
-    let mut found = None;
-    until("a leader", 20, || {
-        found = nodes
-            .iter()
-            .map(|node| node.raft.metrics().borrow().current_leader)
-            .find(|leader| leader.is_some_and(|leader| nodes.iter().any(|node| node.id == leader)))
-            .flatten();
-        found.is_some()
-    })
-    .await;
-    found.unwrap()
+async fn leader_of(nodes: &[Option<LocalNode>]) -> NodeId {
+    let live: Vec<&LocalNode> = nodes.iter().flatten().collect();
+    agreed_leader(&live, Duration::from_secs(20)).await.expect("a leader within 20 s")
 }
 
 /// `count` records, from `first_seq` on: an agent registers and checkpoints.
@@ -105,20 +57,15 @@ fn records(first_seq: u64, count: u64) -> Vec<Record> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_elect_replicate_survive_the_leaders_stop_and_catch_up_a_returning_node() {
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut listeners = Vec::new();
-    let mut members = BTreeMap::new();
-    for id in 1..=3u64 {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        members.insert(id, BasicNode::new(listener.local_addr().unwrap().to_string()));
-        listeners.push(listener);
-    }
+    let (bound, members) = listeners(3).await.unwrap();
     let mut nodes = Vec::new();
-    for (id, listener) in (1..=3u64).zip(listeners) {
-        nodes.push(Some(start(id, dirs[id as usize - 1].path(), listener).await));
+    for (id, listener) in (1..=3u64).zip(bound) {
+        let secret = secret();
+        let node = LocalNode::start(id, dirs[id as usize - 1].path(), listener, &secret, quick_timeouts()).await;
+        nodes.push(Some(node.unwrap()));
     }
     nodes[0].as_ref().unwrap().raft.initialize(members.clone()).await.unwrap();
-    let all: Vec<&Node> = nodes.iter().flatten().collect();
-    let leader = leader_among(&all).await;
+    let leader = leader_of(&nodes).await;
 
     // Ten batches through the leader: each answered once a quorum has it, folded everywhere.
     let first = nodes[leader as usize - 1].as_ref().unwrap();
@@ -130,21 +77,20 @@ async fn three_nodes_elect_replicate_survive_the_leaders_stop_and_catch_up_a_ret
         assert_eq!(written.data.last_seq, seq - 1);
     }
     for node in nodes.iter().flatten() {
-        let applied = node.view.applied();
+        let applied = node.committed.applied();
         until(&format!("node {} to apply seq {}", node.id, seq - 1), 10, || *applied.borrow() == seq - 1).await;
     }
-    let reference = first.view.state().1;
+    let reference = first.committed.state().1;
     for node in nodes.iter().flatten() {
-        assert_eq!(node.view.state().1, reference, "node {} folded something else", node.id);
+        assert_eq!(node.committed.state().1, reference, "node {} folded something else", node.id);
     }
 
     // The leader stops; the two others elect one of themselves and go on.
     let stopped = nodes[leader as usize - 1].take().unwrap();
     let stopped_dir = dirs[leader as usize - 1].path().to_path_buf();
-    let stopped_addr = members[&leader].addr.clone();
-    stop(stopped).await;
-    let rest: Vec<&Node> = nodes.iter().flatten().collect();
-    let next = leader_among(&rest).await;
+    let stopped_addr = stopped.addr.clone();
+    stopped.stop().await;
+    let next = leader_of(&nodes).await;
     assert_ne!(next, leader);
     let second = nodes[next as usize - 1].as_ref().unwrap();
     for _ in 0..5 {
@@ -152,18 +98,17 @@ async fn three_nodes_elect_replicate_survive_the_leaders_stop_and_catch_up_a_ret
         seq += 3;
         second.raft.client_write(batch).await.unwrap();
     }
-    assert_eq!(*second.view.applied().borrow(), seq - 1);
+    assert_eq!(*second.committed.applied().borrow(), seq - 1);
 
     // The stopped node comes back from its directory, on its address, and catches up.
     let listener = tokio::net::TcpListener::bind(&stopped_addr).await.unwrap();
-    let back = start(leader, &stopped_dir, listener).await;
-    let applied = back.view.applied();
+    let back = LocalNode::start(leader, &stopped_dir, listener, &secret(), quick_timeouts()).await.unwrap();
+    let applied = back.committed.applied();
     until("the returning node to catch up", 20, || *applied.borrow() == seq - 1).await;
-    let reference = second.view.state().1;
-    assert_eq!(back.view.state().1, reference);
+    assert_eq!(back.committed.state().1, second.committed.state().1);
     nodes[leader as usize - 1] = Some(back);
     for node in nodes.into_iter().flatten() {
-        stop(node).await;
+        node.stop().await;
     }
 }
 
@@ -171,14 +116,14 @@ async fn three_nodes_elect_replicate_survive_the_leaders_stop_and_catch_up_a_ret
 async fn a_request_without_the_cluster_secret_never_reaches_raft() {
     let dir = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let node = start(1, dir.path(), listener).await;
+    let node = LocalNode::start(1, dir.path(), listener, &secret(), quick_timeouts()).await.unwrap();
     let client = reqwest::Client::new();
     for token in [None, Some("wrong-secret-0123456789")] {
-        let mut request = client.post(format!("http://{addr}{}", network::VOTE_PATH)).json(&serde_json::json!({
+        let vote = serde_json::json!({
             "vote": {"leader_id": {"term": 99, "node_id": 7}, "committed": false},
             "last_log_id": null
-        }));
+        });
+        let mut request = client.post(format!("http://{}{}", node.addr, network::VOTE_PATH)).json(&vote);
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
@@ -189,5 +134,5 @@ async fn a_request_without_the_cluster_secret_never_reaches_raft() {
     }
     // Raft never saw term 99.
     assert!(node.raft.metrics().borrow().current_term < 99);
-    stop(node).await;
+    node.stop().await;
 }

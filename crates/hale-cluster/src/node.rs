@@ -1,0 +1,104 @@
+//! One node of a cluster, put together: its Raft on the data directory's log store and
+//! state machine, the network to its peers, and the routes its peers call. The server
+//! merges [`NodeParts::routes`] into its own router, so node-to-node traffic shares the
+//! node's listener (and its TLS when configured).
+
+use crate::network::{self, ClusterSecret, NetworkFactory};
+use crate::store::{CommittedView, LogStore, RaftStoreError, StateMachine, StateMachineOptions};
+use crate::types::{NodeId, TypeConfig};
+use hale_store::DataDir;
+use openraft::{Config, Raft};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Raft's timing, `[cluster]` in hale.toml.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// How often the leader sends heartbeats (default 100 ms).
+    pub heartbeat: Duration,
+    /// A follower that hears no leader for a random time in this range starts an election
+    /// (default 500–1000 ms: five to ten missed heartbeats).
+    pub election_min: Duration,
+    pub election_max: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            heartbeat: Duration::from_millis(100),
+            election_min: Duration::from_millis(500),
+            election_max: Duration::from_millis(1_000),
+        }
+    }
+}
+
+impl Timeouts {
+    /// openraft's configuration for these timeouts; `Err` says what is inconsistent.
+    pub fn config(&self, cluster_name: &str) -> Result<Arc<Config>, String> {
+        let millis = |duration: Duration| duration.as_millis() as u64;
+        if self.election_min <= self.heartbeat * 2 {
+            return Err(format!(
+                "the election timeout ({} ms) must be more than twice the heartbeat interval ({} ms), or followers start elections while the leader is fine",
+                millis(self.election_min),
+                millis(self.heartbeat)
+            ));
+        }
+        let config = Config {
+            cluster_name: cluster_name.to_string(),
+            heartbeat_interval: millis(self.heartbeat),
+            election_timeout_min: millis(self.election_min),
+            election_timeout_max: millis(self.election_max),
+            ..Config::default()
+        };
+        config.validate().map(Arc::new).map_err(|error| error.to_string())
+    }
+}
+
+/// A node's Raft and what goes with it.
+pub struct NodeParts {
+    pub raft: Raft<TypeConfig>,
+    /// The committed state, readable while Raft owns the state machine.
+    pub committed: CommittedView,
+    /// The node-to-node routes, for the node's router.
+    pub routes: axum::Router,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Store(#[from] RaftStoreError),
+    #[error("cannot start Raft: {0}")]
+    Raft(String),
+}
+
+/// Opens node `id` on `dir`: its log store and state machine, and Raft over them.
+pub async fn open(
+    id: NodeId,
+    dir: &DataDir,
+    config: Arc<Config>,
+    secret: ClusterSecret,
+    options: StateMachineOptions,
+) -> Result<NodeParts, NodeError> {
+    let log = LogStore::open(dir)?;
+    let machine = StateMachine::open(dir, options)?;
+    let committed = machine.view();
+    let raft = Raft::new(id, config, NetworkFactory::new(secret.clone()), log, machine)
+        .await
+        .map_err(|error| NodeError::Raft(error.to_string()))?;
+    let routes = network::routes(raft.clone(), secret);
+    Ok(NodeParts { raft, committed, routes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_valid_and_an_election_shorter_than_two_heartbeats_is_refused() {
+        let config = Timeouts::default().config("hale").unwrap();
+        assert_eq!((config.heartbeat_interval, config.election_timeout_min), (100, 500));
+        let hasty = Timeouts { election_min: Duration::from_millis(150), ..Timeouts::default() };
+        assert!(hasty.config("hale").unwrap_err().contains("more than twice the heartbeat"));
+    }
+}

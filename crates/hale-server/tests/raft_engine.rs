@@ -1,0 +1,132 @@
+//! The engine on a Raft log: three nodes on loopback, the engine on the leader. An answer
+//! is given only once a quorum has committed what it depends on, every node folds the
+//! same state, one node down changes nothing, and with two down nothing is acknowledged
+//! until one comes back.
+
+use hale_cluster::RaftLog;
+use hale_cluster::local::{LocalNode, agreed_leader, listeners, quick_timeouts};
+use hale_cluster::network::ClusterSecret;
+use hale_core::{AgentCommand, AgentName, Answer, Core, Hello, Limits, RoleName};
+use hale_server::Clock;
+use hale_server::engine::{Engine, EngineOptions, Response, SnapshotPolicy};
+use hale_server::metrics::Metrics;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn secret() -> ClusterSecret {
+    ClusterSecret::new("engine-test-cluster-secret-42").unwrap()
+}
+
+fn writer() -> AgentName {
+    AgentName::new("writer").unwrap()
+}
+
+fn checkpoint(n: u64) -> AgentCommand {
+    AgentCommand::Checkpoint { agent: writer(), incarnation: 1, patch: json!({ "n": n }), expected_version: None }
+}
+
+/// The engine over `node`'s Raft, from its committed state.
+fn engine_on(node: &LocalNode, snapshots: &std::path::Path) -> Engine {
+    let (last_seq, state) = node.committed.state();
+    let (effects, _) = tokio::sync::mpsc::unbounded_channel();
+    let options = EngineOptions {
+        snapshots: SnapshotPolicy {
+            dir: snapshots.to_path_buf(),
+            every_events: 1_000_000,
+            every: Duration::from_secs(3_600),
+            kept: 1,
+        },
+        effects,
+        key: None,
+        metrics: Arc::new(Metrics::new(0, 0, snapshots.to_path_buf())),
+        clock: Clock::system(),
+        tick: None,
+        unsnapshotted: 0,
+    };
+    let log = RaftLog::new(node.raft.clone(), &node.committed);
+    Engine::start(Core::from_state(state, Limits::default()), last_seq, log, options)
+}
+
+fn version_on(node: &LocalNode) -> u64 {
+    node.committed.with_state(|_, state| state.agent("writer").map_or(0, |record| record.version()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_wait_for_a_quorum_and_every_node_folds_the_same_state() {
+    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (bound, members) = listeners(3).await.unwrap();
+    let mut nodes = Vec::new();
+    for (id, listener) in (1..=3u64).zip(bound) {
+        let secret = secret();
+        let node = LocalNode::start(id, dirs[id as usize].path(), listener, &secret, quick_timeouts()).await;
+        nodes.push(Some(node.unwrap()));
+    }
+    nodes[0].as_ref().unwrap().raft.initialize(members).await.unwrap();
+    let live: Vec<&LocalNode> = nodes.iter().flatten().collect();
+    let leader = agreed_leader(&live, Duration::from_secs(20)).await.expect("a leader");
+    let index = leader as usize - 1;
+    let engine = engine_on(nodes[index].as_ref().unwrap(), dirs[0].path());
+
+    let role = RoleName::new("writer").unwrap();
+    let hello = Hello { agent: writer(), role, labels: BTreeMap::new(), incarnation: None };
+    assert!(matches!(engine.execute(hello).await.unwrap(), Response::Welcome(_)));
+    for n in 1..=20 {
+        match engine.execute(checkpoint(n)).await.unwrap() {
+            Response::Answer(Answer::Checkpointed { version }) => assert_eq!(version, n),
+            other => panic!("{other:?}"),
+        }
+    }
+    // Answered means committed by a quorum: the leader has applied the entry, and at least
+    // two nodes' logs hold it (a follower applies it once it hears of the commit).
+    let leader_node = nodes[index].as_ref().unwrap();
+    assert_eq!(version_on(leader_node), 20);
+    let entry = leader_node.raft.metrics().borrow().last_applied.expect("applied").index;
+    let holding =
+        nodes.iter().flatten().filter(|node| node.raft.metrics().borrow().last_log_index >= Some(entry)).count();
+    assert!(holding >= 2, "only {holding} nodes' logs held entry {entry} when it was answered");
+    for node in nodes.iter().flatten() {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while version_on(node) != 20 {
+            assert!(tokio::time::Instant::now() < deadline, "node {} did not fold version 20", node.id);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let reference = nodes[index].as_ref().unwrap().committed.state();
+    for node in nodes.iter().flatten() {
+        assert_eq!(node.committed.state(), reference, "node {} folded something else", node.id);
+    }
+
+    // One follower down: a quorum is left, writes go on.
+    let followers: Vec<usize> = (0..3).filter(|i| *i != index).collect();
+    nodes[followers[0]].take().unwrap().stop().await;
+    for n in 21..=25 {
+        engine.execute(checkpoint(n)).await.unwrap();
+    }
+
+    // Both down: nothing is acknowledged...
+    let second = nodes[followers[1]].take().unwrap();
+    let second_dir = dirs[followers[1] + 1].path().to_path_buf();
+    let (second_id, second_addr) = (second.id, second.addr.clone());
+    second.stop().await;
+    let pending = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.execute(checkpoint(26)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(!pending.is_finished(), "a checkpoint was acknowledged without a quorum");
+    // ...until one comes back, and then it is.
+    let listener = tokio::net::TcpListener::bind(&second_addr).await.unwrap();
+    let secret = secret();
+    let back = LocalNode::start(second_id, &second_dir, listener, &secret, quick_timeouts()).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(20), pending).await.expect("answered once a quorum is back");
+    match answer.unwrap().unwrap() {
+        Response::Answer(Answer::Checkpointed { version }) => assert_eq!(version, 26),
+        other => panic!("{other:?}"),
+    }
+    nodes[followers[1]] = Some(back);
+    for node in nodes.into_iter().flatten() {
+        node.stop().await;
+    }
+}
