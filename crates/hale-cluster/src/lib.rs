@@ -20,6 +20,6 @@ pub mod node;
 pub mod store;
 pub mod types;
 
-pub use durable::RaftLog;
+pub use durable::{Leadership, RaftLog, follow_leadership};
 pub use store::{CommittedView, LogStore, RaftStoreError, StateMachine, StateMachineOptions};
 pub use types::{Applied, Batch, NodeId, TypeConfig, WireRecord};

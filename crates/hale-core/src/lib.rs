@@ -136,6 +136,11 @@ impl Core {
     /// Whether this hale runs the managed agents (`hale up`). Without it (`hale serve`),
     /// `tick` neither restarts managed agents nor recruits for pools, and `Restart` is
     /// refused: nobody would start the processes.
+    /// Whether managed agents are started and restarted (see [`set_supervising`](Core::set_supervising)).
+    pub fn supervising(&self) -> bool {
+        self.supervising
+    }
+
     pub fn set_supervising(&mut self, supervising: bool) {
         self.supervising = supervising;
     }

@@ -3,9 +3,9 @@
 //! same state, one node down changes nothing, and with two down nothing is acknowledged
 //! until one comes back.
 
-use hale_cluster::RaftLog;
 use hale_cluster::local::{LocalNode, agreed_leader, listeners, quick_timeouts};
 use hale_cluster::network::ClusterSecret;
+use hale_cluster::{Leadership, RaftLog, follow_leadership};
 use hale_core::{AgentCommand, AgentName, Answer, Core, Hello, Limits, RoleName};
 use hale_server::Clock;
 use hale_server::engine::{Engine, EngineOptions, Response, SnapshotPolicy};
@@ -27,8 +27,9 @@ fn checkpoint(n: u64) -> AgentCommand {
     AgentCommand::Checkpoint { agent: writer(), incarnation: 1, patch: json!({ "n": n }), expected_version: None }
 }
 
-/// The engine over `node`'s Raft, from its committed state.
-fn engine_on(node: &LocalNode, snapshots: &std::path::Path) -> Engine {
+/// The engine over `node`'s Raft, from its committed state, and the handle that gives it
+/// leadership (it does not lead yet).
+fn engine_on(node: &LocalNode, snapshots: &std::path::Path) -> (Engine, Leadership) {
     let (last_seq, state) = node.committed.state();
     let (effects, _) = tokio::sync::mpsc::unbounded_channel();
     let options = EngineOptions {
@@ -46,7 +47,8 @@ fn engine_on(node: &LocalNode, snapshots: &std::path::Path) -> Engine {
         unsnapshotted: 0,
     };
     let log = RaftLog::new(node.raft.clone(), &node.committed);
-    Engine::start(Core::from_state(state, Limits::default()), last_seq, log, options)
+    let leadership = log.leadership();
+    (Engine::start(Core::from_state(state, Limits::default()), last_seq, log, options), leadership)
 }
 
 fn version_on(node: &LocalNode) -> u64 {
@@ -67,7 +69,8 @@ async fn answers_wait_for_a_quorum_and_every_node_folds_the_same_state() {
     let live: Vec<&LocalNode> = nodes.iter().flatten().collect();
     let leader = agreed_leader(&live, Duration::from_secs(20)).await.expect("a leader");
     let index = leader as usize - 1;
-    let engine = engine_on(nodes[index].as_ref().unwrap(), dirs[0].path());
+    let (engine, leadership) = engine_on(nodes[index].as_ref().unwrap(), dirs[0].path());
+    assert!(leadership.lead(nodes[index].as_ref().unwrap().committed.state().0), "the elected node leads");
 
     let role = RoleName::new("writer").unwrap();
     let hello = Hello { agent: writer(), role, labels: BTreeMap::new(), incarnation: None };
@@ -126,6 +129,103 @@ async fn answers_wait_for_a_quorum_and_every_node_folds_the_same_state() {
         other => panic!("{other:?}"),
     }
     nodes[followers[1]] = Some(back);
+    for node in nodes.into_iter().flatten() {
+        node.stop().await;
+    }
+}
+
+/// Starts an engine on every node, each handed leadership whenever its node is elected.
+fn engines_following(nodes: &[Option<LocalNode>], dirs: &[tempfile::TempDir]) -> Vec<Engine> {
+    nodes
+        .iter()
+        .flatten()
+        .map(|node| {
+            let (engine, leadership) = engine_on(node, dirs[node.id as usize].path());
+            let rebuilt = engine.clone();
+            tokio::spawn(follow_leadership(
+                node.raft.clone(),
+                node.committed.clone(),
+                leadership,
+                move |seq, state| {
+                    let engine = rebuilt.clone();
+                    async move {
+                        engine.rebuild(Core::from_state(state, Limits::default()), seq).await.unwrap();
+                    }
+                },
+            ));
+            engine
+        })
+        .collect()
+}
+
+/// The engine that takes writes, once one does, with its node's id.
+async fn leading_engine(engines: &[Engine], ids: &[u64]) -> (u64, Engine) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        for (engine, id) in engines.iter().zip(ids) {
+            match engine.execute(checkpoint(0)).await {
+                // Taken (the agent may not exist yet: then the core refused it, which only
+                // a leader's engine decides).
+                Ok(_) | Err(hale_server::engine::EngineError::Rejected(_)) => return (*id, engine.clone()),
+                Err(_) => {}
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no engine took writes within 20 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_continues_from_the_committed_state_and_a_deposed_one_says_not_leader() {
+    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (bound, members) = listeners(3).await.unwrap();
+    let mut nodes = Vec::new();
+    for (id, listener) in (1..=3u64).zip(bound) {
+        let secret = secret();
+        let node = LocalNode::start(id, dirs[id as usize].path(), listener, &secret, quick_timeouts()).await;
+        nodes.push(Some(node.unwrap()));
+    }
+    let engines = engines_following(&nodes, &dirs);
+    nodes[0].as_ref().unwrap().raft.initialize(members.clone()).await.unwrap();
+    let (first, engine) = leading_engine(&engines, &[1, 2, 3]).await;
+    let role = RoleName::new("writer").unwrap();
+    let hello = Hello { agent: writer(), role, labels: BTreeMap::new(), incarnation: None };
+    engine.execute(hello).await.unwrap();
+    for n in 1..=10 {
+        engine.execute(checkpoint(n)).await.unwrap();
+    }
+    // The others refuse writes, naming the leader.
+    for (index, other) in engines.iter().enumerate().filter(|(index, _)| *index as u64 + 1 != first) {
+        let error = other.execute(checkpoint(99)).await.unwrap_err();
+        let text = error.to_string();
+        assert!(text.contains("not the leader"), "node {}: {text}", index + 1);
+    }
+
+    // A follower forces an election: the leader is deposed while it runs.
+    let follower = (1..=3u64).find(|id| *id != first).unwrap();
+    nodes[follower as usize - 1].as_ref().unwrap().raft.trigger().elect().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        match engines[first as usize - 1].execute(checkpoint(11)).await {
+            Err(error) if error.to_string().contains("not the leader") => break error,
+            _ => {}
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the old leader kept taking writes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let text = refused.to_string();
+    assert!(text.contains("not the leader"), "{text}");
+
+    // The new leader's engine continues from what was committed: no version is lost or
+    // repeated, whatever the deposed one had in flight.
+    let (second, engine) = leading_engine(&engines, &[1, 2, 3]).await;
+    let committed = nodes[second as usize - 1].as_ref().unwrap().committed.state().1;
+    let before = committed.agent("writer").unwrap().version();
+    assert!(before >= 10, "committed version {before}");
+    match engine.execute(checkpoint(12)).await.unwrap() {
+        Response::Answer(Answer::Checkpointed { version }) => assert_eq!(version, before + 1),
+        other => panic!("{other:?}"),
+    }
     for node in nodes.into_iter().flatten() {
         node.stop().await;
     }

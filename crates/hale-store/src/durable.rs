@@ -19,6 +19,25 @@ pub struct Durability {
     pub durable_seq: u64,
     /// Set once the log has failed; no later record will become durable.
     pub failed: Option<Arc<str>>,
+    /// Set while this node does not lead a replicated log: what it appended since it last
+    /// led is not this log's to make durable (another leader decides), and it takes no
+    /// appends. `durable_seq` goes on following what the node applies. A single-node log
+    /// always leads.
+    pub not_leader: Option<NotLeader>,
+}
+
+/// Who leads instead, if this node knows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NotLeader {
+    /// The leader's address, as the cluster's membership names it.
+    pub leader: Option<Arc<str>>,
+}
+
+impl Durability {
+    /// Everything up to `durable_seq` is durable; this node leads; nothing failed.
+    pub fn at(durable_seq: u64) -> Durability {
+        Durability { durable_seq, failed: None, not_leader: None }
+    }
 }
 
 /// Why something appended was not made durable.
@@ -33,6 +52,16 @@ pub enum WriteError {
     /// The log has shut down.
     #[error("the log writer has stopped")]
     Stopped,
+    /// This node does not lead the replicated log: the request must go to the leader.
+    #[error("this node is not the leader{}; send the request to the leader", leader_hint(.leader))]
+    NotLeader { leader: Option<Arc<str>> },
+}
+
+fn leader_hint(leader: &Option<Arc<str>>) -> String {
+    match leader {
+        Some(leader) => format!(" (the leader is {leader})"),
+        None => " (no leader is known yet: an election is under way)".into(),
+    }
 }
 
 /// A log the engine drives.

@@ -50,7 +50,7 @@ impl Writer {
     /// Starts the writer thread over `log`, whose last durable record is `durable_seq`.
     pub fn start(log: Log, durable_seq: u64, options: WriterOptions) -> Writer {
         let (queue, receiver) = mpsc::channel(options.queue_len_max);
-        let (durability_tx, durability) = watch::channel(Durability { durable_seq, failed: None });
+        let (durability_tx, durability) = watch::channel(Durability::at(durable_seq));
         let thread = std::thread::Builder::new()
             .name("hale-writer".into())
             .spawn(move || run(log, receiver, durability_tx, options))

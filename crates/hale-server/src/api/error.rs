@@ -62,6 +62,8 @@ pub enum ServerCode {
     BackupFailed,
     /// A commit to the log failed; hale takes no more writes.
     LogUnavailable,
+    /// This node of a cluster does not lead: the request must go to the leader.
+    NotLeader,
     ShuttingDown,
     /// Something failed inside hale.
     Internal,
@@ -92,6 +94,7 @@ impl ServerCode {
             ServerCode::BackupExists => "backup_exists",
             ServerCode::BackupFailed => "backup_failed",
             ServerCode::LogUnavailable => "log_unavailable",
+            ServerCode::NotLeader => "not_leader",
             ServerCode::ShuttingDown => "shutting_down",
             ServerCode::Internal => "internal",
         }
@@ -192,6 +195,9 @@ impl From<EngineError> for ApiError {
             EngineError::Rejected(rejection) => rejection.into(),
             EngineError::Log(WriteError::Failed(_)) => {
                 ApiError::coded(StatusCode::SERVICE_UNAVAILABLE, ServerCode::LogUnavailable, error.to_string(), true)
+            }
+            EngineError::Log(WriteError::NotLeader { .. }) => {
+                ApiError::coded(StatusCode::SERVICE_UNAVAILABLE, ServerCode::NotLeader, error.to_string(), true)
             }
             EngineError::Log(WriteError::Stopped) | EngineError::ShuttingDown => ApiError::coded(
                 StatusCode::SERVICE_UNAVAILABLE,

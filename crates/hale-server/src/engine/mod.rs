@@ -81,6 +81,11 @@ enum Request {
         on: bool,
         reply: oneshot::Sender<()>,
     },
+    Rebuild {
+        core: Box<Core>,
+        last_seq: u64,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// Snapshot policy.
@@ -161,6 +166,17 @@ impl Engine {
         };
         tokio::spawn(task.run(receiver, options.tick));
         Engine { requests, durability, events }
+    }
+
+    /// Replaces the core with `core`, whose last event is `last_seq` (the committed state
+    /// of a replicated log), dropping what was speculative: held answers fail with
+    /// `not_leader`. A node that is about to lead again calls it before its log takes
+    /// appends, so decisions start from what a quorum committed.
+    pub async fn rebuild(&self, core: Core, last_seq: u64) -> Result<(), EngineError> {
+        let (reply, done) = oneshot::channel();
+        let request = Request::Rebuild { core: Box::new(core), last_seq, reply };
+        self.requests.send(request).await.map_err(|_| EngineError::ShuttingDown)?;
+        done.await.map_err(|_| EngineError::ShuttingDown)
     }
 
     /// Every event from now on, in log order, each once it is durable. A subscriber more
@@ -421,20 +437,36 @@ impl<L: DurableLog> EngineTask<L> {
                 self.shutdown().await;
                 let _ = reply.send(());
             }
+            Request::Rebuild { core, last_seq, reply } => {
+                // Whatever was speculative goes: held answers fail (they may or may not
+                // have been committed; clients settle by resuming, as after a reconnect).
+                self.fail_held(WriteError::NotLeader { leader: None });
+                let supervising = self.core.supervising();
+                self.core = *core;
+                self.core.set_supervising(supervising);
+                self.next_seq = last_seq + 1;
+                self.events_since_snapshot = 0;
+                let _ = reply.send(());
+            }
         }
     }
 
     /// Where leadership enters. A single node is always the leader, so only a failed or
-    /// stopped log refuses writes here. A replicated log will refuse them here too when
-    /// this node is not the leader (`not_leader`, naming the leader if it knows it), and
-    /// on losing leadership the engine will drop its speculative state, rebuild it from
-    /// the committed state, and fail what was held with a retryable `not_leader`.
+    /// stopped log refuses writes here. A replicated log refuses them here too while this
+    /// node does not lead (`not_leader`, naming the leader if it knows it); losing
+    /// leadership fails what was held with `not_leader` (see `release`), and whoever
+    /// hands leadership back rebuilds the core from the committed state first
+    /// ([`Engine::rebuild`]).
     fn writable(&self) -> Result<(), EngineError> {
         if self.log.is_none() {
             return Err(EngineError::ShuttingDown);
         }
-        if let Some(reason) = self.durability.borrow().failed.clone() {
+        let durability = self.durability.borrow();
+        if let Some(reason) = durability.failed.clone() {
             return Err(WriteError::Failed(reason).into());
+        }
+        if let Some(not_leader) = &durability.not_leader {
+            return Err(WriteError::NotLeader { leader: not_leader.leader.clone() }.into());
         }
         Ok(())
     }
@@ -525,6 +557,13 @@ impl<L: DurableLog> EngineTask<L> {
     /// Releases, in order, what the log has made durable; fails what it never will.
     fn release(&mut self) {
         let durability = self.durability.borrow().clone();
+        if let Some(not_leader) = &durability.not_leader {
+            // Deposed: nothing held is this log's to make durable any more (another leader
+            // decides what is committed, and may number its records the same). What was
+            // committed before is already released; the rest gets `not_leader`.
+            self.fail_held(WriteError::NotLeader { leader: not_leader.leader.clone() });
+            return;
+        }
         while let Some(front) = self.held.front() {
             let durable = front.position() <= durability.durable_seq;
             let never = durability.failed.is_some() || !self.log_running;
@@ -557,6 +596,24 @@ impl<L: DurableLog> EngineTask<L> {
         }
     }
 
+    /// Fails every held answer with `error` and drops the held outputs (what they stand on
+    /// may never be durable).
+    fn fail_held(&mut self, error: WriteError) {
+        let mut dropped = 0;
+        for held in self.held.drain(..) {
+            match held {
+                Held::Answer { ack, .. } => {
+                    let _ = ack.send(Err(error.clone()));
+                }
+                Held::Outputs { effects, .. } => dropped += effects.len(),
+            }
+        }
+        self.published.clear();
+        if dropped > 0 {
+            tracing::warn!(dropped, %error, "effects of events that may not be durable are dropped");
+        }
+    }
+
     /// Assigns what can be assigned right away (and fails what must fail), so that a lost
     /// agent's tasks move within the command that lost it rather than at the next tick.
     async fn dispatch(&mut self) {
@@ -584,7 +641,8 @@ impl<L: DurableLog> EngineTask<L> {
 
     /// Runs what the core's timers and detectors ask for, like any other command.
     async fn tick(&mut self) {
-        if self.log.is_none() {
+        // Only the leader's detectors and timers decide; a follower's core is not current.
+        if self.log.is_none() || self.durability.borrow().not_leader.is_some() {
             return;
         }
         for command in self.core.tick(self.clock.now()) {

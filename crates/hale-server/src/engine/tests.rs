@@ -65,7 +65,7 @@ const START: Timestamp = Timestamp(1_700_000_000_000);
 
 fn start(snapshot_every_events: u64) -> Harness {
     let snapshots = tempfile::tempdir().unwrap();
-    let durability = Arc::new(watch::channel(Durability { durable_seq: 0, failed: None }).0);
+    let durability = Arc::new(watch::channel(Durability::at(0)).0);
     let log = LogControl { appended: Arc::default(), durability };
     let (effects_tx, effects) = mpsc::unbounded_channel();
     let clock = Clock::manual(START);
