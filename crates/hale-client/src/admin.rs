@@ -102,6 +102,24 @@ impl Admin {
         self.get("/v1/status").await
     }
 
+    /// This node's view of its cluster (`hale cluster status`).
+    pub async fn cluster(&self) -> Result<hale_proto::ClusterInfo, ClientError> {
+        self.get("/v1/cluster").await
+    }
+
+    /// Makes this node a cluster of one, which others then join (`hale cluster init`).
+    pub async fn cluster_init(&self) -> Result<(), ClientError> {
+        let _: serde_json::Value = self.send(reqwest::Method::POST, "/v1/cluster/init").await?;
+        Ok(())
+    }
+
+    /// Has this node join the cluster a member of which listens at `address`.
+    pub async fn cluster_join(&self, address: &str) -> Result<(), ClientError> {
+        let body = serde_json::json!({ "address": address });
+        let _: serde_json::Value = self.send_json("/v1/cluster/join", &body).await?;
+        Ok(())
+    }
+
     /// Cancels a task wherever it is.
     pub async fn cancel(&self, task: u64) -> Result<(), ClientError> {
         let _: serde_json::Value = self.send(reqwest::Method::POST, &format!("/v1/tasks/{task}/cancel")).await?;

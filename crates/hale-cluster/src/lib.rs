@@ -7,12 +7,16 @@
 //! state machine).
 //!
 //! - [`types`]: openraft's type configuration for hale, and the entry payload.
+//! - [`control`]: joining, and the status `hale cluster status` shows.
 //! - [`durable`]: [`RaftLog`], the engine's `DurableLog` on the leader.
 //! - [`local`]: nodes in one process on loopback, for tests and benchmarks.
 //! - [`node`]: one node put together ([`node::open`]) and Raft's timing.
 //! - [`network`]: the RPCs between nodes, over HTTP on each node's listener, under the
 //!   cluster secret.
 
+pub use openraft;
+
+pub mod control;
 pub mod durable;
 pub mod local;
 pub mod network;

@@ -32,6 +32,8 @@ use std::sync::Arc;
 pub const APPEND_PATH: &str = "/v1/cluster/raft/append";
 pub const VOTE_PATH: &str = "/v1/cluster/raft/vote";
 pub const SNAPSHOT_PATH: &str = "/v1/cluster/raft/snapshot";
+/// A node asks to join (see [`crate::control`]).
+pub const JOIN_PATH: &str = "/v1/cluster/raft/join";
 
 /// The secret every node of a cluster shares (`[cluster] secret_file`): it authenticates
 /// node-to-node requests.
@@ -49,6 +51,11 @@ impl ClusterSecret {
             ));
         }
         Ok(ClusterSecret(Arc::from(secret)))
+    }
+
+    /// The secret, to present to a peer.
+    pub fn expose(&self) -> &str {
+        &self.0
     }
 
     /// Whether `presented` is the secret, in time independent of where they differ.
@@ -178,6 +185,7 @@ pub fn routes(raft: Raft<TypeConfig>, secret: ClusterSecret) -> Router {
         .route(APPEND_PATH, post(append))
         .route(VOTE_PATH, post(vote))
         .route(SNAPSHOT_PATH, post(snapshot))
+        .route(JOIN_PATH, post(join))
         .with_state(Served { raft, secret })
 }
 
@@ -227,6 +235,17 @@ async fn snapshot(
         return unauthenticated();
     }
     Json(served.raft.install_snapshot(rpc).await).into_response()
+}
+
+async fn join(
+    State(served): State<Served>,
+    headers: HeaderMap,
+    Json(request): Json<crate::control::JoinRequest>,
+) -> Response {
+    if !authorized(&served, &headers) {
+        return unauthenticated();
+    }
+    Json(crate::control::add_member(&served.raft, request).await).into_response()
 }
 
 #[cfg(test)]

@@ -137,3 +137,42 @@ pub struct BackupDone {
     pub last_seq: u64,
     pub elapsed_ms: u64,
 }
+
+/// `POST /v1/cluster/join`: ask the cluster a member of which listens at `address` to add
+/// this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ClusterJoin {
+    /// `host:port` of any member; the request follows it to the leader.
+    pub address: String,
+}
+
+/// `GET /v1/cluster`: this node's view of its cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ClusterInfo {
+    pub node_id: u64,
+    /// `leader`, `follower`, `candidate`, `learner` or `shut down`.
+    pub role: String,
+    pub term: u64,
+    pub leader: Option<u64>,
+    pub last_log_index: Option<u64>,
+    pub last_applied_index: Option<u64>,
+    pub members: Vec<ClusterMember>,
+}
+
+/// A member of the cluster, as a node sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ClusterMember {
+    pub node_id: u64,
+    pub address: String,
+    pub voter: bool,
+    /// On the leader: the last log index the member is known to hold, and how far behind
+    /// the leader's log that is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matched_index: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<u64>,
+}

@@ -50,6 +50,30 @@ pub struct ServerConfig {
     pub backup: Option<BackupSchedule>,
     /// Failure hooks (`[[hook]]`), for `hale serve` and `hale up` alike.
     pub hooks: Vec<crate::hooks::HookConfig>,
+    /// `[cluster]`: this hale is a node of a Raft cluster; `None`: a single node.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: who this node is and how it reaches its peers.
+#[derive(Clone)]
+pub struct ClusterConfig {
+    /// Unique in the cluster, at least 1.
+    pub node_id: u64,
+    /// The address its peers and clients reach it at (`host:port`).
+    pub advertise: String,
+    /// The secret every node shares (node-to-node requests carry it).
+    pub secret: hale_cluster::network::ClusterSecret,
+    pub timeouts: hale_cluster::node::Timeouts,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("node_id", &self.node_id)
+            .field("advertise", &self.advertise)
+            .field("timeouts", &self.timeouts)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Automatic backups: one every `every` into `dir`, the newest `keep` kept.
@@ -128,6 +152,7 @@ impl ServerConfig {
             metrics: crate::metrics::MetricsAccess::default(),
             backup: None,
             hooks: Vec::new(),
+            cluster: None,
         }
     }
 }

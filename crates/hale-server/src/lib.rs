@@ -24,11 +24,13 @@ pub mod supervisor;
 pub mod tls;
 
 pub use clock::Clock;
-pub use config::{BackupSchedule, DeclaredAgent, DeclaredRole, ServerConfig, Supervise};
+pub use config::{BackupSchedule, ClusterConfig, DeclaredAgent, DeclaredRole, ServerConfig, Supervise};
+/// The cluster secret, for `[cluster] secret_file`.
+pub use hale_cluster::network::ClusterSecret;
 pub use sessions::{Push, Sessions};
 
 use engine::{Engine, EngineOptions, SnapshotPolicy};
-use hale_core::{Effect, SupervisionCommand};
+use hale_core::{Core, Effect, SupervisionCommand};
 use hale_store::{DataDir, RecoveryOptions, RecoveryReport, StoreError, Writer, WriterOptions};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -76,24 +78,14 @@ pub struct RunningServer {
     hooks: Arc<hooks::Hooks>,
 }
 
-/// Recovers the data directory and starts serving.
-pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
-    let data_dir = DataDir::open(&config.data_dir)?;
-    let options = RecoveryOptions {
-        limits: config.limits.clone(),
-        repair: config.repair,
-        now: clock::now(),
-        keys: config.encryption.clone(),
-    };
-    let snapshot_dir = data_dir.snapshot_dir();
-    let (data_dir, recovered) = tokio::task::spawn_blocking(move || {
-        let recovered = hale_store::recover(&data_dir, &options);
-        (data_dir, recovered)
-    })
-    .await
-    .expect("recovery does not panic");
-    let mut recovered = recovered?;
-    let mut core = recovered.core;
+/// What the engine stands on: the single node's log, or a cluster node's Raft.
+enum Backing {
+    Single(hale_store::Log),
+    Cluster(hale_cluster::node::NodeParts, ClusterConfig),
+}
+
+/// The settings every core of this server gets, after recovery and after each rebuild.
+fn prepare_core(core: &mut Core, config: &ServerConfig) {
     core.set_seed(clock::seed());
     // Off until the supervisor has reconciled the log with the machine (`hale up`), and
     // for good with `hale serve`: nobody would start the processes.
@@ -101,34 +93,76 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     core.set_liveness_settings(config.liveness.clone());
     // Runs that were heartbeating before this start get a grace period to come back.
     core.begin_grace(clock::now());
-    recovered.core = core;
+}
+
+/// Recovers the data directory and starts serving.
+pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
+    let data_dir = DataDir::open(&config.data_dir)?;
+    let snapshot_dir = data_dir.snapshot_dir();
+    let (data_dir, mut core, last_seq, report, backing) = match config.cluster.clone() {
+        // A cluster node's state is its Raft state machine's: its snapshot, then the
+        // committed entries openraft applies again as it starts.
+        Some(cluster) => {
+            let raft_config = cluster
+                .timeouts
+                .config("hale")
+                .map_err(|error| ServerError::Supervise(format!("[cluster] {error}")))?;
+            let options = hale_cluster::StateMachineOptions {
+                limits: config.limits.clone(),
+                keys: config.encryption.clone(),
+                snapshots_kept: 0,
+            };
+            let parts =
+                hale_cluster::node::open(cluster.node_id, &data_dir, raft_config, cluster.secret.clone(), options)
+                    .await
+                    .map_err(|error| ServerError::Supervise(format!("cluster node {}: {error}", cluster.node_id)))?;
+            let (last_seq, state) = parts.committed.state();
+            let core = Core::from_state(state, config.limits.clone());
+            (data_dir, core, last_seq, hale_store::RecoveryReport::default(), Backing::Cluster(parts, cluster))
+        }
+        None => {
+            let options = RecoveryOptions {
+                limits: config.limits.clone(),
+                repair: config.repair,
+                now: clock::now(),
+                keys: config.encryption.clone(),
+            };
+            let (data_dir, recovered) = tokio::task::spawn_blocking(move || {
+                let recovered = hale_store::recover(&data_dir, &options);
+                (data_dir, recovered)
+            })
+            .await
+            .expect("recovery does not panic");
+            let recovered = recovered?;
+            (data_dir, recovered.core, recovered.last_seq, recovered.report, Backing::Single(recovered.log))
+        }
+    };
+    prepare_core(&mut core, &config);
     let auth = Arc::new(
         auth::Auth::open(data_dir.path(), config.auth.clone())
             .map_err(|error| ServerError::Secrets(error.to_string()))?,
     );
-    for (agent, credential) in recovered.core.state().credentials() {
+    for (agent, credential) in core.state().credentials() {
         auth.set_generation(agent, credential.generation);
     }
-    let report = &recovered.report;
     let metrics = Arc::new(metrics::Metrics::new(
         report.set_aside.len() as u64,
         report.previously_set_aside.len() as u64,
         snapshot_dir.clone(),
     ));
-    let writer_options = WriterOptions { on_commit: Some(metrics.commit_hook()), ..WriterOptions::default() };
-    let writer = Writer::start(recovered.log, recovered.last_seq, writer_options);
     let policy = SnapshotPolicy {
         dir: snapshot_dir,
         every_events: config.snapshot_every_events.max(1),
         every: config.snapshot_every,
-        kept: config.snapshots_kept,
+        // A cluster node's snapshots are its state machine's.
+        kept: if config.cluster.is_some() { 0 } else { config.snapshots_kept },
     };
     let (effects_tx, effects) = tokio::sync::mpsc::unbounded_channel();
     let key = config.encryption.as_ref().map(|keys| keys.current().clone());
     if let Some(key) = &key {
         tracing::info!(key_id = key.id(), "encryption at rest: new records and snapshots are sealed with this key");
     }
-    let hook_marks = config.hooks.iter().map(|hook| recovered.core.state().hook_mark(&hook.name)).collect();
+    let hook_marks = config.hooks.iter().map(|hook| core.state().hook_mark(&hook.name)).collect();
     let options = EngineOptions {
         snapshots: policy,
         effects: effects_tx,
@@ -136,9 +170,38 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         metrics: metrics.clone(),
         clock: clock::Clock::system(),
         tick: Some(engine::TICK),
-        unsnapshotted: recovered.report.replayed,
+        unsnapshotted: report.replayed,
     };
-    let engine = Engine::start(recovered.core, recovered.last_seq, writer, options);
+    let (engine, cluster) = match backing {
+        Backing::Single(log) => {
+            let writer_options = WriterOptions { on_commit: Some(metrics.commit_hook()), ..WriterOptions::default() };
+            let writer = Writer::start(log, last_seq, writer_options);
+            (Engine::start(core, last_seq, writer, options), None)
+        }
+        Backing::Cluster(parts, cluster) => {
+            let log = hale_cluster::RaftLog::new(parts.raft.clone(), &parts.committed);
+            let leadership = log.leadership();
+            let engine = Engine::start(core, last_seq, log, options);
+            let (rebuilt, settings) = (engine.clone(), config.clone());
+            tokio::spawn(hale_cluster::follow_leadership(
+                parts.raft.clone(),
+                parts.committed.clone(),
+                leadership,
+                move |seq, state| {
+                    let (engine, settings) = (rebuilt.clone(), settings.clone());
+                    async move {
+                        let mut core = Core::from_state(state, settings.limits.clone());
+                        prepare_core(&mut core, &settings);
+                        if let Err(error) = engine.rebuild(core, seq).await {
+                            tracing::error!(%error, "could not hand leadership to the engine");
+                        }
+                    }
+                },
+            ));
+            tracing::info!(node = cluster.node_id, advertise = %cluster.advertise, "a node of a hale cluster");
+            (engine, Some(api::cluster::ClusterControl::new(parts, cluster)))
+        }
+    };
 
     let tls = match &config.tls {
         Some(files) => Some(tls::acceptor(files).map_err(|error| ServerError::Tls(error.to_string()))?),
@@ -151,7 +214,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let backlog = hooks::Backlog {
         log: data_dir.log_path(),
         keys: config.encryption.clone(),
-        through: recovered.last_seq,
+        through: last_seq,
         marks: hook_marks,
     };
     let hooks = hooks::Hooks::start(&engine, config.hooks.clone(), backlog);
@@ -195,8 +258,15 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         log_path: data_dir.log_path(),
         keys: config.encryption.clone(),
         hooks: hooks.clone(),
+        cluster: cluster.clone(),
     };
-    let router = api::router(app);
+    let mut router = api::router(app);
+    if let Some(cluster) = &cluster {
+        // Node-to-node routes answer the cluster secret, not tokens; a request to them is
+        // in flight on its connection like any other (limits.rs).
+        let routes = cluster.routes().layer(axum::middleware::from_fn(limits::track_requests));
+        router = router.merge(routes);
+    }
     let stop_serving = stopping;
     let serving = match tls {
         Some(acceptor) => {
@@ -214,8 +284,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     };
     Ok(RunningServer {
         local_addr,
-        recovery: recovered.report,
-        recovered_seq: recovered.last_seq,
+        recovery: report,
+        recovered_seq: last_seq,
         shutdown,
         serving,
         engine,

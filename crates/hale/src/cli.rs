@@ -57,6 +57,11 @@ enum Commands {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// A cluster of hale nodes: form it, join it, see it.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Release an agent from quarantine (its violations are forgotten).
     Release {
         agent: String,
@@ -331,6 +336,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
             println!("{agent}: quarantined");
             Ok(0)
         }
+        Commands::Cluster { command } => cluster(command).await,
         Commands::Release { agent, server } => {
             server.admin()?.release(&agent).await?;
             println!("{agent}: released");
@@ -518,6 +524,25 @@ async fn serve(args: ServeArgs, supervise: bool) -> Result<i32> {
         _ => bail!("[server] needs both tls_cert_file and tls_key_file for TLS, or neither for plain TCP"),
     };
     config.encryption = load_keys(key_file(args.encryption_key_file, &manifest).as_deref())?;
+    if let Some(section) = &manifest.cluster {
+        let section = section.get_ref();
+        let base = match config_path.as_deref() {
+            Some(path) => std::path::absolute(path)?.parent().map(PathBuf::from).unwrap_or_default(),
+            None => std::env::current_dir()?,
+        };
+        let secret_file = base.join(section.secret_file.as_ref().expect("validated").get_ref());
+        let text = zeroize::Zeroizing::new(std::fs::read_to_string(&secret_file).with_context(|| {
+            format!("reading the cluster secret from {} ([cluster] secret_file)", secret_file.display())
+        })?);
+        let secret = hale_server::ClusterSecret::new(&text)
+            .map_err(|error| anyhow!("{} ([cluster] secret_file): {error}", secret_file.display()))?;
+        config.cluster = Some(hale_server::ClusterConfig {
+            node_id: *section.node_id.as_ref().expect("validated").get_ref(),
+            advertise: section.advertise.clone().unwrap_or_else(|| listen.to_string()),
+            secret,
+            timeouts: section.timeouts(),
+        });
+    }
     // Relative commands of agents and hooks resolve against the directory of hale.toml.
     let base = match config_path.as_deref() {
         Some(path) => std::path::absolute(path)?.parent().map(PathBuf::from).unwrap_or_default(),
@@ -939,4 +964,58 @@ fn verify(data: &std::path::Path, file: Option<&std::path::Path>, json: bool, ke
         println!("{}", if report.is_clean() { "verdict: clean" } else { "verdict: DAMAGED" });
     }
     Ok(if report.is_clean() { 0 } else { 1 })
+}
+
+/// `hale cluster …`.
+#[derive(Debug, clap::Subcommand)]
+pub enum ClusterCommand {
+    /// Make the node at --server a cluster of one; the others then join it.
+    Init {
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Have the node at --server join the cluster a member of which listens at ADDRESS.
+    Join {
+        /// `host:port` of any member (the request follows it to the leader).
+        address: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// The leader, the term, and each member with how far it lags behind the leader.
+    Status {
+        /// Print the JSON answer.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+}
+
+async fn cluster(command: ClusterCommand) -> Result<i32> {
+    match command {
+        ClusterCommand::Init { server } => {
+            server.admin()?.cluster_init().await?;
+            println!("a cluster of one: other nodes join it with `hale cluster join ADDRESS`");
+        }
+        ClusterCommand::Join { address, server } => {
+            server.admin()?.cluster_join(&address).await?;
+            println!("joined the cluster of {address}");
+        }
+        ClusterCommand::Status { json, server } => {
+            let status = server.admin()?.cluster().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+                return Ok(0);
+            }
+            let leader = status.leader.map_or("none known".to_string(), |leader| format!("node {leader}"));
+            println!("node {} is {} in term {}; leader: {leader}", status.node_id, status.role, status.term);
+            println!("{:<6} {:<24} {:<8} {:>10} {:>8}", "NODE", "ADDRESS", "VOTER", "MATCHED", "LAG");
+            for member in &status.members {
+                let matched = member.matched_index.map_or("-".to_string(), |index| index.to_string());
+                let lag = member.lag.map_or("-".to_string(), |lag| lag.to_string());
+                println!("{:<6} {:<24} {:<8} {:>10} {:>8}", member.node_id, member.address, member.voter, matched, lag);
+            }
+        }
+    }
+    Ok(0)
 }

@@ -64,6 +64,10 @@ pub enum ServerCode {
     LogUnavailable,
     /// This node of a cluster does not lead: the request must go to the leader.
     NotLeader,
+    /// A cluster operation on a single node.
+    NotClustered,
+    /// A cluster operation the cluster refused (an init on a member, a join refused).
+    ClusterRefused,
     ShuttingDown,
     /// Something failed inside hale.
     Internal,
@@ -95,6 +99,8 @@ impl ServerCode {
             ServerCode::BackupFailed => "backup_failed",
             ServerCode::LogUnavailable => "log_unavailable",
             ServerCode::NotLeader => "not_leader",
+            ServerCode::NotClustered => "not_clustered",
+            ServerCode::ClusterRefused => "cluster_refused",
             ServerCode::ShuttingDown => "shutting_down",
             ServerCode::Internal => "internal",
         }

@@ -1,6 +1,7 @@
 //! The network face of hale: the HTTP API and the WebSocket session endpoint.
 
 mod backups;
+pub mod cluster;
 mod dashboard;
 mod error;
 pub mod events;
@@ -55,6 +56,8 @@ pub struct AppState {
     pub keys: Option<Arc<hale_store::Keyring>>,
     /// The failure hooks of hale.toml, for `GET /v1/hooks`.
     pub hooks: Arc<crate::hooks::Hooks>,
+    /// This node's Raft, when it is a node of a cluster.
+    pub cluster: Option<cluster::ClusterControl>,
 }
 
 /// One route: a method, a path and its handler. The router is built from [`routes`] and
@@ -97,6 +100,7 @@ pub fn routes() -> Vec<Route> {
     routes.extend(tokens::routes());
     routes.push(Route::get("/metrics", metrics::scrape));
     routes.extend(backups::routes());
+    routes.extend(cluster::routes());
     routes.extend(events::routes());
     routes.push(Route::get("/v1/hooks", hooks::list));
     routes.extend(dashboard::routes());

@@ -30,6 +30,9 @@ const BEARER: &str = "bearer";
     ),
     paths(
         http::healthz,
+        super::cluster::status,
+        super::cluster::init,
+        super::cluster::join,
         http::readyz,
         http::list_agents,
         http::agent_state,

@@ -657,7 +657,8 @@ impl<L: DurableLog> EngineTask<L> {
 
     /// Starts a snapshot if the policy says so (or `force`) and none is being written.
     fn maybe_snapshot(&mut self, force: bool) {
-        if self.events_since_snapshot == 0 || self.log.is_none() {
+        // `kept == 0`: the engine takes none (a cluster node's state machine does).
+        if self.events_since_snapshot == 0 || self.log.is_none() || self.policy.kept == 0 {
             return;
         }
         let now = self.clock.now();

@@ -32,6 +32,8 @@ pub struct Manifest {
     pub tasks: TasksSection,
     /// `[backup]`: automatic backups; absent, none are taken.
     pub backup: Option<Spanned<BackupSection>>,
+    /// `[cluster]`: this hale is a node of a Raft cluster; absent, a single node.
+    pub cluster: Option<Spanned<ClusterSection>>,
     #[serde(rename = "agent")]
     pub agents: Vec<AgentSpec>,
     #[serde(rename = "group")]
@@ -83,6 +85,38 @@ pub struct ServerSection {
     pub access_token_ttl_s: Option<u64>,
     /// How long an agent's refresh token lasts, in seconds (default 2592000, 30 days).
     pub refresh_token_ttl_s: Option<u64>,
+}
+
+/// `[cluster]`: who this node is and how its peers reach it.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Required: unique in the cluster, at least 1.
+    pub node_id: Option<Spanned<u64>>,
+    /// The `host:port` peers and clients reach this node at (default: the listen address).
+    pub advertise: Option<String>,
+    /// Required: a file holding the secret every node shares (at least 16 bytes; `hale
+    /// keygen` makes one). Node-to-node requests carry it. Relative to hale.toml.
+    pub secret_file: Option<Spanned<PathBuf>>,
+    /// The leader's heartbeat interval (default 100).
+    pub heartbeat_ms: Option<u64>,
+    /// A follower that hears no leader for a random time in this range stands for
+    /// election (defaults 500 and 1000).
+    pub election_min_ms: Option<u64>,
+    pub election_max_ms: Option<u64>,
+}
+
+impl ClusterSection {
+    /// Raft's timing from this section.
+    pub fn timeouts(&self) -> hale_cluster::node::Timeouts {
+        let defaults = hale_cluster::node::Timeouts::default();
+        let millis = std::time::Duration::from_millis;
+        hale_cluster::node::Timeouts {
+            heartbeat: self.heartbeat_ms.map_or(defaults.heartbeat, millis),
+            election_min: self.election_min_ms.map_or(defaults.election_min, millis),
+            election_max: self.election_max_ms.map_or(defaults.election_max, millis),
+        }
+    }
 }
 
 /// `[snapshots]`.
@@ -713,6 +747,33 @@ impl Manifest {
         for name in &self.supervision.pass_env {
             if let Some(why) = crate::process::environment::refused(name, "pass_env") {
                 return Err((1, format!("[supervision] {why}")));
+            }
+        }
+        if let Some(section) = &self.cluster {
+            let line = line_of(section.span());
+            let cluster = section.get_ref();
+            match &cluster.node_id {
+                None => return Err((line, "[cluster] needs node_id, unique in the cluster and at least 1".into())),
+                Some(id) if *id.get_ref() == 0 => {
+                    return Err((line_of(id.span()), "[cluster] node_id must be at least 1".into()));
+                }
+                Some(_) => {}
+            }
+            if cluster.secret_file.is_none() {
+                return Err((
+                    line,
+                    "[cluster] needs secret_file: a file with the secret every node shares (`hale keygen > FILE`)"
+                        .into(),
+                ));
+            }
+            cluster.timeouts().config("hale").map_err(|error| (line, format!("[cluster] {error}")))?;
+            if !self.agents.is_empty() || !self.roles.is_empty() {
+                return Err((
+                    line,
+                    "[cluster] with [[agent]] or [[role]]: agents across the nodes of a cluster are not built yet; \
+                     run the agents under a single-node hale for now"
+                        .into(),
+                ));
             }
         }
         if self.limits.history_len == 0 {

@@ -6,6 +6,7 @@ mod auth;
 mod backup;
 mod bad_input;
 mod cgroups;
+mod cluster;
 mod containment;
 mod corruption;
 mod crash;

@@ -1,0 +1,173 @@
+//! Membership and status: how a node joins, and what `hale cluster status` shows.
+//!
+//! Joining is node to node, under the cluster secret: the new node asks a member to add
+//! it (`POST /v1/cluster/raft/join`); the leader adds it as a learner, waits until it has
+//! caught up, then makes it a voter: one node at a time, as Raft's single-step changes
+//! want. A member that is not the leader answers with the leader's address, and the new
+//! node asks there.
+
+use crate::network::{ClusterSecret, JOIN_PATH};
+use crate::types::{NodeId, TypeConfig};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, Raft, ServerState};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// `POST /v1/cluster/raft/join`: add this node.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub node_id: NodeId,
+    /// The address its peers reach it at.
+    pub address: String,
+}
+
+/// The answer to a join.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JoinAnswer {
+    /// The node is a voter now.
+    Joined { members: BTreeSet<NodeId> },
+    /// Ask the leader instead (its address, if known).
+    NotLeader { leader: Option<String> },
+    /// Refused, with why.
+    Refused { reason: String },
+}
+
+/// Adds `request`'s node: as a learner (waiting until it has caught up), then as a voter.
+pub async fn add_member(raft: &Raft<TypeConfig>, request: JoinRequest) -> JoinAnswer {
+    let metrics = raft.metrics().borrow().clone();
+    if let Some(existing) = metrics.membership_config.membership().get_node(&request.node_id)
+        && existing.addr != request.address
+    {
+        return JoinAnswer::Refused {
+            reason: format!(
+                "node id {} is already a member at {}; give the new node an id of its own ([cluster] node_id)",
+                request.node_id, existing.addr
+            ),
+        };
+    }
+    let node = BasicNode::new(request.address.clone());
+    if let Err(error) = raft.add_learner(request.node_id, node, true).await {
+        return refusal(error);
+    }
+    let voters = BTreeSet::from([request.node_id]);
+    match raft.change_membership(ChangeMembers::AddVoterIds(voters), false).await {
+        Ok(written) => {
+            let members = written.membership.map(|membership| membership.voter_ids().collect()).unwrap_or_default();
+            JoinAnswer::Joined { members }
+        }
+        Err(error) => refusal(error),
+    }
+}
+
+fn refusal(error: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> JoinAnswer {
+    match error {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
+            JoinAnswer::NotLeader { leader: forward.leader_node.map(|node| node.addr) }
+        }
+        other => JoinAnswer::Refused { reason: other.to_string() },
+    }
+}
+
+/// Asks the member at `address` (and then the leader it names) to add this node. Tries
+/// the leader at most a few hops away; `Err` says why it did not join.
+pub async fn join(address: &str, secret: &ClusterSecret, request: &JoinRequest) -> Result<BTreeSet<NodeId>, String> {
+    let client = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .timeout(std::time::Duration::from_secs(60))
+        .build()
+        .map_err(|error| error.to_string())?;
+    let mut target = address.to_string();
+    for _ in 0..5 {
+        let base = if target.contains("://") { target.clone() } else { format!("http://{target}") };
+        let answer =
+            client.post(format!("{base}{JOIN_PATH}")).bearer_auth(secret.expose()).json(request).send().await.map_err(
+                |error| format!("cannot reach {target}: {error}; is a node of the cluster listening there?"),
+            )?;
+        if !answer.status().is_success() {
+            let status = answer.status();
+            let body = answer.text().await.unwrap_or_default();
+            return Err(format!("{target} refused the join ({status}): {body}"));
+        }
+        match answer.json::<JoinAnswer>().await.map_err(|error| error.to_string())? {
+            JoinAnswer::Joined { members } => return Ok(members),
+            JoinAnswer::NotLeader { leader: Some(leader) } => target = leader,
+            JoinAnswer::NotLeader { leader: None } => {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            JoinAnswer::Refused { reason } => return Err(format!("{target} refused the join: {reason}")),
+        }
+    }
+    Err(format!("no leader accepted the join after asking {address} and the leaders it named"))
+}
+
+/// What `hale cluster status` shows.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub node_id: NodeId,
+    /// `leader`, `follower`, `candidate` or `learner`.
+    pub role: String,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    /// The last log index this node has, and the last it applied.
+    pub last_log_index: Option<u64>,
+    pub last_applied_index: Option<u64>,
+    /// Every member, voter or learner, with its address; on the leader, each node's
+    /// matched index and how far it lags behind the leader's log.
+    pub members: Vec<MemberStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub node_id: NodeId,
+    pub address: String,
+    pub voter: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matched_index: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<u64>,
+}
+
+/// This node's view of the cluster.
+pub fn status(raft: &Raft<TypeConfig>) -> ClusterStatus {
+    let metrics = raft.metrics().borrow().clone();
+    let membership = metrics.membership_config.membership();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let matched: BTreeMap<NodeId, Option<u64>> = metrics
+        .replication
+        .as_ref()
+        .map(|replication| {
+            replication.iter().map(|(id, log_id)| (*id, log_id.as_ref().map(|log_id| log_id.index))).collect()
+        })
+        .unwrap_or_default();
+    let last = metrics.last_log_index;
+    let members = membership
+        .nodes()
+        .map(|(id, node)| {
+            let matched_index = matched.get(id).copied().flatten();
+            MemberStatus {
+                node_id: *id,
+                address: node.addr.clone(),
+                voter: voters.contains(id),
+                matched_index,
+                lag: matched.contains_key(id).then(|| last.unwrap_or(0).saturating_sub(matched_index.unwrap_or(0))),
+            }
+        })
+        .collect();
+    let role = match metrics.state {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shut down",
+    };
+    ClusterStatus {
+        node_id: metrics.id,
+        role: role.to_string(),
+        term: metrics.current_term,
+        leader: metrics.current_leader,
+        last_log_index: metrics.last_log_index,
+        last_applied_index: metrics.last_applied.map(|log_id| log_id.index),
+        members,
+    }
+}

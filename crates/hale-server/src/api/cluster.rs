@@ -1,0 +1,139 @@
+//! `GET /v1/cluster`, `POST /v1/cluster/init`, `POST /v1/cluster/join`: the operator's
+//! view of the cluster and how it is formed (`hale cluster status | init | join`). The
+//! node-to-node routes (Raft's RPCs, a node asking to join) are hale-cluster's, under the
+//! cluster secret; these take the admin token.
+
+use super::http::JsonBody;
+use super::openapi::Answer;
+use super::{ApiError, AppState, Route, ServerCode};
+use crate::ClusterConfig;
+use crate::auth::Principal;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use hale_cluster::TypeConfig;
+use hale_cluster::control::{self, JoinRequest};
+use hale_cluster::node::NodeParts;
+use hale_cluster::openraft::{BasicNode, Raft};
+use hale_proto::{ClusterInfo, ClusterJoin, ClusterMember};
+use std::collections::BTreeMap;
+
+pub(super) fn routes() -> Vec<Route> {
+    vec![
+        Route::get("/v1/cluster", status),
+        Route::post("/v1/cluster/init", init),
+        Route::post("/v1/cluster/join", join),
+    ]
+}
+
+/// This node's Raft, as the server holds it.
+#[derive(Clone)]
+pub struct ClusterControl {
+    raft: Raft<TypeConfig>,
+    routes: axum::Router,
+    config: ClusterConfig,
+}
+
+impl ClusterControl {
+    pub fn new(parts: NodeParts, config: ClusterConfig) -> ClusterControl {
+        ClusterControl { raft: parts.raft, routes: parts.routes, config }
+    }
+
+    /// The node-to-node routes, for the server's router.
+    pub fn routes(&self) -> axum::Router {
+        self.routes.clone()
+    }
+
+    /// Stops Raft (at shutdown).
+    pub async fn shutdown(&self) {
+        let _ = self.raft.shutdown().await;
+    }
+}
+
+fn not_clustered() -> ApiError {
+    ApiError::coded(
+        StatusCode::CONFLICT,
+        ServerCode::NotClustered,
+        "this hale is a single node; give it a [cluster] section in hale.toml to make it a node of a cluster",
+        false,
+    )
+}
+
+fn refused(message: String) -> ApiError {
+    ApiError::coded(StatusCode::CONFLICT, ServerCode::ClusterRefused, message, false)
+}
+
+fn cluster(app: &AppState) -> Result<&ClusterControl, ApiError> {
+    app.cluster.as_ref().ok_or_else(not_clustered)
+}
+
+/// `hale cluster status`.
+#[utoipa::path(get, path = "/v1/cluster", tag = "operator",
+    responses((status = 200, description = "this node's view of the cluster (admin)", body = ClusterInfo)))]
+pub(super) async fn status(
+    State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<ClusterInfo>, ApiError> {
+    principal.require_admin("the cluster's status")?;
+    let status = control::status(&cluster(&app)?.raft);
+    Ok(Json(ClusterInfo {
+        node_id: status.node_id,
+        role: status.role,
+        term: status.term,
+        leader: status.leader,
+        last_log_index: status.last_log_index,
+        last_applied_index: status.last_applied_index,
+        members: status
+            .members
+            .into_iter()
+            .map(|member| ClusterMember {
+                node_id: member.node_id,
+                address: member.address,
+                voter: member.voter,
+                matched_index: member.matched_index,
+                lag: member.lag,
+            })
+            .collect(),
+    }))
+}
+
+/// `hale cluster init`: this node becomes a cluster of one, which others then join.
+#[utoipa::path(post, path = "/v1/cluster/init", tag = "operator",
+    responses((status = 200, description = "a cluster of this node (admin)", body = Answer)))]
+pub(super) async fn init(
+    State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Response, ApiError> {
+    principal.require_admin("forming a cluster")?;
+    let cluster = cluster(&app)?;
+    let members = BTreeMap::from([(cluster.config.node_id, BasicNode::new(cluster.config.advertise.clone()))]);
+    match cluster.raft.initialize(members).await {
+        Ok(()) => Ok(Json(serde_json::json!({ "initialized": true })).into_response()),
+        Err(error) => Err(refused(format!(
+            "this node cannot start a cluster ({error}); it has a log or is a member already: \
+             `hale cluster status` shows which"
+        ))),
+    }
+}
+
+/// `hale cluster join ADDRESS`: this node asks the cluster a member of which listens at
+/// `address` to add it.
+#[utoipa::path(post, path = "/v1/cluster/join", tag = "operator", request_body = ClusterJoin,
+    responses((status = 200, description = "a voter of the cluster now (admin)", body = Answer)))]
+pub(super) async fn join(
+    State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    JsonBody(body): JsonBody<ClusterJoin>,
+) -> Result<Response, ApiError> {
+    principal.require_admin("joining a cluster")?;
+    let cluster = cluster(&app)?;
+    if body.address.trim().is_empty() || body.address.len() > 256 {
+        return Err(ApiError::bad_request("address must be the host:port of a member of the cluster"));
+    }
+    let request = JoinRequest { node_id: cluster.config.node_id, address: cluster.config.advertise.clone() };
+    match control::join(&body.address, &cluster.config.secret, &request).await {
+        Ok(members) => Ok(Json(serde_json::json!({ "joined": true, "members": members })).into_response()),
+        Err(reason) => Err(refused(reason)),
+    }
+}

@@ -1,0 +1,116 @@
+//! A cluster of three real `hale serve` processes on loopback: formed with `hale cluster
+//! init` and `join`, writes through the leader, a follower that refuses them naming the
+//! leader, the leader SIGKILLed and another elected that continues from the committed
+//! version, and the killed node back from its directory, caught up.
+
+use crate::support::{self, HALE};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const SECRET: &str = "cluster-test-secret-5f0c2a9e71";
+
+fn node(dir: &Path, id: u64, listen: &str) -> support::Hale {
+    let config = dir.join(format!("node{id}.toml"));
+    let secret = dir.join("cluster.secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[cluster]\nnode_id = {id}\nsecret_file = {:?}\nheartbeat_ms = 100\nelection_min_ms = 400\nelection_max_ms = 800\n",
+            secret.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new(HALE);
+    command.args(["serve", "-c"]).arg(&config).arg("--data").arg(data(dir, id)).args(["--listen", listen]);
+    support::serve_with_command(command).unwrap_or_else(|stderr| panic!("node {id} did not start:\n{stderr}"))
+}
+
+fn data(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("node{id}"))
+}
+
+fn cli(args: &[&str]) -> (i32, String, String) {
+    support::hale(args)
+}
+
+fn status(addr: &str) -> Option<Value> {
+    let (code, out, _) = cli(&["cluster", "status", "--json", "--server", &format!("http://{addr}")]);
+    (code == 0).then(|| serde_json::from_str(&out).unwrap())
+}
+
+/// The node that `addrs` agree leads, once they do and it is one of them.
+async fn leader(addrs: &[&str]) -> u64 {
+    support::eventually("an agreed leader among these nodes", 30, || async {
+        let seen: Vec<Value> = addrs.iter().map(|addr| status(addr)).collect::<Option<_>>()?;
+        let first = seen[0]["leader"].as_u64()?;
+        let agreed = seen.iter().all(|status| status["leader"].as_u64() == Some(first));
+        let among = seen.iter().any(|status| status["node_id"].as_u64() == Some(first) && status["role"] == "leader");
+        (agreed && among).then_some(first)
+    })
+    .await
+}
+
+fn checkpoint(hale: &support::Hale, n: u64) -> (u16, String) {
+    hale.post("/v1/agents/writer/checkpoint", &json!({"incarnation": 1, "patch": {"n": n}}))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_form_a_cluster_survive_the_leaders_sigkill_and_catch_a_returning_node_up() {
+    let temp = tempfile::tempdir().unwrap();
+    let addrs: Vec<String> = (0..3).map(|_| support::free_address()).collect();
+    let mut nodes: Vec<Option<support::Hale>> =
+        (1..=3u64).map(|id| Some(node(temp.path(), id, &addrs[id as usize - 1]))).collect();
+    let (code, out, err) = cli(&["cluster", "init", "--server", &format!("http://{}", addrs[0])]);
+    assert_eq!(code, 0, "{out}{err}");
+    for id in [2usize, 3] {
+        let (code, out, err) = cli(&["cluster", "join", &addrs[0], "--server", &format!("http://{}", addrs[id - 1])]);
+        assert_eq!(code, 0, "node {id}: {out}{err}");
+    }
+    let all: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let first = leader(&all).await;
+    let members = status(&addrs[0]).unwrap()["members"].as_array().unwrap().clone();
+    assert_eq!(members.iter().filter(|member| member["voter"] == true).count(), 3, "{members:?}");
+
+    // Writes through the leader.
+    let leading = nodes[first as usize - 1].as_ref().unwrap();
+    let (code, body) = leading.post("/v1/agents/writer/hello", &json!({"role": "writer"}));
+    assert_eq!(code, 200, "{body}");
+    for n in 1..=10 {
+        let (code, body) = checkpoint(leading, n);
+        assert_eq!(code, 200, "{body}");
+    }
+    // A follower refuses them, naming the leader.
+    let follower = (1..=3u64).find(|id| *id != first).unwrap();
+    let (code, body) = checkpoint(nodes[follower as usize - 1].as_ref().unwrap(), 99);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("not_leader") && body.contains(&addrs[first as usize - 1]), "{body}");
+
+    // The leader is SIGKILLed; the other two elect one of themselves.
+    nodes[first as usize - 1].take().unwrap().kill();
+    let rest: Vec<&str> = (1..=3u64).filter(|id| *id != first).map(|id| addrs[id as usize - 1].as_str()).collect();
+    let second = leader(&rest).await;
+    assert_ne!(second, first);
+    let leading = nodes[second as usize - 1].as_ref().unwrap();
+    // Its engine continues from the committed version: the next checkpoint is version 11.
+    let answer = support::eventually("the new leader to take writes", 30, || async {
+        let (code, body) = checkpoint(leading, 11);
+        (code == 200).then_some(body)
+    })
+    .await;
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["version"], 11, "{answer}");
+
+    // The killed node comes back from its directory and catches up.
+    nodes[first as usize - 1] = Some(node(temp.path(), first, &addrs[first as usize - 1]));
+    let target = status(&addrs[second as usize - 1]).unwrap()["last_applied_index"].as_u64().unwrap();
+    support::eventually("the returning node to catch up", 30, || async {
+        let applied = status(&addrs[first as usize - 1])?["last_applied_index"].as_u64()?;
+        (applied >= target).then_some(())
+    })
+    .await;
+    for node in nodes.into_iter().flatten() {
+        assert!(node.terminate().success());
+    }
+}
