@@ -10,7 +10,26 @@ use std::process::Command;
 
 const SECRET: &str = "cluster-test-secret-5f0c2a9e71";
 
+/// Starts node `id` on a loopback port that is free, trying another if one is taken
+/// between finding it free and binding it (tests run in parallel); returns it and its
+/// address.
+fn fresh_node(dir: &Path, id: u64) -> (support::Hale, String) {
+    for _ in 0..20 {
+        let addr = support::free_address();
+        match try_node(dir, id, &addr) {
+            Ok(hale) => return (hale, addr),
+            Err(stderr) if stderr.contains("Address already in use") => continue,
+            Err(stderr) => panic!("node {id} did not start:\n{stderr}"),
+        }
+    }
+    panic!("no free loopback port for node {id} in 20 tries");
+}
+
 fn node(dir: &Path, id: u64, listen: &str) -> support::Hale {
+    try_node(dir, id, listen).unwrap_or_else(|stderr| panic!("node {id} did not start:\n{stderr}"))
+}
+
+fn try_node(dir: &Path, id: u64, listen: &str) -> Result<support::Hale, String> {
     let config = dir.join(format!("node{id}.toml"));
     let secret = dir.join("cluster.secret");
     std::fs::write(&secret, SECRET).unwrap();
@@ -24,7 +43,7 @@ fn node(dir: &Path, id: u64, listen: &str) -> support::Hale {
     .unwrap();
     let mut command = Command::new(HALE);
     command.args(["serve", "-c"]).arg(&config).arg("--data").arg(data(dir, id)).args(["--listen", listen]);
-    support::serve_with_command(command).unwrap_or_else(|stderr| panic!("node {id} did not start:\n{stderr}"))
+    support::serve_with_command(command)
 }
 
 fn data(dir: &Path, id: u64) -> PathBuf {
@@ -59,9 +78,12 @@ fn checkpoint(hale: &support::Hale, n: u64) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_form_a_cluster_survive_the_leaders_sigkill_and_catch_a_returning_node_up() {
     let temp = tempfile::tempdir().unwrap();
-    let addrs: Vec<String> = (0..3).map(|_| support::free_address()).collect();
-    let mut nodes: Vec<Option<support::Hale>> =
-        (1..=3u64).map(|id| Some(node(temp.path(), id, &addrs[id as usize - 1]))).collect();
+    let (mut nodes, mut addrs) = (Vec::new(), Vec::new());
+    for id in 1..=3u64 {
+        let (hale, addr) = fresh_node(temp.path(), id);
+        nodes.push(Some(hale));
+        addrs.push(addr);
+    }
     let (code, out, err) = cli(&["cluster", "init", "--server", &format!("http://{}", addrs[0])]);
     assert_eq!(code, 0, "{out}{err}");
     for id in [2usize, 3] {
