@@ -200,3 +200,31 @@ fn a_webhooks_secret_comes_from_a_file_or_a_variable_and_its_absence_is_a_clear_
     let message = error("[[hook]]\nname = \"p\"\non = [\"agent.down\"]\ncommand = [\"x\"]\nsecret_file = \"b\"\n");
     assert!(message.contains("line 5") && message.contains("command hook"), "{message}");
 }
+
+#[test]
+fn a_cluster_section_says_what_it_lacks() {
+    let cases = [
+        ("[cluster]\nsecret_file = \"s\"\n", "line 1", "needs node_id"),
+        ("[cluster]\nnode_id = 0\nsecret_file = \"s\"\n", "line 2", "at least 1"),
+        ("[cluster]\nnode_id = 1\n", "line 1", "needs secret_file"),
+        (
+            "[cluster]\nnode_id = 1\nsecret_file = \"s\"\nheartbeat_ms = 300\n",
+            "line 1",
+            "more than twice the heartbeat",
+        ),
+        (
+            "[cluster]\nnode_id = 1\nsecret_file = \"s\"\n[[agent]]\nname = \"a\"\ncommand = \"sleep\"\n",
+            "line 1",
+            "agents across the nodes of a cluster are not built yet",
+        ),
+        ("[cluster]\nnode_id = 1\nsecret_file = \"s\"\npeers = []\n", "", "unknown field `peers`"),
+    ];
+    for (text, line, words) in cases {
+        let message = error(text);
+        assert!(message.contains(line) && message.contains(words), "{text:?} gave: {message}");
+    }
+    let manifest = parse("[cluster]\nnode_id = 3\nsecret_file = \"s\"\nelection_min_ms = 900\n").unwrap();
+    let timeouts = manifest.cluster.unwrap().get_ref().timeouts();
+    assert_eq!(timeouts.election_min, std::time::Duration::from_millis(900));
+    assert_eq!(timeouts.heartbeat, std::time::Duration::from_millis(100));
+}
