@@ -8,6 +8,7 @@
 
 use crate::network::{ClusterSecret, JOIN_PATH};
 use crate::types::{NodeId, TypeConfig};
+use hale_proto::{ClusterInfo, ClusterMember};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, Raft, ServerState};
 use serde::{Deserialize, Serialize};
@@ -101,35 +102,9 @@ pub async fn join(address: &str, secret: &ClusterSecret, request: &JoinRequest) 
     Err(format!("no leader accepted the join after asking {address} and the leaders it named"))
 }
 
-/// What `hale cluster status` shows.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ClusterStatus {
-    pub node_id: NodeId,
-    /// `leader`, `follower`, `candidate` or `learner`.
-    pub role: String,
-    pub term: u64,
-    pub leader: Option<NodeId>,
-    /// The last log index this node has, and the last it applied.
-    pub last_log_index: Option<u64>,
-    pub last_applied_index: Option<u64>,
-    /// Every member, voter or learner, with its address; on the leader, each node's
-    /// matched index and how far it lags behind the leader's log.
-    pub members: Vec<MemberStatus>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct MemberStatus {
-    pub node_id: NodeId,
-    pub address: String,
-    pub voter: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub matched_index: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lag: Option<u64>,
-}
-
-/// This node's view of the cluster.
-pub fn status(raft: &Raft<TypeConfig>) -> ClusterStatus {
+/// This node's view of the cluster, as `GET /v1/cluster` answers it: on the leader,
+/// each member's matched index and how far it lags behind the leader's log.
+pub fn status(raft: &Raft<TypeConfig>) -> ClusterInfo {
     let metrics = raft.metrics().borrow().clone();
     let membership = metrics.membership_config.membership();
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
@@ -145,7 +120,7 @@ pub fn status(raft: &Raft<TypeConfig>) -> ClusterStatus {
         .nodes()
         .map(|(id, node)| {
             let matched_index = matched.get(id).copied().flatten();
-            MemberStatus {
+            ClusterMember {
                 node_id: *id,
                 address: node.addr.clone(),
                 voter: voters.contains(id),
@@ -161,7 +136,7 @@ pub fn status(raft: &Raft<TypeConfig>) -> ClusterStatus {
         ServerState::Learner => "learner",
         ServerState::Shutdown => "shut down",
     };
-    ClusterStatus {
+    ClusterInfo {
         node_id: metrics.id,
         role: role.to_string(),
         term: metrics.current_term,

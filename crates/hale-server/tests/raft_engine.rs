@@ -5,6 +5,7 @@
 
 use hale_cluster::local::{LocalNode, agreed_leader, listeners, quick_timeouts};
 use hale_cluster::network::ClusterSecret;
+use hale_cluster::openraft;
 use hale_cluster::{Leadership, RaftLog, follow_leadership};
 use hale_core::{AgentCommand, AgentName, Answer, Core, Hello, Limits, RoleName};
 use hale_server::Clock;
@@ -51,12 +52,9 @@ fn engine_on(node: &LocalNode, snapshots: &std::path::Path) -> (Engine, Leadersh
     (Engine::start(Core::from_state(state, Limits::default()), last_seq, log, options), leadership)
 }
 
-fn version_on(node: &LocalNode) -> u64 {
-    node.committed.with_state(|_, state| state.agent("writer").map_or(0, |record| record.version()))
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn answers_wait_for_a_quorum_and_every_node_folds_the_same_state() {
+/// Three nodes on loopback (not yet a cluster), their directories (the first is the
+/// engine's snapshots') and the membership they would form.
+async fn three_nodes() -> (Vec<tempfile::TempDir>, Vec<Option<LocalNode>>, BTreeMap<u64, openraft::BasicNode>) {
     let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let (bound, members) = listeners(3).await.unwrap();
     let mut nodes = Vec::new();
@@ -65,6 +63,16 @@ async fn answers_wait_for_a_quorum_and_every_node_folds_the_same_state() {
         let node = LocalNode::start(id, dirs[id as usize].path(), listener, &secret, quick_timeouts()).await;
         nodes.push(Some(node.unwrap()));
     }
+    (dirs, nodes, members)
+}
+
+fn version_on(node: &LocalNode) -> u64 {
+    node.committed.with_state(|_, state| state.agent("writer").map_or(0, |record| record.version()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_wait_for_a_quorum_and_every_node_folds_the_same_state() {
+    let (dirs, mut nodes, members) = three_nodes().await;
     nodes[0].as_ref().unwrap().raft.initialize(members).await.unwrap();
     let live: Vec<&LocalNode> = nodes.iter().flatten().collect();
     let leader = agreed_leader(&live, Duration::from_secs(20)).await.expect("a leader");
@@ -177,14 +185,7 @@ async fn leading_engine(engines: &[Engine], ids: &[u64]) -> (u64, Engine) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_leader_continues_from_the_committed_state_and_a_deposed_one_says_not_leader() {
-    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
-    let (bound, members) = listeners(3).await.unwrap();
-    let mut nodes = Vec::new();
-    for (id, listener) in (1..=3u64).zip(bound) {
-        let secret = secret();
-        let node = LocalNode::start(id, dirs[id as usize].path(), listener, &secret, quick_timeouts()).await;
-        nodes.push(Some(node.unwrap()));
-    }
+    let (dirs, nodes, members) = three_nodes().await;
     let engines = engines_following(&nodes, &dirs);
     nodes[0].as_ref().unwrap().raft.initialize(members.clone()).await.unwrap();
     let (first, engine) = leading_engine(&engines, &[1, 2, 3]).await;

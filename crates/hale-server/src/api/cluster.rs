@@ -16,7 +16,7 @@ use hale_cluster::TypeConfig;
 use hale_cluster::control::{self, JoinRequest};
 use hale_cluster::node::NodeParts;
 use hale_cluster::openraft::{BasicNode, Raft};
-use hale_proto::{ClusterInfo, ClusterJoin, ClusterMember};
+use hale_proto::{ClusterInfo, ClusterJoin};
 use std::collections::BTreeMap;
 
 pub(super) fn routes() -> Vec<Route> {
@@ -76,26 +76,7 @@ pub(super) async fn status(
     Extension(principal): Extension<Principal>,
 ) -> Result<Json<ClusterInfo>, ApiError> {
     principal.require_admin("the cluster's status")?;
-    let status = control::status(&cluster(&app)?.raft);
-    Ok(Json(ClusterInfo {
-        node_id: status.node_id,
-        role: status.role,
-        term: status.term,
-        leader: status.leader,
-        last_log_index: status.last_log_index,
-        last_applied_index: status.last_applied_index,
-        members: status
-            .members
-            .into_iter()
-            .map(|member| ClusterMember {
-                node_id: member.node_id,
-                address: member.address,
-                voter: member.voter,
-                matched_index: member.matched_index,
-                lag: member.lag,
-            })
-            .collect(),
-    }))
+    Ok(Json(control::status(&cluster(&app)?.raft)))
 }
 
 /// `hale cluster init`: this node becomes a cluster of one, which others then join.
