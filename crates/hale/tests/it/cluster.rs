@@ -90,6 +90,10 @@ async fn three_nodes_form_a_cluster_survive_the_leaders_sigkill_and_catch_a_retu
         let (code, out, err) = cli(&["cluster", "join", &addrs[0], "--server", &format!("http://{}", addrs[id - 1])]);
         assert_eq!(code, 0, "node {id}: {out}{err}");
     }
+    // A second init is refused, saying why.
+    let (code, _, err) = cli(&["cluster", "init", "--server", &format!("http://{}", addrs[0])]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cluster_refused") && err.contains("member already"), "{err}");
     let all: Vec<&str> = addrs.iter().map(String::as_str).collect();
     let first = leader(&all).await;
     let members = status(&addrs[0]).unwrap()["members"].as_array().unwrap().clone();
@@ -135,4 +139,18 @@ async fn three_nodes_form_a_cluster_survive_the_leaders_sigkill_and_catch_a_retu
     for node in nodes.into_iter().flatten() {
         assert!(node.terminate().success());
     }
+}
+
+#[tokio::test]
+async fn a_single_node_says_it_is_not_part_of_a_cluster() {
+    let temp = tempfile::tempdir().unwrap();
+    let hale = support::serve(temp.path(), &[]);
+    for args in [vec!["cluster", "status"], vec!["cluster", "init"], vec!["cluster", "join", "127.0.0.1:9"]] {
+        let server = hale.http_url();
+        let args: Vec<&str> = args.into_iter().chain(["--server", server.as_str()]).collect();
+        let (code, out, err) = cli(&args);
+        assert_eq!(code, 1, "{args:?}: {out}");
+        assert!(err.contains("not_clustered") && err.contains("[cluster]"), "{args:?}: {err}");
+    }
+    assert!(hale.terminate().success());
 }
