@@ -34,6 +34,9 @@ pub const VOTE_PATH: &str = "/v1/cluster/raft/vote";
 pub const SNAPSHOT_PATH: &str = "/v1/cluster/raft/snapshot";
 /// A node asks to join (see [`crate::control`]).
 pub const JOIN_PATH: &str = "/v1/cluster/raft/join";
+/// The header that names the node a request comes from, for the receiver's logs and for
+/// whatever stands between nodes (the partition tests' proxy tells senders apart by it).
+pub const FROM_HEADER: &str = "x-hale-node";
 
 /// The secret every node of a cluster shares (`[cluster] secret_file`): it authenticates
 /// node-to-node requests.
@@ -76,10 +79,12 @@ impl std::fmt::Debug for ClusterSecret {
 pub struct NetworkFactory {
     client: reqwest::Client,
     secret: ClusterSecret,
+    from: NodeId,
 }
 
 impl NetworkFactory {
-    pub fn new(secret: ClusterSecret) -> NetworkFactory {
+    /// The client of node `from`.
+    pub fn new(from: NodeId, secret: ClusterSecret) -> NetworkFactory {
         // Raft's heartbeats keep these connections busy: reuse them, and never wait longer
         // for a connection than an election could.
         let client = reqwest::Client::builder()
@@ -87,7 +92,7 @@ impl NetworkFactory {
             .tcp_nodelay(true)
             .build()
             .expect("a plain HTTP client builds");
-        NetworkFactory { client, secret }
+        NetworkFactory { client, secret, from }
     }
 }
 
@@ -96,7 +101,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Network {
         let base = if node.addr.contains("://") { node.addr.clone() } else { format!("http://{}", node.addr) };
-        Network { client: self.client.clone(), secret: self.secret.clone(), target, base }
+        Network { client: self.client.clone(), secret: self.secret.clone(), from: self.from, target, base }
     }
 }
 
@@ -104,6 +109,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 pub struct Network {
     client: reqwest::Client,
     secret: ClusterSecret,
+    from: NodeId,
     target: NodeId,
     base: String,
 }
@@ -124,6 +130,7 @@ impl Network {
             .client
             .post(format!("{}{path}", self.base))
             .bearer_auth(&self.secret.0)
+            .header(FROM_HEADER, self.from)
             .timeout(option.hard_ttl())
             .json(request)
             .send()

@@ -12,12 +12,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Raft's timing, `[cluster]` in hale.toml.
+///
+/// What failover costs: a follower that stops hearing the leader stands for election
+/// after openraft's leader lease (`election_max`) plus its own random election timeout
+/// (drawn once per process between `election_min` and `election_max`), and the other
+/// voters refuse to vote until the lease has run out for them too. With the defaults a
+/// dead leader is replaced 600–800 ms after its last heartbeat, and a leader must be
+/// silent for 600 ms (twelve heartbeats) before anyone stands against it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
-    /// How often the leader sends heartbeats (default 100 ms).
+    /// How often the leader sends heartbeats (default 50 ms).
     pub heartbeat: Duration,
-    /// A follower that hears no leader for a random time in this range starts an election
-    /// (default 500–1000 ms: five to ten missed heartbeats).
+    /// The range of the random election timeout (default 200–400 ms); `election_max` is
+    /// also the leader lease.
     pub election_min: Duration,
     pub election_max: Duration,
 }
@@ -25,9 +32,9 @@ pub struct Timeouts {
 impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
-            heartbeat: Duration::from_millis(100),
-            election_min: Duration::from_millis(500),
-            election_max: Duration::from_millis(1_000),
+            heartbeat: Duration::from_millis(50),
+            election_min: Duration::from_millis(200),
+            election_max: Duration::from_millis(400),
         }
     }
 }
@@ -83,7 +90,7 @@ pub async fn open(
     let log = LogStore::open(dir)?;
     let machine = StateMachine::open(dir, options)?;
     let committed = machine.view();
-    let raft = Raft::new(id, config, NetworkFactory::new(secret.clone()), log, machine)
+    let raft = Raft::new(id, config, NetworkFactory::new(id, secret.clone()), log, machine)
         .await
         .map_err(|error| NodeError::Raft(error.to_string()))?;
     let routes = network::routes(raft.clone(), secret);
@@ -97,7 +104,10 @@ mod tests {
     #[test]
     fn the_defaults_are_valid_and_an_election_shorter_than_two_heartbeats_is_refused() {
         let config = Timeouts::default().config("hale").unwrap();
-        assert_eq!((config.heartbeat_interval, config.election_timeout_min), (100, 500));
+        assert_eq!(
+            (config.heartbeat_interval, config.election_timeout_min, config.election_timeout_max),
+            (50, 200, 400)
+        );
         let hasty = Timeouts { election_min: Duration::from_millis(150), ..Timeouts::default() };
         assert!(hasty.config("hale").unwrap_err().contains("more than twice the heartbeat"));
     }

@@ -98,10 +98,10 @@ pub struct ClusterSection {
     /// Required: a file holding the secret every node shares (at least 16 bytes; `hale
     /// keygen` makes one). Node-to-node requests carry it. Relative to hale.toml.
     pub secret_file: Option<Spanned<PathBuf>>,
-    /// The leader's heartbeat interval (default 100).
+    /// The leader's heartbeat interval (default 50).
     pub heartbeat_ms: Option<u64>,
-    /// A follower that hears no leader for a random time in this range stands for
-    /// election (defaults 500 and 1000).
+    /// The random election timeout's range (defaults 200 and 400); a follower stands for
+    /// election after the leader lease (the maximum) plus its timeout without a leader.
     pub election_min_ms: Option<u64>,
     pub election_max_ms: Option<u64>,
 }
