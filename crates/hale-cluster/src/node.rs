@@ -108,7 +108,11 @@ mod tests {
             (config.heartbeat_interval, config.election_timeout_min, config.election_timeout_max),
             (50, 200, 400)
         );
-        let hasty = Timeouts { election_min: Duration::from_millis(150), ..Timeouts::default() };
+        let hasty = Timeouts {
+            heartbeat: Duration::from_millis(100),
+            election_min: Duration::from_millis(150),
+            ..Timeouts::default()
+        };
         assert!(hasty.config("hale").unwrap_err().contains("more than twice the heartbeat"));
     }
 }
