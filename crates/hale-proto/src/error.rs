@@ -10,6 +10,9 @@ pub struct ErrorBody {
     pub message: String,
     /// Whether the same request may succeed if sent again later, unchanged.
     pub retryable: bool,
+    /// With `not_leader`: the leader's address (`host:port`), if this node knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
 }
 
 /// The body of every HTTP error response: `{"error": {...}}`.

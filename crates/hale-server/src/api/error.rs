@@ -109,7 +109,7 @@ impl ServerCode {
     /// The body of an error with this code, for an answer that has no status of its own
     /// (the last line of a streamed answer).
     pub fn body(self, message: impl Into<String>, retryable: bool) -> ErrorBody {
-        ErrorBody { code: self.as_str().to_string(), message: message.into(), retryable }
+        ErrorBody { code: self.as_str().to_string(), message: message.into(), retryable, leader: None }
     }
 }
 
@@ -122,7 +122,7 @@ impl ApiError {
     fn with_code(status: StatusCode, code: &'static str, message: impl Into<String>, retryable: bool) -> ApiError {
         ApiError {
             status,
-            body: ErrorBody { code: code.to_string(), message: message.into(), retryable },
+            body: ErrorBody { code: code.to_string(), message: message.into(), retryable, leader: None },
             retry_after_s: None,
         }
     }
@@ -202,8 +202,12 @@ impl From<EngineError> for ApiError {
             EngineError::Log(WriteError::Failed(_)) => {
                 ApiError::coded(StatusCode::SERVICE_UNAVAILABLE, ServerCode::LogUnavailable, error.to_string(), true)
             }
-            EngineError::Log(WriteError::NotLeader { .. }) => {
-                ApiError::coded(StatusCode::SERVICE_UNAVAILABLE, ServerCode::NotLeader, error.to_string(), true)
+            EngineError::Log(WriteError::NotLeader { ref leader }) => {
+                let leader = leader.as_deref().map(str::to_string);
+                let mut answer =
+                    ApiError::coded(StatusCode::SERVICE_UNAVAILABLE, ServerCode::NotLeader, error.to_string(), true);
+                answer.body.leader = leader;
+                answer
             }
             EngineError::Log(WriteError::Stopped) | EngineError::ShuttingDown => ApiError::coded(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -89,6 +89,9 @@ const CLOSE_FENCED: u16 = 4001;
 const CLOSE_TOKEN_EXPIRED: u16 = 4002;
 /// Closes a session whose agent's tokens were revoked.
 const CLOSE_ENDED: u16 = 4003;
+/// Closes a bound session on a node of a cluster that no longer leads (after an error
+/// frame `not_leader` naming the leader, if known): the client resumes its run elsewhere.
+const CLOSE_NOT_LEADER: u16 = 4004;
 /// A deadline that never comes, for a session opened with the admin token.
 const NEVER: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
 
@@ -97,6 +100,7 @@ impl Session {
         let (mut sink, mut stream) = socket.split();
         let mut answers: FuturesOrdered<Answer> = FuturesOrdered::new();
         let mut shutdown = self.app.shutdown.clone();
+        let mut durability = self.app.engine.watch_durability();
         let in_flight_max = self.app.session_in_flight_max;
         let mut delivery = Delivery { open: false, cursor: 0, read: None };
         // A session lives as long as its access token, renewed in band by `auth` frames.
@@ -198,6 +202,30 @@ impl Session {
                         }
                     }
                     let close = CloseFrame { code: close_code::RESTART, reason: Utf8Bytes::from_static("hale is shutting down") };
+                    let _ = sink.send(Message::Close(Some(close))).await;
+                    return;
+                }
+                // A run's session is of no use on a node that does not lead: answer what was
+                // asked, name the leader and close, so the client resumes on the leader.
+                // (An unbound session stays: its hello is answered `not_leader`.)
+                deposed = async {
+                    let seen = durability.wait_for(|now| now.not_leader.is_some()).await.map(|now| now.clone());
+                    match seen {
+                        Ok(now) => now,
+                        // The log stopped: the shutdown branch closes the session.
+                        Err(_) => std::future::pending().await,
+                    }
+                },
+                    if self.bound.is_some() => {
+                    while let Some(frame) = answers.next().await {
+                        if sink.feed(encode(&frame)).await.is_err() {
+                            return;
+                        }
+                    }
+                    let leader = deposed.not_leader.and_then(|lost| lost.leader);
+                    let error = ApiError::from(crate::engine::EngineError::Log(hale_store::WriteError::NotLeader { leader }));
+                    let _ = sink.feed(encode(&ServerFrame::Error { id: None, error: error.body })).await;
+                    let close = CloseFrame { code: CLOSE_NOT_LEADER, reason: Utf8Bytes::from_static("this node no longer leads the cluster") };
                     let _ = sink.send(Message::Close(Some(close))).await;
                     return;
                 }

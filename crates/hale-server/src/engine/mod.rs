@@ -281,6 +281,12 @@ impl Engine {
         self.durability.borrow().clone()
     }
 
+    /// [`durability`](Engine::durability) as it changes (on a cluster node: whether it
+    /// leads).
+    pub fn watch_durability(&self) -> watch::Receiver<Durability> {
+        self.durability.clone()
+    }
+
     /// Stops the engine: refuses later requests, takes a final snapshot if the log is
     /// healthy, then flushes and stops the log. Resolves once the log has stopped.
     pub async fn shutdown(&self) {
