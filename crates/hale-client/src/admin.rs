@@ -1,19 +1,51 @@
 use crate::error::ClientError;
 use hale_proto::{AgentState, AgentSummary, EventInfo, HttpError};
 use serde::de::DeserializeOwned;
+use std::sync::{Arc, Mutex};
 
 /// The HTTP API, for tools.
+///
+/// Given the addresses of several nodes of a cluster, it follows the leader: a request a
+/// node answers `not_leader` goes to the leader it names (or, during an election, to the
+/// next address, for up to [`FOLLOW_FOR`]), and a node that cannot be reached is passed
+/// over for the next. Whether a write was applied is never in doubt when a follower
+/// refuses it; a leader that loses its leadership while a write is in flight answers
+/// `not_leader` too, and the write is sent again to the new leader, so writes that must
+/// not happen twice carry an idempotency key ([`Admin::submit`] adds one).
 #[derive(Clone, Debug)]
 pub struct Admin {
-    base: String,
+    bases: Arc<Vec<String>>,
+    /// The address that answered last: the leader, once one did.
+    current: Arc<Mutex<String>>,
     http: reqwest::Client,
     token: Option<String>,
 }
 
+/// How long a request keeps following `not_leader` and unreachable nodes: about two
+/// elections at the default timeouts, and a few at the slow ones.
+pub const FOLLOW_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Admin {
-    /// A client of the hale at `base` (e.g. `http://127.0.0.1:7700`), with no token yet.
+    /// A client of the hale at `base` (e.g. `http://127.0.0.1:7700`), with no token yet;
+    /// several nodes of a cluster separated by commas.
     pub fn new(base: &str) -> Admin {
-        Admin { base: base.trim_end_matches('/').to_string(), http: reqwest::Client::new(), token: None }
+        let bases: Vec<String> = base
+            .split(',')
+            .map(|one| one.trim().trim_end_matches('/').to_string())
+            .filter(|one| !one.is_empty())
+            .collect();
+        let first = bases.first().cloned().unwrap_or_default();
+        Admin {
+            bases: Arc::new(bases),
+            current: Arc::new(Mutex::new(first)),
+            http: reqwest::Client::new(),
+            token: None,
+        }
+    }
+
+    /// The address requests go to now (the leader, once one answered).
+    fn base(&self) -> String {
+        self.current.lock().expect("admin address lock").clone()
     }
 
     /// Verifies an `https://` hale against the certificates in `ca_file` (PEM).
@@ -82,8 +114,14 @@ impl Admin {
     }
 
     /// Submits a task; returns its number (an earlier one's, for a known idempotency key).
+    /// A task without an idempotency key gets one, so that following a new leader cannot
+    /// submit it twice.
     pub async fn submit(&self, task: &hale_proto::HttpSubmitTask) -> Result<hale_proto::TaskSubmitted, ClientError> {
-        let body = serde_json::to_value(task).map_err(|error| ClientError::Protocol(error.to_string()))?;
+        let mut task = task.clone();
+        if task.idempotency_key.is_none() && self.bases.len() > 1 {
+            task.idempotency_key = Some(format!("admin-{:032x}", rand::random::<u128>()));
+        }
+        let body = serde_json::to_value(&task).map_err(|error| ClientError::Protocol(error.to_string()))?;
         self.send_json("/v1/tasks", &body).await
     }
 
@@ -135,7 +173,7 @@ impl Admin {
         mut progress: impl FnMut(u64, u64),
     ) -> Result<hale_proto::BackupDone, ClientError> {
         use hale_proto::BackupLine;
-        let url = format!("{}/v1/backups", self.base);
+        let url = format!("{}/v1/backups", self.base());
         let mut request = self.http.post(&url).json(&hale_proto::HttpBackup { path: path.to_string() });
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
@@ -175,8 +213,8 @@ impl Admin {
     /// Events of the log in order (`hale events`): at most `filter.limit` (1,000 by
     /// default); page on with `after` set to the last one's `seq`.
     pub async fn events(&self, filter: &EventFilter) -> Result<Vec<EventInfo>, ClientError> {
-        let request = self.http.get(format!("{}/v1/events", self.base)).query(&filter.query(true));
-        self.send_with(request, "/v1/events").await
+        let query = filter.query(true);
+        self.send_with(reqwest::Method::GET, "/v1/events", |request| request.query(&query)).await
     }
 
     /// Follows the log (`hale events --follow`): calls `on_event` with every event that
@@ -190,7 +228,7 @@ impl Admin {
     ) -> Result<(), ClientError> {
         let mut filter = filter.clone();
         loop {
-            let url = format!("{}/v1/events/stream", self.base);
+            let url = format!("{}/v1/events/stream", self.base());
             let request = self.http.get(&url).query(&filter.query(false));
             let request = match &self.token {
                 Some(token) => request.bearer_auth(token),
@@ -256,36 +294,85 @@ impl Admin {
     }
 
     async fn send<T: DeserializeOwned>(&self, method: reqwest::Method, path: &str) -> Result<T, ClientError> {
-        self.send_with(self.http.request(method, format!("{}{path}", self.base)), path).await
+        self.send_with(method, path, |request| request).await
     }
 
     async fn send_json<T: DeserializeOwned>(&self, path: &str, body: &serde_json::Value) -> Result<T, ClientError> {
-        self.send_with(self.http.post(format!("{}{path}", self.base)).json(body), path).await
+        self.send_with(reqwest::Method::POST, path, |request| request.json(body)).await
     }
 
+    /// Sends the request made by `build` to the current address, following the leader
+    /// (see [`Admin`]).
     async fn send_with<T: DeserializeOwned>(
         &self,
-        request: reqwest::RequestBuilder,
+        method: reqwest::Method,
         path: &str,
+        build: impl Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
     ) -> Result<T, ClientError> {
-        let url = format!("{}{path}", self.base);
-        let request = match &self.token {
-            Some(token) => request.bearer_auth(token),
-            None => request,
-        };
-        let response = request.send().await.map_err(|error| ClientError::Connect {
-            url: url.clone(),
-            reason: format!("{error}; is `hale serve` running there? (set --server or HALE_URL)"),
-        })?;
-        let status = response.status();
-        let bytes = response.bytes().await.map_err(|error| ClientError::Closed(error.to_string()))?;
-        if status.is_success() {
-            return serde_json::from_slice(&bytes).map_err(|error| ClientError::Protocol(error.to_string()));
+        let deadline = std::time::Instant::now() + FOLLOW_FOR;
+        let mut base = self.base();
+        let mut tried = 0usize;
+        loop {
+            let url = format!("{base}{path}");
+            let request = build(self.http.request(method.clone(), &url));
+            let request = match &self.token {
+                Some(token) => request.bearer_auth(token),
+                None => request,
+            };
+            tried += 1;
+            let following = self.bases.len() > 1 && std::time::Instant::now() < deadline;
+            let response = match request.send().await {
+                Ok(response) => response,
+                Err(error) if following && error.is_connect() => {
+                    base = self.next_after(&base, tried);
+                    continue;
+                }
+                Err(error) => {
+                    return Err(ClientError::Connect {
+                        url,
+                        reason: format!("{error}; is `hale serve` running there? (set --server or HALE_URL)"),
+                    });
+                }
+            };
+            let status = response.status();
+            let bytes = response.bytes().await.map_err(|error| ClientError::Closed(error.to_string()))?;
+            if status.is_success() {
+                *self.current.lock().expect("admin address lock") = base;
+                return serde_json::from_slice(&bytes).map_err(|error| ClientError::Protocol(error.to_string()));
+            }
+            let error = match serde_json::from_slice::<HttpError>(&bytes) {
+                Ok(error) => error.error,
+                Err(_) => {
+                    return Err(ClientError::Protocol(format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes))));
+                }
+            };
+            if following && error.code == "not_leader" {
+                base = match &error.leader {
+                    Some(leader) => with_authority(&base, leader),
+                    None => {
+                        // An election: give it a moment, then ask the next node.
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        self.next_after(&base, tried)
+                    }
+                };
+                continue;
+            }
+            return Err(ClientError::Server(error));
         }
-        match serde_json::from_slice::<HttpError>(&bytes) {
-            Ok(error) => Err(ClientError::Server(error.error)),
-            Err(_) => Err(ClientError::Protocol(format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)))),
-        }
+    }
+
+    /// The address to try after `base` (the `tried`th attempt): the next one given.
+    fn next_after(&self, base: &str, tried: usize) -> String {
+        let at = self.bases.iter().position(|one| one == base).unwrap_or(tried);
+        self.bases[(at + 1) % self.bases.len()].clone()
+    }
+}
+
+/// `base` with its `host:port` replaced by `authority` (`http://a:1` + `b:2` → `http://b:2`).
+pub(crate) fn with_authority(base: &str, authority: &str) -> String {
+    match base.split_once("://") {
+        Some((scheme, _)) => format!("{scheme}://{authority}"),
+        None => format!("http://{authority}"),
     }
 }
 

@@ -266,8 +266,36 @@ pub struct Agent {
 impl Agent {
     /// Opens a session to the hale at `url` (e.g. `ws://127.0.0.1:7700`). Nothing is said
     /// to hale until [`resume`](Agent::resume).
+    ///
+    /// The nodes of a cluster are given separated by commas (`HALE_URL` takes the same
+    /// form): the first that answers is used, and with a [`Reconnect`](crate::Reconnect)
+    /// policy the session follows the leader: a node that does not lead names the leader,
+    /// and the session resumes the same run there, settling what was in flight as after a
+    /// reconnect (a checkpoint is applied once).
     pub async fn connect(url: &str, options: AgentOptions) -> Result<Agent, ClientError> {
-        let socket = open_socket(url, &options).await?;
+        let given: Vec<String> =
+            url.split(',').map(|one| one.trim().to_string()).filter(|one| !one.is_empty()).collect();
+        let mut opened = None;
+        let mut last_error = None;
+        for (at, candidate) in given.iter().enumerate() {
+            match open_socket(candidate, &options).await {
+                Ok(socket) => {
+                    opened = Some((socket, at));
+                    break;
+                }
+                Err(error) => last_error = Some(error),
+            }
+        }
+        let Some((socket, at)) = opened else {
+            return Err(last_error.unwrap_or_else(|| ClientError::Connect {
+                url: url.to_string(),
+                reason: "no address given".to_string(),
+            }));
+        };
+        // The one that answered first, then the others in turn.
+        let mut urls: Vec<String> = given[at..].iter().chain(&given[..at]).cloned().collect();
+        let url = urls[0].clone();
+        let url = url.as_str();
         let (outgoing, queue) = mpsc::channel(1024);
         let next_id = Arc::new(AtomicU64::new(1));
         let (ended_tx, ended) = watch::channel(None);
@@ -283,7 +311,10 @@ impl Agent {
         };
         let incarnation = Arc::new(Mutex::new(options.incarnation));
         let resilience = options.reconnect.clone().map(|policy| crate::session::Resilience {
-            urls: std::iter::once(url.to_string()).chain(policy.more_urls.iter().cloned()).collect(),
+            urls: {
+                urls.extend(policy.more_urls.iter().filter(|more| !urls.contains(more)).cloned().collect::<Vec<_>>());
+                urls
+            },
             policy,
             options: options.clone(),
             incarnation: incarnation.clone(),

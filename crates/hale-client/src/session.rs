@@ -85,6 +85,9 @@ enum Lost {
     Final(String),
     /// The connection broke: worth reconnecting.
     Broken(String),
+    /// The node does not lead its cluster (any more): reconnect, to `leader` (`host:port`)
+    /// if it said which node leads. Requests it refused so are sent again there.
+    NotLeader { leader: Option<String> },
 }
 
 #[derive(Default)]
@@ -192,13 +195,17 @@ pub(crate) async fn run(
     let mut sent = Sent::default();
     let mut socket = socket;
     let reason = loop {
-        let lost = pump(socket, &mut queue, &mut sent, &inbox, &mut closing).await;
-        let (reason, resilience) = match (lost, &resilience) {
+        let lost = pump(socket, &mut queue, &mut sent, &inbox, &mut closing, resilience.is_some()).await;
+        let (reason, leader, resilience) = match (lost, &resilience) {
             (Lost::Final(reason), _) | (Lost::Broken(reason), None) => break reason,
-            (Lost::Broken(reason), Some(resilience)) => (reason, resilience),
+            (Lost::NotLeader { .. }, None) => break "the node does not lead its cluster".to_string(),
+            (Lost::Broken(reason), Some(resilience)) => (reason, None, resilience),
+            (Lost::NotLeader { leader }, Some(resilience)) => {
+                (format!("the node does not lead its cluster (leader: {leader:?})"), leader, resilience)
+            }
         };
         tracing::info!(%reason, "lost hale; reconnecting");
-        match reconnect(resilience, &mut sent).await {
+        match reconnect(resilience, &mut sent, leader).await {
             Ok(again) => socket = again,
             Err(error) => break format!("{reason}; then could not come back: {error}"),
         }
@@ -219,6 +226,7 @@ async fn pump(
     sent: &mut Sent,
     inbox: &Inbox,
     closing: &mut watch::Receiver<bool>,
+    follow: bool,
 ) -> Lost {
     let (mut sink, mut stream) = socket.split();
     loop {
@@ -276,7 +284,7 @@ async fn pump(
                     Ok(frame) => frame,
                     Err(error) => return Lost::Final(format!("undecodable frame from hale: {error}")),
                 };
-                if let Some(lost) = deliver(frame, sent, inbox) {
+                if let Some(lost) = deliver(frame, sent, inbox, follow) {
                     return lost;
                 }
             }
@@ -284,8 +292,16 @@ async fn pump(
     }
 }
 
-/// Hands an answer to its caller, or an unasked frame to the inbox.
-fn deliver(frame: ServerFrame, sent: &mut Sent, inbox: &Inbox) -> Option<Lost> {
+/// Hands an answer to its caller, or an unasked frame to the inbox. With `follow` (the
+/// session reconnects), a `not_leader` answer is not handed on: the request stays in
+/// flight and goes again to the leader.
+fn deliver(frame: ServerFrame, sent: &mut Sent, inbox: &Inbox, follow: bool) -> Option<Lost> {
+    if let ServerFrame::Error { id, error } = &frame
+        && error.code == "not_leader"
+        && (follow || id.is_none())
+    {
+        return Some(Lost::NotLeader { leader: error.leader.clone() });
+    }
     let id = match &frame {
         ServerFrame::Welcome { id, .. }
         | ServerFrame::Checkpointed { id, .. }
@@ -331,15 +347,23 @@ fn deliver(frame: ServerFrame, sent: &mut Sent, inbox: &Inbox) -> Option<Lost> {
 
 /// Connects again, resumes the run and settles what was in flight; the new socket is
 /// ready for more.
-async fn reconnect(resilience: &Resilience, sent: &mut Sent) -> Result<Socket, String> {
+async fn reconnect(resilience: &Resilience, sent: &mut Sent, leader: Option<String>) -> Result<Socket, String> {
     let incarnation = *resilience.incarnation.lock().expect("incarnation lock");
     let mut attempt = 0u32;
+    // A node that named the leader is taken at its word, at once.
+    let mut hint = leader.map(|leader| crate::admin::with_authority(&resilience.urls[0], &leader));
     loop {
         if resilience.policy.attempts.is_some_and(|attempts| attempt >= attempts) {
             return Err(format!("gave up after {attempt} attempts"));
         }
-        tokio::time::sleep(resilience.policy.delay(attempt)).await;
-        let url = &resilience.urls[attempt as usize % resilience.urls.len()];
+        let url = match hint.take() {
+            Some(url) => url,
+            None => {
+                tokio::time::sleep(resilience.policy.delay(attempt)).await;
+                resilience.urls[attempt as usize % resilience.urls.len()].clone()
+            }
+        };
+        let url = &url;
         attempt += 1;
         let mut socket = match open_socket(url, &resilience.options).await {
             Ok(socket) => socket,
@@ -349,7 +373,9 @@ async fn reconnect(resilience: &Resilience, sent: &mut Sent) -> Result<Socket, S
             }
         };
         let Some(incarnation) = incarnation else {
-            // Never resumed: nothing to come back to; requests go out as they are.
+            // Never resumed: nothing to come back to. A hello that a node which does not
+            // lead refused goes again as it is, and so does whatever was sent after it.
+            resend_as_they_are(&mut socket, sent).await.map_err(|error| error.to_string())?;
             return Ok(socket);
         };
         let options = &resilience.options;
@@ -364,6 +390,11 @@ async fn reconnect(resilience: &Resilience, sent: &mut Sent) -> Result<Socket, S
             match socket.next().await {
                 Some(Ok(Message::Text(text))) => match serde_json::from_str::<ServerFrame>(&text) {
                     Ok(ServerFrame::Welcome { welcome, .. }) => break Some(welcome),
+                    // Not the leader: on to the one it names, or the next address.
+                    Ok(ServerFrame::Error { error, .. }) if error.code == "not_leader" => {
+                        hint = error.leader.map(|leader| crate::admin::with_authority(url, &leader));
+                        break None;
+                    }
                     // The run is over (fenced, down, superseded): coming back is not possible.
                     Ok(ServerFrame::Error { error, .. }) => {
                         return Err(format!("hale refused to resume run {incarnation}: {}", error.message));
@@ -380,6 +411,19 @@ async fn reconnect(resilience: &Resilience, sent: &mut Sent) -> Result<Socket, S
         settle(&mut socket, sent, welcome.version).await.map_err(|error| error.to_string())?;
         return Ok(socket);
     }
+}
+
+/// Sends every request in flight again, unchanged, on a new connection of a session that
+/// has not resumed a run yet.
+async fn resend_as_they_are(socket: &mut Socket, sent: &mut Sent) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    let pending = std::mem::take(&mut sent.pending);
+    sent.by_id.clear();
+    for (_, Pending { frame, reply, .. }) in pending {
+        let text = serde_json::to_string(&frame).expect("client frames always serialize");
+        socket.feed(Message::text(text)).await?;
+        sent.push(frame, reply);
+    }
+    socket.flush().await
 }
 
 /// Settles the requests in flight when the connection dropped, in order (see the module

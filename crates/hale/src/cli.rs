@@ -267,9 +267,10 @@ fn now_ms() -> u64 {
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct ServerArg {
-    /// The hale to ask.
-    #[arg(long, default_value = "http://127.0.0.1:7700", env = "HALE_URL")]
-    pub(crate) server: String,
+    /// The hale to ask; the nodes of a cluster by repeating it or separated by commas
+    /// (requests follow the leader).
+    #[arg(long, default_value = "http://127.0.0.1:7700", env = "HALE_URL", value_delimiter = ',')]
+    pub(crate) server: Vec<String>,
     /// The token to send [default: the admin token in the data directory, admin.token].
     #[arg(long, env = "HALE_TOKEN", hide_env_values = true)]
     pub(crate) token: Option<String>,
@@ -294,7 +295,8 @@ impl ServerArg {
     /// A client of the hale asked, with the token: `--token`/`HALE_TOKEN`, else the admin
     /// token hale keeps in its data directory on this machine.
     pub(crate) fn admin(&self) -> Result<Admin> {
-        let mut admin = Admin::new(&http_base(&self.server));
+        let bases: Vec<String> = self.server.iter().map(|server| http_base(server)).collect();
+        let mut admin = Admin::new(&bases.join(","));
         if let Some(ca_file) = &self.ca_file {
             admin = admin.with_ca_file(ca_file)?;
         }

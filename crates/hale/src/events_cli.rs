@@ -111,7 +111,7 @@ pub(crate) fn dashboard(server: &ServerArg) -> Result<i32> {
             "no admin token: pass --token or HALE_TOKEN, or --data with the data directory of hale on this machine (it keeps admin.token there)"
         );
     };
-    let base = http_base(&server.server);
+    let base = http_base(server.server.first().map_or("http://127.0.0.1:7700", String::as_str));
     println!("{}/#token={}", base.trim_end_matches('/'), fragment_encode(&token));
     Ok(0)
 }

@@ -75,12 +75,11 @@ fn checkpoint(hale: &support::Hale, n: u64) -> (u16, String) {
     hale.post("/v1/agents/writer/checkpoint", &json!({"incarnation": 1, "patch": {"n": n}}))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_nodes_form_a_cluster_survive_the_leaders_sigkill_and_catch_a_returning_node_up() {
-    let temp = tempfile::tempdir().unwrap();
+/// Three nodes in `dir`, formed into a cluster through the CLI.
+fn form(dir: &Path) -> (Vec<Option<support::Hale>>, Vec<String>) {
     let (mut nodes, mut addrs) = (Vec::new(), Vec::new());
     for id in 1..=3u64 {
-        let (hale, addr) = fresh_node(temp.path(), id);
+        let (hale, addr) = fresh_node(dir, id);
         nodes.push(Some(hale));
         addrs.push(addr);
     }
@@ -90,6 +89,13 @@ async fn three_nodes_form_a_cluster_survive_the_leaders_sigkill_and_catch_a_retu
         let (code, out, err) = cli(&["cluster", "join", &addrs[0], "--server", &format!("http://{}", addrs[id - 1])]);
         assert_eq!(code, 0, "node {id}: {out}{err}");
     }
+    (nodes, addrs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_form_a_cluster_survive_the_leaders_sigkill_and_catch_a_returning_node_up() {
+    let temp = tempfile::tempdir().unwrap();
+    let (mut nodes, addrs) = form(temp.path());
     // A second init is refused, saying why.
     let (code, _, err) = cli(&["cluster", "init", "--server", &format!("http://{}", addrs[0])]);
     assert_eq!(code, 1);
@@ -153,4 +159,63 @@ async fn a_single_node_says_it_is_not_part_of_a_cluster() {
         assert!(err.contains("not_clustered") && err.contains("[cluster]"), "{args:?}: {err}");
     }
     assert!(hale.terminate().success());
+}
+
+/// A session given every node's address starts on a follower, follows it to the leader,
+/// and when the leader is SIGKILLed while it checkpoints, resumes the same run on the new
+/// leader: every checkpoint is answered, each once, at consecutive versions. The CLI,
+/// given a dead node and a follower, reads through to the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_and_the_cli_given_every_node_follow_the_leader_through_its_sigkill() {
+    let temp = tempfile::tempdir().unwrap();
+    let (mut nodes, addrs) = form(temp.path());
+    let all: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let first = leader(&all).await;
+    // Followers first, so the first hello meets one.
+    let mut order: Vec<&String> = addrs.iter().collect();
+    order.sort_by_key(|addr| **addr == addrs[first as usize - 1]);
+    let urls = order.iter().map(|addr| format!("ws://{addr}")).collect::<Vec<_>>().join(",");
+    let policy = hale_client::Reconnect {
+        base: std::time::Duration::from_millis(20),
+        cap: std::time::Duration::from_millis(300),
+        ..Default::default()
+    };
+    let options = hale_client::AgentOptions::new("writer", "writer").token(support::ADMIN).reconnect(policy);
+    let agent = hale_client::Agent::connect(&urls, options).await.unwrap();
+    let welcome = agent.resume().await.unwrap();
+    assert_eq!((welcome.incarnation, welcome.version), (1, 0));
+
+    // Checkpoints one after another, while the leader is killed after the tenth.
+    let writer = agent.clone();
+    let (tenth_tx, tenth) = tokio::sync::oneshot::channel();
+    let writes = tokio::spawn(async move {
+        let mut tenth_tx = Some(tenth_tx);
+        let mut versions = Vec::new();
+        for n in 1..=40u64 {
+            versions
+                .push(writer.checkpoint(json!({"n": n})).await.map_err(|error| format!("checkpoint {n}: {error}"))?);
+            if n == 10 {
+                let _ = tenth_tx.take().unwrap().send(());
+            }
+        }
+        Ok::<_, String>(versions)
+    });
+    tenth.await.unwrap();
+    nodes[first as usize - 1].take().unwrap().kill();
+    let versions = writes.await.unwrap().unwrap();
+    assert_eq!(versions, (1..=40).collect::<Vec<u64>>(), "each checkpoint applied once, none lost");
+    assert_eq!(agent.incarnation(), Some(1), "the same run, resumed");
+
+    // The CLI, given the dead node first and then a follower or the leader, finds the leader.
+    let dead = format!("http://{}", addrs[first as usize - 1]);
+    let rest: Vec<String> =
+        (1..=3u64).filter(|id| *id != first).map(|id| format!("http://{}", addrs[id as usize - 1])).collect();
+    let (code, out, err) = cli(&["state", "writer", "--server", &dead, "--server", &rest.join(",")]);
+    assert_eq!(code, 0, "{out}{err}");
+    let state: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((state["version"].as_u64(), state["state"]["n"].as_u64()), (Some(40), Some(40)), "{state}");
+    agent.close(None).await.unwrap();
+    for node in nodes.into_iter().flatten() {
+        assert!(node.terminate().success());
+    }
 }
