@@ -174,6 +174,34 @@ impl DurableLog for RaftLog {
         self.durability.subscribe()
     }
 
+    /// Raft's read index: a heartbeat round confirms this node still leads, and the
+    /// entries committed by then are applied. Refused `not_leader` otherwise.
+    fn read_barrier(&self) -> Option<hale_store::ReadBarrier> {
+        let (raft, durability) = (self.raft.clone(), self.durability.clone());
+        Some(Arc::new(move || {
+            let (raft, durability) = (raft.clone(), durability.clone());
+            Box::pin(async move {
+                if let Some(not_leader) = &durability.borrow().not_leader {
+                    return Err(WriteError::NotLeader { leader: not_leader.leader.clone() });
+                }
+                match raft.ensure_linearizable().await {
+                    Ok(_) => Ok(()),
+                    Err(openraft::error::RaftError::APIError(
+                        openraft::error::CheckIsLeaderError::ForwardToLeader(forward),
+                    )) => Err(WriteError::NotLeader {
+                        leader: forward.leader_node.map(|node| Arc::from(node.addr.as_str())),
+                    }),
+                    Err(openraft::error::RaftError::APIError(
+                        openraft::error::CheckIsLeaderError::QuorumNotEnough(_),
+                    )) => Err(WriteError::NotLeader { leader: None }),
+                    Err(openraft::error::RaftError::Fatal(fatal)) => {
+                        Err(WriteError::Failed(Arc::from(format!("this node's Raft stopped: {fatal}").as_str())))
+                    }
+                }
+            })
+        }))
+    }
+
     fn shutdown(self) {
         let target = self.proposed.load(Ordering::SeqCst);
         let mut durability = self.durability.subscribe();

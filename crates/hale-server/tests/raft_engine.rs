@@ -9,8 +9,9 @@ use hale_cluster::openraft;
 use hale_cluster::{Leadership, RaftLog, follow_leadership};
 use hale_core::{AgentCommand, AgentName, Answer, Core, Hello, Limits, RoleName};
 use hale_server::Clock;
-use hale_server::engine::{Engine, EngineOptions, Response, SnapshotPolicy};
+use hale_server::engine::{Engine, EngineError, EngineOptions, Response, SnapshotPolicy};
 use hale_server::metrics::Metrics;
+use hale_store::WriteError;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -125,8 +126,24 @@ async fn answers_wait_for_a_quorum_and_every_node_folds_the_same_state() {
         let engine = engine.clone();
         async move { engine.execute(checkpoint(26)).await }
     });
+    // A read is not answered from the leader's own state either: it cannot confirm it
+    // still leads (a partitioned leader would answer stale data).
+    let read = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.read(|state| state.agent("writer").map_or(0, |record| record.version())).await }
+    });
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     assert!(!pending.is_finished(), "a checkpoint was acknowledged without a quorum");
+    let read = if read.is_finished() {
+        let refused = read.await.unwrap();
+        assert!(
+            matches!(refused, Err(EngineError::Log(WriteError::NotLeader { .. }))),
+            "a read without a quorum: {refused:?}"
+        );
+        None
+    } else {
+        Some(read)
+    };
     // ...until one comes back, and then it is.
     let listener = tokio::net::TcpListener::bind(&second_addr).await.unwrap();
     let secret = secret();
@@ -135,6 +152,10 @@ async fn answers_wait_for_a_quorum_and_every_node_folds_the_same_state() {
     match answer.unwrap().unwrap() {
         Response::Answer(Answer::Checkpointed { version }) => assert_eq!(version, 26),
         other => panic!("{other:?}"),
+    }
+    if let Some(read) = read {
+        let version = tokio::time::timeout(Duration::from_secs(20), read).await.expect("read once a quorum is back");
+        assert!(version.unwrap().unwrap() >= 25);
     }
     nodes[followers[1]] = Some(back);
     for node in nodes.into_iter().flatten() {

@@ -64,6 +64,11 @@ fn leader_hint(leader: &Option<Arc<str>>) -> String {
     }
 }
 
+/// See [`DurableLog::read_barrier`]: resolves `Ok` once a read started before it may be
+/// answered.
+pub type ReadBarrier =
+    std::sync::Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = Result<(), WriteError>> + Send>> + Send + Sync>;
+
 /// A log the engine drives.
 ///
 /// Records are appended with consecutive sequence numbers, each batch following the last,
@@ -78,6 +83,14 @@ pub trait DurableLog: Send + 'static {
 
     /// What is durable now; `changed()` on the receiver waits for progress or failure.
     fn durability(&self) -> watch::Receiver<Durability>;
+
+    /// What makes a read of the state linearizable, if a read needs more than this node's
+    /// own view: a node of a cluster confirms with a quorum that it still leads before it
+    /// answers (Raft's read index), so a deposed leader that has not noticed cannot answer
+    /// from a stale state. `None` (the default, a single node): every read is.
+    fn read_barrier(&self) -> Option<ReadBarrier> {
+        None
+    }
 
     /// Stops taking appends, makes durable what is queued (unless the log has failed), and
     /// returns once it is done. Blocks: call it off the async runtime.

@@ -43,7 +43,7 @@ pub use backup::{
 };
 pub use crypt::{Key, KeyError, Keyring, generate_key_line};
 pub use data_dir::DataDir;
-pub use durable::{Durability, DurableLog, NotLeader, WriteError};
+pub use durable::{Durability, DurableLog, NotLeader, ReadBarrier, WriteError};
 pub use error::StoreError;
 pub use log::Log;
 pub use record::{ENCRYPTED, FORMAT, Record, RecordError};

@@ -121,6 +121,8 @@ pub struct Engine {
     requests: mpsc::Sender<Request>,
     durability: watch::Receiver<Durability>,
     events: broadcast::Sender<Arc<DurableEvent>>,
+    /// Awaited before each read (a node of a cluster: its read index).
+    read_barrier: Option<hale_store::ReadBarrier>,
 }
 
 /// An event that is in the log for good (durable), as record `seq`.
@@ -145,6 +147,7 @@ impl Engine {
         let (requests, receiver) = mpsc::channel(4096);
         let (events, _) = broadcast::channel(EVENTS_BUFFERED);
         let durability = log.durability();
+        let read_barrier = log.read_barrier();
         let last_snapshot = options.clock.now();
         let task = EngineTask {
             core,
@@ -165,7 +168,7 @@ impl Engine {
             clock: options.clock,
         };
         tokio::spawn(task.run(receiver, options.tick));
-        Engine { requests, durability, events }
+        Engine { requests, durability, events, read_barrier }
     }
 
     /// Replaces the core with `core`, whose last event is `last_seq` (the committed state
@@ -243,10 +246,17 @@ impl Engine {
     }
 
     /// Like [`read`](Engine::read), with the volatile liveness table in view too.
+    ///
+    /// On a node of a cluster the read is linearizable: the node first confirms with a
+    /// quorum that it still leads (its log's read barrier), and its state holds everything
+    /// committed before that, so the read sees every write acknowledged before it began.
     pub async fn read_core<T: Send + 'static>(
         &self,
         read: impl FnOnce(&Core) -> T + Send + 'static,
     ) -> Result<T, EngineError> {
+        if let Some(barrier) = &self.read_barrier {
+            barrier().await?;
+        }
         let (result_tx, result) = oneshot::channel();
         let read: Read = Box::new(move |state| {
             let _ = result_tx.send(read(state));
