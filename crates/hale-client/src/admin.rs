@@ -145,10 +145,12 @@ impl Admin {
         self.get("/v1/cluster").await
     }
 
-    /// Makes this node a cluster of one, which others then join (`hale cluster init`).
-    pub async fn cluster_init(&self) -> Result<(), ClientError> {
-        let _: serde_json::Value = self.send(reqwest::Method::POST, "/v1/cluster/init").await?;
-        Ok(())
+    /// Makes this node a cluster of one, which others then join (`hale cluster init`); a
+    /// node converted from a single node starts the cluster from its log.
+    /// Returns how many events of a single node's log it brought in (0 for a new node).
+    pub async fn cluster_init(&self) -> Result<u64, ClientError> {
+        let answer: serde_json::Value = self.send(reqwest::Method::POST, "/v1/cluster/init").await?;
+        Ok(answer["imported_events"].as_u64().unwrap_or(0))
     }
 
     /// Has this node join the cluster a member of which listens at `address`.

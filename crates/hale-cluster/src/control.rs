@@ -34,6 +34,50 @@ pub enum JoinAnswer {
     Refused { reason: String },
 }
 
+/// Makes this node a cluster of one (`hale cluster init`). With `import` (the last event
+/// and the state of a single node's log, recovered from this node's data directory), the
+/// cluster starts from that state: it becomes the base the entries fold onto, and once
+/// the first entry is applied a Raft snapshot is taken and the log purged behind it, so a
+/// node that joins is sent the snapshot and has the state too.
+pub async fn init(
+    raft: &Raft<TypeConfig>,
+    committed: &crate::store::CommittedView,
+    members: BTreeMap<NodeId, BasicNode>,
+    import: Option<(u64, hale_core::State)>,
+) -> Result<(), String> {
+    let importing = import.is_some();
+    if let Some((last_seq, state)) = import {
+        committed.import(last_seq, state).map_err(|error| format!("cannot bring in this node's log: {error}"))?;
+    }
+    raft.initialize(members).await.map_err(|error| {
+        format!("this node cannot start a cluster ({error}); it has a log or is a member already: `hale cluster status` shows which")
+    })?;
+    if !importing {
+        return Ok(());
+    }
+    let deadline = std::time::Duration::from_secs(30);
+    let applied = raft
+        .wait(Some(deadline))
+        .metrics(|metrics| metrics.last_applied.is_some(), "the first entry applied")
+        .await
+        .map_err(|error| format!("the cluster started, but its first entry was not applied: {error}"))?
+        .last_applied
+        .expect("waited for");
+    raft.trigger().snapshot().await.map_err(|error| error.to_string())?;
+    raft.wait(Some(deadline))
+        .metrics(|metrics| metrics.snapshot.is_some_and(|snapshot| snapshot.index >= applied.index), "a snapshot")
+        .await
+        .map_err(|error| format!("the cluster started, but the snapshot of the imported log failed: {error}"))?;
+    raft.trigger().purge_log(applied.index).await.map_err(|error| error.to_string())?;
+    // Until the log is purged, a joining node would be sent the entries instead of the
+    // snapshot, and miss the imported state.
+    raft.wait(Some(deadline))
+        .metrics(|metrics| metrics.purged.is_some_and(|purged| purged.index >= applied.index), "the log purged")
+        .await
+        .map_err(|error| format!("the cluster started, but its log was not purged behind the snapshot: {error}"))?;
+    Ok(())
+}
+
 /// Adds `request`'s node: as a learner (waiting until it has caught up), then as a voter.
 pub async fn add_member(raft: &Raft<TypeConfig>, request: JoinRequest) -> JoinAnswer {
     let metrics = raft.metrics().borrow().clone();

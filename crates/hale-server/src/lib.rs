@@ -81,7 +81,8 @@ pub struct RunningServer {
 /// What the engine stands on: the single node's log, or a cluster node's Raft.
 enum Backing {
     Single(hale_store::Log),
-    Cluster(hale_cluster::node::NodeParts, ClusterConfig),
+    /// With the state of a single node's log this node holds, for `hale cluster init`.
+    Cluster(hale_cluster::node::NodeParts, ClusterConfig, Option<Box<(u64, hale_core::State)>>),
 }
 
 /// The settings every core of this server gets, after recovery and after each rebuild.
@@ -118,7 +119,41 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
                     .map_err(|error| ServerError::Supervise(format!("cluster node {}: {error}", cluster.node_id)))?;
             let (last_seq, state) = parts.committed.state();
             let core = Core::from_state(state, config.limits.clone());
-            (data_dir, core, last_seq, hale_store::RecoveryReport::default(), Backing::Cluster(parts, cluster))
+            // A node that has never been part of a cluster may hold a single node's log:
+            // `hale cluster init` brings it in (and `join` refuses, rather than lose it).
+            let pristine = {
+                let metrics = parts.raft.metrics().borrow().clone();
+                metrics.current_term == 0 && metrics.last_log_index.is_none() && last_seq == 0
+            };
+            let (data_dir, importable) = if pristine {
+                let options = RecoveryOptions {
+                    limits: config.limits.clone(),
+                    repair: false,
+                    now: clock::now(),
+                    keys: config.encryption.clone(),
+                };
+                let (data_dir, recovered) = tokio::task::spawn_blocking(move || {
+                    let recovered = hale_store::recover(&data_dir, &options);
+                    (data_dir, recovered)
+                })
+                .await
+                .expect("recovery does not panic");
+                let recovered = recovered?;
+                let importable =
+                    (recovered.last_seq > 0).then(|| Box::new((recovered.last_seq, recovered.core.state().clone())));
+                if let Some(imported) = &importable {
+                    let seq = imported.0;
+                    tracing::info!(
+                        events = seq,
+                        "this node holds a single node's log: `hale cluster init` makes it the cluster's first state"
+                    );
+                }
+                (data_dir, importable)
+            } else {
+                (data_dir, None)
+            };
+            let backing = Backing::Cluster(parts, cluster, importable);
+            (data_dir, core, last_seq, hale_store::RecoveryReport::default(), backing)
         }
         None => {
             let options = RecoveryOptions {
@@ -178,7 +213,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             let writer = Writer::start(log, last_seq, writer_options);
             (Engine::start(core, last_seq, writer, options), None)
         }
-        Backing::Cluster(parts, cluster) => {
+        Backing::Cluster(parts, cluster, importable) => {
             let log = hale_cluster::RaftLog::new(parts.raft.clone(), &parts.committed);
             let leadership = log.leadership();
             let engine = Engine::start(core, last_seq, log, options);
@@ -199,7 +234,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
                 },
             ));
             tracing::info!(node = cluster.node_id, advertise = %cluster.advertise, "a node of a hale cluster");
-            (engine, Some(api::cluster::ClusterControl::new(parts, cluster)))
+            (engine, Some(api::cluster::ClusterControl::new(parts, cluster, importable.map(|boxed| *boxed))))
         }
     };
 

@@ -996,8 +996,13 @@ pub enum ClusterCommand {
 async fn cluster(command: ClusterCommand) -> Result<i32> {
     match command {
         ClusterCommand::Init { server } => {
-            server.admin()?.cluster_init().await?;
-            println!("a cluster of one: other nodes join it with `hale cluster join ADDRESS`");
+            let imported = server.admin()?.cluster_init().await?;
+            if imported > 0 {
+                println!("a cluster of one, from this node's log ({imported} events)");
+            } else {
+                println!("a cluster of one");
+            }
+            println!("other nodes join it with `hale cluster join ADDRESS`");
         }
         ClusterCommand::Join { address, server } => {
             server.admin()?.cluster_join(&address).await?;

@@ -63,6 +63,11 @@ const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 4;
 const CRC_AT: usize = HEADER_LEN - 4;
 const RAFT_SNAPSHOT: &str = "raft-snapshot.bin";
 const RAFT_SNAPSHOT_TEMPORARY: &str = ".raft-snapshot.tmp";
+/// The state of a single node's log brought in by `hale cluster init` (see
+/// [`CommittedView::import`]): the base the first entries fold onto, until the first
+/// Raft snapshot replaces it.
+const IMPORTED: &str = "raft-imported.bin";
+const IMPORTED_TEMPORARY: &str = ".raft-imported.tmp";
 
 /// How the state machine folds and keeps snapshots. The default: the core's default
 /// limits, no keyring, no hale snapshot copies.
@@ -151,11 +156,22 @@ impl StateMachine {
                 (committed, Some(meta))
             }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                let imported = dir.join(IMPORTED);
+                let (last_seq, state) = match std::fs::read(&imported) {
+                    Ok(bytes) => {
+                        let (_, last_seq, state) = decode(&bytes, options.keys.as_deref()).map_err(|reason| {
+                            RaftStoreError::Snapshot { what: imported.display().to_string(), reason }
+                        })?;
+                        (last_seq, state)
+                    }
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => (0, State::default()),
+                    Err(error) => return Err(RaftStoreError::io("read", &imported)(error)),
+                };
                 let committed = Committed {
-                    core: Core::new(options.limits.clone()),
+                    core: Core::from_state(state, options.limits.clone()),
                     last_applied: None,
                     membership: Membership::default(),
-                    last_seq: 0,
+                    last_seq,
                 };
                 (committed, None)
             }
@@ -215,6 +231,40 @@ impl CommittedView {
     /// The last Raft log id applied.
     pub fn last_applied(&self) -> Option<LogId<NodeId>> {
         self.shared.committed.read().expect("the state machine panicked while folding").last_applied
+    }
+
+    /// Makes `state`, whose last event is `last_seq` (a single node's log, recovered), the
+    /// state the first entries fold onto; durable (fsync'd) before it returns. Only on a
+    /// state machine that has applied nothing: `hale cluster init` on a node converted
+    /// from a single node, before it initializes the cluster.
+    pub fn import(&self, last_seq: u64, state: State) -> Result<(), RaftStoreError> {
+        let mut committed = self.shared.committed.write().map_err(|_| poisoned())?;
+        if committed.last_applied.is_some() || committed.last_seq != 0 {
+            return Err(RaftStoreError::Task(format!(
+                "this node's state machine has applied entries already (to event {}): only a new node can bring in a single node's log",
+                committed.last_seq
+            )));
+        }
+        let hale = hale_store::snapshot::encode_with(
+            last_seq,
+            now(),
+            &state,
+            self.shared.keys.as_deref().map(Keyring::current),
+        );
+        let bytes = encode(&Meta { snapshot_id: format!("imported-{last_seq}"), ..Meta::default() }, &hale);
+        let dir = &self.shared.snapshots.dir;
+        let (temporary, path) = (dir.join(IMPORTED_TEMPORARY), dir.join(IMPORTED));
+        let mut file = File::create(&temporary).map_err(RaftStoreError::io("create", &temporary))?;
+        file.write_all(&bytes).map_err(RaftStoreError::io("write", &temporary))?;
+        file.sync_all().map_err(RaftStoreError::io("fsync", &temporary))?;
+        drop(file);
+        std::fs::rename(&temporary, &path).map_err(RaftStoreError::io("rename", &temporary))?;
+        File::open(dir).and_then(|dir| dir.sync_all()).map_err(RaftStoreError::io("fsync", dir))?;
+        committed.core = Core::from_state(state, self.shared.limits.clone());
+        committed.last_seq = last_seq;
+        drop(committed);
+        self.shared.applied.send_replace(last_seq);
+        Ok(())
     }
 }
 
@@ -408,6 +458,13 @@ impl Snapshots {
         std::fs::rename(&temporary, &path).map_err(RaftStoreError::io("rename", &temporary))?;
         File::open(&self.dir).and_then(|dir| dir.sync_all()).map_err(RaftStoreError::io("fsync", &self.dir))?;
         *current = Some(meta.clone());
+        // A snapshot holds whatever was imported: the import is no longer needed.
+        match std::fs::remove_file(self.dir.join(IMPORTED)) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(%error, "could not remove the imported state, which a snapshot now holds");
+            }
+            _ => {}
+        }
         if self.kept > 0 {
             let hale = &bytes[HEADER_LEN + meta_len(bytes)..];
             hale_store::snapshot::write(&self.hale_dir, last_seq, hale)?;

@@ -18,6 +18,7 @@ use hale_cluster::node::NodeParts;
 use hale_cluster::openraft::{BasicNode, Raft};
 use hale_proto::{ClusterInfo, ClusterJoin};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 pub(super) fn routes() -> Vec<Route> {
     vec![
@@ -31,13 +32,23 @@ pub(super) fn routes() -> Vec<Route> {
 #[derive(Clone)]
 pub struct ClusterControl {
     raft: Raft<TypeConfig>,
+    committed: hale_cluster::CommittedView,
     routes: axum::Router,
     config: ClusterConfig,
+    /// The last event and state of the single node's log this node held when it started,
+    /// if it had never been part of a cluster: `init` brings it in, `join` refuses.
+    importable: Arc<std::sync::Mutex<Option<(u64, hale_core::State)>>>,
 }
 
 impl ClusterControl {
-    pub fn new(parts: NodeParts, config: ClusterConfig) -> ClusterControl {
-        ClusterControl { raft: parts.raft, routes: parts.routes, config }
+    pub fn new(parts: NodeParts, config: ClusterConfig, importable: Option<(u64, hale_core::State)>) -> ClusterControl {
+        ClusterControl {
+            raft: parts.raft,
+            committed: parts.committed,
+            routes: parts.routes,
+            config,
+            importable: Arc::new(std::sync::Mutex::new(importable)),
+        }
     }
 
     /// The node-to-node routes, for the server's router.
@@ -89,12 +100,11 @@ pub(super) async fn init(
     principal.require_admin("forming a cluster")?;
     let cluster = cluster(&app)?;
     let members = BTreeMap::from([(cluster.config.node_id, BasicNode::new(cluster.config.advertise.clone()))]);
-    match cluster.raft.initialize(members).await {
-        Ok(()) => Ok(Json(serde_json::json!({ "initialized": true })).into_response()),
-        Err(error) => Err(refused(format!(
-            "this node cannot start a cluster ({error}); it has a log or is a member already: \
-             `hale cluster status` shows which"
-        ))),
+    let import = cluster.importable.lock().expect("importable lock").take();
+    let events = import.as_ref().map_or(0, |(seq, _)| *seq);
+    match control::init(&cluster.raft, &cluster.committed, members, import).await {
+        Ok(()) => Ok(Json(serde_json::json!({ "initialized": true, "imported_events": events })).into_response()),
+        Err(reason) => Err(refused(reason)),
     }
 }
 
@@ -111,6 +121,12 @@ pub(super) async fn join(
     let cluster = cluster(&app)?;
     if body.address.trim().is_empty() || body.address.len() > 256 {
         return Err(ApiError::bad_request("address must be the host:port of a member of the cluster"));
+    }
+    if let Some((events, _)) = &*cluster.importable.lock().expect("importable lock") {
+        return Err(refused(format!(
+            "this node's data directory holds a single node's log ({events} events), which joining would lose: \
+             make this node the first of a new cluster with `hale cluster init`, or start it on an empty data directory"
+        )));
     }
     let request = JoinRequest { node_id: cluster.config.node_id, address: cluster.config.advertise.clone() };
     match control::join(&body.address, &cluster.config.secret, &request).await {

@@ -219,3 +219,71 @@ async fn a_session_and_the_cli_given_every_node_follow_the_leader_through_its_si
         assert!(node.terminate().success());
     }
 }
+
+/// A data directory a single hale wrote becomes the first node of a cluster with
+/// everything in it: `init` brings its log in, the nodes that join get it with the
+/// snapshot, and after the first node is SIGKILLed the others still have it and go on
+/// from it. A node with a single node's log of its own is refused a join, which would
+/// lose it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_nodes_data_directory_becomes_the_first_node_of_a_cluster_with_everything_intact() {
+    let temp = tempfile::tempdir().unwrap();
+    let single = |id: u64| {
+        let mut command = Command::new(HALE);
+        command.arg("serve").arg("--data").arg(data(temp.path(), id)).args(["--listen", "127.0.0.1:0"]);
+        support::serve_with_command(command).unwrap()
+    };
+    let alone = single(1);
+    let (code, body) = alone.post("/v1/agents/writer/hello", &json!({"role": "writer"}));
+    assert_eq!(code, 200, "{body}");
+    for n in 1..=7 {
+        let (code, body) = checkpoint(&alone, n);
+        assert_eq!(code, 200, "{body}");
+    }
+    assert!(alone.terminate().success());
+    // Another single node's directory, to be refused a join.
+    let other = single(4);
+    assert_eq!(other.post("/v1/agents/other/hello", &json!({"role": "r"})).0, 200);
+    assert!(other.terminate().success());
+
+    let (first, first_addr) = fresh_node(temp.path(), 1);
+    let (code, out, err) = cli(&["cluster", "init", "--server", &format!("http://{first_addr}")]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("from this node's log (9 events)"), "init says what it brought in: {out}");
+    let mut nodes = vec![Some(first), None, None];
+    let mut addrs = vec![first_addr.clone()];
+    for id in [2u64, 3] {
+        let (hale, addr) = fresh_node(temp.path(), id);
+        let (code, out, err) = cli(&["cluster", "join", &first_addr, "--server", &format!("http://{addr}")]);
+        assert_eq!(code, 0, "node {id}: {out}{err}");
+        nodes[id as usize - 1] = Some(hale);
+        addrs.push(addr);
+    }
+    let (refused, refused_addr) = fresh_node(temp.path(), 4);
+    let (code, _, err) = cli(&["cluster", "join", &first_addr, "--server", &format!("http://{refused_addr}")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cluster_refused") && err.contains("single node's log"), "{err}");
+    assert!(refused.terminate().success());
+
+    // The first node goes; the others have everything and go on from it.
+    nodes[0].take().unwrap().kill();
+    let rest: Vec<&str> = addrs[1..].iter().map(String::as_str).collect();
+    let second = leader(&rest).await;
+    let leading = nodes[second as usize - 1].as_ref().unwrap();
+    let body = support::eventually("the new leader to answer reads", 30, || async {
+        let (code, body) = leading.get("/v1/agents/writer/state");
+        (code == 200).then_some(body)
+    })
+    .await;
+    let state: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((state["version"].as_u64(), state["state"]["n"].as_u64()), (Some(7), Some(7)), "{state}");
+    let answer = support::eventually("the new leader to take writes", 30, || async {
+        let (code, body) = checkpoint(leading, 8);
+        (code == 200).then_some(body)
+    })
+    .await;
+    assert_eq!(serde_json::from_str::<Value>(&answer).unwrap()["version"], 8, "{answer}");
+    for node in nodes.into_iter().flatten() {
+        assert!(node.terminate().success());
+    }
+}
