@@ -18,6 +18,16 @@ what was sent but not answered:
 
 Requests made while offline wait in the session's queue (1,024 at most; then callers
 wait) and go out in order once the run has resumed.
+
+On a cluster the session follows the leader. A node that does not lead answers a request
+``not_leader`` (naming the leader if it knows it), and a node that stops leading sends a
+bound session an id-less ``not_leader`` error and closes it with code 4004. With a
+policy, such an answer is not handed to the caller: the request stays in flight, the
+session reconnects at once to the leader named (else to the next address, with the
+usual backoff), resumes the run there and settles what was in flight as above. A first
+hello (no run resumed yet) refused so is sent again as it is. Without a policy the
+caller gets :class:`~hale.NotLeader` (and a session closed by its node ends with a
+:class:`SessionClosed` whose code is ``not_leader``).
 """
 
 from __future__ import annotations
@@ -37,6 +47,11 @@ log = logging.getLogger("hale")
 
 Frame = Dict[str, Any]
 QUEUE_MAX = 1024
+#: Close code of a bound session whose node stopped leading its cluster.
+CLOSE_NOT_LEADER = 4004
+#: A leader named by a node is tried at once this many times in a row; then with backoff
+#: (two nodes that each name the other, briefly, during an election must not spin).
+HINTS_AT_ONCE = 3
 
 #: Frames that are safe to send again after a reconnect.
 _RESENT = frozenset(
@@ -75,15 +90,36 @@ class _Pending:
 
 
 class _Lost:
-    __slots__ = ("final", "reason")
+    __slots__ = ("final", "reason", "not_leader", "leader")
 
-    def __init__(self, final: bool, reason: str) -> None:
+    def __init__(self, final: bool, reason: str, not_leader: bool = False, leader: Optional[str] = None) -> None:
         self.final = final
         self.reason = reason
+        #: The node does not lead its cluster (any more); ``leader`` is who does, if known.
+        self.not_leader = not_leader
+        self.leader = leader
 
 
 class _GiveUp(Exception):
     pass
+
+
+class _Elsewhere(Exception):
+    """The node refused to resume the run: it does not lead (``leader`` does, if known)."""
+
+    def __init__(self, leader: Optional[str]) -> None:
+        super().__init__(leader)
+        self.leader = leader
+
+
+def _not_leader(frame: Frame) -> Optional[_Lost]:
+    """A lost connection, if ``frame`` is a ``not_leader`` error."""
+    if frame.get("type") != "error" or frame.get("code") != Code.NOT_LEADER:
+        return None
+    leader = frame.get("leader")
+    leader = leader if isinstance(leader, str) and leader else None
+    reason = f"the node does not lead its cluster (leader: {leader or 'unknown'})"
+    return _Lost(False, reason, not_leader=True, leader=leader)
 
 
 def _resolve(future: Optional["asyncio.Future[Frame]"], frame: Frame) -> None:
@@ -98,8 +134,12 @@ def _reject(future: Optional["asyncio.Future[Frame]"], error: BaseException) -> 
         future.exception()
 
 
-def closed_error(reason: str) -> SessionClosed:
-    return Fenced(reason) if reason.startswith("fenced") else SessionClosed(reason)
+def closed_error(reason: str, leader: Optional[str] = None, not_leader: bool = False) -> SessionClosed:
+    if reason.startswith("fenced"):
+        return Fenced(reason)
+    if not_leader:
+        return SessionClosed(reason, Code.NOT_LEADER, leader)
+    return SessionClosed(reason)
 
 
 class Session:
@@ -115,6 +155,8 @@ class Session:
         on_unasked: Callable[[Frame], None],
     ) -> None:
         self.urls = list(urls)
+        #: The address of the current (or last) connection.
+        self.url = self.urls[0]
         self.agent = agent
         self._hello = hello
         self.credentials = credentials
@@ -148,6 +190,8 @@ class Session:
         self._acked_here: Set[int] = set()
         self.ended = asyncio.Event()
         self.end_reason: Optional[str] = None
+        #: Set when the session ended because its node does not lead (no policy to follow).
+        self._end_not_leader: Optional[_Lost] = None
         self.connected = False
         self._close_requested = asyncio.Event()
         self._closing = False
@@ -156,6 +200,9 @@ class Session:
         self.reconnects = 0
         #: (attempt, delay in seconds) of every reconnect wait, for diagnostics.
         self.backoffs: List[Tuple[int, float]] = []
+        #: How often a node that does not lead sent the session on (to the leader it
+        #: named or the next address).
+        self.redirects = 0
 
     # ---- the application side ----------------------------------------------------------
 
@@ -170,7 +217,7 @@ class Session:
             self._space.clear()
             await self._space.wait()
         if self.ended.is_set():
-            raise closed_error(self.end_reason or "the session has ended")
+            raise self._closed_error(self.end_reason or "the session has ended")
         future: "asyncio.Future[Frame]" = asyncio.get_running_loop().create_future()
         self._queue.append(_Outgoing(frame, future))
         self._wake.set()
@@ -191,6 +238,12 @@ class Session:
 
     # ---- the session task ----------------------------------------------------------------
 
+    def _closed_error(self, reason: str) -> SessionClosed:
+        lost = self._end_not_leader
+        if lost is not None:
+            return closed_error(reason, lost.leader, not_leader=True)
+        return closed_error(reason)
+
     async def _run(self, socket: Any) -> None:
         reason = "the session task ended"
         try:
@@ -199,10 +252,14 @@ class Session:
                 self.connected = False
                 if lost.final or self.policy is None:
                     reason = lost.reason
+                    if lost.not_leader and not lost.final:
+                        self._end_not_leader = lost
                     break
                 log.info("lost hale (%s); reconnecting", lost.reason)
+                if lost.not_leader:
+                    self.redirects += 1
                 try:
-                    socket = await self._reconnect()
+                    socket = await self._reconnect(lost.leader)
                 except _GiveUp as error:
                     reason = str(error)
                     if not reason.startswith(("fenced", "closed by the agent")):
@@ -220,14 +277,13 @@ class Session:
         self.end_reason = reason
         self.ended.set()
         self._space.set()
-        error = closed_error(reason)
         for pending in self._pending.values():
-            _reject(pending.future, error)
+            _reject(pending.future, self._closed_error(reason))
         self._pending.clear()
         self._by_id.clear()
         self._drained.set()
         while self._queue:
-            _reject(self._queue.popleft().future, error)
+            _reject(self._queue.popleft().future, self._closed_error(reason))
 
     async def _pump(self, socket: Any) -> _Lost:
         reader = asyncio.ensure_future(self._read(socket))
@@ -282,6 +338,9 @@ class Session:
                     return _Lost(True, f"fenced: {_describe(error)}")
                 if code == 4003:
                     return _Lost(True, f"ended by hale: {_describe(error)}")
+                if code == CLOSE_NOT_LEADER:
+                    # Normally after an id-less not_leader error, which ends the pump first.
+                    return _Lost(False, _describe(error), not_leader=True)
                 return _Lost(False, _describe(error))
             except OSError as error:
                 return _Lost(False, str(error))
@@ -301,6 +360,12 @@ class Session:
             return _Lost(True, f"fenced: incarnation {frame.get('incarnation')}: {frame.get('reason')}")
         if kind == "session_ended":
             return _Lost(True, f"ended by hale: {frame.get('reason')}")
+        if kind == "error" and (self.policy is not None or frame.get("id") is None):
+            # Not handed to the caller: the request stays in flight and goes to the leader
+            # (without a policy, an answer to a request is; an id-less one ends the session).
+            lost = _not_leader(frame)
+            if lost is not None:
+                return lost
         if kind == "task":
             key = (int(frame.get("task", 0)), int(frame.get("attempts", 0)))
             if key in self.offered:
@@ -365,22 +430,33 @@ class Session:
 
     # ---- coming back -----------------------------------------------------------------------
 
-    async def _reconnect(self) -> Any:
+    async def _reconnect(self, leader: Optional[str] = None) -> Any:
         policy = self.policy
         assert policy is not None
         attempt = 0
+        # A node that named the leader is taken at its word, at once (a few times in a row).
+        hint = _transport.with_authority(self.url, leader) if leader else None
+        hints_in_a_row = 0
         while True:
             if self._close_requested.is_set():
                 raise _GiveUp("closed by the agent")
             if policy.attempts is not None and attempt >= policy.attempts:
                 raise _GiveUp(f"gave up after {attempt} attempts")
-            delay = policy.delay(attempt)
-            self.backoffs.append((attempt, delay))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._close_requested.wait(), delay)
-            if self._close_requested.is_set():
-                raise _GiveUp("closed by the agent")
-            url = self.urls[attempt % len(self.urls)]
+            if hint is not None and hints_in_a_row < HINTS_AT_ONCE:
+                url, hint = hint, None
+                hints_in_a_row += 1
+            else:
+                hints_in_a_row = 0
+                delay = policy.delay(attempt)
+                self.backoffs.append((attempt, delay))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._close_requested.wait(), delay)
+                if self._close_requested.is_set():
+                    raise _GiveUp("closed by the agent")
+                if hint is not None:
+                    url, hint = hint, None
+                else:
+                    url = self.urls[attempt % len(self.urls)]
             attempt += 1
             try:
                 socket = await _transport.open_socket(url, self.agent, self.credentials, self.ca_file)
@@ -388,18 +464,37 @@ class Session:
                 log.debug("reconnect attempt %d to %s failed: %s", attempt, url, error)
                 continue
             except HaleError as error:
+                if error.code == Code.NOT_LEADER:
+                    # A token refresh found no leader for long: try again later.
+                    log.debug("reconnect attempt %d to %s: %s", attempt, url, error)
+                    continue
                 raise _GiveUp(f"hale refused the agent's tokens: {error}") from error
+            self.url = url
             if self.incarnation is None:
-                # Never resumed: nothing to come back to; requests go out as they are.
+                # Never resumed: nothing to come back to. A first hello that a node which
+                # does not lead refused goes again as it is, and so does what followed it.
+                try:
+                    await self._resend_as_they_are(socket)
+                except (_transport.ConnectionClosed, OSError):
+                    _abort(socket)
+                    continue
                 return socket
             try:
                 welcome = await self._resume(socket)
+            except _Elsewhere as elsewhere:
+                self.redirects += 1
+                log.info("%s does not lead its cluster (leader: %s)", url, elsewhere.leader or "unknown")
+                if elsewhere.leader:
+                    hint = _transport.with_authority(url, elsewhere.leader)
+                continue
             except _transport.ConnectionClosed:
                 continue
             except (OSError, asyncio.TimeoutError):
                 _abort(socket)
                 continue
-            log.info("resumed run %s at version %s after %d attempts", self.incarnation, welcome.get("version"), attempt)
+            log.info(
+                "resumed run %s at version %s on %s after %d attempts", self.incarnation, welcome.get("version"), url, attempt
+            )
             self._on_welcome(welcome)
             try:
                 await self._settle(socket, int(welcome.get("version", 0)))
@@ -427,9 +522,24 @@ class Session:
                 return frame
             if frame.get("type") == "error":
                 _abort(socket)
+                lost = _not_leader(frame)
+                if lost is not None:
+                    raise _Elsewhere(lost.leader)
                 code = str(frame.get("code"))
                 prefix = "fenced: " if code in _RUN_OVER else ""
                 raise _GiveUp(f"{prefix}hale refused to resume run {self.incarnation} ({code}): {frame.get('message')}")
+
+    async def _resend_as_they_are(self, socket: Any) -> None:
+        """Sends every request in flight again, unchanged, on a new connection of a
+        session that has not resumed a run yet."""
+        pending = list(self._pending.values())
+        self._pending.clear()
+        self._by_id.clear()
+        self._drained.set()
+        for item in pending:
+            self._push(item.frame, item.future)
+        for item in pending:
+            await socket.send(json.dumps(item.frame))
 
     def _take_message(self, seq: int) -> bool:
         """Whether message ``seq`` is new to the application (and from now on handed to it)."""

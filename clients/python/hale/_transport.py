@@ -10,7 +10,7 @@ import ssl
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import AuthError, Code, ConnectError, HaleError, ProtocolError
 
@@ -32,7 +32,46 @@ MAX_MESSAGE = 64 * 1024 * 1024
 
 _CONNECT_PARAMS = set(inspect.signature(_ws_connect).parameters)
 
-__all__ = ["ConnectionClosed", "Credentials", "open_socket", "http_json", "MAX_MESSAGE"]
+__all__ = ["ConnectionClosed", "Credentials", "open_socket", "http_json", "MAX_MESSAGE", "addresses", "with_authority"]
+
+#: How long an HTTP call keeps following ``not_leader`` answers and unreachable nodes of a
+#: cluster: about two elections at the default timeouts, a few at the slow ones.
+FOLLOW_FOR = 5.0
+
+
+def _one_address(text: str) -> str:
+    url = text.strip().rstrip("/")
+    if url.startswith("https://"):
+        return "wss://" + url[len("https://") :]
+    if url.startswith("http://"):
+        return "ws://" + url[len("http://") :]
+    if "://" not in url:
+        return "ws://" + url
+    return url
+
+
+def addresses(url: Union[str, Sequence[str]]) -> List[str]:
+    """The WebSocket addresses in ``url``: one address, several separated by commas (as in
+    ``HALE_URL``), or a list of them (each of which may hold commas too). ``http://`` and
+    ``https://`` become ``ws://`` and ``wss://``, a bare ``host:port`` is ``ws://host:port``;
+    empty entries and repeats are dropped, the order is kept."""
+    given = [url] if isinstance(url, str) else list(url)
+    found: List[str] = []
+    for entry in given:
+        for part in str(entry).split(","):
+            if not part.strip():
+                continue
+            address = _one_address(part)
+            if address not in found:
+                found.append(address)
+    return found
+
+
+def with_authority(base: str, authority: str) -> str:
+    """``base`` with its ``host:port`` replaced by ``authority`` (``ws://a:1`` and ``b:2``
+    give ``ws://b:2``): where a node that does not lead says the leader is."""
+    scheme, sep, _ = base.partition("://")
+    return f"{scheme}://{authority}" if sep else f"ws://{authority}"
 
 
 def http_base(url: str) -> str:
@@ -118,6 +157,56 @@ async def http_json(
     raise ProtocolError(f"HTTP {status} from {url}: {decoded!r}")
 
 
+async def http_follow(
+    method: str,
+    bases: Sequence[str],
+    path: str,
+    body: Optional[Mapping[str, Any]] = None,
+    *,
+    token: Optional[str] = None,
+    ca_file: Optional[str] = None,
+    timeout: float = 10.0,
+    follow_for: float = FOLLOW_FOR,
+) -> Any:
+    """``method path`` at the first of ``bases`` (WebSocket or HTTP addresses of the nodes
+    of a cluster), following the leader for up to ``follow_for`` seconds: a ``not_leader``
+    answer sends the request to the leader it names or, during an election, after 50 ms
+    to the next address; an unreachable node is passed over for the next (given several).
+    Whether a write was applied is not in doubt when a follower refuses it; a leader
+    that lost its leadership with the write in flight answers ``not_leader`` too, and the
+    write goes again to the new leader."""
+    if not bases:
+        raise ConnectError("no address given")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + follow_for
+    base = bases[0]
+    tried = 0
+    while True:
+        tried += 1
+        following = loop.time() < deadline
+        try:
+            return await http_json(method, f"{http_base(base)}{path}", body, token=token, ca_file=ca_file, timeout=timeout)
+        except ConnectError:
+            if not (following and len(bases) > 1):
+                raise
+            base = _next_after(bases, base, tried)
+            await asyncio.sleep(0.05 if tried >= len(bases) else 0)
+        except HaleError as error:
+            if not (following and error.code == Code.NOT_LEADER):
+                raise
+            if error.leader:
+                base = with_authority(base, error.leader)
+            else:
+                # An election: give it a moment, then ask the next node.
+                await asyncio.sleep(0.05)
+                base = _next_after(bases, base, tried)
+
+
+def _next_after(bases: Sequence[str], base: str, tried: int) -> str:
+    at = bases.index(base) if base in bases else tried
+    return bases[(at + 1) % len(bases)]
+
+
 class Credentials:
     """An agent's access token and, if held, its refresh token; refreshed (rotated) at
     ``POST /v1/auth/refresh`` when the access token is due to expire."""
@@ -129,6 +218,8 @@ class Credentials:
         self.refresh_token = refresh
         self.refresh_ahead = refresh_ahead
         self.refreshes = 0
+        #: Every node of the cluster (WebSocket addresses): a refresh follows the leader.
+        self.nodes: List[str] = []
         self._lock = asyncio.Lock()
 
     def renew_in(self) -> Optional[float]:
@@ -152,9 +243,12 @@ class Credentials:
         async with self._lock:
             if self.refresh_token is None or not (force or self.due()):
                 return False
-            answer = await http_json(
+            # A refresh is a write: on a cluster it follows the leader from ``url``.
+            bases = [url] + [node for node in self.nodes if node != url]
+            answer = await http_follow(
                 "POST",
-                f"{http_base(url)}/v1/auth/refresh",
+                bases,
+                "/v1/auth/refresh",
                 {"agent": agent, "refresh_token": self.refresh_token},
                 ca_file=ca_file,
             )

@@ -26,7 +26,7 @@ from typing import (
 
 from . import _transport
 from ._session import Frame, Session
-from .errors import Code, HaleError, ProtocolError, SessionClosed, error_from_frame
+from .errors import Code, ConnectError, HaleError, ProtocolError, SessionClosed, error_from_frame
 from .types import (
     JSON,
     Conversation,
@@ -109,7 +109,7 @@ class Agent:
 
     def __init__(
         self,
-        url: str,
+        urls: Sequence[str],
         name: str,
         role: str,
         labels: Mapping[str, str],
@@ -118,7 +118,8 @@ class Agent:
         ca_file: Optional[str],
         reconnect: Optional[Reconnect],
     ) -> None:
-        self.url = url
+        #: The address connected to first.
+        self.url = urls[0]
         self.name = name
         self.role = role
         self.labels = dict(labels)
@@ -136,9 +137,13 @@ class Agent:
         self.challenges = 0
         self.conversations: List[Conversation] = []
         self.pending_replies: List[PendingReply] = []
-        urls = [url] + (list(reconnect.more_urls) if reconnect else [])
+        # The address that answered first, the others given, then the policy's extra ones.
+        every = list(urls)
+        if reconnect is not None:
+            every += [more for more in _transport.addresses(list(reconnect.more_urls)) if more not in every]
+        credentials.nodes = list(every)
         self._session = Session(
-            urls,
+            every,
             name,
             self._hello_frame,
             credentials,
@@ -156,7 +161,7 @@ class Agent:
     @classmethod
     async def connect(
         cls,
-        url: str,
+        url: Union[str, Sequence[str]],
         name: str,
         role: str,
         *,
@@ -168,8 +173,16 @@ class Agent:
         reconnect: Optional[Reconnect] = None,
         refresh_ahead: float = 60.0,
     ) -> Agent:
-        """Opens a session to the hale at ``url`` (``ws://host:port`` or ``wss://…``) and
-        says hello as ``name`` in ``role``.
+        """Opens a session to the hale at ``url`` (``ws://host:port`` or ``wss://…``;
+        ``http://`` and ``https://`` are taken for them) and says hello as ``name`` in
+        ``role``.
+
+        The nodes of a cluster are given as a list or separated by commas (as in
+        ``HALE_URL``): the first that accepts a connection is used, the others are kept
+        for reconnects. With ``reconnect`` the session follows the leader: a node that
+        does not lead names the leader and the session resumes the same run there,
+        settling what was in flight as after a lost connection (a checkpoint is applied
+        once). Without it, a node that does not lead raises :class:`NotLeader`.
 
         ``incarnation`` resumes that run (an agent hale runs is told its own in
         ``HALE_INCARNATION``); left out, a new run starts. ``token`` is the agent's access
@@ -182,9 +195,30 @@ class Agent:
         Raises :class:`ConnectError` if hale cannot be reached and :class:`HaleError` if
         it refuses the tokens or the hello.
         """
+        given = _transport.addresses(url)
+        if not given:
+            raise ConnectError(f"no address given: {url!r}")
         credentials = _transport.Credentials(token, refresh_token, refresh_ahead)
-        agent = cls(url, name, role, labels or {}, incarnation, credentials, ca_file, reconnect)
-        socket = await _transport.open_socket(url, name, credentials, ca_file)
+        credentials.nodes = list(given)
+        socket = None
+        failure: Optional[HaleError] = None
+        at = 0
+        for at, candidate in enumerate(given):
+            try:
+                socket = await _transport.open_socket(candidate, name, credentials, ca_file)
+                break
+            except ConnectError as error:
+                if failure is None or isinstance(failure, ConnectError):
+                    failure = error
+            except HaleError as error:
+                # Refused (e.g. the tokens): reported rather than an unreachable node.
+                failure = error
+        if socket is None:
+            assert failure is not None
+            raise failure
+        # The one that answered first, then the others in turn.
+        urls = given[at:] + given[:at]
+        agent = cls(urls, name, role, labels or {}, incarnation, credentials, ca_file, reconnect)
         agent._session.start(socket)
         try:
             await agent._say_hello()
@@ -210,7 +244,7 @@ class Agent:
             except asyncio.TimeoutError:
                 pass
             try:
-                await self._credentials.refresh(self.url, self.name, self.ca_file)
+                await self._credentials.refresh(self._session.url, self.name, self.ca_file)
                 await self._request({"type": "auth", "token": self._credentials.access}, "ok")
                 retry = 0.0
             except (HaleError, OSError) as error:
@@ -229,8 +263,9 @@ class Agent:
         env: Optional[Mapping[str, str]] = None,
     ) -> Agent:
         """Connects as the agent hale started: ``HALE_URL`` (default
-        ``ws://127.0.0.1:7700``), ``HALE_AGENT`` (required), ``HALE_INCARNATION`` (the run
-        to resume), ``HALE_TOKEN`` and ``HALE_REFRESH_TOKEN``, ``HALE_CA_FILE``. The role
+        ``ws://127.0.0.1:7700``; a cluster's nodes separated by commas), ``HALE_AGENT``
+        (required), ``HALE_INCARNATION`` (the run to resume), ``HALE_TOKEN`` and
+        ``HALE_REFRESH_TOKEN``, ``HALE_CA_FILE``. The role
         is ``role``, else ``HALE_ROLE``, else the agent's name (hale keeps hale.toml's
         role for an agent it runs whatever the hello says). Reconnects by default: an
         agent hale runs outlives a restart of hale."""
@@ -322,6 +357,22 @@ class Agent:
     @property
     def connected(self) -> bool:
         return self._session.connected
+
+    @property
+    def urls(self) -> List[str]:
+        """Every address the session may (re)connect to, in the order it tries them."""
+        return list(self._session.urls)
+
+    @property
+    def connected_to(self) -> str:
+        """The address of the current connection (the last one while offline): on a
+        cluster, the leader once the session has followed it."""
+        return self._session.url
+
+    @property
+    def redirects(self) -> int:
+        """How often a node that does not lead its cluster sent the session on."""
+        return self._session.redirects
 
     @property
     def reconnects(self) -> int:

@@ -1,7 +1,10 @@
 """Errors: every failure is a :class:`HaleError` with a stable ``code``.
 
 Codes hale sends are documented in docs/errors.md; the client adds a few of its own
-(``closed``, ``fenced``, ``connect``, ``protocol``, ``not_resumed``). Match on
+(``closed``, ``fenced``, ``connect``, ``protocol``, ``not_resumed``). A session that ended
+because its node stopped leading a cluster (without a :class:`Reconnect` policy to follow
+the leader) fails with a :class:`SessionClosed` whose code is ``not_leader`` and whose
+``leader`` names the leader if known. Match on
 ``error.code`` (or on the subclasses below for the common ones).
 """
 
@@ -51,6 +54,8 @@ class Code:
     REFRESH_REFUSED = "refresh_refused"
     # Health.
     QUARANTINED = "quarantined"
+    # Clusters.
+    NOT_LEADER = "not_leader"
 
 
 class HaleError(Exception):
@@ -63,13 +68,19 @@ class HaleError(Exception):
         self.retryable = retryable
         #: False when the code is the client's guess (hale's answer could not be read).
         self.known = True
+        #: With ``not_leader``: the leader's address (``host:port``) if the node knew it.
+        self.leader: Optional[str] = None
 
     @staticmethod
     def from_body(body: Mapping[str, Any]) -> HaleError:
         """The error for an ``error`` frame or an HTTP error body's ``error`` member."""
         code = str(body.get("code", "unknown"))
         cls = _BY_CODE.get(code, ServerError)
-        return cls(code, str(body.get("message", "")), bool(body.get("retryable", False)))
+        error = cls(code, str(body.get("message", "")), bool(body.get("retryable", False)))
+        leader = body.get("leader")
+        if isinstance(leader, str) and leader:
+            error.leader = leader
+        return error
 
 
 class ServerError(HaleError):
@@ -80,8 +91,9 @@ class SessionClosed(HaleError):
     """The session ended before hale answered. Whether the request took effect is unknown
     (for a request the client could not safely send again after a reconnect)."""
 
-    def __init__(self, message: str, code: str = Code.CLOSED) -> None:
+    def __init__(self, message: str, code: str = Code.CLOSED, leader: Optional[str] = None) -> None:
         super().__init__(code, message, False)
+        self.leader = leader
 
 
 class Fenced(SessionClosed):
@@ -148,7 +160,16 @@ class Quarantined(ServerError):
     messages (ask and reply are sends) until the operator releases it."""
 
 
+class NotLeader(ServerError):
+    """The node of a cluster that got the request does not lead it (any more), so it
+    decided nothing; ``leader`` is the leader's ``host:port`` if the node knew it. A
+    session with a :class:`Reconnect` policy follows the leader by itself and never
+    raises this; without one, resume on the leader (a request in flight when a leader
+    lost its leadership may or may not have been applied: check the version)."""
+
+
 _BY_CODE: Dict[str, Type[HaleError]] = {
+    Code.NOT_LEADER: NotLeader,
     Code.QUARANTINED: Quarantined,
     Code.VERSION_CONFLICT: VersionConflict,
     Code.STALE_INCARNATION: StaleIncarnation,

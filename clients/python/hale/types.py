@@ -28,9 +28,10 @@ class Reconnect:
 
     Attempt ``n`` (0-based) waits a uniformly random time in ``[0, min(cap, base * 2**n)]``
     seconds (exponential backoff with full jitter, so many agents do not come back in
-    step), then tries the next address in turn: the one connected first, then
-    ``more_urls``. ``attempts`` gives up after that many failed attempts in a row
-    (``None``: never).
+    step), then tries the next address in turn: the one connected first, the others
+    given to ``connect``, then ``more_urls``. A node of a cluster that does not lead and
+    names the leader is taken at its word: the leader is tried at once. ``attempts``
+    gives up after that many failed attempts in a row (``None``: never).
     """
 
     base: float = 0.1

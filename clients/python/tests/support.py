@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -222,3 +223,75 @@ class Proxy:
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
+
+
+class Cluster:
+    """Three ``hale serve`` nodes on loopback formed into a cluster (init on node 1, the
+    others join it), with short Raft timeouts so elections settle quickly."""
+
+    SECRET = "py-test-cluster-secret-5d1f0a7b"
+
+    def __init__(self, work: Path, nodes: int = 3, heartbeat_ms: int = 100, election_ms: Tuple[int, int] = (400, 800)) -> None:
+        self.work = work
+        work.mkdir(parents=True, exist_ok=True)
+        secret = work / "cluster.secret"
+        secret.write_text(self.SECRET)
+        self.nodes: List[Hale] = []
+        try:
+            for node_id in range(1, nodes + 1):
+                config = work / f"node{node_id}.toml"
+                config.write_text(
+                    "[cluster]\n"
+                    f"node_id = {node_id}\n"
+                    f'secret_file = "{secret}"\n'
+                    f"heartbeat_ms = {heartbeat_ms}\n"
+                    f"election_min_ms = {election_ms[0]}\n"
+                    f"election_max_ms = {election_ms[1]}\n"
+                )
+                self.nodes.append(Hale(work / f"data{node_id}", free_address(), config=config))
+            self.nodes[0].ok("POST", "/v1/cluster/init")
+            for node in self.nodes[1:]:
+                node.ok("POST", "/v1/cluster/join", {"address": self.nodes[0].addr})
+        except BaseException:
+            self.stop()
+            raise
+
+    def status(self, node: Hale) -> Optional[Dict[str, Any]]:
+        """``GET /v1/cluster`` on ``node``, or None if it does not answer."""
+        if node.proc.poll() is not None:
+            return None
+        try:
+            status, answer = node.http("GET", "/v1/cluster")
+        except OSError:
+            return None
+        return answer if status == 200 and isinstance(answer, dict) else None
+
+    def leader(self, among: Optional[List[Hale]] = None) -> Optional[Hale]:
+        """The node that says it leads and that every other running node (of ``among``)
+        follows; None while they do not agree (an election)."""
+        live = [
+            (index + 1, node)
+            for index, node in enumerate(self.nodes)
+            if node.proc.poll() is None and (among is None or node in among)
+        ]
+        statuses = [self.status(node) for _, node in live]
+        if not statuses or any(status is None for status in statuses):
+            return None
+        leaders = {status.get("leader") for status in statuses if status is not None}
+        if len(leaders) != 1:
+            return None
+        named = leaders.pop()
+        for (node_id, node), status in zip(live, statuses):
+            if node_id == named and status is not None and status.get("role") == "leader":
+                return node
+        return None
+
+    def followers(self, leader: Hale) -> List[Hale]:
+        return [node for node in self.nodes if node is not leader and node.proc.poll() is None]
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    node.proc.send_signal(signal.SIGCONT)
+            node.stop()

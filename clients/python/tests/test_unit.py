@@ -91,3 +91,35 @@ def test_a_message_acked_before_its_redelivery_arrives_is_handed_over_once() -> 
         assert not session._acked_here, "forgotten once delivery is past it"
 
     asyncio.run(run())
+
+
+def test_addresses_are_split_on_commas_and_made_websocket_urls() -> None:
+    from hale._transport import addresses, with_authority
+
+    assert addresses("ws://a:1") == ["ws://a:1"]
+    assert addresses(" http://a:1/ , https://b:2,, ws://c:3 ") == ["ws://a:1", "wss://b:2", "ws://c:3"]
+    assert addresses(["ws://a:1", "b:2,wss://c:3", "ws://a:1"]) == ["ws://a:1", "ws://b:2", "wss://c:3"]
+    assert addresses("") == [] and addresses([]) == []
+    assert with_authority("wss://a:1", "b:2") == "wss://b:2"
+    assert with_authority("ws://a:1/", "127.0.0.1:7702") == "ws://127.0.0.1:7702"
+
+
+def test_not_leader_is_an_error_type_that_names_the_leader() -> None:
+    body = {"code": "not_leader", "message": "m", "retryable": True, "leader": "127.0.0.1:7702"}
+    error = hale.HaleError.from_body(body)
+    assert isinstance(error, hale.NotLeader) and isinstance(error, hale.ServerError)
+    assert error.code == hale.Code.NOT_LEADER and error.leader == "127.0.0.1:7702" and error.retryable
+    assert hale.HaleError.from_body({"code": "not_leader", "message": "an election"}).leader is None
+    assert hale.HaleError.from_body({"code": "version_conflict", "message": "m"}).leader is None
+
+
+def test_connect_without_an_address_is_refused() -> None:
+    async def run() -> None:
+        try:
+            await hale.Agent.connect(" , ", "a", "r")
+        except hale.ConnectError as error:
+            assert "no address" in error.message
+        else:
+            raise AssertionError("connected to nothing")
+
+    asyncio.run(run())
