@@ -287,3 +287,49 @@ async fn a_single_nodes_data_directory_becomes_the_first_node_of_a_cluster_with_
         assert!(node.terminate().success());
     }
 }
+
+/// Every node SIGKILLed at once and started again from its directory: everything that
+/// was acknowledged is there, and the cluster goes on from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_cluster_sigkilled_and_restarted_keeps_everything_acknowledged() {
+    let temp = tempfile::tempdir().unwrap();
+    let (mut nodes, addrs) = form(temp.path());
+    let all: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let first = leader(&all).await;
+    let leading = nodes[first as usize - 1].as_ref().unwrap();
+    assert_eq!(leading.post("/v1/agents/writer/hello", &json!({"role": "writer"})).0, 200);
+    let mut acknowledged = 0;
+    for n in 1..=25 {
+        let (code, body) = checkpoint(leading, n);
+        assert_eq!(code, 200, "{body}");
+        acknowledged = n;
+    }
+    let (code, body) =
+        leading.post("/v1/tasks", &json!({"role": "writer", "payload": {"q": 1}, "idempotency_key": "kept"}));
+    assert_eq!(code, 200, "{body}");
+    for node in nodes.iter_mut() {
+        node.take().unwrap().kill();
+    }
+    for id in 1..=3u64 {
+        nodes[id as usize - 1] = Some(node(temp.path(), id, &addrs[id as usize - 1]));
+    }
+    let again = leader(&all).await;
+    let leading = nodes[again as usize - 1].as_ref().unwrap();
+    let body = support::eventually("the restarted leader to answer reads", 30, || async {
+        let (code, body) = leading.get("/v1/agents/writer/state");
+        (code == 200).then_some(body)
+    })
+    .await;
+    let state: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(state["version"].as_u64(), Some(acknowledged), "{state}");
+    assert_eq!(state["state"]["n"].as_u64(), Some(acknowledged), "{state}");
+    let (code, body) = leading.get("/v1/tasks");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"q\":1"), "the submitted task is there: {body}");
+    let (code, body) = checkpoint(leading, 26);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["version"], 26);
+    for node in nodes.into_iter().flatten() {
+        assert!(node.terminate().success());
+    }
+}
