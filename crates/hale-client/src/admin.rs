@@ -153,6 +153,17 @@ impl Admin {
         Ok(answer["imported_events"].as_u64().unwrap_or(0))
     }
 
+    /// Removes node `node_id` from the cluster (`None`: the node asked); returns the voters
+    /// afterwards (`hale cluster leave`).
+    pub async fn cluster_leave(&self, node_id: Option<u64>) -> Result<Vec<u64>, ClientError> {
+        let body = serde_json::json!({ "node_id": node_id });
+        let answer: serde_json::Value = self.send_json("/v1/cluster/leave", &body).await?;
+        Ok(answer["voters"]
+            .as_array()
+            .map(|voters| voters.iter().filter_map(|id| id.as_u64()).collect())
+            .unwrap_or_default())
+    }
+
     /// Has this node join the cluster a member of which listens at `address`.
     pub async fn cluster_join(&self, address: &str) -> Result<(), ClientError> {
         let body = serde_json::json!({ "address": address });

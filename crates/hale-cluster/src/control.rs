@@ -6,13 +6,19 @@
 //! want. A member that is not the leader answers with the leader's address, and the new
 //! node asks there.
 
-use crate::network::{ClusterSecret, JOIN_PATH};
+use crate::network::{ClusterSecret, JOIN_PATH, LEAVE_PATH};
 use crate::types::{NodeId, TypeConfig};
 use hale_proto::{ClusterInfo, ClusterMember};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, Raft, ServerState};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
+
+/// `POST /v1/cluster/raft/leave`: remove a member.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LeaveRequest {
+    pub node_id: NodeId,
+}
 
 /// `POST /v1/cluster/raft/join`: add this node.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -22,11 +28,11 @@ pub struct JoinRequest {
     pub address: String,
 }
 
-/// The answer to a join.
+/// The answer to a join or a leave.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JoinAnswer {
-    /// The node is a voter now.
+    /// Done: the voters now.
     Joined { members: BTreeSet<NodeId> },
     /// Ask the leader instead (its address, if known).
     NotLeader { leader: Option<String> },
@@ -105,6 +111,38 @@ pub async fn add_member(raft: &Raft<TypeConfig>, request: JoinRequest) -> JoinAn
     }
 }
 
+/// Removes `request`'s node from the cluster (a voter, then from the nodes replicated
+/// to): one node at a time, never the last voter. The leader may remove itself; it steps
+/// down once the change is committed, and the others elect a new one.
+pub async fn remove_member(raft: &Raft<TypeConfig>, request: LeaveRequest) -> JoinAnswer {
+    let metrics = raft.metrics().borrow().clone();
+    let membership = metrics.membership_config.membership();
+    if membership.get_node(&request.node_id).is_none() {
+        let members: Vec<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+        return JoinAnswer::Refused {
+            reason: format!("node {} is not a member (the members are {members:?})", request.node_id),
+        };
+    }
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    if voters.len() == 1 && voters.contains(&request.node_id) {
+        return JoinAnswer::Refused {
+            reason: format!("node {} is the cluster's only voter: a cluster cannot leave itself", request.node_id),
+        };
+    }
+    let change = if voters.contains(&request.node_id) {
+        ChangeMembers::RemoveVoters(BTreeSet::from([request.node_id]))
+    } else {
+        ChangeMembers::RemoveNodes(BTreeSet::from([request.node_id]))
+    };
+    match raft.change_membership(change, false).await {
+        Ok(written) => {
+            let members = written.membership.map(|membership| membership.voter_ids().collect()).unwrap_or_default();
+            JoinAnswer::Joined { members }
+        }
+        Err(error) => refusal(error),
+    }
+}
+
 fn refusal(error: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> JoinAnswer {
     match error {
         RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
@@ -117,6 +155,23 @@ fn refusal(error: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Joi
 /// Asks the member at `address` (and then the leader it names) to add this node. Tries
 /// the leader at most a few hops away; `Err` says why it did not join.
 pub async fn join(address: &str, secret: &ClusterSecret, request: &JoinRequest) -> Result<BTreeSet<NodeId>, String> {
+    ask_leader(address, secret, JOIN_PATH, "join", request).await
+}
+
+/// Asks the member at `address` (and then the leader it names) to remove a node; the
+/// voters afterwards.
+pub async fn leave(address: &str, secret: &ClusterSecret, request: &LeaveRequest) -> Result<BTreeSet<NodeId>, String> {
+    ask_leader(address, secret, LEAVE_PATH, "leave", request).await
+}
+
+/// Sends a membership change to the member at `address`, following it to the leader.
+async fn ask_leader(
+    address: &str,
+    secret: &ClusterSecret,
+    path: &str,
+    what: &str,
+    request: &impl Serialize,
+) -> Result<BTreeSet<NodeId>, String> {
     let client = reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(2))
         .timeout(std::time::Duration::from_secs(60))
@@ -126,13 +181,13 @@ pub async fn join(address: &str, secret: &ClusterSecret, request: &JoinRequest) 
     for _ in 0..5 {
         let base = if target.contains("://") { target.clone() } else { format!("http://{target}") };
         let answer =
-            client.post(format!("{base}{JOIN_PATH}")).bearer_auth(secret.expose()).json(request).send().await.map_err(
+            client.post(format!("{base}{path}")).bearer_auth(secret.expose()).json(request).send().await.map_err(
                 |error| format!("cannot reach {target}: {error}; is a node of the cluster listening there?"),
             )?;
         if !answer.status().is_success() {
             let status = answer.status();
             let body = answer.text().await.unwrap_or_default();
-            return Err(format!("{target} refused the join ({status}): {body}"));
+            return Err(format!("{target} refused the {what} ({status}): {body}"));
         }
         match answer.json::<JoinAnswer>().await.map_err(|error| error.to_string())? {
             JoinAnswer::Joined { members } => return Ok(members),
@@ -140,10 +195,10 @@ pub async fn join(address: &str, secret: &ClusterSecret, request: &JoinRequest) 
             JoinAnswer::NotLeader { leader: None } => {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }
-            JoinAnswer::Refused { reason } => return Err(format!("{target} refused the join: {reason}")),
+            JoinAnswer::Refused { reason } => return Err(format!("{target} refused the {what}: {reason}")),
         }
     }
-    Err(format!("no leader accepted the join after asking {address} and the leaders it named"))
+    Err(format!("no leader accepted the {what} after asking {address} and the leaders it named"))
 }
 
 /// This node's view of the cluster, as `GET /v1/cluster` answers it: on the leader,

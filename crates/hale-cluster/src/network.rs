@@ -34,6 +34,8 @@ pub const VOTE_PATH: &str = "/v1/cluster/raft/vote";
 pub const SNAPSHOT_PATH: &str = "/v1/cluster/raft/snapshot";
 /// A node asks to join (see [`crate::control`]).
 pub const JOIN_PATH: &str = "/v1/cluster/raft/join";
+/// A node asks to remove a member.
+pub const LEAVE_PATH: &str = "/v1/cluster/raft/leave";
 /// The header that names the node a request comes from, for the receiver's logs and for
 /// whatever stands between nodes (the partition tests' proxy tells senders apart by it).
 pub const FROM_HEADER: &str = "x-hale-node";
@@ -193,6 +195,7 @@ pub fn routes(raft: Raft<TypeConfig>, secret: ClusterSecret) -> Router {
         .route(VOTE_PATH, post(vote))
         .route(SNAPSHOT_PATH, post(snapshot))
         .route(JOIN_PATH, post(join))
+        .route(LEAVE_PATH, post(leave))
         .with_state(Served { raft, secret })
 }
 
@@ -253,6 +256,17 @@ async fn join(
         return unauthenticated();
     }
     Json(crate::control::add_member(&served.raft, request).await).into_response()
+}
+
+async fn leave(
+    State(served): State<Served>,
+    headers: HeaderMap,
+    Json(request): Json<crate::control::LeaveRequest>,
+) -> Response {
+    if !authorized(&served, &headers) {
+        return unauthenticated();
+    }
+    Json(crate::control::remove_member(&served.raft, request).await).into_response()
 }
 
 #[cfg(test)]

@@ -148,6 +148,17 @@ pub struct ClusterJoin {
     pub address: String,
 }
 
+/// `POST /v1/cluster/leave`: a member leaves the cluster (`hale cluster leave`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ClusterLeave {
+    /// The member to remove (default: the node asked). One that is down can be removed
+    /// through any other member.
+    #[serde(default)]
+    pub node_id: Option<u64>,
+}
+
 /// `GET /v1/cluster`: this node's view of its cluster.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

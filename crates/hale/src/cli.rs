@@ -983,6 +983,15 @@ pub enum ClusterCommand {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// Remove the node at --server from its cluster (or, with --node, another member, such
+    /// as one that is down). One node at a time; the last voter cannot leave.
+    Leave {
+        /// The id of the member to remove [default: the node at --server].
+        #[arg(long = "node")]
+        node: Option<u64>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
     /// The leader, the term, and each member with how far it lags behind the leader.
     Status {
         /// Print the JSON answer.
@@ -1003,6 +1012,11 @@ async fn cluster(command: ClusterCommand) -> Result<i32> {
                 println!("a cluster of one");
             }
             println!("other nodes join it with `hale cluster join ADDRESS`");
+        }
+        ClusterCommand::Leave { node, server } => {
+            let voters = server.admin()?.cluster_leave(node).await?;
+            let who = node.map_or("the node".to_string(), |id| format!("node {id}"));
+            println!("{who} left the cluster; its voters are now {voters:?}");
         }
         ClusterCommand::Join { address, server } => {
             server.admin()?.cluster_join(&address).await?;

@@ -13,10 +13,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use hale_cluster::TypeConfig;
-use hale_cluster::control::{self, JoinRequest};
+use hale_cluster::control::{self, JoinRequest, LeaveRequest};
 use hale_cluster::node::NodeParts;
 use hale_cluster::openraft::{BasicNode, Raft};
-use hale_proto::{ClusterInfo, ClusterJoin};
+use hale_proto::{ClusterInfo, ClusterJoin, ClusterLeave};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -25,6 +25,7 @@ pub(super) fn routes() -> Vec<Route> {
         Route::get("/v1/cluster", status),
         Route::post("/v1/cluster/init", init),
         Route::post("/v1/cluster/join", join),
+        Route::post("/v1/cluster/leave", leave),
     ]
 }
 
@@ -131,6 +132,25 @@ pub(super) async fn join(
     let request = JoinRequest { node_id: cluster.config.node_id, address: cluster.config.advertise.clone() };
     match control::join(&body.address, &cluster.config.secret, &request).await {
         Ok(members) => Ok(Json(serde_json::json!({ "joined": true, "members": members })).into_response()),
+        Err(reason) => Err(refused(reason)),
+    }
+}
+
+/// `hale cluster leave`: removes a member (this node unless `node_id` names another, for
+/// one that is down), following the request to the leader.
+#[utoipa::path(post, path = "/v1/cluster/leave", tag = "operator", request_body = ClusterLeave,
+    responses((status = 200, description = "the node is no longer a member (admin)", body = Answer)))]
+pub(super) async fn leave(
+    State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    JsonBody(body): JsonBody<ClusterLeave>,
+) -> Result<Response, ApiError> {
+    principal.require_admin("changing a cluster's members")?;
+    let cluster = cluster(&app)?;
+    let node_id = body.node_id.unwrap_or(cluster.config.node_id);
+    let request = LeaveRequest { node_id };
+    match control::leave(&cluster.config.advertise, &cluster.config.secret, &request).await {
+        Ok(members) => Ok(Json(serde_json::json!({ "left": node_id, "voters": members })).into_response()),
         Err(reason) => Err(refused(reason)),
     }
 }

@@ -33,6 +33,7 @@ const BEARER: &str = "bearer";
         super::cluster::status,
         super::cluster::init,
         super::cluster::join,
+        super::cluster::leave,
         http::readyz,
         http::list_agents,
         http::agent_state,

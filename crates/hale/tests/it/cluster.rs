@@ -77,15 +77,20 @@ fn checkpoint(hale: &support::Hale, n: u64) -> (u16, String) {
 
 /// Three nodes in `dir`, formed into a cluster through the CLI.
 fn form(dir: &Path) -> (Vec<Option<support::Hale>>, Vec<String>) {
+    form_of(dir, 3)
+}
+
+/// `count` nodes in `dir`, formed into a cluster through the CLI, one join at a time.
+fn form_of(dir: &Path, count: u64) -> (Vec<Option<support::Hale>>, Vec<String>) {
     let (mut nodes, mut addrs) = (Vec::new(), Vec::new());
-    for id in 1..=3u64 {
+    for id in 1..=count {
         let (hale, addr) = fresh_node(dir, id);
         nodes.push(Some(hale));
         addrs.push(addr);
     }
     let (code, out, err) = cli(&["cluster", "init", "--server", &format!("http://{}", addrs[0])]);
     assert_eq!(code, 0, "{out}{err}");
-    for id in [2usize, 3] {
+    for id in 2..=count as usize {
         let (code, out, err) = cli(&["cluster", "join", &addrs[0], "--server", &format!("http://{}", addrs[id - 1])]);
         assert_eq!(code, 0, "node {id}: {out}{err}");
     }
@@ -329,6 +334,65 @@ async fn the_whole_cluster_sigkilled_and_restarted_keeps_everything_acknowledged
     let (code, body) = checkpoint(leading, 26);
     assert_eq!(code, 200, "{body}");
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["version"], 26);
+    for node in nodes.into_iter().flatten() {
+        assert!(node.terminate().success());
+    }
+}
+
+/// Five voters survive two failures (the N+2 of the requirement): the leader and a
+/// follower SIGKILLed, the other three elect a leader and take writes. Then members leave
+/// one at a time: a dead one removed through a live node, and a live one leaving itself;
+/// the cluster keeps taking writes with what is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_voters_survive_two_failures_and_members_leave_one_at_a_time() {
+    let temp = tempfile::tempdir().unwrap();
+    let (mut nodes, addrs) = form_of(temp.path(), 5);
+    let all: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let first = leader(&all).await;
+    let leading = nodes[first as usize - 1].as_ref().unwrap();
+    assert_eq!(leading.post("/v1/agents/writer/hello", &json!({"role": "writer"})).0, 200);
+    for n in 1..=5 {
+        assert_eq!(checkpoint(leading, n).0, 200);
+    }
+    let voters = |addr: &str| {
+        let members = status(addr).unwrap()["members"].as_array().unwrap().clone();
+        members.iter().filter(|member| member["voter"] == true).count()
+    };
+    assert_eq!(voters(&addrs[0]), 5);
+
+    // Two down: the leader and a follower.
+    let follower = (1..=5u64).find(|id| *id != first).unwrap();
+    nodes[first as usize - 1].take().unwrap().kill();
+    nodes[follower as usize - 1].take().unwrap().kill();
+    let live: Vec<u64> = (1..=5u64).filter(|id| *id != first && *id != follower).collect();
+    let live_addrs: Vec<&str> = live.iter().map(|id| addrs[*id as usize - 1].as_str()).collect();
+    let second = leader(&live_addrs).await;
+    let leading = nodes[second as usize - 1].as_ref().unwrap();
+    let answer = support::eventually("three of five to take writes", 30, || async {
+        let (code, body) = checkpoint(leading, 6);
+        (code == 200).then_some(body)
+    })
+    .await;
+    assert_eq!(serde_json::from_str::<Value>(&answer).unwrap()["version"], 6, "{answer}");
+
+    // The dead follower is removed through any live node (the request finds the leader).
+    let servers = live_addrs.iter().map(|addr| format!("http://{addr}")).collect::<Vec<_>>().join(",");
+    let node_arg = follower.to_string();
+    let (code, out, err) = cli(&["cluster", "leave", "--node", &node_arg, "--server", &servers]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(voters(live_addrs[0]), 4);
+    // A live follower leaves by itself.
+    let leaving = *live.iter().find(|id| **id != second).unwrap();
+    let (code, out, err) = cli(&["cluster", "leave", "--server", &format!("http://{}", addrs[leaving as usize - 1])]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, body) = checkpoint(leading, 7);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(voters(&addrs[second as usize - 1]), 3);
+    // A stranger is not a member.
+    let (code, _, err) =
+        cli(&["cluster", "leave", "--node", "42", "--server", &format!("http://{}", addrs[second as usize - 1])]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not a member"), "{err}");
     for node in nodes.into_iter().flatten() {
         assert!(node.terminate().success());
     }
