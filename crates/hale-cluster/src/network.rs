@@ -13,7 +13,7 @@
 
 use crate::types::{NodeId, TypeConfig};
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -181,14 +181,17 @@ impl RaftNetwork<TypeConfig> for Network {
     }
 }
 
-/// What the routes need: this node's Raft and the secret its peers present.
-#[derive(Clone)]
-struct Served {
-    raft: Raft<TypeConfig>,
-    secret: ClusterSecret,
-}
+/// The largest node-to-node request body: an append of up to openraft's
+/// `max_payload_entries` batches, or a snapshot chunk (see [`SNAPSHOT_CHUNK_BYTES`]) as
+/// JSON. Only read once the request has shown the cluster secret.
+pub const BODY_BYTES_MAX: usize = 64 * 1024 * 1024;
 
-/// The server half: the three RPC routes, for the node's router.
+/// The snapshot chunk openraft sends at a time; its JSON (a byte per number) stays well
+/// under [`BODY_BYTES_MAX`].
+pub const SNAPSHOT_CHUNK_BYTES: u64 = 1024 * 1024;
+
+/// The server half: the RPC routes and join and leave, for the node's router. A request
+/// without the cluster secret is refused before its body is read.
 pub fn routes(raft: Raft<TypeConfig>, secret: ClusterSecret) -> Router {
     Router::new()
         .route(APPEND_PATH, post(append))
@@ -196,16 +199,26 @@ pub fn routes(raft: Raft<TypeConfig>, secret: ClusterSecret) -> Router {
         .route(SNAPSHOT_PATH, post(snapshot))
         .route(JOIN_PATH, post(join))
         .route(LEAVE_PATH, post(leave))
-        .with_state(Served { raft, secret })
+        .route_layer(axum::middleware::from_fn_with_state(secret, require_secret))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .with_state(raft)
 }
 
-/// Whether the request carries the cluster secret.
-fn authorized(served: &Served, headers: &HeaderMap) -> bool {
-    headers
+/// Refuses a request without the cluster secret, before anything reads its body.
+async fn require_secret(
+    State(secret): State<ClusterSecret>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let presented = request
+        .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .is_some_and(|secret| served.secret.accepts(secret))
+        .and_then(|value| value.strip_prefix("Bearer "));
+    if !presented.is_some_and(|presented| secret.accepts(presented)) {
+        return unauthenticated();
+    }
+    next.run(request).await
 }
 
 /// The answer to a request without the cluster secret; it never reaches Raft.
@@ -218,55 +231,27 @@ fn unauthenticated() -> Response {
     (StatusCode::UNAUTHORIZED, Json(body)).into_response()
 }
 
-async fn append(
-    State(served): State<Served>,
-    headers: HeaderMap,
-    Json(rpc): Json<AppendEntriesRequest<TypeConfig>>,
-) -> Response {
-    if !authorized(&served, &headers) {
-        return unauthenticated();
-    }
-    Json(served.raft.append_entries(rpc).await).into_response()
+async fn append(State(raft): State<Raft<TypeConfig>>, Json(rpc): Json<AppendEntriesRequest<TypeConfig>>) -> Response {
+    Json(raft.append_entries(rpc).await).into_response()
 }
 
-async fn vote(State(served): State<Served>, headers: HeaderMap, Json(rpc): Json<VoteRequest<NodeId>>) -> Response {
-    if !authorized(&served, &headers) {
-        return unauthenticated();
-    }
-    Json(served.raft.vote(rpc).await).into_response()
+async fn vote(State(raft): State<Raft<TypeConfig>>, Json(rpc): Json<VoteRequest<NodeId>>) -> Response {
+    Json(raft.vote(rpc).await).into_response()
 }
 
 async fn snapshot(
-    State(served): State<Served>,
-    headers: HeaderMap,
+    State(raft): State<Raft<TypeConfig>>,
     Json(rpc): Json<InstallSnapshotRequest<TypeConfig>>,
 ) -> Response {
-    if !authorized(&served, &headers) {
-        return unauthenticated();
-    }
-    Json(served.raft.install_snapshot(rpc).await).into_response()
+    Json(raft.install_snapshot(rpc).await).into_response()
 }
 
-async fn join(
-    State(served): State<Served>,
-    headers: HeaderMap,
-    Json(request): Json<crate::control::JoinRequest>,
-) -> Response {
-    if !authorized(&served, &headers) {
-        return unauthenticated();
-    }
-    Json(crate::control::add_member(&served.raft, request).await).into_response()
+async fn join(State(raft): State<Raft<TypeConfig>>, Json(request): Json<crate::control::JoinRequest>) -> Response {
+    Json(crate::control::add_member(&raft, request).await).into_response()
 }
 
-async fn leave(
-    State(served): State<Served>,
-    headers: HeaderMap,
-    Json(request): Json<crate::control::LeaveRequest>,
-) -> Response {
-    if !authorized(&served, &headers) {
-        return unauthenticated();
-    }
-    Json(crate::control::remove_member(&served.raft, request).await).into_response()
+async fn leave(State(raft): State<Raft<TypeConfig>>, Json(request): Json<crate::control::LeaveRequest>) -> Response {
+    Json(crate::control::remove_member(&raft, request).await).into_response()
 }
 
 #[cfg(test)]

@@ -55,6 +55,7 @@ impl Timeouts {
             heartbeat_interval: millis(self.heartbeat),
             election_timeout_min: millis(self.election_min),
             election_timeout_max: millis(self.election_max),
+            snapshot_max_chunk_size: network::SNAPSHOT_CHUNK_BYTES,
             ..Config::default()
         };
         config.validate().map(Arc::new).map_err(|error| error.to_string())

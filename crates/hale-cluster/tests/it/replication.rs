@@ -136,3 +136,64 @@ async fn a_request_without_the_cluster_secret_never_reaches_raft() {
     assert!(node.raft.metrics().borrow().current_term < 99);
     node.stop().await;
 }
+
+/// A follower that was down while the leader snapshotted and purged its log catches up
+/// from the snapshot, sent in chunks over the node's listener, although the snapshot is
+/// many times larger than an ordinary request may be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_behind_the_purged_log_catches_up_from_a_large_snapshot() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (bound, members) = listeners(3).await.unwrap();
+    let mut nodes = Vec::new();
+    for (id, listener) in (1..=3u64).zip(bound) {
+        let node = LocalNode::start(id, dirs[id as usize - 1].path(), listener, &secret(), quick_timeouts()).await;
+        nodes.push(Some(node.unwrap()));
+    }
+    nodes[0].as_ref().unwrap().raft.initialize(members.clone()).await.unwrap();
+    let leader = leader_of(&nodes).await;
+    let behind = (1..=3u64).find(|id| *id != leader).unwrap();
+    let stopped = nodes[behind as usize - 1].take().unwrap();
+    let stopped_addr = stopped.addr.clone();
+    stopped.stop().await;
+
+    // About 3 MB of state (far more as JSON), written while the follower is down.
+    let first = nodes[leader as usize - 1].as_ref().unwrap();
+    let mut batch = records(1, 2);
+    let agent = AgentName::new("writer").unwrap();
+    let blob = "x".repeat(100_000);
+    for seq in 3..=32u64 {
+        let patch = serde_json::json!({ format!("k{seq}"): blob });
+        let event = Event::Checkpointed { agent: agent.clone(), incarnation: 1, version: seq - 2, patch };
+        batch.push(Record::encode(seq, Timestamp(1_000 + seq), &event));
+    }
+    for chunk in batch.chunks(4) {
+        first.raft.client_write(Batch::of(chunk)).await.unwrap();
+    }
+    first.raft.trigger().snapshot().await.unwrap();
+    let applied = first.raft.metrics().borrow().last_applied.unwrap();
+    first
+        .raft
+        .wait(Some(Duration::from_secs(20)))
+        .metrics(|metrics| metrics.snapshot == Some(applied), "the snapshot")
+        .await
+        .unwrap();
+    first.raft.trigger().purge_log(applied.index).await.unwrap();
+    first
+        .raft
+        .wait(Some(Duration::from_secs(20)))
+        .metrics(|metrics| metrics.purged == Some(applied), "the log purged")
+        .await
+        .unwrap();
+
+    let listener = tokio::net::TcpListener::bind(&stopped_addr).await.unwrap();
+    let back = LocalNode::start(behind, dirs[behind as usize - 1].path(), listener, &secret(), quick_timeouts())
+        .await
+        .unwrap();
+    let seen = back.committed.applied();
+    until("the returning node to install the snapshot", 30, || *seen.borrow() == 32).await;
+    assert_eq!(back.committed.state().1, first.committed.state().1);
+    nodes[behind as usize - 1] = Some(back);
+    for node in nodes.into_iter().flatten() {
+        node.stop().await;
+    }
+}

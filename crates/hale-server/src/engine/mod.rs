@@ -213,6 +213,11 @@ impl Engine {
         incarnation: u64,
         observation: Observation,
     ) -> Result<(), EngineError> {
+        // A node of a cluster that does not lead knows nothing current about runs: its
+        // answer (alive, unknown, fenced) would be about a state the leader has left.
+        if let Some(not_leader) = &self.durability.borrow().not_leader {
+            return Err(WriteError::NotLeader { leader: not_leader.leader.clone() }.into());
+        }
         let (reply, answer) = oneshot::channel();
         let request = Request::Observe { agent, incarnation, observation, reply };
         self.requests.send(request).await.map_err(|_| EngineError::ShuttingDown)?;

@@ -6,10 +6,12 @@
 //! `redeliver` (SIGKILL the agent holding a task, time until another run holds it) and
 //! `tasks` (task throughput, submitted to completed, with no-op agents), `reconnect`
 //! (restart hale under connected agents, time until all have resumed) and `messages`
-//! (messages between two agents, each acked).
+//! (messages between two agents, each acked), `failover` (three real nodes, the leader
+//! SIGKILLed, time to the first write the new leader acknowledges, beside etcd).
 
 mod detect;
 mod durable_append;
+mod failover;
 mod heartbeat_capacity;
 mod messages;
 mod reconnect;
@@ -51,8 +53,8 @@ pub struct BenchArgs {
     /// replay: events in the log to recover.
     #[arg(long, default_value_t = 1_000_000)]
     events: u64,
-    /// restart, detect, redeliver: trials [default: 100 for restart, 20 for detect, 50
-    /// for redeliver].
+    /// restart, detect, redeliver, failover: trials [default: 100 for restart, 20 for
+    /// detect and failover, 50 for redeliver].
     #[arg(long)]
     trials: Option<usize>,
     /// restart, redeliver: how often the bench reads the engine's state while it waits for
@@ -89,6 +91,10 @@ pub struct BenchArgs {
     /// messages: sends in flight at once.
     #[arg(long, default_value_t = 64)]
     message_window: usize,
+    /// failover: the etcd binary to measure beside hale [default: `etcd` on the PATH; not
+    /// measured if there is none].
+    #[arg(long)]
+    etcd: Option<PathBuf>,
     /// Where to write every scenario's result as one JSON file [default with no scenario
     /// named: hale-bench-<unix seconds>.json in this directory].
     #[arg(long)]
@@ -128,6 +134,9 @@ enum Scenario {
     Messages,
     /// How many agents beating at 1 Hz one hale holds before heartbeats fall behind.
     HeartbeatCapacity,
+    /// Three `hale serve` processes, the leader SIGKILLed: time to the first write the new
+    /// leader acknowledges (and etcd's, in the same shape, if it is installed).
+    Failover,
 }
 
 pub async fn run(args: BenchArgs) -> Result<i32> {
@@ -146,6 +155,7 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
             Scenario::Reconnect,
             Scenario::Messages,
             Scenario::HeartbeatCapacity,
+            Scenario::Failover,
         ],
     };
     let all = args.scenario.is_none();
@@ -161,6 +171,7 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
             Scenario::Reconnect => reconnect::reconnect(&args).await?,
             Scenario::Messages => messages::messages(&args).await?,
             Scenario::HeartbeatCapacity => heartbeat_capacity::heartbeat_capacity(&args).await?,
+            Scenario::Failover => failover::failover(&args).await?,
         };
         if args.json {
             println!("{}", serde_json::to_string(&result)?);

@@ -123,6 +123,11 @@ async fn three_nodes_form_a_cluster_survive_the_leaders_sigkill_and_catch_a_retu
     let (code, body) = checkpoint(nodes[follower as usize - 1].as_ref().unwrap(), 99);
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("not_leader") && body.contains(&addrs[first as usize - 1]), "{body}");
+    // So is a heartbeat: a follower knows nothing current about runs.
+    let beat =
+        nodes[follower as usize - 1].as_ref().unwrap().post("/v1/agents/writer/heartbeat", &json!({"incarnation": 1}));
+    assert_eq!(beat.0, 503, "{}", beat.1);
+    assert!(beat.1.contains("not_leader"), "{}", beat.1);
 
     // The leader is SIGKILLed; the other two elect one of themselves.
     nodes[first as usize - 1].take().unwrap().kill();
