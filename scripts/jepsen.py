@@ -785,8 +785,9 @@ class Worker:
 class Client:
     """Agent `agent-K` (checkpoints) and worker `worker-K` (tasks), one thread."""
 
-    def __init__(self, k, seed, history, hint, stop, counters):
+    def __init__(self, k, seed, history, hint, stop, counters, clients):
         self.k = k
+        self.clients = clients
         self.process = k
         self.rng = random.Random(seed)
         self.history = history
@@ -836,6 +837,8 @@ class Client:
         roll = self.rng.random()
         if roll < 0.03:
             return self.fence_probe()
+        if roll < 0.08:
+            return self.read_any()
         if roll < 0.70:
             return self.checkpoint()
         return self.task_step()
@@ -883,6 +886,29 @@ class Client:
             self.incarnation = None
         else:
             self.stop.wait(0.05)
+
+    def read_any(self):
+        """Reads some agent's state from a node picked at random, without following the
+        leader: only a node that believes it leads answers, and what it answers must not be
+        older than a write acknowledged before the read began (a deposed leader that has
+        not heard of its successor yet would show exactly that)."""
+        agent = f"agent-{self.rng.randint(1, self.clients)}"
+        node = self.rng.choice(self.hint.addrs)
+        invoked = self.history.invoke(self.process, "read-any", {"agent": agent}, node=node)
+        try:
+            status, doc = self.http.request(node, "GET", f"/v1/agents/{agent}/state", timeout=3.0)
+        except (OSError, http.client.HTTPException) as error:
+            self.history.complete(invoked, "info", {"error": type(error).__name__}, node=node)
+            self.counters[("read-any", "info")] += 1
+            return
+        if status == 200:
+            value = {"agent": agent, "version": doc["version"], "incarnation": doc["incarnation"], "state": doc["state"]}
+            self.history.complete(invoked, "ok", value, node=node)
+            self.counters[("read-any", "ok")] += 1
+        else:
+            code, _ = error_code(doc)
+            self.history.complete(invoked, "fail", {"code": code or str(status)}, node=node)
+            self.counters[("read-any", "fail")] += 1
 
     def checkpoint(self, incarnation=None, f="checkpoint"):
         self.n += 1
@@ -1426,12 +1452,12 @@ def check(entries, events, final=None, harvest=None):
         if op["f"] == "checkpoint" and op["type"] == "ok":
             acks_by_agent[op["args"].get("agent")].append((op["done"]["i"], op["res"].get("version"), op))
     for op in ops:
-        if op["f"] not in ("read", "hello") or op["type"] != "ok":
+        if op["f"] not in ("read", "read-any", "hello") or op["type"] != "ok":
             continue
         agent, version = op["res"].get("agent") or op["args"].get("agent"), op["res"].get("version")
         if version is None:
             continue
-        if op["f"] == "read" and version > 0:
+        if op["f"] in ("read", "read-any") and version > 0:
             state = op["res"].get("state") or {}
             logged = by_version.get((agent, version), [])
             if not logged:
@@ -1661,7 +1687,8 @@ def run(args):
         hint = LeaderHint(cluster.addrs())
         hint.set(leader.addr)
         counters = collections.Counter()
-        clients = [Client(k, rng.getrandbits(64), history, hint, stop, counters) for k in range(1, args.clients + 1)]
+        clients = [Client(k, rng.getrandbits(64), history, hint, stop, counters, args.clients)
+                   for k in range(1, args.clients + 1)]
         monitor = Monitor(cluster, history, stop)
         plan = schedule(rng, args.duration)
         history.add(process="nemesis", type="info", f="schedule", value={"plan": plan})
@@ -1693,13 +1720,18 @@ def run(args):
         if leader is None:
             raise HarnessError("no leader took a write within 60 s of healing: the cluster did not recover")
         history.add(process="harness", type="info", f="final-leader", value={"node": leader.id})
+        log(f"node {leader.id} leads and takes writes")
         # Let the followers catch up, then read the final state from the leader.
-        for _ in range(300):
+        lagging = None
+        for _ in range(100):
             doc = cluster.status(leader, timeout=1.0) or {}
             members = doc.get("members", [])
-            if len(members) == 3 and all(m.get("lag", 1) == 0 for m in members):
+            lagging = {m.get("node_id"): m.get("lag") for m in members if m.get("lag") != 0}
+            if len(members) == 3 and not lagging:
                 break
             time.sleep(0.1)
+        if lagging:
+            log(f"warning: followers still behind the leader 10 s after healing: {lagging} (node: entries)")
         http_ = Http()
         final = {}
         for client in clients:
@@ -1709,12 +1741,14 @@ def run(args):
             elif answer.code != "unknown_agent":
                 log(f"warning: final read of {client.agent}: {answer.kind} {answer.summary()}")
         http_.close()
+        log("final state read")
         api_events, api_problem = read_events_api(cluster, leader)
         # Stop the nodes gracefully, so their committed index is on disk, and harvest the rest.
         harvester.stop()
         cluster.stop_all(graceful=True)
         harvester.harvest()
         raft_events, gaps, terms = harvester.events()
+        log(f"nodes stopped; {len(raft_events)} committed records harvested from the Raft logs")
         if harvester.errors:
             log(f"harvest errors: {dict(harvester.errors)}")
         if api_events is not None:
@@ -1728,6 +1762,7 @@ def run(args):
             gaps = gaps + [("end", "the final sentinel checkpoint")]
         violations, stats = check(history.entries, events, final,
                                   {"divergent": harvester.divergent, "gaps": gaps})
+        log("checked")
         # --- the summary
         wall = time.monotonic() - wall0
         ok_ops = sum(v for (f, kind), v in counters.items() if kind == "ok")
@@ -1757,6 +1792,20 @@ def run(args):
         print(f"proxy:           {dict(proxy.counts)}")
         print(f"log checked:     {stats['checkpoints_in_log']} checkpoints, {stats['submits_in_log']} submits, "
               f"{stats['tasks_completed_in_log']} completions")
+        if lagging:
+            print(f"LIVENESS:        followers still behind 10 s after healing (node: entries behind): {lagging}")
+        notes = collections.Counter()
+        for node in cluster.nodes:
+            try:
+                with open(node.log_path, errors="replace") as f:
+                    for line in f:
+                        for needle in ("Payload Too Large", "panicked", "ERROR hale"):
+                            if needle in line:
+                                notes[(node.id, needle)] += 1
+            except OSError:
+                pass
+        for (node_id, needle), count in sorted(notes.items()):
+            print(f"node log:        n{node_id}.log has {count} lines with {needle!r}")
         missing = [f for f in FAULTS if nemesis.done[f] == 0]
         if missing:
             print(f"note: faults not done: {missing}")
