@@ -567,8 +567,20 @@ class Cluster:
                 pass
         node.paused = False
 
-    def stop_all(self, graceful=False):
-        for node in self.nodes:
+    def stop_all(self, graceful=False, first=None):
+        """SIGTERM (graceful) or SIGKILL every node; returns {node id: seconds to exit}.
+        `first` is stopped (and waited for) before the others: a leader stopping waits
+        for its proposed entries to commit, which it cannot once its followers are gone."""
+        took = {}
+        if first is not None and graceful:
+            took.update(self._stop([first], graceful))
+        took.update(self._stop(self.nodes, graceful))
+        return took
+
+    def _stop(self, nodes, graceful):
+        took = {}
+        begun = time.monotonic()
+        for node in nodes:
             if node.proc is None or node.proc.poll() is not None:
                 continue
             try:
@@ -578,17 +590,21 @@ class Cluster:
                 node.proc.send_signal(signal.SIGTERM if graceful else signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for node in self.nodes:
+        for node in nodes:
             if node.proc is None:
                 continue
+            was_running = node.proc.returncode is None
             try:
-                node.proc.wait(10 if graceful else 5)
+                node.proc.wait(15 if graceful else 5)
             except subprocess.TimeoutExpired:
                 node.proc.kill()
                 try:
                     node.proc.wait(5)
                 except subprocess.TimeoutExpired:
                     pass
+            if was_running:
+                took[node.id] = round(time.monotonic() - begun, 2)
+        return took
 
     def admin(self, node, method, path, body=None, timeout=5.0):
         try:
@@ -1661,6 +1677,11 @@ def run(args):
     workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="hale-jepsen-"))
     os.makedirs(workdir, exist_ok=True)
     history_path = os.path.abspath(args.history or os.path.join(workdir, "history.jsonl"))
+    os.makedirs(os.path.dirname(history_path), exist_ok=True)
+    stale = [d for d in (f"n{i}-data" for i in (1, 2, 3)) if os.path.exists(os.path.join(workdir, d))]
+    if stale:
+        log(f"harness error: {workdir} already holds node data ({', '.join(stale)}); give a new or empty --workdir")
+        return 2
     log(f"seed {seed}  duration {args.duration} s  clients {args.clients}")
     log(f"workdir {workdir}")
     log(f"history {history_path}")
@@ -1745,7 +1766,7 @@ def run(args):
         api_events, api_problem = read_events_api(cluster, leader)
         # Stop the nodes gracefully, so their committed index is on disk, and harvest the rest.
         harvester.stop()
-        cluster.stop_all(graceful=True)
+        shutdown = cluster.stop_all(graceful=True, first=leader)
         harvester.harvest()
         raft_events, gaps, terms = harvester.events()
         log(f"nodes stopped; {len(raft_events)} committed records harvested from the Raft logs")
@@ -1790,6 +1811,7 @@ def run(args):
         print(f"leader changes:  {max(0, len(monitor.seen) - 1)} seen by the monitor ({sorted(monitor.seen)}); "
               f"committed entries in Raft terms {terms}")
         print(f"proxy:           {dict(proxy.counts)}")
+        print(f"shutdown:        SIGTERM to exit, s (leader node {leader.id} first): {shutdown}")
         print(f"log checked:     {stats['checkpoints_in_log']} checkpoints, {stats['submits_in_log']} submits, "
               f"{stats['tasks_completed_in_log']} completions")
         if lagging:
