@@ -1630,6 +1630,37 @@ def _self_test_divergence():
 # --------------------------------------------------------------------------- the run
 
 
+def longest_gap(entries, until):
+    """The longest stretch of the run with no write acknowledged, and where it began."""
+    writes = ("checkpoint", "hello", "submit", "step", "complete")
+    times = [e["time"] for e in entries if e.get("type") == "ok" and e.get("f") in writes and "op" in e]
+    times = [t for t in times if t <= until + 1] + [until]
+    best, at, last = 0.0, 0.0, 0.0
+    for t in times:
+        if t - last > best:
+            best, at = t - last, last
+        last = max(last, t)
+    return best, at
+
+
+def check_only(history_path):
+    """Runs the checker again on a kept history and its committed log."""
+    entries = [json.loads(line) for line in open(history_path)]
+    logged = [e for e in entries if e.get("process") == "harness" and e.get("f") == "log"]
+    if not logged:
+        print(f"{history_path} has no committed log (the run did not get that far)")
+        return 2
+    value = logged[-1]["value"]
+    events = [json.loads(line) for line in open(value["file"])]
+    violations, _ = check(entries, events, value.get("final"), value.get("harvest"))
+    for v in violations[:25]:
+        print(f"\n  [{v['property']}] {v['message']}")
+        for item in v["evidence"][:8]:
+            print("      " + json.dumps(item, sort_keys=True)[:600])
+    print(f"\nVERDICT: {'FAIL' if violations else 'PASS'} ({len(violations)} violations; {len(events)} committed events)")
+    return 1 if violations else 0
+
+
 def percentile(sorted_values, q):
     if not sorted_values:
         return 0.0
@@ -1776,13 +1807,18 @@ def run(args):
             source, events = "GET /v1/events", api_events
         else:
             source, events = "the nodes' raft_log (GET /v1/events: " + api_problem + ")", raft_events
-        history.add(process="harness", type="info", f="log", value={"source": source, "events": len(events),
-                                                                       "raft_terms": terms})
+        committed_path = os.path.splitext(history_path)[0] + ".committed.jsonl"
+        with open(committed_path, "w") as out:
+            for event in events:
+                out.write(json.dumps(event, sort_keys=True) + "\n")
         if not any(e.get("kind") == "checkpointed" and (e.get("event") or {}).get("agent") == "jepsen-final"
                    and (e.get("event") or {}).get("version") == sentinel_version for e in events):
             gaps = gaps + [("end", "the final sentinel checkpoint")]
-        violations, stats = check(history.entries, events, final,
-                                  {"divergent": harvester.divergent, "gaps": gaps})
+        harvest = {"divergent": harvester.divergent, "gaps": gaps}
+        history.add(process="harness", type="info", f="log",
+                    value={"source": source, "events": len(events), "raft_terms": terms, "file": committed_path,
+                           "final": final, "harvest": harvest})
+        violations, stats = check(history.entries, events, final, harvest)
         log("checked")
         # --- the summary
         wall = time.monotonic() - wall0
@@ -1792,7 +1828,7 @@ def run(args):
         print(f"seed:            {seed}")
         print(f"history:         {history_path}")
         print(f"wall time:       {wall:.1f} s (clients ran {run_s:.1f} s)")
-        print(f"committed log:   {len(events)} events from {source}")
+        print(f"committed log:   {len(events)} events from {source}; kept in {committed_path}")
         print(f"ops:             {all_ops} ({all_ops / run_s:.1f}/s), ok {ok_ops} ({ok_ops / run_s:.1f}/s)")
         by_f = collections.defaultdict(dict)
         for (f, kind), v in sorted(counters.items()):
@@ -1811,6 +1847,8 @@ def run(args):
         print(f"leader changes:  {max(0, len(monitor.seen) - 1)} seen by the monitor ({sorted(monitor.seen)}); "
               f"committed entries in Raft terms {terms}")
         print(f"proxy:           {dict(proxy.counts)}")
+        gap, gap_at = longest_gap(history.entries, run_s)
+        print(f"availability:    longest time without an acknowledged write: {gap:.2f} s (from t={gap_at:.1f} s)")
         print(f"shutdown:        SIGTERM to exit, s (leader node {leader.id} first): {shutdown}")
         print(f"log checked:     {stats['checkpoints_in_log']} checkpoints, {stats['submits_in_log']} submits, "
               f"{stats['tasks_completed_in_log']} completions")
@@ -1873,7 +1911,10 @@ def main():
     parser.add_argument("--history", default=None, help="the history file (default: history.jsonl in the workdir)")
     parser.add_argument("--workdir", default=None, help="where the nodes keep their data (default: a temp dir)")
     parser.add_argument("--self-test", action="store_true", help="check that the checker catches bad histories")
+    parser.add_argument("--check-only", metavar="HISTORY", help="run the checker again on a kept history")
     args = parser.parse_args()
+    if args.check_only:
+        return check_only(args.check_only)
     if args.self_test:
         results = self_test()
         for name, prop, ok, _ in results:
