@@ -3,7 +3,8 @@
 
     python3 scripts/jepsen.py HALE_BINARY [--duration SECONDS] [--seed N] [--clients N]
                               [--history FILE] [--workdir DIR]
-    python3 scripts/jepsen.py --self-test
+    python3 scripts/jepsen.py --self-test             # the checker must catch hand-made bad histories
+    python3 scripts/jepsen.py --check-only HISTORY    # check a kept history again
 
 Three `hale serve` nodes run on loopback. Each advertises the address of a fault-injecting
 TCP proxy that this script runs (asyncio, in a thread) in front of the node's real
@@ -14,7 +15,10 @@ nemesis uses it to cut a node off from the others (clients still reach every nod
 Clients (threads, one logical agent `agent-K` each, plus a task worker `worker-K`) work
 through the proxies with the admin token, follow `not_leader` to the leader, and record
 every operation in a JSON-lines history (invoke, then ok / fail / info; info = outcome
-unknown). The nemesis, driven by random.Random(seed), SIGKILLs the leader or a follower
+unknown): checkpoints with expected_version, a new incarnation now and then followed by
+one write with the old one (must be refused), reads from a random node without following
+the leader (a deposed leader must not answer old state), and tasks (submit with an
+idempotency key, lease, step, complete, and a completion by a fenced lease holder). The nemesis, driven by random.Random(seed), SIGKILLs the leader or a follower
 and restarts it, SIGSTOPs a node past the election timeout, and cuts a node off through
 the proxy, each at least once, with gaps for the cluster to recover.
 
@@ -26,11 +30,15 @@ no task completed twice; every acknowledged completion, step and submit is there
 idempotency key exactly once); no write of a fenced incarnation was accepted. The
 committed log comes from GET /v1/events when the node serves it, else from the nodes'
 Raft logs (their `raft_log` tables, read-only, harvested while the run goes on, and
-checked to agree with each other).
+checked to agree with each other); it is kept beside the history as HISTORY.committed.jsonl
+(the history's extension replaced), with the final state in the history's last `log` entry.
 
 Exit status: 0 when the checker passes, 1 when it finds a violation (the seed, the
 property and the offending entries are printed, and the history is kept), 2 when the
-harness itself could not run (the cluster never formed, bad arguments).
+harness itself could not run (the cluster never formed, bad arguments), 130 when
+interrupted. Every child process is killed on the way out (and by PR_SET_PDEATHSIG,
+through setpriv when it is installed, should this script itself be killed). Liveness
+problems (a follower still behind after healing) are printed but do not fail the run.
 """
 
 import argparse
@@ -56,9 +64,7 @@ import time
 TOKEN = "jepsen-admin-token-0123456789abcdef"
 SECRET = "jepsen-cluster-secret-0123456789abcdef"
 LEADER_RE = re.compile(r"the leader is ([^\s);]+)")
-# Codes that say the request was refused before anything was decided, so retrying is the
-# client's choice and the answer is definite (unless an earlier attempt was uncertain).
-REQUEST_TIMEOUT = 2.0
+REQUEST_TIMEOUT = 2.0  # a client request's timeout; past it the outcome is unknown (info)
 HEARTBEAT_EVERY = 0.2
 MAX_ATTEMPTS = 1000  # a task's attempts: fencing may take many leases away
 # The proxy's answer to a client whose node is down: the request reached no node.
@@ -699,7 +705,6 @@ class Harvester:
         self.entries = {}  # index -> (term, leader, payload bytes, node id)
         self.upto = {node.id: -1 for node in cluster.nodes}
         self.divergent = []
-        self.purged_gap = []
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._run, name="harvester", daemon=True)
@@ -754,8 +759,6 @@ class Harvester:
                     self.entries[index] = (term, leader, payload, node.id)
                 elif (known[0], known[2]) != (term, payload):
                     self.divergent.append({"index": index, "nodes": [known[3], node.id], "terms": [known[0], term]})
-            if rows and rows[0][0] > start + 1 and start >= 0:
-                self.purged_gap.append({"node": node.id, "after": start, "next": rows[0][0]})
             self.upto[node.id] = max(start, top)
 
     def stop(self):
@@ -820,7 +823,6 @@ class Client:
         self.pending_submit = None  # (key, payload) resubmitted until acknowledged
         self.open_tasks = set()
         self.done_tasks = set()
-        self.steps_done = set()
         self.thread = threading.Thread(target=self.run, name=f"client-{k}", daemon=True)
         self.hb_thread = threading.Thread(target=self.heartbeats, name=f"heartbeat-{k}", daemon=True)
 
