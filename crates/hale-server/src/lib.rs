@@ -112,6 +112,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
                 limits: config.limits.clone(),
                 keys: config.encryption.clone(),
                 snapshots_kept: 0,
+                copy_events: true,
             };
             let parts =
                 hale_cluster::node::open(cluster.node_id, &data_dir, raft_config, cluster.secret.clone(), options)
@@ -293,6 +294,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         log_path: data_dir.log_path(),
         keys: config.encryption.clone(),
         hooks: hooks.clone(),
+        events_copied: cluster.as_ref().and_then(api::cluster::ClusterControl::events_copied),
         cluster: cluster.clone(),
     };
     let mut router = api::router(app);

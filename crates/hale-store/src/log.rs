@@ -104,15 +104,35 @@ impl Log {
         Log::with(conn, has_key_id)
     }
 
+    /// Opens (creating if needed) the log database at `path` to keep a copy of records
+    /// that are durable elsewhere (a cluster node's committed Raft entries): its commits
+    /// are not fsync'd, and [`copy`](Log::copy) skips records it holds already.
+    pub fn open_copy(path: &Path) -> Result<Log, StoreError> {
+        let log = Log::open(path)?;
+        log.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        Ok(log)
+    }
+
     /// Appends `records` in one transaction; returns once it is committed and fsync'd.
     /// Every record's checksum is verified before it is written.
     pub fn append(&mut self, records: &[Record]) -> Result<(), StoreError> {
+        self.insert(records, "INSERT")
+    }
+
+    /// Like [`append`](Log::append), but a record whose sequence number the log holds
+    /// already is skipped (the copy a cluster node keeps: entries are applied again after
+    /// a restart).
+    pub fn copy(&mut self, records: &[Record]) -> Result<(), StoreError> {
+        self.insert(records, "INSERT OR IGNORE")
+    }
+
+    fn insert(&mut self, records: &[Record], verb: &str) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         let mut new_keys: Vec<Arc<str>> = Vec::new();
         {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO events (seq, at_ms, format, body, crc, key_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
+            let mut insert = tx.prepare_cached(&format!(
+                "{verb} INTO events (seq, at_ms, format, body, crc, key_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+            ))?;
             for record in records {
                 checked_before_writing(record)?;
                 insert.execute(params![

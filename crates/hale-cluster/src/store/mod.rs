@@ -8,6 +8,8 @@
 //! - [`StateMachine`] ([`state_machine`]): a [`hale_core::Core`] fed the hale records of
 //!   committed entries, the last applied log id and membership, and the snapshots
 //!   (hale-store snapshots inside a small Raft header, kept in `raft-snapshot.bin`).
+//! - [`mirror::Mirror`]: the committed records copied into `events`, for what reads
+//!   hale's log.
 //!
 //! Blocking: SQLite and file calls run on tokio's blocking pool (`spawn_blocking`), not
 //! with `block_in_place`: `block_in_place` panics on a current-thread runtime (the default
@@ -18,6 +20,7 @@
 //! hands it and gives it back checked; what the records mean is the core's business.
 
 pub mod log;
+pub mod mirror;
 pub mod state_machine;
 
 pub use log::{LogReader, LogStore};

@@ -80,6 +80,9 @@ pub struct StateMachineOptions {
     /// hale snapshot copies kept in `snapshots/` (0, the default: write none; see the
     /// module documentation).
     pub snapshots_kept: usize,
+    /// Copy the committed records into the data directory's `events` table
+    /// ([`super::mirror`]).
+    pub copy_events: bool,
 }
 
 /// openraft's state machine for hale.
@@ -91,6 +94,8 @@ pub struct StateMachine {
 struct Shared {
     committed: RwLock<Committed>,
     applied: watch::Sender<u64>,
+    /// Where committed records are copied, with `copy_events`.
+    mirror: Option<super::mirror::Mirror>,
     snapshots: Snapshots,
     keys: Option<Arc<Keyring>>,
     limits: Limits,
@@ -132,10 +137,19 @@ impl StateMachine {
     /// has one (a damaged one is an error: the entries before it may be purged), empty
     /// otherwise.
     pub fn open(dir: &DataDir, options: StateMachineOptions) -> Result<StateMachine, RaftStoreError> {
-        StateMachine::open_path(dir.path(), &dir.snapshot_dir(), options)
+        let mirror = match options.copy_events {
+            true => Some(super::mirror::Mirror::open(&dir.log_path())?),
+            false => None,
+        };
+        StateMachine::open_path(dir.path(), &dir.snapshot_dir(), options, mirror)
     }
 
-    fn open_path(dir: &Path, hale_dir: &Path, options: StateMachineOptions) -> Result<StateMachine, RaftStoreError> {
+    fn open_path(
+        dir: &Path,
+        hale_dir: &Path,
+        options: StateMachineOptions,
+        mirror: Option<super::mirror::Mirror>,
+    ) -> Result<StateMachine, RaftStoreError> {
         let path = dir.join(RAFT_SNAPSHOT);
         let (committed, current) = match std::fs::read(&path) {
             Ok(bytes) => {
@@ -187,6 +201,7 @@ impl StateMachine {
         let shared = Shared {
             committed: RwLock::new(committed),
             applied,
+            mirror,
             snapshots,
             keys: options.keys,
             limits: options.limits,
@@ -226,6 +241,11 @@ impl CommittedView {
     pub fn with_state<R>(&self, read: impl FnOnce(u64, &State) -> R) -> R {
         let committed = self.shared.committed.read().expect("the state machine panicked while folding");
         read(committed.last_seq, committed.core.state())
+    }
+
+    /// How far the committed records are copied into the `events` table, if they are.
+    pub fn events_copied(&self) -> Option<watch::Receiver<u64>> {
+        self.shared.mirror.as_ref().map(super::mirror::Mirror::copied)
     }
 
     /// The last Raft log id applied.
@@ -277,7 +297,9 @@ fn apply_entry(
     committed: &mut Committed,
     keys: Option<&Keyring>,
     entry: Entry<TypeConfig>,
+    copies: Option<&mut Vec<hale_store::Record>>,
 ) -> Result<Applied, RaftStoreError> {
+    let mut copies = copies;
     let index = entry.log_id.index;
     match entry.payload {
         EntryPayload::Blank => {}
@@ -291,6 +313,9 @@ fn apply_entry(
                     record.open(keys).map_err(|source| RaftStoreError::Record { index, seq: record.seq, source })?;
                 committed.core.apply_owned(record.at, event);
                 committed.last_seq = record.seq;
+                if let Some(copies) = copies.as_deref_mut() {
+                    copies.push(record);
+                }
             }
         }
         EntryPayload::Membership(membership) => {
@@ -321,6 +346,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // Folding is CPU work without I/O, as replay is: done here, not on the blocking pool.
         let shared = &self.shared;
         let mut answers = Vec::new();
+        let mut copies = shared.mirror.as_ref().map(|_| Vec::new());
         let last_seq = {
             let mut committed = shared
                 .committed
@@ -328,7 +354,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .map_err(|_| poisoned().storage(ErrorSubject::StateMachine, ErrorVerb::Write))?;
             for entry in entries {
                 let log_id = entry.log_id;
-                let answer = apply_entry(&mut committed, shared.keys.as_deref(), entry)
+                let answer = apply_entry(&mut committed, shared.keys.as_deref(), entry, copies.as_mut())
                     .map_err(|error| error.storage(ErrorSubject::Apply(log_id), ErrorVerb::Write));
                 match answer {
                     Ok(answer) => answers.push(answer),
@@ -342,6 +368,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             committed.last_seq
         };
         shared.applied.send_replace(last_seq);
+        if let (Some(mirror), Some(copies)) = (&shared.mirror, copies) {
+            mirror.send(copies);
+        }
         Ok(answers)
     }
 
@@ -395,6 +424,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             };
         }
         self.shared.applied.send_replace(last_seq);
+        if let Some(mirror) = &self.shared.mirror {
+            mirror.skip_to(last_seq);
+        }
         Ok(())
     }
 

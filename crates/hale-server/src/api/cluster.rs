@@ -52,6 +52,11 @@ impl ClusterControl {
         }
     }
 
+    /// How far this node has copied the committed records into its events table.
+    pub fn events_copied(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.committed.events_copied()
+    }
+
     /// The node-to-node routes, for the server's router.
     pub fn routes(&self) -> axum::Router {
         self.routes.clone()

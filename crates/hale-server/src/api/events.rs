@@ -128,6 +128,12 @@ async fn list(
             "limit {limit} is out of range: ask for 1 to {EVENTS_LIMIT_MAX} events and page on with after=SEQ"
         )));
     }
+    if app.events_copied.is_some() {
+        // A node of a cluster: only the leader answers (linearizably), once its copy of
+        // the committed records has everything it has acknowledged.
+        app.engine.read(|_| ()).await?;
+        copied_up_to_durable(&app).await?;
+    }
     let (path, keys) = (app.log_path.clone(), app.keys.clone());
     let page = tokio::task::spawn_blocking(move || read_log(&path, keys.as_deref(), after, None, &filter, limit))
         .await
@@ -157,6 +163,7 @@ async fn stream(
     // every event is either in the log already or will be broadcast.
     let live = app.engine.subscribe_events();
     app.engine.read(|_| ()).await?;
+    copied_up_to_durable(&app).await?;
     let path = app.log_path.clone();
     let start = match (after, filter.since_ms) {
         (Some(after), _) => after,
@@ -262,6 +269,22 @@ impl Follower {
         let data = serde_json::to_string(&hale_proto::HttpError { error: error.body }).expect("errors serialize");
         let _ = self.sender.send(SseEvent::default().event("error").data(data)).await;
         Gone
+    }
+}
+
+/// On a node of a cluster, waits until the events table holds every record the engine
+/// has made durable (the copy follows the state machine by a few milliseconds).
+async fn copied_up_to_durable(app: &AppState) -> Result<(), ApiError> {
+    let Some(copied) = &app.events_copied else {
+        return Ok(());
+    };
+    let target = app.engine.durability().durable_seq;
+    let mut copied = copied.clone();
+    match tokio::time::timeout(Duration::from_secs(5), copied.wait_for(|copied| *copied >= target)).await {
+        Ok(Ok(_)) => Ok(()),
+        _ => Err(log_unreadable(&format!(
+            "this node's events table has not caught up with the committed log (record {target}); try again"
+        ))),
     }
 }
 

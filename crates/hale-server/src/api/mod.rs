@@ -58,6 +58,9 @@ pub struct AppState {
     pub hooks: Arc<crate::hooks::Hooks>,
     /// This node's Raft, when it is a node of a cluster.
     pub cluster: Option<cluster::ClusterControl>,
+    /// On a node of a cluster: how far the committed records are copied into the events
+    /// table that the events API reads (`hale_cluster::store::mirror`).
+    pub events_copied: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 /// One route: a method, a path and its handler. The router is built from [`routes`] and

@@ -143,6 +143,12 @@ async fn three_nodes_form_a_cluster_survive_the_leaders_sigkill_and_catch_a_retu
     .await;
     let answer: Value = serde_json::from_str(&answer).unwrap();
     assert_eq!(answer["version"], 11, "{answer}");
+    // The new leader's event log holds every checkpoint, those it applied as a follower too.
+    let (code, events) = leading.get("/v1/events?agent=writer&kind=checkpointed");
+    assert_eq!(code, 200, "{events}");
+    let events: Vec<Value> = serde_json::from_str(&events).unwrap();
+    let versions: Vec<u64> = events.iter().filter_map(|event| event["event"]["version"].as_u64()).collect();
+    assert_eq!(versions, (1..=11).collect::<Vec<u64>>(), "{events:?}");
 
     // The killed node comes back from its directory and catches up.
     nodes[first as usize - 1] = Some(node(temp.path(), first, &addrs[first as usize - 1]));

@@ -18,6 +18,7 @@ mod fsync;
 mod fuzz;
 mod health;
 mod hooks;
+mod jepsen;
 mod listener;
 mod messaging;
 mod metrics;
