@@ -227,11 +227,11 @@ class Proxy:
 
 class Cluster:
     """Three ``hale serve`` nodes on loopback formed into a cluster (init on node 1, the
-    others join it), with short Raft timeouts so elections settle quickly."""
+    others join it), with Raft timeouts (1-2 s elections) that a busy test machine does not trip."""
 
     SECRET = "py-test-cluster-secret-5d1f0a7b"
 
-    def __init__(self, work: Path, nodes: int = 3, heartbeat_ms: int = 100, election_ms: Tuple[int, int] = (400, 800)) -> None:
+    def __init__(self, work: Path, nodes: int = 3, heartbeat_ms: int = 100, election_ms: Tuple[int, int] = (1000, 2000)) -> None:
         self.work = work
         work.mkdir(parents=True, exist_ok=True)
         secret = work / "cluster.secret"

@@ -23,7 +23,7 @@ FAIL_AFTER = 10
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    cluster = Cluster(tmp_path / "cluster", heartbeat_ms=100, election_ms=(400, 800))
+    cluster = Cluster(tmp_path / "cluster", heartbeat_ms=100, election_ms=(1000, 2000))
     yield cluster
     cluster.stop()
 

@@ -9,6 +9,7 @@
 //! - [`types`]: openraft's type configuration for hale, and the entry payload.
 //! - [`control`]: joining, and the status `hale cluster status` shows.
 //! - [`durable`]: [`RaftLog`], the engine's `DurableLog` on the leader.
+//! - [`elector`]: when a follower stands for election (Raft's timing, on openraft 0.9).
 //! - [`local`]: nodes in one process on loopback, for tests and benchmarks.
 //! - [`node`]: one node put together ([`node::open`]) and Raft's timing.
 //! - [`network`]: the RPCs between nodes, over HTTP on each node's listener, under the
@@ -18,6 +19,7 @@ pub use openraft;
 
 pub mod control;
 pub mod durable;
+pub mod elector;
 pub mod local;
 pub mod network;
 pub mod node;

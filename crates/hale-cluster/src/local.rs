@@ -22,12 +22,14 @@ pub struct LocalNode {
     _dir: DataDir,
 }
 
-/// Short timeouts, so tests see elections quickly: 100 ms heartbeats, 400–800 ms.
+/// The tests' timeouts: 100 ms heartbeats and 1–2 s elections, so that a test machine
+/// too busy to send heartbeats for a while does not see leaders change under it, while a
+/// dead leader is still replaced within two seconds.
 pub fn quick_timeouts() -> Timeouts {
     Timeouts {
         heartbeat: Duration::from_millis(100),
-        election_min: Duration::from_millis(400),
-        election_max: Duration::from_millis(800),
+        election_min: Duration::from_millis(1_000),
+        election_max: Duration::from_millis(2_000),
     }
 }
 
@@ -41,8 +43,7 @@ impl LocalNode {
         timeouts: Timeouts,
     ) -> Result<LocalNode, NodeError> {
         let dir = DataDir::open(path).map_err(|error| NodeError::Raft(error.to_string()))?;
-        let config = timeouts.config("hale-local").map_err(NodeError::Raft)?;
-        let parts = node::open(id, &dir, config, secret.clone(), StateMachineOptions::default()).await?;
+        let parts = node::open(id, &dir, timeouts, secret.clone(), StateMachineOptions::default()).await?;
         let addr = listener.local_addr().map_err(|error| NodeError::Raft(error.to_string()))?.to_string();
         let router = parts.routes;
         let server = tokio::spawn(async move {

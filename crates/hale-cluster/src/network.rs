@@ -192,10 +192,18 @@ pub const SNAPSHOT_CHUNK_BYTES: u64 = 1024 * 1024;
 
 /// The server half: the RPC routes and join and leave, for the node's router. A request
 /// without the cluster secret is refused before its body is read.
-pub fn routes(raft: Raft<TypeConfig>, secret: ClusterSecret) -> Router {
+pub fn routes(raft: Raft<TypeConfig>, secret: ClusterSecret, heard: Arc<crate::elector::Heard>) -> Router {
+    // A leader's append or a candidate's vote request: the elector waits a while longer.
+    let hearing = axum::middleware::from_fn(move |request: axum::extract::Request, next: axum::middleware::Next| {
+        let heard = heard.clone();
+        async move {
+            heard.now();
+            next.run(request).await
+        }
+    });
+    let raft_rpcs = Router::new().route(APPEND_PATH, post(append)).route(VOTE_PATH, post(vote)).route_layer(hearing);
     Router::new()
-        .route(APPEND_PATH, post(append))
-        .route(VOTE_PATH, post(vote))
+        .merge(raft_rpcs)
         .route(SNAPSHOT_PATH, post(snapshot))
         .route(JOIN_PATH, post(join))
         .route(LEAVE_PATH, post(leave))

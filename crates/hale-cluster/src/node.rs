@@ -13,17 +13,18 @@ use std::time::Duration;
 
 /// Raft's timing, `[cluster]` in hale.toml.
 ///
-/// What failover costs: a follower that stops hearing the leader stands for election
-/// after openraft's leader lease (`election_max`) plus its own random election timeout
-/// (drawn once per process between `election_min` and `election_max`), and the other
-/// voters refuse to vote until the lease has run out for them too. With the defaults a
-/// dead leader is replaced 600–800 ms after its last heartbeat, and a leader must be
-/// silent for 600 ms (twelve heartbeats) before anyone stands against it.
+/// What failover costs: a voter that hears nothing from a leader for a random time
+/// between `election_min` and `election_max` (drawn afresh each time) stands for
+/// election ([`crate::elector`]), and the others vote once their leader lease
+/// (`election_min` since they last heard the leader) has run out. With the defaults (as
+/// etcd's: 100 ms heartbeats, elections after 0.5–1 s of silence) a dead leader is
+/// replaced 500–1000 ms after its last heartbeat, and a leader must be silent for 500 ms
+/// (five heartbeats) before anyone stands against it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
-    /// How often the leader sends heartbeats (default 50 ms).
+    /// How often the leader sends heartbeats (default 100 ms).
     pub heartbeat: Duration,
-    /// The range of the random election timeout (default 200–400 ms); `election_max` is
+    /// The range of the random election timeout (default 500–1000 ms); `election_min` is
     /// also the leader lease.
     pub election_min: Duration,
     pub election_max: Duration,
@@ -32,9 +33,9 @@ pub struct Timeouts {
 impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
-            heartbeat: Duration::from_millis(50),
-            election_min: Duration::from_millis(200),
-            election_max: Duration::from_millis(400),
+            heartbeat: Duration::from_millis(100),
+            election_min: Duration::from_millis(500),
+            election_max: Duration::from_millis(1_000),
         }
     }
 }
@@ -50,11 +51,19 @@ impl Timeouts {
                 millis(self.heartbeat)
             ));
         }
+        if self.election_max < self.election_min {
+            return Err(format!(
+                "the election timeout's maximum ({} ms) is below its minimum ({} ms)",
+                millis(self.election_max),
+                millis(self.election_min)
+            ));
+        }
+        // openraft's lease is its maximum: `election_min`; the elector draws the rest.
         let config = Config {
             cluster_name: cluster_name.to_string(),
             heartbeat_interval: millis(self.heartbeat),
             election_timeout_min: millis(self.election_min),
-            election_timeout_max: millis(self.election_max),
+            election_timeout_max: millis(self.election_min) + 1,
             snapshot_max_chunk_size: network::SNAPSHOT_CHUNK_BYTES,
             ..Config::default()
         };
@@ -80,21 +89,25 @@ pub enum NodeError {
     Raft(String),
 }
 
-/// Opens node `id` on `dir`: its log store and state machine, and Raft over them.
+/// Opens node `id` on `dir`: its log store and state machine, Raft over them at
+/// `timeouts`, and the elector that decides when it stands.
 pub async fn open(
     id: NodeId,
     dir: &DataDir,
-    config: Arc<Config>,
+    timeouts: Timeouts,
     secret: ClusterSecret,
     options: StateMachineOptions,
 ) -> Result<NodeParts, NodeError> {
+    let config = timeouts.config("hale").map_err(NodeError::Raft)?;
     let log = LogStore::open(dir)?;
     let machine = StateMachine::open(dir, options)?;
     let committed = machine.view();
     let raft = Raft::new(id, config, NetworkFactory::new(id, secret.clone()), log, machine)
         .await
         .map_err(|error| NodeError::Raft(error.to_string()))?;
-    let routes = network::routes(raft.clone(), secret);
+    let heard = crate::elector::Heard::new();
+    tokio::spawn(crate::elector::run(raft.clone(), heard.clone(), timeouts));
+    let routes = network::routes(raft.clone(), secret, heard);
     Ok(NodeParts { raft, committed, routes })
 }
 
@@ -104,15 +117,18 @@ mod tests {
 
     #[test]
     fn the_defaults_are_valid_and_an_election_shorter_than_two_heartbeats_is_refused() {
+        // openraft's lease is the minimum: the elector draws the rest of the range.
         let config = Timeouts::default().config("hale").unwrap();
         assert_eq!(
             (config.heartbeat_interval, config.election_timeout_min, config.election_timeout_max),
-            (50, 200, 400)
+            (100, 500, 501)
         );
+        let backwards = Timeouts { election_max: Duration::from_millis(450), ..Timeouts::default() };
+        assert!(backwards.config("hale").unwrap_err().contains("below its minimum"));
         let hasty = Timeouts {
             heartbeat: Duration::from_millis(100),
             election_min: Duration::from_millis(150),
-            ..Timeouts::default()
+            election_max: Duration::from_millis(300),
         };
         assert!(hasty.config("hale").unwrap_err().contains("more than twice the heartbeat"));
     }

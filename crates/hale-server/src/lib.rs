@@ -104,10 +104,6 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         // A cluster node's state is its Raft state machine's: its snapshot, then the
         // committed entries openraft applies again as it starts.
         Some(cluster) => {
-            let raft_config = cluster
-                .timeouts
-                .config("hale")
-                .map_err(|error| ServerError::Supervise(format!("[cluster] {error}")))?;
             let options = hale_cluster::StateMachineOptions {
                 limits: config.limits.clone(),
                 keys: config.encryption.clone(),
@@ -115,7 +111,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
                 copy_events: true,
             };
             let parts =
-                hale_cluster::node::open(cluster.node_id, &data_dir, raft_config, cluster.secret.clone(), options)
+                hale_cluster::node::open(cluster.node_id, &data_dir, cluster.timeouts, cluster.secret.clone(), options)
                     .await
                     .map_err(|error| ServerError::Supervise(format!("cluster node {}: {error}", cluster.node_id)))?;
             let (last_seq, state) = parts.committed.state();

@@ -98,10 +98,11 @@ pub struct ClusterSection {
     /// Required: a file holding the secret every node shares (at least 16 bytes; `hale
     /// keygen` makes one). Node-to-node requests carry it. Relative to hale.toml.
     pub secret_file: Option<Spanned<PathBuf>>,
-    /// The leader's heartbeat interval (default 50).
+    /// The leader's heartbeat interval (default 100).
     pub heartbeat_ms: Option<u64>,
-    /// The random election timeout's range (defaults 200 and 400); a follower stands for
-    /// election after the leader lease (the maximum) plus its timeout without a leader.
+    /// The random election timeout's range (defaults 500 and 1000): a voter that hears no
+    /// leader for a time drawn from it stands for election; the minimum is also the lease
+    /// during which voters refuse to depose a leader they hear.
     pub election_min_ms: Option<u64>,
     pub election_max_ms: Option<u64>,
 }

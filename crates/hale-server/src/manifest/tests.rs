@@ -227,5 +227,5 @@ fn a_cluster_section_says_what_it_lacks() {
         parse("[cluster]\nnode_id = 3\nsecret_file = \"s\"\nelection_min_ms = 300\nelection_max_ms = 900\n").unwrap();
     let timeouts = manifest.cluster.unwrap().get_ref().timeouts();
     assert_eq!(timeouts.election_max, std::time::Duration::from_millis(900));
-    assert_eq!(timeouts.heartbeat, std::time::Duration::from_millis(50));
+    assert_eq!(timeouts.heartbeat, std::time::Duration::from_millis(100));
 }

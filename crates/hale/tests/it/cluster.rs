@@ -36,7 +36,7 @@ fn try_node(dir: &Path, id: u64, listen: &str) -> Result<support::Hale, String> 
     std::fs::write(
         &config,
         format!(
-            "[cluster]\nnode_id = {id}\nsecret_file = {:?}\nheartbeat_ms = 100\nelection_min_ms = 400\nelection_max_ms = 800\n",
+            "[cluster]\nnode_id = {id}\nsecret_file = {:?}\nheartbeat_ms = 100\nelection_min_ms = 1000\nelection_max_ms = 2000\n",
             secret.display().to_string()
         ),
     )
