@@ -6,7 +6,7 @@
 //! want. A member that is not the leader answers with the leader's address, and the new
 //! node asks there.
 
-use crate::network::{ClusterSecret, JOIN_PATH, LEAVE_PATH};
+use crate::network::{ClusterSecret, JOIN_PATH, LEAVE_PATH, PeerClient};
 use crate::types::{NodeId, TypeConfig};
 use hale_proto::{ClusterInfo, ClusterMember};
 use openraft::error::{ClientWriteError, RaftError};
@@ -154,36 +154,46 @@ fn refusal(error: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Joi
 
 /// Asks the member at `address` (and then the leader it names) to add this node. Tries
 /// the leader at most a few hops away; `Err` says why it did not join.
-pub async fn join(address: &str, secret: &ClusterSecret, request: &JoinRequest) -> Result<BTreeSet<NodeId>, String> {
-    ask_leader(address, secret, JOIN_PATH, "join", request).await
+pub async fn join(
+    address: &str,
+    peers: &PeerClient,
+    secret: &ClusterSecret,
+    request: &JoinRequest,
+) -> Result<BTreeSet<NodeId>, String> {
+    ask_leader(address, peers, secret, JOIN_PATH, "join", request).await
 }
 
 /// Asks the member at `address` (and then the leader it names) to remove a node; the
 /// voters afterwards.
-pub async fn leave(address: &str, secret: &ClusterSecret, request: &LeaveRequest) -> Result<BTreeSet<NodeId>, String> {
-    ask_leader(address, secret, LEAVE_PATH, "leave", request).await
+pub async fn leave(
+    address: &str,
+    peers: &PeerClient,
+    secret: &ClusterSecret,
+    request: &LeaveRequest,
+) -> Result<BTreeSet<NodeId>, String> {
+    ask_leader(address, peers, secret, LEAVE_PATH, "leave", request).await
 }
 
 /// Sends a membership change to the member at `address`, following it to the leader.
 async fn ask_leader(
     address: &str,
+    peers: &PeerClient,
     secret: &ClusterSecret,
     path: &str,
     what: &str,
     request: &impl Serialize,
 ) -> Result<BTreeSet<NodeId>, String> {
-    let client = reqwest::Client::builder()
-        .connect_timeout(std::time::Duration::from_secs(2))
-        .timeout(std::time::Duration::from_secs(60))
-        .build()
-        .map_err(|error| error.to_string())?;
     let mut target = address.to_string();
     for _ in 0..5 {
-        let base = if target.contains("://") { target.clone() } else { format!("http://{target}") };
-        let answer =
-            client.post(format!("{base}{path}")).bearer_auth(secret.expose()).json(request).send().await.map_err(
-                |error| format!("cannot reach {target}: {error}; is a node of the cluster listening there?"),
-            )?;
+        let answer = peers
+            .client()
+            .post(peers.url(&target, path))
+            .timeout(std::time::Duration::from_secs(60))
+            .bearer_auth(secret.expose())
+            .json(request)
+            .send()
+            .await
+            .map_err(|error| format!("cannot reach {target}: {error}; is a node of the cluster listening there?"))?;
         if !answer.status().is_success() {
             let status = answer.status();
             let body = answer.text().await.unwrap_or_default();

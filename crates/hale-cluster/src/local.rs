@@ -43,7 +43,7 @@ impl LocalNode {
         timeouts: Timeouts,
     ) -> Result<LocalNode, NodeError> {
         let dir = DataDir::open(path).map_err(|error| NodeError::Raft(error.to_string()))?;
-        let parts = node::open(id, &dir, timeouts, secret.clone(), StateMachineOptions::default()).await?;
+        let parts = node::open(id, &dir, timeouts, secret.clone(), None, StateMachineOptions::default()).await?;
         let addr = listener.local_addr().map_err(|error| NodeError::Raft(error.to_string()))?.to_string();
         let router = parts.routes;
         let server = tokio::spawn(async move {

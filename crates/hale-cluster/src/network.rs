@@ -76,25 +76,66 @@ impl std::fmt::Debug for ClusterSecret {
     }
 }
 
+/// How a node reaches its peers: plain HTTP, or HTTPS when the nodes serve TLS, trusting
+/// the cluster's CA (`[server] tls_ca_file`, or the node's own certificate) and no other.
+#[derive(Clone, Debug)]
+pub struct PeerClient {
+    client: reqwest::Client,
+    scheme: &'static str,
+}
+
+impl PeerClient {
+    /// A client for peers that serve TLS with certificates `ca_pem` vouches for, or plain
+    /// HTTP without one.
+    pub fn new(ca_pem: Option<&[u8]>) -> Result<PeerClient, String> {
+        // Raft's heartbeats keep these connections busy: reuse them, and never wait longer
+        // for a connection than an election could.
+        let builder =
+            reqwest::Client::builder().connect_timeout(std::time::Duration::from_millis(500)).tcp_nodelay(true);
+        let (builder, scheme) = match ca_pem {
+            None => (builder, "http"),
+            Some(pem) => {
+                let mut builder = builder.use_rustls_tls().tls_built_in_root_certs(false);
+                let certificates = reqwest::Certificate::from_pem_bundle(pem)
+                    .map_err(|error| format!("the cluster's CA file: {error}"))?;
+                if certificates.is_empty() {
+                    return Err("the cluster's CA file holds no PEM certificate".into());
+                }
+                for certificate in certificates {
+                    builder = builder.add_root_certificate(certificate);
+                }
+                (builder, "https")
+            }
+        };
+        let client = builder.build().map_err(|error| format!("cannot make the client for peers: {error}"))?;
+        Ok(PeerClient { client, scheme })
+    }
+
+    /// The URL of `path` on the node at `addr` (`host:port`, or a full base URL).
+    pub fn url(&self, addr: &str, path: &str) -> String {
+        match addr.contains("://") {
+            true => format!("{}{path}", addr.trim_end_matches('/')),
+            false => format!("{}://{addr}{path}", self.scheme),
+        }
+    }
+
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+}
+
 /// Makes a [`Network`] client for each node Raft replicates to.
 #[derive(Clone)]
 pub struct NetworkFactory {
-    client: reqwest::Client,
+    peers: PeerClient,
     secret: ClusterSecret,
     from: NodeId,
 }
 
 impl NetworkFactory {
     /// The client of node `from`.
-    pub fn new(from: NodeId, secret: ClusterSecret) -> NetworkFactory {
-        // Raft's heartbeats keep these connections busy: reuse them, and never wait longer
-        // for a connection than an election could.
-        let client = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_millis(500))
-            .tcp_nodelay(true)
-            .build()
-            .expect("a plain HTTP client builds");
-        NetworkFactory { client, secret, from }
+    pub fn new(from: NodeId, peers: PeerClient, secret: ClusterSecret) -> NetworkFactory {
+        NetworkFactory { peers, secret, from }
     }
 }
 
@@ -102,18 +143,23 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = Network;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Network {
-        let base = if node.addr.contains("://") { node.addr.clone() } else { format!("http://{}", node.addr) };
-        Network { client: self.client.clone(), secret: self.secret.clone(), from: self.from, target, base }
+        Network {
+            peers: self.peers.clone(),
+            secret: self.secret.clone(),
+            from: self.from,
+            target,
+            addr: node.addr.clone(),
+        }
     }
 }
 
 /// The client side of the RPCs to one node.
 pub struct Network {
-    client: reqwest::Client,
+    peers: PeerClient,
     secret: ClusterSecret,
     from: NodeId,
     target: NodeId,
-    base: String,
+    addr: String,
 }
 
 impl Network {
@@ -129,8 +175,9 @@ impl Network {
         E: std::error::Error + DeserializeOwned,
     {
         let sent = self
-            .client
-            .post(format!("{}{path}", self.base))
+            .peers
+            .client()
+            .post(self.peers.url(&self.addr, path))
             .bearer_auth(&self.secret.0)
             .header(FROM_HEADER, self.from)
             .timeout(option.hard_ttl())

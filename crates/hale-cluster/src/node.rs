@@ -3,7 +3,7 @@
 //! merges [`NodeParts::routes`] into its own router, so node-to-node traffic shares the
 //! node's listener (and its TLS when configured).
 
-use crate::network::{self, ClusterSecret, NetworkFactory};
+use crate::network::{self, ClusterSecret, NetworkFactory, PeerClient};
 use crate::store::{CommittedView, LogStore, RaftStoreError, StateMachine, StateMachineOptions};
 use crate::types::{NodeId, TypeConfig};
 use hale_store::DataDir;
@@ -78,6 +78,8 @@ pub struct NodeParts {
     pub committed: CommittedView,
     /// The node-to-node routes, for the node's router.
     pub routes: axum::Router,
+    /// How this node reaches its peers (joining and leaving go through it too).
+    pub peers: PeerClient,
 }
 
 /// Why a node could not start.
@@ -90,25 +92,28 @@ pub enum NodeError {
 }
 
 /// Opens node `id` on `dir`: its log store and state machine, Raft over them at
-/// `timeouts`, and the elector that decides when it stands.
+/// `timeouts`, and the elector that decides when it stands. With `peer_ca` (PEM), the
+/// nodes serve TLS and peers are verified against it.
 pub async fn open(
     id: NodeId,
     dir: &DataDir,
     timeouts: Timeouts,
     secret: ClusterSecret,
+    peer_ca: Option<&[u8]>,
     options: StateMachineOptions,
 ) -> Result<NodeParts, NodeError> {
     let config = timeouts.config("hale").map_err(NodeError::Raft)?;
+    let peers = PeerClient::new(peer_ca).map_err(NodeError::Raft)?;
     let log = LogStore::open(dir)?;
     let machine = StateMachine::open(dir, options)?;
     let committed = machine.view();
-    let raft = Raft::new(id, config, NetworkFactory::new(id, secret.clone()), log, machine)
+    let raft = Raft::new(id, config, NetworkFactory::new(id, peers.clone(), secret.clone()), log, machine)
         .await
         .map_err(|error| NodeError::Raft(error.to_string()))?;
     let heard = crate::elector::Heard::new();
     tokio::spawn(crate::elector::run(raft.clone(), heard.clone(), timeouts));
     let routes = network::routes(raft.clone(), secret, heard);
-    Ok(NodeParts { raft, committed, routes })
+    Ok(NodeParts { raft, committed, routes, peers })
 }
 
 #[cfg(test)]

@@ -104,16 +104,36 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         // A cluster node's state is its Raft state machine's: its snapshot, then the
         // committed entries openraft applies again as it starts.
         Some(cluster) => {
+            // Nodes that serve TLS verify each other against the cluster's CA: the
+            // certificate agents are told to trust (`tls_ca_file`, else the node's own).
+            let peer_ca = match &config.tls {
+                Some(tls) => {
+                    let ca = tls.ca_file.as_ref().unwrap_or(&tls.cert_file);
+                    Some(std::fs::read(ca).map_err(|error| {
+                        ServerError::Supervise(format!(
+                            "[cluster] the CA peers are verified against, {}: {error}",
+                            ca.display()
+                        ))
+                    })?)
+                }
+                None => None,
+            };
             let options = hale_cluster::StateMachineOptions {
                 limits: config.limits.clone(),
                 keys: config.encryption.clone(),
                 snapshots_kept: 0,
                 copy_events: true,
             };
-            let parts =
-                hale_cluster::node::open(cluster.node_id, &data_dir, cluster.timeouts, cluster.secret.clone(), options)
-                    .await
-                    .map_err(|error| ServerError::Supervise(format!("cluster node {}: {error}", cluster.node_id)))?;
+            let parts = hale_cluster::node::open(
+                cluster.node_id,
+                &data_dir,
+                cluster.timeouts,
+                cluster.secret.clone(),
+                peer_ca.as_deref(),
+                options,
+            )
+            .await
+            .map_err(|error| ServerError::Supervise(format!("cluster node {}: {error}", cluster.node_id)))?;
             let (last_seq, state) = parts.committed.state();
             let core = Core::from_state(state, config.limits.clone());
             // A node that has never been part of a cluster may hold a single node's log:

@@ -33,6 +33,7 @@ pub(super) fn routes() -> Vec<Route> {
 #[derive(Clone)]
 pub struct ClusterControl {
     raft: Raft<TypeConfig>,
+    peers: hale_cluster::network::PeerClient,
     committed: hale_cluster::CommittedView,
     routes: axum::Router,
     config: ClusterConfig,
@@ -45,6 +46,7 @@ impl ClusterControl {
     pub fn new(parts: NodeParts, config: ClusterConfig, importable: Option<(u64, hale_core::State)>) -> ClusterControl {
         ClusterControl {
             raft: parts.raft,
+            peers: parts.peers,
             committed: parts.committed,
             routes: parts.routes,
             config,
@@ -135,7 +137,7 @@ pub(super) async fn join(
         )));
     }
     let request = JoinRequest { node_id: cluster.config.node_id, address: cluster.config.advertise.clone() };
-    match control::join(&body.address, &cluster.config.secret, &request).await {
+    match control::join(&body.address, &cluster.peers, &cluster.config.secret, &request).await {
         Ok(members) => Ok(Json(serde_json::json!({ "joined": true, "members": members })).into_response()),
         Err(reason) => Err(refused(reason)),
     }
@@ -154,7 +156,7 @@ pub(super) async fn leave(
     let cluster = cluster(&app)?;
     let node_id = body.node_id.unwrap_or(cluster.config.node_id);
     let request = LeaveRequest { node_id };
-    match control::leave(&cluster.config.advertise, &cluster.config.secret, &request).await {
+    match control::leave(&cluster.config.advertise, &cluster.peers, &cluster.config.secret, &request).await {
         Ok(members) => Ok(Json(serde_json::json!({ "left": node_id, "voters": members })).into_response()),
         Err(reason) => Err(refused(reason)),
     }

@@ -73,7 +73,7 @@ pub(super) async fn failover(args: &BenchArgs) -> Result<Value> {
             result[field] = summary[field].clone();
         }
         result["timeouts"] = match system {
-            System::Hale(None) => json!("hale's defaults: 50 ms heartbeats, 200-400 ms elections"),
+            System::Hale(None) => json!("hale's defaults: 100 ms heartbeats, 500-1000 ms elections"),
             System::Hale(Some((heartbeat, min, max))) => {
                 json!(format!("{heartbeat} ms heartbeats, {min}-{max} ms elections"))
             }

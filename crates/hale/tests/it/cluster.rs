@@ -33,10 +33,16 @@ fn try_node(dir: &Path, id: u64, listen: &str) -> Result<support::Hale, String> 
     let config = dir.join(format!("node{id}.toml"));
     let secret = dir.join("cluster.secret");
     std::fs::write(&secret, SECRET).unwrap();
+    // A directory with a certificate in it makes TLS nodes.
+    let (cert, key) = (dir.join("node.pem"), dir.join("node-key.pem"));
+    let tls = match cert.exists() {
+        true => format!("[server]\ntls_cert_file = {cert:?}\ntls_key_file = {key:?}\n\n"),
+        false => String::new(),
+    };
     std::fs::write(
         &config,
         format!(
-            "[cluster]\nnode_id = {id}\nsecret_file = {:?}\nheartbeat_ms = 100\nelection_min_ms = 1000\nelection_max_ms = 2000\n",
+            "{tls}[cluster]\nnode_id = {id}\nsecret_file = {:?}\nheartbeat_ms = 100\nelection_min_ms = 1000\nelection_max_ms = 2000\n",
             secret.display().to_string()
         ),
     )
@@ -404,6 +410,96 @@ async fn five_voters_survive_two_failures_and_members_leave_one_at_a_time() {
         cli(&["cluster", "leave", "--node", "42", "--server", &format!("http://{}", addrs[second as usize - 1])]);
     assert_eq!(code, 1);
     assert!(err.contains("not a member"), "{err}");
+    for node in nodes.into_iter().flatten() {
+        assert!(node.terminate().success());
+    }
+}
+
+/// With TLS configured, nodes speak HTTPS to each other and verify each other against the
+/// cluster's CA: a cluster forms, replicates and fails over; a client that does not trust
+/// the CA, or speaks plain HTTP, gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_that_serve_tls_replicate_and_fail_over_over_tls() {
+    let temp = tempfile::tempdir().unwrap();
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let cert = temp.path().join("node.pem");
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(temp.path().join("node-key.pem"), made.key_pair.serialize_pem()).unwrap();
+    let ca = cert.display().to_string();
+    let (mut nodes, mut addrs) = (Vec::new(), Vec::new());
+    for id in 1..=3u64 {
+        let (hale, addr) = fresh_node(temp.path(), id);
+        nodes.push(Some(hale));
+        addrs.push(addr);
+    }
+    let https = |addr: &str| format!("https://{addr}");
+    let (code, out, err) = cli(&["cluster", "init", "--server", &https(&addrs[0]), "--ca-file", &ca]);
+    assert_eq!(code, 0, "{out}{err}");
+    for id in [2usize, 3] {
+        let (code, out, err) =
+            cli(&["cluster", "join", &addrs[0], "--server", &https(&addrs[id - 1]), "--ca-file", &ca]);
+        assert_eq!(code, 0, "node {id}: {out}{err}");
+    }
+    let status = |addr: &str| {
+        let (code, out, _) = cli(&["cluster", "status", "--json", "--server", &https(addr), "--ca-file", &ca]);
+        (code == 0).then(|| serde_json::from_str::<Value>(&out).unwrap())
+    };
+    let leader_among = |addrs: Vec<String>| async move {
+        support::eventually("a leader over TLS", 30, || async {
+            let seen: Vec<Value> = addrs.iter().map(|addr| status(addr)).collect::<Option<_>>()?;
+            let first = seen[0]["leader"].as_u64()?;
+            let voters = seen[0]["members"].as_array()?.iter().filter(|member| member["voter"] == true).count();
+            (voters == 3 && seen.iter().all(|status| status["leader"].as_u64() == Some(first))).then_some(first)
+        })
+        .await
+    };
+    let first = leader_among(addrs.clone()).await;
+    let client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(made.cert.pem().as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let post = |addr: String, path: &'static str, body: Value| {
+        let client = client.clone();
+        async move {
+            let answer =
+                client.post(format!("https://{addr}{path}")).bearer_auth(support::ADMIN).json(&body).send().await;
+            match answer {
+                Ok(answer) => (answer.status().as_u16(), answer.text().await.unwrap_or_default()),
+                Err(error) => (0, error.to_string()),
+            }
+        }
+    };
+    let leading = addrs[first as usize - 1].clone();
+    assert_eq!(post(leading.clone(), "/v1/agents/writer/hello", json!({"role": "writer"})).await.0, 200);
+    for n in 1..=5 {
+        let (code, body) =
+            post(leading.clone(), "/v1/agents/writer/checkpoint", json!({"incarnation": 1, "patch": {"n": n}})).await;
+        assert_eq!(code, 200, "{body}");
+    }
+    // Plain HTTP to a node's node-to-node route gets nothing.
+    let plain = reqwest::Client::new().post(format!("http://{leading}/v1/cluster/raft/vote")).body("{}").send().await;
+    assert!(plain.is_err() || !plain.unwrap().status().is_success());
+
+    nodes[first as usize - 1].take().unwrap().kill();
+    let rest: Vec<String> = (1..=3u64).filter(|id| *id != first).map(|id| addrs[id as usize - 1].clone()).collect();
+    let answer = support::eventually("a new leader over TLS to take writes", 30, || {
+        let rest = rest.clone();
+        let post = post.clone();
+        async move {
+            for addr in rest {
+                let (code, body) =
+                    post(addr, "/v1/agents/writer/checkpoint", json!({"incarnation": 1, "patch": {"n": 6}})).await;
+                if code == 200 {
+                    return Some(body);
+                }
+            }
+            None
+        }
+    })
+    .await;
+    assert_eq!(serde_json::from_str::<Value>(&answer).unwrap()["version"], 6, "{answer}");
     for node in nodes.into_iter().flatten() {
         assert!(node.terminate().success());
     }
