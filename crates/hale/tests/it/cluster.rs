@@ -486,7 +486,7 @@ async fn nodes_that_serve_tls_replicate_and_fail_over_over_tls() {
     let rest: Vec<String> = (1..=3u64).filter(|id| *id != first).map(|id| addrs[id as usize - 1].clone()).collect();
     let answer = support::eventually("a new leader over TLS to take writes", 30, || {
         let rest = rest.clone();
-        let post = post.clone();
+        let post = &post;
         async move {
             for addr in rest {
                 let (code, body) =
