@@ -27,13 +27,27 @@ use tokio::sync::watch;
 /// How long [`RaftLog::shutdown`] waits for what was proposed to be committed.
 pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 
+/// Entries proposed and not yet answered, at most: while they are in flight, what the
+/// engine appends waits and goes out together in the next entry (group commit), so a
+/// quorum round carries every record that arrived during the previous one.
+pub const PROPOSALS_IN_FLIGHT: usize = 2;
+
+/// Records in one entry, at most (about what a single node's writer puts in one commit).
+const RECORDS_PER_ENTRY_MAX: usize = 4_096;
+
 /// The engine's log on a Raft node.
 pub struct RaftLog {
-    raft: Raft<TypeConfig>,
     durability: Arc<watch::Sender<Durability>>,
-    /// The last sequence number proposed.
+    /// The last sequence number queued to be proposed.
     proposed: Arc<AtomicU64>,
+    /// Records waiting to be proposed, with the leadership they were decided under.
+    queue: tokio::sync::mpsc::Sender<(u64, Vec<Record>)>,
+    /// Counts the times this node was handed leadership: records decided under an earlier
+    /// one are never proposed under a later one (the engine was rebuilt in between).
+    term: Arc<AtomicU64>,
     watcher: tokio::task::JoinHandle<()>,
+    proposer: tokio::task::JoinHandle<()>,
+    raft: Raft<TypeConfig>,
 }
 
 /// Hands leadership to the engine of a [`RaftLog`] (see [`Leadership::lead`]).
@@ -41,6 +55,7 @@ pub struct RaftLog {
 pub struct Leadership {
     durability: Arc<watch::Sender<Durability>>,
     metrics: watch::Receiver<RaftMetrics<NodeId, openraft::BasicNode>>,
+    term: Arc<AtomicU64>,
 }
 
 impl Leadership {
@@ -53,6 +68,7 @@ impl Leadership {
         if metrics.state != ServerState::Leader {
             return false;
         }
+        self.term.fetch_add(1, Ordering::SeqCst);
         self.durability.send_modify(|durability| {
             durability.durable_seq = durability.durable_seq.max(last_seq);
             durability.not_leader = None;
@@ -73,12 +89,15 @@ impl RaftLog {
         let durability = Durability { not_leader: Some(NotLeader::default()), ..Durability::at(start) };
         let durability = Arc::new(watch::channel(durability).0);
         let watcher = tokio::spawn(watch_leadership(raft.metrics(), durability.clone()));
-        RaftLog { raft, durability, proposed: Arc::new(AtomicU64::new(start)), watcher }
+        let term = Arc::new(AtomicU64::new(0));
+        let (queue, queued) = tokio::sync::mpsc::channel(1024);
+        let proposer = tokio::spawn(propose(raft.clone(), durability.clone(), term.clone(), queued));
+        RaftLog { raft, durability, proposed: Arc::new(AtomicU64::new(start)), queue, term, watcher, proposer }
     }
 
     /// The handle that gives the engine leadership.
     pub fn leadership(&self) -> Leadership {
-        Leadership { durability: self.durability.clone(), metrics: self.raft.metrics() }
+        Leadership { durability: self.durability.clone(), metrics: self.raft.metrics(), term: self.term.clone() }
     }
 
     fn fail(durability: &watch::Sender<Durability>, reason: String) {
@@ -134,39 +153,14 @@ impl DurableLog for RaftLog {
                 return Err(WriteError::NotLeader { leader: not_leader.leader.clone() });
             }
         }
-        let batch = Batch::of(&records);
-        let last = batch.last_seq();
-        let answer = match self.raft.client_write_ff(batch).await {
-            Ok(answer) => answer,
-            Err(fatal) => {
-                let reason = format!("this node's Raft stopped: {fatal}");
-                RaftLog::fail(&self.durability, reason.clone());
-                return Err(WriteError::Failed(Arc::from(reason.as_str())));
-            }
+        let Some(last) = records.last().map(|record| record.seq) else {
+            return Ok(());
         };
-        if let Some(last) = last {
-            self.proposed.fetch_max(last, Ordering::SeqCst);
+        let term = self.term.load(Ordering::SeqCst);
+        if self.queue.send((term, records)).await.is_err() {
+            return Err(WriteError::Stopped);
         }
-        let durability = self.durability.clone();
-        tokio::spawn(async move {
-            match answer.await {
-                // Committed and applied: entries apply in log order, so everything this
-                // node proposed before it is applied too.
-                Ok(Ok(written)) => {
-                    durability.send_if_modified(|durability| {
-                        let moved = written.data.last_seq > durability.durable_seq;
-                        durability.durable_seq = durability.durable_seq.max(written.data.last_seq);
-                        moved
-                    });
-                }
-                Ok(Err(ClientWriteError::ForwardToLeader(forward))) => {
-                    let leader = forward.leader_node.map(|node| Arc::from(node.addr.as_str()));
-                    depose(&durability, leader);
-                }
-                Ok(Err(error)) => RaftLog::fail(&durability, format!("the entry was not committed: {error}")),
-                Err(_) => RaftLog::fail(&durability, "this node's Raft stopped before the entry was committed".into()),
-            }
-        });
+        self.proposed.fetch_max(last, Ordering::SeqCst);
         Ok(())
     }
 
@@ -215,6 +209,69 @@ impl DurableLog for RaftLog {
             tracing::warn!(proposed = target, "stopping with entries a quorum has not committed");
         }
         self.watcher.abort();
+        self.proposer.abort();
+    }
+}
+
+/// Proposes what the engine appends: each entry carries every record queued while the
+/// entries before it were in flight (at most [`PROPOSALS_IN_FLIGHT`] at a time). The
+/// durable position moves with the answers to these proposals, each carrying the last
+/// hale sequence number its entry applied.
+async fn propose(
+    raft: Raft<TypeConfig>,
+    durability: Arc<watch::Sender<Durability>>,
+    term: Arc<AtomicU64>,
+    mut queued: tokio::sync::mpsc::Receiver<(u64, Vec<Record>)>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(PROPOSALS_IN_FLIGHT));
+    while let Some(first) = queued.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let mut batches = vec![first];
+        let mut count = batches[0].1.len();
+        while count < RECORDS_PER_ENTRY_MAX
+            && let Ok(more) = queued.try_recv()
+        {
+            count += more.1.len();
+            batches.push(more);
+        }
+        // Records decided under an earlier leadership, or while this node does not lead,
+        // are dropped: the engine failed their answers when it lost leadership.
+        let now = term.load(Ordering::SeqCst);
+        let records: Vec<Record> = {
+            let leading = durability.borrow().not_leader.is_none() && durability.borrow().failed.is_none();
+            batches.into_iter().filter(|(at, _)| leading && *at == now).flat_map(|(_, records)| records).collect()
+        };
+        if records.is_empty() {
+            continue;
+        }
+        let answer = match raft.client_write_ff(Batch::of(&records)).await {
+            Ok(answer) => answer,
+            Err(fatal) => {
+                RaftLog::fail(&durability, format!("this node's Raft stopped: {fatal}"));
+                return;
+            }
+        };
+        let durability = durability.clone();
+        tokio::spawn(async move {
+            match answer.await {
+                // Committed and applied: entries apply in log order, so everything this
+                // node proposed before it is applied too.
+                Ok(Ok(written)) => {
+                    durability.send_if_modified(|durability| {
+                        let moved = written.data.last_seq > durability.durable_seq;
+                        durability.durable_seq = durability.durable_seq.max(written.data.last_seq);
+                        moved
+                    });
+                }
+                Ok(Err(ClientWriteError::ForwardToLeader(forward))) => {
+                    let leader = forward.leader_node.map(|node| Arc::from(node.addr.as_str()));
+                    depose(&durability, leader);
+                }
+                Ok(Err(error)) => RaftLog::fail(&durability, format!("the entry was not committed: {error}")),
+                Err(_) => RaftLog::fail(&durability, "this node's Raft stopped before the entry was committed".into()),
+            }
+            drop(slot);
+        });
     }
 }
 
