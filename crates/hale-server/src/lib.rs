@@ -96,6 +96,10 @@ fn prepare_core(core: &mut Core, config: &ServerConfig) {
     core.begin_grace(clock::now());
 }
 
+/// How often at most a node of a cluster that does not lead takes the committed state in
+/// for stale reads: how far behind its stale answers may be besides replication.
+const FOLLOWER_REFRESH: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Recovers the data directory and starts serving.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let data_dir = DataDir::open(&config.data_dir)?;
@@ -250,6 +254,21 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
                     }
                 },
             ));
+            // While it does not lead, the engine takes in the committed state now and
+            // then, for the reads that accept a stale answer (`Hale-Read: stale-ok`).
+            let (refreshed, committed, settings) = (engine.clone(), parts.committed.clone(), config.clone());
+            tokio::spawn(async move {
+                let mut applied = committed.applied();
+                while applied.changed().await.is_ok() {
+                    if refreshed.durability().not_leader.is_some() {
+                        let (seq, state) = committed.state();
+                        let mut core = Core::from_state(state, settings.limits.clone());
+                        prepare_core(&mut core, &settings);
+                        refreshed.refresh(core, seq).await;
+                    }
+                    tokio::time::sleep(FOLLOWER_REFRESH).await;
+                }
+            });
             tracing::info!(node = cluster.node_id, advertise = %cluster.advertise, "a node of a hale cluster");
             (engine, Some(api::cluster::ClusterControl::new(parts, cluster, importable.map(|boxed| *boxed))))
         }

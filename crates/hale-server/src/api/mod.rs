@@ -128,11 +128,37 @@ pub fn router(state: AppState) -> Router {
                 false,
             )
         })
+        .layer(axum::middleware::from_fn(stale_reads))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(axum::middleware::map_response(json_errors))
         // Outermost: a request is in flight on its connection from here (limits.rs).
         .layer(axum::middleware::from_fn(crate::limits::track_requests))
         .with_state(state)
+}
+
+/// The request header with which a read accepts a stale answer from a node of a cluster
+/// that does not lead (`Hale-Read: stale-ok`), and the response header that says the
+/// answer was one (`Hale-Read: stale`): the committed state as this node last took it
+/// in, which may be behind the leader's.
+pub const READ_HEADER: &str = "hale-read";
+
+/// Serves reads that accept a stale answer (see [`READ_HEADER`]): anywhere else they go to
+/// the leader, linearizably.
+async fn stale_reads(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let accepts = request.method() == axum::http::Method::GET
+        && request.headers().get(READ_HEADER).is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"stale-ok"));
+    if !accepts {
+        return next.run(request).await;
+    }
+    let scope = crate::engine::STALE_READ.scope(std::cell::Cell::new(false), async move {
+        let response = next.run(request).await;
+        (response, crate::engine::STALE_READ.with(std::cell::Cell::get))
+    });
+    let (mut response, stale) = scope.await;
+    if stale {
+        response.headers_mut().insert(READ_HEADER, axum::http::HeaderValue::from_static("stale"));
+    }
+    response
 }
 
 /// Bodies of axum's own rejections read at most (they are one line).

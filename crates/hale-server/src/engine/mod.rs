@@ -86,6 +86,27 @@ enum Request {
         last_seq: u64,
         reply: oneshot::Sender<()>,
     },
+    /// A node of a cluster that does not lead takes the committed state in, for reads
+    /// that accept it (ignored once the node leads).
+    Refresh {
+        core: Box<Core>,
+        last_seq: u64,
+    },
+    /// A read of the state as it is, durable or not (a follower's stale read).
+    ReadNow {
+        read: Read,
+    },
+}
+
+tokio::task_local! {
+    /// Set for a request that accepts a stale read on a node that does not lead
+    /// (`Hale-Read: stale-ok`); becomes `true` once a read was served that way.
+    pub static STALE_READ: std::cell::Cell<bool>;
+}
+
+/// Whether the request being served accepts a stale read (see [`STALE_READ`]).
+fn stale_ok() -> bool {
+    STALE_READ.try_with(|_| ()).is_ok()
 }
 
 /// Snapshot policy.
@@ -259,6 +280,16 @@ impl Engine {
         &self,
         read: impl FnOnce(&Core) -> T + Send + 'static,
     ) -> Result<T, EngineError> {
+        if stale_ok() && self.durability.borrow().not_leader.is_some() {
+            // A follower's committed state, as of its last refresh: said to be stale.
+            let (result_tx, result) = oneshot::channel();
+            let read: Read = Box::new(move |state| {
+                let _ = result_tx.send(read(state));
+            });
+            self.requests.send(Request::ReadNow { read }).await.map_err(|_| EngineError::ShuttingDown)?;
+            let _ = STALE_READ.try_with(|served| served.set(true));
+            return result.await.map_err(|_| EngineError::ShuttingDown);
+        }
         if let Some(barrier) = &self.read_barrier {
             barrier().await?;
         }
@@ -300,6 +331,13 @@ impl Engine {
     /// leads).
     pub fn watch_durability(&self) -> watch::Receiver<Durability> {
         self.durability.clone()
+    }
+
+    /// On a node of a cluster that does not lead: takes in `core`, the committed state
+    /// whose last record is `last_seq`, for the reads that accept a stale answer. Ignored
+    /// by an engine that leads.
+    pub async fn refresh(&self, core: Core, last_seq: u64) {
+        let _ = self.requests.send(Request::Refresh { core: Box::new(core), last_seq }).await;
     }
 
     /// Stops the engine: refuses later requests, takes a final snapshot if the log is
@@ -469,6 +507,15 @@ impl<L: DurableLog> EngineTask<L> {
                 self.events_since_snapshot = 0;
                 let _ = reply.send(());
             }
+            Request::Refresh { core, last_seq } => {
+                if self.durability.borrow().not_leader.is_some() && self.held.is_empty() {
+                    let supervising = self.core.supervising();
+                    self.core = *core;
+                    self.core.set_supervising(supervising);
+                    self.next_seq = last_seq + 1;
+                }
+            }
+            Request::ReadNow { read } => read(&self.core),
         }
     }
 

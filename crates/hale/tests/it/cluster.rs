@@ -129,6 +129,32 @@ async fn three_nodes_form_a_cluster_survive_the_leaders_sigkill_and_catch_a_retu
     let (code, body) = checkpoint(nodes[follower as usize - 1].as_ref().unwrap(), 99);
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("not_leader") && body.contains(&addrs[first as usize - 1]), "{body}");
+    // A read there goes to the leader too, unless it accepts a stale answer: then the
+    // follower answers from the committed state it has taken in, and says so.
+    let follower_addr = addrs[follower as usize - 1].clone();
+    let (code, body) = nodes[follower as usize - 1].as_ref().unwrap().get("/v1/agents/writer/state");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("not_leader"), "{body}");
+    let stale_read = |addr: String| async move {
+        let answer = reqwest::Client::new()
+            .get(format!("http://{addr}/v1/agents/writer/state"))
+            .bearer_auth(support::ADMIN)
+            .header("Hale-Read", "stale-ok")
+            .send()
+            .await
+            .ok()?;
+        let stale = answer.headers().get("hale-read").map(|value| value.to_str().unwrap().to_string());
+        let body: Value = answer.json().await.ok()?;
+        Some((stale, body["version"].as_u64()?))
+    };
+    support::eventually("the follower to answer a stale read at version 10", 30, || async {
+        let (stale, version) = stale_read(follower_addr.clone()).await?;
+        assert_eq!(stale.as_deref(), Some("stale"));
+        (version == 10).then_some(())
+    })
+    .await;
+    let (stale, version) = stale_read(addrs[first as usize - 1].clone()).await.unwrap();
+    assert_eq!((stale, version), (None, 10), "the leader's answer is current, not stale");
     // So is a heartbeat: a follower knows nothing current about runs.
     let beat =
         nodes[follower as usize - 1].as_ref().unwrap().post("/v1/agents/writer/heartbeat", &json!({"incarnation": 1}));
