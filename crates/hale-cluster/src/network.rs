@@ -34,6 +34,8 @@ pub const VOTE_PATH: &str = "/v1/cluster/raft/vote";
 pub const SNAPSHOT_PATH: &str = "/v1/cluster/raft/snapshot";
 /// A node asks to join (see [`crate::control`]).
 pub const JOIN_PATH: &str = "/v1/cluster/raft/join";
+/// A node asks whether the others would vote before it stands ([`crate::elector`]).
+pub const PREVOTE_PATH: &str = "/v1/cluster/raft/prevote";
 /// A node asks to remove a member.
 pub const LEAVE_PATH: &str = "/v1/cluster/raft/leave";
 /// The header that names the node a request comes from, for the receiver's logs and for
@@ -239,7 +241,18 @@ pub const SNAPSHOT_CHUNK_BYTES: u64 = 1024 * 1024;
 
 /// The server half: the RPC routes and join and leave, for the node's router. A request
 /// without the cluster secret is refused before its body is read.
-pub fn routes(raft: Raft<TypeConfig>, secret: ClusterSecret, heard: Arc<crate::elector::Heard>) -> Router {
+pub fn routes(
+    raft: Raft<TypeConfig>,
+    secret: ClusterSecret,
+    heard: Arc<crate::elector::Heard>,
+    election_min: std::time::Duration,
+) -> Router {
+    // A pre-vote does not count as hearing a candidate: it changes nothing.
+    let asking = (raft.clone(), heard.clone());
+    let pre_vote = post(move || {
+        let (raft, heard) = asking.clone();
+        async move { Json(crate::elector::pre_vote(&raft, &heard, election_min)) }
+    });
     // A leader's append or a candidate's vote request: the elector waits a while longer.
     let hearing = axum::middleware::from_fn(move |request: axum::extract::Request, next: axum::middleware::Next| {
         let heard = heard.clone();
@@ -252,6 +265,7 @@ pub fn routes(raft: Raft<TypeConfig>, secret: ClusterSecret, heard: Arc<crate::e
     Router::new()
         .merge(raft_rpcs)
         .route(SNAPSHOT_PATH, post(snapshot))
+        .route(PREVOTE_PATH, pre_vote)
         .route(JOIN_PATH, post(join))
         .route(LEAVE_PATH, post(leave))
         .route_layer(axum::middleware::from_fn_with_state(secret, require_secret))

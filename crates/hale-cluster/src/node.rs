@@ -111,8 +111,8 @@ pub async fn open(
         .await
         .map_err(|error| NodeError::Raft(error.to_string()))?;
     let heard = crate::elector::Heard::new();
-    tokio::spawn(crate::elector::run(raft.clone(), heard.clone(), timeouts));
-    let routes = network::routes(raft.clone(), secret, heard);
+    tokio::spawn(crate::elector::run(raft.clone(), heard.clone(), timeouts, peers.clone(), secret.clone()));
+    let routes = network::routes(raft.clone(), secret, heard, timeouts.election_min);
     Ok(NodeParts { raft, committed, routes, peers })
 }
 

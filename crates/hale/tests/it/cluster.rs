@@ -530,3 +530,38 @@ async fn nodes_that_serve_tls_replicate_and_fail_over_over_tls() {
         assert!(node.terminate().success());
     }
 }
+
+/// A follower that was stopped (SIGSTOP) for several election timeouts and resumes does
+/// not depose the leader the others still hear: it asks them first (a pre-vote) and
+/// stands only if a majority has not heard a leader either. The term stays as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_back_from_a_pause_does_not_depose_a_healthy_leader() {
+    let temp = tempfile::tempdir().unwrap();
+    let (nodes, addrs) = form(temp.path());
+    let all: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let first = leader(&all).await;
+    let term = status(&addrs[first as usize - 1]).unwrap()["term"].as_u64().unwrap();
+    let follower = (1..=3u64).find(|id| *id != first).unwrap();
+    let paused = nodes[follower as usize - 1].as_ref().unwrap().pid();
+    nix::sys::signal::kill(paused, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    // The fault itself: stopped for three times the longest election timeout (2 s here),
+    // so every timer it has has run out when it resumes.
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    nix::sys::signal::kill(paused, nix::sys::signal::Signal::SIGCONT).unwrap();
+    // Caught up again: it has heard the leader, and everyone still agrees on it.
+    let target = status(&addrs[first as usize - 1]).unwrap()["last_log_index"].as_u64().unwrap();
+    support::eventually("the resumed follower to catch up", 30, || async {
+        let applied = status(&addrs[follower as usize - 1])?["last_applied_index"].as_u64()?;
+        (applied >= target).then_some(())
+    })
+    .await;
+    // What must not happen needs a window to (not) happen in: two election timeouts.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    for addr in &addrs {
+        let seen = status(addr).unwrap();
+        assert_eq!((seen["leader"].as_u64(), seen["term"].as_u64()), (Some(first), Some(term)), "{addr}: {seen}");
+    }
+    for node in nodes.into_iter().flatten() {
+        assert!(node.terminate().success());
+    }
+}
