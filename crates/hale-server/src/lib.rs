@@ -100,6 +100,22 @@ fn prepare_core(core: &mut Core, config: &ServerConfig) {
 /// for stale reads: how far behind its stale answers may be besides replication.
 const FOLLOWER_REFRESH: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// Recovers the single node's log (the `events` table) of `data_dir`, off the runtime.
+async fn recover_events(
+    data_dir: DataDir,
+    config: &ServerConfig,
+    repair: bool,
+) -> (DataDir, Result<hale_store::Recovered, hale_store::StoreError>) {
+    let options =
+        RecoveryOptions { limits: config.limits.clone(), repair, now: clock::now(), keys: config.encryption.clone() };
+    tokio::task::spawn_blocking(move || {
+        let recovered = hale_store::recover(&data_dir, &options);
+        (data_dir, recovered)
+    })
+    .await
+    .expect("recovery does not panic")
+}
+
 /// Recovers the data directory and starts serving.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let data_dir = DataDir::open(&config.data_dir)?;
@@ -147,18 +163,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
                 metrics.current_term == 0 && metrics.last_log_index.is_none() && last_seq == 0
             };
             let (data_dir, importable) = if pristine {
-                let options = RecoveryOptions {
-                    limits: config.limits.clone(),
-                    repair: false,
-                    now: clock::now(),
-                    keys: config.encryption.clone(),
-                };
-                let (data_dir, recovered) = tokio::task::spawn_blocking(move || {
-                    let recovered = hale_store::recover(&data_dir, &options);
-                    (data_dir, recovered)
-                })
-                .await
-                .expect("recovery does not panic");
+                let (data_dir, recovered) = recover_events(data_dir, &config, false).await;
                 let recovered = recovered?;
                 let importable =
                     (recovered.last_seq > 0).then(|| Box::new((recovered.last_seq, recovered.core.state().clone())));
@@ -177,18 +182,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             (data_dir, core, last_seq, hale_store::RecoveryReport::default(), backing)
         }
         None => {
-            let options = RecoveryOptions {
-                limits: config.limits.clone(),
-                repair: config.repair,
-                now: clock::now(),
-                keys: config.encryption.clone(),
-            };
-            let (data_dir, recovered) = tokio::task::spawn_blocking(move || {
-                let recovered = hale_store::recover(&data_dir, &options);
-                (data_dir, recovered)
-            })
-            .await
-            .expect("recovery does not panic");
+            let (data_dir, recovered) = recover_events(data_dir, &config, config.repair).await;
             let recovered = recovered?;
             (data_dir, recovered.core, recovered.last_seq, recovered.report, Backing::Single(recovered.log))
         }
