@@ -276,10 +276,13 @@ async fn propose(
 }
 
 /// Hands the engine leadership each time this node is elected, for as long as `raft`
-/// runs: waits until the entries of earlier terms are committed and applied here (a
-/// read index, `ensure_linearizable`), has `rebuild` rebuild the engine's core from the
-/// committed state (the last record's sequence number and the state), then leads.
-/// Deposition needs nothing from here: the log's own watch refuses appends at once.
+/// runs: waits until the entries of earlier terms are committed and applied here (the
+/// blank entry a new leader appends in its own term is applied, and Raft commits
+/// in order), has `rebuild` rebuild the engine's core from the committed state (the last
+/// record's sequence number and the state), then leads. Waiting for that entry rather
+/// than for a read index saves the new leader a round trip to a quorum; reads still
+/// take theirs. Deposition needs nothing from here: the log's own watch refuses appends
+/// at once.
 pub async fn follow_leadership<F, Fut>(
     raft: Raft<TypeConfig>,
     committed: CommittedView,
@@ -291,8 +294,14 @@ pub async fn follow_leadership<F, Fut>(
 {
     let mut metrics = raft.metrics();
     loop {
-        let elected = metrics.borrow_and_update().state == ServerState::Leader;
-        if elected && !leadership.leads() && raft.ensure_linearizable().await.is_ok() {
+        let ready = {
+            let seen = metrics.borrow_and_update();
+            let own_term_applied = seen.last_applied.is_some_and(|applied| {
+                applied.leader_id.term == seen.current_term && applied.leader_id.node_id == seen.id
+            });
+            seen.state == ServerState::Leader && own_term_applied
+        };
+        if ready && !leadership.leads() {
             let (last_seq, state) = committed.state();
             rebuild(last_seq, state).await;
             if leadership.lead(last_seq) {

@@ -127,11 +127,15 @@ pub async fn run(
         let (min, max) = (timeouts.election_min.as_millis() as u64, timeouts.election_max.as_millis() as u64);
         Duration::from_millis(rand::rng().random_range(min..=max.max(min)))
     };
+    // How often a leader or a learner looks whether it became a follower; a follower
+    // sleeps until its timeout would run out, and stands the moment it does.
     let tick = (timeouts.heartbeat / 4).max(Duration::from_millis(5));
     let mut timeout = draw();
     let mut stood: Option<Instant> = None;
+    let mut wait = tick;
     loop {
-        tokio::time::sleep(tick).await;
+        tokio::time::sleep(wait).await;
+        wait = tick;
         let (state, voter) = {
             let metrics = raft.metrics();
             let metrics = metrics.borrow();
@@ -153,6 +157,8 @@ pub async fn run(
             }
             stood = Some(Instant::now());
             timeout = draw();
+        } else {
+            wait = timeout - quiet;
         }
     }
 }
