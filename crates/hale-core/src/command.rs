@@ -10,7 +10,8 @@ use crate::event::Event;
 use crate::health::{Reporter, Severity};
 use crate::hooks::HookKind;
 use crate::liveness::Progress;
-use crate::names::{AgentName, ConversationId, HookName, PointName, RoleName};
+use crate::names::{AgentName, ConversationId, HookName, NodeName, PointName, RoleName};
+use crate::nodes::NodeInfo;
 use crate::supervision::{Cause, ProcessRef, Supervision};
 use crate::tasks::{LlmCall, Mode, Spend, TaskSpec};
 use serde_json::Value;
@@ -78,6 +79,11 @@ pub enum SupervisionCommand {
     Restart { agent: AgentName },
     /// Stop a managed agent and do not restart it (`hale stop`, or hale stopping).
     Stop { agent: AgentName },
+    /// A node of the cluster is up (it renewed its lease with the leader) and says this of
+    /// itself.
+    NodeUp { node: NodeName, info: NodeInfo },
+    /// The leader has not heard from the node for `silent_ms`, its node timeout.
+    NodeLost { node: NodeName, silent_ms: u64 },
     /// The shell read hale.toml: a pool of agents of `role`.
     DeclareRole { role: RoleName, min: u32, max: u32, supervision: Supervision },
     /// The pool of `role` has fewer healthy agents than its minimum: start a new instance

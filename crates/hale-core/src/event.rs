@@ -2,7 +2,8 @@ use crate::Timestamp;
 use crate::health::{QuarantineAction, Reporter, Severity};
 use crate::hooks::HookKind;
 use crate::liveness::Progress;
-use crate::names::{AgentName, ConversationId, HookName, PointName, RoleName};
+use crate::names::{AgentName, ConversationId, HookName, NodeName, PointName, RoleName};
+use crate::nodes::NodeInfo;
 use crate::supervision::{Cause, ProcessRef, Supervision};
 use crate::tasks::{Level, LlmCall, Mode, Outcome, Parent, Spend, TaskSpec};
 use serde::{Deserialize, Serialize};
@@ -311,6 +312,30 @@ pub enum Event {
         attempts: u32,
         error: String,
     },
+    /// A node of the cluster is up: the first time, back after it was lost, or saying
+    /// something new of itself (see `nodes`).
+    NodeJoined {
+        node: NodeName,
+        info: NodeInfo,
+    },
+    /// The leader had not heard from the node for `silent_ms`: its agents were taken down
+    /// with it (in the same decision).
+    NodeLost {
+        node: NodeName,
+        silent_ms: u64,
+    },
+    /// `incarnation` of the managed agent runs on `node` (logged just before that
+    /// incarnation starts).
+    AgentPlaced {
+        agent: AgentName,
+        incarnation: u64,
+        node: NodeName,
+    },
+    /// The managed agent is to start, but no node that is up may run it, for `reason`.
+    AgentPending {
+        agent: AgentName,
+        reason: String,
+    },
 }
 
 impl Event {
@@ -356,7 +381,9 @@ impl Event {
             | Event::MessageSent { .. }
             | Event::ConversationEnded { .. }
             | Event::HookDelivered { .. }
-            | Event::HookFailed { .. } => return None,
+            | Event::HookFailed { .. }
+            | Event::NodeJoined { .. }
+            | Event::NodeLost { .. } => return None,
             Event::MessageAcked { agent, .. } => agent,
             Event::BudgetReserved { agent, .. }
             | Event::SpendReported { agent, .. }
@@ -378,7 +405,9 @@ impl Event {
             | Event::BreakerClosed { agent }
             | Event::ViolationReported { agent, .. }
             | Event::Quarantined { agent, .. }
-            | Event::Released { agent } => agent,
+            | Event::Released { agent }
+            | Event::AgentPlaced { agent, .. }
+            | Event::AgentPending { agent, .. } => agent,
         })
     }
 
@@ -428,6 +457,10 @@ impl Event {
             Event::ConversationEnded { .. } => "conversation_ended",
             Event::HookDelivered { .. } => "hook_delivered",
             Event::HookFailed { .. } => "hook_failed",
+            Event::NodeJoined { .. } => "node_joined",
+            Event::NodeLost { .. } => "node_lost",
+            Event::AgentPlaced { .. } => "agent_placed",
+            Event::AgentPending { .. } => "agent_pending",
         }
     }
 }
@@ -498,6 +531,10 @@ mod tests {
             json!({"conversation_ended": {"conversation": "c-1", "by": "a"}}),
             json!({"hook_delivered": {"hook": "h", "kind": "agent.down", "seq": 1, "attempts": 1}}),
             json!({"hook_failed": {"hook": "h", "kind": "agent.down", "seq": 1, "attempts": 6, "error": "x"}}),
+            json!({"node_joined": {"node": "n", "info": {"id": 1, "address": "127.0.0.1:1"}}}),
+            json!({"node_lost": {"node": "n", "silent_ms": 3000}}),
+            json!({"agent_placed": {"agent": "a", "incarnation": 1, "node": "n"}}),
+            json!({"agent_pending": {"agent": "a", "reason": "x"}}),
         ]
     }
 

@@ -32,6 +32,7 @@ pub mod mail;
 pub mod measure;
 mod merge;
 mod names;
+pub mod nodes;
 pub mod policy;
 mod rejection;
 mod rng;
@@ -50,7 +51,7 @@ pub use limits::{Limits, PATCH_DEPTH_MAX};
 pub use liveness::{Health, Liveness, LivenessSettings, PROGRESS_BYTES_MAX, Progress};
 pub use measure::{Measurement, Thresholds};
 pub use merge::{json_depth, json_size, merge_patch, merged_size};
-pub use names::{AgentName, ConversationId, HookName, NameError, PointName, RoleName, validate_labels};
+pub use names::{AgentName, ConversationId, HookName, NameError, NodeName, PointName, RoleName, validate_labels};
 pub use rejection::Rejection;
 pub use rng::Rng;
 pub use state::{AgentRecord, Down, ProgressRecord, RecoveryPoint, State};
@@ -699,6 +700,8 @@ impl Core {
     }
 }
 
+#[cfg(test)]
+mod nodes_tests;
 #[cfg(test)]
 mod supervision_tests;
 #[cfg(test)]

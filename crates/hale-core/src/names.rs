@@ -123,6 +123,12 @@ name_type!(
     "conversation"
 );
 
+name_type!(
+    /// The name of a node of a hale cluster, e.g. `node-1` (`[cluster] name`).
+    NodeName,
+    "node"
+);
+
 /// Checks a label set: at most [`LABELS_MAX`] entries, keys named like agents and at most
 /// [`LABEL_KEY_BYTES_MAX`] bytes, values at most [`LABEL_VALUE_BYTES_MAX`] bytes.
 pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), NameError> {

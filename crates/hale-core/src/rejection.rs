@@ -150,6 +150,12 @@ pub enum Rejection {
         "agent {agent:?} already takes part in {max} open conversations (limits.conversations_max): end some with end_conversation"
     )]
     TooManyConversations { agent: String, max: usize },
+    /// A node of the cluster said it is up under a name, or with a Raft node id, that
+    /// another node already has.
+    #[error(
+        "node {node:?} (id {id}) cannot join: {by} already has that name or id; give every node of the cluster its own [cluster] name and node_id"
+    )]
+    NodeTaken { node: String, id: u64, by: String },
 }
 
 impl Rejection {
@@ -193,6 +199,7 @@ impl Rejection {
             Rejection::UnknownMessage { .. } => "unknown_message",
             Rejection::UnknownConversation { .. } => "unknown_conversation",
             Rejection::TooManyConversations { .. } => "too_many_conversations",
+            Rejection::NodeTaken { .. } => "node_taken",
         }
     }
 }

@@ -5,7 +5,8 @@ use crate::health::{Breaker, HealthRecord, Quarantine};
 use crate::limits::Limits;
 use crate::liveness::Progress;
 use crate::merge::merge_patch;
-use crate::names::{AgentName, HookName, PointName, RoleName};
+use crate::names::{AgentName, HookName, NodeName, PointName, RoleName};
+use crate::nodes::{NodeRecord, NodeStatus};
 use crate::rejection::Rejection;
 use crate::supervision::{self, Cause, Managed, ManagedStatus, RolePool};
 use crate::tasks::{Mode, Step, StepState, TaskStatus, Tasks};
@@ -40,6 +41,9 @@ pub struct State {
     /// kinds past this mark are the ones it still owes.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     hooks: BTreeMap<HookName, u64>,
+    /// The nodes of a cluster (none on a single node).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    nodes: BTreeMap<NodeName, NodeRecord>,
 }
 
 /// Everything the log says about one agent.
@@ -178,6 +182,16 @@ impl State {
         self.credentials.iter()
     }
 
+    /// The node named `name`, if it ever joined the cluster.
+    pub fn node(&self, name: &NodeName) -> Option<&NodeRecord> {
+        self.nodes.get(name)
+    }
+
+    /// Every node of the cluster, in name order (none on a single node).
+    pub fn nodes(&self) -> impl Iterator<Item = (&NodeName, &NodeRecord)> {
+        self.nodes.iter()
+    }
+
     /// Every role pool, in name order.
     pub fn roles(&self) -> impl Iterator<Item = (&RoleName, &RolePool)> {
         self.roles.iter()
@@ -268,6 +282,22 @@ impl State {
             Event::RoleDeclared { role, min, max, supervision } => {
                 self.roles.insert(role, RolePool { min, max, supervision });
             }
+            // Nodes and placements.
+            Event::NodeJoined { node, info } => {
+                self.nodes.insert(node, NodeRecord { info, status: NodeStatus::Up { since: at } });
+            }
+            Event::NodeLost { node, silent_ms } => {
+                if let Some(record) = self.nodes.get_mut(&node) {
+                    record.status = NodeStatus::Lost { at, silent_ms };
+                }
+            }
+            Event::AgentPlaced { agent, node, .. } => self.with_managed(&agent, at, |managed| {
+                managed.node = Some(node);
+            }),
+            Event::AgentPending { agent, reason } => self.with_managed(&agent, at, |managed| {
+                managed.status = ManagedStatus::Pending { reason };
+                managed.node = None;
+            }),
             // State versions.
             Event::Checkpointed { agent, version, patch, .. } => self.with_agent(&agent, at, |record| {
                 let undo = merge_patch_undo(Arc::make_mut(&mut record.current), patch);

@@ -134,6 +134,7 @@ fn cause_name(cause: &Cause) -> &'static str {
         Cause::ResourceExceeded { .. } => "resource_exceeded",
         Cause::HealthProbe { .. } => "health_probe",
         Cause::OutOfMemory { .. } => "out_of_memory",
+        Cause::NodeLost { .. } => "node_lost",
     }
 }
 

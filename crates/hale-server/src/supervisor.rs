@@ -304,7 +304,9 @@ impl Supervisor {
                     let command = SupervisionCommand::ReportDown { agent, incarnation, cause: Cause::Vanished };
                     self.engine.execute(command).await?;
                 }
-                (ManagedStatus::Declared | ManagedStatus::Stopped, _) => to_start.push(agent),
+                (ManagedStatus::Declared | ManagedStatus::Stopped | ManagedStatus::Pending { .. }, _) => {
+                    to_start.push(agent)
+                }
                 (ManagedStatus::Backoff { .. } | ManagedStatus::Failed { .. }, _) => {}
             }
         }

@@ -12,8 +12,19 @@ use crate::state::State;
 use std::collections::BTreeMap;
 
 pub(crate) fn decide(context: &Context<'_>, command: &SupervisionCommand) -> Result<Decision, Rejection> {
+    let mut decision = decide_unplaced(context, command)?;
+    // On a cluster, every incarnation this starts is placed on a node (or waits for one).
+    decision.events = crate::nodes::place(context.state, std::mem::take(&mut decision.events));
+    Ok(decision)
+}
+
+fn decide_unplaced(context: &Context<'_>, command: &SupervisionCommand) -> Result<Decision, Rejection> {
     let Context { state, now, seed, .. } = *context;
     let events = match command {
+        SupervisionCommand::NodeUp { node, info } => crate::nodes::node_up(state, node, info)?,
+        SupervisionCommand::NodeLost { node, silent_ms } => {
+            crate::nodes::node_lost(state, node, *silent_ms, now, seed)?
+        }
         SupervisionCommand::Declare { agent, role, labels, supervision } => {
             validate_labels(labels)?;
             let unchanged = state.agent(agent.as_str()).is_some_and(|record| {
@@ -35,7 +46,7 @@ pub(crate) fn decide(context: &Context<'_>, command: &SupervisionCommand) -> Res
             let record = managed(state, agent)?;
             let status = &record.managed.as_ref().expect("checked by managed()").status;
             let due = match status {
-                ManagedStatus::Declared | ManagedStatus::Stopped => true,
+                ManagedStatus::Declared | ManagedStatus::Stopped | ManagedStatus::Pending { .. } => true,
                 ManagedStatus::Backoff { due, .. } => *due <= now,
                 _ => false,
             };
@@ -124,7 +135,7 @@ pub(crate) fn decide(context: &Context<'_>, command: &SupervisionCommand) -> Res
 /// An incarnation found down: log it with its cause and, for a managed agent, decide the
 /// restart (its own, and its group's). Reports about an incarnation that is no longer
 /// current, or already down, change nothing: detectors may race each other.
-fn down(
+pub(crate) fn down(
     state: &State,
     agent: &AgentName,
     incarnation: u64,

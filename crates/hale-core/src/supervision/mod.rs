@@ -8,9 +8,10 @@ use crate::Timestamp;
 use crate::names::{AgentName, RoleName};
 use crate::policy::{Backoff, Intensity, RestartWindow};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 mod decide;
-pub(crate) use decide::decide;
+pub(crate) use decide::{decide, down};
 
 /// When a managed agent is restarted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +78,51 @@ pub struct StallPolicy {
     pub quiet_ms: Option<u64>,
 }
 
+/// Where on a cluster a managed agent may run (a single node ignores it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Placement {
+    /// Only on these nodes (`[cluster] name`); any node if none is named.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<crate::names::NodeName>,
+    /// Only on nodes that carry every one of these labels (`[cluster] labels`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_labels: BTreeMap<String, String>,
+    /// For a role pool: its instances go to the nodes with the fewest instances of the
+    /// pool first, so they spread over the nodes while there are enough.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub spread: bool,
+}
+
+impl Placement {
+    /// Anywhere, no spread: what an agent declared without a placement gets.
+    pub fn is_unset(&self) -> bool {
+        self.nodes.is_empty() && self.node_labels.is_empty() && !self.spread
+    }
+}
+
+impl std::fmt::Display for Placement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if !self.nodes.is_empty() {
+            let nodes: Vec<&str> = self.nodes.iter().map(|node| node.as_str()).collect();
+            parts.push(format!("nodes = [{}]", nodes.join(", ")));
+        }
+        if !self.node_labels.is_empty() {
+            let labels: Vec<String> =
+                self.node_labels.iter().map(|(key, value)| format!("{key} = {value:?}")).collect();
+            parts.push(format!("node_labels = {{ {} }}", labels.join(", ")));
+        }
+        if self.spread {
+            parts.push("spread".to_string());
+        }
+        if parts.is_empty() {
+            parts.push("any node".to_string());
+        }
+        f.write_str(&parts.join("; "))
+    }
+}
+
 /// How hale supervises one managed agent: the part of its hale.toml entry that decisions
 /// depend on. It is logged (in `AgentDeclared`) so that replay decides exactly as the
 /// live run did; how to start the process (command, env, limits) stays in the shell.
@@ -96,6 +142,9 @@ pub struct Supervision {
     /// is set, so a spec without them reads and writes as before.
     #[serde(default, skip_serializing_if = "crate::measure::Thresholds::is_unset")]
     pub thresholds: crate::measure::Thresholds,
+    /// Where on a cluster it may run. Left out of the log when unset, as thresholds are.
+    #[serde(default, skip_serializing_if = "Placement::is_unset")]
+    pub placement: Placement,
 }
 
 /// A process identity that survives pid reuse: the pid and its start time in clock ticks
@@ -139,6 +188,9 @@ pub enum Cause {
     /// The kernel's OOM killer killed the process: its cgroup reached its memory limit of
     /// `limit_bytes` (`memory_mb`). Added after the others, so older logs read as before.
     OutOfMemory { limit_bytes: u64 },
+    /// The node it ran on was lost: the leader of the cluster had not heard from it for
+    /// `silent_ms`. That node stops its agents by itself when its lease runs out.
+    NodeLost { node: String, silent_ms: u64 },
 }
 
 impl Cause {
@@ -157,6 +209,7 @@ impl Cause {
             Cause::Operator | Cause::Stopped => "operator",
             Cause::ResourceExceeded { .. } | Cause::OutOfMemory { .. } => "resource",
             Cause::HealthProbe { .. } => "health_probe",
+            Cause::NodeLost { .. } => "node",
         }
     }
 
@@ -196,6 +249,9 @@ impl std::fmt::Display for Cause {
             Cause::OutOfMemory { limit_bytes } => {
                 write!(f, "killed by the kernel: out of memory at its limit of {} MiB", limit_bytes / (1024 * 1024))
             }
+            Cause::NodeLost { node, silent_ms } => {
+                write!(f, "its node {node} was lost (not heard from for {silent_ms} ms)")
+            }
         }
     }
 }
@@ -217,6 +273,9 @@ pub enum ManagedStatus {
     /// Down and not restarted: by its policy (`never`, or a clean exit under
     /// `on-failure`) or on purpose. The next `hale up` starts it again.
     Stopped,
+    /// On a cluster: to be started, but no node that is up may run it, for `reason`. It
+    /// starts as soon as one comes up.
+    Pending { reason: String },
 }
 
 impl ManagedStatus {
@@ -229,6 +288,7 @@ impl ManagedStatus {
             ManagedStatus::Backoff { .. } => "backoff",
             ManagedStatus::Failed { .. } => "failed",
             ManagedStatus::Stopped => "stopped",
+            ManagedStatus::Pending { .. } => "pending",
         }
     }
 }
@@ -244,11 +304,21 @@ pub struct Managed {
     pub window: RestartWindow,
     /// Restarts over the agent's whole life.
     pub restarts: u64,
+    /// On a cluster: the node its current (or last) incarnation was placed on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<crate::names::NodeName>,
 }
 
 impl Managed {
     pub(crate) fn new(spec: Supervision) -> Managed {
-        Managed { spec, status: ManagedStatus::Declared, process: None, window: RestartWindow::default(), restarts: 0 }
+        Managed {
+            spec,
+            status: ManagedStatus::Declared,
+            process: None,
+            window: RestartWindow::default(),
+            restarts: 0,
+            node: None,
+        }
     }
 
     /// Whether a process of the current incarnation is (believed to be) alive.

@@ -177,7 +177,8 @@ impl From<Rejection> for ApiError {
             | Rejection::LeaseLost { .. }
             | Rejection::TaskEnded { .. }
             | Rejection::StepDone { .. }
-            | Rejection::OverBudget { .. } => StatusCode::CONFLICT,
+            | Rejection::OverBudget { .. }
+            | Rejection::NodeTaken { .. } => StatusCode::CONFLICT,
             Rejection::PatchTooLarge { .. }
             | Rejection::StateTooLarge { .. }
             | Rejection::ProgressTooLarge { .. }
@@ -298,6 +299,7 @@ mod tests {
                 retry_after_ms: 1500,
             },
             Rejection::OverBudget { .. } => Rejection::OverBudget { whose: "task 1".into(), detail: "x".into() },
+            Rejection::NodeTaken { .. } => Rejection::NodeTaken { node: "node-2".into(), id: 2, by: "node-1".into() },
             Rejection::RefreshRefused { .. } => Rejection::RefreshRefused { agent: a(), reason: "x".into() },
             Rejection::UnknownRole { .. } => Rejection::UnknownRole { role: "r".into() },
             Rejection::ReasonTooLong { .. } => Rejection::ReasonTooLong { size: 2, max: 1 },

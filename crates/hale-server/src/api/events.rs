@@ -506,6 +506,12 @@ pub fn summary(event: &Event) -> String {
         Event::HookFailed { hook, kind, seq, attempts, error } => {
             format!("hook {hook} FAILED to tell of event {seq} ({kind}) after {attempts} attempts: {error}")
         }
+        Event::NodeJoined { node, info } => format!("node {node} (id {}, {}) is up", info.id, info.address),
+        Event::NodeLost { node, silent_ms } => format!("node {node} LOST: not heard from for {silent_ms} ms"),
+        Event::AgentPlaced { agent, incarnation, node } => {
+            format!("{agent}: incarnation {incarnation} placed on {node}")
+        }
+        Event::AgentPending { agent, reason } => format!("{agent} PENDING: {reason}"),
     }
 }
 

@@ -294,6 +294,12 @@ pub struct AgentSpec {
     pub stall: Option<StallPolicy>,
     /// What the agent may spend per period.
     pub budget: Option<BudgetSpec>,
+    /// On a cluster: the nodes (`[cluster] name`) it may run on; any node if empty.
+    pub nodes: Vec<String>,
+    /// On a cluster: it runs only on nodes with every one of these labels.
+    pub node_labels: BTreeMap<String, String>,
+    /// On a cluster, in a `[[role]]` template: the pool's instances spread over the nodes.
+    pub spread: bool,
 }
 
 /// Resource limits, applied at spawn where the kernel allows and watched from /proc.
@@ -540,6 +546,7 @@ impl Manifest {
                     stall: spec.stall.clone().unwrap_or_else(|| self.supervision.stall.clone()),
                     budget: spec.budget.as_ref().map(BudgetSpec::core),
                     thresholds: thresholds(spec),
+                    placement: placement(spec),
                 };
                 DeclaredAgent {
                     name,
@@ -570,6 +577,7 @@ impl Manifest {
                         stall: template.stall.clone().unwrap_or_else(|| self.supervision.stall.clone()),
                         budget: template.budget.as_ref().map(BudgetSpec::core),
                         thresholds: thresholds(template),
+                        placement: placement(template),
                     },
                     process: process_spec(template, base, &self.supervision.pass_env),
                     probe: probe_spec(template),
@@ -659,6 +667,15 @@ impl Manifest {
                 return Err((line, format!("agent {:?} is declared twice", name.get_ref())));
             }
             check_process(agent, line, &format!("agent {:?}", name.get_ref()))?;
+            if agent.spread {
+                return Err((
+                    line,
+                    format!(
+                        "agent {:?}: spread applies to the instances of a [[role]] pool; put it in the role's template",
+                        name.get_ref()
+                    ),
+                ));
+            }
             if let Some(group) = &agent.group
                 && !groups.contains(group.get_ref().as_str())
             {
@@ -825,6 +842,15 @@ fn probe_spec(spec: &AgentSpec) -> Option<ProbeSpec> {
 
 /// What the core judges the shell's measurements of the agent against: `[agent.resources]`
 /// memory and CPU, and `[agent.health]`'s failures in a row.
+/// Where on a cluster it may run (checked by `validate`).
+fn placement(spec: &AgentSpec) -> hale_core::supervision::Placement {
+    hale_core::supervision::Placement {
+        nodes: spec.nodes.iter().map(|node| hale_core::NodeName::new(node.as_str()).expect("validated")).collect(),
+        node_labels: spec.node_labels.clone(),
+        spread: spec.spread,
+    }
+}
+
 fn thresholds(spec: &AgentSpec) -> hale_core::Thresholds {
     hale_core::Thresholds {
         memory_bytes_max: spec.resources.memory_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
@@ -968,6 +994,10 @@ fn check_process(spec: &AgentSpec, line: usize, what: &str) -> Result<(), (usize
         RoleName::new(role.as_str()).map_err(|error| (line, format!("{what}: {error}")))?;
     }
     validate_labels(&spec.labels).map_err(|error| (line, format!("{what}: {error}")))?;
+    for node in &spec.nodes {
+        hale_core::NodeName::new(node.as_str()).map_err(|error| (line, format!("{what}: nodes: {error}")))?;
+    }
+    validate_labels(&spec.node_labels).map_err(|error| (line, format!("{what}: node_labels: {error}")))?;
     use crate::process::environment::refused;
     let names = spec.env.keys().map(|name| (name, "env")).chain(spec.pass_env.iter().map(|name| (name, "pass_env")));
     for (name, source) in names {

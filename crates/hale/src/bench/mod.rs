@@ -265,6 +265,7 @@ fn restart_at_once() -> hale_core::supervision::Supervision {
         stall: StallPolicy::default(),
         budget: None,
         thresholds: Default::default(),
+        placement: Default::default(),
     }
 }
 

@@ -286,6 +286,7 @@ fn crew(args: &DemoArgs) -> Result<Supervise> {
                     stall: StallPolicy { beats: Some(STALL_BEATS), quiet_ms: None },
                     budget: None,
                     thresholds: Default::default(),
+                    placement: Default::default(),
                 },
                 process: ProcessSpec {
                     command: exe.to_string_lossy().into_owned(),
