@@ -516,7 +516,13 @@ impl Keeper {
         let Some(process) = logged else { return false };
         let id = id_of(process);
         if !process::is_same_process(id) {
-            return false;
+            // It ended after hale's start-up scan saw it: that run is over. Report it
+            // down, as the scan would have, and start nothing under its number; the core
+            // restarts it, by its policy, as a new incarnation whose spawn comes next.
+            tracing::warn!(agent = %self.agent.name, incarnation, pid = id.pid, "the process to adopt is gone; reporting it down");
+            let agent = self.agent.name.clone();
+            self.report(SupervisionCommand::ReportDown { agent, incarnation, cause: Cause::Vanished }).await;
+            return true;
         }
         self.current = Some(Current::new(incarnation, id.pid));
         self.live.send_modify(|count| *count += 1);
@@ -648,3 +654,7 @@ impl Keeper {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "supervisor_tests.rs"]
+mod tests;
