@@ -434,6 +434,11 @@ class Session:
         policy = self.policy
         assert policy is not None
         attempt = 0
+        # The backoff grows with each full round of addresses that none answered. A node
+        # that answers but does not lead shows the cluster is alive, electing a leader
+        # within a second or so: the backoff starts again from its base, so the session
+        # finds the new leader soon after it is elected.
+        unanswered = 0
         # A node that named the leader is taken at its word, at once (a few times in a row).
         hint = _transport.with_authority(self.url, leader) if leader else None
         hints_in_a_row = 0
@@ -447,7 +452,7 @@ class Session:
                 hints_in_a_row += 1
             else:
                 hints_in_a_row = 0
-                delay = policy.delay(attempt)
+                delay = policy.delay(unanswered // max(len(self.urls), 1))
                 self.backoffs.append((attempt, delay))
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._close_requested.wait(), delay)
@@ -462,11 +467,13 @@ class Session:
                 socket = await _transport.open_socket(url, self.agent, self.credentials, self.ca_file)
             except ConnectError as error:
                 log.debug("reconnect attempt %d to %s failed: %s", attempt, url, error)
+                unanswered += 1
                 continue
             except HaleError as error:
                 if error.code == Code.NOT_LEADER:
                     # A token refresh found no leader for long: try again later.
                     log.debug("reconnect attempt %d to %s: %s", attempt, url, error)
+                    unanswered += 1
                     continue
                 raise _GiveUp(f"hale refused the agent's tokens: {error}") from error
             self.url = url
@@ -483,14 +490,17 @@ class Session:
                 welcome = await self._resume(socket)
             except _Elsewhere as elsewhere:
                 self.redirects += 1
+                unanswered = 0
                 log.info("%s does not lead its cluster (leader: %s)", url, elsewhere.leader or "unknown")
                 if elsewhere.leader:
                     hint = _transport.with_authority(url, elsewhere.leader)
                 continue
             except _transport.ConnectionClosed:
+                unanswered += 1
                 continue
             except (OSError, asyncio.TimeoutError):
                 _abort(socket)
+                unanswered += 1
                 continue
             log.info(
                 "resumed run %s at version %s on %s after %d attempts", self.incarnation, welcome.get("version"), url, attempt

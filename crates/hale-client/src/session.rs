@@ -350,6 +350,12 @@ fn deliver(frame: ServerFrame, sent: &mut Sent, inbox: &Inbox, follow: bool) -> 
 async fn reconnect(resilience: &Resilience, sent: &mut Sent, leader: Option<String>) -> Result<Socket, String> {
     let incarnation = *resilience.incarnation.lock().expect("incarnation lock");
     let mut attempt = 0u32;
+    // The backoff grows with each full round of addresses that none answered. A node that
+    // answers but does not lead shows the cluster is alive, electing a leader within a
+    // second or so: the backoff starts again from its base, so the session finds the new
+    // leader soon after it is elected.
+    let mut unanswered = 0u32;
+    let addresses = resilience.urls.len().max(1) as u32;
     // A node that named the leader is taken at its word, at once.
     let mut hint = leader.map(|leader| crate::admin::with_authority(&resilience.urls[0], &leader));
     loop {
@@ -359,7 +365,7 @@ async fn reconnect(resilience: &Resilience, sent: &mut Sent, leader: Option<Stri
         let url = match hint.take() {
             Some(url) => url,
             None => {
-                tokio::time::sleep(resilience.policy.delay(attempt)).await;
+                tokio::time::sleep(resilience.policy.delay(unanswered / addresses)).await;
                 resilience.urls[attempt as usize % resilience.urls.len()].clone()
             }
         };
@@ -369,6 +375,7 @@ async fn reconnect(resilience: &Resilience, sent: &mut Sent, leader: Option<Stri
             Ok(socket) => socket,
             Err(error) => {
                 tracing::debug!(%url, %error, attempt, "reconnect attempt failed");
+                unanswered += 1;
                 continue;
             }
         };
@@ -384,6 +391,7 @@ async fn reconnect(resilience: &Resilience, sent: &mut Sent, leader: Option<Stri
         let hello = ClientFrame::Hello { id: 0, agent: options.agent.clone(), body };
         let text = serde_json::to_string(&hello).expect("client frames always serialize");
         if socket.send(Message::text(text)).await.is_err() {
+            unanswered += 1;
             continue;
         }
         let welcome = loop {
@@ -393,6 +401,7 @@ async fn reconnect(resilience: &Resilience, sent: &mut Sent, leader: Option<Stri
                     // Not the leader: on to the one it names, or the next address.
                     Ok(ServerFrame::Error { error, .. }) if error.code == "not_leader" => {
                         hint = error.leader.map(|leader| crate::admin::with_authority(url, &leader));
+                        unanswered = 0;
                         break None;
                     }
                     // The run is over (fenced, down, superseded): coming back is not possible.
@@ -403,12 +412,15 @@ async fn reconnect(resilience: &Resilience, sent: &mut Sent, leader: Option<Stri
                     Err(error) => return Err(format!("undecodable frame from hale: {error}")),
                 },
                 Some(Ok(_)) => continue,
-                _ => break None,
+                _ => {
+                    unanswered += 1;
+                    break None;
+                }
             }
         };
         let Some(welcome) = welcome else { continue };
         tracing::info!(incarnation, version = welcome.version, attempt, "resumed after reconnecting");
-        settle(&mut socket, sent, welcome.version).await.map_err(|error| error.to_string())?;
+        settle(&mut socket, sent, &welcome).await.map_err(|error| error.to_string())?;
         return Ok(socket);
     }
 }
@@ -431,8 +443,9 @@ async fn resend_as_they_are(socket: &mut Socket, sent: &mut Sent) -> Result<(), 
 async fn settle(
     socket: &mut Socket,
     sent: &mut Sent,
-    version: u64,
+    welcome: &hale_proto::Welcome,
 ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    let version = welcome.version;
     sent.version = Some(version);
     sent.rollback_in_flight = false;
     // This connection's delivery reads the mailbox after the acks answered so far.
@@ -467,6 +480,13 @@ async fn settle(
             | ClientFrame::Ack { .. }
             | ClientFrame::EndConversation { .. }
             | ClientFrame::Auth { .. }) => frame,
+            // A hello resuming the run the reconnect has just resumed (a node that does not
+            // lead refused it, or the connection dropped under it): resuming is what it
+            // asked, and the reconnect's welcome is its answer.
+            ClientFrame::Hello { id, body, .. } if body.incarnation == Some(welcome.incarnation) => {
+                let _ = reply.send(Ok(ServerFrame::Welcome { id, welcome: welcome.clone() }));
+                continue;
+            }
             // Sends carry an idempotency key: the retry is answered with the first message.
             frame @ ClientFrame::Send { .. } if send_has_key(&frame) => frame,
             frame @ ClientFrame::Submit { .. } if submit_has_key(&frame) => frame,

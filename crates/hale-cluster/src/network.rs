@@ -273,6 +273,13 @@ pub fn routes(
         .with_state(raft)
 }
 
+/// `router` behind the cluster secret, as the node-to-node routes here are: a request
+/// without it is refused before anything reads its body. For the node-to-node routes of
+/// the server (nodes renewing their leases, reporting on their agents).
+pub fn under_secret<S: Clone + Send + Sync + 'static>(router: Router<S>, secret: ClusterSecret) -> Router<S> {
+    router.route_layer(axum::middleware::from_fn_with_state(secret, require_secret))
+}
+
 /// Refuses a request without the cluster secret, before anything reads its body.
 async fn require_secret(
     State(secret): State<ClusterSecret>,

@@ -53,8 +53,10 @@ impl Thresholds {
     }
 }
 
-/// One reading the shell took of a managed agent's current run.
-#[derive(Clone, Debug, PartialEq)]
+/// One reading the shell took of a managed agent's current run (sent to the leader by the
+/// node that runs it, on a cluster).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Measurement {
     /// Resident memory of its process group, and the CPU time the group has used so far.
     Usage { rss_bytes: u64, cpu_ms: u64 },

@@ -212,8 +212,15 @@ pub struct AgentSummary {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ManagedSummary {
-    /// `declared`, `starting`, `running`, `backoff`, `failed` or `stopped`.
+    /// `declared`, `starting`, `running`, `backoff`, `failed`, `stopped` or (on a cluster,
+    /// when no node may run it) `pending`.
     pub status: String,
+    /// On a cluster: the node its current (or last) incarnation was placed on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Why it is `pending`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
     pub restarts: u64,

@@ -198,6 +198,27 @@ impl Auth {
         Ok(Auth::with_secret_token(admin_token, &key, config))
     }
 
+    /// A node of a cluster: the agents' token signing key, and the admin token unless one
+    /// is configured, are derived from the cluster secret (HMAC-SHA256 of a label of each),
+    /// so a token any node issued works on every node, as clients that follow the leader
+    /// need. The admin token is written to `admin.token` for the CLI on this machine.
+    /// Whoever holds the cluster secret could already write the log, so this gives them
+    /// nothing more.
+    pub fn open_clustered(data_dir: &Path, config: AuthConfig, cluster_secret: &str) -> Result<Auth, SecretError> {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, cluster_secret.as_bytes());
+        let derive = |label: &str| Zeroizing::new(hex(ring::hmac::sign(&key, label.as_bytes()).as_ref()));
+        let signing_key = derive("hale agent token signing key v1");
+        let admin_token = match &config.admin_token {
+            Some(token) => token.clone(),
+            None => {
+                let token = derive("hale admin token v1");
+                write_secret(&data_dir.join(ADMIN_TOKEN_FILE), &token)?;
+                token
+            }
+        };
+        Ok(Auth::with_secret_token(admin_token, &signing_key, config))
+    }
+
     /// An `Auth` with the given admin token and JWT signing key, touching no files (for
     /// fuzzing and tests: `fuzz/fuzz_targets/token.rs` authenticates arbitrary tokens
     /// against a fixed key). [`Auth::open`] reads or makes the secrets, then builds this.
@@ -352,6 +373,19 @@ fn now_secs() -> u64 {
 }
 
 /// Reads a secret file, or makes one of 32 random bytes (hex) readable by the owner only.
+/// Writes `secret` to `path` (mode 0600) unless the file already holds it.
+fn write_secret(path: &Path, secret: &str) -> Result<(), SecretError> {
+    if std::fs::read_to_string(path).is_ok_and(|text| text.trim() == secret) {
+        return Ok(());
+    }
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let written = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).and_then(
+        |mut file| file.write_all(Zeroizing::new(format!("{secret}\n")).as_bytes()).and_then(|()| file.sync_all()),
+    );
+    written.map_err(|source| SecretError { what: "writing", path: path.to_path_buf(), source })
+}
+
 fn read_or_make(path: &Path, random: &SystemRandom) -> Result<Zeroizing<String>, SecretError> {
     match std::fs::read_to_string(path).map(Zeroizing::new) {
         Ok(text) if !text.trim().is_empty() => return Ok(Zeroizing::new(text.trim().to_string())),

@@ -64,6 +64,12 @@ pub struct ClusterConfig {
     /// The secret every node shares (node-to-node requests carry it).
     pub secret: hale_cluster::network::ClusterSecret,
     pub timeouts: hale_cluster::node::Timeouts,
+    /// Its name among the nodes (default `node-ID`): what `nodes = [...]` of an agent names.
+    pub name: hale_core::NodeName,
+    /// What `node_labels` of an agent match.
+    pub labels: BTreeMap<String, String>,
+    /// How long a lease renewal lets this node run its agents (default 3 s).
+    pub node_lease: Duration,
 }
 
 impl std::fmt::Debug for ClusterConfig {
@@ -72,6 +78,9 @@ impl std::fmt::Debug for ClusterConfig {
             .field("node_id", &self.node_id)
             .field("advertise", &self.advertise)
             .field("timeouts", &self.timeouts)
+            .field("name", &self.name)
+            .field("labels", &self.labels)
+            .field("node_lease", &self.node_lease)
             .finish_non_exhaustive()
     }
 }

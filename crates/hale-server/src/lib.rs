@@ -16,6 +16,7 @@ pub mod hooks;
 pub mod limits;
 pub mod manifest;
 pub mod metrics;
+pub mod nodes;
 pub mod notify;
 pub mod probe;
 pub mod process;
@@ -71,6 +72,8 @@ pub struct RunningServer {
     engine: Engine,
     data_dir: DataDir,
     supervisor: Option<Arc<Supervisor>>,
+    /// On a cluster: this node's part in running agents across the nodes.
+    nodes: Option<Arc<nodes::Nodes>>,
     stop_grace: Duration,
     auth: Arc<auth::Auth>,
     backups: Arc<backup::Backups>,
@@ -188,10 +191,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         }
     };
     prepare_core(&mut core, &config);
-    let auth = Arc::new(
-        auth::Auth::open(data_dir.path(), config.auth.clone())
-            .map_err(|error| ServerError::Secrets(error.to_string()))?,
-    );
+    let auth = match &config.cluster {
+        None => auth::Auth::open(data_dir.path(), config.auth.clone()),
+        Some(cluster) => auth::Auth::open_clustered(data_dir.path(), config.auth.clone(), cluster.secret.expose()),
+    };
+    let auth = Arc::new(auth.map_err(|error| ServerError::Secrets(error.to_string()))?);
     for (agent, credential) in core.state().credentials() {
         auth.set_generation(agent, credential.generation);
     }
@@ -284,17 +288,59 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     };
     let hooks = hooks::Hooks::start(&engine, config.hooks.clone(), backlog);
     let mut stop_grace = Duration::from_secs(5);
+    // On a cluster, every node runs its part in placing and running agents, agents or not.
+    let nodes = match (&cluster, &config.cluster) {
+        (Some(control), Some(settings)) => {
+            let (agents, roles) = match &config.supervise {
+                Some(supervise) => (
+                    supervise.agents.iter().map(|agent| agent.name.clone()).collect(),
+                    supervise.roles.iter().map(|pool| pool.role.clone()).collect(),
+                ),
+                None => Default::default(),
+            };
+            let info = hale_core::nodes::NodeInfo {
+                id: settings.node_id,
+                address: settings.advertise.clone(),
+                labels: settings.labels.clone(),
+                agents,
+                roles,
+            };
+            let node = nodes::NodeSettings {
+                name: settings.name.clone(),
+                info,
+                lease: settings.node_lease,
+                tls: config.tls.is_some(),
+            };
+            let (raft, peers) = (control.raft().clone(), control.peers().clone());
+            Some(nodes::Nodes::start(node, engine.clone(), raft, peers, settings.secret.clone(), auth.clone()))
+        }
+        _ => None,
+    };
     let supervisor = match &config.supervise {
         None => None,
         Some(supervise) => {
             stop_grace = supervise.stop_grace;
-            Some(Arc::new(
-                start_supervisor(&engine, supervise, &data_dir, local_addr, auth.clone(), config.tls.as_ref()).await?,
-            ))
+            let reporter = nodes.clone().map(supervisor::Reporter::Cluster);
+            let tls = config.tls.as_ref();
+            let (supervisor, declarations) =
+                start_supervisor(&engine, supervise, &data_dir, local_addr, auth.clone(), tls, reporter).await?;
+            let supervisor = Arc::new(supervisor);
+            if let (Some(nodes), Some(control)) = (&nodes, &cluster) {
+                tokio::spawn(nodes.clone().reconcile(supervisor.clone(), control.committed().clone(), stop_grace));
+                tokio::spawn(nodes::lead_agents(engine.clone(), nodes.name().clone(), declarations));
+            }
+            Some(supervisor)
         }
     };
-    tokio::spawn(route_effects(effects, engine.clone(), sessions.clone(), supervisor.clone()));
-    if let Some(supervisor) = &supervisor {
+    if let (Some(nodes), None) = (&nodes, &config.supervise) {
+        // Whichever node leads restarts and recruits, whether or not it runs agents.
+        tokio::spawn(nodes::lead_agents(engine.clone(), nodes.name().clone(), Vec::new()));
+    }
+    // On a cluster, processes follow the log on each node (`Nodes::reconcile`), not the
+    // leader's effects.
+    let process_effects = if nodes.is_some() { None } else { supervisor.clone() };
+    tokio::spawn(route_effects(effects, engine.clone(), sessions.clone(), process_effects, nodes.is_some()));
+    if let (Some(supervisor), None) = (&supervisor, &nodes) {
         supervisor.adopt_or_start().await.map_err(|error| ServerError::Supervise(error.to_string()))?;
     }
     let (shutdown, stopping) = watch::channel(false);
@@ -333,6 +379,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         let routes = cluster.routes().layer(axum::middleware::from_fn(limits::track_requests));
         router = router.merge(routes);
     }
+    if let Some(nodes) = &nodes {
+        router = router.merge(nodes.routes().layer(axum::middleware::from_fn(limits::track_requests)));
+    }
     let stop_serving = stopping;
     let serving = match tls {
         Some(acceptor) => {
@@ -357,6 +406,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         engine,
         data_dir,
         supervisor,
+        nodes,
         stop_grace,
         auth,
         backups,
@@ -365,7 +415,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     })
 }
 
-/// Declares every agent of hale.toml to the core, then starts a keeper for each.
+/// Declares every agent of hale.toml to the core, then starts a keeper for each. On a
+/// node of a cluster (`reporter` given) nothing is declared here: the declarations come
+/// back for the leader to make when this node leads.
 async fn start_supervisor(
     engine: &Engine,
     supervise: &Supervise,
@@ -373,7 +425,8 @@ async fn start_supervisor(
     local_addr: SocketAddr,
     auth: Arc<auth::Auth>,
     tls: Option<&tls::TlsFiles>,
-) -> Result<Supervisor, ServerError> {
+    reporter: Option<supervisor::Reporter>,
+) -> Result<(Supervisor, Vec<SupervisionCommand>), ServerError> {
     let logs_dir = data_dir.path().join("logs");
     std::fs::create_dir_all(&logs_dir).map_err(|source| ServerError::Logs { path: logs_dir.clone(), source })?;
     let workdir_base = supervise.workdir_base.clone().unwrap_or_else(|| data_dir.path().join("agents"));
@@ -423,15 +476,15 @@ async fn start_supervisor(
         supervision
     };
     let mut agents = Vec::new();
+    let mut declarations = Vec::new();
     for declared in &supervise.agents {
         let supervision = judged(&declared.supervision);
-        let command = SupervisionCommand::Declare {
+        declarations.push(SupervisionCommand::Declare {
             agent: declared.name.clone(),
             role: declared.role.clone(),
             labels: declared.labels.clone(),
             supervision: supervision.clone(),
-        };
-        engine.execute(command).await.map_err(|error| ServerError::Supervise(error.to_string()))?;
+        });
         let logs =
             process::AgentLogs::new(&logs_dir, declared.name.as_str(), supervise.log_bytes_max, supervise.logs_kept);
         agents.push(ManagedAgent {
@@ -445,13 +498,12 @@ async fn start_supervisor(
     let mut templates = std::collections::BTreeMap::new();
     for pool in &supervise.roles {
         let supervision = judged(&pool.supervision);
-        let command = SupervisionCommand::DeclareRole {
+        declarations.push(SupervisionCommand::DeclareRole {
             role: pool.role.clone(),
             min: pool.min,
             max: pool.max,
             supervision: supervision.clone(),
-        };
-        engine.execute(command).await.map_err(|error| ServerError::Supervise(error.to_string()))?;
+        });
         let template = supervisor::Template {
             spec: pool.process.clone(),
             sample_usage: samples_usage(&supervision),
@@ -473,8 +525,14 @@ async fn start_supervisor(
         stop_grace: supervise.stop_grace,
         rotate_every: Duration::from_secs(5),
         workdir_base,
+        reporter: reporter.clone(),
     };
-    Ok(Supervisor::start(engine.clone(), config))
+    if reporter.is_none() {
+        for command in declarations.drain(..) {
+            engine.execute(command).await.map_err(|error| ServerError::Supervise(error.to_string()))?;
+        }
+    }
+    Ok((Supervisor::start(engine.clone(), config), declarations))
 }
 
 /// Listens on `addr` with a backlog of 4,096 (tokio's default is 1,024): a burst of new
@@ -531,12 +589,14 @@ async fn route_effects(
     engine: Engine,
     sessions: Arc<Sessions>,
     supervisor: Option<Arc<Supervisor>>,
+    clustered: bool,
 ) {
     while let Some(effect) = effects.recv().await {
         match effect {
             Effect::Spawn { .. } | Effect::Stop { .. } | Effect::Pause { .. } | Effect::Resume { .. } => {
                 match &supervisor {
                     Some(supervisor) => supervisor.dispatch(effect),
+                    None if clustered => {}
                     None => tracing::warn!(
                         ?effect,
                         "a managed agent needs its process started or stopped, but this hale runs no agents (use `hale up -c hale.toml`)"
@@ -606,9 +666,17 @@ impl RunningServer {
     /// take a final snapshot, flush the log, release the data directory.
     pub async fn shutdown(self) -> Result<(), ServerError> {
         // Agents first, while the log still takes their stops: the next `hale up` starts
-        // them again rather than counting a crash.
-        if let Some(supervisor) = &self.supervisor {
-            supervisor.stop_all(self.stop_grace).await;
+        // them again rather than counting a crash. On a cluster, the node stops its
+        // processes and then leaves: the leader starts its agents elsewhere at once.
+        match (&self.supervisor, &self.nodes) {
+            (Some(supervisor), Some(nodes)) => {
+                // Not reported as exits: the leader would restart them here meanwhile.
+                nodes.begin_leaving();
+                supervisor.stop_here(self.stop_grace).await;
+                nodes.leave().await;
+            }
+            (Some(supervisor), None) => supervisor.stop_all(self.stop_grace).await,
+            (None, _) => {}
         }
         // After the agents' stops (which call for no hook), before the engine stops.
         self.hooks.stop();

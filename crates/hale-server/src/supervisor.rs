@@ -78,13 +78,15 @@ pub struct SupervisorConfig {
     pub workdir_base: PathBuf,
     /// The cgroups agents get (or why none), found once at start.
     pub cgroups: Arc<Cgroups>,
+    /// Where keepers report; `None`: the engine's (a single node).
+    pub reporter: Option<Reporter>,
 }
 
 /// The running supervisor: one keeper per managed agent.
 pub struct Supervisor {
     /// `stop_all` has begun: no process is started any more.
-    stopping: std::sync::atomic::AtomicBool,
-    keepers: Mutex<BTreeMap<AgentName, mpsc::UnboundedSender<Effect>>>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+    keepers: Mutex<BTreeMap<AgentName, mpsc::UnboundedSender<Order>>>,
     logs: Arc<Mutex<Vec<Arc<AgentLogs>>>>,
     config: SupervisorConfig,
     engine: Engine,
@@ -92,6 +94,40 @@ pub struct Supervisor {
     /// How many agent processes are alive, as the keepers know it.
     live: watch::Receiver<usize>,
     rotation: tokio::task::JoinHandle<()>,
+}
+
+/// What a keeper is told to do.
+#[derive(Debug)]
+enum Order {
+    /// The core's `Spawn`, `Stop`, `Pause` or `Resume`.
+    Effect(Effect),
+    /// On a node of a cluster: run `incarnation`, adopting `logged` (the process the log
+    /// names for it) if that process still lives. The caller read the log, not the keeper.
+    Run { incarnation: u64, logged: Option<ProcessRef> },
+    /// The node's lease is running out: stop `incarnation` within `grace` (SIGTERM, then
+    /// SIGKILL when it is over), and report its end as `cause` whatever its exit status
+    /// (a clean exit on SIGTERM must not read as the agent's own decision to stop).
+    Fence { incarnation: u64, grace: Duration, cause: Cause },
+    /// This node stops: stop whatever runs, with the usual grace; say so when done (every
+    /// order before it is done too).
+    StopAny(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Where a keeper's reports go: this hale's engine, or, on a node of a cluster, the
+/// leader's (through [`crate::nodes::Nodes`], which sends them on in order).
+#[derive(Clone)]
+pub enum Reporter {
+    Local(Engine),
+    Cluster(Arc<crate::nodes::Nodes>),
+}
+
+impl std::fmt::Debug for Reporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Reporter::Local(_) => "Reporter::Local",
+            Reporter::Cluster(_) => "Reporter::Cluster",
+        })
+    }
 }
 
 /// What a keeper learns about its process.
@@ -114,12 +150,17 @@ impl Current {
 struct Keeper {
     agent: ManagedAgent,
     engine: Engine,
+    reporter: Reporter,
     hale_url: String,
     supervisor_id: String,
     stop_grace: Duration,
     current: Option<Current>,
     /// Whether this keeper has handled a spawn since hale started.
     spawned_before: bool,
+    /// The run stopped because this node's lease ran out, and the cause to report for it.
+    fenced: Option<(u64, Cause)>,
+    /// This hale stops its agents: nothing more is started.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
     exits_tx: mpsc::UnboundedSender<Exit>,
     exits: mpsc::UnboundedReceiver<Exit>,
     live: Arc<watch::Sender<usize>>,
@@ -155,7 +196,7 @@ impl Supervisor {
             }
         });
         let supervisor = Supervisor {
-            stopping: std::sync::atomic::AtomicBool::new(false),
+            stopping: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             keepers: Mutex::new(BTreeMap::new()),
             logs,
             engine,
@@ -171,7 +212,7 @@ impl Supervisor {
     }
 
     /// Starts the keeper of `agent`, unless it has one.
-    fn add_keeper(&self, agent: ManagedAgent) -> mpsc::UnboundedSender<Effect> {
+    fn add_keeper(&self, agent: ManagedAgent) -> mpsc::UnboundedSender<Order> {
         let mut keepers = self.keepers.lock().expect("keepers lock");
         if let Some(existing) = keepers.get(&agent.name) {
             return existing.clone();
@@ -183,11 +224,14 @@ impl Supervisor {
         let keeper = Keeper {
             agent,
             engine: self.engine.clone(),
+            reporter: self.config.reporter.clone().unwrap_or_else(|| Reporter::Local(self.engine.clone())),
             hale_url: self.config.hale_url.clone(),
             supervisor_id: self.config.supervisor_id.clone(),
             stop_grace: self.config.stop_grace,
             current: None,
             spawned_before: false,
+            fenced: None,
+            stopping: self.stopping.clone(),
             exits_tx,
             exits,
             live: self.live_tx.clone(),
@@ -204,7 +248,7 @@ impl Supervisor {
 
     /// The keeper of `agent`; for an instance of a role pool, started on first use from
     /// the role's template.
-    fn keeper(&self, agent: &AgentName, role: Option<&RoleName>) -> Option<mpsc::UnboundedSender<Effect>> {
+    fn keeper(&self, agent: &AgentName, role: Option<&RoleName>) -> Option<mpsc::UnboundedSender<Order>> {
         if let Some(keeper) = self.keepers.lock().expect("keepers lock").get(agent) {
             return Some(keeper.clone());
         }
@@ -236,10 +280,54 @@ impl Supervisor {
         };
         match self.keeper(agent, role) {
             Some(keeper) => {
-                let _ = keeper.send(effect);
+                let _ = keeper.send(Order::Effect(effect));
             }
             None => tracing::warn!(%agent, ?effect, "no process spec for this agent in hale.toml; ignoring"),
         }
+    }
+
+    /// On a node of a cluster: runs `incarnation` of `agent` here (adopting `logged`, the
+    /// process the log names for it, if it still lives), after stopping any earlier one.
+    pub fn run(&self, agent: &AgentName, role: &RoleName, incarnation: u64, logged: Option<ProcessRef>) {
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        match self.keeper(agent, Some(role)) {
+            Some(keeper) => {
+                let _ = keeper.send(Order::Run { incarnation, logged });
+            }
+            None => tracing::warn!(%agent, "placed on this node, but this node's hale.toml does not say how to run it"),
+        }
+    }
+
+    /// On a node of a cluster whose lease runs out: stops `incarnation` of `agent` within
+    /// `grace`, SIGKILL at its end, and reports its end as `cause`.
+    pub fn fence(&self, agent: &AgentName, incarnation: u64, grace: Duration, cause: Cause) {
+        if let Some(keeper) = self.keepers.lock().expect("keepers lock").get(agent) {
+            let _ = keeper.send(Order::Fence { incarnation, grace, cause });
+        }
+    }
+
+    /// On a node of a cluster that stops: stops every process here (nothing is logged: the
+    /// node then tells the leader it leaves, and its agents start elsewhere) and waits
+    /// until they are gone, at most `grace` plus a second.
+    pub async fn stop_here(&self, grace: Duration) {
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut stopped = Vec::new();
+        for keeper in self.keepers.lock().expect("keepers lock").values() {
+            let (done, stopped_here) = tokio::sync::oneshot::channel();
+            if keeper.send(Order::StopAny(done)).is_ok() {
+                stopped.push(stopped_here);
+            }
+        }
+        // Each keeper answers once what it was doing (a start, say) and the stop are done:
+        // nothing is started after this.
+        let all_stopped = futures_util::future::join_all(stopped);
+        if tokio::time::timeout(grace + Duration::from_secs(2), all_stopped).await.is_err() {
+            tracing::warn!(left = *self.live.borrow(), "agents still running after the stop grace");
+        }
+        let cgroups = self.config.cgroups.clone();
+        let _ = tokio::task::spawn_blocking(move || cgroups.remove_all()).await;
     }
 
     /// Reconciles the log with the machine, once at start: adopts agents still running,
@@ -295,7 +383,7 @@ impl Supervisor {
             match (status, process) {
                 (ManagedStatus::Running, Some(process)) if process::is_same_process(id_of(process)) => {
                     tracing::info!(%agent, incarnation, pid = process.pid, "adopting a running agent");
-                    let _ = keeper.send(Effect::Spawn { agent: agent.clone(), role, incarnation });
+                    let _ = keeper.send(Order::Effect(Effect::Spawn { agent: agent.clone(), role, incarnation }));
                     // The keeper treats a Spawn of an incarnation whose process it was told
                     // about as an adoption: see `Keeper::adopt`.
                 }
@@ -341,6 +429,11 @@ impl Supervisor {
         let _ = tokio::task::spawn_blocking(move || cgroups.remove_all()).await;
     }
 
+    /// What marks this data directory's agents (`HALE_SUPERVISOR`).
+    pub fn supervisor_id(&self) -> &str {
+        &self.config.supervisor_id
+    }
+
     /// The cgroups agents get, for `hale status` and the log.
     pub fn cgroups(&self) -> &Cgroups {
         &self.config.cgroups
@@ -371,7 +464,7 @@ fn id_of(process: ProcessRef) -> ProcessId {
 }
 
 impl Keeper {
-    async fn run(mut self, mut effects: mpsc::UnboundedReceiver<Effect>) {
+    async fn run(mut self, mut effects: mpsc::UnboundedReceiver<Order>) {
         let watching = self.agent.sample_usage;
         let mut sampler = tokio::time::interval(SAMPLE_EVERY);
         sampler.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -387,11 +480,22 @@ impl Keeper {
                 effect = effects.recv() => {
                     let Some(effect) = effect else { break };
                     match effect {
-                        Effect::Spawn { incarnation, .. } => self.spawn(incarnation).await,
-                        Effect::Stop { incarnation, .. } => self.stop(incarnation).await,
-                        Effect::Pause { incarnation, .. } => self.pause(incarnation, true),
-                        Effect::Resume { incarnation, .. } => self.pause(incarnation, false),
-                        _ => {}
+                        Order::Effect(Effect::Spawn { incarnation, .. }) => self.spawn(incarnation, None).await,
+                        Order::Effect(Effect::Stop { incarnation, .. }) => self.stop(incarnation, self.stop_grace).await,
+                        Order::Effect(Effect::Pause { incarnation, .. }) => self.pause(incarnation, true),
+                        Order::Effect(Effect::Resume { incarnation, .. }) => self.pause(incarnation, false),
+                        Order::Effect(_) => {}
+                        Order::Run { incarnation, logged } => self.spawn(incarnation, Some(logged)).await,
+                        Order::Fence { incarnation, grace, cause } => {
+                            self.fenced = Some((incarnation, cause));
+                            self.stop(incarnation, grace).await;
+                        }
+                        Order::StopAny(done) => {
+                            if let Some(incarnation) = self.current.as_ref().map(|current| current.incarnation) {
+                                self.stop(incarnation, self.stop_grace).await;
+                            }
+                            let _ = done.send(());
+                        }
                     }
                 }
                 Some(exit) = self.exits.recv() => self.exited(exit).await,
@@ -401,23 +505,37 @@ impl Keeper {
 
     /// Starts `incarnation`, after stopping whatever process of an earlier one still runs.
     /// If the log says `incarnation` already has a live process (hale restarted), adopts it.
-    async fn spawn(&mut self, incarnation: u64) {
+    /// `logged` is that process as the caller read it from the log (`Some(None)`: none);
+    /// `None`: the keeper reads the log itself.
+    async fn spawn(&mut self, incarnation: u64, logged: Option<Option<ProcessRef>>) {
         if let Some(current) = &self.current {
             if current.incarnation == incarnation {
                 return;
             }
             let old = current.incarnation;
-            self.stop(old).await;
+            self.stop(old, self.stop_grace).await;
         }
         // Only the first spawn of a keeper can be an adoption (hale just started); later
         // ones follow exits this keeper saw, and skip the read of the log it costs.
         let first = !self.spawned_before;
         self.spawned_before = true;
-        if first && self.adopt(incarnation).await {
-            return;
+        if first {
+            let logged = match logged {
+                Some(logged) => logged,
+                None => self.logged_process(incarnation).await,
+            };
+            if let Some(process) = logged
+                && self.adopt(incarnation, process).await
+            {
+                return;
+            }
         }
         let mut spec = self.agent.spec.clone();
-        spec.env.insert("HALE_URL".into(), self.hale_url.clone());
+        let hale_url = match &self.reporter {
+            Reporter::Local(_) => self.hale_url.clone(),
+            Reporter::Cluster(nodes) => nodes.hale_url(),
+        };
+        spec.env.insert("HALE_URL".into(), hale_url);
         spec.env.insert("HALE_AGENT".into(), self.agent.name.to_string());
         spec.env.insert("HALE_INCARNATION".into(), incarnation.to_string());
         spec.env.insert("HALE_SUPERVISOR".into(), self.supervisor_id.clone());
@@ -426,15 +544,24 @@ impl Keeper {
         }
         if let Some(auth) = &self.auth {
             // Its own tokens, for this agent only; the refresh token's hash is logged first.
-            match crate::api::tokens::issue_tokens(auth, &self.engine, &self.agent.name).await {
+            let issued = match &self.reporter {
+                Reporter::Local(engine) => crate::api::tokens::issue_tokens(auth, engine, &self.agent.name)
+                    .await
+                    .map_err(|error| error.body.message),
+                Reporter::Cluster(nodes) => nodes.issue_tokens(&self.agent.name).await,
+            };
+            match issued {
                 Ok(pair) => {
                     spec.env.insert("HALE_TOKEN".into(), pair.access_token);
                     spec.env.insert("HALE_REFRESH_TOKEN".into(), pair.refresh_token);
                 }
-                Err(error) => {
-                    tracing::error!(agent = %self.agent.name, error = %error.body.message, "could not issue the agent's tokens")
-                }
+                Err(error) => tracing::error!(agent = %self.agent.name, %error, "could not issue the agent's tokens"),
             }
+        }
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            // The start waited (for tokens, say) while hale began to stop its agents.
+            tracing::info!(agent = %self.agent.name, incarnation, "hale is stopping its agents: not starting this one");
+            return;
         }
         let logs = self.agent.logs.clone();
         let (cgroups, name) = (self.cgroups.clone(), self.agent.name.to_string());
@@ -497,12 +624,10 @@ impl Keeper {
         self.report(SupervisionCommand::ProcessStarted { agent, incarnation, process }).await;
     }
 
-    /// After a restart of hale: if the log names a live process for `incarnation` that is
-    /// still the same process, watch it instead of starting another.
-    async fn adopt(&mut self, incarnation: u64) -> bool {
+    /// The live process the log names for `incarnation`, if it names one.
+    async fn logged_process(&self, incarnation: u64) -> Option<ProcessRef> {
         let agent = self.agent.name.clone();
-        let logged = self
-            .engine
+        self.engine
             .read(move |state| {
                 let record = state.agent(agent.as_str())?;
                 let managed = record.managed.as_ref()?;
@@ -512,8 +637,13 @@ impl Keeper {
             })
             .await
             .ok()
-            .flatten();
-        let Some(process) = logged else { return false };
+            .flatten()
+    }
+
+    /// After a restart of hale: if `process`, which the log names for `incarnation`, is
+    /// still the same process, watch it instead of starting another. If it is gone, that
+    /// run is over: reported down, and nothing is started under its number.
+    async fn adopt(&mut self, incarnation: u64, process: ProcessRef) -> bool {
         let id = id_of(process);
         if !process::is_same_process(id) {
             // It ended after hale's start-up scan saw it: that run is over. Report it
@@ -559,7 +689,7 @@ impl Keeper {
         }
     }
 
-    async fn stop(&mut self, incarnation: u64) {
+    async fn stop(&mut self, incarnation: u64, grace: Duration) {
         let Some(current) = &self.current else { return };
         if current.incarnation != incarnation {
             return;
@@ -572,10 +702,10 @@ impl Keeper {
         }
         // A paused (quarantined) agent must run to act on its SIGTERM, as systemd does it.
         let _ = process::signal_group(pid, Signal::CONT);
-        let exit = match tokio::time::timeout(self.stop_grace, self.wait_exit(incarnation)).await {
+        let exit = match tokio::time::timeout(grace, self.wait_exit(incarnation)).await {
             Ok(exit) => exit,
             Err(_) => {
-                tracing::warn!(%agent, incarnation, pid, grace_ms = self.stop_grace.as_millis() as u64, "still running after the grace period: SIGKILL");
+                tracing::warn!(%agent, incarnation, pid, grace_ms = grace.as_millis() as u64, "still running after the grace period: SIGKILL");
                 let _ = process::signal_group(pid, Signal::KILL);
                 self.wait_exit(incarnation).await
             }
@@ -600,7 +730,14 @@ impl Keeper {
         None
     }
 
-    async fn exited(&mut self, exit: Exit) {
+    async fn exited(&mut self, mut exit: Exit) {
+        if let Some((incarnation, cause)) = self.fenced.take() {
+            if incarnation == exit.incarnation {
+                exit.cause = cause;
+            } else {
+                self.fenced = Some((incarnation, cause));
+            }
+        }
         let agent = self.agent.name.clone();
         tracing::info!(%agent, incarnation = exit.incarnation, cause = %exit.cause, at = clock::now().0, "agent process ended");
         // The core ignores it if the incarnation is already down or superseded.
@@ -640,8 +777,16 @@ impl Keeper {
     }
 
     async fn measured(&self, incarnation: u64, measurement: Measurement) {
+        let engine = match &self.reporter {
+            Reporter::Local(engine) => engine,
+            Reporter::Cluster(nodes) => {
+                let agent = self.agent.name.clone();
+                nodes.report(crate::nodes::Report::Measured { agent, incarnation, measurement });
+                return;
+            }
+        };
         let observation = Observation::Measured(measurement);
-        match self.engine.observe(self.agent.name.clone(), incarnation, observation).await {
+        match engine.observe(self.agent.name.clone(), incarnation, observation).await {
             // A run already declared down (by this or another detector) is judged no more.
             Ok(()) | Err(EngineError::Rejected(_)) => {}
             Err(error) => tracing::warn!(agent = %self.agent.name, %error, "could not report a measurement"),
@@ -649,8 +794,16 @@ impl Keeper {
     }
 
     async fn report(&self, command: SupervisionCommand) {
-        if let Err(error) = self.engine.execute(command).await {
-            tracing::warn!(agent = %self.agent.name, %error, "could not report to the engine");
+        match &self.reporter {
+            Reporter::Local(engine) => {
+                if let Err(error) = engine.execute(command).await {
+                    tracing::warn!(agent = %self.agent.name, %error, "could not report to the engine");
+                }
+            }
+            Reporter::Cluster(nodes) => match crate::nodes::Report::of(command) {
+                Some(report) => nodes.report(report),
+                None => tracing::warn!(agent = %self.agent.name, "a keeper's report the leader does not take"),
+            },
         }
     }
 }

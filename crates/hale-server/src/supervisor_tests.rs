@@ -66,6 +66,7 @@ fn config(dir: &std::path::Path, agent: &AgentName, command: &str) -> Supervisor
         ca_file: None,
         workdir_base: dir.join("agents"),
         cgroups: Arc::new(Cgroups::None { reason: "not needed by this test".into() }),
+        reporter: None,
     }
 }
 

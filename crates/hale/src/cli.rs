@@ -538,11 +538,19 @@ async fn serve(args: ServeArgs, supervise: bool) -> Result<i32> {
         })?);
         let secret = hale_server::ClusterSecret::new(&text)
             .map_err(|error| anyhow!("{} ([cluster] secret_file): {error}", secret_file.display()))?;
+        let node_id = *section.node_id.as_ref().expect("validated").get_ref();
+        let name = match &section.name {
+            Some(name) => hale_core::NodeName::new(name.get_ref().as_str()).expect("validated"),
+            None => hale_core::NodeName::new(format!("node-{node_id}")).expect("a valid node name"),
+        };
         config.cluster = Some(hale_server::ClusterConfig {
-            node_id: *section.node_id.as_ref().expect("validated").get_ref(),
+            node_id,
             advertise: section.advertise.clone().unwrap_or_else(|| listen.to_string()),
             secret,
             timeouts: section.timeouts(),
+            name,
+            labels: section.labels.clone(),
+            node_lease: section.node_lease(),
         });
     }
     // Relative commands of agents and hooks resolve against the directory of hale.toml.
@@ -699,9 +707,21 @@ async fn agents(server: &ServerArg, json: bool) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&agents)?);
         return Ok(0);
     }
+    // On a cluster, the node each agent runs on.
+    let clustered = agents.iter().any(|agent| agent.managed.as_ref().is_some_and(|managed| managed.node.is_some()));
+    let node_column = |node: &str| if clustered { format!("{node:<12} ") } else { String::new() };
     println!(
-        "{:<24} {:<16} {:<12} {:>5} {:>8} {:>8} {:>8} {:<8} {:<9}  PROGRESS / CAUSE",
-        "AGENT", "ROLE", "STATUS", "INC", "VERSION", "PID", "RESTARTS", "ATTACHED", "BREAKER"
+        "{:<24} {:<16} {:<12} {}{:>5} {:>8} {:>8} {:>8} {:<8} {:<9}  PROGRESS / CAUSE",
+        "AGENT",
+        "ROLE",
+        "STATUS",
+        node_column("NODE"),
+        "INC",
+        "VERSION",
+        "PID",
+        "RESTARTS",
+        "ATTACHED",
+        "BREAKER"
     );
     for agent in &agents {
         let managed = agent.managed.as_ref();
@@ -725,15 +745,18 @@ async fn agents(server: &ServerArg, json: bool) -> Result<i32> {
             }
             (None, None) => String::new(),
         };
-        let detail = match &agent.quarantine {
-            Some(quarantine) => format!("quarantined by {}: {}", quarantine.by, quarantine.reason),
-            None => detail,
+        let detail = match (&agent.quarantine, managed.and_then(|managed| managed.pending.as_ref())) {
+            (Some(quarantine), _) => format!("quarantined by {}: {}", quarantine.by, quarantine.reason),
+            (None, Some(pending)) => format!("waits for a node: {pending}"),
+            (None, None) => detail,
         };
+        let node = managed.and_then(|managed| managed.node.as_deref()).unwrap_or("-");
         println!(
-            "{:<24} {:<16} {:<12} {:>5} {:>8} {:>8} {:>8} {:<8} {:<9}  {}",
+            "{:<24} {:<16} {:<12} {}{:>5} {:>8} {:>8} {:>8} {:<8} {:<9}  {}",
             agent.agent,
             agent.role,
             status,
+            node_column(node),
             agent.incarnation,
             agent.version,
             managed.and_then(|managed| managed.pid).map_or("-".to_string(), |pid| pid.to_string()),

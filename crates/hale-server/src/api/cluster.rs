@@ -54,6 +54,18 @@ impl ClusterControl {
         }
     }
 
+    pub fn raft(&self) -> &Raft<TypeConfig> {
+        &self.raft
+    }
+
+    pub fn peers(&self) -> &hale_cluster::network::PeerClient {
+        &self.peers
+    }
+
+    pub fn committed(&self) -> &hale_cluster::CommittedView {
+        &self.committed
+    }
+
     /// How far this node has copied the committed records into its events table.
     pub fn events_copied(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         self.committed.events_copied()

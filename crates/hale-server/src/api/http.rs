@@ -178,6 +178,11 @@ fn summary(core: &hale_core::Core, record: &hale_core::AgentRecord, sessions: &c
         updated_at_ms: record.updated_at.0,
         managed: record.managed.as_ref().map(|managed| ManagedSummary {
             status: managed.status.name().to_string(),
+            node: managed.node.as_ref().map(|node| node.to_string()),
+            pending: match &managed.status {
+                ManagedStatus::Pending { reason } => Some(reason.clone()),
+                _ => None,
+            },
             pid: managed.process.map(|process| process.pid),
             restarts: managed.restarts,
             restart_due_ms: match managed.status {

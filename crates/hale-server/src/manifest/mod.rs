@@ -105,9 +105,26 @@ pub struct ClusterSection {
     /// during which voters refuse to depose a leader they hear.
     pub election_min_ms: Option<u64>,
     pub election_max_ms: Option<u64>,
+    /// This node's name among the nodes (default `node-ID`).
+    pub name: Option<Spanned<String>>,
+    /// Labels the `node_labels` of agents match.
+    pub labels: BTreeMap<String, String>,
+    /// How long a lease renewal lets the node run its agents (default 3000, or three times
+    /// election_max_ms if that is more; at least that): cut off from the quorum for this
+    /// long, it stops them; the leader places them elsewhere after 1.2 times as long
+    /// without hearing from it.
+    pub node_lease_ms: Option<u64>,
 }
 
 impl ClusterSection {
+    /// The node lease: `node_lease_ms`, else 3 s or three election timeouts if longer.
+    pub fn node_lease(&self) -> std::time::Duration {
+        match self.node_lease_ms {
+            Some(ms) => std::time::Duration::from_millis(ms),
+            None => crate::nodes::LEASE_DEFAULT.max(self.timeouts().election_max * 3),
+        }
+    }
+
     /// Raft's timing from this section.
     pub fn timeouts(&self) -> hale_cluster::node::Timeouts {
         let defaults = hale_cluster::node::Timeouts::default();
@@ -784,13 +801,23 @@ impl Manifest {
                         .into(),
                 ));
             }
-            cluster.timeouts().config("hale").map_err(|error| (line, format!("[cluster] {error}")))?;
-            if !self.agents.is_empty() || !self.roles.is_empty() {
+            let timeouts = cluster.timeouts();
+            timeouts.config("hale").map_err(|error| (line, format!("[cluster] {error}")))?;
+            if let Some(name) = &cluster.name {
+                hale_core::NodeName::new(name.get_ref().as_str())
+                    .map_err(|error| (line_of(name.span()), format!("[cluster] name: {error}")))?;
+            }
+            validate_labels(&cluster.labels).map_err(|error| (line, format!("[cluster] labels: {error}")))?;
+            let election_max = timeouts.election_max.as_millis() as u64;
+            if let Some(lease) = cluster.node_lease_ms
+                && lease < 3 * election_max
+            {
                 return Err((
                     line,
-                    "[cluster] with [[agent]] or [[role]]: agents across the nodes of a cluster are not built yet; \
-                     run the agents under a single-node hale for now"
-                        .into(),
+                    format!(
+                        "[cluster] node_lease_ms ({lease}) must be at least three times election_max_ms ({election_max}): \
+                         a node must keep its lease through an election, or every failover stops its agents"
+                    ),
                 ));
             }
         }

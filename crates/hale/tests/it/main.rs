@@ -22,6 +22,7 @@ mod jepsen;
 mod listener;
 mod messaging;
 mod metrics;
+mod nodes;
 mod openapi;
 mod python;
 mod resilience;

@@ -210,6 +210,24 @@ impl Hale {
         wait_with_timeout(&mut self.child, Duration::from_secs(30)).expect("hale did not exit within 30 s of SIGTERM")
     }
 
+    /// SIGTERM, and the exit status; if it has not exited within `timeout`, SIGKILL and
+    /// `Err` with everything it wrote to stderr, to say what it was waiting for.
+    pub fn terminate_within(mut self, timeout: Duration) -> Result<ExitStatus, String> {
+        kill(self.pid(), Signal::SIGTERM).expect("SIGTERM");
+        match wait_with_timeout(&mut self.child, timeout) {
+            Some(status) => Ok(status),
+            None => {
+                let _ = kill(self.pid(), Signal::SIGKILL);
+                let _ = self.child.wait();
+                if let Some(reader) = self.reader.take() {
+                    let _ = reader.join();
+                }
+                let text = self.stderr.lock().unwrap().clone();
+                Err(text)
+            }
+        }
+    }
+
     /// Like [`terminate`](Hale::terminate), and everything hale wrote to stderr, to its
     /// last line: what it did while it stopped is in it too.
     pub fn terminate_with_stderr(mut self) -> (ExitStatus, String) {
