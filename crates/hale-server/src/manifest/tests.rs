@@ -213,10 +213,13 @@ fn a_cluster_section_says_what_it_lacks() {
             "more than twice the heartbeat",
         ),
         (
-            "[cluster]\nnode_id = 1\nsecret_file = \"s\"\n[[agent]]\nname = \"a\"\ncommand = \"sleep\"\n",
+            "[cluster]\nnode_id = 1\nsecret_file = \"s\"\nnode_lease_ms = 2000\n",
             "line 1",
-            "agents across the nodes of a cluster are not built yet",
+            "node_lease_ms (2000) must be at least three times election_max_ms (1000)",
         ),
+        ("[cluster]\nnode_id = 1\nsecret_file = \"s\"\nname = \"a b\"\n", "line 4", "[cluster] name"),
+        ("[[agent]]\nname = \"a\"\ncommand = \"sleep\"\nspread = true\n", "line 2", "put it in the role's template"),
+        ("[[agent]]\nname = \"a\"\ncommand = \"sleep\"\nnodes = [\"-x\"]\n", "line 2", "nodes: node name"),
         ("[cluster]\nnode_id = 1\nsecret_file = \"s\"\npeers = []\n", "", "unknown field `peers`"),
     ];
     for (text, line, words) in cases {
@@ -225,7 +228,22 @@ fn a_cluster_section_says_what_it_lacks() {
     }
     let manifest =
         parse("[cluster]\nnode_id = 3\nsecret_file = \"s\"\nelection_min_ms = 300\nelection_max_ms = 900\n").unwrap();
-    let timeouts = manifest.cluster.unwrap().get_ref().timeouts();
+    let timeouts = manifest.cluster.as_ref().unwrap().get_ref().timeouts();
     assert_eq!(timeouts.election_max, std::time::Duration::from_millis(900));
     assert_eq!(timeouts.heartbeat, std::time::Duration::from_millis(100));
+    // The node lease: 3 s, or three election timeouts when they are longer.
+    let cluster = manifest.cluster.as_ref().unwrap().get_ref().clone();
+    assert_eq!(cluster.node_lease(), std::time::Duration::from_secs(3));
+    let slow =
+        parse("[cluster]\nnode_id = 3\nsecret_file = \"s\"\nelection_min_ms = 1000\nelection_max_ms = 2000\n").unwrap();
+    assert_eq!(slow.cluster.unwrap().get_ref().node_lease(), std::time::Duration::from_secs(6));
+    // With agents: allowed, and their placement goes into their supervision.
+    let placed = parse(
+        "[cluster]\nnode_id = 1\nsecret_file = \"s\"\nlabels = { zone = \"eu\" }\n[[agent]]\nname = \"a\"\ncommand = \"sleep\"\nnodes = [\"node-2\"]\nnode_labels = { gpu = \"true\" }\n",
+    )
+    .unwrap();
+    let supervise = placed.supervise(std::path::Path::new("/"));
+    let placement = &supervise.agents[0].supervision.placement;
+    assert_eq!(placement.nodes[0].as_str(), "node-2");
+    assert_eq!(placement.node_labels.get("gpu").map(String::as_str), Some("true"));
 }
