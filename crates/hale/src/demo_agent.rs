@@ -38,6 +38,10 @@ pub enum Misbehave {
     /// After `--after-ms`, answer the health endpoint (`--health-listen`) with 503, while
     /// heartbeating and progressing as usual.
     Unhealthy,
+    /// When hale refuses its run (fenced: a newer incarnation runs), keep running, idle,
+    /// until a signal ends it: a process stuck in a long call, which only the hale that
+    /// started it can stop.
+    OutliveFence,
 }
 
 #[derive(Debug, clap::Args)]
@@ -117,6 +121,9 @@ pub async fn run(mut args: DemoAgentArgs) -> Result<i32> {
         };
         let welcome = match agent.resume().await {
             Ok(welcome) => welcome,
+            Err(error) if error.code().is_some() && args.misbehave == Misbehave::OutliveFence => {
+                return outlive(&error.to_string(), &mut terminate).await;
+            }
             Err(error) if error.code().is_some() => {
                 println!("demo-agent: hale refused to resume this run ({error}); exiting");
                 return Ok(3);
@@ -151,6 +158,11 @@ pub async fn run(mut args: DemoAgentArgs) -> Result<i32> {
                     terminate.recv().await;
                     println!("demo-agent: SIGTERM ignored, as told (--misbehave ignore-sigterm)");
                 }
+            }
+            Outcome::Disconnected(reason)
+                if reason.starts_with("fenced") && args.misbehave == Misbehave::OutliveFence =>
+            {
+                return outlive(&reason, &mut terminate).await;
             }
             Outcome::Disconnected(reason) if reason.starts_with("fenced") => {
                 println!("demo-agent: {reason}; exiting");
@@ -188,6 +200,13 @@ async fn serve_health(
 }
 
 /// Sleeps `delay` unless SIGTERM comes first (which ends the agent, unless it ignores it).
+/// `--misbehave outlive-fence`: the run is over, and the process stays until SIGTERM.
+async fn outlive(reason: &str, terminate: &mut tokio::signal::unix::Signal) -> Result<i32> {
+    println!("demo-agent: {reason}; staying until a signal ends me, as told (--misbehave outlive-fence)");
+    terminate.recv().await;
+    Ok(0)
+}
+
 async fn stopped_while_waiting(
     terminate: &mut tokio::signal::unix::Signal,
     delay: Duration,

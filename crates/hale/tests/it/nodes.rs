@@ -9,6 +9,8 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 const SECRET: &str = "nodes-test-cluster-secret-8d31c0";
 const AGENTS: [&str; 3] = ["a", "b", "c"];
@@ -28,8 +30,16 @@ fn config(dir: &Path, id: u64, agents: &str) -> PathBuf {
 
 /// A demo agent checkpointing every 100 ms, restarted whatever way it stops.
 fn demo_agent(name: &str, extra: &str) -> String {
+    demo_agent_with(name, &[], extra)
+}
+
+/// [`demo_agent`] with more arguments.
+fn demo_agent_with(name: &str, args: &[&str], extra: &str) -> String {
+    let mut all = vec!["demo-agent", name, "--step-ms", "100"];
+    all.extend(args);
     format!(
-        "\n[[agent]]\nname = \"{name}\"\ncommand = \"{HALE}\"\nargs = [\"demo-agent\", \"{name}\", \"--step-ms\", \"100\"]\nrestart = \"always\"\n{extra}\n"
+        "\n[[agent]]\nname = \"{name}\"\ncommand = \"{HALE}\"\nargs = {}\nrestart = \"always\"\n{extra}\n",
+        serde_json::to_string(&all).unwrap()
     )
 }
 
@@ -245,5 +255,299 @@ async fn an_agent_no_node_may_run_waits_and_says_why() {
     assert!(agents_of(&data(dir, 1)).is_empty(), "nothing runs it");
     for hale in nodes.iter_mut().filter_map(Option::take) {
         assert!(hale.terminate().success());
+    }
+}
+
+/// Who is cut off from whom, for the [`Proxy`]s in front of the nodes.
+#[derive(Default)]
+struct Partition {
+    /// The node cut off from the others (node-to-node traffic only).
+    isolated: std::sync::Mutex<Option<u64>>,
+    /// Bumped at every change: connections made before it are dropped.
+    epoch: tokio::sync::watch::Sender<u64>,
+}
+
+impl Partition {
+    fn set(&self, isolated: Option<u64>) {
+        *self.isolated.lock().unwrap() = isolated;
+        self.epoch.send_modify(|epoch| *epoch += 1);
+    }
+
+    /// Whether node-to-node traffic from `from` to `to` is cut.
+    fn cuts(&self, from: u64, to: u64) -> bool {
+        let isolated = *self.isolated.lock().unwrap();
+        isolated.is_some_and(|isolated| from != to && (from == isolated || to == isolated))
+    }
+}
+
+/// A TCP proxy in front of node `node`: what its peers (and clients) reach it by. It reads
+/// the first request head of each connection and, if it carries `x-hale-node: N` (a
+/// node's own request: Raft, leases, reports) and the partition cuts N from this node,
+/// drops the connection; otherwise it relays bytes both ways. Agents' and the CLI's
+/// traffic carries no such header and always passes.
+async fn proxy(node: u64, target: String, partition: Arc<Partition>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut inbound, _)) = listener.accept().await else { continue };
+            let (target, partition) = (target.clone(), partition.clone());
+            tokio::spawn(async move {
+                let mut epoch = partition.epoch.subscribe();
+                epoch.borrow_and_update();
+                let mut head = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while !head.windows(4).any(|window| window == b"\r\n\r\n") && head.len() < 65_536 {
+                    match inbound.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                let from = String::from_utf8_lossy(&head).lines().find_map(|line| {
+                    let (name, value) = line.split_once(':')?;
+                    name.trim().eq_ignore_ascii_case("x-hale-node").then(|| value.trim().parse::<u64>().ok())?
+                });
+                if from.is_some_and(|from| partition.cuts(from, node)) {
+                    return;
+                }
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+                if outbound.write_all(&head).await.is_err() {
+                    return;
+                }
+                // A node's connection is dropped when the partition changes, so that its next
+                // request is looked at again.
+                let relay = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
+                if from.is_some() {
+                    tokio::select! {
+                        _ = relay => {}
+                        _ = epoch.changed() => {}
+                    }
+                } else {
+                    let _ = relay.await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One process of an agent as the record saw it: when it started (clock ticks since boot,
+/// from /proc), the first and the last poll that saw it alive, and the first that did not.
+#[derive(Clone, Debug)]
+struct Seen {
+    agent: String,
+    incarnation: u64,
+    node: u64,
+    started: u64,
+    first_seen: std::time::Instant,
+    last_alive: std::time::Instant,
+    gone: Option<std::time::Instant>,
+}
+
+/// Records every agent process of the nodes in `dir` by polling /proc every 20 ms, with
+/// no help from hale: the start time is the kernel's, the end is bounded by the first
+/// poll that no longer sees it.
+fn record_processes(dir: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<Seen>> {
+    std::thread::spawn(move || {
+        let mut seen: std::collections::BTreeMap<(i32, u64), Seen> = std::collections::BTreeMap::new();
+        let markers: Vec<(u64, String)> = (1..=3)
+            .map(|id| {
+                let data = data(&dir, id);
+                std::fs::create_dir_all(&data).unwrap();
+                (id, format!("HALE_SUPERVISOR={}", std::fs::canonicalize(&data).unwrap().display()))
+            })
+            .collect();
+        while !stop.load(Ordering::SeqCst) {
+            let now = std::time::Instant::now();
+            let mut alive_now = std::collections::BTreeSet::new();
+            for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+                let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+                let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+                let vars: Vec<&[u8]> = environ.split(|byte| *byte == 0).collect();
+                let Some((node, _)) = markers.iter().find(|(_, marker)| vars.contains(&marker.as_bytes())) else {
+                    continue;
+                };
+                let Some(started) = start_ticks(pid) else { continue };
+                let var = |name: &str| {
+                    vars.iter()
+                        .find_map(|var| var.strip_prefix(name.as_bytes()))
+                        .map(|value| String::from_utf8_lossy(value).into_owned())
+                };
+                let (Some(agent), Some(incarnation)) = (var("HALE_AGENT="), var("HALE_INCARNATION=")) else { continue };
+                alive_now.insert((pid, started));
+                let record = seen.entry((pid, started)).or_insert_with(|| Seen {
+                    agent,
+                    incarnation: incarnation.parse().unwrap_or(0),
+                    node: *node,
+                    started,
+                    first_seen: now,
+                    last_alive: now,
+                    gone: None,
+                });
+                record.last_alive = now;
+            }
+            for (key, record) in seen.iter_mut() {
+                if record.gone.is_none() && !alive_now.contains(key) {
+                    record.gone = Some(now);
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        seen.into_values().collect()
+    })
+}
+
+/// The start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat), if it
+/// is alive and not a zombie.
+fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+/// Node `id`'s hale.toml for the partition test: advertised at its proxy.
+fn config_behind(dir: &Path, id: u64, agents: &str, advertise: &str) -> PathBuf {
+    let path = config(dir, id, agents);
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replacen("[cluster]\n", &format!("[cluster]\nadvertise = \"{advertise}\"\n"), 1))
+        .unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_stops_its_agents_before_they_start_elsewhere_and_after_the_heal_each_runs_once() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().to_path_buf();
+    let _reaper = Reaper((1..=3).map(|id| data(&dir, id)).collect());
+    let stop_recording = Arc::new(AtomicBool::new(false));
+    let recording = record_processes(dir.clone(), stop_recording.clone());
+    // Agents that stay when hale fences their run (as one stuck in a long call would):
+    // only their node can stop them.
+    let agents: String =
+        AGENTS.iter().map(|name| demo_agent_with(name, &["--misbehave", "outlive-fence"], "")).collect();
+    let partition = Arc::new(Partition::default());
+    let (mut nodes, mut addrs) = (Vec::new(), Vec::new());
+    for id in 1..=3u64 {
+        let mut started = None;
+        for _ in 0..20 {
+            let listen = support::free_address();
+            let advertise = proxy(id, listen.clone(), partition.clone()).await;
+            let config = config_behind(&dir, id, &agents, &advertise);
+            let mut command = Command::new(HALE);
+            command.args(["up", "-c"]).arg(&config).arg("--data").arg(data(&dir, id)).args(["--listen", &listen]);
+            match support::serve_with_command(command) {
+                Ok(hale) => {
+                    started = Some((hale, advertise));
+                    break;
+                }
+                Err(stderr) if stderr.contains("Address already in use") => continue,
+                Err(stderr) => panic!("node {id} did not start:\n{stderr}"),
+            }
+        }
+        let (hale, advertise) = started.expect("a free port");
+        nodes.push(Some(hale));
+        addrs.push(advertise);
+    }
+    let (code, out, err) = support::hale(&["cluster", "init", "--server", &format!("http://{}", addrs[0])]);
+    assert_eq!(code, 0, "{out}{err}");
+    for at in 1..3 {
+        let (code, out, err) =
+            support::hale(&["cluster", "join", &addrs[0], "--server", &format!("http://{}", addrs[at])]);
+        assert_eq!(code, 0, "{out}{err}");
+    }
+    let admin = admin(&addrs);
+    let before = support::eventually("every agent placed, running and checkpointing", 60, || async {
+        let listed = admin.agents().await.ok()?;
+        let ready = listed.len() == AGENTS.len()
+            && listed.iter().all(|agent| node_of(agent).is_some() && running(agent) && agent.version >= 5);
+        ready.then_some(listed)
+    })
+    .await;
+
+    // Cut off the node that runs `a` (the leader or not).
+    let cut = node_of(&before[0]).unwrap().to_string();
+    let cut_id: u64 = cut.strip_prefix("node-").unwrap().parse().unwrap();
+    let moved: Vec<&AgentSummary> = before.iter().filter(|agent| node_of(agent) == Some(cut.as_str())).collect();
+    partition.set(Some(cut_id));
+    let cut_at = std::time::Instant::now();
+    let others: Vec<String> =
+        addrs.iter().enumerate().filter(|(at, _)| *at as u64 + 1 != cut_id).map(|(_, addr)| addr.clone()).collect();
+    let admin = self::admin(&others);
+    support::eventually("the cut-off node's agents running on the others", 90, || async {
+        let listed = admin.agents().await.ok()?;
+        moved
+            .iter()
+            .all(|was| {
+                listed
+                    .iter()
+                    .any(|now| now.agent == was.agent && node_of(now).is_some_and(|node| node != cut) && running(now))
+            })
+            .then_some(())
+    })
+    .await;
+    // Within its lease the cut-off node stopped them: nothing of it runs any more.
+    assert!(agents_of(&data(&dir, cut_id)).is_empty(), "{cut} still runs agents after its lease");
+    let moved_after = cut_at.elapsed();
+
+    // Heal; the node comes back, catches up and runs nothing the log places elsewhere.
+    partition.set(None);
+    let all = self::admin(&addrs);
+    let servers: Vec<String> = addrs.iter().map(|addr| format!("http://{addr}")).collect();
+    let servers = servers.join(",");
+    support::eventually("the healed node up again", 60, || async {
+        let (code, out, _) = support::hale(&["events", "--kind", "node_joined", "--server", &servers]);
+        (code == 0 && out.lines().filter(|line| line.contains(&format!("node {cut} ("))).count() >= 2).then_some(())
+    })
+    .await;
+    let after = support::eventually("every agent running once", 60, || async {
+        let listed = all.agents().await.ok()?;
+        (listed.len() == AGENTS.len() && listed.iter().all(running)).then_some(listed)
+    })
+    .await;
+    for now in &after {
+        let id: u64 = node_of(now).unwrap().strip_prefix("node-").unwrap().parse().unwrap();
+        let processes: Vec<u64> = (1..=3)
+            .flat_map(|node| agents_of(&data(&dir, node)).into_iter().map(move |(_, name)| (node, name)))
+            .filter(|(_, name)| *name == now.agent)
+            .map(|(node, _)| node)
+            .collect();
+        assert_eq!(processes, [id], "{}: one process, on the node the log says", now.agent);
+    }
+
+    stop_recording.store(true, Ordering::SeqCst);
+    let record = recording.join().unwrap();
+    // From the record alone: no two processes of one agent alive at the same time. Every
+    // poll (20 ms apart) sees each live process, so two lives that overlapped by more than
+    // a poll would have been seen together by one; the fencing argument leaves seconds
+    // between them.
+    for agent in AGENTS {
+        let mut lives: Vec<&Seen> = record.iter().filter(|seen| seen.agent == agent).collect();
+        lives.sort_by_key(|seen| (seen.first_seen, seen.started));
+        assert!(!lives.is_empty(), "{agent} never seen");
+        for pair in lives.windows(2) {
+            let (first, next) = (pair[0], pair[1]);
+            assert!(
+                next.first_seen > first.last_alive,
+                "{agent}: incarnation {} on node-{} and incarnation {} on node-{} were seen alive at once",
+                first.incarnation,
+                first.node,
+                next.incarnation,
+                next.node
+            );
+        }
+    }
+    let cut_lives: Vec<&Seen> = record.iter().filter(|seen| seen.node == cut_id && seen.gone.is_some()).collect();
+    assert!(!cut_lives.is_empty(), "the cut-off node's agents were seen and seen to end");
+    eprintln!("moved after {moved_after:?}; processes recorded: {}", record.len());
+    for hale in nodes.iter_mut().filter_map(Option::take) {
+        match hale.terminate_within(std::time::Duration::from_secs(30)) {
+            Ok(status) => assert!(status.success()),
+            Err(stderr) => panic!("a node did not stop within 30 s of SIGTERM:\n{stderr}"),
+        }
     }
 }
