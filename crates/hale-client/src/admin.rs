@@ -145,6 +145,12 @@ impl Admin {
         self.get("/v1/cluster").await
     }
 
+    /// The nodes of the cluster: status, Raft role, agents, when the leader last heard
+    /// from each (`hale nodes`).
+    pub async fn nodes(&self) -> Result<Vec<hale_proto::NodeSummary>, ClientError> {
+        self.get("/v1/nodes").await
+    }
+
     /// Makes this node a cluster of one, which others then join (`hale cluster init`); a
     /// node converted from a single node starts the cluster from its log.
     /// Returns how many events of a single node's log it brought in (0 for a new node).

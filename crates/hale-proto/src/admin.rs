@@ -173,6 +173,29 @@ pub struct ClusterInfo {
     pub members: Vec<ClusterMember>,
 }
 
+/// `GET /v1/nodes`: one node of a cluster, as the log and the leader see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct NodeSummary {
+    /// Its `[cluster] name`.
+    pub name: String,
+    pub node_id: u64,
+    pub address: String,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// `up` or `lost`.
+    pub status: String,
+    /// When it came up, or was declared lost.
+    pub since_ms: u64,
+    /// In Raft: `leader`, `voter` (a follower), `learner`, or `none` (not a member).
+    pub raft: String,
+    /// The managed agents placed on it that are starting or running.
+    pub agents: Vec<String>,
+    /// On the leader: how long ago the node last renewed its lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heard_ms_ago: Option<u64>,
+}
+
 /// A member of the cluster, as a node sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

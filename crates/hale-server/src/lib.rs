@@ -371,6 +371,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         hooks: hooks.clone(),
         events_copied: cluster.as_ref().and_then(api::cluster::ClusterControl::events_copied),
         cluster: cluster.clone(),
+        nodes: nodes.clone(),
     };
     let mut router = api::router(app);
     if let Some(cluster) = &cluster {

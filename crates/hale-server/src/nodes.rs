@@ -249,6 +249,13 @@ impl Nodes {
         &self.settings.name
     }
 
+    /// On the leader: how long ago each node last renewed its lease, in milliseconds (this
+    /// node itself included; empty on a node that has not led).
+    pub fn heard_ago(&self) -> BTreeMap<String, u64> {
+        let heard = self.heard.lock().expect("heard lock");
+        heard.iter().map(|(node, at)| (node.to_string(), at.elapsed().as_millis() as u64)).collect()
+    }
+
     /// What agents started here are told in `HALE_URL`: every member of the cluster, this
     /// node first, so that their clients find the leader among them.
     pub fn hale_url(&self) -> String {

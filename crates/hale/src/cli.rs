@@ -143,6 +143,15 @@ enum Commands {
         #[arg(long)]
         json: bool,
     },
+    /// List the nodes of a cluster: status, Raft role, the agents on each, and when the
+    /// leader last heard from it.
+    Nodes {
+        #[command(flatten)]
+        server: ServerArg,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print an agent's state (the current version, or a retained one).
     State {
         /// The agent's name.
@@ -379,6 +388,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Commands::Demo(args) => demo::run(args).await,
         Commands::DemoAgent(args) => demo_agent::run(args).await,
         Commands::Agents { server, json } => agents(&server, json).await,
+        Commands::Nodes { server, json } => nodes(&server, json).await,
         Commands::State { agent, version, server } => {
             let state = server.admin()?.state(&agent, version).await?;
             println!("{}", serde_json::to_string_pretty(&state)?);
@@ -768,6 +778,27 @@ async fn agents(server: &ServerArg, json: bool) -> Result<i32> {
     }
     if agents.is_empty() {
         println!("(no agents yet: an agent is registered by its first hello)");
+    }
+    Ok(0)
+}
+
+async fn nodes(server: &ServerArg, json: bool) -> Result<i32> {
+    let nodes = server.admin()?.nodes().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&nodes)?);
+        return Ok(0);
+    }
+    println!("{:<16} {:>4} {:<24} {:<6} {:<8} {:>11}  AGENTS", "NODE", "ID", "ADDRESS", "STATUS", "RAFT", "LAST HEARD");
+    for node in &nodes {
+        let heard = node.last_heard_ms_ago.map_or("-".to_string(), |ms| format!("{ms} ms ago"));
+        let agents = if node.agents.is_empty() { "-".to_string() } else { node.agents.join(", ") };
+        println!(
+            "{:<16} {:>4} {:<24} {:<6} {:<8} {:>11}  {}",
+            node.name, node.node_id, node.address, node.status, node.raft, heard, agents
+        );
+    }
+    if nodes.is_empty() {
+        println!("(no node has renewed its lease yet: each does within a second of the cluster forming)");
     }
     Ok(0)
 }

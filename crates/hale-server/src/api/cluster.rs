@@ -26,6 +26,7 @@ pub(super) fn routes() -> Vec<Route> {
         Route::post("/v1/cluster/init", init),
         Route::post("/v1/cluster/join", join),
         Route::post("/v1/cluster/leave", leave),
+        Route::get("/v1/nodes", nodes),
     ]
 }
 
@@ -108,6 +109,77 @@ pub(super) async fn status(
 ) -> Result<Json<ClusterInfo>, ApiError> {
     principal.require_admin("the cluster's status")?;
     Ok(Json(control::status(&cluster(&app)?.raft)))
+}
+
+/// `hale nodes`: every node of the cluster, what runs on it and when the leader last
+/// heard from it.
+#[utoipa::path(get, path = "/v1/nodes", tag = "operator",
+    responses((status = 200, description = "the nodes of the cluster (admin)", body = [hale_proto::NodeSummary])))]
+pub(super) async fn nodes(
+    State(app): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<Vec<hale_proto::NodeSummary>>, ApiError> {
+    principal.require_admin("the nodes of the cluster")?;
+    let cluster = cluster(&app)?;
+    let heard = app.nodes.as_ref().map(|nodes| nodes.heard_ago()).unwrap_or_default();
+    let (raft_roles, leader) = {
+        let metrics = cluster.raft.metrics();
+        let metrics = metrics.borrow();
+        let membership = metrics.membership_config.membership();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let learners: std::collections::BTreeSet<u64> = membership.learner_ids().collect();
+        ((voters, learners), metrics.current_leader)
+    };
+    let mut listed = app
+        .engine
+        .read(|state| {
+            state
+                .nodes()
+                .map(|(name, record)| {
+                    let (status, since) = match record.status {
+                        hale_core::nodes::NodeStatus::Up { since } => ("up", since.0),
+                        hale_core::nodes::NodeStatus::Lost { at, .. } => ("lost", at.0),
+                    };
+                    let agents = state
+                        .agents()
+                        .filter(|agent| {
+                            agent
+                                .managed
+                                .as_ref()
+                                .is_some_and(|managed| managed.node.as_ref() == Some(name) && managed.is_live())
+                        })
+                        .map(|agent| agent.name.to_string())
+                        .collect();
+                    hale_proto::NodeSummary {
+                        name: name.to_string(),
+                        node_id: record.info.id,
+                        address: record.info.address.clone(),
+                        labels: record.info.labels.clone(),
+                        status: status.to_string(),
+                        since_ms: since,
+                        raft: String::new(),
+                        agents,
+                        last_heard_ms_ago: None,
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .await?;
+    let (voters, learners) = raft_roles;
+    for node in &mut listed {
+        node.raft = if leader == Some(node.node_id) {
+            "leader"
+        } else if voters.contains(&node.node_id) {
+            "voter"
+        } else if learners.contains(&node.node_id) {
+            "learner"
+        } else {
+            "none"
+        }
+        .to_string();
+        node.last_heard_ms_ago = heard.get(node.name.as_str()).copied();
+    }
+    Ok(Json(listed))
 }
 
 /// `hale cluster init`: this node becomes a cluster of one, which others then join.

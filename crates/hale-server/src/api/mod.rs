@@ -58,6 +58,8 @@ pub struct AppState {
     pub hooks: Arc<crate::hooks::Hooks>,
     /// This node's Raft, when it is a node of a cluster.
     pub cluster: Option<cluster::ClusterControl>,
+    /// This node's part in running agents across the cluster (on a cluster).
+    pub nodes: Option<Arc<crate::nodes::Nodes>>,
     /// On a node of a cluster: how far the committed records are copied into the events
     /// table that the events API reads (`hale_cluster::store::mirror`).
     pub events_copied: Option<tokio::sync::watch::Receiver<u64>>,

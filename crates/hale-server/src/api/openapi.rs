@@ -34,6 +34,7 @@ const BEARER: &str = "bearer";
         super::cluster::init,
         super::cluster::join,
         super::cluster::leave,
+        super::cluster::nodes,
         http::readyz,
         http::list_agents,
         http::agent_state,

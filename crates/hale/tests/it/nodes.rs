@@ -201,6 +201,28 @@ async fn a_lost_nodes_agents_run_on_the_others_with_their_state_and_the_rest_run
         let step = state.state["step"].as_u64().unwrap();
         assert!(step >= was.version, "{}: step {step}, version {} before", was.agent, was.version);
     }
+    // `hale nodes`: the lost node lost, the others up and heard from, each with its agents.
+    let listed = admin.nodes().await.unwrap();
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    for node in &listed {
+        if node.name == lost {
+            assert_eq!((node.status.as_str(), node.agents.len()), ("lost", 0), "{node:?}");
+        } else {
+            assert_eq!(node.status, "up", "{node:?}");
+            assert!(node.last_heard_ms_ago.is_some_and(|ms| ms < 10_000), "{node:?}");
+            let placed: Vec<String> = after
+                .iter()
+                .filter(|agent| node_of(agent) == Some(node.name.as_str()))
+                .map(|agent| agent.agent.clone())
+                .collect();
+            assert_eq!(node.agents, placed, "{node:?}");
+        }
+    }
+    assert_eq!(listed.iter().filter(|node| node.raft == "leader").count(), 1, "{listed:?}");
+    let servers: Vec<String> = survivors.iter().map(|addr| format!("http://{addr}")).collect();
+    let (code, out, err) = support::hale(&["nodes", "--server", &servers.join(",")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&lost) && out.contains("lost") && out.contains("LAST HEARD"), "{out}");
     // The agents of the nodes still up were neither moved nor restarted, and nothing runs
     // twice: each agent has one process, on the node the log places it on.
     for was in &stayed {
