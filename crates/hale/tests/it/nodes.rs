@@ -160,6 +160,27 @@ async fn a_lost_nodes_agents_run_on_the_others_with_their_state_and_the_rest_run
         assert!(here.contains(&agent.agent), "{} is not running on {node}: {here:?}", agent.agent);
     }
 
+    // `a` works a task of 20 steps; a few are committed when its node goes.
+    let submit = hale_proto::HttpSubmitTask {
+        role: "a".into(),
+        priority: None,
+        payload: serde_json::json!({"steps": 20}),
+        deadline_ms: None,
+        max_attempts: Some(5),
+        idempotency_key: Some("node-loss-task".into()),
+        retry_backoff_ms: None,
+        shadow: None,
+        fallback: Vec::new(),
+        budget: None,
+    };
+    let task = admin.submit(&submit).await.unwrap().task;
+    let committed_before = support::eventually("three steps of the task committed by a", 60, || async {
+        let info = admin.task(task).await.ok()?;
+        let done: Vec<hale_client::StepInfo> = info.steps.into_iter().filter(|step| step.state == "done").collect();
+        (done.len() >= 3).then_some(done)
+    })
+    .await;
+
     // The node that runs `a` goes down with its agents: hale SIGKILLed, then each agent's
     // process group.
     let lost = node_of(&before[0]).unwrap().to_string();
@@ -201,6 +222,27 @@ async fn a_lost_nodes_agents_run_on_the_others_with_their_state_and_the_rest_run
         let step = state.state["step"].as_u64().unwrap();
         assert!(step >= was.version, "{}: step {step}, version {} before", was.agent, was.version);
     }
+    // The task finished on a's new run, from its last committed step: every step once,
+    // the ones committed before the loss as they were.
+    let finished = support::eventually("the task completed after the node loss", 90, || async {
+        let info = admin.task(task).await.ok()?;
+        (info.status == "completed").then_some(info)
+    })
+    .await;
+    let names: Vec<&str> = finished.steps.iter().map(|step| step.name.as_str()).collect();
+    let expected: Vec<String> = (1..=20).map(|n| format!("step-{n}")).collect();
+    assert_eq!(names, expected, "{names:?}");
+    for earlier in &committed_before {
+        let now = finished.steps.iter().find(|step| step.name == earlier.name).unwrap();
+        assert_eq!((&now.result, now.attempt), (&earlier.result, earlier.attempt), "{} was redone", earlier.name);
+    }
+    // The rest by a's new run, on its second attempt (the node loss gave the lease back).
+    let a_after = after.iter().find(|agent| agent.agent == "a").unwrap();
+    let by_new = serde_json::json!(format!("a/{}", a_after.incarnation));
+    let rest = finished.steps.iter().filter(|step| !committed_before.iter().any(|earlier| earlier.name == step.name));
+    assert!(rest.clone().any(|step| step.result["by"] == by_new), "{finished:?}");
+    assert_eq!(finished.attempts, 2, "{finished:?}");
+    assert!(finished.last_error.as_deref().is_some_and(|error| error.contains("was lost")), "{finished:?}");
     // `hale nodes`: the lost node lost, the others up and heard from, each with its agents.
     let listed = admin.nodes().await.unwrap();
     assert_eq!(listed.len(), 3, "{listed:?}");
