@@ -7,13 +7,15 @@
 //! `tasks` (task throughput, submitted to completed, with no-op agents), `reconnect`
 //! (restart hale under connected agents, time until all have resumed) and `messages`
 //! (messages between two agents, each acked), `failover` (three real nodes, the leader
-//! SIGKILLed, time to the first write the new leader acknowledges, beside etcd).
+//! SIGKILLed, time to the first write the new leader acknowledges, beside etcd) and
+//! `node-loss` (a node running N agents SIGKILLed with them, time until all run elsewhere).
 
 mod detect;
 mod durable_append;
 mod failover;
 mod heartbeat_capacity;
 mod messages;
+mod node_loss;
 mod reconnect;
 mod redeliver;
 mod replay;
@@ -53,8 +55,8 @@ pub struct BenchArgs {
     /// replay: events in the log to recover.
     #[arg(long, default_value_t = 1_000_000)]
     events: u64,
-    /// restart, detect, redeliver, failover: trials [default: 100 for restart, 20 for
-    /// detect and failover, 50 for redeliver].
+    /// restart, detect, redeliver, failover, node-loss: trials [default: 100 for restart,
+    /// 20 for detect and failover, 50 for redeliver, 5 for node-loss].
     #[arg(long)]
     trials: Option<usize>,
     /// restart, redeliver: how often the bench reads the engine's state while it waits for
@@ -137,6 +139,9 @@ enum Scenario {
     /// Three `hale serve` processes, the leader SIGKILLed: time to the first write the new
     /// leader acknowledges (and etcd's, in the same shape, if it is installed).
     Failover,
+    /// Three `hale up` nodes, the one running N agents (10, then 100) SIGKILLed with them:
+    /// time until every one runs on another node with its state, and any run twice.
+    NodeLoss,
 }
 
 pub async fn run(args: BenchArgs) -> Result<i32> {
@@ -156,6 +161,7 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
             Scenario::Messages,
             Scenario::HeartbeatCapacity,
             Scenario::Failover,
+            Scenario::NodeLoss,
         ],
     };
     let all = args.scenario.is_none();
@@ -172,6 +178,7 @@ pub async fn run(args: BenchArgs) -> Result<i32> {
             Scenario::Messages => messages::messages(&args).await?,
             Scenario::HeartbeatCapacity => heartbeat_capacity::heartbeat_capacity(&args).await?,
             Scenario::Failover => failover::failover(&args).await?,
+            Scenario::NodeLoss => node_loss::node_loss(&args).await?,
         };
         if args.json {
             println!("{}", serde_json::to_string(&result)?);
