@@ -333,13 +333,17 @@ pub struct Gauges {
     queued: i64,
     mailboxes: BTreeMap<String, i64>,
     mode: String,
-    /// Managed agents' current process ids, for their resource use.
+    /// Managed agents' current process ids, for their resource use (on a cluster, of the
+    /// agents placed on this node only: the others' run on other machines).
     pids: BTreeMap<String, u32>,
+    /// On a cluster: node → (`up` or `lost`, managed agents placed on it and live).
+    nodes: BTreeMap<String, (&'static str, i64)>,
 }
 
 /// The states `hale_agents` always reports (zero when none), so dashboards see each.
-pub const AGENT_STATES: [&str; 12] = [
+pub const AGENT_STATES: [&str; 13] = [
     "declared",
+    "pending",
     "starting",
     "running",
     "backoff",
@@ -378,6 +382,11 @@ pub fn agent_state(core: &Core, record: &hale_core::AgentRecord) -> &'static str
 impl Gauges {
     /// Reads them from the core (run inside the engine: keep it linear and quick).
     pub fn read(core: &Core) -> Gauges {
+        Gauges::read_on(core, None)
+    }
+
+    /// [`read`](Gauges::read) on node `local` of a cluster.
+    pub fn read_on(core: &Core, local: Option<&hale_core::NodeName>) -> Gauges {
         let state = core.state();
         let mut gauges = Gauges { mode: state.mode().to_string(), ..Gauges::default() };
         for record in state.agents() {
@@ -393,9 +402,17 @@ impl Gauges {
                 gauges.mailboxes.insert(name.clone(), mailbox.unacked_len() as i64);
             }
             let live = record.managed.as_ref().filter(|managed| managed.is_live());
-            if let Some(process) = live.and_then(|managed| managed.process) {
+            let here = live.filter(|managed| managed.node.is_none() || managed.node.as_ref() == local);
+            if let Some(process) = here.and_then(|managed| managed.process) {
                 gauges.pids.insert(name, process.pid);
             }
+            if let Some(node) = live.and_then(|managed| managed.node.as_ref()) {
+                gauges.nodes.entry(node.to_string()).or_insert(("up", 0)).1 += 1;
+            }
+        }
+        for (name, record) in state.nodes() {
+            let status = if record.is_up() { "up" } else { "lost" };
+            gauges.nodes.entry(name.to_string()).or_insert((status, 0)).0 = status;
         }
         for task in state.tasks().all() {
             *gauges.tasks.entry(task.status.word()).or_default() += 1;
@@ -471,6 +488,20 @@ impl Gauges {
             mode.get_or_create(&vec![("mode".into(), name.into())]).set(i64::from(self.mode == name));
         }
         registry.register("mode", "The system mode: 1 for the current one", mode);
+
+        let nodes: Family<Labels, Gauge> = Family::default();
+        let node_agents: Family<Labels, Gauge> = Family::default();
+        if !self.nodes.is_empty() {
+            for status in ["up", "lost"] {
+                nodes.get_or_create(&vec![("status".into(), status.into())]).set(0);
+            }
+        }
+        for (node, (status, agents)) in &self.nodes {
+            nodes.get_or_create(&vec![("status".into(), (*status).into())]).inc();
+            node_agents.get_or_create(&vec![("node".into(), node.clone())]).set(*agents);
+        }
+        registry.register("nodes", "The nodes of the cluster by status (none on a single node)", nodes);
+        registry.register("node_agents", "Managed agents placed on each node and starting or running", node_agents);
 
         let (bytes, age) = metrics.newest_snapshot();
         let snapshot_bytes = Gauge::<i64>::default();

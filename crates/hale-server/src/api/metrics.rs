@@ -26,7 +26,8 @@ pub async fn scrape(
     if let Some(Extension(principal)) = principal {
         principal.require_admin("the metrics")?;
     }
-    let gauges = app.engine.read_core(Gauges::read).await?;
+    let local = app.nodes.as_ref().map(|nodes| nodes.name().clone());
+    let gauges = app.engine.read_core(move |core| Gauges::read_on(core, local.as_ref())).await?;
     let metrics = app.metrics.clone();
     // Reads /proc (hale's and its agents' resource use) and the snapshot directory.
     let text = tokio::task::spawn_blocking(move || metrics.encode(&gauges)).await.map_err(|error| {

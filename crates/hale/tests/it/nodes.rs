@@ -261,6 +261,14 @@ async fn a_lost_nodes_agents_run_on_the_others_with_their_state_and_the_rest_run
         }
     }
     assert_eq!(listed.iter().filter(|node| node.raft == "leader").count(), 1, "{listed:?}");
+    // The metrics say the same, on the leader.
+    let leader = listed.iter().find(|node| node.raft == "leader").unwrap();
+    let leader_addr = addrs[leader.node_id as usize - 1].parse().unwrap();
+    let (code, _, text) = support::http_as(leader_addr, Some(ADMIN), "GET", "/metrics", b"");
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("hale_nodes{status=\"lost\"} 1") && text.contains("hale_nodes{status=\"up\"} 2"), "{text}");
+    let moved_count = after.iter().filter(|agent| node_of(agent) == Some(leader.name.as_str())).count();
+    assert!(text.contains(&format!("hale_node_agents{{node=\"{}\"}} {moved_count}", leader.name)), "{text}");
     let servers: Vec<String> = survivors.iter().map(|addr| format!("http://{addr}")).collect();
     let (code, out, err) = support::hale(&["nodes", "--server", &servers.join(",")]);
     assert_eq!(code, 0, "{err}");
