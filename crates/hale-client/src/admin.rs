@@ -1,5 +1,5 @@
 use crate::error::ClientError;
-use hale_proto::{AgentState, AgentSummary, EventInfo, HttpError};
+use hale_proto::{AgentState, AgentSummary, EventInfo, HttpError, NodeSummary};
 use serde::de::DeserializeOwned;
 use std::sync::{Arc, Mutex};
 
@@ -147,7 +147,7 @@ impl Admin {
 
     /// The nodes of the cluster: status, Raft role, agents, when the leader last heard
     /// from each (`hale nodes`).
-    pub async fn nodes(&self) -> Result<Vec<hale_proto::NodeSummary>, ClientError> {
+    pub async fn nodes(&self) -> Result<Vec<NodeSummary>, ClientError> {
         self.get("/v1/nodes").await
     }
 

@@ -26,9 +26,9 @@ pub use agent::{Agent, AgentOptions, Credentials, StepExtras, url_from_env};
 pub use error::ClientError;
 pub use hale_proto::{
     AgentState, AgentSummary, BudgetSpec, ConversationInfo, DownSummary, EventInfo, HttpSubmitTask, LlmCallInfo,
-    ManagedSummary, MessageInfo, PendingReplyInfo, ProgressBody, Recipient, RecoveryPointInfo, RollbackTo, RolledBack,
-    RungSpec, SendBody, Sent, ShadowSpec, SpendBody, StepInfo, SystemStatus, TaskInfo, TaskSubmitted, TokenPair,
-    Welcome,
+    ManagedSummary, MessageInfo, NodeSummary, PendingReplyInfo, ProgressBody, Recipient, RecoveryPointInfo, RollbackTo,
+    RolledBack, RungSpec, SendBody, Sent, ShadowSpec, SpendBody, StepInfo, SystemStatus, TaskInfo, TaskSubmitted,
+    TokenPair, Welcome,
 };
 pub use session::Reconnect;
 

@@ -246,6 +246,13 @@ pub(crate) fn place(state: &State, events: Vec<Event>) -> Vec<Event> {
     placed
 }
 
+/// Whether a node called `name` with `labels` is one `rule` allows (its names and labels;
+/// whether the node is up and its hale.toml has the agent are not looked at).
+pub fn allows(rule: &Placement, name: &NodeName, labels: &BTreeMap<String, String>) -> bool {
+    (rule.nodes.is_empty() || rule.nodes.contains(name))
+        && rule.node_labels.iter().all(|(key, value)| labels.get(key) == Some(value))
+}
+
 /// The node `agent` goes to, or why none may run it.
 fn choose(
     nodes: &BTreeMap<NodeName, NodeRecord>,
@@ -257,10 +264,7 @@ fn choose(
         record.info.agents.contains(agent) || (placing.instance && record.info.roles.contains(placing.role))
     };
     let eligible = |name: &NodeName, record: &NodeRecord| {
-        record.is_up()
-            && can_start(record)
-            && (placing.rule.nodes.is_empty() || placing.rule.nodes.contains(name))
-            && placing.rule.node_labels.iter().all(|(key, value)| record.info.labels.get(key) == Some(value))
+        record.is_up() && can_start(record) && allows(placing.rule, name, &record.info.labels)
     };
     if let Some(previous) = placing.previous
         && nodes.get(previous).is_some_and(|record| eligible(previous, record))

@@ -222,6 +222,12 @@ enum Commands {
     Check {
         #[arg(long, short = 'c', default_value = "hale.toml", env = "HALE_CONFIG")]
         config: PathBuf,
+        /// Also check the agents' placements (`nodes`, `node_labels`) against the nodes of
+        /// the running cluster at --server: an agent no node that is up may run is an error.
+        #[arg(long)]
+        live: bool,
+        #[command(flatten)]
+        server: ServerArg,
     },
     /// Measure hale on this machine: durable-append, replay, restart, detect (all if none is named).
     Bench(bench::BenchArgs),
@@ -405,13 +411,16 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Commands::Backup { file, server } => backup(&file, &server).await,
         Commands::Restore { file, data, force } => restore(&file, &data, force),
-        Commands::Check { config } => {
+        Commands::Check { config, live, server } => {
             let manifest = Manifest::load(&config)?;
             // Relative to where hale runs, as `hale serve` reads it.
             load_keys(key_file(None, &manifest).as_deref())?;
             // The webhooks' secrets are there (relative to hale.toml, as `hale up` reads them).
             let base = std::path::absolute(&config)?.parent().map(PathBuf::from).unwrap_or_default();
             manifest.hooks(&base).map_err(|error| anyhow!("{}: {error}", config.display()))?;
+            if live {
+                check_placements(&manifest, &base, &server, &config).await?;
+            }
             println!(
                 "{}: ok ({} agents, {} groups, {} roles)",
                 config.display(),
@@ -423,6 +432,48 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Commands::Bench(args) => bench::run(args).await,
     }
+}
+
+/// `hale check --live`: every agent of hale.toml (and every pool's template) must be one
+/// that some node of the running cluster, up now, may run by its `nodes` and
+/// `node_labels`; otherwise it would wait as `pending` once started.
+async fn check_placements(manifest: &Manifest, base: &Path, server: &ServerArg, config: &Path) -> Result<()> {
+    let nodes = server.admin()?.nodes().await.context("reading the nodes of the cluster (--live)")?;
+    let up: Vec<&hale_client::NodeSummary> = nodes.iter().filter(|node| node.status == "up").collect();
+    let supervise = manifest.supervise(base);
+    let placements = supervise
+        .agents
+        .iter()
+        .map(|agent| (format!("agent {:?}", agent.name.as_str()), &agent.supervision.placement))
+        .chain(
+            supervise.roles.iter().map(|pool| (format!("role {:?}", pool.role.as_str()), &pool.supervision.placement)),
+        );
+    let mut problems = Vec::new();
+    for (what, rule) in placements {
+        let fits = up.iter().any(|node| {
+            hale_core::NodeName::new(node.name.as_str())
+                .is_ok_and(|name| hale_core::nodes::allows(rule, &name, &node.labels))
+        });
+        if !fits {
+            problems.push(format!("{what}: no node that is up matches its placement ({rule})"));
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let described: Vec<String> = up
+        .iter()
+        .map(|node| {
+            let labels: Vec<String> = node.labels.iter().map(|(key, value)| format!("{key}={value}")).collect();
+            format!("{} [{}]", node.name, labels.join(", "))
+        })
+        .collect();
+    bail!(
+        "{}: {}; the nodes up are {}: give a node the label (its [cluster] labels) or change the placement",
+        config.display(),
+        problems.join("; "),
+        if described.is_empty() { "none".to_string() } else { described.join(", ") }
+    )
 }
 
 /// hale.toml's path for messages, or that there is none.

@@ -325,6 +325,23 @@ async fn an_agent_no_node_may_run_waits_and_says_why() {
     assert_eq!(code, 0);
     assert!(out.contains("pending") && out.contains("waits for a node"), "{out}");
     assert!(agents_of(&data(dir, 1)).is_empty(), "nothing runs it");
+    // `hale check --live` finds it before it is started: against the cluster's nodes up.
+    let config = dir.join("node1.toml");
+    let server = format!("http://{}", addrs[0]);
+    let (code, out, err) = support::hale(&["check", "-c", config.to_str().unwrap(), "--live", "--server", &server]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("agent \"gpu-worker\": no node that is up matches its placement")
+            && err.contains("gpu")
+            && err.contains("node-1 ["),
+        "{err}"
+    );
+    // Without the placement it passes.
+    let plain = dir.join("plain.toml");
+    std::fs::write(&plain, std::fs::read_to_string(&config).unwrap().replace("node_labels = { gpu = \"true\" }", ""))
+        .unwrap();
+    let (code, out, err) = support::hale(&["check", "-c", plain.to_str().unwrap(), "--live", "--server", &server]);
+    assert_eq!(code, 0, "{out}{err}");
     for hale in nodes.iter_mut().filter_map(Option::take) {
         assert!(hale.terminate().success());
     }
