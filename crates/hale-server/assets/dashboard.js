@@ -95,6 +95,17 @@ async function api(path) {
   return response.json();
 }
 
+// A read that a single node answers `not_clustered`: null there.
+async function apiOnCluster(path) {
+  const response = await fetch(path, { headers: { Authorization: `Bearer ${token}` }, cache: "no-store" });
+  if (response.status === 401 || response.status === 403) {
+    throw new Refused(await errorMessage(response));
+  }
+  if (response.status === 409) return null;
+  if (!response.ok) throw new Error(await errorMessage(response));
+  return response.json();
+}
+
 async function errorMessage(response) {
   try {
     const body = await response.json();
@@ -127,9 +138,9 @@ function agentState(agent) {
 }
 
 function tone(state) {
-  if (["running", "alive", "attached", "closed", "optimal", "completed"].includes(state)) return "ok";
+  if (["running", "alive", "attached", "closed", "optimal", "completed", "up", "leader"].includes(state)) return "ok";
   if (["suspect", "reconnecting", "starting", "backoff", "half_open", "degraded", "pending", "compensating"].includes(state)) return "warn";
-  if (["down", "failed", "quarantined", "open", "minimal"].includes(state)) return "bad";
+  if (["down", "failed", "quarantined", "open", "minimal", "lost"].includes(state)) return "bad";
   return "";
 }
 
@@ -150,7 +161,8 @@ function renderAgents() {
       : [fraction === null ? null : `${Math.round(fraction * 100)}%`, progress.message].filter(Boolean).join(" ");
     const managed = agent.managed || {};
     return h("tr", { "data-agent": agent.agent, "data-state": state, "data-incarnation": agent.incarnation },
-      h("td", {}, h("b", {}, agent.agent), h("span", { class: "role" }, agent.role)),
+      h("td", {}, h("b", {}, agent.agent), h("span", { class: "role" }, agent.role),
+        managed.node ? h("span", { class: "role node", title: "the node it runs on" }, `on ${managed.node}`) : ""),
       h("td", { class: "state" }, badge(state)),
       h("td", { class: "num incarnation" }, agent.incarnation),
       h("td", { class: "heartbeat" }, agent.last_heartbeat_ms ? ago(agent.last_heartbeat_ms) : "–"),
@@ -163,6 +175,21 @@ function renderAgents() {
   body.replaceChildren(...rows);
   $("no-agents").hidden = agents.length > 0;
   $("agent-count").textContent = agents.length ? `(${agents.length})` : "";
+}
+
+function renderNodes(nodes) {
+  $("nodes-card").hidden = nodes === null;
+  if (nodes === null) return;
+  const rows = nodes.map((node) =>
+    h("tr", { "data-node": node.name, "data-status": node.status, "data-raft": node.raft },
+      h("td", {}, h("b", {}, node.name), h("span", { class: "role" }, `id ${node.node_id}`)),
+      h("td", { class: "state" }, badge(node.status)),
+      h("td", { class: "raft" }, node.raft),
+      h("td", {}, node.address),
+      h("td", { class: "heard" }, node.last_heard_ms_ago === undefined ? "–" : `${duration(node.last_heard_ms_ago)} ago`),
+      h("td", { class: "agents" }, node.agents.length ? node.agents.join(", ") : "–")));
+  $("nodes").querySelector("tbody").replaceChildren(...rows);
+  $("node-count").textContent = `(${nodes.filter((node) => node.status === "up").length} of ${nodes.length} up)`;
 }
 
 function renderStatus(status) {
@@ -187,10 +214,12 @@ async function refresh() {
   refreshTimer = null;
   if (!token) return;
   try {
-    const [agentList, status] = await Promise.all([api("/v1/agents"), api("/v1/status")]);
+    const [agentList, status, nodes] =
+      await Promise.all([api("/v1/agents"), api("/v1/status"), apiOnCluster("/v1/nodes")]);
     agents = agentList;
     renderAgents();
     renderStatus(status);
+    renderNodes(nodes);
     renderTimeline();
   } catch (error) {
     if (error instanceof Refused) refused(error);

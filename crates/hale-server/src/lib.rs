@@ -120,8 +120,17 @@ async fn recover_events(
 }
 
 /// Recovers the data directory and starts serving.
-pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
+pub async fn start(mut config: ServerConfig) -> Result<RunningServer, ServerError> {
     let data_dir = DataDir::open(&config.data_dir)?;
+    // Bound before the cluster is opened: a node listening on port 0 (tests) advertises the
+    // port it got, which its peers and its agents must reach.
+    let listener = bind(config.listen).map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+    let local_addr = listener.local_addr().map_err(ServerError::Serve)?;
+    if let Some(cluster) = config.cluster.as_mut()
+        && cluster.advertise.parse::<SocketAddr>().is_ok_and(|advertised| advertised.port() == 0)
+    {
+        cluster.advertise = agent_address(local_addr).to_string();
+    }
     let snapshot_dir = data_dir.snapshot_dir();
     let (data_dir, mut core, last_seq, report, backing) = match config.cluster.clone() {
         // A cluster node's state is its Raft state machine's: its snapshot, then the
@@ -276,8 +285,6 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         Some(files) => Some(tls::acceptor(files).map_err(|error| ServerError::Tls(error.to_string()))?),
         None => None,
     };
-    let listener = bind(config.listen).map_err(|source| ServerError::Bind { addr: config.listen, source })?;
-    let local_addr = listener.local_addr().map_err(ServerError::Serve)?;
     let sessions = Arc::new(Sessions::default());
     // Before the supervisor: the events of the agents' first starts may call for hooks.
     let backlog = hooks::Backlog {

@@ -336,3 +336,45 @@ async fn the_events_api_lists_a_kill_and_streams_new_events() {
         assert_eq!(status, 401, "{private}: {body}");
     }
 }
+
+#[tokio::test]
+async fn on_a_cluster_the_dashboard_shows_the_nodes_and_where_each_agent_runs() {
+    let temp = tempfile::tempdir().unwrap();
+    let secret = temp.path().join("cluster.secret");
+    std::fs::write(&secret, "dashboard-test-cluster-secret-0042").unwrap();
+    let config = config(temp.path());
+    let agents = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("[cluster]\nnode_id = 1\nsecret_file = {secret:?}\nlabels = {{ zone = \"test\" }}\n\n{agents}"),
+    )
+    .unwrap();
+    let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
+    let (code, out, err) = support::hale(&["cluster", "init", "--server", &hale.http_url()]);
+    assert_eq!(code, 0, "{out}{err}");
+    running(&hale.admin(), 1).await;
+
+    let browser = Browser::start(&temp.path().join("chromium-profile")).await;
+    browser.goto(&format!("{}/#token={ADMIN}", hale.http_url())).await;
+    let node = r#"const row = document.querySelector('#nodes tr[data-node="node-1"]');
+        return row && !document.getElementById('nodes-card').hidden
+            ? {status: row.dataset.status, raft: row.dataset.raft, agents: row.querySelector('.agents').textContent,
+               heard: row.querySelector('.heard').textContent}
+            : null;"#;
+    let shown = eventually("the page shows node-1 up, leading, running worker", 20, || async {
+        let shown = browser.script(node).await;
+        (shown["status"] == "up" && shown["raft"] == "leader" && shown["agents"] == "worker").then_some(shown)
+    })
+    .await;
+    assert!(shown["heard"].as_str().unwrap().ends_with("ago"), "{shown}");
+    let placed = r#"const row = document.querySelector('#agents tr[data-agent="worker"] .node');
+        return row ? row.textContent : null;"#;
+    assert_eq!(browser.script(placed).await, "on node-1");
+    let png = browser.screenshot().await;
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+    std::fs::write(temp.path().join("dashboard-cluster.png"), &png).unwrap();
+    let target = Path::new(HALE).parent().and_then(Path::parent).expect("hale is in target/debug");
+    std::fs::write(target.join("dashboard-cluster.png"), &png).unwrap();
+    browser.quit().await;
+    assert!(hale.terminate().success());
+}
