@@ -166,17 +166,21 @@ async fn a_node_behind_the_purged_log_catches_up_from_a_large_snapshot() {
         let event = Event::Checkpointed { agent: agent.clone(), incarnation: 1, version: seq - 2, patch };
         batch.push(Record::encode(seq, Timestamp(1_000 + seq), &event));
     }
+    let mut written = None;
     for chunk in batch.chunks(4) {
-        first.raft.client_write(Batch::of(chunk)).await.unwrap();
+        written = Some(first.raft.client_write(Batch::of(chunk)).await.unwrap().log_id);
     }
+    // The metrics may not show the last write applied yet when it returns: wait for a
+    // snapshot at or past it, then purge up to that snapshot.
+    let written = written.unwrap();
     first.raft.trigger().snapshot().await.unwrap();
-    let applied = first.raft.metrics().borrow().last_applied.unwrap();
-    first
+    let metrics = first
         .raft
         .wait(Some(Duration::from_secs(20)))
-        .metrics(|metrics| metrics.snapshot == Some(applied), "the snapshot")
+        .metrics(|metrics| metrics.snapshot.is_some_and(|snapshot| snapshot.index >= written.index), "the snapshot")
         .await
         .unwrap();
+    let applied = metrics.snapshot.unwrap();
     first.raft.trigger().purge_log(applied.index).await.unwrap();
     first
         .raft
