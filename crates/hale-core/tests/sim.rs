@@ -1,6 +1,7 @@
 //! A deterministic simulation of the core: one u64 seed drives random submissions, agent
 //! crashes, restarts and reconnects, lost and duplicated messages, clock jumps (forward,
-//! and small steps back) and restarts of hale itself (a replay of the log). No I/O: the
+//! and small steps back), restarts of hale itself (a replay of the log) and changes of a
+//! cluster's leader (a core rebuilt from the committed state). No I/O: the
 //! core is driven through its public API, as the shell drives it.
 //!
 //! After every step it checks the safety properties:
@@ -536,6 +537,8 @@ impl Sim {
             30..=32 => self.now = self.now.saturating_sub(self.rng.up_to(1_000)),
             // hale restarts: the state is a replay of the log.
             33..=35 => self.restart_hale(),
+            // Another node of a cluster takes over as leader.
+            63..=64 => self.change_leader(),
             // The operator cancels something.
             36..=45 => {
                 let count = self.core.state().tasks().all().count() as u64;
@@ -600,6 +603,21 @@ impl Sim {
         self.core = replayed;
         if self.trace {
             println!("{:?} hale restarted from {} events", self.at(), self.log.len());
+        }
+    }
+
+    /// Another node takes over as leader, as `follow_leadership` hands it the engine: a
+    /// core built from the committed state itself (`Core::from_state`, not a replay),
+    /// without what the old leader held only in memory (heartbeats, detectors, errors,
+    /// effects not carried out), and a reconnect grace for the runs that were beating.
+    /// Every decision here is acknowledged as it is made, so nothing the old leader had
+    /// decided is lost with it: its uncommitted decisions are not modelled.
+    fn change_leader(&mut self) {
+        let mut core = Core::from_state(self.core.state().clone(), Limits::default());
+        core.begin_grace(self.at());
+        self.core = core;
+        if self.trace {
+            println!("{:?} a new leader continues from the committed state", self.at());
         }
     }
 
