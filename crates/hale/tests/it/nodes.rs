@@ -640,3 +640,50 @@ async fn a_node_cut_off_stops_its_agents_before_they_start_elsewhere_and_after_t
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_hale_restarts_within_its_lease_adopts_the_agents_it_still_runs() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let _reaper = Reaper((1..=3).map(|id| data(dir, id)).collect());
+    // `b` runs on node-2 only: the node whose hale is killed.
+    let agents = format!("{}{}", demo_agent("a", ""), demo_agent("b", "nodes = [\"node-2\"]"));
+    let (mut nodes, addrs) = cluster(dir, 3, &agents);
+    let admin = admin(&addrs);
+    let b_of = |listed: Vec<AgentSummary>| listed.into_iter().find(|agent| agent.agent == "b");
+    let before = support::eventually("b running on node-2 and checkpointing", 60, || async {
+        let b = b_of(admin.agents().await.ok()?)?;
+        (node_of(&b) == Some("node-2") && running(&b) && b.version >= 3).then_some(b)
+    })
+    .await;
+    let pid = before.managed.as_ref().and_then(|managed| managed.pid).unwrap();
+
+    // Only hale dies; b's process lives on and hale comes back on the same address.
+    nodes[1].take().unwrap().kill();
+    assert!(alive(pid as i32), "b died with its node's hale");
+    let config = dir.join("node2.toml");
+    let mut command = Command::new(HALE);
+    command.args(["up", "-c"]).arg(&config).arg("--data").arg(data(dir, 2)).args(["--listen", &addrs[1]]);
+    nodes[1] = Some(support::serve_with_command(command).expect("node 2 back on its address"));
+
+    // The same process, the same run: adopted, not restarted, and still checkpointing.
+    let after = support::eventually("b adopted and checkpointing further", 60, || async {
+        let b = b_of(admin.agents().await.ok()?)?;
+        (running(&b) && b.version > before.version + 3).then_some(b)
+    })
+    .await;
+    assert_eq!(
+        (after.incarnation, after.managed.as_ref().and_then(|managed| managed.pid)),
+        (before.incarnation, Some(pid)),
+        "{after:?}"
+    );
+    assert_eq!(agents_of(&data(dir, 2)).into_iter().filter(|(_, name)| name == "b").count(), 1);
+    let stderr = nodes[1].as_ref().unwrap().stderr();
+    assert!(!stderr.contains("killing a process this node no longer runs"), "{stderr}");
+    for hale in nodes.iter_mut().filter_map(Option::take) {
+        match hale.terminate_within(std::time::Duration::from_secs(30)) {
+            Ok(status) => assert!(status.success()),
+            Err(stderr) => panic!("a node did not stop within 30 s of SIGTERM:\n{stderr}"),
+        }
+    }
+}
