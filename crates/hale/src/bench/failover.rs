@@ -250,16 +250,28 @@ async fn hale_trial(
 
 /// Starts `hale serve` with `config` on a free port (another if it was taken meanwhile).
 fn start_hale(hale: &Path, config: &Path, data: &Path) -> Result<(Child, String)> {
+    start_node(hale, "serve", config, data, TOKEN)
+}
+
+/// Starts `hale SUBCOMMAND` (`serve` or `up`) with `config` and `token` as its admin token
+/// on a free loopback port (another if it was taken meanwhile); the child and its address.
+pub(super) fn start_node(
+    hale: &Path,
+    subcommand: &str,
+    config: &Path,
+    data: &Path,
+    token: &str,
+) -> Result<(Child, String)> {
     use std::io::BufRead;
     for _ in 0..20 {
         let addr = format!("127.0.0.1:{}", free_port()?);
         let mut child = Command::new(hale)
-            .args(["serve", "-c"])
+            .args([subcommand, "-c"])
             .arg(config)
             .arg("--data")
             .arg(data)
             .args(["--listen", &addr])
-            .env("HALE_ADMIN_TOKEN", TOKEN)
+            .env("HALE_ADMIN_TOKEN", token)
             .env("HALE_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

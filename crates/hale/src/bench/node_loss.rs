@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -102,10 +102,6 @@ impl Drop for Nodes {
     }
 }
 
-fn free_address() -> Result<String> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string())
-}
-
 /// Node `id`'s hale.toml with `agents` demo agents.
 fn config(dir: &Path, id: u64, agents: usize, hale: &Path) -> Result<std::path::PathBuf> {
     let secret = dir.join("cluster.secret");
@@ -128,30 +124,8 @@ fn config(dir: &Path, id: u64, agents: usize, hale: &Path) -> Result<std::path::
 
 /// Starts `hale up` for node `id` on a free loopback port; its child and its address.
 fn start(hale: &Path, dir: &Path, id: u64, agents: usize) -> Result<(Child, String)> {
-    use std::io::BufRead;
     let config = config(dir, id, agents, hale)?;
-    for _ in 0..20 {
-        let addr = free_address()?;
-        let mut child = Command::new(hale)
-            .args(["up", "-c"])
-            .arg(&config)
-            .arg("--data")
-            .arg(dir.join(format!("data{id}")))
-            .args(["--listen", &addr])
-            .env("HALE_ADMIN_TOKEN", TOKEN)
-            .env("HALE_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
-        if line.starts_with("hale listening on ") {
-            return Ok((child, addr));
-        }
-        let _ = child.wait();
-    }
-    bail!("node {id} did not start on a free loopback port in 20 tries")
+    super::failover::start_node(hale, "up", &config, &dir.join(format!("data{id}")), TOKEN)
 }
 
 async fn until<T, Fut: std::future::Future<Output = Option<T>>>(

@@ -136,6 +136,18 @@ fn running(agent: &AgentSummary) -> bool {
     agent.managed.as_ref().is_some_and(|managed| managed.status == "running") && agent.attached
 }
 
+/// Waits until every agent of [`AGENTS`] is placed on a node, running there and has
+/// checkpointed a few times; returns the list.
+async fn all_placed_and_running(admin: &Admin) -> Vec<AgentSummary> {
+    support::eventually("every agent placed, running and checkpointing", 60, || async {
+        let listed = admin.agents().await.ok()?;
+        let ready = listed.len() == AGENTS.len()
+            && listed.iter().all(|agent| node_of(agent).is_some() && running(agent) && agent.version >= 5);
+        ready.then_some(listed)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_nodes_agents_run_on_the_others_with_their_state_and_the_rest_run_on() {
     let temp = tempfile::tempdir().unwrap();
@@ -146,13 +158,7 @@ async fn a_lost_nodes_agents_run_on_the_others_with_their_state_and_the_rest_run
     let admin = admin(&addrs);
 
     // Every agent placed on a node, running there and checkpointing.
-    let before = support::eventually("every agent placed, running and checkpointing", 60, || async {
-        let listed = admin.agents().await.ok()?;
-        let ready = listed.len() == AGENTS.len()
-            && listed.iter().all(|agent| node_of(agent).is_some() && running(agent) && agent.version >= 5);
-        ready.then_some(listed)
-    })
-    .await;
+    let before = all_placed_and_running(&admin).await;
     for agent in &before {
         let node = node_of(agent).unwrap();
         let id: u64 = node.strip_prefix("node-").unwrap().parse().unwrap();
@@ -550,13 +556,7 @@ async fn a_node_cut_off_stops_its_agents_before_they_start_elsewhere_and_after_t
         assert_eq!(code, 0, "{out}{err}");
     }
     let admin = admin(&addrs);
-    let before = support::eventually("every agent placed, running and checkpointing", 60, || async {
-        let listed = admin.agents().await.ok()?;
-        let ready = listed.len() == AGENTS.len()
-            && listed.iter().all(|agent| node_of(agent).is_some() && running(agent) && agent.version >= 5);
-        ready.then_some(listed)
-    })
-    .await;
+    let before = all_placed_and_running(&admin).await;
 
     // Cut off the node that runs `a` (the leader or not).
     let cut = node_of(&before[0]).unwrap().to_string();
