@@ -15,6 +15,8 @@
 //! - **fences itself** when its lease runs out: SIGTERM to every agent `fence_grace`
 //!   before the end, SIGKILL at the end. A node cut off from the quorum therefore has no
 //!   agent running once its lease is over.
+//! - carries out quarantine's `pause` on its own runs (SIGSTOP, SIGCONT on release), from
+//!   the log as everything else.
 //! - **reports** what its keepers see (a process started or ended, a measurement, tokens
 //!   issued at a start) to the leader, in order, retrying until the leader takes them.
 //!
@@ -48,7 +50,7 @@ use hale_core::{
 };
 use hale_store::WriteError;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -515,6 +517,8 @@ impl Nodes {
         // What each keeper was last told to run, and the newest incarnation run here.
         let mut running: BTreeMap<AgentName, u64> = BTreeMap::new();
         let mut ran: BTreeMap<AgentName, u64> = BTreeMap::new();
+        // The runs here that quarantine's `pause` has stopped (SIGSTOP).
+        let mut paused: BTreeSet<(AgentName, u64)> = BTreeSet::new();
         let mut swept = false;
         loop {
             if self.leaving.load(Ordering::SeqCst) {
@@ -563,6 +567,22 @@ impl Nodes {
                     ran.insert(agent.clone(), *incarnation);
                 }
             }
+            // Quarantine's `pause`, as the leader's effects carry it out on a single node:
+            // SIGSTOP while the log has the run quarantined so, SIGCONT once released.
+            let want_paused: BTreeSet<(AgentName, u64)> =
+                if holds { committed.with_state(|_, state| paused_on(state, &me)) } else { BTreeSet::new() };
+            for (agent, incarnation) in want_paused.difference(&paused) {
+                if running.get(agent) == Some(incarnation) {
+                    supervisor.dispatch(hale_core::Effect::Pause { agent: agent.clone(), incarnation: *incarnation });
+                }
+            }
+            for (agent, incarnation) in paused.difference(&want_paused) {
+                supervisor.dispatch(hale_core::Effect::Resume { agent: agent.clone(), incarnation: *incarnation });
+            }
+            paused = want_paused
+                .into_iter()
+                .filter(|(agent, incarnation)| running.get(agent) == Some(incarnation))
+                .collect();
             let wake = fence_at.filter(|fence_at| *fence_at > now).unwrap_or(now + Duration::from_secs(1));
             tokio::select! {
                 changed = applied.changed() => if changed.is_err() { return },
@@ -616,6 +636,23 @@ fn placed_on(state: &CoreState, node: &NodeName) -> BTreeMap<AgentName, (u64, Ro
                 (record.name.clone(), (record.incarnation, record.role.clone(), logged))
             })
         })
+        .collect()
+}
+
+/// The runs placed on `node` that are quarantined with the `pause` action.
+fn paused_on(state: &CoreState, node: &NodeName) -> BTreeSet<(AgentName, u64)> {
+    state
+        .agents()
+        .filter(|record| {
+            let here = record.managed.as_ref().is_some_and(|managed| managed.node.as_ref() == Some(node));
+            let pausing = record
+                .health
+                .quarantine
+                .as_ref()
+                .is_some_and(|quarantine| quarantine.action == hale_core::health::QuarantineAction::Pause);
+            here && pausing
+        })
+        .map(|record| (record.name.clone(), record.incarnation))
         .collect()
 }
 

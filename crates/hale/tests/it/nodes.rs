@@ -687,3 +687,39 @@ async fn a_node_whose_hale_restarts_within_its_lease_adopts_the_agents_it_still_
         }
     }
 }
+
+/// The state letter of `/proc/PID/stat` (`T` stopped, `S` sleeping, `R` running…).
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantine_pause_stops_an_agent_on_its_node_and_release_resumes_it() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let _reaper = Reaper(vec![data(dir, 1)]);
+    let agents = format!("[supervision.quarantine]\naction = \"pause\"\n{}", demo_agent("a", ""));
+    let (mut nodes, addrs) = cluster(dir, 1, &agents);
+    let admin = admin(&addrs);
+    let pid = support::eventually("a running on node-1", 60, || async {
+        let a = admin.agents().await.ok()?.into_iter().find(|agent| agent.agent == "a")?;
+        (running(&a) && a.version >= 3).then_some(a.managed?.pid?)
+    })
+    .await;
+    admin.quarantine("a", "spent on a forbidden tool").await.unwrap();
+    support::eventually("its process stopped", 20, || async { (process_state(pid) == Some('T')).then_some(()) }).await;
+    admin.release("a").await.unwrap();
+    support::eventually("its process running again", 20, || async { (process_state(pid) != Some('T')).then_some(()) })
+        .await;
+    // The same run goes on.
+    let before = admin.agents().await.unwrap().into_iter().find(|agent| agent.agent == "a").unwrap();
+    support::eventually("a checkpointing again as the same run", 30, || async {
+        let a = admin.agents().await.ok()?.into_iter().find(|agent| agent.agent == "a")?;
+        (a.incarnation == before.incarnation && a.version > before.version).then_some(())
+    })
+    .await;
+    for hale in nodes.iter_mut().filter_map(Option::take) {
+        assert!(hale.terminate().success());
+    }
+}
