@@ -163,18 +163,9 @@ where
 
 async fn wait_for<T, Fut: std::future::Future<Output = Option<T>>>(
     what: &str,
-    mut check: impl FnMut() -> Fut,
+    check: impl FnMut() -> Fut,
 ) -> Result<T> {
-    let start = Instant::now();
-    loop {
-        if let Some(found) = check().await {
-            return Ok(found);
-        }
-        if start.elapsed() > DEADLINE {
-            bail!("no {what} within {} s", DEADLINE.as_secs());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    super::poll_until(what, Duration::from_millis(20), DEADLINE, check).await
 }
 
 async fn hale_trial(

@@ -317,6 +317,25 @@ fn summary_ms(samples_us: &mut [u32]) -> Value {
     })
 }
 
+/// Calls `check` every `every` until it finds something, failing after `deadline`.
+async fn poll_until<T, Fut: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    every: std::time::Duration,
+    deadline: std::time::Duration,
+    mut check: impl FnMut() -> Fut,
+) -> Result<T> {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(found) = check().await {
+            return Ok(found);
+        }
+        if start.elapsed() > deadline {
+            anyhow::bail!("no {what} within {} s", deadline.as_secs());
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// Microseconds of `duration`, saturating.
 fn micros(duration: std::time::Duration) -> u32 {
     duration.as_micros().min(u128::from(u32::MAX)) as u32

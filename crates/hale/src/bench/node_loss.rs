@@ -11,7 +11,7 @@
 //! 20 ms (from the processes' environment, not from hale's view). Resolution: 20 ms.
 
 use super::{BenchArgs, micros, summary_ms, temp_dir};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -131,18 +131,9 @@ fn start(hale: &Path, dir: &Path, id: u64, agents: usize) -> Result<(Child, Stri
 async fn until<T, Fut: std::future::Future<Output = Option<T>>>(
     what: &str,
     every: Duration,
-    mut check: impl FnMut() -> Fut,
+    check: impl FnMut() -> Fut,
 ) -> Result<T> {
-    let start = Instant::now();
-    loop {
-        if let Some(found) = check().await {
-            return Ok(found);
-        }
-        if start.elapsed() > DEADLINE {
-            bail!("no {what} within {} s", DEADLINE.as_secs());
-        }
-        tokio::time::sleep(every).await;
-    }
+    super::poll_until(what, every, DEADLINE, check).await
 }
 
 fn admin(addrs: &[String]) -> hale_client::Admin {
