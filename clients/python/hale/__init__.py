@@ -4,19 +4,28 @@
 
     import asyncio, hale
 
+    @hale.step()
+    async def draft(topic: str) -> dict:             # a durable step: runs once per task
+        return {"text": await model(topic)}
+
     async def main() -> None:
         agent = await hale.Agent.from_env()          # or Agent.connect(url, name, role, token=...)
         state = agent.welcome.state                  # where the last run stopped
         await agent.checkpoint({"step": 1})          # durable when it returns
         async for task in agent.tasks():
-            async with agent.step(task, "draft") as step:
-                step.result = {"text": "..."}
-            await agent.complete(task.task, {"ok": True})
+            async with agent.work_on(task):
+                text = await draft(task.payload["topic"])
+            await agent.complete(task, text)
 
     asyncio.run(main())
+
+The session and its heartbeats run on the client's own thread, so the agent's code may
+block; :mod:`hale.sync` has the same API for code that is not asyncio.
 """
 
-from .agent import Agent, StepContext, install_sigterm, merge_patch, run_until_sigterm
+from . import sync
+from .agent import Agent, StepContext, WorkScope, install_sigterm, merge_patch, run_until_sigterm
+from .steps import StepResult, StepRun, current_step, step
 from .errors import (
     AuthError,
     Code,
@@ -27,6 +36,7 @@ from .errors import (
     LeaseLost,
     MailboxFull,
     NoRecipient,
+    NotJson,
     NotLeader,
     OverBudget,
     ProtocolError,
@@ -34,6 +44,7 @@ from .errors import (
     ServerError,
     SessionClosed,
     StaleIncarnation,
+    StepUncertain,
     UnknownMessage,
     VersionConflict,
 )
@@ -71,6 +82,7 @@ __all__ = [
     "MailboxFull",
     "Message",
     "NoRecipient",
+    "NotJson",
     "NotLeader",
     "OverBudget",
     "PendingReply",
@@ -86,12 +98,19 @@ __all__ = [
     "StaleIncarnation",
     "Step",
     "StepContext",
+    "StepResult",
+    "StepRun",
+    "StepUncertain",
     "Submitted",
     "Task",
     "UnknownMessage",
     "VersionConflict",
     "Welcome",
+    "WorkScope",
+    "current_step",
     "install_sigterm",
     "merge_patch",
     "run_until_sigterm",
+    "step",
+    "sync",
 ]

@@ -40,7 +40,7 @@ from collections import OrderedDict, deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import _transport
-from .errors import Code, ConnectError, Fenced, HaleError, SessionClosed
+from .errors import Code, ConnectError, Fenced, HaleError, NotJson, SessionClosed
 from .types import Reconnect
 
 log = logging.getLogger("hale")
@@ -319,10 +319,17 @@ class Session:
                 return _Lost(True, "closed by the agent")
             future = item.future
             assert future is not None
+            try:
+                text = json.dumps(item.frame, allow_nan=False)
+            except (TypeError, ValueError) as error:
+                # The callers check their values first; this keeps one that slipped through
+                # from ending the session.
+                _reject(future, NotJson(f"{item.frame.get('type')} is not JSON: {error}; nothing was sent"))
+                continue
             # Kept before it is written: if the write fails, a reconnect settles it.
             self._push(item.frame, future)
             try:
-                await socket.send(json.dumps(item.frame))
+                await socket.send(text)
             except _transport.ConnectionClosed as error:
                 return _Lost(False, _describe(error))
             except OSError as error:

@@ -21,6 +21,10 @@ class Code:
     FENCED = "fenced"
     CONNECT = "connect"
     PROTOCOL = "protocol"
+    #: A value given to a call is not JSON (a datetime, a set, bytes, NaN…); nothing was sent.
+    NOT_JSON = "not_json"
+    #: A step that a lost attempt began and the step asked to be told about.
+    STEP_UNCERTAIN = "step_uncertain"
     # State.
     VERSION_CONFLICT = "version_conflict"
     VERSION_NOT_RETAINED = "version_not_retained"
@@ -117,6 +121,30 @@ class ProtocolError(HaleError):
 
     def __init__(self, message: str) -> None:
         super().__init__(Code.PROTOCOL, message, False)
+
+
+class NotJson(HaleError):
+    """A value given to a call is not JSON. Raised by the client before anything is sent:
+    the session is unaffected. The message says where in the value and what to send."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Code.NOT_JSON, message, False)
+
+
+class StepUncertain(HaleError):
+    """A step that a lost attempt began (its side effect may or may not have happened),
+    raised by a step declared with ``uncertain="raise"``. ``step`` is its name and ``key``
+    the idempotency key the lost attempt used."""
+
+    def __init__(self, task: int, step: str, key: str) -> None:
+        super().__init__(
+            Code.STEP_UNCERTAIN,
+            f"step {step!r} of task {task} was begun by a lost attempt; find out whether it happened "
+            f"(its idempotency key was {key!r}), then commit it or run it again",
+        )
+        self.task = task
+        self.step = step
+        self.key = key
 
 
 class VersionConflict(ServerError):

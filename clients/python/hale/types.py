@@ -46,8 +46,9 @@ class Reconnect:
 
 @dataclass(frozen=True)
 class Progress:
-    """How far the agent got, sent with a heartbeat. ``task`` names the work in hand;
-    leave it out while idle (only progress with a task can count as a stall)."""
+    """How far the agent got, sent with a heartbeat. ``task`` names the work in hand, for
+    people; hale judges whether a run is working from the tasks it holds, never from
+    this."""
 
     fraction: Optional[float] = None
     message: Optional[str] = None
@@ -83,6 +84,30 @@ class LlmCall:
 
     def to_json(self) -> Dict[str, JSON]:
         return {key: value for key, value in self.__dict__.items() if value is not None}
+
+    @staticmethod
+    def from_response(response: Any, **settings: Any) -> LlmCall:
+        """The call behind a model SDK's ``response``: its ``model`` and token use, read
+        from ``usage`` as the Anthropic (``input_tokens``, ``output_tokens``) and OpenAI
+        (``prompt_tokens``, ``completion_tokens``) SDKs give it, as attributes or dict
+        members. ``settings`` adds what the response does not say (``temperature``,
+        ``seed``, ``max_tokens``, ``prompt_hash``…) and overrides what it does."""
+
+        def read(source: Any, *names: str) -> Any:
+            for name in names:
+                value = source.get(name) if isinstance(source, Mapping) else getattr(source, name, None)
+                if value is not None:
+                    return value
+            return None
+
+        usage = read(response, "usage")
+        fields: Dict[str, Any] = {
+            "model": read(response, "model") or "unknown",
+            "tokens_in": read(usage, "input_tokens", "prompt_tokens") if usage is not None else None,
+            "tokens_out": read(usage, "output_tokens", "completion_tokens") if usage is not None else None,
+        }
+        fields.update(settings)
+        return LlmCall(**fields)
 
     @staticmethod
     def from_json(raw: Mapping[str, JSON]) -> LlmCall:

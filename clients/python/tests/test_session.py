@@ -124,7 +124,8 @@ async def test_a_critical_violation_quarantines_and_the_session_refuses_what_rea
 
 @run
 async def test_challenges_are_exposed_to_the_application_and_answered_by_its_heartbeat(server: Hale) -> None:
-    agent = await hale_connect(server, "sleepy")
+    # An agent that beats itself (no heartbeats from the client's thread).
+    agent = await hale_connect(server, "sleepy", heartbeat=None)
     # Regular beats, then silence: the detector suspects the run and challenges it.
     for _ in range(5):
         await agent.heartbeat({"message": "working"})

@@ -255,6 +255,9 @@ pub struct StepExtras {
     pub llm: Option<LlmCallInfo>,
     /// What undoes the step if the task is aborted (handed to a compensation task).
     pub compensation: Option<Value>,
+    /// The reservation the model call's tokens settle. The tokens count as spent by the
+    /// task and the agent either way.
+    pub reservation: Option<u64>,
 }
 
 /// A session of one agent with hale. Clones share the session.
@@ -531,6 +534,7 @@ impl Agent {
             result,
             llm: extras.llm,
             compensation: extras.compensation,
+            reservation: extras.reservation,
         };
         self.task_write(frame).await
     }
@@ -632,11 +636,29 @@ impl Agent {
     }
 
     /// Tells hale this run is alive, and how far it got. hale expects one about every
-    /// heartbeat interval of the agent's criticality (1 s for `normal`); an agent whose
-    /// progress stays the same for many beats may be declared stalled.
+    /// heartbeat interval of the agent's criticality (1 s for `normal`); a run that holds a
+    /// task and shows no work (no step, checkpoint or change of progress) for many beats
+    /// may be declared stalled.
     pub async fn heartbeat(&self, progress: Option<ProgressBody>) -> Result<(), ClientError> {
+        self.beat(progress, None).await
+    }
+
+    /// Says this run is entering a call that may take up to `expected` (a slow model call,
+    /// a long tool run): the stall detectors do not count until it has passed, or until
+    /// [`busy_over`](Agent::busy_over). Heartbeats must go on meanwhile.
+    pub async fn busy(&self, expected: std::time::Duration) -> Result<(), ClientError> {
+        let ms = u64::try_from(expected.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.beat(None, Some(ms)).await
+    }
+
+    /// Says the long call announced with [`busy`](Agent::busy) is over.
+    pub async fn busy_over(&self) -> Result<(), ClientError> {
+        self.beat(None, Some(0)).await
+    }
+
+    async fn beat(&self, progress: Option<ProgressBody>, busy_ms: Option<u64>) -> Result<(), ClientError> {
         self.require_resumed("heartbeat")?;
-        match self.request(ClientFrame::Heartbeat { id: self.next_id(), progress }).await? {
+        match self.request(ClientFrame::Heartbeat { id: self.next_id(), progress, busy_ms }).await? {
             ServerFrame::HeartbeatAck { .. } => Ok(()),
             other => Err(unexpected(other)),
         }

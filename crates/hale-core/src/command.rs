@@ -130,6 +130,8 @@ pub enum TaskCommand {
         result: Value,
         llm: Option<LlmCall>,
         compensation: Option<Value>,
+        /// The reservation the model call's tokens settle, if one was made for it.
+        reservation: Option<u64>,
     },
     /// The lease holder finished the task.
     Complete { task: u64, agent: AgentName, incarnation: u64, result: Value },

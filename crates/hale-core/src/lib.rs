@@ -72,6 +72,9 @@ pub struct Timestamp(pub u64);
 pub enum Observation {
     /// A heartbeat, with the progress it reports.
     Heartbeat(Option<Progress>),
+    /// The run is in a call that may take `ms` milliseconds (0: it is over): see
+    /// [`Core::busy`].
+    Busy { ms: u64 },
     /// An error the agent reports, for its breaker.
     Error,
     /// What the shell measured of a managed run.
@@ -226,9 +229,25 @@ impl Core {
                 }
                 self.measured.remove(agent);
             }
-            Event::Checkpointed { agent, .. } | Event::RolledBack { agent, .. } => {
+            // Signs of work: the stall detectors start counting again.
+            Event::Checkpointed { agent, .. }
+            | Event::RolledBack { agent, .. }
+            | Event::TaskAssigned { agent, .. }
+            | Event::SpendReported { agent, .. } => {
                 if let Some(live) = self.liveness.get_mut(agent) {
-                    live.last_checkpoint = now;
+                    live.worked(now);
+                }
+            }
+            Event::StepIntended { task, .. }
+            | Event::StepCommitted { task, .. }
+            | Event::TaskCompleted { task, .. }
+            | Event::TaskRetried { task, .. }
+            | Event::TaskFailed { task, .. }
+            | Event::TaskCancelled { task } => {
+                if let Some((agent, _)) = self.state.tasks().get(*task).and_then(|found| found.holder())
+                    && let Some(live) = self.liveness.get_mut(agent)
+                {
+                    live.worked(now);
                 }
             }
             Event::ProgressReported { agent, progress, .. } => {
@@ -356,6 +375,7 @@ impl Core {
     ) -> Result<(), Rejection> {
         match observation {
             Observation::Heartbeat(progress) => self.heartbeat(now, agent, incarnation, progress),
+            Observation::Busy { ms } => self.busy(now, agent, incarnation, ms),
             Observation::Error => self.report_error(now, agent, incarnation),
             Observation::Measured(measurement) => self.measure(now, agent, incarnation, measurement),
         }
@@ -396,6 +416,7 @@ impl Core {
         if let Some(progress) = &progress {
             decide::check_progress(progress)?;
         }
+        let holding = self.state.tasks().load(agent) > 0;
         let live = match self.liveness.get_mut(agent) {
             Some(live) if live.incarnation == incarnation => live,
             _ => {
@@ -413,7 +434,21 @@ impl Core {
                 self.liveness.entry(agent.clone()).insert_entry(live).into_mut()
             }
         };
-        live.beat(now, progress);
+        live.beat(now, progress, holding);
+        Ok(())
+    }
+
+    /// Run `incarnation` of `agent` says at `now` that it is in a call that may take `ms`
+    /// (at most [`BUSY_MS_MAX`](liveness::BUSY_MS_MAX)); 0 says the call is over. The stall
+    /// detectors do not count until then; the heartbeats must go on. Volatile. A run that
+    /// has not beaten yet is not watched, and this changes nothing for it.
+    pub fn busy(&mut self, now: Timestamp, agent: &AgentName, incarnation: u64, ms: u64) -> Result<(), Rejection> {
+        decide::running(&self.state, agent, incarnation)?;
+        if let Some(live) = self.liveness.get_mut(agent).filter(|live| live.incarnation == incarnation) {
+            let ms = ms.min(liveness::BUSY_MS_MAX);
+            live.busy_until = (ms > 0).then(|| Timestamp(now.0.saturating_add(ms)));
+            live.worked(now);
+        }
         Ok(())
     }
 
@@ -501,16 +536,18 @@ impl Core {
                 commands.push(down(Cause::HeartbeatsLost { silent_ms, phi: (phi * 10.0).round() / 10.0 }));
                 continue;
             }
+            // Working means holding a task's lease, outside a call the run declared long.
+            let working = self.state.tasks().load(agent) > 0 && !live.busy(now);
             if let Some(beats) = live.stall.beats
+                && working
                 && live.unchanged_beats >= beats
             {
                 commands.push(down(Cause::StalledProgress { beats: live.unchanged_beats }));
                 continue;
             }
-            let working = live.progress.as_ref().is_some_and(|progress| progress.task.is_some());
             if let Some(quiet_ms) = live.stall.quiet_ms
                 && working
-                && now.0.saturating_sub(live.last_checkpoint.0) >= quiet_ms
+                && now.0.saturating_sub(live.last_activity.0) >= quiet_ms
             {
                 commands.push(down(Cause::StalledCheckpoints { quiet_ms }));
                 continue;

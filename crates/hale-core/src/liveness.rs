@@ -14,6 +14,8 @@ use serde_json::{Map, Value};
 
 /// The largest progress report accepted, in bytes of JSON.
 pub const PROGRESS_BYTES_MAX: usize = 8 * 1024;
+/// The longest call a run may declare with `busy_ms` (a day); a longer one counts as a day.
+pub const BUSY_MS_MAX: u64 = 24 * 60 * 60 * 1000;
 
 /// What an agent says about its work with each heartbeat.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -53,11 +55,15 @@ pub struct Liveness {
     pub last_beat: Timestamp,
     /// The latest progress reported.
     pub progress: Option<Progress>,
-    /// Heartbeats in a row whose progress equalled the one before, while working on a task
-    /// (an idle agent, whose progress names no task, is never stalled).
+    /// Heartbeats in a row with no sign of work since the one before, while the run holds
+    /// a task's lease (a run that holds none is idle, and waiting is not stalling).
     pub unchanged_beats: u32,
-    /// The last checkpoint of this incarnation (or the first beat, if none yet).
-    pub last_checkpoint: Timestamp,
+    /// The last sign of work: a checkpoint, a step, a lease taken or given back, changed
+    /// progress; or a beat while idle or in a declared long call (or the first beat).
+    pub last_activity: Timestamp,
+    /// Until when the run said it is in a long call (a heartbeat's `busy_ms`): the stall
+    /// detectors do not count until then.
+    pub busy_until: Option<Timestamp>,
     pub(crate) detector: PhiDetector,
     pub(crate) config: PhiConfig,
     pub(crate) stall: StallPolicy,
@@ -76,7 +82,8 @@ impl Liveness {
             last_beat: now,
             progress: None,
             unchanged_beats: 0,
-            last_checkpoint: now,
+            last_activity: now,
+            busy_until: None,
             detector: PhiDetector::new(&config),
             config,
             stall,
@@ -91,7 +98,7 @@ impl Liveness {
     /// grace again.
     pub(crate) fn restart_watch(&mut self, now: Timestamp, grace_ms: u64) {
         self.last_beat = now;
-        self.last_checkpoint = now;
+        self.last_activity = now;
         self.unchanged_beats = 0;
         self.health = Health::Alive;
         self.detector = PhiDetector::new(&self.config);
@@ -100,32 +107,39 @@ impl Liveness {
         }
     }
 
-    /// Records one heartbeat at `now`.
-    pub(crate) fn beat(&mut self, now: Timestamp, progress: Option<Progress>) {
+    /// Records one heartbeat at `now`, from a run that holds a task's lease if `holding`.
+    /// Whether the run is stalled is judged from the leases it holds and the work it shows
+    /// (steps, checkpoints, changed progress), never from what the progress says.
+    pub(crate) fn beat(&mut self, now: Timestamp, progress: Option<Progress>, holding: bool) {
         if self.grace_until.take().is_some() {
             // The gap spans hale's own restart; it says nothing about the agent.
             self.detector = PhiDetector::new(&self.config);
-            self.last_checkpoint = now;
+            self.last_activity = now;
         }
         self.detector.heartbeat(now, &self.config);
         self.last_beat = now;
         self.health = Health::Alive;
-        if let Some(progress) = progress {
-            if progress.task.is_none() {
-                // Idle (working on no task): waiting is not stalling.
-                self.unchanged_beats = 0;
-                self.progress_unlogged |= self.progress.as_ref() != Some(&progress);
-                self.progress = Some(progress);
-            } else if self.progress.as_ref() == Some(&progress) {
-                self.unchanged_beats += 1;
-            } else {
-                self.unchanged_beats = 0;
-                self.progress = Some(progress);
-                self.progress_unlogged = true;
-            }
-        } else if self.progress.as_ref().is_some_and(|progress| progress.task.is_some()) {
+        let changed = progress.as_ref().is_some_and(|progress| self.progress.as_ref() != Some(progress));
+        if changed {
+            self.progress = progress;
+            self.progress_unlogged = true;
+        }
+        if changed || !holding || self.busy(now) {
+            self.worked(now);
+        } else {
             self.unchanged_beats += 1;
         }
+    }
+
+    /// The run showed work at `now`: the stall counts start again.
+    pub(crate) fn worked(&mut self, now: Timestamp) {
+        self.unchanged_beats = 0;
+        self.last_activity = now;
+    }
+
+    /// Whether the run is in a long call it declared, at `now`.
+    pub fn busy(&self, now: Timestamp) -> bool {
+        self.busy_until.is_some_and(|until| now < until)
     }
 
     /// The current phi at `now`.

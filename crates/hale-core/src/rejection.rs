@@ -100,7 +100,7 @@ pub enum Rejection {
     /// A task that cannot be run as submitted.
     #[error("bad task: {reason}")]
     BadTask { reason: String },
-    /// An intent for a step an earlier attempt already committed.
+    /// An intent for a step already committed, or a commit of it with another result.
     #[error("step {step:?} of task {task} is already done; use the result the task was handed")]
     StepDone { task: u64, step: String },
     /// A submission refused because the queue is saturated (retry after `retry_after_ms`).

@@ -329,17 +329,41 @@ fn an_agent_that_never_beats_is_not_watched() {
     assert!(tick(&mut core, at(3_600_000)).is_empty());
 }
 
+/// Submits a task for `worker` and lets `tick` lease it to the beating agent; its number.
+fn hold_a_task(core: &mut Core, now: Timestamp) -> u64 {
+    let spec = crate::tasks::TaskSpec::new(worker(), serde_json::json!({"work": 1}));
+    let submitted = core.execute(&Command::Task(TaskCommand::Submit { spec, by: None }), now).unwrap();
+    let Answer::TaskSubmitted { task, .. } = submitted.answer else { panic!("{:?}", submitted.answer) };
+    let events = tick(core, now);
+    assert!(kinds(&events).contains(&"task_assigned"), "{events:?}");
+    effects(core);
+    task
+}
+
+fn commit_step(core: &mut Core, task: u64, step: &str, now: Timestamp) {
+    let incarnation = core.state().agent("a").unwrap().incarnation;
+    let command = Command::Task(TaskCommand::CommitStep {
+        task,
+        agent: name("a"),
+        incarnation,
+        name: step.into(),
+        result: serde_json::json!(step),
+        llm: None,
+        compensation: None,
+        reservation: None,
+    });
+    core.execute(&command, now).unwrap();
+}
+
 #[test]
 fn unchanged_progress_for_n_beats_is_a_stall_and_restarts_a_managed_agent() {
     let supervision =
         Supervision { stall: StallPolicy { beats: Some(5), quiet_ms: None }, ..spec(RestartPolicy::Always) };
     let mut core = running("a", supervision);
     let a = name("a");
-    let progress = |step: u32| Progress {
-        fraction: Some(f64::from(step) / 100.0),
-        task: Some("t-1".into()),
-        ..Progress::default()
-    };
+    let progress = |step: u32| Progress { fraction: Some(f64::from(step) / 100.0), ..Progress::default() };
+    core.heartbeat(at(0), &a, 1, None).unwrap();
+    hold_a_task(&mut core, at(1));
     for n in 0..10 {
         core.heartbeat(at(n * 1_000), &a, 1, Some(progress(n as u32))).unwrap();
         assert!(!kinds(&tick(&mut core, at(n * 1_000 + 1))).contains(&"agent_down"));
@@ -452,15 +476,89 @@ fn a_stopped_agent_is_not_restarted_until_started_again() {
 }
 
 #[test]
-fn an_idle_agent_is_never_stalled() {
-    let supervision =
-        Supervision { stall: StallPolicy { beats: Some(3), quiet_ms: None }, ..spec(RestartPolicy::Always) };
-    let mut core = running("a", supervision);
-    let idle = Progress { message: Some("waiting for work".into()), ..Progress::default() };
+fn a_run_that_holds_no_lease_is_idle_whatever_its_progress_says() {
+    let both = StallPolicy { beats: Some(3), quiet_ms: Some(5_000) };
+    let mut core = running("a", Supervision { stall: both, ..spec(RestartPolicy::Always) });
+    // An error path that forgot to clear its progress: it still names a task.
+    let stale = Progress { message: Some("working on task 7".into()), task: Some("7".into()), ..Progress::default() };
     for n in 0..50 {
-        core.heartbeat(at(n * 1_000), &name("a"), 1, Some(idle.clone())).unwrap();
+        let progress = (n % 2 == 0).then(|| stale.clone());
+        core.heartbeat(at(n * 1_000), &name("a"), 1, progress).unwrap();
         assert!(!kinds(&tick(&mut core, at(n * 1_000 + 1))).contains(&"agent_down"), "beat {n}");
     }
+}
+
+#[test]
+fn a_run_that_holds_a_lease_and_shows_no_work_stalls_however_it_beats() {
+    let supervision =
+        Supervision { stall: StallPolicy { beats: Some(5), quiet_ms: None }, ..spec(RestartPolicy::Always) };
+    let mut core = running("a", supervision);
+    let a = name("a");
+    core.heartbeat(at(0), &a, 1, None).unwrap();
+    let task = hold_a_task(&mut core, at(10));
+    // Beats with no progress at all (a client's own heartbeat thread, its work loop stuck),
+    // with a step committed now and then: each step starts the count again.
+    let mut down_at = None;
+    for n in 1..40u64 {
+        if n == 3 || n == 7 {
+            commit_step(&mut core, task, &format!("step-{n}"), at(n * 1_000 - 500));
+        }
+        core.heartbeat(at(n * 1_000), &a, 1, None).unwrap();
+        let events = tick(&mut core, at(n * 1_000 + 1));
+        if let Some(Event::AgentDown { cause, .. }) = events.first() {
+            assert_eq!(*cause, Cause::StalledProgress { beats: 5 });
+            down_at = Some(n);
+            break;
+        }
+    }
+    assert_eq!(down_at, Some(11), "five beats (7 s to 11 s) after the last step (at 6.5 s)");
+    // The task goes back to the queue with the run.
+    assert_eq!(core.state().tasks().load(&a), 0);
+}
+
+#[test]
+fn a_declared_long_call_is_not_a_stall_until_it_has_passed() {
+    let both = StallPolicy { beats: Some(5), quiet_ms: Some(8_000) };
+    let mut core = running("a", Supervision { stall: both, ..spec(RestartPolicy::Always) });
+    let a = name("a");
+    core.heartbeat(at(0), &a, 1, None).unwrap();
+    hold_a_task(&mut core, at(10));
+    // A model call expected to take up to 30 s: 30 beats with nothing to show.
+    core.busy(at(500), &a, 1, 30_000).unwrap();
+    for n in 1..30u64 {
+        core.heartbeat(at(n * 1_000), &a, 1, None).unwrap();
+        assert!(!kinds(&tick(&mut core, at(n * 1_000 + 1))).contains(&"agent_down"), "beat {n}");
+    }
+    // Past the declared time, the counts start from where the call ended.
+    let mut down_at = None;
+    for n in 30..60u64 {
+        core.heartbeat(at(n * 1_000), &a, 1, None).unwrap();
+        if kinds(&tick(&mut core, at(n * 1_000 + 1))).contains(&"agent_down") {
+            down_at = Some(n);
+            break;
+        }
+    }
+    assert_eq!(down_at, Some(35), "five unchanged beats after the call's 30.5 s");
+
+    // Saying the call is over (busy 0) ends the exemption at once.
+    let quiet = StallPolicy { beats: None, quiet_ms: Some(8_000) };
+    let mut core = running("a", Supervision { stall: quiet, ..spec(RestartPolicy::Always) });
+    core.heartbeat(at(0), &a, 1, None).unwrap();
+    hold_a_task(&mut core, at(10));
+    core.busy(at(1_000), &a, 1, 600_000).unwrap();
+    core.heartbeat(at(2_000), &a, 1, None).unwrap();
+    core.busy(at(2_500), &a, 1, 0).unwrap();
+    let mut down_at = None;
+    for n in 3..30u64 {
+        core.heartbeat(at(n * 1_000), &a, 1, None).unwrap();
+        let events = tick(&mut core, at(n * 1_000 + 1));
+        if let Some(Event::AgentDown { cause, .. }) = events.first() {
+            assert_eq!(*cause, Cause::StalledCheckpoints { quiet_ms: 8_000 });
+            down_at = Some(n);
+            break;
+        }
+    }
+    assert_eq!(down_at, Some(11), "8 s after the call was said to be over (2.5 s)");
 }
 
 #[test]

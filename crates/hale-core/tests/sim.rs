@@ -423,6 +423,7 @@ impl Sim {
                     result: json!(done),
                     llm: None,
                     compensation,
+                    reservation: None,
                 })
             }
             3 if self.faults => Command::Task(TaskCommand::Fail {
@@ -581,6 +582,7 @@ impl Sim {
                     result: json!("stale"),
                     llm: None,
                     compensation: None,
+                    reservation: None,
                 }),
                 _ => Command::Task(TaskCommand::Complete {
                     task,

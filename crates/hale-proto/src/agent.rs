@@ -167,6 +167,9 @@ pub struct HttpHeartbeat {
     pub incarnation: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<ProgressBody>,
+    /// The run is in a call that may take this long (0: the call is over).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub busy_ms: Option<u64>,
 }
 
 /// One line of `GET /v1/agents`.

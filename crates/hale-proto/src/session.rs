@@ -37,6 +37,10 @@ pub enum ClientFrame {
         id: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         progress: Option<ProgressBody>,
+        /// The run is in a call that may take this long (0: the call is over): the stall
+        /// detectors do not count until it has passed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        busy_ms: Option<u64>,
     },
     /// An error the agent ran into (a failed tool call, a refusal…). Counted for the
     /// circuit breaker; answered with `ok` at once (not logged one by one).
@@ -76,6 +80,10 @@ pub enum ClientFrame {
         /// What undoes the step if the task is aborted (handed to a compensation task).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         compensation: Option<Value>,
+        /// The reservation the model call's tokens settle (the tokens count as spent by
+        /// the task and the agent either way).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reservation: Option<u64>,
     },
     /// Submit a task (answered `submitted` once durable), e.g. an orchestrator handing
     /// out work.

@@ -217,6 +217,9 @@ pub struct HttpTaskWrite {
     /// What undoes the step (`steps` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensation: Option<Value>,
+    /// The reservation the model call's tokens settle (`steps` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation: Option<u64>,
 }
 
 /// `POST /v1/agents/{agent}/reservations` and `/spend`: from the agent's run.

@@ -375,6 +375,7 @@ impl Work<'_> {
                             ..LlmCallInfo::default()
                         }),
                         compensation: task.payload.get("compensable").map(|_| json!({ "undo": name })),
+                        reservation: None,
                     };
                     match agent.commit(id, &name, result.clone(), extras).await {
                         Ok(()) => {

@@ -158,7 +158,7 @@ pub(crate) fn decide(context: &Context<'_>, command: &TaskCommand) -> Result<Dec
             }
             vec![Event::StepIntended { task: *task, attempt: found.attempts, name: name.clone() }]
         }
-        TaskCommand::CommitStep { task, agent, incarnation, name, result, llm, compensation } => {
+        TaskCommand::CommitStep { task, agent, incarnation, name, result, llm, compensation, reservation } => {
             let found = leased(state, *task, agent, *incarnation)?;
             check_step_name(name)?;
             check_value("step result", result)?;
@@ -168,14 +168,34 @@ pub(crate) fn decide(context: &Context<'_>, command: &TaskCommand) -> Result<Dec
             if let Some(llm) = llm {
                 check_value("llm record", &serde_json::to_value(llm).unwrap_or(Value::Null))?;
             }
-            vec![Event::StepCommitted {
+            // A done step is immutable. The same commit again (a client resending after a
+            // lost connection) is answered as the first was, and logs nothing: its tokens
+            // are not spent twice.
+            if let Some(done) = found.steps.iter().find(|step| step.name == *name && step.state == StepState::Done) {
+                if done.result == *result && done.llm == *llm && done.compensation == *compensation {
+                    return Ok(Decision::done(Vec::new()));
+                }
+                return Err(Rejection::StepDone { task: *task, step: name.clone() });
+            }
+            let mut events = vec![Event::StepCommitted {
                 task: *task,
                 attempt: found.attempts,
                 name: name.clone(),
                 result: result.clone(),
                 llm: llm.clone(),
                 compensation: compensation.clone(),
-            }]
+            }];
+            // The model call's tokens are spent by the task and the agent, in the same
+            // commit as the step: a crash cannot keep one without the other.
+            let tokens = llm.as_ref().map_or(0, |llm| {
+                llm.tokens_in.unwrap_or(0).saturating_add(llm.tokens_out.unwrap_or(0))
+            });
+            if tokens > 0 || reservation.is_some() {
+                let record = running(state, agent, *incarnation)?;
+                let spend = Spend { tokens, cost: 0 };
+                events.extend(crate::budget::spent(context, record, Some(found), *reservation, spend)?);
+            }
+            events
         }
         TaskCommand::Complete { task, agent, incarnation, result } => {
             let found = leased(state, *task, agent, *incarnation)?;

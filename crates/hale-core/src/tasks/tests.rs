@@ -52,6 +52,7 @@ fn commit(task: u64, holder: &(AgentName, u64), step: &str) -> Command {
         result: json!(step),
         llm: None,
         compensation: None,
+        reservation: None,
     })
 }
 
@@ -633,6 +634,70 @@ fn a_reservation_over_the_budget_is_refused_and_a_breach_opens_the_breaker_and_m
     // The other task goes to the agent whose breaker is closed.
     let other_holder = assigned(&mut core, other, at(7));
     assert_ne!(other_holder.0, runner.0);
+}
+
+#[test]
+fn a_steps_model_tokens_are_spent_in_its_commit_and_a_done_step_is_immutable() {
+    let mut core = crew(&["a", "b"]);
+    let budgeted =
+        TaskSpec { budget: Some(Budget { tokens: Some(1_000), cost: None, wall_ms: None }), ..spec(Priority::Normal) };
+    let task = submit(&mut core, budgeted, at(1));
+    let runner = assigned(&mut core, task, at(2));
+    let with_tokens = |step: &str, tokens_in: u64, tokens_out: u64, reservation: Option<u64>| {
+        let llm = LlmCall {
+            model: "m".into(),
+            tokens_in: Some(tokens_in),
+            tokens_out: Some(tokens_out),
+            ..LlmCall::default()
+        };
+        Command::Task(TaskCommand::CommitStep {
+            task,
+            agent: runner.0.clone(),
+            incarnation: runner.1,
+            name: step.into(),
+            result: json!(step),
+            llm: Some(llm),
+            compensation: None,
+            reservation,
+        })
+    };
+    let reserve = Command::Budget(BudgetCommand::Reserve {
+        agent: runner.0.clone(),
+        incarnation: runner.1,
+        task: Some(task),
+        spend: Spend { tokens: 500, cost: 0 },
+    });
+    let reserved = core.execute(&reserve, at(3)).unwrap();
+    let Answer::Reserved { reservation } = reserved.answer else { panic!("{reserved:?}") };
+    // The step settles its reservation and spends its tokens in one decision.
+    let events = core.execute(&with_tokens("outline", 300, 100, Some(reservation)), at(4)).unwrap().events;
+    assert_eq!(
+        events.iter().map(Event::kind).collect::<Vec<_>>(),
+        ["step_committed", "spend_reported"],
+        "{events:?}"
+    );
+    let found = core.state().tasks().get(task).unwrap();
+    assert_eq!((found.spent, found.reserved), (Spend { tokens: 400, cost: 0 }, Spend::default()));
+
+    // The same commit again (a resend after a lost connection) logs nothing and spends
+    // nothing; another result for a done step is refused.
+    let again = core.execute(&with_tokens("outline", 300, 100, None), at(5)).unwrap();
+    assert!(again.events.is_empty(), "{again:?}");
+    assert_eq!(again.answer, Answer::Done);
+    assert_eq!(core.state().tasks().get(task).unwrap().spent.tokens, 400);
+    let changed = core.execute(&with_tokens("outline", 300, 101, None), at(6)).unwrap_err();
+    assert_eq!(changed.code(), "step_done");
+    let mut other_result = with_tokens("outline", 300, 100, None);
+    if let Command::Task(TaskCommand::CommitStep { result, .. }) = &mut other_result {
+        *result = json!("another outline");
+    }
+    assert_eq!(core.execute(&other_result, at(6)).unwrap_err().code(), "step_done");
+
+    // A step whose model call takes the task over its budget fails the task, as a report
+    // of spending would.
+    let events = core.execute(&with_tokens("draft", 500, 200, None), at(7)).unwrap().events;
+    assert!(events.iter().any(|event| matches!(event, Event::BudgetBreached { .. })), "{events:?}");
+    assert!(matches!(status(&core, task), TaskStatus::Failed { .. }), "{:?}", status(&core, task));
 }
 
 #[test]

@@ -234,7 +234,7 @@ async fn heartbeat(
 ) -> Result<Response, ApiError> {
     principal.require_agent(&agent)?;
     let progress = body.progress.map(wire::progress);
-    app.engine.heartbeat(agent_name(&agent)?, body.incarnation, progress).await?;
+    app.engine.heartbeat(agent_name(&agent)?, body.incarnation, progress, body.busy_ms).await?;
     Ok(Json(serde_json::json!({ "ok": true })).into_response())
 }
 

@@ -183,7 +183,13 @@ async fn commit_step(
 ) -> Result<Response, ApiError> {
     principal.require_agent(&body.agent)?;
     let name = body.name.ok_or_else(|| ApiError::bad_request("a step needs a name"))?;
-    let step = wire::Step { name, result: body.result, llm: body.llm, compensation: body.compensation };
+    let step = wire::Step {
+        name,
+        result: body.result,
+        llm: body.llm,
+        compensation: body.compensation,
+        reservation: body.reservation,
+    };
     let command = wire::commit_step(task_number(&task)?, agent_name(&body.agent)?, body.incarnation, step);
     respond(app.engine.execute(command).await?)
 }

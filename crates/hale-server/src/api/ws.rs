@@ -337,8 +337,8 @@ impl Session {
         let (agent, incarnation) = (bound.agent.clone(), bound.incarnation);
         let engine = &self.app.engine;
         let done = match frame {
-            ClientFrame::Heartbeat { progress, .. } => engine
-                .heartbeat(agent, incarnation, progress.map(wire::progress))
+            ClientFrame::Heartbeat { progress, busy_ms, .. } => engine
+                .heartbeat(agent, incarnation, progress.map(wire::progress), busy_ms)
                 .await
                 .map(|()| ServerFrame::HeartbeatAck { id }),
             _ => engine.report_error(agent, incarnation).await.map(|()| ServerFrame::Ok { id }),
@@ -400,9 +400,10 @@ impl Session {
                 let (agent, incarnation) = bound("intend_step")?;
                 Ok(wire::intend_step(task, agent, incarnation, name))
             }
-            ClientFrame::CommitStep { task, name, result, llm, compensation, .. } => {
+            ClientFrame::CommitStep { task, name, result, llm, compensation, reservation, .. } => {
                 let (agent, incarnation) = bound("commit_step")?;
-                Ok(wire::commit_step(task, agent, incarnation, wire::Step { name, result, llm, compensation }))
+                let step = wire::Step { name, result, llm, compensation, reservation };
+                Ok(wire::commit_step(task, agent, incarnation, step))
             }
             ClientFrame::Submit { task, .. } => {
                 let (agent, _) = bound("submit")?;

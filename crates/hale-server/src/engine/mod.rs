@@ -211,14 +211,22 @@ impl Engine {
         self.events.subscribe()
     }
 
-    /// A heartbeat: volatile, answered at once (nothing about it is logged here).
+    /// A heartbeat (saying the run is in a long call if `busy_ms` is given): volatile,
+    /// answered at once (nothing about it is logged here).
     pub async fn heartbeat(
         &self,
         agent: AgentName,
         incarnation: u64,
         progress: Option<hale_core::Progress>,
+        busy_ms: Option<u64>,
     ) -> Result<(), EngineError> {
-        self.observe(agent, incarnation, Observation::Heartbeat(progress)).await
+        match busy_ms {
+            None => self.observe(agent, incarnation, Observation::Heartbeat(progress)).await,
+            Some(ms) => {
+                self.observe(agent.clone(), incarnation, Observation::Heartbeat(progress)).await?;
+                self.observe(agent, incarnation, Observation::Busy { ms }).await
+            }
+        }
     }
 
     /// An error the agent reports, for its breaker: volatile, answered at once.

@@ -242,7 +242,7 @@ async fn the_detectors_run_on_the_clock_the_test_advances() {
     // An attached agent that stops beating is declared down once enough time has passed,
     // and only then.
     engine.submit(hello("a", None)).await;
-    engine.heartbeat(name("a"), 1, None).await.unwrap();
+    engine.heartbeat(name("a"), 1, None, None).await.unwrap();
     harness.clock.advance(500);
     engine.tick().await;
     harness.log.commit_appended();

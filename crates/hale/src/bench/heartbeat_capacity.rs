@@ -239,7 +239,7 @@ async fn beat(beater: Beater, samples: Arc<Samples>, stop: Arc<AtomicBool>) -> R
             while !stop.load(Ordering::Relaxed) {
                 ticker.tick().await;
                 let sent = Instant::now();
-                match engine.heartbeat(agent.clone(), incarnation, None).await {
+                match engine.heartbeat(agent.clone(), incarnation, None, None).await {
                     Ok(()) => samples.record(sent.elapsed()),
                     Err(_) => samples.fail(),
                 }

@@ -88,11 +88,13 @@ pub struct Step {
     pub result: Value,
     pub llm: Option<LlmCallInfo>,
     pub compensation: Option<Value>,
+    pub reservation: Option<u64>,
 }
 
 pub fn commit_step(task: u64, agent: AgentName, incarnation: u64, step: Step) -> Command {
-    let Step { name, result, llm, compensation } = step;
-    TaskCommand::CommitStep { task, agent, incarnation, name, result, llm: llm.map(tasks::llm), compensation }.into()
+    let Step { name, result, llm, compensation, reservation } = step;
+    let llm = llm.map(tasks::llm);
+    TaskCommand::CommitStep { task, agent, incarnation, name, result, llm, compensation, reservation }.into()
 }
 
 pub fn complete(task: u64, agent: AgentName, incarnation: u64, result: Value) -> Command {
