@@ -14,8 +14,12 @@
             await agent.complete(task.task, {"ok": True})
 
     asyncio.run(main())
+
+Operators and tools use the HTTP API through :class:`Admin` (asyncio) or :class:`SyncAdmin`
+(blocking): ``hale.SyncAdmin.from_env().agents()``; see :mod:`hale.admin`.
 """
 
+from .admin import Admin, SyncAdmin
 from .agent import Agent, StepContext, install_sigterm, merge_patch, run_until_sigterm
 from .errors import (
     AuthError,
@@ -57,6 +61,7 @@ from .types import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Admin",
     "Agent",
     "AuthError",
     "Code",
@@ -87,6 +92,7 @@ __all__ = [
     "Step",
     "StepContext",
     "Submitted",
+    "SyncAdmin",
     "Task",
     "UnknownMessage",
     "VersionConflict",
