@@ -1149,6 +1149,11 @@ class _EventReader:
 # ---- the asyncio client --------------------------------------------------------------------
 
 
+def _close_opened(opening: "asyncio.Future[HttpStream]") -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
+
+
 class Admin:
     """hale's HTTP API for asyncio code: the methods of :class:`SyncAdmin` as coroutines,
     each running the blocking call in a worker thread (so the event loop never waits on
@@ -1326,7 +1331,8 @@ class Admin:
         """Has hale back its log up into ``path``, a new file on the server's machine
         (admin token). ``progress(pages_done, pages_total)`` is called on the event loop
         as the copy goes. Returns once the backup is complete and fsync'd; cancelling the
-        call closes the connection, which cancels the backup (hale leaves no file).
+        call closes the connection, which cancels a backup still running (hale then
+        leaves no file).
         Raises as :meth:`SyncAdmin.backup` (``bad_request``, ``backup_exists``,
         ``backup_failed``, …)."""
         loop = asyncio.get_running_loop()
@@ -1337,7 +1343,13 @@ class Admin:
             def relay(done: int, total: int) -> None:
                 loop.call_soon_threadsafe(report, done, total)
 
-        stream = await asyncio.to_thread(self._sync._open_backup, path)
+        opening = asyncio.ensure_future(asyncio.to_thread(self._sync._open_backup, path))
+        try:
+            stream = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # The connection opens in its thread all the same: close it once it has.
+            opening.add_done_callback(_close_opened)
+            raise
         try:
             return await asyncio.to_thread(self._sync._read_backup, stream, relay)
         finally:
