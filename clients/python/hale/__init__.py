@@ -21,9 +21,13 @@
 
 The session and its heartbeats run on the client's own thread, so the agent's code may
 block; :mod:`hale.sync` has the same API for code that is not asyncio.
+
+Operators and tools use the HTTP API through :class:`Admin` (asyncio) or :class:`SyncAdmin`
+(blocking): ``hale.SyncAdmin.from_env().agents()``; see :mod:`hale.admin`.
 """
 
 from . import sync
+from .admin import Admin, SyncAdmin
 from .agent import Agent, StepContext, WorkScope, install_sigterm, merge_patch, run_until_sigterm
 from .steps import StepResult, StepRun, current_step, step
 from .errors import (
@@ -68,6 +72,7 @@ from .types import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Admin",
     "Agent",
     "AuthError",
     "Code",
@@ -102,6 +107,7 @@ __all__ = [
     "StepRun",
     "StepUncertain",
     "Submitted",
+    "SyncAdmin",
     "Task",
     "UnknownMessage",
     "VersionConflict",

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import http.client
 import inspect
 import json
+import socket
 import ssl
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
-from .errors import AuthError, Code, ConnectError, HaleError, ProtocolError
+from .errors import AuthError, Code, ConnectError, HaleError, ProtocolError, SessionClosed
 
 try:  # websockets >= 13: the asyncio implementation.
     from websockets.asyncio.client import connect as _ws_connect
@@ -32,7 +37,22 @@ MAX_MESSAGE = 64 * 1024 * 1024
 
 _CONNECT_PARAMS = set(inspect.signature(_ws_connect).parameters)
 
-__all__ = ["ConnectionClosed", "Credentials", "open_socket", "http_json", "MAX_MESSAGE", "addresses", "with_authority"]
+__all__ = [
+    "ConnectionClosed",
+    "Credentials",
+    "open_socket",
+    "http_json",
+    "http_json_blocking",
+    "http_follow",
+    "http_follow_blocking",
+    "follow_blocking",
+    "HttpStream",
+    "MAX_MESSAGE",
+    "addresses",
+    "with_authority",
+]
+
+_T = TypeVar("_T")
 
 #: How long an HTTP call keeps following ``not_leader`` answers and unreachable nodes of a
 #: cluster: about two elections at the default timeouts, a few at the slow ones.
@@ -150,11 +170,33 @@ async def http_json(
     status, decoded = await loop.run_in_executor(
         None, _http_blocking, method, url, body, token, ca_file, timeout
     )
+    return _answer(status, decoded, url)
+
+
+def _answer(status: int, decoded: Any, url: str) -> Any:
+    """A 2xx answer's decoded body; otherwise the error hale's error body reports (a
+    :class:`ProtocolError` for an answer without one)."""
     if 200 <= status < 300:
         return decoded
     if isinstance(decoded, dict) and isinstance(decoded.get("error"), dict):
         raise HaleError.from_body(decoded["error"])
     raise ProtocolError(f"HTTP {status} from {url}: {decoded!r}")
+
+
+def http_json_blocking(
+    method: str,
+    url: str,
+    body: Optional[Mapping[str, Any]] = None,
+    *,
+    token: Optional[str] = None,
+    ca_file: Optional[str] = None,
+    timeout: float = 10.0,
+) -> Any:
+    """:func:`http_json` in the calling thread: ``method url`` with a JSON body; the
+    decoded answer, or the error it reports (:class:`ConnectError` if hale cannot be
+    reached)."""
+    status, decoded = _http_blocking(method, url, body, token, ca_file, timeout)
+    return _answer(status, decoded, url)
 
 
 async def http_follow(
@@ -205,6 +247,166 @@ async def http_follow(
 def _next_after(bases: Sequence[str], base: str, tried: int) -> str:
     at = bases.index(base) if base in bases else tried
     return bases[(at + 1) % len(bases)]
+
+
+def follow_blocking(
+    bases: Sequence[str],
+    attempt: Callable[[str], _T],
+    *,
+    follow_for: float = FOLLOW_FOR,
+) -> Tuple[str, _T]:
+    """``attempt(base)`` at the first of ``bases``, following the leader as
+    :func:`http_follow` does, in the calling thread (it sleeps between tries): ``attempt``
+    raises :class:`ConnectError` for a node it cannot reach and :class:`NotLeader` for one
+    that does not lead. Returns the address that answered (the leader, on a cluster) and
+    what ``attempt`` returned there; raises the last error once ``follow_for`` seconds
+    have passed, or at once for any other error."""
+    if not bases:
+        raise ConnectError("no address given")
+    deadline = time.monotonic() + follow_for
+    base = bases[0]
+    tried = 0
+    while True:
+        tried += 1
+        following = time.monotonic() < deadline
+        try:
+            return base, attempt(base)
+        except ConnectError:
+            if not (following and len(bases) > 1):
+                raise
+            base = _next_after(bases, base, tried)
+            if tried >= len(bases):
+                time.sleep(0.05)
+        except HaleError as error:
+            if not (following and error.code == Code.NOT_LEADER):
+                raise
+            if error.leader:
+                base = with_authority(base, error.leader)
+            else:
+                # An election: give it a moment, then ask the next node.
+                time.sleep(0.05)
+                base = _next_after(bases, base, tried)
+
+
+def http_follow_blocking(
+    method: str,
+    bases: Sequence[str],
+    path: str,
+    body: Optional[Mapping[str, Any]] = None,
+    *,
+    token: Optional[str] = None,
+    ca_file: Optional[str] = None,
+    timeout: float = 10.0,
+    follow_for: float = FOLLOW_FOR,
+    on_answer: Optional[Callable[[str], None]] = None,
+) -> Any:
+    """:func:`http_follow` in the calling thread: ``method path`` at the first of ``bases``
+    (WebSocket or HTTP addresses of the nodes of a cluster), following the leader for up
+    to ``follow_for`` seconds (a ``not_leader`` answer sends the request to the leader it
+    names or, during an election, after 50 ms to the next address; an unreachable node
+    is passed over for the next, given several). ``on_answer`` is called with the address
+    that answered, so the caller can start there next time. Returns the decoded answer;
+    raises the error hale reports, or :class:`ConnectError`."""
+
+    def attempt(base: str) -> Any:
+        return http_json_blocking(method, f"{http_base(base)}{path}", body, token=token, ca_file=ca_file, timeout=timeout)
+
+    answered, answer = follow_blocking(bases, attempt, follow_for=follow_for)
+    if on_answer is not None:
+        on_answer(answered)
+    return answer
+
+
+class HttpStream:
+    """An HTTP answer read line by line as hale writes it (server-sent events, NDJSON), on
+    a connection of its own that another thread may :meth:`close` to stop a read that
+    waits. Opening it raises :class:`ConnectError` if hale cannot be reached and the
+    error hale reports if it answers with an error status."""
+
+    def __init__(
+        self,
+        method: str,
+        url: str,
+        body: Optional[Mapping[str, Any]] = None,
+        *,
+        token: Optional[str] = None,
+        ca_file: Optional[str] = None,
+        timeout: float = 10.0,
+        idle_timeout: Optional[float] = None,
+    ) -> None:
+        self.url = url
+        parts = urllib.parse.urlsplit(url)
+        context = _ssl_context(url, ca_file)
+        host = parts.hostname or "127.0.0.1"
+        connection: http.client.HTTPConnection
+        if context is not None:
+            connection = http.client.HTTPSConnection(host, parts.port, timeout=timeout, context=context)
+        else:
+            connection = http.client.HTTPConnection(host, parts.port, timeout=timeout)
+        self._connection = connection
+        self._lock = threading.Lock()
+        self._closed = False
+        self._sock: Optional[socket.socket] = None
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        data = json.dumps(body).encode() if body is not None else None
+        try:
+            connection.connect()
+            # Kept to shut it down from another thread: the response holds the socket's
+            # file, so closing the connection alone would not wake a read that waits.
+            self._sock = connection.sock
+            connection.request(method, target, body=data, headers=headers)
+            self._response = connection.getresponse()
+        except (OSError, http.client.HTTPException) as error:
+            connection.close()
+            raise ConnectError(f"{url}: {error}") from error
+        status = self._response.status
+        if not 200 <= status < 300:
+            try:
+                raw = self._response.read()
+            except (OSError, http.client.HTTPException):
+                raw = b""
+            self.close()
+            try:
+                decoded = json.loads(raw) if raw else None
+            except ValueError:
+                decoded = raw.decode(errors="replace")
+            _answer(status, decoded, url)
+        if self._sock is not None:
+            self._sock.settimeout(idle_timeout)
+
+    def readline(self) -> bytes:
+        """The next line (with its newline); ``b""`` once the answer has ended. Raises
+        :class:`SessionClosed` if the connection broke, went quiet for longer than
+        ``idle_timeout``, or was closed."""
+        try:
+            return self._response.readline()
+        except (OSError, ValueError, http.client.HTTPException) as error:
+            raise SessionClosed(f"{self.url}: the answer broke off: {error}") from error
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Closes the connection; a read waiting in another thread returns at once."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            self._connection.close()
+        response = getattr(self, "_response", None)
+        if response is not None:
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                response.close()
 
 
 class Credentials:

@@ -17,6 +17,8 @@ called inside ``with agent.work_on(task):``::
             hits = search(task.payload["query"])
         agent.complete(task, {"hits": hits})
 
+:class:`Admin` is the blocking admin (HTTP) API, :class:`hale.SyncAdmin`.
+
 Do not call it from the client's own thread (a progress callback, say): it would wait
 for itself.
 """
@@ -31,6 +33,7 @@ from typing import Any, Callable, Coroutine, Iterator, Mapping, Optional, Sequen
 
 from . import _runtime
 from ._core import AgentCore, env_settings
+from .admin import SyncAdmin as Admin
 from .agent import HEARTBEAT, StepContext, WorkScope, _Facade
 from .errors import HaleError
 from .steps import RETRY, Check, _Options
@@ -49,7 +52,7 @@ from .types import (
 
 T = TypeVar("T")
 
-__all__ = ["Agent", "StepContext", "WorkScope", "stop_on_sigterm"]
+__all__ = ["Admin", "Agent", "StepContext", "WorkScope", "stop_on_sigterm"]
 
 
 def _block(coroutine: Coroutine[Any, Any, T]) -> T:
