@@ -211,55 +211,46 @@ pub(crate) fn spent(
     let task = held.map(|found| found.id);
     let agent_budget = record.managed.as_ref().and_then(|managed| managed.spec.budget);
     let period = agent_budget.map_or(now, |budget| state.budgets().agent_at(agent, &budget, now).0);
-        if let Some(id) = reservation
-            && !state
-                .budgets()
-                .reservation(id)
-                .is_some_and(|found| found.agent == *agent && found.incarnation == incarnation)
-        {
-            return Err(Rejection::BadTask {
-                reason: format!("run {incarnation} of {agent} holds no reservation {id}"),
-            });
+    if let Some(id) = reservation
+        && !state
+            .budgets()
+            .reservation(id)
+            .is_some_and(|found| found.agent == *agent && found.incarnation == incarnation)
+    {
+        return Err(Rejection::BadTask { reason: format!("run {incarnation} of {agent} holds no reservation {id}") });
+    }
+    let mut events = vec![Event::SpendReported { agent: agent.clone(), incarnation, task, reservation, spend, period }];
+    let mut breach = None;
+    if let Some(budget) = &agent_budget {
+        let (_, account) = state.budgets().agent_at(agent, budget, now);
+        if let Some(detail) = account.spent.plus(spend).over(&budget.limits()) {
+            breach = Some((None, format!("agent {agent} spent {detail} in its period")));
         }
-        let mut events = vec![Event::SpendReported {
+    }
+    if let Some(found) = held
+        && let Some(budget) = &found.spec.budget
+        && let Some(detail) = found.spent.plus(spend).over(budget)
+    {
+        breach = Some((Some(found.id), format!("task {} spent {detail}", found.id)));
+    }
+    if let Some((over_task, detail)) = breach {
+        if let Some(id) = over_task {
+            events.extend(crate::tasks::fail_task(state, id, format!("over its budget: {detail}")));
+        }
+        events.push(Event::BudgetBreached {
             agent: agent.clone(),
             incarnation,
-            task,
-            reservation,
-            spend,
-            period,
-        }];
-        let mut breach = None;
-        if let Some(budget) = &agent_budget {
-            let (_, account) = state.budgets().agent_at(agent, budget, now);
-            if let Some(detail) = account.spent.plus(spend).over(&budget.limits()) {
-                breach = Some((None, format!("agent {agent} spent {detail} in its period")));
-            }
+            task: over_task,
+            detail: detail.clone(),
+        });
+        if !matches!(record.health.breaker, crate::health::Breaker::Open { .. }) {
+            let until = Timestamp(now.0.saturating_add(settings.breaker.open_ms));
+            events.push(Event::BreakerOpened { agent: agent.clone(), errors: 0, until });
         }
-        if let Some(found) = held
-            && let Some(budget) = &found.spec.budget
-            && let Some(detail) = found.spent.plus(spend).over(budget)
-        {
-            breach = Some((Some(found.id), format!("task {} spent {detail}", found.id)));
+        if settings.tasks.quarantine_on_budget_breach && record.health.quarantine.is_none() {
+            let reason = format!("over budget: {detail}");
+            events.extend(crate::health::quarantine(context, agent, crate::health::Reporter::Hale, reason));
         }
-        if let Some((over_task, detail)) = breach {
-            if let Some(id) = over_task {
-                events.extend(crate::tasks::fail_task(state, id, format!("over its budget: {detail}")));
-            }
-            events.push(Event::BudgetBreached {
-                agent: agent.clone(),
-                incarnation,
-                task: over_task,
-                detail: detail.clone(),
-            });
-            if !matches!(record.health.breaker, crate::health::Breaker::Open { .. }) {
-                let until = Timestamp(now.0.saturating_add(settings.breaker.open_ms));
-                events.push(Event::BreakerOpened { agent: agent.clone(), errors: 0, until });
-            }
-            if settings.tasks.quarantine_on_budget_breach && record.health.quarantine.is_none() {
-                let reason = format!("over budget: {detail}");
-                events.extend(crate::health::quarantine(context, agent, crate::health::Reporter::Hale, reason));
-            }
-        }
+    }
     Ok(events)
 }

@@ -72,9 +72,11 @@ pub struct GroupMembership {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StallPolicy {
-    /// Stalled after this many heartbeats in a row with unchanged progress (`None`: off).
+    /// Stalled after this many heartbeats in a row that show no work, while holding a
+    /// task (`None`: off).
     pub beats: Option<u32>,
-    /// Stalled after this long without a checkpoint while heartbeating (`None`: off).
+    /// Stalled after this long without a sign of work (a step, a checkpoint, changed
+    /// progress) while holding a task (`None`: off).
     pub quiet_ms: Option<u64>,
 }
 
@@ -170,7 +172,7 @@ pub enum Cause {
     NotReconnected { grace_ms: u64 },
     /// Heartbeats arrive but progress has not changed for `beats` beats.
     StalledProgress { beats: u32 },
-    /// Heartbeats arrive but no checkpoint for `quiet_ms`.
+    /// Heartbeats arrive, a task is held, but no sign of work for `quiet_ms`.
     StalledCheckpoints { quiet_ms: u64 },
     /// Restarted because a sibling in its group failed (`one-for-all`, `rest-for-one`).
     SiblingFailed { sibling: AgentName },
@@ -228,8 +230,12 @@ impl std::fmt::Display for Cause {
             Cause::Vanished => write!(f, "process gone"),
             Cause::HeartbeatsLost { silent_ms, phi } => write!(f, "no heartbeat for {silent_ms} ms (phi {phi:.1})"),
             Cause::NotReconnected { grace_ms } => write!(f, "did not reconnect within {grace_ms} ms of a hale restart"),
-            Cause::StalledProgress { beats } => write!(f, "stalled: progress unchanged for {beats} heartbeats"),
-            Cause::StalledCheckpoints { quiet_ms } => write!(f, "stalled: no checkpoint for {quiet_ms} ms"),
+            Cause::StalledProgress { beats } => {
+                write!(f, "stalled: no sign of work for {beats} heartbeats while holding a task")
+            }
+            Cause::StalledCheckpoints { quiet_ms } => {
+                write!(f, "stalled: no sign of work for {quiet_ms} ms while holding a task")
+            }
             Cause::SiblingFailed { sibling } => write!(f, "restarted with its group: {sibling} failed"),
             Cause::Operator => write!(f, "restart requested by the operator"),
             Cause::Stopped => write!(f, "stopped on purpose"),

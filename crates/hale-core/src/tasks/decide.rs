@@ -187,9 +187,8 @@ pub(crate) fn decide(context: &Context<'_>, command: &TaskCommand) -> Result<Dec
             }];
             // The model call's tokens are spent by the task and the agent, in the same
             // commit as the step: a crash cannot keep one without the other.
-            let tokens = llm.as_ref().map_or(0, |llm| {
-                llm.tokens_in.unwrap_or(0).saturating_add(llm.tokens_out.unwrap_or(0))
-            });
+            let tokens =
+                llm.as_ref().map_or(0, |llm| llm.tokens_in.unwrap_or(0).saturating_add(llm.tokens_out.unwrap_or(0)));
             if tokens > 0 || reservation.is_some() {
                 let record = running(state, agent, *incarnation)?;
                 let spend = Spend { tokens, cost: 0 };

@@ -671,11 +671,7 @@ fn a_steps_model_tokens_are_spent_in_its_commit_and_a_done_step_is_immutable() {
     let Answer::Reserved { reservation } = reserved.answer else { panic!("{reserved:?}") };
     // The step settles its reservation and spends its tokens in one decision.
     let events = core.execute(&with_tokens("outline", 300, 100, Some(reservation)), at(4)).unwrap().events;
-    assert_eq!(
-        events.iter().map(Event::kind).collect::<Vec<_>>(),
-        ["step_committed", "spend_reported"],
-        "{events:?}"
-    );
+    assert_eq!(events.iter().map(Event::kind).collect::<Vec<_>>(), ["step_committed", "spend_reported"], "{events:?}");
     let found = core.state().tasks().get(task).unwrap();
     assert_eq!((found.spent, found.reserved), (Spend { tokens: 400, cost: 0 }, Spend::default()));
 

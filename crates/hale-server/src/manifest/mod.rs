@@ -211,7 +211,7 @@ impl Default for SupervisionSection {
             intensity: Intensity::default(),
             stop_grace_ms: 5_000,
             detector: PhiConfig::default(),
-            stall: StallPolicy { beats: Some(60), quiet_ms: None },
+            stall: StallPolicy { beats: None, quiet_ms: Some(60_000) },
             reconnect_grace_ms: 10_000,
             progress_log_ms: 10_000,
             log_bytes_max: 10 * 1024 * 1024,

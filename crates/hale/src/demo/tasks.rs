@@ -2,7 +2,9 @@
 //! finishes on the other code-generator from its last commit point; a fact-check shadowed
 //! on both fact-checkers with a quorum of two; and, with both code-generators stopped by
 //! the operator, a code task that falls back to the small model and completes at
-//! `good_enough` while the system mode says `degraded`.
+//! `good_enough` while the system mode says `degraded`. The creative-writer gets a long
+//! story to write, so that when it stops making progress it is holding work: what the
+//! stall detector watches for.
 
 use super::Timeline;
 use anyhow::{Context, Result};
@@ -18,6 +20,8 @@ const FACT_ANSWER: &str = "the claim holds";
 /// Steps of the first code task, and how many are committed before its holder is killed.
 const CODE_STEPS: u64 = 6;
 const KILL_AFTER_STEPS: usize = 2;
+/// Steps of the creative-writer's story: more than it writes before it stalls.
+const STORY_STEPS: u64 = 100;
 
 /// The holder of the code task when it was killed.
 #[derive(Clone, Debug)]
@@ -167,6 +171,13 @@ impl TaskStory {
                 format!(
                     "task {fact} submitted: a critical fact-check, shadowed on 2 fact-checkers, 2 equal results needed"
                 ),
+            );
+            let story_spec =
+                TaskSpec::new(role("creative-writer"), json!({ "steps": STORY_STEPS, "answer": "once upon a time" }));
+            let story = Self::submit(server, story_spec).await?;
+            timeline.note(
+                json!({ "kind": "task_submitted", "task": story, "role": "creative-writer", "steps": STORY_STEPS }),
+                format!("task {story} submitted: a long story for the creative-writer ({STORY_STEPS} steps)"),
             );
         }
         // 2. Kill the code task's holder once it has committed two steps.

@@ -360,10 +360,14 @@ async fn a_stalled_agent_is_detected_and_restarted() {
     );
     let hale = up(&config, &temp.path().join("data"), "127.0.0.1:0");
     let admin = hale.admin();
+    // Stalled means holding work and doing none of it: it gets a long task.
+    let task =
+        hale_client::HttpSubmitTask { role: "stalls".into(), payload: json!({ "steps": 1000 }), ..Default::default() };
+    admin.submit(&task).await.unwrap();
     let restarted = running(&admin, "stalls", 2, 0).await;
     let down = restarted.last_down.unwrap();
     assert_eq!((down.incarnation, down.detector.as_str()), (1, "stall"), "{}", down.cause);
-    assert!(down.cause.contains("unchanged for 8 heartbeats"), "{}", down.cause);
+    assert!(down.cause.contains("no sign of work for 8 heartbeats while holding a task"), "{}", down.cause);
     assert!(hale.terminate().success());
 }
 
