@@ -155,16 +155,49 @@ async def eventually(
 
 
 def run(coroutine: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Runs an async test in a fresh event loop, with a time limit."""
+    """Runs an async test in a fresh event loop, with a time limit of a minute."""
+    return run_within(60)(coroutine)
 
-    @functools.wraps(coroutine)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        async def limited() -> None:
-            await asyncio.wait_for(coroutine(*args, **kwargs), 60)
 
-        asyncio.run(limited())
+def run_within(seconds: float) -> Callable[[Callable[..., Awaitable[None]]], Callable[..., None]]:
+    """Runs an async test in a fresh event loop, with a time limit of ``seconds``."""
 
-    return wrapper
+    def decorate(coroutine: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+        @functools.wraps(coroutine)
+        def wrapper(*args: Any, **kwargs: Any) -> None:
+            async def limited() -> None:
+                await asyncio.wait_for(coroutine(*args, **kwargs), seconds)
+
+            asyncio.run(limited())
+
+        return wrapper
+
+    return decorate
+
+
+def up_python(work: Path, agents: Dict[str, Tuple[str, str]], supervision: str = "") -> Hale:
+    """``hale up`` running Python agents: ``agents`` maps each name to the source of its
+    script and extra hale.toml lines for it. The scripts find this client on PYTHONPATH."""
+    import json as _json
+    import sys as _sys
+
+    work.mkdir(parents=True, exist_ok=True)
+    client = str(REPO / "clients" / "python")
+    text = f"[supervision]\n{supervision}\n"
+    for name, (source, extra) in agents.items():
+        script = work / f"{name}.py"
+        script.write_text(source)
+        text += (
+            "\n[[agent]]\n"
+            f'name = "{name}"\n'
+            f"command = {_json.dumps(_sys.executable)}\n"
+            f"args = [{_json.dumps(str(script))}]\n"
+            f"env = {{ PYTHONPATH = {_json.dumps(client)} }}\n"
+            f"{extra}\n"
+        )
+    config = work / "hale.toml"
+    config.write_text(text)
+    return Hale(work / "data", free_address(), up=config)
 
 
 class Proxy:

@@ -1,0 +1,255 @@
+"""Python agents as people write them, under ``hale up``: blocking model calls, deadlocks,
+durable steps across a SIGKILL, values that are not JSON, and starting before hale."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import decimal
+import os
+import signal
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+
+import hale
+from support import ADMIN, Hale, eventually, free_address, run, run_within, up_python
+
+# An async agent whose step calls a synchronous "model SDK" that blocks its loop for 30 s.
+BLOCKER = textwrap.dedent(
+    """
+    import asyncio, time, hale
+
+    @hale.step()
+    async def think(topic):
+        time.sleep(30)  # a synchronous model call: this loop is blocked, the heartbeats are not
+        return {"thought": "about " + topic}
+
+    async def main():
+        agent = await hale.Agent.from_env()
+        async for task in agent.tasks():
+            async with agent.work_on(task):
+                thought = await think(task.payload["topic"])
+            await agent.complete(task, thought)
+
+    asyncio.run(main())
+    """
+)
+
+# A blocking agent whose step deadlocks while it holds a task.
+DEADLOCK = textwrap.dedent(
+    """
+    import threading, hale, hale.sync
+
+    lock = threading.Lock()
+
+    @hale.step()
+    def write(topic):
+        with lock:
+            with lock:  # never acquired: the work is stuck, the heartbeats go on
+                return {"text": topic}
+
+    agent = hale.sync.Agent.from_env()
+    for task in agent.tasks():
+        with agent.work_on(task):
+            write(task.payload["topic"])
+        agent.complete(task, "unreachable")
+    """
+)
+
+
+def summary(server: Hale, agent: str) -> Dict[str, Any]:
+    found = server.agent_summary(agent)
+    assert found is not None, f"{agent} is not listed"
+    return found
+
+
+@run_within(150)
+async def test_a_step_that_blocks_for_30_s_is_not_down_and_a_deadlocked_holder_is_stalled(tmp_path: Path) -> None:
+    server = up_python(
+        tmp_path,
+        {
+            "blocker": (BLOCKER, 'role = "thinker"'),
+            "deadlock": (DEADLOCK, 'role = "writer"\nstall = { quiet_ms = 3000 }'),
+        },
+        supervision="stop_grace_ms = 500",
+    )
+    try:
+        for agent in ("blocker", "deadlock"):
+            await eventually(f"{agent} heartbeats", 30, lambda: summary(server, agent).get("health") == "alive")
+        think = server.submit("thinker", {"topic": "tides"})
+        write = server.submit("writer", {"topic": "tides"})
+
+        # The deadlocked holder: heartbeats from the client's thread, no work: stalled.
+        down = await eventually(
+            "the deadlocked holder is declared stalled", 40, lambda: summary(server, "deadlock").get("last_down")
+        )
+        assert (down["incarnation"], down["detector"]) == (1, "stall"), down
+        assert "no sign of work for 3000 ms while holding a task" in down["cause"], down
+        assert server.task(write)["attempts"] >= 1
+
+        # The blocked one: 30 s inside one step, alive throughout, done on its first attempt.
+        done = await eventually(
+            "the blocking step's task completed", 90, lambda: (t := server.task(think))["status"] == "completed" and t
+        )
+        assert done["result"] == {"thought": "about tides"} and done["attempts"] == 1, done
+        blocker = summary(server, "blocker")
+        assert blocker["incarnation"] == 1 and blocker.get("last_down") is None, blocker
+        assert [step["name"] for step in done["steps"]] == ["think"]
+    finally:
+        server.stop()
+
+
+def resumer(log: Path) -> str:
+    return textwrap.dedent(
+        f"""
+        import os, time, hale, hale.sync
+
+        LOG = {str(log)!r}
+        RUN = os.environ["HALE_INCARNATION"]
+
+        def note(line):
+            with open(LOG, "a") as out:
+                out.write(line + "\\n")
+
+        @hale.step()
+        def fetch(topic):
+            note("fetch ran in run " + RUN)
+            return {{"pages": [topic, topic + " (2)"]}}
+
+        @hale.step()
+        def summarize(pages):
+            note("summarize ran in run " + RUN)
+            llm = hale.LlmCall(model="fake-model", tokens_in=100, tokens_out=20)
+            return hale.StepResult({{"summary": " / ".join(pages)}}, llm=llm)
+
+        def happened(run):
+            # Ask the other system, by the step's idempotency key, whether the write landed.
+            note("publish was uncertain; key " + run.key)
+            return None  # it did not: run the step again
+
+        @hale.step(uncertain=happened)
+        def publish(text):
+            note("publish ran in run " + RUN + ", uncertain " + str(hale.current_step().uncertain))
+            if RUN == "1":
+                note("publish waits in pid " + str(os.getpid()))
+                time.sleep(600)  # the test SIGKILLs the process here
+            return {{"url": "https://example.test/posts/1", "text": text}}
+
+        agent = hale.sync.Agent.from_env()
+        for task in agent.tasks():
+            with agent.work_on(task):
+                pages = fetch(task.payload["topic"])
+                summary = summarize(pages["pages"])
+                posted = publish(summary["summary"])
+            agent.complete(task, posted)
+        """
+    )
+
+
+@run_within(90)
+async def test_a_holder_sigkilled_mid_step_resumes_without_rerunning_committed_steps(tmp_path: Path) -> None:
+    log = tmp_path / "steps.log"
+    server = up_python(tmp_path, {"resumer": (resumer(log), 'role = "publisher"\nrestart = "always"')})
+
+    def lines() -> List[str]:
+        return log.read_text().splitlines() if log.exists() else []
+
+    try:
+        await eventually("the agent heartbeats", 30, lambda: summary(server, "resumer").get("health") == "alive")
+        task = server.submit("publisher", {"topic": "tides"}, budget={"tokens": 1000})
+        waiting = await eventually(
+            "the first run is inside publish", 30, lambda: next((l for l in lines() if "publish waits" in l), None)
+        )
+        os.kill(int(waiting.rsplit(" ", 1)[1]), signal.SIGKILL)
+
+        done = await eventually(
+            "the task completed on the next run", 40, lambda: (t := server.task(task))["status"] == "completed" and t
+        )
+        assert done["result"] == {"url": "https://example.test/posts/1", "text": "tides / tides (2)"}, done
+        assert done["attempts"] == 2, done
+        assert [(s["name"], s["state"], s["attempt"]) for s in done["steps"]] == [
+            ("fetch", "done", 1),
+            ("summarize", "done", 1),
+            ("publish", "done", 2),
+        ], done["steps"]
+        # The model call's tokens were spent once, with the step, against the task's budget.
+        assert done["spent"]["tokens"] == 120, done["spent"]
+        assert lines() == [
+            "fetch ran in run 1",
+            "summarize ran in run 1",
+            "publish ran in run 1, uncertain False",
+            waiting,
+            f"publish was uncertain; key hale-{task}-publish",
+            "publish ran in run 2, uncertain True",
+        ], lines()
+        assert summary(server, "resumer")["incarnation"] == 2
+    finally:
+        server.stop()
+
+
+NOT_JSON: Dict[str, Any] = {
+    "a datetime": datetime.datetime(2026, 12, 8, 9, 30),
+    "a set": {"a", "b"},
+    "bytes": b"\x00\x01",
+    "a tuple key": {("x", 1): "v"},
+    "an int key": {1: "v"},
+    "a Decimal": decimal.Decimal("1.10"),
+    "an object": object(),
+    "NaN": float("nan"),
+    "infinity": float("inf"),
+    "-infinity": float("-inf"),
+}
+
+
+@run
+async def test_values_that_are_not_json_are_refused_at_the_call_and_the_session_goes_on(server: Hale) -> None:
+    agent = await hale.Agent.connect(server.ws_url, "strict", "r", token=ADMIN)
+    for what, value in NOT_JSON.items():
+        with pytest.raises(hale.NotJson) as refused:
+            await asyncio.wait_for(agent.checkpoint({"deep": [1, {"value": value}]}), 5)
+        assert refused.value.code == hale.Code.NOT_JSON == "not_json", what
+        assert refused.value.message.startswith("checkpoint.patch.deep[1].value"), (what, refused.value.message)
+        assert "nothing was sent" in refused.value.message, refused.value.message
+    with pytest.raises(hale.NotJson):
+        await asyncio.wait_for(agent.submit("r", {"due": datetime.date(2027, 1, 1)}), 5)
+    with pytest.raises(hale.NotJson):
+        await asyncio.wait_for(agent.send({"score": float("nan")}, to_agent="strict"), 5)
+    with pytest.raises(hale.NotJson):
+        agent.progress = hale.Progress(fields={"at": datetime.datetime(2026, 1, 1)})
+        await asyncio.wait_for(agent.heartbeat(agent.progress), 5)
+    agent.progress = None
+    # Nothing reached hale, and the session carries on.
+    assert await agent.checkpoint({"ok": 1}) == 1
+    assert server.state("strict")["state"] == {"ok": 1}
+    await asyncio.wait_for(agent.close({"closed": True}), 10)
+    assert server.state("strict")["state"] == {"ok": 1, "closed": True}
+
+
+@run
+async def test_connect_waits_for_a_hale_that_is_not_up_yet_and_takes_http_urls(tmp_path: Path) -> None:
+    address = free_address()
+    # Without a reconnect policy, an unreachable hale is an error at once.
+    started = time.monotonic()
+    with pytest.raises(hale.ConnectError):
+        await hale.Agent.connect(f"http://{address}", "early", "r", token=ADMIN)
+    assert time.monotonic() - started < 5
+
+    # With one, the first connection waits for hale with the policy's backoff.
+    policy = hale.Reconnect(base=0.05, cap=0.3)
+    connecting = asyncio.ensure_future(
+        hale.Agent.connect(f"http://{address}/", "early", "r", token=ADMIN, reconnect=policy)
+    )
+    await asyncio.sleep(0.5)
+    assert not connecting.done(), "connected to nothing"
+    server = Hale(tmp_path / "data", address)
+    try:
+        agent = await asyncio.wait_for(connecting, 20)
+        assert (agent.incarnation, agent.url) == (1, f"ws://{address}")
+        assert await agent.checkpoint({"started": "before hale"}) == 1
+        await agent.close()
+    finally:
+        server.stop()
