@@ -28,7 +28,7 @@ Operators and tools use the HTTP API through :class:`Admin` (asyncio) or :class:
 
 from . import sync
 from .admin import Admin, SyncAdmin
-from .agent import Agent, StepContext, WorkScope, install_sigterm, merge_patch, run_until_sigterm
+from .agent import Agent, StepContext, TaskHandle, WorkScope, install_sigterm, merge_patch, run_until_sigterm
 from .steps import StepResult, StepRun, current_step, step
 from .errors import (
     AuthError,
@@ -49,6 +49,7 @@ from .errors import (
     SessionClosed,
     StaleIncarnation,
     StepUncertain,
+    TaskFailed,
     UnknownMessage,
     VersionConflict,
 )
@@ -66,6 +67,7 @@ from .types import (
     Step,
     Submitted,
     Task,
+    TaskOutcome,
     Welcome,
 )
 
@@ -109,6 +111,9 @@ __all__ = [
     "Submitted",
     "SyncAdmin",
     "Task",
+    "TaskFailed",
+    "TaskHandle",
+    "TaskOutcome",
     "UnknownMessage",
     "VersionConflict",
     "Welcome",

@@ -46,6 +46,7 @@ from .types import (
     SentMessage,
     Submitted,
     Task,
+    TaskOutcome,
     Welcome,
 )
 
@@ -206,6 +207,10 @@ class AgentCore:
         self._beat_now = asyncio.Event()
         #: Heartbeats the client sent by itself, and how many hale refused or failed.
         self.beats_sent = 0
+        #: Outcomes of tasks this agent submitted, pushed and not handed out yet.
+        self._outcomes: Dict[int, TaskOutcome] = {}
+        self._handed_outcomes: Set[int] = set()
+        self._outcome_arrived = asyncio.Event()
 
     # ---- opening ---------------------------------------------------------------------
 
@@ -310,6 +315,12 @@ class AgentCore:
             self._cancel_event.set()
         elif kind == "message":
             self._messages.put_nowait(Message.from_json(frame))
+        elif kind == "task_outcome":
+            outcome = TaskOutcome.from_json(frame)
+            # Pushed again to each new connection until taken: handed out once.
+            if outcome.task not in self._handed_outcomes and outcome.task not in self._outcomes:
+                self._outcomes[outcome.task] = outcome
+                self._outcome_arrived.set()
 
     # ---- who and where -----------------------------------------------------------------
 
@@ -583,6 +594,48 @@ class AgentCore:
         if reservation is not None:
             frame["reservation"] = reservation
         await self._request(frame, "ok")
+
+    # ---- outcomes of submitted tasks ----------------------------------------------------
+
+    async def _wait_outcome(self, pick: Callable[[], Optional[int]], timeout: Optional[float]) -> Optional[TaskOutcome]:
+        """Waits until ``pick()`` names an outcome that has arrived; hands it out (once) and
+        takes it at hale. None if ``timeout`` passed or the session ended first."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            chosen = pick()
+            if chosen is not None and chosen in self._outcomes:
+                outcome = self._outcomes.pop(chosen)
+                self._handed_outcomes.add(chosen)
+                break
+            left = None if deadline is None else deadline - loop.time()
+            if self._session.ended.is_set() or (left is not None and left <= 0):
+                return None
+            # Every waiter looks again after each arrival (set wakes all that wait).
+            self._outcome_arrived.clear()
+            ended = asyncio.ensure_future(self._session.ended.wait())
+            arrived = asyncio.ensure_future(self._outcome_arrived.wait())
+            try:
+                await asyncio.wait({ended, arrived}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                ended.cancel()
+                arrived.cancel()
+        try:
+            await self._request({"type": "take_outcome", "task": outcome.task}, "ok")
+        except SessionClosed:
+            # Handed out; pushed again to the next run, which can take it then.
+            pass
+        return outcome
+
+    async def outcome(self, task: int, timeout: Optional[float] = None) -> Optional[TaskOutcome]:
+        """The outcome of ``task`` (submitted by this agent) once hale pushes it, taken
+        at hale; None if ``timeout`` passed or the session ended first."""
+        return await self._wait_outcome(lambda: task, timeout)
+
+    async def next_outcome(self, timeout: Optional[float] = None) -> Optional[TaskOutcome]:
+        """The oldest outcome pushed and not handed out yet, taken at hale; None if
+        ``timeout`` passed or the session ended first."""
+        return await self._wait_outcome(lambda: next(iter(self._outcomes), None), timeout)
 
     async def complete(self, task: int, result: JSON = None) -> None:
         """Completes a task this run holds."""

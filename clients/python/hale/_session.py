@@ -65,6 +65,7 @@ _RESENT = frozenset(
         "send",
         "ack",
         "end_conversation",
+        "take_outcome",
         "auth",
     }
 )
@@ -383,9 +384,9 @@ class Session:
             if not isinstance(seq, int) or not self._take_message(seq):
                 return None
         ident = frame.get("id")
-        if isinstance(ident, int) and not isinstance(ident, bool) and kind not in ("task", "message"):
+        if isinstance(ident, int) and not isinstance(ident, bool) and kind not in ("task", "message", "task_outcome"):
             self._answer(ident, frame)
-        elif kind in ("challenge", "task", "task_cancelled", "message"):
+        elif kind in ("challenge", "task", "task_cancelled", "message", "task_outcome"):
             self._on_unasked(frame)
         elif kind == "error":
             log.warning("hale refused a frame it could not read an id from: %s", frame.get("message"))

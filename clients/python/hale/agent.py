@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Mapping,
 
 from . import _runtime
 from ._core import DEFAULT_URL, AgentCore, env_settings, merge_patch
-from .errors import HaleError, ProtocolError, SessionClosed
+from .errors import HaleError, ProtocolError, SessionClosed, TaskFailed
 from .steps import RETRY, Check, Work, _Options
 from .types import (
     JSON,
@@ -32,6 +32,7 @@ from .types import (
     SentMessage,
     Submitted,
     Task,
+    TaskOutcome,
     Welcome,
 )
 
@@ -60,6 +61,33 @@ class StepContext:
     @property
     def uncertain(self) -> bool:
         return self.prior == "uncertain"
+
+
+class TaskHandle:
+    """A task this agent submitted: ``task`` is its number, ``new`` false when an
+    idempotency key named an earlier one. :meth:`result` waits for its outcome."""
+
+    def __init__(self, agent: "Agent", submitted: Submitted) -> None:
+        self._agent = agent
+        self.task = submitted.task
+        self.new = submitted.new
+
+    async def result(self, timeout: Optional[float] = None) -> TaskOutcome:
+        """Waits for the task to end (see :meth:`Agent.result`)."""
+        return await self._agent.result(self.task, timeout)
+
+    def __repr__(self) -> str:
+        return f"TaskHandle(task={self.task}, new={self.new})"
+
+
+def _settle(task: int, outcome: Optional[TaskOutcome], closed: bool, timeout: Optional[float]) -> TaskOutcome:
+    if outcome is None:
+        if closed:
+            raise SessionClosed(f"the session ended before task {task} did; read it with Admin.task({task})")
+        raise TimeoutError(f"task {task} has not ended within {timeout} s")
+    if not outcome.ok:
+        raise TaskFailed(outcome)
+    return outcome
 
 
 class WorkScope:
@@ -560,10 +588,10 @@ class Agent(_Facade):
         shadow: Optional[Mapping[str, JSON]] = None,
         fallback: Optional[Sequence[Mapping[str, JSON]]] = None,
         budget: Optional[Mapping[str, JSON]] = None,
-    ) -> Submitted:
+    ) -> TaskHandle:
         """Submits a task for ``role`` (an orchestrator handing out work); returns its
-        number once durable. Give an ``idempotency_key`` to make it safe to resend after
-        a lost connection."""
+        handle once durable: ``await handle.result()`` waits for its outcome. Give an
+        ``idempotency_key`` to make it safe to resend after a lost connection."""
         submitted: Submitted = await self._call(
             self._core.submit(
                 role,
@@ -578,7 +606,30 @@ class Agent(_Facade):
                 budget=budget,
             )
         )
-        return submitted
+        return TaskHandle(self, submitted)
+
+    async def result(self, task: Union[TaskHandle, int], timeout: Optional[float] = None) -> TaskOutcome:
+        """Waits for a task this agent submitted to end. Returns its :class:`TaskOutcome`
+        if it completed (``result``, the ``level`` it was produced at and the role it
+        ``ran_as``); raises :class:`TaskFailed` if it failed or was cancelled,
+        ``TimeoutError`` after ``timeout`` seconds, :class:`SessionClosed` if the session
+        ends first.
+
+        hale pushes the outcome of every task an agent submitted to its sessions until the
+        agent takes it, also to a later run of the agent (one that was down when the task
+        ended gets it when it comes back): this takes it. Each outcome is handed out once,
+        here or by :meth:`next_outcome`."""
+        task_id = task.task if isinstance(task, TaskHandle) else task
+        outcome: Optional[TaskOutcome] = await self._call(self._core.outcome(task_id, timeout))
+        return _settle(task_id, outcome, self.closed, timeout)
+
+    async def next_outcome(self, timeout: Optional[float] = None) -> Optional[TaskOutcome]:
+        """The next outcome of a task this agent submitted that no :meth:`result` is
+        waiting for (completed, failed or cancelled alike), taken at hale; None once the
+        session has ended or ``timeout`` passed. After a restart, this is how a run learns
+        how the tasks an earlier run submitted ended."""
+        outcome: Optional[TaskOutcome] = await self._call(self._core.next_outcome(timeout))
+        return outcome
 
     # ---- budgets ---------------------------------------------------------------------
 
@@ -721,6 +772,7 @@ __all__ = [
     "DEFAULT_URL",
     "HEARTBEAT",
     "StepContext",
+    "TaskHandle",
     "WorkScope",
     "install_sigterm",
     "run_until_sigterm",

@@ -25,6 +25,9 @@ class Code:
     NOT_JSON = "not_json"
     #: A step that a lost attempt began and the step asked to be told about.
     STEP_UNCERTAIN = "step_uncertain"
+    #: A submitted task failed, or was cancelled (raised by waiting for its result).
+    TASK_FAILED = "task_failed"
+    TASK_CANCELLED = "task_cancelled"
     # State.
     VERSION_CONFLICT = "version_conflict"
     VERSION_NOT_RETAINED = "version_not_retained"
@@ -145,6 +148,21 @@ class StepUncertain(HaleError):
         self.task = task
         self.step = step
         self.key = key
+
+
+class TaskFailed(HaleError):
+    """A task this agent submitted ended without a result: ``outcome.status`` is
+    ``failed`` (``outcome.reason`` says why) or ``cancelled``. Code ``task_failed`` or
+    ``task_cancelled``."""
+
+    def __init__(self, outcome: Any) -> None:
+        status = str(getattr(outcome, "status", "failed"))
+        reason = getattr(outcome, "reason", None)
+        task = getattr(outcome, "task", "?")
+        code = Code.TASK_CANCELLED if status == "cancelled" else Code.TASK_FAILED
+        super().__init__(code, f"task {task} {status}" + (f": {reason}" if reason else ""))
+        #: The :class:`~hale.TaskOutcome`.
+        self.outcome = outcome
 
 
 class VersionConflict(ServerError):

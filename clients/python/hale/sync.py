@@ -34,7 +34,7 @@ from typing import Any, Callable, Coroutine, Iterator, Mapping, Optional, Sequen
 from . import _runtime
 from ._core import AgentCore, env_settings
 from .admin import SyncAdmin as Admin
-from .agent import HEARTBEAT, StepContext, WorkScope, _Facade
+from .agent import HEARTBEAT, StepContext, WorkScope, _Facade, _settle
 from .errors import HaleError
 from .steps import RETRY, Check, _Options
 from .types import (
@@ -48,11 +48,12 @@ from .types import (
     SentMessage,
     Submitted,
     Task,
+    TaskOutcome,
 )
 
 T = TypeVar("T")
 
-__all__ = ["Admin", "Agent", "StepContext", "WorkScope", "stop_on_sigterm"]
+__all__ = ["Admin", "Agent", "StepContext", "TaskHandle", "WorkScope", "stop_on_sigterm"]
 
 
 def _block(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -280,9 +281,9 @@ class Agent(_Facade):
         shadow: Optional[Mapping[str, JSON]] = None,
         fallback: Optional[Sequence[Mapping[str, JSON]]] = None,
         budget: Optional[Mapping[str, JSON]] = None,
-    ) -> Submitted:
+    ) -> "TaskHandle":
         """See :meth:`hale.Agent.submit`."""
-        return _block(
+        submitted: Submitted = _block(
             self._core.submit(
                 role,
                 payload,
@@ -296,6 +297,17 @@ class Agent(_Facade):
                 budget=budget,
             )
         )
+        return TaskHandle(self, submitted)
+
+    def result(self, task: Union["TaskHandle", int], timeout: Optional[float] = None) -> TaskOutcome:
+        """See :meth:`hale.Agent.result`."""
+        task_id = task.task if isinstance(task, TaskHandle) else task
+        outcome = _block(self._core.outcome(task_id, timeout))
+        return _settle(task_id, outcome, self.closed, timeout)
+
+    def next_outcome(self, timeout: Optional[float] = None) -> Optional[TaskOutcome]:
+        """See :meth:`hale.Agent.next_outcome`."""
+        return _block(self._core.next_outcome(timeout))
 
     # ---- budgets ---------------------------------------------------------------------
 
@@ -378,6 +390,22 @@ class Agent(_Facade):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class TaskHandle:
+    """A task this agent submitted (see :class:`hale.TaskHandle`); :meth:`result` blocks."""
+
+    def __init__(self, agent: Agent, submitted: Submitted) -> None:
+        self._agent = agent
+        self.task = submitted.task
+        self.new = submitted.new
+
+    def result(self, timeout: Optional[float] = None) -> TaskOutcome:
+        """Waits for the task to end (see :meth:`hale.Agent.result`)."""
+        return self._agent.result(self.task, timeout)
+
+    def __repr__(self) -> str:
+        return f"TaskHandle(task={self.task}, new={self.new})"
 
 
 def stop_on_sigterm() -> threading.Event:

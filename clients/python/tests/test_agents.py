@@ -11,7 +11,7 @@ import signal
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import pytest
 
@@ -253,3 +253,140 @@ async def test_connect_waits_for_a_hale_that_is_not_up_yet_and_takes_http_urls(t
         await agent.close()
     finally:
         server.stop()
+
+
+def orchestrator(work: Path) -> str:
+    return textwrap.dedent(
+        f"""
+        import json, os, time, hale, hale.sync
+
+        WORK = {str(work)!r}
+        RUN = os.environ["HALE_INCARNATION"]
+
+        def note(line):
+            with open(os.path.join(WORK, "orchestrator.log"), "a") as out:
+                out.write(line + "\\n")
+
+        if RUN == "2":
+            # Down (not connected) until the test has seen the task end.
+            while not os.path.exists(os.path.join(WORK, "come-back")):
+                time.sleep(0.05)
+        agent = hale.sync.Agent.from_env()
+        state = agent.state
+        if "submitted" not in state:
+            handle = agent.submit("worker", {{"question": "6 x 7"}}, idempotency_key="job-1")
+            agent.checkpoint({{"submitted": handle.task}})
+            note("submitted " + str(handle.task) + " in pid " + str(os.getpid()))
+            time.sleep(600)  # the test SIGKILLs the process here
+        elif "done" not in state:
+            outcome = agent.result(state["submitted"], timeout=30)
+            note("run " + RUN + " got task " + str(outcome.task) + " " + outcome.status + " "
+                 + json.dumps(outcome.result) + " at " + str(outcome.level))
+            agent.checkpoint({{"done": True}})
+        else:
+            note("run " + RUN + " was pushed " + repr(agent.next_outcome(timeout=2)))
+        for task in agent.tasks():
+            pass
+        """
+    )
+
+
+def worker(work: Path) -> str:
+    return textwrap.dedent(
+        f"""
+        import os, time, hale, hale.sync
+
+        agent = hale.sync.Agent.from_env()
+        for task in agent.tasks():
+            while not os.path.exists(os.path.join({str(work)!r}, "go")):
+                time.sleep(0.05)
+            agent.complete(task, {{"answer": 42}})
+        """
+    )
+
+
+@run_within(90)
+async def test_an_orchestrator_sigkilled_after_submitting_gets_the_outcome_when_it_comes_back(tmp_path: Path) -> None:
+    log = tmp_path / "orchestrator.log"
+    server = up_python(
+        tmp_path,
+        {
+            "orch": (orchestrator(tmp_path), 'role = "orchestrator"\nrestart = "always"'),
+            "worker": (worker(tmp_path), 'role = "worker"'),
+        },
+    )
+
+    def lines() -> List[str]:
+        return log.read_text().splitlines() if log.exists() else []
+
+    try:
+        submitted = await eventually("the orchestrator submitted", 30, lambda: next(iter(lines()), None))
+        task = int(submitted.split()[1])
+        os.kill(int(submitted.rsplit(" ", 1)[1]), signal.SIGKILL)
+        # The task ends while the orchestrator is down.
+        (tmp_path / "go").touch()
+        await eventually("the task completed", 30, lambda: server.task(task)["status"] == "completed")
+        await eventually("the orchestrator was restarted", 30, lambda: summary(server, "orch")["incarnation"] == 2)
+        (tmp_path / "come-back").touch()
+        await eventually("run 2 got the outcome", 30, lambda: len(lines()) >= 2)
+        assert lines()[1] == f'run 2 got task {task} completed {{"answer": 42}} at optimal', lines()
+        await eventually("run 2 checkpointed", 10, lambda: server.state("orch")["state"].get("done"))
+
+        # Taken for good: a later run is not pushed it again.
+        server.ok("POST", "/v1/agents/orch/restart")
+        await eventually("run 3 looked for outcomes", 30, lambda: len(lines()) >= 3)
+        assert lines()[2] == "run 3 was pushed None", lines()
+    finally:
+        server.stop()
+
+
+@run
+async def test_the_submitter_reads_its_task_over_http_and_waits_for_it(server: Hale) -> None:
+    orch_tokens = server.issue_tokens("orch")
+    orch = await hale.Agent.connect(server.ws_url, "orch", "orchestrator", token=orch_tokens["access_token"])
+    other_tokens = server.issue_tokens("other")
+    worker = await hale.Agent.connect(server.ws_url, "worker-1", "worker", token=ADMIN)
+    handle = await orch.submit("worker", {"n": 1})
+
+    def get(path: str, token: str) -> Tuple[int, Any]:
+        return server.http("GET", path, token=token)
+
+    # The submitter may read it (another agent is told it does not exist).
+    status, info = await asyncio.to_thread(get, f"/v1/tasks/{handle.task}", orch_tokens["access_token"])
+    assert status == 200 and info["task"] == handle.task, info
+    status, info = await asyncio.to_thread(get, f"/v1/tasks/{handle.task}", other_tokens["access_token"])
+    assert status == 404 and info["error"]["code"] == "unknown_task", info
+    status, info = await asyncio.to_thread(get, f"/v1/tasks/{handle.task}?wait=forever", orch_tokens["access_token"])
+    assert status == 400 and "wait" in info["error"]["message"], info
+    # A long poll that runs out answers with the task as it is.
+    started = time.monotonic()
+    status, info = await asyncio.to_thread(get, f"/v1/tasks/{handle.task}?wait=0.5", orch_tokens["access_token"])
+    assert status == 200 and info["status"] in ("pending", "running") and time.monotonic() - started >= 0.5
+
+    # One that the end arrives in answers at once with the end.
+    waiting = asyncio.ensure_future(
+        asyncio.to_thread(get, f"/v1/tasks/{handle.task}?wait=60", orch_tokens["access_token"])
+    )
+    task = await worker.next_task(timeout=10)
+    assert task is not None and task.task == handle.task
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    await worker.complete(task, {"answer": 42})
+    status, info = await asyncio.wait_for(waiting, 10)
+    assert status == 200 and info["status"] == "completed" and info["result"] == {"answer": 42}, info
+
+    # And over the session: the outcome, with its level; a failure raises.
+    outcome = await handle.result(timeout=10)
+    assert (outcome.ok, outcome.result, outcome.level, outcome.agent) == (True, {"answer": 42}, "optimal", "worker-1")
+    doomed = await orch.submit("worker", {"n": 2})
+    got = await worker.next_task(timeout=10)
+    assert got is not None
+    await worker.fail(got, "the model refused", retry=False)
+    with pytest.raises(hale.TaskFailed) as failed:
+        await doomed.result(timeout=10)
+    assert failed.value.code == "task_failed" and "the model refused" in failed.value.message
+    assert failed.value.outcome.status == "failed"
+    with pytest.raises(TimeoutError):
+        await (await orch.submit("worker", {"n": 3})).result(timeout=0.3)
+    await orch.close()
+    await worker.close()

@@ -242,6 +242,8 @@ struct Shared {
     cancelled: Arc<Mutex<std::collections::BTreeSet<u64>>>,
     /// Messages from the mailbox, each sequence number once.
     messages: tokio::sync::Mutex<mpsc::UnboundedReceiver<MessageInfo>>,
+    /// Outcomes of tasks this agent submitted, each task once.
+    outcomes: tokio::sync::Mutex<mpsc::UnboundedReceiver<TaskInfo>>,
     /// Makes the idempotency keys of sends unique to this session.
     key_prefix: String,
     /// Set to end the session cleanly.
@@ -306,11 +308,13 @@ impl Agent {
         let (tasks_tx, tasks) = mpsc::unbounded_channel();
         let cancelled = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
         let (messages_tx, messages) = mpsc::unbounded_channel();
+        let (outcomes_tx, outcomes) = mpsc::unbounded_channel();
         let inbox = Inbox {
             challenged: challenged.clone(),
             tasks: tasks_tx,
             cancelled: cancelled.clone(),
             messages: messages_tx,
+            outcomes: outcomes_tx,
         };
         let incarnation = Arc::new(Mutex::new(options.incarnation));
         let resilience = options.reconnect.clone().map(|policy| crate::session::Resilience {
@@ -326,6 +330,7 @@ impl Agent {
         tokio::spawn(crate::session::run(socket, queue, ended_tx, inbox, resilience, closing));
         let tasks = tokio::sync::Mutex::new(tasks);
         let messages = tokio::sync::Mutex::new(messages);
+        let outcomes = tokio::sync::Mutex::new(outcomes);
         let key_prefix = format!("{}-{:016x}", options.agent, rand::random::<u64>());
         let agent = Agent {
             shared: Arc::new(Shared {
@@ -338,6 +343,7 @@ impl Agent {
                 tasks,
                 cancelled,
                 messages,
+                outcomes,
                 key_prefix,
                 close,
             }),
@@ -500,6 +506,20 @@ impl Agent {
     /// Says message `seq` of the mailbox was acted on: it is not delivered again.
     pub async fn ack(&self, seq: u64) -> Result<(), ClientError> {
         self.task_write(ClientFrame::Ack { id: self.next_id(), seq }).await
+    }
+
+    /// The next outcome of a task this agent submitted (ended: completed, failed or
+    /// cancelled), or `None` once the session has ended. hale pushes every outcome the
+    /// agent has not taken to each new session, also to a later run;
+    /// [`take_outcome`](Agent::take_outcome) it once handled.
+    pub async fn next_outcome(&self) -> Option<TaskInfo> {
+        self.shared.outcomes.lock().await.recv().await
+    }
+
+    /// Says the outcome of task `task` (submitted by this agent) was handled: it is not
+    /// pushed again. Idempotent.
+    pub async fn take_outcome(&self, task: u64) -> Result<(), ClientError> {
+        self.task_write(ClientFrame::TakeOutcome { id: self.next_id(), task }).await
     }
 
     /// Ends a conversation: what its participants owed in it is no longer pending.
@@ -774,6 +794,7 @@ pub(crate) struct Inbox {
     pub(crate) tasks: mpsc::UnboundedSender<TaskInfo>,
     pub(crate) cancelled: Arc<Mutex<std::collections::BTreeSet<u64>>>,
     pub(crate) messages: mpsc::UnboundedSender<MessageInfo>,
+    pub(crate) outcomes: mpsc::UnboundedSender<TaskInfo>,
 }
 
 #[cfg(test)]

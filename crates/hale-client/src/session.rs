@@ -103,6 +103,9 @@ struct Sent {
     /// Tasks offered so far, by task and attempt: a resumed run is offered the tasks it
     /// holds again, and the application should see each attempt once.
     offered: std::collections::HashSet<(u64, u32)>,
+    /// Outcomes of submitted tasks handed to the application (each is pushed again to
+    /// each new connection until taken).
+    outcomes: std::collections::HashSet<u64>,
     /// Mailbox sequence numbers handed to the application and not yet acked: a new
     /// connection delivers every unacked message again, and these are dropped.
     handed: std::collections::BTreeSet<u64>,
@@ -333,6 +336,13 @@ fn deliver(frame: ServerFrame, sent: &mut Sent, inbox: &Inbox, follow: bool) -> 
             }
             None
         }
+        ServerFrame::TaskOutcome { task } => {
+            // Pushed again to each new session until taken: handed on once per process.
+            if sent.outcomes.insert(task.task) {
+                let _ = inbox.outcomes.send(*task.clone());
+            }
+            None
+        }
         ServerFrame::Sent { id, .. } => Some(*id),
         ServerFrame::Fenced { incarnation, reason } => {
             return Some(Lost::Final(format!("fenced: incarnation {incarnation}: {reason}")));
@@ -479,6 +489,7 @@ async fn settle(
             | ClientFrame::ReportError { .. }
             | ClientFrame::Ack { .. }
             | ClientFrame::EndConversation { .. }
+            | ClientFrame::TakeOutcome { .. }
             | ClientFrame::Auth { .. }) => frame,
             // A hello resuming the run the reconnect has just resumed (a node that does not
             // lead refused it, or the connection dropped under it): resuming is what it

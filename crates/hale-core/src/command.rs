@@ -139,6 +139,8 @@ pub enum TaskCommand {
     Fail { task: u64, agent: AgentName, incarnation: u64, reason: String, retry: bool },
     /// Stop the task wherever it is.
     Cancel { task: u64 },
+    /// The agent that submitted `task` has the outcome: stop pushing it (idempotent).
+    TakeOutcome { agent: AgentName, incarnation: u64, task: u64 },
     /// The task is past its deadline or wall-time budget, or out of attempts (from `tick`).
     Expire { task: u64 },
     /// The system mode follows capacity (from `tick`).

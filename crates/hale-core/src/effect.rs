@@ -24,7 +24,8 @@ pub enum Effect {
     CancelTask { agent: AgentName, incarnation: u64, task: u64 },
     /// End every live session of the agent (its tokens were revoked).
     EndSessions { agent: AgentName, reason: String },
-    /// New mail for `agent`: its sessions should deliver what they have not yet.
+    /// New mail, or the outcome of a task it submitted, for `agent`: its sessions should
+    /// deliver what they have not yet.
     DeliverMail { agent: AgentName },
     /// Quarantine with `action = "pause"`: SIGSTOP to the process group of this run.
     Pause { agent: AgentName, incarnation: u64 },

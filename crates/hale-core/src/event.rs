@@ -147,6 +147,14 @@ pub enum Event {
         spec: TaskSpec,
         #[serde(default)]
         parent: Option<Parent>,
+        /// The agent that submitted it, if one did: it is told the outcome.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<AgentName>,
+    },
+    /// The agent that submitted `task` has taken its outcome: it is not pushed again.
+    OutcomeTaken {
+        agent: AgentName,
+        task: u64,
     },
     /// The shadowed task runs as `children`, on distinct agents.
     TaskShadowed {
@@ -384,7 +392,7 @@ impl Event {
             | Event::HookFailed { .. }
             | Event::NodeJoined { .. }
             | Event::NodeLost { .. } => return None,
-            Event::MessageAcked { agent, .. } => agent,
+            Event::MessageAcked { agent, .. } | Event::OutcomeTaken { agent, .. } => agent,
             Event::BudgetReserved { agent, .. }
             | Event::SpendReported { agent, .. }
             | Event::BudgetBreached { agent, .. } => agent,
@@ -434,6 +442,7 @@ impl Event {
             Event::Released { .. } => "released",
             Event::RoleDeclared { .. } => "role_declared",
             Event::TaskSubmitted { .. } => "task_submitted",
+            Event::OutcomeTaken { .. } => "outcome_taken",
             Event::TaskAssigned { .. } => "task_assigned",
             Event::StepCommitted { .. } => "step_committed",
             Event::TaskCompleted { .. } => "task_completed",

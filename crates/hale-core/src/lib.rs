@@ -278,6 +278,12 @@ impl Core {
     }
 
     fn queue_effects(&mut self, event: &Event) {
+        // A task an agent submitted ended: its outcome goes to that agent's sessions.
+        if let Event::TaskCompleted { task, .. } | Event::TaskFailed { task, .. } | Event::TaskCancelled { task } = event
+            && let Some(by) = self.state.tasks().get(*task).and_then(|found| found.submitted_by.clone())
+        {
+            self.effects.push_back(Effect::DeliverMail { agent: by });
+        }
         let managed =
             event.agent().and_then(|agent| self.state.agent(agent.as_str())).and_then(|record| record.managed.as_ref());
         match event {

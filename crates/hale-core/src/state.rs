@@ -338,7 +338,8 @@ impl State {
                 record.health.violations.clear();
             }),
             // Tasks.
-            Event::TaskSubmitted { task, spec, parent } => self.tasks.submit(task, spec, parent, at),
+            Event::TaskSubmitted { task, spec, parent, by } => self.tasks.submit(task, spec, parent, by, at),
+            Event::OutcomeTaken { task, .. } => self.tasks.outcome_taken(task, at),
             Event::TaskShadowed { task, children } => {
                 self.tasks.set_status(task, TaskStatus::Shadowed { children }, at);
             }

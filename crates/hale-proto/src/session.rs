@@ -144,6 +144,12 @@ pub enum ClientFrame {
         id: u64,
         conversation: String,
     },
+    /// This session's agent has the outcome of task `task`, which it submitted: stop
+    /// pushing it (answered `ok`; idempotent).
+    TakeOutcome {
+        id: u64,
+        task: u64,
+    },
     /// A fresh access token for this session (answered `ok`): a session lives only as long
     /// as its token, so a client renews it in band before it expires. The token must be
     /// for the same agent as the one that opened the session.
@@ -174,13 +180,14 @@ impl ClientFrame {
             | ClientFrame::Send { id, .. }
             | ClientFrame::Ack { id, .. }
             | ClientFrame::EndConversation { id, .. }
+            | ClientFrame::TakeOutcome { id, .. }
             | ClientFrame::Auth { id, .. } => *id,
         }
     }
 }
 
 /// The frame types a client may send, for error messages.
-pub const CLIENT_FRAME_TYPES: [&str; 18] = [
+pub const CLIENT_FRAME_TYPES: [&str; 19] = [
     "hello",
     "checkpoint",
     "recovery_point",
@@ -198,6 +205,7 @@ pub const CLIENT_FRAME_TYPES: [&str; 18] = [
     "send",
     "ack",
     "end_conversation",
+    "take_outcome",
     "auth",
 ];
 
@@ -269,6 +277,12 @@ pub enum ServerFrame {
     /// Unasked: a task this run holds was cancelled; stop working on it.
     TaskCancelled {
         task: u64,
+    },
+    /// Unasked: a task this agent submitted has ended (completed, failed or cancelled).
+    /// Every outcome not taken (`take_outcome`) is pushed again to each new session.
+    TaskOutcome {
+        #[serde(flatten)]
+        task: Box<TaskInfo>,
     },
     /// The answer to `send`.
     Sent {

@@ -116,7 +116,7 @@ pub(crate) fn decide(context: &Context<'_>, command: &TaskCommand) -> Result<Dec
             }
             shed(state, settings, spec)?;
             let id = ends.allocate();
-            ends.events.push(Event::TaskSubmitted { task: id, spec: spec.clone(), parent: None });
+            ends.events.push(Event::TaskSubmitted { task: id, spec: spec.clone(), parent: None, by: by.clone() });
             if let Some(shadow) = spec.shadow {
                 let run = TaskSpec { shadow: None, idempotency_key: None, ..spec.clone() };
                 let children: Vec<u64> = (0..shadow.count).map(|_| ends.allocate()).collect();
@@ -125,6 +125,7 @@ pub(crate) fn decide(context: &Context<'_>, command: &TaskCommand) -> Result<Dec
                         task: *child,
                         spec: run.clone(),
                         parent: Some(Parent::Shadow { task: id }),
+                        by: None,
                     });
                 }
                 ends.events.push(Event::TaskShadowed { task: id, children });
@@ -221,6 +222,19 @@ pub(crate) fn decide(context: &Context<'_>, command: &TaskCommand) -> Result<Dec
             };
             ends.end(*task, End::Failed { reason });
             ends.events
+        }
+        TaskCommand::TakeOutcome { agent, incarnation, task } => {
+            running(state, agent, *incarnation)?;
+            // Only the submitter's own tasks; another agent's is answered as unknown.
+            let found = tasks
+                .get(*task)
+                .filter(|found| found.submitted_by.as_ref() == Some(agent))
+                .ok_or(Rejection::UnknownTask { task: *task })?;
+            if !found.outcome_owed() {
+                // Taken already, or not ended yet (nothing to take): nothing to log.
+                return Ok(Decision::done(Vec::new()));
+            }
+            vec![Event::OutcomeTaken { agent: agent.clone(), task: *task }]
         }
         TaskCommand::Cancel { task } => {
             let found = tasks.get(*task).ok_or(Rejection::UnknownTask { task: *task })?;
@@ -410,6 +424,7 @@ impl<'s> Ends<'s> {
             task: child,
             spec,
             parent: Some(Parent::Compensation { task: task.id, step: step.to_string() }),
+            by: None,
         });
         self.events.push(Event::TaskCompensating { task: task.id, outcome, step: step.to_string(), child });
     }

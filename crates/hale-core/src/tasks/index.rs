@@ -25,6 +25,9 @@ pub struct Tasks {
     leases: BTreeMap<AgentName, BTreeSet<u64>>,
     /// Deadlines (and ends of wall-time budgets) of pending and running tasks, soonest first.
     due: BTreeSet<(Timestamp, u64)>,
+    /// Ended tasks whose outcome the agent that submitted them has not taken yet.
+    #[serde(default)]
+    owed: BTreeMap<AgentName, BTreeSet<u64>>,
 }
 
 impl Tasks {
@@ -109,6 +112,14 @@ impl Tasks {
 
     fn unindex(&mut self, task: &Task) {
         let id = task.id;
+        if let Some(by) = &task.submitted_by
+            && let Some(owed) = self.owed.get_mut(by)
+        {
+            owed.remove(&id);
+            if owed.is_empty() {
+                self.owed.remove(by);
+            }
+        }
         self.pending.remove(&(task.spec.priority, id));
         if let Some(not_before) = task.not_before {
             self.waiting.remove(&(not_before, id));
@@ -129,6 +140,11 @@ impl Tasks {
 
     fn index(&mut self, task: &Task) {
         let id = task.id;
+        if task.outcome_owed()
+            && let Some(by) = &task.submitted_by
+        {
+            self.owed.entry(by.clone()).or_default().insert(id);
+        }
         match &task.status {
             TaskStatus::Pending if task.exhausted() => {
                 self.exhausted.insert(id);
@@ -153,7 +169,24 @@ impl Tasks {
         }
     }
 
-    pub(crate) fn submit(&mut self, id: u64, spec: TaskSpec, parent: Option<Parent>, at: Timestamp) {
+    /// The ended tasks `agent` submitted whose outcome it has not taken, oldest first.
+    pub fn owed_to<'a>(&'a self, agent: &AgentName) -> impl Iterator<Item = &'a Task> + 'a {
+        self.owed.get(agent).into_iter().flatten().filter_map(|id| self.tasks.get(id))
+    }
+
+    /// The submitter of `id` took its outcome.
+    pub(crate) fn outcome_taken(&mut self, id: u64, at: Timestamp) {
+        self.update(id, at, |task| task.outcome_taken = true);
+    }
+
+    pub(crate) fn submit(
+        &mut self,
+        id: u64,
+        spec: TaskSpec,
+        parent: Option<Parent>,
+        by: Option<AgentName>,
+        at: Timestamp,
+    ) {
         self.next_id = self.next_id.max(id);
         if let Some(key) = &spec.idempotency_key {
             self.by_key.insert(key.clone(), id);
@@ -176,6 +209,8 @@ impl Tasks {
             reserved: Spend::default(),
             arbitration: None,
             compensation_errors: Vec::new(),
+            submitted_by: by,
+            outcome_taken: false,
         };
         self.index(&task);
         self.tasks.insert(id, task);

@@ -357,9 +357,21 @@ pub struct Task {
     /// Compensations that did not succeed (the task still ends, and says so).
     #[serde(default)]
     pub compensation_errors: Vec<String>,
+    /// The agent that submitted it, if one did: its outcome is pushed to that agent's
+    /// sessions until the agent takes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_by: Option<AgentName>,
+    /// The submitter took the outcome.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub outcome_taken: bool,
 }
 
 impl Task {
+    /// Whether the agent that submitted it has an outcome to take.
+    pub fn outcome_owed(&self) -> bool {
+        self.submitted_by.is_some() && !self.outcome_taken && self.status.is_final()
+    }
+
     /// The agent and incarnation holding the lease, if running.
     pub fn holder(&self) -> Option<(&AgentName, u64)> {
         match &self.status {

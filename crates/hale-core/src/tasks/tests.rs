@@ -88,6 +88,59 @@ fn holder(core: &Core, task: u64) -> (AgentName, u64) {
     }
 }
 
+/// Executes `command` at `now`, keeping its events in `log`.
+fn logged(core: &mut Core, log: &mut Vec<(Timestamp, Event)>, command: &Command, now: Timestamp) -> Decision {
+    let decision = core.execute(command, now).unwrap();
+    log.extend(decision.events.iter().map(|event| (now, event.clone())));
+    decision
+}
+
+#[test]
+fn the_submitter_is_owed_each_outcome_until_it_takes_it_and_only_its_own() {
+    let mut core = crew_of(&[("orch", "orchestrator"), ("a", "coder")]);
+    let start = core.state().clone();
+    let mut log = Vec::new();
+    let by = |agent: &str| Command::Task(TaskCommand::Submit { spec: spec(Priority::Normal), by: Some(name(agent)) });
+    let number = |decision: Decision| match decision.answer {
+        Answer::TaskSubmitted { task, .. } => task,
+        other => panic!("{other:?}"),
+    };
+    let done = number(logged(&mut core, &mut log, &by("orch"), at(1)));
+    let cancelled = number(logged(&mut core, &mut log, &by("orch"), at(1)));
+    let anonymous = Command::Task(TaskCommand::Submit { spec: spec(Priority::Normal), by: None });
+    let anonymous = number(logged(&mut core, &mut log, &anonymous, at(1)));
+    let owed = |core: &Core| core.state().tasks().owed_to(&name("orch")).map(|task| task.id).collect::<Vec<_>>();
+    assert!(owed(&core).is_empty(), "nothing has ended");
+    for command in core.tick(at(2)) {
+        logged(&mut core, &mut log, &command, at(2));
+    }
+    let runner = holder(&core, done);
+    while core.poll_effect().is_some() {}
+    logged(&mut core, &mut log, &complete(done, &runner, json!({"parser": "ok"})), at(3));
+    assert!(
+        std::iter::from_fn(|| core.poll_effect()).any(|effect| effect == Effect::DeliverMail { agent: name("orch") }),
+        "the submitter's sessions are told"
+    );
+    for task in [cancelled, anonymous] {
+        logged(&mut core, &mut log, &Command::Task(TaskCommand::Cancel { task }), at(4));
+    }
+    assert_eq!(owed(&core), [done, cancelled], "an operator's task is owed to no one");
+
+    let take = |agent: &str, task| Command::Task(TaskCommand::TakeOutcome { agent: name(agent), incarnation: 1, task });
+    assert_eq!(core.execute(&take("a", done), at(5)).unwrap_err().code(), "unknown_task", "only the submitter's");
+    let taken = logged(&mut core, &mut log, &take("orch", done), at(5)).events;
+    assert_eq!(taken, [Event::OutcomeTaken { agent: name("orch"), task: done }]);
+    assert!(core.execute(&take("orch", done), at(6)).unwrap().events.is_empty(), "idempotent");
+    assert_eq!(owed(&core), [cancelled]);
+
+    // Replayed from the log, the same debts.
+    let mut replayed = Core::from_state(start, Limits::default());
+    for (at, event) in &log {
+        replayed.apply(*at, event);
+    }
+    assert_eq!(replayed.state(), core.state());
+}
+
 #[test]
 fn a_second_submit_with_the_same_key_returns_the_first_task() {
     let mut core = crew(&[]);

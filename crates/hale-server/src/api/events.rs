@@ -455,12 +455,14 @@ pub fn summary(event: &Event) -> String {
         },
         Event::Released { agent } => format!("{agent} released from quarantine"),
         Event::RoleDeclared { role, min, max, .. } => format!("role {role} declared as a pool of {min} to {max}"),
-        Event::TaskSubmitted { task, spec, parent } => {
+        Event::TaskSubmitted { task, spec, parent, by } => {
             let priority = format!("{:?}", spec.priority).to_lowercase();
             let parent =
                 parent.as_ref().map(|parent| format!(" (child of task {})", parent.task())).unwrap_or_default();
-            format!("task {task} submitted for role {} ({priority}){parent}", spec.role)
+            let by = by.as_ref().map(|by| format!(" by {by}")).unwrap_or_default();
+            format!("task {task} submitted{by} for role {} ({priority}){parent}", spec.role)
         }
+        Event::OutcomeTaken { agent, task } => format!("{agent} took the outcome of task {task}"),
         Event::TaskShadowed { task, children } => format!("task {task} shadowed as tasks {children:?}"),
         Event::TaskAssigned { task, agent, incarnation, attempt, .. } => {
             format!("task {task} assigned to {agent}/{incarnation} (attempt {attempt})")

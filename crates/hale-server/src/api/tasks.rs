@@ -13,6 +13,7 @@ use hale_proto::{
     HttpSpend, HttpSubmitTask, HttpTaskWrite, Reserved, RoleStatus, SystemStatus, TaskInfo, TaskSubmitted,
 };
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 pub fn routes() -> Vec<Route> {
     vec![
@@ -98,29 +99,86 @@ async fn list_tasks(
     Ok(Json(found))
 }
 
-#[utoipa::path(get, path = "/v1/tasks/{task}", tag = "tasks", params(TaskPath),
-    responses((status = 200, description = "the task (admin, or an agent that held it; to another agent, unknown_task as for a task that does not exist)", body = TaskInfo)))]
+/// The query of `GET /v1/tasks/{task}`.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // Documents the query; the handler reads it for typed errors.
+struct TaskQuery {
+    /// Wait up to this many seconds (at most 300) for the task to end before answering
+    /// (a long poll); the answer is the task as it is then, ended or not.
+    wait: Option<f64>,
+}
+
+/// The longest `?wait=` of `GET /v1/tasks/{task}`.
+const WAIT_MAX_SECONDS: f64 = 300.0;
+
+#[utoipa::path(get, path = "/v1/tasks/{task}", tag = "tasks", params(TaskPath, TaskQuery),
+    responses((status = 200, description = "the task (admin, the agent that submitted it, or an agent that held it; to another agent, unknown_task as for a task that does not exist)", body = TaskInfo)))]
 async fn get_task(
     State(app): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path(task): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<TaskInfo>, ApiError> {
     let task = task_number(&task)?;
-    let found = app
-        .engine
-        .read(move |state| {
-            state.tasks().get(task).map(|found| (found.last_holder.clone(), wire::tasks::task_info(found)))
-        })
-        .await?;
-    // An agent sees the tasks it holds or held; the operator sees all. Another agent's task
-    // is answered as one that does not exist, so an agent's token cannot learn which task
-    // numbers are taken.
-    let unknown = || hale_core::Rejection::UnknownTask { task };
-    let (holder, info) = found.ok_or_else(unknown)?;
-    if !matches!(principal, Principal::Admin) && !holder.is_some_and(|holder| principal.may_act_for(holder.as_str())) {
-        return Err(unknown().into());
+    let wait = match query.get("wait") {
+        None => None,
+        Some(text) => match text.parse::<f64>() {
+            Ok(seconds) if (0.0..=WAIT_MAX_SECONDS).contains(&seconds) => Some(Duration::from_secs_f64(seconds)),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "wait={text:?} is not a number of seconds from 0 to {WAIT_MAX_SECONDS}"
+                )));
+            }
+        },
+    };
+    // Subscribed before the first read, so an end between the two is not missed.
+    let mut ends = app.engine.subscribe_events();
+    let deadline = wait.map(|wait| tokio::time::Instant::now() + wait);
+    loop {
+        let found = app
+            .engine
+            .read(move |state| {
+                state.tasks().get(task).map(|found| {
+                    let may_read = [found.last_holder.clone(), found.submitted_by.clone()];
+                    (may_read, found.status.is_final(), wire::tasks::task_info(found))
+                })
+            })
+            .await?;
+        // The operator sees every task; an agent the ones it submitted, holds or held.
+        // Another agent's task is answered as one that does not exist, so an agent's token
+        // cannot learn which task numbers are taken.
+        let unknown = || hale_core::Rejection::UnknownTask { task };
+        let (may_read, ended, info) = found.ok_or_else(unknown)?;
+        let allowed = matches!(principal, Principal::Admin)
+            || may_read.iter().flatten().any(|agent| principal.may_act_for(agent.as_str()));
+        if !allowed {
+            return Err(unknown().into());
+        }
+        let Some(deadline) = deadline.filter(|_| !ended) else { return Ok(Json(info)) };
+        // Until an event about this task ends it (a lagging subscription reads again).
+        let ended_now = async {
+            loop {
+                match ends.recv().await {
+                    Ok(durable) if task_ended(&durable.event, task) => return,
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => std::future::pending().await,
+                }
+            }
+        };
+        if tokio::time::timeout_at(deadline, ended_now).await.is_err() {
+            // Out of time: answer with the task as it is now.
+            let info = app.engine.read(move |state| state.tasks().get(task).map(wire::tasks::task_info)).await?;
+            return info.map(Json).ok_or_else(|| unknown().into());
+        }
     }
-    Ok(Json(info))
+}
+
+/// Whether `event` ends task `task`.
+fn task_ended(event: &hale_core::Event, task: u64) -> bool {
+    use hale_core::Event;
+    matches!(event, Event::TaskCompleted { task: ended, .. } | Event::TaskFailed { task: ended, .. } | Event::TaskCancelled { task: ended } if *ended == task)
 }
 
 /// The tasks leased to the agent's current run: how an agent without a session asks for work.

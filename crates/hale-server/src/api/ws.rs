@@ -36,7 +36,16 @@ pub async fn upgrade(
 }
 
 type Answer = Pin<Box<dyn Future<Output = ServerFrame> + Send>>;
-type MailRead = Pin<Box<dyn Future<Output = Vec<hale_proto::MessageInfo>> + Send>>;
+/// A read of the mailbox (and of the outcomes owed to the agent) for a session.
+type MailRead = Pin<Box<dyn Future<Output = Unsent> + Send>>;
+
+/// What a session's delivery read: unacked messages after its cursor, and the outcomes of
+/// tasks the agent submitted that it has not taken.
+#[derive(Default)]
+struct Unsent {
+    messages: Vec<hale_proto::MessageInfo>,
+    outcomes: Vec<hale_proto::TaskInfo>,
+}
 
 /// The agent run a session speaks for, fixed by its hello.
 struct Bound {
@@ -61,21 +70,36 @@ struct Session {
 /// Delivers the mailbox over a session: once the welcome is out, every unacked message
 /// in `seq` order, then each new one as the bell rings. A read goes through the engine, so
 /// what it returns is durable; the cursor keeps a session from sending a message twice
-/// (a new session starts from the oldest unacked).
+/// (a new session starts from the oldest unacked). The outcomes of tasks the agent
+/// submitted travel the same way: each one not taken, once per session.
 struct Delivery {
     /// The welcome has been written: messages may follow it.
     open: bool,
     /// The last `seq` written on this session.
     cursor: u64,
+    /// The outcomes written on this session.
+    outcomes: std::collections::BTreeSet<u64>,
     read: Option<MailRead>,
 }
 
 impl Delivery {
     fn start(&mut self, app: &AppState, agent: &AgentName) {
         let (engine, agent, after) = (app.engine.clone(), agent.clone(), self.cursor);
+        let sent = self.outcomes.clone();
         self.read = Some(Box::pin(async move {
             engine
-                .read(move |state| wire::mail::unacked(state, agent.as_str(), after, super::mail::READ_BATCH_MAX))
+                .read(move |state| {
+                    let limit = super::mail::READ_BATCH_MAX;
+                    let messages = wire::mail::unacked(state, agent.as_str(), after, limit);
+                    let outcomes = state
+                        .tasks()
+                        .owed_to(&agent)
+                        .filter(|task| !sent.contains(&task.id))
+                        .take(limit)
+                        .map(wire::tasks::task_info)
+                        .collect();
+                    Unsent { messages, outcomes }
+                })
                 .await
                 .unwrap_or_default()
         }));
@@ -102,7 +126,7 @@ impl Session {
         let mut shutdown = self.app.shutdown.clone();
         let mut durability = self.app.engine.watch_durability();
         let in_flight_max = self.app.session_in_flight_max;
-        let mut delivery = Delivery { open: false, cursor: 0, read: None };
+        let mut delivery = Delivery { open: false, cursor: 0, outcomes: Default::default(), read: None };
         // A session lives as long as its access token, renewed in band by `auth` frames.
         let lifetime = self.principal.lifetime();
         let expires = lifetime.is_some();
@@ -132,12 +156,20 @@ impl Session {
                         delivery.start(&self.app, &bound.agent);
                     }
                 }
-                messages = async { delivery.read.as_mut().expect("guarded").await }, if delivery.read.is_some() => {
+                unsent = async { delivery.read.as_mut().expect("guarded").await }, if delivery.read.is_some() => {
                     delivery.read = None;
-                    let full = messages.len() == super::mail::READ_BATCH_MAX;
-                    for message in messages {
+                    let limit = super::mail::READ_BATCH_MAX;
+                    let full = unsent.messages.len() == limit || unsent.outcomes.len() == limit;
+                    for message in unsent.messages {
                         delivery.cursor = delivery.cursor.max(message.seq);
                         let frame = ServerFrame::Message { message: Box::new(message) };
+                        if sink.feed(encode(&frame)).await.is_err() {
+                            return;
+                        }
+                    }
+                    for task in unsent.outcomes {
+                        delivery.outcomes.insert(task.task);
+                        let frame = ServerFrame::TaskOutcome { task: Box::new(task) };
                         if sink.feed(encode(&frame)).await.is_err() {
                             return;
                         }
@@ -436,6 +468,10 @@ impl Session {
             ClientFrame::EndConversation { conversation, .. } => {
                 let (agent, incarnation) = bound("end_conversation")?;
                 wire::mail::end_command(agent, incarnation, conversation)
+            }
+            ClientFrame::TakeOutcome { task, .. } => {
+                let (agent, incarnation) = bound("take_outcome")?;
+                Ok(hale_core::TaskCommand::TakeOutcome { agent, incarnation, task }.into())
             }
             ClientFrame::Heartbeat { .. } | ClientFrame::ReportError { .. } | ClientFrame::Auth { .. } => {
                 unreachable!("handled before commands")
