@@ -390,3 +390,71 @@ async def test_the_submitter_reads_its_task_over_http_and_waits_for_it(server: H
         await (await orch.submit("worker", {"n": 3})).result(timeout=0.3)
     await orch.close()
     await worker.close()
+
+
+def ladder_agent(work: Path, level: str) -> str:
+    return textwrap.dedent(
+        f"""
+        import os, time, hale, hale.sync
+
+        WORK = {str(work)!r}
+        RUN = os.environ["HALE_INCARNATION"]
+        agent = hale.sync.Agent.from_env()
+        for task in agent.tasks():
+            with open(os.path.join(WORK, "ladder.log"), "a") as out:
+                out.write({level!r} + " run " + RUN + " pid " + str(os.getpid()) + " took " + str(task.task) + "\\n")
+            if {level!r} == "full" and RUN == "1":
+                time.sleep(600)  # the test SIGKILLs the process here
+            agent.complete(task, {{"by": {level!r}}})
+        """
+    )
+
+
+FLAKY = textwrap.dedent(
+    """
+    import os, hale, hale.sync
+
+    agent = hale.sync.Agent.from_env()
+    for task in agent.tasks():
+        if agent.name == "flaky":
+            agent.fail(task, "the search tool is down")
+        else:
+            agent.complete(task, {"by": agent.name})
+    """
+)
+
+
+@run_within(90)
+async def test_a_crash_does_not_send_work_down_the_ladder_and_a_retry_avoids_the_agent_that_failed(tmp_path: Path) -> None:
+    log = tmp_path / "ladder.log"
+    server = up_python(
+        tmp_path,
+        {
+            "full": (ladder_agent(tmp_path, "full"), 'role = "writer"\nrestart = "always"'),
+            "small": (ladder_agent(tmp_path, "small"), 'role = "writer-small"'),
+            "flaky": (FLAKY, 'role = "searcher"'),
+            "steady": (FLAKY, 'role = "searcher"'),
+        },
+    )
+
+    def lines() -> List[str]:
+        return log.read_text().splitlines() if log.exists() else []
+
+    try:
+        for agent in ("full", "small", "flaky", "steady"):
+            await eventually(f"{agent} heartbeats", 30, lambda: summary(server, agent).get("health") == "alive")
+        task = server.submit("writer", {"topic": "tides"}, fallback=[{"role": "writer-small", "level": "good_enough"}])
+        taken = await eventually("the full agent took it", 30, lambda: next(iter(lines()), None))
+        assert taken.startswith("full run 1"), taken
+        os.kill(int(taken.split(" pid ")[1].split()[0]), signal.SIGKILL)
+        done = await eventually("the task completed", 30, lambda: (t := server.task(task))["status"] == "completed" and t)
+        assert (done["result"], done["level"]) == ({"by": "full"}, "optimal"), (done, lines())
+        assert [line.split(" pid ")[0] for line in lines()] == ["full run 1", "full run 2"], lines()
+
+        # Three attempts; the first may land on either agent, and a retry never stays on the
+        # one whose attempt failed while the other has room.
+        search = server.submit("searcher", {"q": "tides"}, max_attempts=3)
+        done = await eventually("the search completed", 30, lambda: (t := server.task(search))["status"] == "completed" and t)
+        assert done["result"] == {"by": "steady"} and done["attempts"] <= 2, done
+    finally:
+        server.stop()

@@ -511,6 +511,7 @@ mod tests {
             json!({"released": {"agent": "a"}}),
             json!({"role_declared": {"role": "r", "min": 1, "max": 2, "supervision": supervision}}),
             json!({"task_submitted": {"task": 1, "spec": {"role": "r"}}}),
+            json!({"outcome_taken": {"agent": "a", "task": 1}}),
             json!({"task_shadowed": {"task": 1, "children": [2, 3]}}),
             json!({"task_assigned": {"task": 1, "agent": "a", "incarnation": 1, "attempt": 1}}),
             json!({"step_intended": {"task": 1, "attempt": 1, "name": "s"}}),

@@ -113,6 +113,9 @@ pub struct Core {
     errors: BTreeMap<AgentName, health::ErrorWindow>,
     /// What the resource and probe detectors measured of managed runs. Volatile.
     measured: BTreeMap<AgentName, measure::Measured>,
+    /// Since when each role a pending task asked for has had no healthy agent (see
+    /// `fallback_grace_ms`). Volatile.
+    unserved: BTreeMap<RoleName, Timestamp>,
     effects: VecDeque<Effect>,
 }
 
@@ -133,6 +136,7 @@ impl Core {
             liveness: BTreeMap::new(),
             errors: BTreeMap::new(),
             measured: BTreeMap::new(),
+            unserved: BTreeMap::new(),
             effects: VecDeque::new(),
         }
     }
@@ -279,7 +283,8 @@ impl Core {
 
     fn queue_effects(&mut self, event: &Event) {
         // A task an agent submitted ended: its outcome goes to that agent's sessions.
-        if let Event::TaskCompleted { task, .. } | Event::TaskFailed { task, .. } | Event::TaskCancelled { task } = event
+        if let Event::TaskCompleted { task, .. } | Event::TaskFailed { task, .. } | Event::TaskCancelled { task } =
+            event
             && let Some(by) = self.state.tasks().get(*task).and_then(|found| found.submitted_by.clone())
         {
             self.effects.push_back(Effect::DeliverMail { agent: by });
@@ -594,7 +599,33 @@ impl Core {
     /// capacity changed it. `tick` includes these; the shell also calls this right after
     /// a batch of commands, so that a lost agent's tasks move at once rather than at the
     /// next tick.
-    pub fn dispatch(&self, now: Timestamp) -> Vec<Command> {
+    pub fn dispatch(&mut self, now: Timestamp) -> Vec<Command> {
+        // Taken out while the candidates borrow the rest of the core, and put back after.
+        let mut unserved = std::mem::take(&mut self.unserved);
+        let (commands, served) = self.plan(now, &unserved);
+        match served {
+            Some((served, seen)) => {
+                unserved.retain(|role, _| !served.contains(role));
+                for role in seen.into_iter().filter(|role| !served.contains(role)) {
+                    unserved.entry(role).or_insert(now);
+                }
+            }
+            // Nothing waits for an agent: nothing is watched (the candidates are not even
+            // gathered), and the grace starts afresh for the next task.
+            None => unserved.clear(),
+        }
+        self.unserved = unserved;
+        commands
+    }
+
+    /// The commands of [`dispatch`](Core::dispatch), and (when there was anything to
+    /// assign) the roles that had a healthy agent and the roles the ladders asked for.
+    #[allow(clippy::type_complexity)]
+    fn plan(
+        &self,
+        now: Timestamp,
+        unserved: &BTreeMap<RoleName, Timestamp>,
+    ) -> (Vec<Command>, Option<(std::collections::BTreeSet<RoleName>, Vec<RoleName>)>) {
         let tasks = self.state.tasks();
         let mut commands: Vec<Command> = tasks.overdue(now).map(|task| TaskCommand::Expire { task }.into()).collect();
         // Candidates are only worth gathering when something waits for one: the tick runs
@@ -609,8 +640,17 @@ impl Core {
             commands.push(TaskCommand::SetMode { mode, serving, roles }.into());
         }
         let capacity = self.settings.tasks.per_agent_max.max(1) as usize;
-        commands.extend(tasks::plan(&self.state, tasks, &mut healthy, capacity, now));
-        commands
+        let grace_ms = self.settings.tasks.fallback_grace_ms;
+        // A rung with no healthy agent is passed over once it has had none for the grace.
+        let unserved_long =
+            |role: &RoleName| unserved.get(role).is_some_and(|since| now.0.saturating_sub(since.0) >= grace_ms);
+        let planned = tasks::plan(&self.state, tasks, &mut healthy, capacity, now, &unserved_long);
+        commands.extend(planned.commands);
+        if tasks.pending().next().is_none() {
+            return (commands, None);
+        }
+        let served = healthy.iter().filter(|(_, agents)| !agents.is_empty()).map(|(role, _)| (*role).clone()).collect();
+        (commands, Some((served, planned.unserved)))
     }
 
     /// How many roles have a healthy agent, of how many roles hale knows (see `Mode`).

@@ -83,6 +83,9 @@ pub struct TaskSettings {
     pub retry_after_ms: u64,
     /// A budget breach quarantines the agent (it always opens its breaker).
     pub quarantine_on_budget_breach: bool,
+    /// A task falls back to a lower rung of its ladder only once the rungs above have had
+    /// no healthy agent for this long: a crashed agent restarted within it gets the task.
+    pub fallback_grace_ms: u64,
 }
 
 impl Default for TaskSettings {
@@ -94,6 +97,7 @@ impl Default for TaskSettings {
             shed_high_at: 100_000,
             retry_after_ms: 2_000,
             quarantine_on_budget_breach: false,
+            fallback_grace_ms: 2_000,
         }
     }
 }

@@ -142,6 +142,37 @@ fn the_submitter_is_owed_each_outcome_until_it_takes_it_and_only_its_own() {
 }
 
 #[test]
+fn a_retry_goes_to_another_agent_when_one_has_room_and_back_when_none_has() {
+    let mut core = crew(&["a", "b"]);
+    let retried = TaskSpec { max_attempts: 4, ..spec(Priority::Normal) };
+    let task = submit(&mut core, retried, at(1));
+    let fail = |core: &mut Core, holder: &(AgentName, u64), now| {
+        let command = TaskCommand::Fail {
+            task,
+            agent: holder.0.clone(),
+            incarnation: holder.1,
+            reason: "the tool broke".into(),
+            retry: true,
+        };
+        core.execute(&Command::Task(command), now).unwrap();
+    };
+    let first = assigned(&mut core, task, at(2));
+    fail(&mut core, &first, at(3));
+    let second = assigned(&mut core, task, at(4));
+    assert_ne!(second.0, first.0, "the retry went back to the agent whose attempt failed");
+    fail(&mut core, &second, at(5));
+    let third = assigned(&mut core, task, at(6));
+    assert_eq!(third.0, first.0, "and then away from the second");
+    // With the other agent busy, the retry does not wait for it.
+    let other = submit(&mut core, spec(Priority::Normal), at(7));
+    tick(&mut core, at(7));
+    assert_ne!(holder(&core, other).0, third.0, "the other task went to the free agent");
+    fail(&mut core, &third, at(8));
+    tick(&mut core, at(9));
+    assert_eq!(holder(&core, task).0, third.0, "the retry took the only agent with room");
+}
+
+#[test]
 fn a_second_submit_with_the_same_key_returns_the_first_task() {
     let mut core = crew(&[]);
     let keyed = TaskSpec { idempotency_key: Some("order-7".into()), ..spec(Priority::Normal) };
@@ -580,30 +611,46 @@ fn without_a_healthy_agent_of_a_role_the_task_falls_back_and_says_at_what_level(
     // While the big model serves, it gets the work.
     let first = submit(&mut core, laddered.clone(), at(1));
     assert_eq!(assigned(&mut core, first, at(2)).0, name("big"));
-    // The big model is lost: the next task (and the first, redistributed) fall back.
-    core.execute(
-        &Command::Supervision(SupervisionCommand::ReportDown {
-            agent: name("big"),
-            incarnation: 1,
-            cause: supervision::Cause::Vanished,
-        }),
-        at(3),
-    )
-    .unwrap();
+    let lose_big = |core: &mut Core, now| {
+        let incarnation = core.state().agent("big").unwrap().incarnation;
+        let cause = supervision::Cause::Vanished;
+        let down = SupervisionCommand::ReportDown { agent: name("big"), incarnation, cause };
+        core.execute(&Command::Supervision(down), now).unwrap();
+    };
+    // The big model is lost: the task waits for it, for the grace.
+    lose_big(&mut core, at(3));
     let events = tick(&mut core, at(4));
     assert!(events.iter().any(|event| matches!(event, Event::ModeChanged { mode: Mode::Degraded, .. })), "{events:?}");
     assert_eq!(core.state().mode(), Mode::Degraded);
+    assert_eq!(status(&core, first), TaskStatus::Pending, "no fallback at once");
+    // It comes back within the grace, and gets the task again.
+    let hello = Hello { agent: name("big"), role: role("code-generator"), labels: BTreeMap::new(), incarnation: None };
+    core.execute(&Command::Agent(AgentCommand::Hello(hello)), at(500)).unwrap();
+    core.heartbeat(at(500), &name("big"), 2, None).unwrap();
+    tick(&mut core, at(600));
+    assert_eq!(holder(&core, first), (name("big"), 2), "the full agent, back within the grace");
+    // Lost again and not back: the task falls back once the grace (2 s) is over.
+    lose_big(&mut core, at(700));
+    let small_beats = |core: &mut Core, now| core.heartbeat(now, &name("small"), 1, None).unwrap();
+    for now in (701..=2_700).step_by(333) {
+        small_beats(&mut core, at(now));
+        tick(&mut core, at(now));
+    }
+    assert_eq!(status(&core, first), TaskStatus::Pending, "within the grace");
+    small_beats(&mut core, at(2_701));
+    tick(&mut core, at(2_701));
     let small = holder(&core, first);
     assert_eq!(small.0, name("small"));
-    core.execute(&complete(first, &small, json!("fn parse() {}")), at(5)).unwrap();
+    core.execute(&complete(first, &small, json!("fn parse() {}")), at(2_705)).unwrap();
     assert_eq!(
         status(&core, first),
         TaskStatus::Completed { result: json!("fn parse() {}"), level: Level::GoodEnough }
     );
     // A busy rung is waited for, not skipped: with "small" busy, a second task waits.
-    let second = submit(&mut core, laddered.clone(), at(6));
-    let third = submit(&mut core, laddered, at(6));
-    tick(&mut core, at(7));
+    let second = submit(&mut core, laddered.clone(), at(2_706));
+    let third = submit(&mut core, laddered, at(2_706));
+    small_beats(&mut core, at(2_707));
+    tick(&mut core, at(2_707));
     assert_eq!(holder(&core, second).0, name("small"));
     assert_eq!(status(&core, third), TaskStatus::Pending);
 }

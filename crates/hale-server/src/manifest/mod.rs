@@ -241,6 +241,9 @@ pub struct TasksSection {
     pub retry_after_ms: u64,
     /// A budget breach also quarantines the agent (it always opens its breaker).
     pub quarantine_on_budget_breach: bool,
+    /// A task falls back to a lower rung only after the rungs above had no healthy agent
+    /// for this long.
+    pub fallback_grace_ms: u64,
 }
 
 impl Default for TasksSection {
@@ -253,6 +256,7 @@ impl Default for TasksSection {
             shed_high_at: core.shed_high_at,
             retry_after_ms: core.retry_after_ms,
             quarantine_on_budget_breach: core.quarantine_on_budget_breach,
+            fallback_grace_ms: core.fallback_grace_ms,
         }
     }
 }
@@ -470,6 +474,7 @@ impl Manifest {
                 shed_high_at: self.tasks.shed_high_at,
                 retry_after_ms: self.tasks.retry_after_ms,
                 quarantine_on_budget_breach: self.tasks.quarantine_on_budget_breach,
+                fallback_grace_ms: self.tasks.fallback_grace_ms,
             },
         }
     }
