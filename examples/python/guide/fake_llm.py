@@ -1,0 +1,20 @@
+"""A stand-in for a model SDK, so the guide's examples run without a key or a network.
+
+``complete`` answers as the Anthropic SDK's ``messages.create`` does (the ``model``, the
+text, and ``usage`` with ``input_tokens`` and ``output_tokens``), the same answer for the
+same prompt, after blocking its thread for ``latency`` seconds as a synchronous SDK does.
+"""
+
+import hashlib
+import time
+from typing import Any, Dict
+
+
+def complete(prompt: str, model: str = "fake-llm-1", latency: float = 0.0) -> Dict[str, Any]:
+    time.sleep(latency)
+    digest = hashlib.sha256(f"{model}|{prompt}".encode()).hexdigest()
+    return {
+        "model": model,
+        "text": f"[{digest[:8]}] {prompt[:60]}",
+        "usage": {"input_tokens": len(prompt.split()), "output_tokens": 20},
+    }
