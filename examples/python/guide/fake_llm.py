@@ -1,8 +1,9 @@
 """A stand-in for a model SDK, so the guide's examples run without a key or a network.
 
-``complete`` answers as the Anthropic SDK's ``messages.create`` does (the ``model``, the
-text, and ``usage`` with ``input_tokens`` and ``output_tokens``), the same answer for the
-same prompt, after blocking its thread for ``latency`` seconds as a synchronous SDK does.
+``complete`` answers with what hale reads from a model SDK's response (the ``model``, and
+``usage`` with ``input_tokens`` and ``output_tokens``, as Anthropic's SDK names them) and
+the ``text``: the same answer for the same prompt, after blocking its thread for
+``latency`` seconds as a synchronous SDK does.
 """
 
 import hashlib
