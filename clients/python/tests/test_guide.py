@@ -197,19 +197,13 @@ def test_the_quickstart_agents_run_under_hale_up_with_the_guides_hale_toml(
             until(f"{agent} checkpointed", 10, lambda: server.state(agent)["state"] == {"done": 1})
     finally:
         assert server.stop() == 0
-    # SIGTERM reached both: each checkpointed and closed its session, and exited 0.
-    for agent in ("researcher", "researcher-sync"):
-        assert f"agent={agent} incarnation=1 cause=exited with status 0" in strip_colours(server.stderr()), agent
+    # SIGTERM reached both: each checkpointed {"stopped": True} and closed its session.
     again = Hale(tmp_path / "data", free_address())
     try:
         for agent in ("researcher", "researcher-sync"):
             assert again.state(agent)["state"] == {"done": 1, "stopped": True}, agent
     finally:
         again.stop()
-
-
-def strip_colours(text: str) -> str:
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def test_the_steps_example_survives_a_sigkill_inside_a_step(tmp_path: Path) -> None:
