@@ -53,8 +53,8 @@ from .errors import (
     UnknownMessage,
     VersionConflict,
 )
+from .types import JSON as _JSON
 from .types import (
-    JSON,
     Conversation,
     LlmCall,
     Message,
@@ -70,6 +70,11 @@ from .types import (
     TaskOutcome,
     Welcome,
 )
+
+JSON = _JSON
+"""A JSON value as ``json.loads`` returns it (``dict``, ``list``, ``str``, ``int``,
+``float``, ``bool`` or ``None``): what state, payloads, step results and messages are
+made of. A value that is not JSON is refused with :class:`NotJson` before it is sent."""
 
 __version__ = "0.1.0"
 

@@ -205,7 +205,7 @@ class AgentCore:
         self._progress_sent: Optional[Dict[str, JSON]] = None
         self._beats: Optional["asyncio.Task[None]"] = None
         self._beat_now = asyncio.Event()
-        #: Heartbeats the client sent by itself, and how many hale refused or failed.
+        #: Heartbeats the client has sent from its own loop.
         self.beats_sent = 0
         #: Outcomes of tasks this agent submitted, pushed and not handed out yet.
         self._outcomes: Dict[int, TaskOutcome] = {}

@@ -119,6 +119,7 @@ class TokenPair:
 
     @staticmethod
     def from_json(raw: Mapping[str, JSON]) -> TokenPair:
+        """The pair from hale's answer to ``POST /v1/agents/{agent}/tokens``."""
         return TokenPair(
             agent=str(raw["agent"]),
             access_token=str(raw["access_token"]),
@@ -145,6 +146,7 @@ class ManagedSummary:
 
     @staticmethod
     def from_json(raw: Mapping[str, JSON]) -> ManagedSummary:
+        """The ``managed`` member of an agent in ``GET /v1/agents``."""
         return ManagedSummary(
             status=str(raw.get("status", "")),
             node=_opt_str(raw.get("node")),
@@ -168,6 +170,7 @@ class DownSummary:
 
     @staticmethod
     def from_json(raw: Mapping[str, JSON]) -> DownSummary:
+        """A ``last_down`` member of an agent in ``GET /v1/agents``."""
         return DownSummary(
             incarnation=int(raw.get("incarnation", 0)),
             detector=str(raw.get("detector", "")),
@@ -178,8 +181,8 @@ class DownSummary:
 
 @dataclass(frozen=True)
 class QuarantineSummary:
-    """Why an agent is quarantined: ``by`` is ``itself``, ``agent NAME`` or ``the
-    operator``; ``action`` what was done to its process (``isolate``, ``pause`` or
+    """Why an agent is quarantined: ``by`` is ``itself``, ``agent NAME`` or
+    ``the operator``; ``action`` what was done to its process (``isolate``, ``pause`` or
     ``stop``)."""
 
     reason: str
@@ -189,6 +192,7 @@ class QuarantineSummary:
 
     @staticmethod
     def from_json(raw: Mapping[str, JSON]) -> QuarantineSummary:
+        """The ``quarantine`` member of an agent in ``GET /v1/agents``."""
         return QuarantineSummary(
             reason=str(raw.get("reason", "")),
             by=str(raw.get("by", "")),
@@ -245,6 +249,7 @@ class AgentSummary:
 
     @staticmethod
     def from_json(raw: Mapping[str, JSON]) -> AgentSummary:
+        """One agent of ``GET /v1/agents``."""
         managed, down, last_down, quarantine = (raw.get(key) for key in ("managed", "down", "last_down", "quarantine"))
         return AgentSummary(
             agent=str(raw["agent"]),
@@ -285,6 +290,7 @@ class AgentState:
 
     @staticmethod
     def from_json(raw: Mapping[str, JSON]) -> AgentState:
+        """The answer of ``GET /v1/agents/{agent}/state``."""
         return AgentState(
             agent=str(raw["agent"]),
             incarnation=int(raw.get("incarnation", 0)),
@@ -346,6 +352,7 @@ class TaskInfo:
 
     @property
     def id(self) -> int:
+        """The task's number (``task``)."""
         return self.task
 
     def step(self, name: str) -> Optional[Step]:
@@ -357,6 +364,7 @@ class TaskInfo:
 
     @staticmethod
     def from_json(raw: Mapping[str, JSON]) -> TaskInfo:
+        """One task as ``GET /v1/tasks/{task}`` (or the list ``GET /v1/tasks``) gives it."""
         def ids(value: Any) -> Optional[List[int]]:
             return [int(one) for one in value] if isinstance(value, list) else None
 
@@ -408,6 +416,7 @@ class RoleStatus:
 
     @staticmethod
     def from_json(raw: Mapping[str, JSON]) -> RoleStatus:
+        """One role of ``GET /v1/status``."""
         return RoleStatus(
             role=str(raw["role"]),
             agents=int(raw.get("agents", 0)),
@@ -444,6 +453,7 @@ class SystemStatus:
 
     @staticmethod
     def from_json(raw: Mapping[str, JSON]) -> SystemStatus:
+        """The answer of ``GET /v1/status``."""
         return SystemStatus(
             mode=str(raw["mode"]),
             serving=int(raw.get("serving", 0)),
@@ -475,6 +485,7 @@ class ClusterMember:
 
     @staticmethod
     def from_json(raw: Mapping[str, JSON]) -> ClusterMember:
+        """One member of ``GET /v1/cluster``."""
         return ClusterMember(
             node_id=int(raw["node_id"]),
             address=str(raw.get("address", "")),
@@ -502,6 +513,7 @@ class ClusterInfo:
 
     @staticmethod
     def from_json(raw: Mapping[str, JSON]) -> ClusterInfo:
+        """The answer of ``GET /v1/cluster``."""
         return ClusterInfo(
             node_id=int(raw["node_id"]),
             role=str(raw.get("role", "")),
@@ -535,6 +547,7 @@ class NodeSummary:
 
     @staticmethod
     def from_json(raw: Mapping[str, JSON]) -> NodeSummary:
+        """One node of ``GET /v1/nodes``."""
         return NodeSummary(
             name=str(raw["name"]),
             node_id=int(raw["node_id"]),
@@ -564,6 +577,7 @@ class BackupDone:
 
     @staticmethod
     def from_json(raw: Mapping[str, JSON]) -> BackupDone:
+        """The last line of ``POST /v1/backups``'s answer."""
         return BackupDone(
             path=str(raw["path"]),
             bytes=int(raw.get("bytes", 0)),
@@ -592,6 +606,7 @@ class EventInfo:
 
     @staticmethod
     def from_json(raw: Mapping[str, JSON]) -> EventInfo:
+        """One event of ``GET /v1/events`` or of its stream."""
         return EventInfo(
             seq=int(raw["seq"]),
             at_ms=int(raw.get("at_ms", 0)),
@@ -770,9 +785,9 @@ class SyncAdmin:
         return _parse("issue_tokens", TokenPair.from_json, answer)
 
     def revoke_tokens(self, agent: str, reason: Optional[str] = None) -> None:
-        """Revokes every token of ``agent`` at once and ends its sessions (``hale token
-        revoke``; admin token); ``reason`` is logged (default: revoked by the operator).
-        Returns once logged. Raises :class:`~hale.ServerError` ``invalid_name``,
+        """Revokes every token of ``agent`` at once and ends its sessions
+        (``hale token revoke``; admin token); ``reason`` is logged (default: revoked by
+        the operator). Returns once logged. Raises :class:`~hale.ServerError` ``invalid_name``,
         :class:`~hale.AuthError` without the admin token, :class:`~hale.ConnectError`."""
         body = {"reason": reason} if reason is not None else None
         self._call("POST", f"/v1/agents/{_segment(agent)}/tokens/revoke", body)
@@ -823,9 +838,9 @@ class SyncAdmin:
         self._call("POST", f"/v1/agents/{_segment(agent)}/quarantine", {"reason": reason})
 
     def release(self, agent: str) -> None:
-        """Releases ``agent`` from quarantine and forgets its past violations (``hale
-        release``; admin token); releasing one not quarantined changes nothing. Raises
-        :class:`~hale.ServerError` ``unknown_agent`` or ``invalid_name``,
+        """Releases ``agent`` from quarantine and forgets its past violations
+        (``hale release``; admin token); releasing one not quarantined changes nothing.
+        Raises :class:`~hale.ServerError` ``unknown_agent`` or ``invalid_name``,
         :class:`~hale.AuthError`, :class:`~hale.ConnectError`."""
         self._call("POST", f"/v1/agents/{_segment(agent)}/release")
 
@@ -850,10 +865,10 @@ class SyncAdmin:
         ``priority`` is ``critical``, ``high``, ``normal`` (the default) or
         ``background``; ``deadline_ms`` fails the task if it has not ended by then (ms
         since the Unix epoch); ``retry_backoff_ms`` is the wait before a retry, doubled for
-        each further attempt; ``shadow`` runs it on several agents (``{"count": 2,
-        "quorum": 2}``); ``fallback`` lists lower rungs for when no healthy agent serves
-        ``role`` (``[{"role": "small", "level": "good_enough"}]``); ``budget`` limits its
-        spending (``{"tokens": 5000, "cost": 100, "wall_ms": 600000}``).
+        each further attempt; ``shadow`` runs it on several agents
+        (``{"count": 2, "quorum": 2}``); ``fallback`` lists lower rungs for when no
+        healthy agent serves ``role`` (``[{"role": "small", "level": "good_enough"}]``);
+        ``budget`` limits its spending (``{"tokens": 5000, "cost": 100, "wall_ms": 600000}``).
 
         A task without an ``idempotency_key`` gets a random one, so that sending it again
         to a new leader cannot submit it twice. Returns the task's number once durable,

@@ -40,6 +40,8 @@ class Reconnect:
     more_urls: Sequence[str] = ()
 
     def delay(self, attempt: int) -> float:
+        """The wait before reconnect attempt ``attempt`` (0-based), in seconds: drawn
+        uniformly from ``[0, min(cap, base * 2**attempt)]``."""
         ceiling = min(self.cap, self.base * (2 ** min(attempt, 20)))
         return random.uniform(0.0, ceiling) if ceiling > 0 else 0.0
 
@@ -56,6 +58,7 @@ class Progress:
     fields: Optional[Mapping[str, JSON]] = None
 
     def to_json(self) -> Dict[str, JSON]:
+        """The ``progress`` member of a heartbeat frame: the members that are set."""
         body: Dict[str, JSON] = {}
         if self.fraction is not None:
             body["fraction"] = self.fraction
@@ -83,6 +86,7 @@ class LlmCall:
     tokens_out: Optional[int] = None
 
     def to_json(self) -> Dict[str, JSON]:
+        """The ``llm`` member of a ``commit_step`` frame: the members that are set."""
         return {key: value for key, value in self.__dict__.items() if value is not None}
 
     @staticmethod
@@ -111,6 +115,7 @@ class LlmCall:
 
     @staticmethod
     def from_json(raw: Mapping[str, JSON]) -> LlmCall:
+        """The call as a task's step reports it (its ``llm`` member)."""
         return LlmCall(
             model=str(raw.get("model", "")),
             model_version=_opt_str(raw.get("model_version")),
@@ -126,12 +131,17 @@ class LlmCall:
 
 @dataclass(frozen=True)
 class RecoveryPoint:
+    """A named version of the agent's state, to roll back to (:meth:`hale.Agent.rollback`
+    with its name): the ``version`` it names and when it was marked (ms since the Unix
+    epoch)."""
+
     name: str
     version: int
     marked_at_ms: int
 
     @staticmethod
     def from_json(raw: Mapping[str, JSON]) -> RecoveryPoint:
+        """The point as a ``welcome`` or a ``recovery_point_marked`` frame gives it."""
         return RecoveryPoint(str(raw["name"]), int(raw["version"]), int(raw.get("marked_at_ms", 0)))
 
 
@@ -146,6 +156,10 @@ class RolledBack:
 
 @dataclass(frozen=True)
 class Conversation:
+    """A conversation the run takes part in, as a ``welcome`` lists it: its ``id``, who
+    takes part, when it started and last had a message (ms since the Unix epoch), and how
+    many messages it holds."""
+
     id: str
     participants: List[str]
     last_at_ms: Optional[int]
@@ -155,6 +169,7 @@ class Conversation:
 
     @staticmethod
     def from_json(raw: Mapping[str, JSON]) -> Conversation:
+        """The conversation as a ``welcome`` frame lists it."""
         return Conversation(
             str(raw.get("id", "")),
             [str(p) for p in raw.get("participants") or []],
@@ -177,6 +192,7 @@ class PendingReply:
 
     @staticmethod
     def from_json(raw: Mapping[str, JSON]) -> PendingReply:
+        """The pending reply as a ``welcome`` frame lists it."""
         return PendingReply(
             int(raw.get("message", 0)),
             _opt_int(raw.get("seq")),
@@ -188,7 +204,11 @@ class PendingReply:
 
 @dataclass(frozen=True)
 class Welcome:
-    """Everything a run needs to carry on, from hale's ``welcome``."""
+    """Everything a run needs to carry on, from hale's ``welcome``: the ``incarnation``
+    this run is (``resumed`` when it is one that said hello before, after a lost
+    connection), the agent's ``state`` at ``version`` as its last checkpoint left it, its
+    recovery points and retained versions (``history``), how many messages wait in its
+    mailbox, and its conversations and the replies it owes. ``raw`` is the frame."""
 
     protocol: int
     agent: str
@@ -209,6 +229,7 @@ class Welcome:
 
     @staticmethod
     def from_json(raw: Mapping[str, JSON]) -> Welcome:
+        """The ``welcome`` frame hale answers a ``hello`` with."""
         return Welcome(
             protocol=int(raw.get("protocol", 0)),
             agent=str(raw["agent"]),
@@ -232,7 +253,9 @@ class Welcome:
 class Step:
     """A step of a task. ``state`` is ``done``, ``intent`` (begun by the attempt holding
     the lease) or ``uncertain`` (begun by a lost attempt: find out whether its side
-    effect happened before doing it again)."""
+    effect happened before doing it again). ``result`` is what was committed (JSON),
+    ``attempt`` the attempt that committed or began it, ``at_ms`` when (ms since the Unix
+    epoch), ``llm`` the model call behind it and ``compensation`` what would undo it."""
 
     name: str
     state: str
@@ -244,6 +267,7 @@ class Step:
 
     @staticmethod
     def from_json(raw: Mapping[str, JSON]) -> Step:
+        """The step as a ``task`` frame (or ``GET /v1/tasks/{task}``) lists it."""
         llm = raw.get("llm")
         return Step(
             name=str(raw["name"]),
@@ -258,7 +282,15 @@ class Step:
 
 @dataclass(frozen=True)
 class Task:
-    """A task hale leased to this run, with the steps earlier attempts left."""
+    """A task hale leased to this run, with the steps earlier attempts left.
+
+    ``attempts`` is the number of the attempt this run holds (1 for the first; each
+    retry and each move to another run after the holder was lost adds one), out of
+    ``max_attempts``. ``payload`` is as submitted. ``steps`` are those earlier attempts
+    committed (``done``) or began (``uncertain``): :meth:`done` and :meth:`step` look one
+    up, and :func:`hale.step` functions return a done step's result without running.
+    ``kind`` is ``shadow`` for one of the runs of a shadowed ``parent_task`` and
+    ``compensation`` for a task that undoes step ``compensates``; ``raw`` is the frame."""
 
     task: int
     role: str
@@ -275,6 +307,7 @@ class Task:
 
     @property
     def id(self) -> int:
+        """The task's number (``task``)."""
         return self.task
 
     def step(self, name: str) -> Optional[Step]:
@@ -291,6 +324,7 @@ class Task:
 
     @staticmethod
     def from_json(raw: Mapping[str, JSON]) -> Task:
+        """The task as the ``task`` frame that leases it to the run gives it."""
         return Task(
             task=int(raw["task"]),
             role=str(raw.get("role", "")),
@@ -371,6 +405,7 @@ class Message:
 
     @staticmethod
     def from_json(raw: Mapping[str, JSON]) -> Message:
+        """The message as the ``message`` frame that delivers it gives it."""
         return Message(
             seq=int(raw["seq"]),
             message=int(raw.get("message", 0)),
@@ -397,6 +432,7 @@ class SentMessage:
 
     @staticmethod
     def from_json(raw: Mapping[str, JSON]) -> SentMessage:
+        """The ``sent`` frame hale answers a ``send`` with."""
         return SentMessage(
             message=int(raw.get("message", 0)),
             to=str(raw.get("to", "")),
