@@ -60,6 +60,7 @@ class StepContext:
 
     @property
     def uncertain(self) -> bool:
+        """Whether a lost attempt began this step (its side effect may have happened)."""
         return self.prior == "uncertain"
 
 
@@ -91,8 +92,8 @@ def _settle(task: int, outcome: Optional[TaskOutcome], closed: bool, timeout: Op
 
 
 class WorkScope:
-    """What :meth:`Agent.work_on` returns: while it is entered (``with`` or ``async
-    with``), the :func:`hale.step` functions called are steps of its task."""
+    """What :meth:`Agent.work_on` returns: while it is entered (``with`` or
+    ``async with``), the :func:`hale.step` functions called are steps of its task."""
 
     def __init__(self, work: Work) -> None:
         self.work = work
@@ -128,14 +129,17 @@ class _Facade:
 
     @property
     def name(self) -> str:
+        """The agent's name."""
         return self._core.name
 
     @property
     def role(self) -> str:
+        """The role the hello gave (hale keeps hale.toml's for an agent it runs)."""
         return self._core.role
 
     @property
     def labels(self) -> Dict[str, str]:
+        """The labels the hello gave."""
         return dict(self._core.labels)
 
     @property
@@ -182,6 +186,7 @@ class _Facade:
 
     @property
     def connected(self) -> bool:
+        """Whether the socket is open now (False while reconnecting, and once ended)."""
         return self._core.connected
 
     @property
@@ -222,6 +227,7 @@ class _Facade:
 
     @property
     def token_refreshes(self) -> int:
+        """How often the access token was refreshed."""
         return self._core.token_refreshes
 
     @property
@@ -259,10 +265,12 @@ class _Facade:
 
     @property
     def closed(self) -> bool:
+        """Whether the session has ended (closed, fenced, given up)."""
         return self._core.closed
 
     @property
     def end_reason(self) -> Optional[str]:
+        """Why the session ended, once it has."""
         return self._core.end_reason
 
     def work_on(self, task: Task) -> WorkScope:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Coroutine, Iterator, Mapping, Optional, Sequen
 
 from . import _runtime
 from ._core import AgentCore, env_settings
-from .admin import SyncAdmin as Admin
+from .admin import SyncAdmin
 from .agent import HEARTBEAT, StepContext, WorkScope, _Facade, _settle
 from .errors import HaleError
 from .steps import RETRY, Check, _Options
@@ -52,6 +52,9 @@ from .types import (
 )
 
 T = TypeVar("T")
+
+Admin = SyncAdmin
+"""The blocking admin (HTTP) API: :class:`hale.SyncAdmin`."""
 
 __all__ = ["Admin", "Agent", "StepContext", "TaskHandle", "WorkScope", "stop_on_sigterm"]
 
@@ -174,8 +177,8 @@ class Agent(_Facade):
     def long_call(self, seconds: float) -> Iterator[None]:
         """Brackets a call that may take longer than the stall detector allows::
 
-        with agent.long_call(600):
-            report = deep_research(topic)
+            with agent.long_call(600):
+                report = deep_research(topic)
         """
         self.busy(seconds)
         try:

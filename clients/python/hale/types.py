@@ -365,6 +365,7 @@ class TaskOutcome:
 
     @staticmethod
     def from_json(raw: Mapping[str, JSON]) -> TaskOutcome:
+        """The outcome as a ``task_outcome`` frame (or ``GET /v1/tasks/{task}``) gives it."""
         return TaskOutcome(
             task=int(raw["task"]),
             status=str(raw.get("status", "")),
