@@ -26,7 +26,7 @@ pub struct Tasks {
     /// Deadlines (and ends of wall-time budgets) of pending and running tasks, soonest first.
     due: BTreeSet<(Timestamp, u64)>,
     /// Ended tasks whose outcome the agent that submitted them has not taken yet.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     owed: BTreeMap<AgentName, BTreeSet<u64>>,
 }
 
