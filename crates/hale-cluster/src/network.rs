@@ -239,6 +239,10 @@ pub const BODY_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// under [`BODY_BYTES_MAX`].
 pub const SNAPSHOT_CHUNK_BYTES: u64 = 1024 * 1024;
 
+/// How long one snapshot chunk may take to reach a follower and be taken in: a chunk is
+/// several megabytes of JSON, and a follower writes it to disk before it answers.
+pub const SNAPSHOT_CHUNK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The server half: the RPC routes and join and leave, for the node's router. A request
 /// without the cluster secret is refused before its body is read.
 pub fn routes(

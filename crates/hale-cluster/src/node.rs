@@ -65,6 +65,10 @@ impl Timeouts {
             election_timeout_min: millis(self.election_min),
             election_timeout_max: millis(self.election_min) + 1,
             snapshot_max_chunk_size: network::SNAPSHOT_CHUNK_BYTES,
+            // openraft's default (200 ms) is less than a chunk takes to encode, send and
+            // decode on a slow machine: a large snapshot then never installs, its chunk
+            // timing out again and again.
+            install_snapshot_timeout: network::SNAPSHOT_CHUNK_TIMEOUT.as_millis() as u64,
             ..Config::default()
         };
         config.validate().map(Arc::new).map_err(|error| error.to_string())

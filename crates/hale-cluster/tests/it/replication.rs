@@ -194,7 +194,17 @@ async fn a_node_behind_the_purged_log_catches_up_from_a_large_snapshot() {
         .await
         .unwrap();
     let seen = back.committed.applied();
-    until("the returning node to install the snapshot", 30, || *seen.borrow() == 32).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while *seen.borrow() != 32 {
+        let (applied, leader_applied) = (*seen.borrow(), *first.committed.applied().borrow());
+        let metrics = back.raft.metrics().borrow().clone();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after 30 s waiting for the returning node to install the snapshot: it applied {applied} \
+             (the leader {leader_applied}); its Raft metrics: {metrics:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(back.committed.state().1, first.committed.state().1);
     nodes[behind as usize - 1] = Some(back);
     for node in nodes.into_iter().flatten() {
