@@ -24,6 +24,9 @@ block; :mod:`hale.sync` has the same API for code that is not asyncio.
 
 Operators and tools use the HTTP API through :class:`Admin` (asyncio) or :class:`SyncAdmin`
 (blocking): ``hale.SyncAdmin.from_env().agents()``; see :mod:`hale.admin`.
+
+LangGraph graphs keep their checkpoints in the agent's state with
+:class:`hale.langgraph.HaleSaver` (the ``langgraph`` extra; imported only from there).
 """
 
 from . import sync
