@@ -15,10 +15,12 @@ own the first time it opens a session.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import os
 import threading
-from typing import Any, Coroutine, Optional, TypeVar
+import weakref
+from typing import Any, Callable, Coroutine, List, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -60,12 +62,84 @@ def submit(coroutine: Coroutine[Any, Any, T]) -> "concurrent.futures.Future[T]":
     return asyncio.run_coroutine_threadsafe(coroutine, loop())
 
 
+class _Inbox:
+    """Callbacks handed to one event loop from other threads, run in batches: however many
+    arrive while the loop is busy, it is woken once (one write to its self-pipe), not once
+    each. Pipelined calls cross between the threads in groups this way."""
+
+    def __init__(self, target: asyncio.AbstractEventLoop) -> None:
+        self.loop = target
+        self._lock = threading.Lock()
+        self._items: "collections.deque[Callable[[], None]]" = collections.deque()
+        self._woken = False
+
+    def put(self, item: Callable[[], None]) -> None:
+        with self._lock:
+            self._items.append(item)
+            if self._woken:
+                return
+            self._woken = True
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, collections.deque()
+            self._woken = False
+        for item in items:
+            item()
+
+
+_inboxes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Inbox]" = weakref.WeakKeyDictionary()
+
+
+def _inbox(target: asyncio.AbstractEventLoop) -> _Inbox:
+    with _lock:
+        found = _inboxes.get(target)
+        if found is None:
+            found = _inboxes[target] = _Inbox(target)
+        return found
+
+
 async def call(coroutine: Coroutine[Any, Any, T]) -> T:
     """Awaits ``coroutine`` run on the client's loop, from the caller's own loop.
     Cancelling the caller cancels it there too."""
     if on_client_thread():
         return await coroutine
-    return await asyncio.wrap_future(submit(coroutine))
+    caller = asyncio.get_running_loop()
+    answer: "asyncio.Future[T]" = caller.create_future()
+    back = _inbox(caller)
+    client = _inbox(loop())
+    started: List["asyncio.Task[T]"] = []
+
+    def settle(task: "asyncio.Task[T]") -> None:
+        def deliver() -> None:
+            if answer.done():
+                return
+            if task.cancelled():
+                answer.cancel()
+            elif task.exception() is not None:
+                answer.set_exception(task.exception())  # type: ignore[arg-type]
+            else:
+                answer.set_result(task.result())
+
+        back.put(deliver)
+
+    def start() -> None:
+        task = client.loop.create_task(coroutine)
+        started.append(task)
+        task.add_done_callback(settle)
+
+    client.put(start)
+    try:
+        return await answer
+    except asyncio.CancelledError:
+        # The caller gave up: so does the call (once it has started on the client's loop).
+        def cancel() -> None:
+            for task in started:
+                task.cancel()
+
+        client.put(cancel)
+        raise
 
 
 def block(coroutine: Coroutine[Any, Any, T], timeout: Optional[float] = None) -> T:
