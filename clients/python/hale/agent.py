@@ -303,7 +303,7 @@ class Agent(_Facade):
     The session and its heartbeats run on the client's own thread, so a call that
     blocks the application's loop (a synchronous model SDK, ``time.sleep``) does not stop
     them. Set :attr:`progress` as the work moves on. A run that holds a task and shows no
-    sign of work (no step, checkpoint or change of progress) for about a minute is
+    sign of work (no step, checkpoint or change of progress) for ten minutes is
     declared stalled; say how long a longer call may take with :meth:`long_call` or a
     step's ``timeout``.
     """
@@ -466,8 +466,8 @@ class Agent(_Facade):
 
     @contextlib.asynccontextmanager
     async def long_call(self, seconds: float) -> AsyncIterator[None]:
-        """Brackets a call that may take longer than the stall detector allows (about a
-        minute by default)::
+        """Brackets a call that may take longer than the stall detector allows (ten minutes
+        by default)::
 
             async with agent.long_call(600):
                 report = await deep_research(topic)

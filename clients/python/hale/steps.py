@@ -290,7 +290,7 @@ def step(
       result if the side effect happened (committed without running the body) or
       ``None`` to run the body. ``run.key`` is the idempotency key the lost attempt used.
     * ``timeout``: how long the body may take, in seconds, when that is longer than the
-      stall detector allows (about a minute by default): hale does not count the run as
+      stall detector allows (ten minutes by default): hale does not count the run as
       stalled until then. Heartbeats go on from the client's own thread either way.
     * ``reserve_tokens``: reserve this many tokens from the task's budget before the body
       runs (refused with :class:`~hale.OverBudget` if they would go over); the commit

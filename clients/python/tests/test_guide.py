@@ -242,7 +242,7 @@ def test_the_steps_example_survives_a_sigkill_inside_a_step(tmp_path: Path) -> N
 
 
 def test_long_calls_that_say_so_are_not_stalls_and_a_silent_one_is(tmp_path: Path) -> None:
-    # A stall detector of 3 s rather than a minute, and work of 6 s: twice what it allows.
+    # A stall detector of 3 s rather than ten minutes, and work of 6 s: twice what it allows.
     agents = {f"slow-{n}": ("long_calls.py", 'role = "slow"\nstall = { quiet_ms = 3000 }') for n in range(1, 5)}
     server = up_examples(tmp_path, agents, supervision="stop_grace_ms = 500")
     try:

@@ -211,7 +211,9 @@ impl Default for SupervisionSection {
             intensity: Intensity::default(),
             stop_grace_ms: 5_000,
             detector: PhiConfig::default(),
-            stall: StallPolicy { beats: None, quiet_ms: Some(60_000) },
+            // Ten minutes: the default timeout of the model SDKs (OpenAI's, Anthropic's), so a
+            // slow model call that its SDK would still wait for is not called a stall.
+            stall: StallPolicy { beats: None, quiet_ms: Some(600_000) },
             reconnect_grace_ms: 10_000,
             progress_log_ms: 10_000,
             log_bytes_max: 10 * 1024 * 1024,

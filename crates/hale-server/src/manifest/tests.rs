@@ -23,7 +23,7 @@ fn the_shipped_example_is_valid_and_means_what_it_says() {
     assert_eq!(manifest.supervision.detector, PhiConfig::default());
     assert_eq!(manifest.supervision.intensity, Intensity::default());
     let defaults = SupervisionSection::default();
-    assert_eq!(manifest.supervision.stall, StallPolicy { beats: None, quiet_ms: Some(60_000) });
+    assert_eq!(manifest.supervision.stall, StallPolicy { beats: None, quiet_ms: Some(600_000) });
     assert_eq!(manifest.supervision.stall, defaults.stall);
     assert_eq!(
         (manifest.supervision.reconnect_grace_ms, manifest.supervision.progress_log_ms),
