@@ -30,7 +30,7 @@ LangGraph graphs keep their checkpoints in the agent's state with
 """
 
 from . import sync
-from .admin import Admin, SyncAdmin
+from .admin import Admin, SyncAdmin, TaskInfo
 from .agent import Agent, StepContext, TaskHandle, WorkScope, install_sigterm, merge_patch, run_until_sigterm
 from .steps import StepResult, StepRun, current_step, step
 from .errors import (
@@ -70,7 +70,6 @@ from .types import (
     Step,
     Submitted,
     Task,
-    TaskOutcome,
     Welcome,
 )
 
@@ -121,7 +120,7 @@ __all__ = [
     "Task",
     "TaskFailed",
     "TaskHandle",
-    "TaskOutcome",
+    "TaskInfo",
     "UnknownMessage",
     "VersionConflict",
     "Welcome",

@@ -30,6 +30,7 @@ from typing import (
 
 from . import _json, _transport
 from ._session import Frame, Session
+from .admin import TaskInfo
 from .errors import Code, ConnectError, HaleError, ProtocolError, SessionClosed, error_from_frame
 from .types import (
     JSON,
@@ -46,7 +47,6 @@ from .types import (
     SentMessage,
     Submitted,
     Task,
-    TaskOutcome,
     Welcome,
 )
 
@@ -208,7 +208,7 @@ class AgentCore:
         #: Heartbeats the client has sent from its own loop.
         self.beats_sent = 0
         #: Outcomes of tasks this agent submitted, pushed and not handed out yet.
-        self._outcomes: Dict[int, TaskOutcome] = {}
+        self._outcomes: Dict[int, TaskInfo] = {}
         self._handed_outcomes: Set[int] = set()
         self._outcome_arrived = asyncio.Event()
 
@@ -316,7 +316,7 @@ class AgentCore:
         elif kind == "message":
             self._messages.put_nowait(Message.from_json(frame))
         elif kind == "task_outcome":
-            outcome = TaskOutcome.from_json(frame)
+            outcome = TaskInfo.from_json(frame)
             # Pushed again to each new connection until taken: handed out once.
             if outcome.task not in self._handed_outcomes and outcome.task not in self._outcomes:
                 self._outcomes[outcome.task] = outcome
@@ -597,7 +597,7 @@ class AgentCore:
 
     # ---- outcomes of submitted tasks ----------------------------------------------------
 
-    async def _wait_outcome(self, pick: Callable[[], Optional[int]], timeout: Optional[float]) -> Optional[TaskOutcome]:
+    async def _wait_outcome(self, pick: Callable[[], Optional[int]], timeout: Optional[float]) -> Optional[TaskInfo]:
         """Waits until ``pick()`` names an outcome that has arrived; hands it out (once) and
         takes it at hale. None if ``timeout`` passed or the session ended first."""
         loop = asyncio.get_running_loop()
@@ -627,12 +627,12 @@ class AgentCore:
             pass
         return outcome
 
-    async def outcome(self, task: int, timeout: Optional[float] = None) -> Optional[TaskOutcome]:
+    async def outcome(self, task: int, timeout: Optional[float] = None) -> Optional[TaskInfo]:
         """The outcome of ``task`` (submitted by this agent) once hale pushes it, taken
         at hale; None if ``timeout`` passed or the session ended first."""
         return await self._wait_outcome(lambda: task, timeout)
 
-    async def next_outcome(self, timeout: Optional[float] = None) -> Optional[TaskOutcome]:
+    async def next_outcome(self, timeout: Optional[float] = None) -> Optional[TaskInfo]:
         """The oldest outcome pushed and not handed out yet, taken at hale; None if
         ``timeout`` passed or the session ended first."""
         return await self._wait_outcome(lambda: next(iter(self._outcomes), None), timeout)

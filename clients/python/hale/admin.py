@@ -355,6 +355,11 @@ class TaskInfo:
         """The task's number (``task``)."""
         return self.task
 
+    @property
+    def ok(self) -> bool:
+        """Whether the task completed."""
+        return self.status == "completed"
+
     def step(self, name: str) -> Optional[Step]:
         """The step called ``name``, if an attempt began or committed it."""
         for step in self.steps:

@@ -17,6 +17,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Mapping,
 
 from . import _runtime
 from ._core import DEFAULT_URL, AgentCore, env_settings, merge_patch
+from .admin import TaskInfo
 from .errors import HaleError, ProtocolError, SessionClosed, TaskFailed
 from .steps import RETRY, Check, Work, _Options
 from .types import (
@@ -32,7 +33,6 @@ from .types import (
     SentMessage,
     Submitted,
     Task,
-    TaskOutcome,
     Welcome,
 )
 
@@ -73,7 +73,7 @@ class TaskHandle:
         self.task = submitted.task
         self.new = submitted.new
 
-    async def result(self, timeout: Optional[float] = None) -> TaskOutcome:
+    async def result(self, timeout: Optional[float] = None) -> TaskInfo:
         """Waits for the task to end (see :meth:`Agent.result`)."""
         return await self._agent.result(self.task, timeout)
 
@@ -81,7 +81,7 @@ class TaskHandle:
         return f"TaskHandle(task={self.task}, new={self.new})"
 
 
-def _settle(task: int, outcome: Optional[TaskOutcome], closed: bool, timeout: Optional[float]) -> TaskOutcome:
+def _settle(task: int, outcome: Optional[TaskInfo], closed: bool, timeout: Optional[float]) -> TaskInfo:
     if outcome is None:
         if closed:
             raise SessionClosed(f"the session ended before task {task} did; read it with Admin.task({task})")
@@ -616,8 +616,8 @@ class Agent(_Facade):
         )
         return TaskHandle(self, submitted)
 
-    async def result(self, task: Union[TaskHandle, int], timeout: Optional[float] = None) -> TaskOutcome:
-        """Waits for a task this agent submitted to end. Returns its :class:`TaskOutcome`
+    async def result(self, task: Union[TaskHandle, int], timeout: Optional[float] = None) -> TaskInfo:
+        """Waits for a task this agent submitted to end. Returns its :class:`TaskInfo`
         if it completed (``result``, the ``level`` it was produced at and the role it
         ``ran_as``); raises :class:`TaskFailed` if it failed or was cancelled,
         ``TimeoutError`` after ``timeout`` seconds, :class:`SessionClosed` if the session
@@ -628,15 +628,15 @@ class Agent(_Facade):
         ended gets it when it comes back): this takes it. Each outcome is handed out once,
         here or by :meth:`next_outcome`."""
         task_id = task.task if isinstance(task, TaskHandle) else task
-        outcome: Optional[TaskOutcome] = await self._call(self._core.outcome(task_id, timeout))
+        outcome: Optional[TaskInfo] = await self._call(self._core.outcome(task_id, timeout))
         return _settle(task_id, outcome, self.closed, timeout)
 
-    async def next_outcome(self, timeout: Optional[float] = None) -> Optional[TaskOutcome]:
+    async def next_outcome(self, timeout: Optional[float] = None) -> Optional[TaskInfo]:
         """The next outcome of a task this agent submitted that no :meth:`result` is
         waiting for (completed, failed or cancelled alike), taken at hale; None once the
         session has ended or ``timeout`` passed. After a restart, this is how a run learns
         how the tasks an earlier run submitted ended."""
-        outcome: Optional[TaskOutcome] = await self._call(self._core.next_outcome(timeout))
+        outcome: Optional[TaskInfo] = await self._call(self._core.next_outcome(timeout))
         return outcome
 
     # ---- budgets ---------------------------------------------------------------------

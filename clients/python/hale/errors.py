@@ -161,7 +161,7 @@ class TaskFailed(HaleError):
         task = getattr(outcome, "task", "?")
         code = Code.TASK_CANCELLED if status == "cancelled" else Code.TASK_FAILED
         super().__init__(code, f"task {task} {status}" + (f": {reason}" if reason else ""))
-        #: The :class:`~hale.TaskOutcome`.
+        #: The task as it ended (a :class:`~hale.TaskInfo`).
         self.outcome = outcome
 
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, Coroutine, Iterator, Mapping, Optional, Sequen
 
 from . import _runtime
 from ._core import AgentCore, env_settings
-from .admin import SyncAdmin
+from .admin import SyncAdmin, TaskInfo
 from .agent import HEARTBEAT, StepContext, WorkScope, _Facade, _settle
 from .errors import HaleError
 from .steps import RETRY, Check, _Options
@@ -48,7 +48,6 @@ from .types import (
     SentMessage,
     Submitted,
     Task,
-    TaskOutcome,
 )
 
 T = TypeVar("T")
@@ -302,13 +301,13 @@ class Agent(_Facade):
         )
         return TaskHandle(self, submitted)
 
-    def result(self, task: Union["TaskHandle", int], timeout: Optional[float] = None) -> TaskOutcome:
+    def result(self, task: Union["TaskHandle", int], timeout: Optional[float] = None) -> TaskInfo:
         """See :meth:`hale.Agent.result`."""
         task_id = task.task if isinstance(task, TaskHandle) else task
         outcome = _block(self._core.outcome(task_id, timeout))
         return _settle(task_id, outcome, self.closed, timeout)
 
-    def next_outcome(self, timeout: Optional[float] = None) -> Optional[TaskOutcome]:
+    def next_outcome(self, timeout: Optional[float] = None) -> Optional[TaskInfo]:
         """See :meth:`hale.Agent.next_outcome`."""
         return _block(self._core.next_outcome(timeout))
 
@@ -403,7 +402,7 @@ class TaskHandle:
         self.task = submitted.task
         self.new = submitted.new
 
-    def result(self, timeout: Optional[float] = None) -> TaskOutcome:
+    def result(self, timeout: Optional[float] = None) -> TaskInfo:
         """Waits for the task to end (see :meth:`hale.Agent.result`)."""
         return self._agent.result(self.task, timeout)
 

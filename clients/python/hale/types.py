@@ -342,44 +342,6 @@ class Task:
 
 
 @dataclass(frozen=True)
-class TaskOutcome:
-    """How a task this agent submitted ended: ``status`` is ``completed`` (with
-    ``result``), ``failed`` (with ``reason``) or ``cancelled``. ``level`` is the quality
-    the result was produced at (``optimal`` for the task's own role, else the label of the
-    fallback rung whose role ran it, named in ``ran_as``); ``agent`` ran the last attempt."""
-
-    task: int
-    status: str
-    result: JSON
-    reason: Optional[str]
-    level: Optional[str]
-    ran_as: Optional[str]
-    agent: Optional[str]
-    attempts: int
-    raw: Mapping[str, JSON] = field(repr=False, compare=False)
-
-    @property
-    def ok(self) -> bool:
-        """Whether the task completed."""
-        return self.status == "completed"
-
-    @staticmethod
-    def from_json(raw: Mapping[str, JSON]) -> TaskOutcome:
-        """The outcome as a ``task_outcome`` frame (or ``GET /v1/tasks/{task}``) gives it."""
-        return TaskOutcome(
-            task=int(raw["task"]),
-            status=str(raw.get("status", "")),
-            result=raw.get("result"),
-            reason=_opt_str(raw.get("reason")),
-            level=_opt_str(raw.get("level")),
-            ran_as=_opt_str(raw.get("ran_as")),
-            agent=_opt_str(raw.get("agent")),
-            attempts=int(raw.get("attempts", 0)),
-            raw=raw,
-        )
-
-
-@dataclass(frozen=True)
 class Submitted:
     """A submitted task's number; ``new`` is false when an idempotency key named an
     earlier one."""
